@@ -1,0 +1,38 @@
+"""Pure-functional Flax models: LLaVA (vision tower + projector + LLM) and bare decoder LLMs."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from mllm_tune.models.config import (CausalLMConfig, LLMConfig, LlavaConfig, RopeConfig,
+                                     VisionConfig)
+from mllm_tune.models.llava import Llava
+from mllm_tune.models.llm import LLM, CausalLM, KVCache, init_kv_cache
+
+
+def build_model(cfg: LlavaConfig | CausalLMConfig):
+  """Config -> the (stateless) Flax module."""
+  if isinstance(cfg, LlavaConfig):
+    return Llava(cfg)
+  if isinstance(cfg, CausalLMConfig):
+    return CausalLM(cfg)
+  raise TypeError(f"unknown model config type {type(cfg).__name__}")
+
+
+def _dummy_inputs(model):
+  return jnp.zeros((1, 4), jnp.int32)
+
+
+def init_params(model, rng: jax.Array) -> dict:
+  """Random params (HF-like init: N(0, 0.02) kernels, unit norms) for tests and demos."""
+  return model.init(rng, _dummy_inputs(model))["params"]
+
+
+def param_shapes(model) -> dict:
+  """`jax.ShapeDtypeStruct` tree of the params, without allocating them."""
+  return jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
+
+
+__all__ = ["build_model", "init_params", "param_shapes", "Llava", "LLM", "CausalLM", "KVCache",
+           "init_kv_cache", "LlavaConfig", "CausalLMConfig", "LLMConfig", "VisionConfig",
+           "RopeConfig"]

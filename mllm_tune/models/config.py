@@ -1,0 +1,308 @@
+"""Model configurations: frozen (hashable) dataclasses, parsed from and written to HF `config.json`.
+
+Three parts, mirroring a LLaVA checkpoint: `VisionConfig` (CLIP or SigLIP ViT), `LLMConfig`
+(Llama / Qwen2 / Mistral decoder) and `LlavaConfig` (the composition and its projector). A bare
+LLM checkpoint gives a `CausalLMConfig`. Configs are hashable so a model can be a static `jit`
+argument; the original HF dict is kept (as JSON text) so unknown fields survive a round trip.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+LLM_TYPES = ("llama", "qwen2", "mistral")
+VISION_TYPES = ("clip_vision_model", "siglip_vision_model")
+LLM_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                     "mistral": "MistralForCausalLM"}
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+class ConfigError(ValueError):
+  """A config.json field is missing, unsupported or inconsistent."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeConfig:
+  """RoPE frequencies: HF `rope_parameters` (v5) or `rope_theta` + `rope_scaling` (v4)."""
+  theta: float = 10000.0
+  rope_type: str = "default"  # default | linear | llama3
+  factor: float = 1.0
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class LLMConfig:
+  model_type: str = "llama"
+  vocab_size: int = 32000
+  hidden_size: int = 4096
+  intermediate_size: int = 11008
+  num_layers: int = 32
+  num_heads: int = 32
+  num_kv_heads: int = 32
+  head_dim: int = 128
+  rms_norm_eps: float = 1e-6
+  rope: RopeConfig = RopeConfig()
+  max_position_embeddings: int = 4096
+  qkv_bias: bool = False      # Qwen2: True; Llama `attention_bias` also biases o_proj
+  o_bias: bool = False
+  mlp_bias: bool = False
+  tie_word_embeddings: bool = False
+  sliding_window: int | None = None  # Mistral
+  hidden_act: str = "silu"
+  dtype: str = "float32"        # compute dtype of activations
+  param_dtype: str = "float32"  # dtype params are created/loaded in
+  remat_policy: str = "none"    # none | full | dots_saveable | dots_with_no_batch_dims_saveable
+
+  @property
+  def kv_groups(self) -> int:
+    return self.num_heads // self.num_kv_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+  model_type: str = "clip_vision_model"
+  hidden_size: int = 1024
+  intermediate_size: int = 4096
+  num_layers: int = 24
+  num_heads: int = 16
+  image_size: int = 336
+  patch_size: int = 14
+  num_channels: int = 3
+  layer_norm_eps: float = 1e-5
+  hidden_act: str = "quick_gelu"
+  use_head: bool = False  # SigLIP attention-pooling head (kept for round trips, unused by LLaVA)
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+
+  @property
+  def is_clip(self) -> bool:
+    return self.model_type == "clip_vision_model"
+
+  @property
+  def num_patches(self) -> int:
+    return (self.image_size // self.patch_size) ** 2
+
+  @property
+  def num_positions(self) -> int:
+    return self.num_patches + (1 if self.is_clip else 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class LlavaConfig:
+  vision: VisionConfig = VisionConfig()
+  llm: LLMConfig = LLMConfig()
+  projector_type: str = "mlp2x_gelu"  # mlp2x_gelu (HF Llava) | linear
+  projector_hidden_act: str = "gelu"
+  projector_bias: bool = True
+  image_token_id: int = 32000
+  vision_feature_layer: int = -2
+  vision_feature_select_strategy: str = "default"  # default (drop CLS) | full
+  hf_json: str = ""  # original HF config.json text, for round trips
+  hf_layout: str = ""  # checkpoint key layout read (checkpoints.hf.LLAVA_LAYOUTS), written back
+
+  @property
+  def image_seq_len(self) -> int:
+    """Image tokens one image expands to in the LLM input."""
+    n = self.vision.num_positions
+    return n - 1 if self.vision_feature_select_strategy == "default" else n
+
+
+@dataclasses.dataclass(frozen=True)
+class CausalLMConfig:
+  llm: LLMConfig = LLMConfig()
+  hf_json: str = ""
+
+
+# ----------------------------------------------------------------------------- HF -> ours
+def _need(d: dict, key: str, where: str) -> Any:
+  if key not in d or d[key] is None:
+    raise ConfigError(f"{where}: required field '{key}' is missing")
+  return d[key]
+
+
+def _rope_from_hf(d: dict, where: str) -> RopeConfig:
+  params = d.get("rope_parameters") or {}
+  if isinstance(params, dict) and params and all(isinstance(v, dict) for v in params.values()):
+    raise ConfigError(f"{where}: per-layer-type 'rope_parameters' are not supported")
+  legacy = d.get("rope_scaling") or {}
+  merged = {**legacy, **params}
+  theta = merged.get("rope_theta", d.get("rope_theta", 10000.0))
+  rope_type = merged.get("rope_type", merged.get("type", "default"))
+  if rope_type not in ROPE_TYPES:
+    raise ConfigError(f"{where}: rope type '{rope_type}' is not supported (supported: {ROPE_TYPES})")
+  if merged.get("partial_rotary_factor", 1.0) != 1.0:
+    raise ConfigError(f"{where}: 'partial_rotary_factor' != 1 is not supported")
+  return RopeConfig(
+      theta=float(theta), rope_type=rope_type, factor=float(merged.get("factor", 1.0)),
+      low_freq_factor=float(merged.get("low_freq_factor", 1.0)),
+      high_freq_factor=float(merged.get("high_freq_factor", 4.0)),
+      original_max_position_embeddings=int(merged.get(
+          "original_max_position_embeddings", d.get("max_position_embeddings", 8192))))
+
+
+def llm_config_from_hf(d: dict, where: str = "config.json", **overrides) -> LLMConfig:
+  """Parse a Llama / Qwen2 / Mistral `config.json` dict (or a Llava `text_config`)."""
+  mt = d.get("model_type", "llama")
+  if mt not in LLM_TYPES:
+    raise ConfigError(f"{where}: model_type '{mt}' is not supported (supported: {LLM_TYPES})")
+  act = d.get("hidden_act", "silu")
+  if act != "silu":
+    raise ConfigError(f"{where}: hidden_act '{act}' is not supported (only 'silu')")
+  hidden = int(_need(d, "hidden_size", where))
+  heads = int(_need(d, "num_attention_heads", where))
+  kv = int(d.get("num_key_value_heads") or heads)
+  if heads % kv:
+    raise ConfigError(f"{where}: num_attention_heads={heads} is not a multiple of "
+                      f"num_key_value_heads={kv}")
+  sliding = None
+  if mt == "mistral":
+    sliding = d.get("sliding_window")
+  elif mt == "qwen2":
+    layer_types = d.get("layer_types") or []
+    if d.get("use_sliding_window") or "sliding_attention" in layer_types:
+      raise ConfigError(f"{where}: Qwen2 sliding-window attention is not supported")
+  attn_bias = bool(d.get("attention_bias", False))
+  cfg = LLMConfig(
+      model_type=mt, vocab_size=int(_need(d, "vocab_size", where)), hidden_size=hidden,
+      intermediate_size=int(_need(d, "intermediate_size", where)),
+      num_layers=int(_need(d, "num_hidden_layers", where)), num_heads=heads, num_kv_heads=kv,
+      head_dim=int(d.get("head_dim") or hidden // heads),
+      rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)), rope=_rope_from_hf(d, where),
+      max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
+      qkv_bias=True if mt == "qwen2" else attn_bias, o_bias=attn_bias and mt == "llama",
+      mlp_bias=bool(d.get("mlp_bias", False)) and mt == "llama",
+      tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+      sliding_window=int(sliding) if sliding else None)
+  return dataclasses.replace(cfg, **overrides)
+
+
+def vision_config_from_hf(d: dict, where: str = "config.json:vision_config",
+                          **overrides) -> VisionConfig:
+  mt = d.get("model_type", "clip_vision_model")
+  if mt not in VISION_TYPES:
+    raise ConfigError(f"{where}: vision model_type '{mt}' is not supported "
+                      f"(supported: {VISION_TYPES})")
+  is_clip = mt == "clip_vision_model"
+  cfg = VisionConfig(
+      model_type=mt, hidden_size=int(_need(d, "hidden_size", where)),
+      intermediate_size=int(_need(d, "intermediate_size", where)),
+      num_layers=int(_need(d, "num_hidden_layers", where)),
+      num_heads=int(_need(d, "num_attention_heads", where)),
+      image_size=int(_need(d, "image_size", where)), patch_size=int(_need(d, "patch_size", where)),
+      num_channels=int(d.get("num_channels", 3)),
+      layer_norm_eps=float(d.get("layer_norm_eps", 1e-5 if is_clip else 1e-6)),
+      hidden_act=d.get("hidden_act", "quick_gelu" if is_clip else "gelu_pytorch_tanh"),
+      use_head=(not is_clip) and bool(d.get("vision_use_head", True)))
+  return dataclasses.replace(cfg, **overrides)
+
+
+def config_from_hf(d: dict, where: str = "config.json", dtype: str = "float32",
+                   param_dtype: str = "float32") -> LlavaConfig | CausalLMConfig:
+  """Parse a full HF `config.json` dict into our config; errors name the file and field."""
+  archs = d.get("architectures") or []
+  mt = d.get("model_type")
+  if mt == "llava":
+    if archs and not set(archs) & {"LlavaForConditionalGeneration", "LlavaModel"}:
+      raise ConfigError(f"{where}: architectures {archs} not supported for model_type 'llava'")
+    text = _need(d, "text_config", where)
+    vision = _need(d, "vision_config", where)
+    layer = d.get("vision_feature_layer", -2)
+    if not isinstance(layer, int):
+      raise ConfigError(f"{where}: vision_feature_layer={layer!r}: only a single int layer is "
+                        "supported")
+    strategy = d.get("vision_feature_select_strategy", "default")
+    if strategy not in ("default", "full"):
+      raise ConfigError(f"{where}: vision_feature_select_strategy '{strategy}' is not supported")
+    text = dict(text)
+    if d.get("tie_word_embeddings"):
+      text["tie_word_embeddings"] = True
+    llm = llm_config_from_hf(text, f"{where}:text_config", dtype=dtype, param_dtype=param_dtype)
+    vis = vision_config_from_hf(vision, f"{where}:vision_config", dtype=dtype,
+                                param_dtype=param_dtype)
+    if not -vis.num_layers - 1 <= layer <= vis.num_layers:
+      raise ConfigError(f"{where}: vision_feature_layer={layer} is out of range for a "
+                        f"{vis.num_layers}-layer vision tower")
+    return LlavaConfig(
+        vision=vis, llm=llm, projector_type="mlp2x_gelu",
+        projector_hidden_act=d.get("projector_hidden_act", "gelu"),
+        projector_bias=bool(d.get("multimodal_projector_bias", True)),
+        image_token_id=int(d.get("image_token_id", d.get("image_token_index", 32000))),
+        vision_feature_layer=layer, vision_feature_select_strategy=strategy,
+        hf_json=json.dumps(d, sort_keys=True))
+  if mt in LLM_TYPES:
+    if archs and archs[0] != LLM_ARCHITECTURES[mt]:
+      raise ConfigError(f"{where}: architectures {archs} not supported for model_type '{mt}' "
+                        f"(expected {LLM_ARCHITECTURES[mt]})")
+    return CausalLMConfig(llm=llm_config_from_hf(d, where, dtype=dtype, param_dtype=param_dtype),
+                          hf_json=json.dumps(d, sort_keys=True))
+  raise ConfigError(f"{where}: model_type '{mt}' (architectures {archs}) is not supported; "
+                    f"supported: 'llava', {', '.join(repr(t) for t in LLM_TYPES)}")
+
+
+# ----------------------------------------------------------------------------- ours -> HF
+def _rope_to_hf(r: RopeConfig) -> dict:
+  out: dict[str, Any] = {"rope_type": r.rope_type, "rope_theta": r.theta}
+  if r.rope_type in ("linear", "llama3"):
+    out["factor"] = r.factor
+  if r.rope_type == "llama3":
+    out.update(low_freq_factor=r.low_freq_factor, high_freq_factor=r.high_freq_factor,
+               original_max_position_embeddings=r.original_max_position_embeddings)
+  return out
+
+
+def llm_config_to_hf(c: LLMConfig) -> dict:
+  d = {"model_type": c.model_type, "vocab_size": c.vocab_size, "hidden_size": c.hidden_size,
+       "intermediate_size": c.intermediate_size, "num_hidden_layers": c.num_layers,
+       "num_attention_heads": c.num_heads, "num_key_value_heads": c.num_kv_heads,
+       "head_dim": c.head_dim, "rms_norm_eps": c.rms_norm_eps, "hidden_act": c.hidden_act,
+       "max_position_embeddings": c.max_position_embeddings,
+       "tie_word_embeddings": c.tie_word_embeddings, "rope_parameters": _rope_to_hf(c.rope)}
+  if c.model_type == "llama":
+    if c.qkv_bias != c.o_bias:
+      raise ConfigError("a Llama config.json cannot express qkv_bias != o_bias")
+    d.update(attention_bias=c.qkv_bias, mlp_bias=c.mlp_bias)
+  elif c.qkv_bias is False and c.model_type == "qwen2":
+    raise ConfigError("Qwen2 always has q/k/v biases; qkv_bias=False cannot be exported")
+  if c.model_type == "mistral":
+    d["sliding_window"] = c.sliding_window
+  return d
+
+
+def vision_config_to_hf(c: VisionConfig) -> dict:
+  d = {"model_type": c.model_type, "hidden_size": c.hidden_size,
+       "intermediate_size": c.intermediate_size, "num_hidden_layers": c.num_layers,
+       "num_attention_heads": c.num_heads, "image_size": c.image_size,
+       "patch_size": c.patch_size, "num_channels": c.num_channels,
+       "layer_norm_eps": c.layer_norm_eps, "hidden_act": c.hidden_act}
+  if not c.is_clip:
+    d["vision_use_head"] = c.use_head
+  return d
+
+
+def config_to_hf(cfg: LlavaConfig | CausalLMConfig, dtype: str) -> dict:
+  """Our config -> HF `config.json` dict, over the original dict when there is one."""
+  base = json.loads(cfg.hf_json) if cfg.hf_json else {}
+  if isinstance(cfg, CausalLMConfig):
+    d = {**base, **llm_config_to_hf(cfg.llm)}
+    d["architectures"] = [LLM_ARCHITECTURES[cfg.llm.model_type]]
+  else:
+    if cfg.projector_type != "mlp2x_gelu":
+      raise ConfigError(f"projector_type '{cfg.projector_type}' has no HF Llava equivalent; "
+                        "only 'mlp2x_gelu' can be exported")
+    d = dict(base)
+    d["text_config"] = {**base.get("text_config", {}), **llm_config_to_hf(cfg.llm)}
+    d["vision_config"] = {**base.get("vision_config", {}), **vision_config_to_hf(cfg.vision)}
+    d.update(model_type="llava", architectures=["LlavaForConditionalGeneration"],
+             image_token_id=cfg.image_token_id, projector_hidden_act=cfg.projector_hidden_act,
+             multimodal_projector_bias=cfg.projector_bias,
+             vision_feature_layer=cfg.vision_feature_layer,
+             vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+             tie_word_embeddings=cfg.llm.tie_word_embeddings,
+             image_seq_length=cfg.image_seq_len)
+    d.pop("image_token_index", None)
+  d.pop("torch_dtype", None)
+  d["dtype"] = dtype
+  return d

@@ -1,0 +1,130 @@
+"""Building blocks shared by the LLM and the vision towers.
+
+`Linear` is the one place where tuning methods attach to the model (DESIGN.md section 4): it reads
+whatever adapter leaves sit beside its kernel in the `adapters` collection and applies them, so
+model code never branches on method names. Supported adapter leaves (all optional):
+
+  lora_a (d_in, r), lora_b (r, d_out), lora_scale ()  ->  y += lora_scale * (x @ lora_a) @ lora_b
+  ia3_in (d_in,)                                      ->  x  *= ia3_in     (before the matmul)
+  ia3_out (d_out,)                                    ->  y  *= ia3_out    (after bias)
+
+The low-rank path is computed as `(x A) B`; `B A` is never materialized.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+ADAPTERS = "adapters"
+
+
+def dtype_of(name: str):
+  return jnp.dtype(name)
+
+
+def activation(name: str):
+  """HF `ACT2FN` names -> JAX functions (exact formulas, not approximations)."""
+  fns = {
+      "silu": jax.nn.silu,
+      "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+      "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+      "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+      "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+      "relu": jax.nn.relu,
+  }
+  if name not in fns:
+    raise ValueError(f"activation '{name}' is not supported (supported: {sorted(fns)})")
+  return fns[name]
+
+
+def default_kernel_init():
+  """Init for kernels (d_in, d_out): N(0, 0.02), HF's `initializer_range` default."""
+  return nn.initializers.normal(0.02)
+
+
+class Linear(nn.Module):
+  """`y = x @ kernel + bias`, kernel (d_in, d_out), plus any adapter found beside it."""
+  features: int
+  use_bias: bool = False
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+
+  @nn.compact
+  def __call__(self, x_BxI: jax.Array) -> jax.Array:
+    d_in = x_BxI.shape[-1]
+    dt = dtype_of(self.dtype)
+    kernel = self.param("kernel", default_kernel_init(), (d_in, self.features),
+                        dtype_of(self.param_dtype))
+    x = x_BxI.astype(dt)
+    if self.has_variable(ADAPTERS, "ia3_in"):
+      x = x * self.get_variable(ADAPTERS, "ia3_in").astype(dt)
+    y = jnp.matmul(x, kernel.astype(dt))
+    if self.use_bias:
+      bias = self.param("bias", nn.initializers.zeros, (self.features,), dtype_of(self.param_dtype))
+      y = y + bias.astype(dt)
+    if self.has_variable(ADAPTERS, "lora_a"):
+      a = self.get_variable(ADAPTERS, "lora_a").astype(dt)
+      b = self.get_variable(ADAPTERS, "lora_b").astype(dt)
+      scale = self.get_variable(ADAPTERS, "lora_scale") if self.has_variable(
+          ADAPTERS, "lora_scale") else 1.0
+      y = y + (jnp.matmul(jnp.matmul(x, a), b) * jnp.asarray(scale, dt))
+    if self.has_variable(ADAPTERS, "ia3_out"):
+      y = y * self.get_variable(ADAPTERS, "ia3_out").astype(dt)
+    return y
+
+
+class RMSNorm(nn.Module):
+  """Llama RMSNorm: `x / sqrt(mean(x^2) + eps) * scale`, statistics in float32 (as HF)."""
+  eps: float = 1e-6
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+
+  @nn.compact
+  def __call__(self, x_BxD: jax.Array) -> jax.Array:
+    scale = self.param("scale", nn.initializers.ones, (x_BxD.shape[-1],),
+                       dtype_of(self.param_dtype))
+    x = x_BxD.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+    return scale.astype(dtype_of(self.dtype)) * x.astype(dtype_of(self.dtype))
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm with `scale` and `bias`, statistics in float32."""
+  eps: float = 1e-5
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+
+  @nn.compact
+  def __call__(self, x_BxD: jax.Array) -> jax.Array:
+    d = x_BxD.shape[-1]
+    pdt = dtype_of(self.param_dtype)
+    scale = self.param("scale", nn.initializers.ones, (d,), pdt)
+    bias = self.param("bias", nn.initializers.zeros, (d,), pdt)
+    x = x_BxD.astype(jnp.float32)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    y = (x - mean) * jax.lax.rsqrt(var + self.eps) * scale.astype(jnp.float32) + bias.astype(
+        jnp.float32)
+    return y.astype(dtype_of(self.dtype))
+
+
+def attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
+              mask_BTS: jax.Array | None) -> jax.Array:
+  """Scaled dot-product attention with grouped KV heads (N = K * groups) and a boolean mask.
+
+  Fully masked query rows (padding) produce finite garbage rather than NaN.
+  """
+  b, t, n, h = q_BTNH.shape
+  kh = k_BSKH.shape[2]
+  g = n // kh
+  q = q_BTNH.reshape(b, t, kh, g, h)
+  logits = jnp.einsum("btkgh,bskh->bkgts", q, k_BSKH,
+                      preferred_element_type=jnp.float32) / math.sqrt(h)
+  if mask_BTS is not None:
+    logits = jnp.where(mask_BTS[:, None, None, :, :], logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v_BSKH.dtype)
+  out = jnp.einsum("bkgts,bskh->btkgh", probs, v_BSKH)
+  return out.reshape(b, t, n, h)

@@ -1,0 +1,91 @@
+"""LLaVA: vision tower -> projector -> image features merged at the image-token positions -> LLM.
+
+`input_ids` hold `image_token_id` at every image position (HF Llava convention: each image expands
+to `config.image_seq_len` tokens). Images in `pixel_values` (N, H, W, C) fill the image-token runs
+in row-major order over the batch, so any number of images per sample and text-only samples in
+the same batch work; the number of image tokens must equal N * image_seq_len.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from mllm_tune.models.config import LlavaConfig
+from mllm_tune.models.layers import Linear, activation
+from mllm_tune.models.llm import LLM
+from mllm_tune.models.vision import VisionTower
+
+
+class Projector(nn.Module):
+  """`mlp2x_gelu` (HF `LlavaMultiModalProjector`: linear_1, act, linear_2) or `linear`."""
+  cfg: LlavaConfig
+
+  @nn.compact
+  def __call__(self, feats_NTDv):
+    c = self.cfg
+    d = c.llm.hidden_size
+    lin = lambda name: Linear(d, c.projector_bias, c.llm.dtype, c.llm.param_dtype, name=name)
+    if c.projector_type == "linear":
+      return lin("linear_1")(feats_NTDv)
+    if c.projector_type != "mlp2x_gelu":
+      raise ValueError(f"projector_type '{c.projector_type}' unknown (linear | mlp2x_gelu)")
+    return lin("linear_2")(activation(c.projector_hidden_act)(lin("linear_1")(feats_NTDv)))
+
+
+def merge_image_features(embeds_BTD: jax.Array, is_image_BT: jax.Array,
+                         image_feats_MD: jax.Array) -> jax.Array:
+  """Scatter M image feature rows into the image positions of the embeddings, in order."""
+  flat_is_img = is_image_BT.reshape(-1)
+  order = jnp.cumsum(flat_is_img) - 1
+  idx = jnp.clip(order, 0, image_feats_MD.shape[0] - 1)
+  gathered = image_feats_MD[idx].reshape(embeds_BTD.shape).astype(embeds_BTD.dtype)
+  return jnp.where(is_image_BT[..., None], gathered, embeds_BTD)
+
+
+def check_image_token_count(input_ids, pixel_values, image_token_id: int, per_image: int):
+  """Eager check (skipped under tracing) that image tokens match the images given."""
+  if isinstance(input_ids, jax.core.Tracer) or isinstance(pixel_values, jax.core.Tracer):
+    return
+  n_tok = int(np.sum(np.asarray(input_ids) == image_token_id))
+  n_img = 0 if pixel_values is None else int(pixel_values.shape[0])
+  if n_tok != n_img * per_image:
+    raise ValueError(f"input_ids hold {n_tok} image tokens (id {image_token_id}) but "
+                     f"{n_img} image(s) x {per_image} tokens = {n_img * per_image} were given")
+
+
+class Llava(nn.Module):
+  config: LlavaConfig
+
+  def setup(self):
+    c = self.config
+    self.vision = VisionTower(c.vision)
+    self.projector = Projector(c)
+    self.llm = LLM(c.llm)
+
+  def image_features(self, px_NHWC: jax.Array) -> jax.Array:
+    """(N, H, W, C) pixels -> (N, image_seq_len, D_llm) projected features."""
+    c = self.config
+    feats = self.vision(px_NHWC, c.vision_feature_layer)
+    if c.vision_feature_select_strategy == "default":
+      feats = feats[:, 1:]
+    return self.projector(feats)
+
+  def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None,
+               pixel_values=None, kv_cache=None, cache_index=0):
+    """float32 logits (B, T, V) (and the cache when decoding); see `LLM.__call__`."""
+    c = self.config
+    if self.is_initializing() and pixel_values is None:
+      v = c.vision
+      self.image_features(jnp.zeros((1, v.image_size, v.image_size, v.num_channels)))
+    check_image_token_count(input_ids, pixel_values, c.image_token_id, c.image_seq_len)
+    if pixel_values is not None:
+      is_img = input_ids == c.image_token_id
+      embeds = self.llm.embed_tokens(jnp.where(is_img, 0, input_ids))
+      feats = self.image_features(pixel_values)
+      embeds = merge_image_features(embeds, is_img, feats.reshape(-1, feats.shape[-1]))
+    else:  # as HF: without images an image-token id is embedded like any other token
+      embeds = self.llm.embed_tokens(input_ids)
+    return self.llm(attention_mask=attention_mask, positions=positions, segment_ids=segment_ids,
+                    inputs_embeds=embeds, kv_cache=kv_cache, cache_index=cache_index)

@@ -1,0 +1,87 @@
+"""Device meshes and parameter shardings from ordered `(regex, PartitionSpec)` rules.
+
+Rules are matched with `re.fullmatch` on `/`-joined *storage* paths (scanned layers keep their
+leading layer axis, e.g. `llm/layers/attn/q_proj/kernel` is (L, D, N*H)); the first match wins.
+A mesh axis that does not divide its dimension is dropped for that dimension (replicated), so the
+same rules work for tiny test models and 7B models.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+from typing import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+log = logging.getLogger(__name__)
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# FSDP over the large input/output dims, Megatron-style tensor parallelism on attention/MLP.
+DEFAULT_RULES: list[tuple[str, P]] = [
+    (r"llm/layers/attn/(q|k|v)_proj/kernel", P(None, "fsdp", "tensor")),
+    (r"llm/layers/attn/(q|k|v)_proj/bias", P(None, "tensor")),
+    (r"llm/layers/attn/o_proj/kernel", P(None, "tensor", "fsdp")),
+    (r"llm/layers/mlp/(gate|up)_proj/kernel", P(None, "fsdp", "tensor")),
+    (r"llm/layers/mlp/down_proj/kernel", P(None, "tensor", "fsdp")),
+    (r"llm/embed/embedding", P("tensor", "fsdp")),
+    (r"llm/lm_head/kernel", P("fsdp", "tensor")),
+    (r"vision/layers/(attn|mlp)/\w+/kernel", P(None, "fsdp", None)),
+    (r"projector/linear_\d/kernel", P("fsdp", None)),
+    (r".*", P()),
+]
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A (data, fsdp, tensor) mesh; one axis may be -1 (all remaining devices)."""
+  devices = list(devices if devices is not None else jax.devices())
+  sizes = [data, fsdp, tensor]
+  if sizes.count(-1) > 1:
+    raise ValueError("at most one mesh axis may be -1")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if len(devices) % known:
+      raise ValueError(f"{len(devices)} devices are not divisible by the fixed axes {sizes}")
+    sizes[sizes.index(-1)] = len(devices) // known
+  if math.prod(sizes) != len(devices):
+    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
+                     f"have {len(devices)}")
+  return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+
+
+def spec_for(path: str, shape: tuple[int, ...], mesh: Mesh,
+             rules: Sequence[tuple[str, P]] = DEFAULT_RULES) -> P:
+  """The first rule matching `path`, fitted to `shape` (non-dividing axes dropped)."""
+  for pattern, spec in rules:
+    if re.fullmatch(pattern, path):
+      break
+  else:
+    raise ValueError(f"no sharding rule matches '{path}'; add a catch-all ('.*', P())")
+  spec = tuple(spec) + (None,) * (len(shape) - len(spec))
+  if len(spec) > len(shape):
+    raise ValueError(f"sharding rule '{pattern}' has {len(spec)} dims but '{path}' is {shape}")
+  fitted = []
+  for dim, axes in zip(shape, spec):
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    size = math.prod(mesh.shape[a] for a in names)
+    fitted.append(axes if names and dim % size == 0 else None)
+  return P(*fitted)
+
+
+def sharding_fn(mesh: Mesh, rules: Sequence[tuple[str, P]] = DEFAULT_RULES):
+  """`(path, shape) -> NamedSharding`, the form `load_pretrained(sharding_fn=...)` takes."""
+  def fn(path: str, shape: tuple[int, ...]) -> NamedSharding:
+    return NamedSharding(mesh, spec_for(path, shape, mesh, rules))
+  return fn
+
+
+def tree_shardings(shapes_tree, mesh: Mesh, rules: Sequence[tuple[str, P]] = DEFAULT_RULES):
+  """Shardings for every leaf of a (shape) pytree of nested dicts."""
+  flat = jax.tree_util.tree_flatten_with_path(shapes_tree)[0]
+  fn = sharding_fn(mesh, rules)
+  out = [fn("/".join(str(k.key) for k in path), tuple(x.shape)) for path, x in flat]
+  return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shapes_tree), out)
