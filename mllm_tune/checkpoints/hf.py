@@ -163,6 +163,8 @@ def read_config(path: str, dtype: str = "float32", param_dtype: str = "float32")
   except json.JSONDecodeError as e:
     raise ConfigError(f"{cfg_file}: malformed JSON at line {e.lineno} column {e.colno}: "
                       f"{e.msg}") from e
+  if not isinstance(d, dict):
+    raise ConfigError(f"{cfg_file}: expected a JSON object, got {type(d).__name__}")
   return config_from_hf(d, cfg_file, dtype=dtype, param_dtype=param_dtype)
 
 
@@ -187,7 +189,8 @@ def open_checkpoint(path: str) -> dict[str, SafetensorsFile]:
   raise CheckpointError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE} found")
 
 
-def detect_layout(path: str, cfg, names: set[str]) -> str | None:
+def detect_layout(path: str, cfg, names: set[str],
+                  files: dict[str, SafetensorsFile] | None = None) -> str | None:
   """The LLaVA layout whose key set matches `names`, or a clear error naming what is off."""
   if isinstance(cfg, CausalLMConfig):
     layouts = [None]
@@ -210,7 +213,8 @@ def detect_layout(path: str, cfg, names: set[str]) -> str | None:
   if missing:
     msg += f"; {len(missing)} missing, e.g. {missing[:4]}"
   if unexpected:
-    msg += f"; {len(unexpected)} unexpected, e.g. {unexpected[:4]}"
+    where = (lambda k: f"{k} (in {os.path.basename(files[k].path)})") if files else str
+    msg += f"; {len(unexpected)} unexpected, e.g. {[where(k) for k in unexpected[:4]]}"
   raise CheckpointError(msg)
 
 
@@ -220,7 +224,7 @@ ShardingFn = Callable[[str, tuple[int, ...]], jax.sharding.Sharding]
 def load_params(path: str, model, sharding_fn: ShardingFn | None = None) -> dict:
   """Read the weights of `path` into a params pytree matching `model` (see `load_pretrained`)."""
   tensors = open_checkpoint(path)
-  layout = detect_layout(path, model.config, set(tensors))
+  layout = detect_layout(path, model.config, set(tensors), tensors)
   return _read_params(tensors, layout, model, sharding_fn)
 
 
@@ -243,9 +247,8 @@ def _read_params(tensors, layout, model, sharding_fn) -> dict:
       if dt not in FLOAT_DTYPES:
         raise CheckpointError(f"{where} has dtype {dt}; a floating dtype ({FLOAT_DTYPES}) "
                               "was expected")
-      ours = TO_OURS[rule.kind](np.empty(shape, np.bool_)).shape
-      if ours != per_layer_shape:
-        want = TO_HF[rule.kind](np.empty(per_layer_shape, np.bool_)).shape
+      want = TO_HF[rule.kind](np.empty(per_layer_shape, np.bool_)).shape
+      if tuple(shape) != want:
         raise CheckpointError(f"{where} has shape {list(shape)} but the config implies "
                               f"{list(want)}")
       views.append(TO_OURS[rule.kind](f.get(orig)))
@@ -283,7 +286,7 @@ def load_pretrained(path: str, dtype: str = "float32", param_dtype: str = "float
   if config_overrides:
     cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, **config_overrides))
   tensors = open_checkpoint(path)
-  layout = detect_layout(path, cfg, set(tensors))
+  layout = detect_layout(path, cfg, set(tensors), tensors)
   if isinstance(cfg, LlavaConfig):
     cfg = dataclasses.replace(cfg, hf_layout=layout)
   model = build_model(cfg)

@@ -45,15 +45,20 @@ class SafetensorsFile:
           raise CheckpointError(f"{path}: truncated or corrupt safetensors file: header claims "
                                 f"{n} bytes but the file has {size} bytes")
         header = json.loads(f.read(n))
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
       raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from e
     except FileNotFoundError as e:
       raise CheckpointError(f"{path}: file not found") from e
+    if not isinstance(header, dict):
+      raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     self.metadata = header.pop("__metadata__", None) or {}
     self._header = header
     self._data_start = 8 + n
     data_size = size - self._data_start
     for name, h in header.items():
+      if not (isinstance(h, dict) and {"dtype", "shape", "data_offsets"} <= set(h)):
+        raise CheckpointError(f"{path}: corrupt safetensors header: entry '{name}' lacks "
+                              "dtype/shape/data_offsets")
       if h.get("dtype") not in DTYPES:
         raise CheckpointError(f"{path}: tensor '{name}' has unsupported dtype {h.get('dtype')}")
       begin, end = h["data_offsets"]
@@ -64,6 +69,13 @@ class SafetensorsFile:
       if end > data_size:
         raise CheckpointError(f"{path}: truncated file: tensor '{name}' needs bytes "
                               f"[{begin}, {end}) of the data section but it has {data_size}")
+    expected_start = 0
+    for name, h in sorted(header.items(), key=lambda kv: tuple(kv[1]["data_offsets"])):
+      if h["data_offsets"][0] != expected_start:
+        raise CheckpointError(f"{path}: corrupt safetensors header: tensor '{name}' starts at "
+                              f"byte {h['data_offsets'][0]}, expected {expected_start} "
+                              "(overlapping or gapped tensors)")
+      expected_start = h["data_offsets"][1]
     self._mmap = np.memmap(path, dtype=np.uint8, mode="r") if size > self._data_start else None
 
   def keys(self) -> list[str]:

@@ -306,3 +306,37 @@ def config_to_hf(cfg: LlavaConfig | CausalLMConfig, dtype: str) -> dict:
   d.pop("torch_dtype", None)
   d["dtype"] = dtype
   return d
+
+
+# ----------------------------------------------------------------------------- ours <-> JSON
+def config_to_dict(cfg: LlavaConfig | CausalLMConfig) -> dict:
+  """Plain-JSON form of our config (for native checkpoints and run directories)."""
+  d = dataclasses.asdict(cfg)
+  d["kind"] = "llava" if isinstance(cfg, LlavaConfig) else "causal_lm"
+  return d
+
+
+def config_from_dict(d: dict) -> LlavaConfig | CausalLMConfig:
+  d = dict(d)
+  kind = d.pop("kind", None)
+
+  def build(cls, sub: dict, where: str):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(sub) - names)
+    if unknown:
+      raise ConfigError(f"{where}: unknown field(s) {unknown} for {cls.__name__}")
+    return cls(**sub)
+
+  def llm(sub: dict) -> LLMConfig:
+    sub = dict(sub)
+    sub["rope"] = build(RopeConfig, sub.get("rope", {}), "llm.rope")
+    return build(LLMConfig, sub, "llm")
+
+  if kind == "llava":
+    d["llm"] = llm(d["llm"])
+    d["vision"] = build(VisionConfig, d["vision"], "vision")
+    return build(LlavaConfig, d, "config")
+  if kind == "causal_lm":
+    d["llm"] = llm(d["llm"])
+    return build(CausalLMConfig, d, "config")
+  raise ConfigError(f"config 'kind' must be 'llava' or 'causal_lm', got {kind!r}")

@@ -85,6 +85,10 @@ class Llava(nn.Module):
       embeds = self.llm.embed_tokens(jnp.where(is_img, 0, input_ids))
       feats = self.image_features(pixel_values)
       embeds = merge_image_features(embeds, is_img, feats.reshape(-1, feats.shape[-1]))
+      # Under jit the eager count check cannot run: a mismatch poisons the output with NaN
+      # (caught by the trainer's NaN guard) instead of silently reusing or dropping features.
+      count_ok = jnp.sum(is_img) == feats.shape[0] * feats.shape[1]
+      embeds = jnp.where(count_ok, embeds, jnp.nan)
     else:  # as HF: without images an image-token id is embedded like any other token
       embeds = self.llm.embed_tokens(input_ids)
     return self.llm(attention_mask=attention_mask, positions=positions, segment_ids=segment_ids,
