@@ -11,6 +11,7 @@
 from mllm_tune.checkpoints.hf import load_pretrained, save_pretrained
 from mllm_tune.eval.generate import generate
 from mllm_tune.models import build_model, init_params
+from mllm_tune import tuning
 
 __version__ = "0.1.0"
 __all__ = ["load_pretrained", "save_pretrained", "generate", "build_model", "init_params"]

@@ -4,11 +4,18 @@
 whatever adapter leaves sit beside its kernel in the `adapters` collection and applies them, so
 model code never branches on method names. Supported adapter leaves (all optional):
 
-  lora_a (d_in, r), lora_b (r, d_out), lora_scale ()  ->  y += lora_scale * (x @ lora_a) @ lora_b
+  lora_a (d_in, r), lora_b (r, d_out), lora_scale ()  ->  y += s * (drop(x) @ A) @ B
+  lora_dropout ()                                     ->  dropout rate on the LoRA input, active
+                                                          only when a 'dropout' rng is passed
+  dora_m (d_out,)                                     ->  DoRA magnitude (peft's forward, below)
+  vera_a (d_in, r), vera_b (r, d_out), vera_d (r,), vera_bvec (d_out,)
+                                                      ->  y += (((drop(x) @ A) * d) @ B) * bvec
   ia3_in (d_in,)                                      ->  x  *= ia3_in     (before the matmul)
   ia3_out (d_out,)                                    ->  y  *= ia3_out    (after bias)
 
-The low-rank path is computed as `(x A) B`; `B A` is never materialized.
+The low-rank path is computed as `(x A) B`; `A B` is materialized only for DoRA's weight norm.
+DoRA follows peft: with x~ = drop(x), n = ||K0 + s A B|| per output column (stop-gradient),
+`y = x K0 + b + (m/n - 1) * (x~ K0) + (m/n) * s (x~ A) B`.
 """
 from __future__ import annotations
 
@@ -66,14 +73,40 @@ class Linear(nn.Module):
       bias = self.param("bias", nn.initializers.zeros, (self.features,), dtype_of(self.param_dtype))
       y = y + bias.astype(dt)
     if self.has_variable(ADAPTERS, "lora_a"):
-      a = self.get_variable(ADAPTERS, "lora_a").astype(dt)
-      b = self.get_variable(ADAPTERS, "lora_b").astype(dt)
-      scale = self.get_variable(ADAPTERS, "lora_scale") if self.has_variable(
-          ADAPTERS, "lora_scale") else 1.0
-      y = y + (jnp.matmul(jnp.matmul(x, a), b) * jnp.asarray(scale, dt))
+      y = y + self._lora(x, kernel.astype(dt), dt)
+    if self.has_variable(ADAPTERS, "vera_a"):
+      xd = self._dropout(x)
+      get = lambda n: self.get_variable(ADAPTERS, n).astype(dt)
+      y = y + jnp.matmul(jnp.matmul(xd, get("vera_a")) * get("vera_d"),
+                         get("vera_b")) * get("vera_bvec")
     if self.has_variable(ADAPTERS, "ia3_out"):
       y = y * self.get_variable(ADAPTERS, "ia3_out").astype(dt)
     return y
+
+  def _adapter(self, name, default=None):
+    return self.get_variable(ADAPTERS, name) if self.has_variable(ADAPTERS, name) else default
+
+  def _dropout(self, x):
+    rate = self._adapter("lora_dropout")
+    if rate is None or not self.has_rng("dropout"):
+      return x
+    rate = jnp.asarray(rate, jnp.float32)
+    keep = jax.random.uniform(self.make_rng("dropout"), x.shape) >= rate
+    return jnp.where(keep, x / (1.0 - rate).astype(x.dtype), jnp.zeros_like(x))
+
+  def _lora(self, x, k0, dt):
+    a = self.get_variable(ADAPTERS, "lora_a").astype(dt)
+    b = self.get_variable(ADAPTERS, "lora_b").astype(dt)
+    scale = jnp.asarray(self._adapter("lora_scale", 1.0), dt)
+    xd = self._dropout(x)
+    delta = jnp.matmul(jnp.matmul(xd, a), b) * scale
+    m = self._adapter("dora_m")
+    if m is None:
+      return delta
+    norm = jax.lax.stop_gradient(jnp.linalg.norm(
+        (k0 + scale * jnp.matmul(a, b)).astype(jnp.float32), axis=0)).astype(dt)
+    ratio = m.astype(dt) / norm
+    return (ratio - 1.0) * jnp.matmul(xd, k0) + ratio * delta
 
 
 class RMSNorm(nn.Module):

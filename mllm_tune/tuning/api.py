@@ -1,0 +1,247 @@
+"""The Method contract, the registry, composition, and the trainable/frozen partition.
+
+A tuning method is a frozen dataclass registered by name (`get("lora", rank=8)`); it works on
+*variables* `{"params": base, "adapters": added}` (adapters mirror the path of the layer they attach
+to, e.g. `llm/layers/attn/q_proj/lora_a`, stacked like their layer):
+
+  init_variables(rng, params) -> variables      # adds adapters (may rewrite base, e.g. PiSSA)
+  trainable(variables) -> mask                  # same tree; leaves True/False or bool arrays
+  transform(variables, inner) -> optax.GradientTransformation   # wraps the user's optimizer
+  loss_terms(variables, batch, logits) -> {name: scalar}        # terms needing forward outputs
+  merge(variables) -> params                    # fold into base weights (mergeable methods)
+  export_peft / import_peft                     # where PEFT has the method (checkpoints/peft.py)
+
+Leaf masks: a leaf is trained when its mask has any True; whole-leaf-frozen leaves are split off
+before `jax.grad` (`partition`) and hold no optimizer state. Partial masks (per-layer vectors
+(L, 1, ..) or element arrays) are applied as the **last** link of the optimizer chain, so masked
+entries move by exactly 0 (after weight decay too).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mllm_tune.tuning import select
+
+log = logging.getLogger(__name__)
+
+Variables = dict  # {"params": ..., "adapters": ...}
+REGISTRY: dict[str, type["Method"]] = {}
+# PEFT mapping, filled by the method modules (used by checkpoints/peft.py):
+#   PEFT_EXPORTERS[method name](method, model, variables) -> (adapter_config dict, tensors)
+#   PEFT_IMPORTERS[peft_type](config, tensors, model, params, path) -> (method, variables)
+PEFT_EXPORTERS: dict[str, Any] = {}
+PEFT_IMPORTERS: dict[str, Any] = {}
+
+
+class MethodError(ValueError):
+  """Bad method name, config, composition or merge request."""
+
+
+def register(name: str, family: str):
+  def deco(cls):
+    cls.name = name
+    cls.family = family
+    REGISTRY[name] = cls
+    return cls
+  return deco
+
+
+def get(name: str, **cfg) -> "Method":
+  """`get("lora", rank=8, alpha=16, targets=r"llm/.*/(q|v)_proj")` -> a Method."""
+  if name not in REGISTRY:
+    raise MethodError(f"unknown tuning method '{name}'; known: {', '.join(sorted(REGISTRY))}")
+  cls = REGISTRY[name]
+  fields = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(cfg) - fields)
+  if unknown:
+    raise MethodError(f"method '{name}' has no option(s) {unknown}; options: {sorted(fields)}")
+  return cls(**cfg)
+
+
+def names(family: str | None = None) -> list[str]:
+  return sorted(n for n, c in REGISTRY.items() if family is None or c.family == family)
+
+
+def _false_like(tree: dict) -> dict:
+  return jax.tree.map(lambda _: False, tree)
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """Base class: trains nothing, adds nothing, merges trivially."""
+  name: ClassVar[str] = ""
+  family: ClassVar[str] = ""
+  mergeable: ClassVar[bool] = True
+
+  def init(self, rng: jax.Array, params: dict) -> dict:
+    """Adapters this method adds (may be empty)."""
+    del rng, params
+    return {}
+
+  def init_variables(self, rng: jax.Array, params: dict) -> Variables:
+    return {"params": params, "adapters": self.init(rng, params)}
+
+  def trainable(self, variables: Variables) -> dict:
+    return {"params": _false_like(variables["params"]),
+            "adapters": _false_like(variables.get("adapters", {}))}
+
+  def transform(self, variables: Variables,
+                inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    del variables
+    return inner
+
+  def loss_terms(self, variables: Variables, batch: dict, logits: jax.Array) -> dict:
+    del variables, batch, logits
+    return {}
+
+  def merge(self, variables: Variables) -> dict:
+    """Base params with this method folded in (adapters dropped)."""
+    if not self.mergeable:
+      raise MethodError(f"method '{self.name}' adds modules that cannot be folded into the base "
+                        "weights; export its adapters instead")
+    return variables["params"]
+
+
+# ----------------------------------------------------------------------------- partition
+def partition(variables: Variables, mask: dict) -> tuple[dict, dict]:
+  """Split into (trainable, frozen) nested dicts; a leaf is trainable if any mask entry is."""
+  flat_v, flat_m = select.flatten(variables), select.flatten(mask)
+  missing = set(flat_v) - set(flat_m)
+  if missing:
+    raise MethodError(f"mask has no entry for {sorted(missing)[:5]}")
+  train = {p: x for p, x in flat_v.items() if select.mask_any(flat_m[p])}
+  frozen = {p: x for p, x in flat_v.items() if not select.mask_any(flat_m[p])}
+  return select.unflatten(train), select.unflatten(frozen)
+
+
+def combine(trainable: dict, frozen: dict) -> Variables:
+  flat = select.flatten(frozen)
+  flat.update(select.flatten(trainable))
+  out = select.unflatten(flat)
+  out.setdefault("adapters", {})
+  return out
+
+
+def partial_masks(mask: dict, trainable: dict) -> dict:
+  """Masks for the trainable partition's leaves: None (whole leaf) or a bool array."""
+  flat_m = select.flatten(mask)
+  out = {}
+  for p, x in select.flatten(trainable).items():
+    m = flat_m[p]
+    out[p] = None if isinstance(m, (bool, np.bool_)) or np.all(m) else np.asarray(m, bool)
+  return out
+
+
+def mask_updates(masks_by_path: dict[str, np.ndarray | None]) -> optax.GradientTransformation:
+  """Zero the updates of masked-out entries (last link of the chain)."""
+  def init(params):
+    del params
+    return optax.EmptyState()
+
+  def update(updates, state, params=None):
+    del params
+    flat = select.flatten(updates)
+    for p, m in masks_by_path.items():
+      if m is not None and p in flat:
+        flat[p] = jnp.where(jnp.asarray(m), flat[p], jnp.zeros_like(flat[p]))
+    return select.unflatten(flat), state
+
+  return optax.GradientTransformation(init, update)
+
+
+def build_optimizer(method: "Method", variables: Variables, mask: dict, trainable: dict,
+                    optimizer: optax.GradientTransformation) -> optax.GradientTransformation:
+  """`method.transform` around the user optimizer, then the partial-mask projection."""
+  return optax.chain(method.transform(variables, optimizer),
+                     mask_updates(partial_masks(mask, trainable)))
+
+
+# ----------------------------------------------------------------------------- composition
+@dataclasses.dataclass(frozen=True)
+class Compose(Method):
+  """Several methods on disjoint leaves, e.g. LoRA on the LLM + full tuning of the projector."""
+  methods: tuple = ()
+
+  def __post_init__(self):
+    if not self.methods:
+      raise MethodError("compose() needs at least one method")
+
+  def init_variables(self, rng, params):
+    adapters: dict[str, Any] = {}
+    owner: dict[str, str] = {}
+    for i, m in enumerate(self.methods):
+      v = m.init_variables(jax.random.fold_in(rng, i), params)
+      params = v["params"]
+      for p, x in select.flatten(v.get("adapters", {})).items():
+        if p in adapters:
+          raise MethodError(f"methods '{owner[p]}' and '{m.name}' both add adapter leaf '{p}'")
+        adapters[p], owner[p] = x, m.name
+    return {"params": params, "adapters": select.unflatten(adapters)}
+
+  def trainable(self, variables):
+    flat_masks = [select.flatten(m.trainable(variables)) for m in self.methods]
+    out = {}
+    for p in flat_masks[0]:
+      claimed = [(m.name, fm[p]) for m, fm in zip(self.methods, flat_masks)
+                 if select.mask_any(fm.get(p, False))]
+      if len(claimed) > 1:
+        raise MethodError(f"leaf '{p}' is trained by more than one method "
+                          f"({', '.join(n for n, _ in claimed)}); compositions must be disjoint")
+      out[p] = claimed[0][1] if claimed else False
+    return select.unflatten(out)
+
+  def transform(self, variables, inner):
+    for m in reversed(self.methods):
+      inner = m.transform(variables, inner)
+    return inner
+
+  def loss_terms(self, variables, batch, logits):
+    out = {}
+    for m in self.methods:
+      for k, v in m.loss_terms(variables, batch, logits).items():
+        out[f"{m.name}/{k}" if k in out else k] = v
+    return out
+
+  def merge(self, variables):
+    params = variables["params"]
+    for m in self.methods:
+      params = m.merge({"params": params, "adapters": variables.get("adapters", {})})
+    return params
+
+
+def compose(*methods: Method) -> Compose:
+  return Compose(methods=tuple(methods))
+
+
+# ----------------------------------------------------------------------------- reporting
+def trainable_table(variables: Variables, mask: dict) -> tuple[str, int, int]:
+  """Markdown table of trained leaves: (table, trainable count, base param count)."""
+  flat_m = select.flatten(mask)
+  total = sum(int(np.prod(np.shape(x), dtype=np.int64))
+              for x in select.flatten(variables["params"]).values())
+  rows, n_train = [], 0
+  for p, x in select.flatten(variables).items():
+    n = select.mask_count(flat_m[p], tuple(np.shape(x)))
+    if n:
+      rows.append(f"| {p} | {tuple(np.shape(x))} | {n:,} | {100 * n / max(total, 1):.4f}% |")
+      n_train += n
+  head = "| path | shape | trainable | % of model |\n|---|---|---|---|"
+  foot = f"| **total** | | **{n_train:,}** | **{100 * n_train / max(total, 1):.4f}%** |"
+  return "\n".join([head, *rows, foot]), n_train, total
+
+
+def log_trainable(method: Method, variables: Variables, mask: dict) -> int:
+  table, n, total = trainable_table(variables, mask)
+  log.info("method %s trains %s of %s base parameters:\n%s", method.name or "compose",
+           f"{n:,}", f"{total:,}", table)
+  if n == 0:
+    raise MethodError(f"method '{method.name}' trains nothing: check its targets/selectors")
+  return n
+
