@@ -12,6 +12,8 @@ model code never branches on method names. Supported adapter leaves (all optiona
                                                       ->  y += (((drop(x) @ A) * d) @ B) * bvec
   ia3_in (d_in,)                                      ->  x  *= ia3_in     (before the matmul)
   ia3_out (d_out,)                                    ->  y  *= ia3_out    (after bias)
+  extra_bias (d_out,)                                 ->  y  += extra_bias (BitFit on bias-free
+                                                          layers)
 
 The low-rank path is computed as `(x A) B`; `A B` is materialized only for DoRA's weight norm.
 DoRA follows peft: with x~ = drop(x), n = ||K0 + s A B|| per output column (stop-gradient),
@@ -72,6 +74,8 @@ class Linear(nn.Module):
     if self.use_bias:
       bias = self.param("bias", nn.initializers.zeros, (self.features,), dtype_of(self.param_dtype))
       y = y + bias.astype(dt)
+    if self.has_variable(ADAPTERS, "extra_bias"):
+      y = y + self.get_variable(ADAPTERS, "extra_bias").astype(dt)
     if self.has_variable(ADAPTERS, "lora_a"):
       y = y + self._lora(x, kernel.astype(dt), dt)
     if self.has_variable(ADAPTERS, "vera_a"):
