@@ -181,3 +181,23 @@ def test_pissa_init_matches_peft_and_preserves_the_model(tmp_path):
                              (b_t @ a_t).T, atol=1e-5)
   np.testing.assert_allclose(np.asarray(v["params"]["llm"]["layers"]["attn"]["q_proj"]
                                         ["kernel"][1]), res_t.T, atol=1e-5)
+
+
+def test_pissa_exports_as_plain_lora_on_the_original_base(tmp_path):
+  hf_model, model, params, batch, _ = tiny_llava(tmp_path)
+  method = mt.tuning.get("pissa", rank=4, alpha=4.0, targets=TARGETS)
+  v = method.init_variables(jax.random.key(0), params)
+  # "train": move the factors away from their init
+  v["adapters"] = jax.tree_util.tree_map_with_path(
+      lambda p, x: x + 0.05 * jax.random.normal(jax.random.key(3), x.shape)
+      if p[-1].key in ("lora_a", "lora_b") else x, v["adapters"])
+  out = str(tmp_path / "pissa_as_lora")
+  export_peft(out, model, method, v)
+  with open(os.path.join(out, "adapter_config.json")) as f:
+    cfg = json.load(f)
+  assert cfg["r"] == 8 and cfg["lora_alpha"] == 8.0
+  peft_model = PeftModel.from_pretrained(hf_model, out).eval()  # on the ORIGINAL base
+  real = batch[1].astype(bool)
+  ours = ours_logits(model, v, batch)  # adapters on the residual base
+  np.testing.assert_allclose(ours[real], torch_logits(peft_model, batch)[real], atol=1e-4)
+  assert np.abs(ours - ours_logits(model, {"params": params}, batch)).max() > 1e-3

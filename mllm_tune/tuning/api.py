@@ -65,8 +65,23 @@ def get(name: str, **cfg) -> "Method":
   return cls(**cfg)
 
 
+def from_config(cfg) -> "Method":
+  """A `configs/methods/<name>.py` ConfigDict (or dict) -> Method; `methods` lists compose."""
+  d = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+  if "methods" in d:
+    return compose(*(from_config(m) for m in d["methods"]))
+  if "name" not in d:
+    raise MethodError("method config needs a 'name' field")
+  name = d.pop("name")
+  return get(name, **{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
 def names(family: str | None = None) -> list[str]:
   return sorted(n for n, c in REGISTRY.items() if family is None or c.family == family)
+
+
+def label(m: "Method") -> str:
+  return m.name or type(m).__name__
 
 
 def _false_like(tree: dict) -> dict:
@@ -181,15 +196,16 @@ class Compose(Method):
       params = v["params"]
       for p, x in select.flatten(v.get("adapters", {})).items():
         if p in adapters:
-          raise MethodError(f"methods '{owner[p]}' and '{m.name}' both add adapter leaf '{p}'")
-        adapters[p], owner[p] = x, m.name
+          raise MethodError(f"methods '{owner[p]}' and '{label(m)}' both add adapter leaf "
+                            f"'{p}'")
+        adapters[p], owner[p] = x, label(m)
     return {"params": params, "adapters": select.unflatten(adapters)}
 
   def trainable(self, variables):
     flat_masks = [select.flatten(m.trainable(variables)) for m in self.methods]
     out = {}
     for p in flat_masks[0]:
-      claimed = [(m.name, fm[p]) for m, fm in zip(self.methods, flat_masks)
+      claimed = [(label(m), fm[p]) for m, fm in zip(self.methods, flat_masks)
                  if select.mask_any(fm.get(p, False))]
       if len(claimed) > 1:
         raise MethodError(f"leaf '{p}' is trained by more than one method "
@@ -206,7 +222,7 @@ class Compose(Method):
     out = {}
     for m in self.methods:
       for k, v in m.loss_terms(variables, batch, logits).items():
-        out[f"{m.name}/{k}" if k in out else k] = v
+        out[f"{label(m)}/{k}" if k in out else k] = v
     return out
 
   def merge(self, variables):
@@ -239,9 +255,9 @@ def trainable_table(variables: Variables, mask: dict) -> tuple[str, int, int]:
 
 def log_trainable(method: Method, variables: Variables, mask: dict) -> int:
   table, n, total = trainable_table(variables, mask)
-  log.info("method %s trains %s of %s base parameters:\n%s", method.name or "compose",
+  log.info("method %s trains %s of %s base parameters:\n%s", label(method),
            f"{n:,}", f"{total:,}", table)
   if n == 0:
-    raise MethodError(f"method '{method.name}' trains nothing: check its targets/selectors")
+    raise MethodError(f"method '{label(method)}' trains nothing: check its targets/selectors")
   return n
 

@@ -144,8 +144,12 @@ class DoRA(LoRA):
 @register("pissa", "reparameterization")
 @dataclasses.dataclass(frozen=True)
 class PiSSA(LoRA):
-  """PiSSA: A, B from the top-r singular triplets of K0 (fp32 SVD); the base becomes the residual
-  `K_res = K0 - s A B`, so the model is unchanged at init. Official recipe alpha = r."""
+  """PiSSA: A, B from the top-r singular triplets of K0 (SVD); the base becomes the residual
+  `K_res = K0 - s A B`, so the model is unchanged at init. Official recipe alpha = r.
+  The initial factors are kept as constants (`pissa_a0`, `pissa_b0`) so `pissa_to_lora` can
+  express the tuned model as a plain LoRA on the original K0 (peft's
+  `path_initial_model_for_weight_conversion`): `A' = [A | A0]`, `B' = [B ; -B0]`, r' = 2r,
+  alpha' = 2 alpha (alpha sqrt(2) with rsLoRA)."""
   alpha: float = 8.0
 
   def init_variables(self, rng, params):
@@ -167,7 +171,30 @@ class PiSSA(LoRA):
         b_all.append(b)
         res_all.append(k - s * (a @ b))
       cast = lambda x: np.asarray(x if flags.ndim else x[0], np.float32)
-      adapters[adapter_path(path, "lora_a")] = jnp.asarray(cast(np.stack(a_all)))
-      adapters[adapter_path(path, "lora_b")] = jnp.asarray(cast(np.stack(b_all)))
+      for leaf, vals in (("lora_a", a_all), ("lora_b", b_all)):
+        adapters[adapter_path(path, leaf)] = jnp.asarray(cast(np.stack(vals)))
+        # the initial factors (constants) let `pissa_to_lora` express the result on K0
+        adapters[adapter_path(path, "pissa_" + leaf[-1] + "0")] = jnp.asarray(
+            cast(np.stack(vals)))
       flat[path] = jnp.asarray(cast(np.stack(res_all)), flat[path].dtype)
     return {"params": select.unflatten(flat), "adapters": select.unflatten(adapters)}
+
+
+def pissa_to_lora(method: PiSSA, variables: dict) -> tuple[LoRA, dict]:
+  """PiSSA (adapters on K_res) -> an equivalent plain LoRA on the original base K0."""
+  flat_p = select.flatten(variables["params"])
+  ad = select.flatten(variables["adapters"])
+  out = {}
+  lora = LoRA(rank=2 * method.rank,
+              alpha=method.alpha * (math.sqrt(2) if method.use_rslora else 2),
+              dropout=method.dropout, targets=method.targets, use_rslora=method.use_rslora)
+  for path in resolve_targets(variables["params"], method.targets):
+    get = lambda leaf: jnp.asarray(ad[adapter_path(path, leaf)], jnp.float32)
+    out[adapter_path(path, "lora_a")] = jnp.concatenate([get("lora_a"), get("pissa_a0")], -1)
+    out[adapter_path(path, "lora_b")] = jnp.concatenate([get("lora_b"), -get("pissa_b0")], -2)
+    out[adapter_path(path, "lora_scale")] = get("lora_scale")
+    s = get("lora_scale")
+    s = s[..., None, None] if s.ndim else s
+    k0 = jnp.asarray(flat_p[path], jnp.float32) + s * jnp.matmul(get("pissa_a0"), get("pissa_b0"))
+    flat_p[path] = k0.astype(flat_p[path].dtype)
+  return lora, {"params": select.unflatten(flat_p), "adapters": select.unflatten(out)}

@@ -7,15 +7,14 @@ import numpy as np
 from mllm_tune.checkpoints import peft as peft_io
 from mllm_tune.tuning import select
 from mllm_tune.tuning.api import PEFT_EXPORTERS, PEFT_IMPORTERS, MethodError
-from mllm_tune.tuning.lora import LoRA, adapter_path, get_leaf, resolve_targets
+from mllm_tune.tuning.lora import LoRA, adapter_path, get_leaf, pissa_to_lora, resolve_targets
 
 LORA_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
 
 
 def export_lora(method: LoRA, model, variables: dict):
-  if method.name == "pissa":
-    raise MethodError("PiSSA adapters only apply to the residual base; export them with "
-                      "`pissa_to_lora` (plain LoRA on the original base) instead")
+  if method.name == "pissa":  # exported as plain LoRA on the original base (METHODS 4.4 b)
+    method, variables = pissa_to_lora(method, variables)
   cfg = model.config
   adapters = variables["adapters"]
   tensors, names = {}, []
@@ -90,6 +89,6 @@ def import_lora(config: dict, tensors: dict, model, params: dict, where: str):
   return method, {"params": params, "adapters": select.unflatten(adapters)}
 
 
-for _name in ("lora", "rslora", "dora", "lorasculpt"):
+for _name in ("lora", "rslora", "dora", "pissa", "lorasculpt"):
   PEFT_EXPORTERS[_name] = export_lora
 PEFT_IMPORTERS["LORA"] = import_lora
