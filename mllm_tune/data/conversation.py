@@ -1,0 +1,285 @@
+"""LLaVA-format conversations -> token ids, loss masks, positions and image slots.
+
+A LLaVA record's `conversations` is a list of `{"from": "human" | "gpt" | "system", "value": str}`
+turns; `<image>` placeholders sit inline in the text. We render the whole conversation with the
+model's chat template through transformers (`apply_chat_template(tokenize=False)`): the
+tokenizer's own `chat_template`, or a built-in one when it has none (`"vicuna_v1"`, LLaVA-1.5's
+`conv_vicuna_v1`; `"chatml"`, Qwen2's template), or any Jinja string. The rendered text is
+tokenized in one call (no special tokens added: templates write their own BOS), exactly as
+`apply_chat_template(tokenize=True)` does, so the ids are the tokenizer's ids bit for bit.
+
+Loss mask (which tokens are *targets*): the assistant turns, i.e. each assistant message's
+content plus the end-of-turn special token that directly follows it (`</s>`, `<|im_end|>`, ...).
+- Templates with `{% generation %}` blocks: transformers' own `assistant_masks` are used.
+- Other templates: the span of assistant turn i starts where its content starts in the rendering
+  (found after `render(messages[:i], add_generation_prompt=True)`, which must be a prefix of the
+  full rendering) and ends after the special token that follows the content (whitespace allowed
+  in between). A token is marked when it overlaps a span, the rule transformers applies to
+  generation spans, so both give the same mask (tested).
+`loss_mask[t] = 1` means token t is predicted from position t-1 (see `mllm_tune.data.targets`);
+`loss_mask[0]` is always 0 and image tokens are never targets.
+
+Images: the placeholder (`<image>`) must be one token of the tokenizer (LLaVA tokenizers have it;
+otherwise it is added as a special token). Each placeholder id becomes `image_seq_len` copies of
+the model's `image_token_id`, as transformers' `LlavaProcessor` does.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Sequence
+
+import numpy as np
+
+from mllm_tune.data.errors import DataError, log
+
+IMAGE_PLACEHOLDER = "<image>"
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+         "system": "system"}
+
+VICUNA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the human's "
+                 "questions.")
+# LLaVA-1.5 `conv_vicuna_v1` (SeparatorStyle.TWO, sep " ", sep2 "</s>") with BOS first:
+# "<s>SYSTEM USER: q ASSISTANT: a</s>USER: q2 ASSISTANT: a2</s>"; generation prompt "ASSISTANT:".
+VICUNA_V1 = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + ' ' }}"
+    "{% set loop_messages = messages[1:] %}{% else %}{{ '" + VICUNA_SYSTEM.replace("'", "\\'")
+    + " ' }}{% set loop_messages = messages %}{% endif %}"
+    "{% for message in loop_messages %}{% if message['role'] == 'user' %}"
+    "{{ 'USER: ' + message['content'] + ' ' }}{% elif message['role'] == 'assistant' %}"
+    "{{ 'ASSISTANT: ' + message['content'] + eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+# Qwen2-Instruct's template (ChatML, default system prompt), without tool calls.
+CHATML = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+BUILTIN_TEMPLATES = {"vicuna_v1": VICUNA_V1, "chatml": CHATML, "qwen2": CHATML}
+_GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizedConversation:
+  """One sample's tokens. All arrays int32; T = len(input_ids); N = number of images.
+
+  input_ids (T,): image runs hold `image_token_id` (image_seq_len per image);
+  loss_mask (T,): 1 where token t is a target (assistant content + its end token);
+  positions (T,): 0..T-1; image_starts (N,): index of the first token of each image run.
+  """
+  input_ids: np.ndarray
+  loss_mask: np.ndarray
+  positions: np.ndarray
+  image_starts: np.ndarray
+
+  def __len__(self) -> int:
+    return int(self.input_ids.shape[0])
+
+
+def to_messages(conversations: Sequence[dict], where: str = "record") -> list[dict]:
+  """LLaVA turns (`from`/`value`) -> chat messages (`role`/`content`), validated.
+
+  Raises `DataError` naming `where`, the turn index and the field for unknown roles, non-string
+  values, empty assistant turns, or a conversation without an assistant turn.
+  """
+  if not isinstance(conversations, (list, tuple)) or not conversations:
+    raise DataError(f"{where}: 'conversations' must be a non-empty list of turns", "bad_record")
+  messages = []
+  for i, turn in enumerate(conversations):
+    if not isinstance(turn, dict):
+      raise DataError(f"{where}: conversations[{i}] is a {type(turn).__name__}, not an object",
+                      "bad_record")
+    role = turn.get("from", turn.get("role"))
+    content = turn.get("value", turn.get("content"))
+    if role not in ROLES:
+      raise DataError(f"{where}: conversations[{i}].from = {role!r} is not one of "
+                      f"{sorted(ROLES)}", "bad_record")
+    if not isinstance(content, str):
+      raise DataError(f"{where}: conversations[{i}].value must be a string, got "
+                      f"{type(content).__name__}", "bad_record")
+    if ROLES[role] == "assistant" and not content.strip():
+      raise DataError(f"{where}: conversations[{i}] ({role}) is an empty assistant turn",
+                      "empty_turn")
+    messages.append({"role": ROLES[role], "content": content})
+  if messages[0]["role"] == "assistant":
+    raise DataError(f"{where}: the conversation starts with an assistant turn", "bad_record")
+  if not any(m["role"] == "assistant" for m in messages):
+    raise DataError(f"{where}: no assistant turn, so nothing to learn", "bad_record")
+  return messages
+
+
+def count_placeholders(messages: Sequence[dict], placeholder: str = IMAGE_PLACEHOLDER) -> int:
+  return sum(m["content"].count(placeholder) for m in messages)
+
+
+def resolve_template(tokenizer, template: str | None) -> str:
+  """None -> the tokenizer's `chat_template`; a built-in name -> its Jinja; else Jinja as is."""
+  if template is None:
+    own = getattr(tokenizer, "chat_template", None)
+    if not own:
+      raise ValueError("the tokenizer has no chat_template: pass template= one of "
+                       f"{sorted(BUILTIN_TEMPLATES)} or a Jinja string")
+    if isinstance(own, dict):
+      if "default" not in own:
+        raise ValueError(f"the tokenizer has named chat templates {sorted(own)} but no "
+                         "'default': pass template= explicitly")
+      own = own["default"]
+    return own
+  return BUILTIN_TEMPLATES.get(template, template)
+
+
+def overlap_mask(offsets: Sequence[tuple[int, int]],
+                 spans: Sequence[tuple[int, int]]) -> np.ndarray:
+  """(T,) int32: 1 for tokens whose character range overlaps one of the sorted spans."""
+  mask = np.zeros(len(offsets), np.int32)
+  k = 0
+  for t, (start, end) in enumerate(offsets):
+    while k < len(spans) and start >= spans[k][1]:
+      k += 1
+    if k == len(spans):
+      break
+    if end > spans[k][0]:
+      mask[t] = 1
+  return mask
+
+
+class ChatTokenizer:
+  """Renders and tokenizes conversations for one tokenizer, template and vision tower.
+
+  tokenizer: a fast transformers tokenizer (offsets are needed); template: see
+  `resolve_template`; image_token_id / image_seq_len: the model's (`LlavaConfig`); use
+  `image_seq_len=0` for a text-only model.
+  """
+
+  def __init__(self, tokenizer, image_token_id: int, image_seq_len: int,
+               template: str | None = None, image_placeholder: str = IMAGE_PLACEHOLDER):
+    if not getattr(tokenizer, "is_fast", False):
+      raise ValueError("a fast (Rust) tokenizer is required for character offsets; load it "
+                       "with AutoTokenizer.from_pretrained(..., use_fast=True)")
+    self.tokenizer = tokenizer
+    self.template = resolve_template(tokenizer, template)
+    self.image_token_id = int(image_token_id)
+    self.image_seq_len = int(image_seq_len)
+    self.placeholder = image_placeholder
+    self.placeholder_id = self._placeholder_token_id()
+    self.uses_generation_tags = bool(_GENERATION_TAG.search(self.template))
+    specials = {str(t) for t in tokenizer.all_special_tokens}
+    specials |= {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+    specials.discard(image_placeholder)
+    specials.discard(getattr(tokenizer, "bos_token", None))  # a BOS never ends a turn
+    alternatives = "|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True) if s)
+    self._end_token = re.compile(rf"\s*(?:{alternatives})") if alternatives else None
+    self._warned_no_end = False
+
+  def _placeholder_token_id(self) -> int:
+    """The placeholder's token id (added to the tokenizer when missing); -1 for text-only
+    models (`image_seq_len=0`), where any placeholder in the text is an image-count error."""
+    if self.image_seq_len == 0:
+      return -1
+    tok = self.tokenizer
+    ids = tok.encode(self.placeholder, add_special_tokens=False)
+    if len(ids) != 1:
+      from tokenizers import AddedToken
+      tok.add_tokens([AddedToken(self.placeholder, special=True, normalized=False)])
+      ids = tok.encode(self.placeholder, add_special_tokens=False)
+      log.info("added %r to the tokenizer as special token %d", self.placeholder, ids[0])
+    return int(ids[0])
+
+  def render(self, messages: Sequence[dict], add_generation_prompt: bool = False,
+             where: str = "record") -> str:
+    """The chat template's text; a template that rejects the conversation (e.g. "roles must
+    alternate") raises `DataError` naming `where`."""
+    return self._apply(messages, where, tokenize=False,
+                       add_generation_prompt=add_generation_prompt)
+
+  def _apply(self, messages: Sequence[dict], where: str, **kw):
+    try:
+      return self.tokenizer.apply_chat_template(list(messages), chat_template=self.template,
+                                                **kw)
+    except Exception as e:  # jinja2 TemplateError, raise_exception(...) in the template
+      raise DataError(f"{where}: the chat template rejects the conversation "
+                      f"({type(e).__name__}: {e})", "template") from None
+
+  def assistant_spans(self, messages: Sequence[dict], full: str, where: str
+                      ) -> list[tuple[int, int]]:
+    """Character spans (start, end) of each assistant turn's content + end token in `full`."""
+    spans = []
+    for i, m in enumerate(messages):
+      if m["role"] != "assistant":
+        continue
+      prefix = self.render(messages[:i], add_generation_prompt=True, where=where)
+      if not full.startswith(prefix):
+        raise DataError(f"{where}: the chat template renders turn {i} differently once later "
+                        "turns follow (not prefix-stable); add {% generation %} blocks to it",
+                        "template")
+      content = m["content"]  # verbatim, else as templates that strip it render it
+      start = full.find(content, len(prefix))
+      if start < 0:
+        content = content.strip()
+        start = full.find(content, len(prefix))
+      if start < 0:
+        raise DataError(f"{where}: assistant turn {i} does not appear verbatim in the rendered "
+                        "conversation; add {% generation %} blocks to the template", "template")
+      end = start + len(content)
+      match = self._end_token.match(full, end) if self._end_token else None
+      if match:
+        end = match.end()
+      elif not self._warned_no_end:
+        self._warned_no_end = True
+        log.warning("the chat template writes no end-of-turn special token after assistant "
+                    "turns: the model will not learn where a reply stops")
+      spans.append((start, end))
+    return spans
+
+  def encode_messages(self, messages: Sequence[dict], num_images: int,
+                      where: str = "record") -> TokenizedConversation:
+    """Chat messages (with inline placeholders) + the number of images -> tokens and masks."""
+    if num_images and not self.image_seq_len:
+      raise DataError(f"{where}: {num_images} image(s) but the model is text-only",
+                      "image_count")
+    n_placeholders = count_placeholders(messages, self.placeholder)
+    if n_placeholders != num_images:
+      raise DataError(f"{where}: {n_placeholders} {self.placeholder} placeholder(s) in the "
+                      f"conversation but {num_images} image(s)", "image_count")
+    tok = self.tokenizer
+    if self.uses_generation_tags:
+      out = self._apply(messages, where, tokenize=True, return_dict=True,
+                        return_assistant_tokens_mask=True)
+      ids = np.asarray(out["input_ids"], np.int64)
+      mask = np.asarray(out["assistant_masks"], np.int32)
+    else:
+      full = self.render(messages, where=where)
+      enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
+      ids = np.asarray(enc["input_ids"], np.int64)
+      mask = overlap_mask(enc["offset_mapping"], self.assistant_spans(messages, full, where))
+    return self._expand_images(ids, mask, num_images, where)
+
+  def encode(self, conversations: Sequence[dict], num_images: int,
+             where: str = "record") -> TokenizedConversation:
+    """LLaVA turns (`from`/`value`) -> `TokenizedConversation`; errors name `where`."""
+    return self.encode_messages(to_messages(conversations, where), num_images, where)
+
+  def _expand_images(self, ids: np.ndarray, mask: np.ndarray, num_images: int,
+                     where: str) -> TokenizedConversation:
+    is_ph = ids == self.placeholder_id
+    if int(is_ph.sum()) != num_images:
+      raise DataError(f"{where}: the rendered conversation holds {int(is_ph.sum())} image "
+                      f"token(s) for {num_images} image(s) (does the template add or drop "
+                      f"{self.placeholder}?)", "image_count")
+    if np.any((ids == self.image_token_id) & ~is_ph):
+      raise DataError(f"{where}: a text token has id {self.image_token_id}, the model's "
+                      "image_token_id", "image_count")
+    repeats = np.where(is_ph, self.image_seq_len, 1)
+    out_ids = np.repeat(np.where(is_ph, self.image_token_id, ids), repeats).astype(np.int32)
+    out_mask = np.repeat(np.where(is_ph, 0, mask), repeats).astype(np.int32)
+    out_mask[:1] = 0
+    starts = (np.cumsum(repeats) - repeats)[is_ph].astype(np.int32)
+    return TokenizedConversation(out_ids, out_mask, np.arange(len(out_ids), dtype=np.int32),
+                                 starts)
+
+
+def load_tokenizer(model_dir: str):
+  """The fast tokenizer stored in a model directory (offline)."""
+  from transformers import AutoTokenizer
+  return AutoTokenizer.from_pretrained(model_dir, use_fast=True)

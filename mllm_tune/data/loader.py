@@ -1,0 +1,88 @@
+"""Config -> batch iterator: the one call a trainer needs (`configs/data/llava_instruct.py`).
+
+    batches = make_batches(cfg.data, model_dir, model.config)   # Prefetcher or BatchIterator
+    batch = next(batches); state = batches.get_state(); batches.set_state(state)
+
+`cfg.data` fields (ConfigDict or dict; defaults in `DEFAULTS`): kind ("llava_json" | "tfds"),
+json_path, image_folder, tfds_dir (kind "tfds": converted there once from json_path), template
+(None = the tokenizer's), seq_len (row length = max sample length), batch_size (rows per host),
+packing, bucket_lengths, max_images (0 = `suggest_max_images` from the first 512 samples),
+overflow, on_error, aspect, seed, shuffle, num_epochs, num_workers, prefetch (0 = none).
+Hosts read disjoint shards (`jax.process_index()` of `jax.process_count()`). With kind "tfds"
+on several hosts, convert once beforehand (`sources.build_tfds`): hosts must not build it at
+the same time.
+"""
+from __future__ import annotations
+
+import jax
+
+from mllm_tune.data.batching import BatchIterator, Prefetcher
+from mllm_tune.data.conversation import ChatTokenizer, load_tokenizer
+from mllm_tune.data.errors import DataError
+from mllm_tune.data.packing import BatchSpec, suggest_max_images
+from mllm_tune.data.pipeline import SamplePreparer
+from mllm_tune.data.sources import LlavaJsonSource, TfdsSource, build_tfds
+
+DEFAULTS = dict(kind="llava_json", json_path="", image_folder=None, tfds_dir="", template=None,
+                seq_len=2048, batch_size=8, packing=True, bucket_lengths=(), max_images=0,
+                overflow="truncate", on_error="skip", aspect=None, seed=0, shuffle=True,
+                num_epochs=None, num_workers=0, prefetch=2)
+
+
+def _options(cfg) -> dict:
+  given = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+  unknown = sorted(set(given) - set(DEFAULTS))
+  if unknown:
+    raise ValueError(f"data config: unknown field(s) {unknown}; known: {sorted(DEFAULTS)}")
+  return {**DEFAULTS, **given}
+
+
+def _probe_max_images(source, prepare, o: dict, n: int = 512) -> int:
+  """`suggest_max_images` from the token lengths and image counts of the first n records."""
+  lengths, images = [], []
+  for i in range(min(len(source), n)):
+    try:
+      rec = source[i]
+      tokens = prepare.chat.encode(rec["conversations"], len(rec["images"]), rec["where"])
+    except DataError:
+      continue  # reported when the iterator reaches it
+    lengths.append(min(len(tokens), o["seq_len"]))
+    images.append(len(rec["images"]))
+  return suggest_max_images(lengths, images, o["batch_size"], o["seq_len"],
+                            prepare.chat.image_seq_len, o["packing"])
+
+
+def make_source(o: dict):
+  if o["kind"] == "llava_json":
+    return LlavaJsonSource(o["json_path"], o["image_folder"], o["on_error"])
+  if o["kind"] == "tfds":
+    dataset_dir, _ = build_tfds(o["json_path"], o["tfds_dir"], o["image_folder"], o["on_error"])
+    return TfdsSource(dataset_dir)
+  raise ValueError(f"data config: kind={o['kind']!r}: choose llava_json or tfds")
+
+
+def make_batches(cfg, model_dir: str, model_config):
+  """Source + preparer (tokenizer and image processor of `model_dir`) + batch spec -> iterator.
+
+  `model_config` is the model's `LlavaConfig` (a `CausalLMConfig` means text-only data)."""
+  o = _options(cfg)
+  source = make_source(o)
+  multimodal = hasattr(model_config, "image_token_id")
+  if multimodal:
+    prepare = SamplePreparer.from_pretrained(model_dir, model_config, o["seq_len"],
+                                             o["template"], o["overflow"], o["aspect"])
+    seq, image_id = model_config.image_seq_len, model_config.image_token_id
+  else:
+    chat = ChatTokenizer(load_tokenizer(model_dir), -1, 0, o["template"])
+    prepare, seq, image_id = SamplePreparer(chat, None, o["seq_len"], o["overflow"]), 0, -1
+  max_images = o["max_images"] or (_probe_max_images(source, prepare, o) if multimodal else 0)
+  pad_id = getattr(prepare.chat.tokenizer, "pad_token_id", None) or 0
+  spec = BatchSpec(batch_size=o["batch_size"], max_len=o["seq_len"], packing=o["packing"],
+                   bucket_lengths=tuple(o["bucket_lengths"]), max_images=max_images,
+                   image_seq_len=seq, image_token_id=image_id, image_hw=prepare.image_hw,
+                   pad_id=pad_id)
+  it = BatchIterator(source, prepare, spec, prepare.image_spec, seed=o["seed"],
+                     shuffle=o["shuffle"], num_epochs=o["num_epochs"], on_error=o["on_error"],
+                     shard_index=jax.process_index(), shard_count=jax.process_count(),
+                     num_workers=o["num_workers"])
+  return Prefetcher(it, o["prefetch"]) if o["prefetch"] else it
