@@ -1,7 +1,8 @@
-"""`mllm-tune` command line: convert (HF <-> native), demo. Training and benchmarks come later."""
+"""`mllm-tune` command line: train, convert (HF <-> native), demo."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -31,6 +32,95 @@ def _convert(args) -> int:
   return 0
 
 
+def build_data(cfg, model):
+  """The training iterator named by `cfg.data` (this process's shard; `data.batch_size` is the
+  global batch, split evenly over processes)."""
+  import jax
+  from mllm_tune.train.config_io import ConfigError
+  d = cfg.data
+  if d.kind == "synthetic":
+    from mllm_tune.train.synthetic import SyntheticBatches
+    if d.batch_size % jax.process_count():
+      raise ConfigError(f"data.batch_size={d.batch_size} is not divisible by the "
+                        f"{jax.process_count()} processes")
+    return SyntheticBatches(d.batch_size // jax.process_count(), d.seq_len,
+                            model.config.llm.vocab_size, seed=d.seed + 1000 * jax.process_index(),
+                            grad_accum=cfg.train.grad_accum)
+  if d.kind in ("llava_json", "tfds"):
+    from mllm_tune.data.loader import make_batches
+    if cfg.model.source != "hf":
+      raise ConfigError("config key 'data.kind': LLaVA-format data needs model.source='hf' "
+                        "(the tokenizer and image processor are read from model.path)")
+    per_host = d.to_dict()
+    if per_host["batch_size"] % jax.process_count():
+      raise ConfigError(f"data.batch_size={d.batch_size} is not divisible by the "
+                        f"{jax.process_count()} processes")
+    per_host["batch_size"] //= jax.process_count()
+    return make_batches(per_host, cfg.model.path, model.config)
+  raise ConfigError(f"config key 'data.kind': unknown data kind {d.kind!r} "
+                    "(synthetic | llava_json | tfds)")
+
+
+def _train(args) -> int:
+  from mllm_tune.train.config_io import apply_overrides, load_config, validate
+  from mllm_tune.train.loop import Trainer
+  from mllm_tune.train.multihost import maybe_initialize_distributed
+  maybe_initialize_distributed()
+  cfg = load_config(args.config)
+  apply_overrides(cfg, args.overrides)
+  validate(cfg)
+  trainer = Trainer(cfg, data=_LazyData(cfg), progress=not args.no_progress)
+  trainer.data.bind(trainer.model)
+  trainer.eval_fn = build_eval_fn(cfg, trainer.model)
+  summary = trainer.run()
+  print(json.dumps({k: summary[k] for k in ("status", "run_dir", "best_step")}))
+  print(json.dumps(summary["last"], sort_keys=True))
+  return 0 if summary["status"] in ("done", "preempted") else 1
+
+
+def build_eval_fn(cfg, model):
+  """`eval` config section -> `fn(trainer, step) -> metrics` over the first `num_batches`
+  batches of a held-out set (same tokenizer, template and shapes as training), or None."""
+  import ml_collections
+  e = cfg.get("eval")
+  if e is None or not e.kind:
+    return None
+  ecfg = ml_collections.ConfigDict(cfg.to_dict())
+  if e.kind == "synthetic":
+    ecfg.data.seed = cfg.data.seed + 7919
+  else:
+    ecfg.data.kind = e.kind
+    ecfg.data.json_path = e.json_path
+    ecfg.data.image_folder = e.image_folder or cfg.data.get("image_folder", "")
+    ecfg.data.shuffle = False
+  ecfg.train.grad_accum = 1
+
+  def fn(trainer, step):
+    del step
+    it = build_data(ecfg, model)
+    return trainer.evaluate(next(it) for _ in range(e.num_batches))
+  return fn
+
+
+class _LazyData:
+  """Defers building the iterator until the model (vocab, image spec) is known."""
+
+  def __init__(self, cfg):
+    self.cfg, self.it = cfg, None
+
+  def bind(self, model):
+    self.it = build_data(self.cfg, model)
+
+  def __next__(self):
+    return next(self.it)
+
+  def get_state(self):
+    return self.it.get_state()
+
+  def set_state(self, state):
+    self.it.set_state(state)
+
+
 def _demo(args) -> int:
   from mllm_tune.demo import run_smoke_demo
   run_smoke_demo(args.out)
@@ -40,6 +130,11 @@ def _demo(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="mllm-tune", description=__doc__)
   sub = p.add_subparsers(dest="command", required=True)
+  t = sub.add_parser("train", help="train with an ml_collections config",
+                     epilog="overrides: --config.method.rank=8 --config.train.steps=100")
+  t.add_argument("--config", required=True, help="configs/experiments/X.py[:arg]")
+  t.add_argument("--no-progress", action="store_true")
+  t.set_defaults(fn=_train)
   c = sub.add_parser("convert", help="HF model dir <-> native (orbax) checkpoint, or HF -> HF")
   c.add_argument("src", help="HF model directory or native checkpoint directory")
   c.add_argument("dst", help="output directory")
@@ -60,7 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
   log.setLevel(logging.INFO)
-  args = build_parser().parse_args(argv)
+  parser = build_parser()
+  args, unknown = parser.parse_known_args(argv)
+  overrides = [u[2:] for u in unknown if u.startswith("--config.")]
+  rest = [u for u in unknown if not u.startswith("--config.")]
+  if rest or (overrides and args.command != "train"):
+    parser.error(f"unrecognized arguments: {' '.join(rest or overrides)}")
+  args.overrides = overrides
   try:
     return args.fn(args)
   except (ValueError, FileNotFoundError) as e:

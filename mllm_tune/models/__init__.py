@@ -1,6 +1,8 @@
 """Pure-functional Flax models: LLaVA (vision tower + projector + LLM) and bare decoder LLMs."""
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -24,13 +26,19 @@ def _dummy_inputs(model):
 
 
 def init_params(model, rng: jax.Array) -> dict:
-  """Random params (HF-like init: N(0, 0.02) kernels, unit norms) for tests and demos."""
-  return model.init(rng, _dummy_inputs(model))["params"]
+  """Random params (HF-like init: N(0, 0.02) kernels, unit norms) for tests and demos.
+  Jitted: eager init dispatches every op separately and is ~5x slower on CPU."""
+  return _jitted_init(model)(rng)
+
+
+@functools.lru_cache(maxsize=32)
+def _jitted_init(model):
+  return jax.jit(lambda rng: model.init(rng, _dummy_inputs(model))["params"])
 
 
 def param_shapes(model) -> dict:
   """`jax.ShapeDtypeStruct` tree of the params, without allocating them."""
-  return jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), _dummy_inputs(model))["params"])
 
 
 __all__ = ["build_model", "init_params", "param_shapes", "Llava", "LLM", "CausalLM", "KVCache",

@@ -173,9 +173,11 @@ def mask_updates(masks_by_path: dict[str, np.ndarray | None]) -> optax.GradientT
 
 def build_optimizer(method: "Method", variables: Variables, mask: dict, trainable: dict,
                     optimizer: optax.GradientTransformation) -> optax.GradientTransformation:
-  """`method.transform` around the user optimizer, then the partial-mask projection."""
-  return optax.chain(method.transform(variables, optimizer),
-                     mask_updates(partial_masks(mask, trainable)))
+  """Partial masks on the gradients (so clipping and moments never see frozen entries),
+  `method.transform` around the user optimizer, then the same masks on the updates (so weight
+  decay cannot move them either)."""
+  pm = partial_masks(mask, trainable)
+  return optax.chain(mask_updates(pm), method.transform(variables, optimizer), mask_updates(pm))
 
 
 # ----------------------------------------------------------------------------- composition

@@ -164,4 +164,8 @@ def mask_count(m, shape: tuple[int, ...]) -> int:
   """Number of trainable elements a leaf mask selects."""
   if isinstance(m, (bool, np.bool_)):
     return int(np.prod(shape, dtype=np.int64)) if m else 0
-  return int(np.broadcast_to(np.asarray(m, bool), shape).sum())
+  m = np.asarray(m, bool)
+  m = m.reshape((1,) * (len(shape) - m.ndim) + m.shape)
+  repeat = int(np.prod([s for s, k in zip(shape, m.shape) if k == 1 and s != 1],
+                       dtype=np.int64))  # broadcast dims, without materializing them
+  return int(m.sum()) * repeat

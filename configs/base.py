@@ -1,0 +1,45 @@
+"""Base training config; experiments start from `get_config()` and override fields.
+
+Every field here is type-locked: `--config.train.steps=abc` or an unknown key is an error."""
+import ml_collections
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+  c.run_dir = "runs/default"
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.source = "tiny"        # hf | native | tiny
+  c.model.path = ""              # HF model dir (hf) or `mllm-tune convert` output (native)
+  c.model.dtype = "float32"      # compute dtype (bfloat16 on accelerators)
+  c.model.param_dtype = "float32"  # dtype the base is loaded in
+  c.model.frozen_dtype = ""      # e.g. bfloat16: frozen leaves stored in it ('' = unchanged)
+  c.model.remat_policy = "none"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable
+  c.model.tiny = ml_collections.ConfigDict(dict(
+      seed=0, vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2,
+      num_heads=4, num_kv_heads=2, vision_layers=0, vision_hidden_size=32, image_size=28,
+      patch_size=14))
+
+  c.method = ml_collections.ConfigDict({"name": "freeze", "preset": "full"})  # full FT
+
+  c.optimizer = ml_collections.ConfigDict(dict(
+      name="adamw", learning_rate=1e-4, schedule="cosine", warmup_steps=0, weight_decay=0.0,
+      b1=0.9, b2=0.999, eps=1e-8, momentum=0.0, clip_norm=1.0))
+
+  c.train = ml_collections.ConfigDict(dict(
+      steps=100, grad_accum=1, log_every=10, eval_every=0, save_every=50, keep=3,
+      best_metric="", best_mode="max", nan_guard=True, async_save=True))
+
+  # devices: 0 = all devices; N = the first N (e.g. a 1-device reference run)
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, devices=0))
+
+  # held-out evaluation every train.eval_every steps: loss, token accuracy, perplexity
+  c.eval = ml_collections.ConfigDict(dict(kind="", json_path="", image_folder="", num_batches=4))
+
+  c.data = ml_collections.ConfigDict()
+  c.data.kind = "synthetic"      # synthetic | llava_json
+  c.data.batch_size = 8
+  c.data.seq_len = 64
+  c.data.seed = 0
+  return c

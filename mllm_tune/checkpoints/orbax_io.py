@@ -1,0 +1,104 @@
+"""Train-state checkpoints with orbax's `CheckpointManager`.
+
+Each step directory holds three items: `state` (the trainable partition, optimizer state, step and
+rng: never the frozen base), `data` (the data iterator's JSON state, for exact resume) and `meta`
+(the base model's path and content hash, checked on restore, plus the step's metrics). Saves are
+asynchronous; `max_to_keep` keeps the newest N, and with `best_metric` the best N by that metric
+(e.g. the survey's combined score) instead.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from mllm_tune.checkpoints.safetensors_io import CheckpointError
+from mllm_tune.tuning import select
+
+
+def params_fingerprint(params: dict) -> str:
+  """Content hash of a params tree (shapes, dtypes and a strided sample of every leaf's bytes).
+
+  Cheap enough to run at every start on a 7B model; any re-conversion, dtype change or edit of
+  a leaf's sampled region changes it."""
+  h = hashlib.sha256()
+  for path, x in sorted(select.flatten(params).items()):
+    h.update(f"{path}:{tuple(x.shape)}:{x.dtype}".encode())
+    step = max(1, int(np.prod(x.shape)) // 4096)
+    h.update(np.ascontiguousarray(_strided_sample(x, step)).tobytes())
+  return h.hexdigest()[:32]
+
+
+def _strided_sample(x, step: int) -> np.ndarray:
+  """Every `step`-th element, gathered replicated so every process can read it."""
+  sharding = getattr(x, "sharding", None)
+  if isinstance(sharding, jax.sharding.NamedSharding) and not x.is_fully_addressable:
+    out = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    sample = jax.jit(lambda a: a.reshape(-1)[::step], out_shardings=out)(x)
+    return np.asarray(sample.addressable_data(0))
+  return np.asarray(jax.device_get(x)).reshape(-1)[::step]
+
+
+class TrainCheckpointer:
+  """Save / restore `(state pytree, data state, meta)` per step under `directory`."""
+
+  def __init__(self, directory: str, max_to_keep: int | None = 3,
+               best_metric: str | None = None, best_mode: str = "max",
+               async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    self.best_metric = best_metric
+    opts = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save,
+        best_fn=(lambda m: float(m[best_metric])) if best_metric else None,
+        best_mode=best_mode, keep_checkpoints_without_metrics=best_metric is None)
+    self.manager = ocp.CheckpointManager(self.directory, options=opts,
+                                         item_names=("state", "data", "meta"))
+
+  def save(self, step: int, state: Any, data_state: dict, meta: dict,
+           metrics: dict | None = None, force: bool = False) -> bool:
+    metrics = {k: float(v) for k, v in (metrics or {}).items()}
+    if self.best_metric and self.best_metric not in metrics:
+      metrics = None  # not ranked; kept only until ranked checkpoints exist
+    return self.manager.save(
+        step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                      data=ocp.args.JsonSave(data_state),
+                                      meta=ocp.args.JsonSave(json.loads(json.dumps(meta)))),
+        metrics=metrics, force=force)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def best_step(self) -> int | None:
+    return self.manager.best_step() if self.best_metric else self.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def restore(self, step: int | None, abstract_state: Any,
+              expect_fingerprint: str | None = None) -> tuple[Any, dict, dict]:
+    """-> (state, data_state, meta). `abstract_state` carries target shapes/shardings."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f"{self.directory}: no checkpoint to restore")
+    meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    meta = meta["meta"]
+    if expect_fingerprint and meta.get("base_fingerprint") != expect_fingerprint:
+      raise CheckpointError(
+          f"{self.directory}/{step}: this checkpoint was trained on base "
+          f"'{meta.get('base_path')}' (fingerprint {meta.get('base_fingerprint')}), but the "
+          f"base loaded now has fingerprint {expect_fingerprint}: refusing to mix them")
+    out = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+    return out["state"], out["data"], meta
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()

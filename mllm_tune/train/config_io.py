@@ -1,0 +1,111 @@
+"""ml_collections configs from Python files, with `--config.a.b=value` overrides and validation.
+
+    cfg = load_config("configs/experiments/tiny_lora.py")        # or "file.py:arg"
+    apply_overrides(cfg, ["config.method.rank=8", "config.train.steps=100"])
+
+Unknown keys and values of the wrong type are rejected with the key named (and the closest
+existing key suggested)."""
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import os
+import sys
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """Bad config file, unknown key or ill-typed value."""
+
+
+def _add_repo_root(path: str) -> None:
+  d = os.path.dirname(os.path.abspath(path))
+  while d != os.path.dirname(d):
+    if os.path.isdir(os.path.join(d, "configs")) and os.path.isfile(
+        os.path.join(d, "configs", "__init__.py")):
+      if d not in sys.path:
+        sys.path.insert(0, d)
+      return
+    d = os.path.dirname(d)
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise ConfigError(f"config file '{path}' does not exist")
+  _add_repo_root(path)
+  mod_spec = importlib.util.spec_from_file_location(f"_mllm_cfg_{abs(hash(path))}", path)
+  module = importlib.util.module_from_spec(mod_spec)
+  mod_spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"{path}: no get_config() function")
+  cfg = module.get_config(arg) if arg else module.get_config()
+  if not isinstance(cfg, ml_collections.ConfigDict):
+    raise ConfigError(f"{path}: get_config() must return an ml_collections.ConfigDict")
+  return cfg
+
+
+def _parse(raw: str, current):
+  if isinstance(current, bool):
+    low = raw.lower()
+    if low in ("true", "1", "yes"):
+      return True
+    if low in ("false", "0", "no"):
+      return False
+    raise ValueError(f"expected a boolean, got {raw!r}")
+  if isinstance(current, str):
+    return raw
+  try:
+    value = ast.literal_eval(raw)
+  except (ValueError, SyntaxError):
+    value = raw
+  if isinstance(current, tuple) and isinstance(value, (str, list)):
+    value = tuple(value) if isinstance(value, list) else tuple(raw.split(","))
+  if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+    value = float(value)
+  return value
+
+
+def apply_overrides(cfg: ml_collections.ConfigDict, overrides: list[str]) -> None:
+  for item in overrides:
+    key, sep, raw = item.partition("=")
+    if not sep:
+      raise ConfigError(f"override '{item}' must look like config.a.b=value")
+    parts = key.split(".")
+    if parts[0] == "config":
+      parts = parts[1:]
+    node = cfg
+    for i, part in enumerate(parts):
+      keys = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+      if part not in keys:
+        where = ".".join(parts[:i]) or "<root>"
+        close = difflib.get_close_matches(part, keys, n=3)
+        raise ConfigError(f"unknown config key '{'.'.join(parts)}': '{part}' is not a field of "
+                          f"{where}" + (f" (did you mean {close}?)" if close else
+                                        f" (fields: {sorted(keys)})"))
+      if i < len(parts) - 1:
+        node = node[part]
+    current = node[parts[-1]]
+    try:
+      value = _parse(raw, current)
+      node[parts[-1]] = value
+    except (TypeError, ValueError) as e:
+      raise ConfigError(f"config key '{'.'.join(parts)}': cannot set {raw!r} on a field of type "
+                        f"{type(current).__name__} ({e})") from e
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+  """Cheap checks with the key named; deeper ones happen where values are used."""
+  t = cfg.train
+  checks = [("train.steps", t.steps >= 1, "must be >= 1"),
+            ("train.grad_accum", t.grad_accum >= 1, "must be >= 1"),
+            ("train.log_every", t.log_every >= 1, "must be >= 1"),
+            ("train.best_mode", t.best_mode in ("max", "min"), "must be 'max' or 'min'"),
+            ("data.batch_size", cfg.data.batch_size >= 1, "must be >= 1"),
+            ("model.source", cfg.model.source in ("hf", "native", "tiny"),
+             "must be hf | native | tiny")]
+  for key, ok, msg in checks:
+    if not ok:
+      raise ConfigError(f"config key '{key}' {msg}")

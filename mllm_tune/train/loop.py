@@ -1,0 +1,234 @@
+"""The training loop: sharded jit step, checkpoints with exact resume, logs, guards.
+
+    trainer = Trainer(cfg, data=iterator)      # cfg: configs/base.py layout
+    summary = trainer.run()
+
+Side effects live here (IO, logging, signals); the math is in `step.py`. Resume: if the run's
+checkpoint directory holds a step, the trainable state, optimizer state, rng and data-iterator
+state are restored and training continues bit-exactly (CPU). A non-finite loss stops the run
+with the step, the offending leaves and batch fields named, without saving the bad state.
+SIGTERM (pre-emptible TPU VMs) saves a checkpoint and returns cleanly.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import signal
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from mllm_tune import tuning
+from mllm_tune.checkpoints.orbax_io import TrainCheckpointer, params_fingerprint
+from mllm_tune.train import setup
+from mllm_tune.train import sharding as shard_lib
+from mllm_tune.train.logs import JsonlWriter, TensorBoardWriter
+from mllm_tune.train.step import StepFns, TrainState, eval_step, find_nonfinite, train_step
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+  """The run cannot continue (non-finite loss, bad batch)."""
+
+
+class Trainer:
+  def __init__(self, cfg, data, eval_fn: Callable[["Trainer", int], dict] | None = None,
+               progress: bool = True):
+    self.cfg, self.data, self.eval_fn, self.progress = cfg, data, eval_fn, progress
+    t = cfg.train
+    devices = jax.devices()[:cfg.mesh.devices] if cfg.mesh.get("devices") else None
+    self.mesh = shard_lib.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices)
+    sfn = shard_lib.sharding_fn(self.mesh)
+    self.model, params, self.base_path = setup.load_model(cfg.model, sharding_fn=sfn)
+    self.base_fingerprint = params_fingerprint(params)
+    self.method = setup.method_from(cfg.method)
+    rng = jax.random.key(cfg.seed)
+    variables = self.method.init_variables(jax.random.fold_in(rng, 1), params)
+    self.mask = self.method.trainable(variables)
+    self.n_trainable = tuning.log_trainable(self.method, variables, self.mask)
+    trainable, frozen = tuning.partition(variables, self.mask)
+    trainable = setup.cast_tree(trainable, jnp.float32)  # float32 master weights
+    if cfg.model.frozen_dtype:
+      frozen = setup.cast_tree(frozen, jnp.dtype(cfg.model.frozen_dtype))
+    shard_t = setup.state_shardings(trainable, self.mesh)
+    shard_f = setup.state_shardings(frozen, self.mesh)
+    self.trainable_shardings = shard_t
+    self.frozen = jax.device_put(frozen, shard_f)
+    trainable = jax.device_put(trainable, shard_t)
+    base_opt, self.lr_fn = setup.make_optimizer(cfg.optimizer, t.steps)
+    self.optimizer = tuning.build_optimizer(self.method, variables, self.mask, trainable,
+                                            base_opt)
+    replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    mesh_devices = set(self.mesh.devices.flat)
+    on_mesh = lambda x: x if set(x.sharding.device_set) == mesh_devices else jax.device_put(
+        x, replicated)
+    opt_state = jax.tree.map(on_mesh, jax.jit(self.optimizer.init)(trainable))
+    self.state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated),
+                            trainable=trainable, opt_state=opt_state,
+                            rng=jax.device_put(jax.random.key_data(rng), replicated))
+    self.fns = StepFns(self.model, self.method, self.optimizer, t.grad_accum)
+    state_sh = jax.tree.map(lambda x: x.sharding, self.state)
+    self.batch_sharding = setup.batch_sharding(self.mesh, t.grad_accum)
+    self._step = jax.jit(self._raw_step, donate_argnums=(1,),
+                         out_shardings=(state_sh, None))
+    self._eval = jax.jit(functools.partial(eval_step, self.fns))
+    self.run_dir = os.path.abspath(cfg.run_dir)
+    self.ckpt = TrainCheckpointer(os.path.join(self.run_dir, "checkpoints"), max_to_keep=t.keep,
+                                  best_metric=t.best_metric or None, best_mode=t.best_mode,
+                                  async_save=t.async_save)
+    self._stop_requested = False
+
+  def _raw_step(self, frozen, state, batch):
+    state = state.replace(rng=jax.random.wrap_key_data(state.rng))
+    new, metrics = train_step(self.fns, frozen, state, batch, self.lr_fn)
+    return new.replace(rng=jax.random.key_data(new.rng)), metrics
+
+  # --------------------------------------------------------------------------- helpers
+  @property
+  def variables(self) -> dict:
+    return tuning.combine(self.state.trainable, self.frozen)
+
+  def put_batch(self, batch: dict) -> dict:
+    """Host batch (this process's slice) -> global arrays sharded over (data, fsdp)."""
+    sh = self.batch_sharding
+    out = {}
+    for k, v in batch.items():
+      v = np.asarray(v)
+      if k in ("pixel_values", "image_valid"):
+        # image slots are not split by rows: every device sees all images of the global batch,
+        # hosts' slots joined in process order (= the global row-major token order)
+        if jax.process_count() > 1:
+          from jax.experimental import multihost_utils
+          v = np.asarray(multihost_utils.process_allgather(v, tiled=True))
+        out[k] = jax.device_put(v, jax.sharding.NamedSharding(self.mesh, jax.sharding.
+                                                              PartitionSpec()))
+      elif jax.process_count() > 1:
+        out[k] = jax.make_array_from_process_local_data(sh, v)
+      else:
+        out[k] = jax.device_put(v, sh)
+    return out
+
+  def evaluate(self, batches) -> dict:
+    tot = {"nll": 0.0, "tokens": 0.0, "correct": 0.0}
+    for b in batches:
+      r = jax.device_get(self._eval(self.frozen, self.state.trainable, self.put_batch(b)))
+      tot = {k: tot[k] + float(r[k]) for k in tot}
+    n = max(tot["tokens"], 1.0)
+    return {"loss": tot["nll"] / n, "accuracy": tot["correct"] / n,
+            "perplexity": float(np.exp(min(tot["nll"] / n, 50.0))), "tokens": tot["tokens"]}
+
+  def _meta(self) -> dict:
+    return {"base_path": self.base_path, "base_fingerprint": self.base_fingerprint,
+            "method": self.cfg.method.to_dict(), "n_trainable": self.n_trainable}
+
+  def save(self, step: int, metrics: dict | None = None, force: bool = False) -> None:
+    self.ckpt.save(step, self.state, self.data.get_state(), self._meta(), metrics, force=force)
+
+  def maybe_restore(self) -> int:
+    step = self.ckpt.latest_step()
+    if step is None:
+      return 0
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                           sharding=x.sharding), self.state)
+    self.state, data_state, _ = self.ckpt.restore(step, abstract, self.base_fingerprint)
+    self.data.set_state(data_state)
+    log.info("resumed from %s at step %d", self.ckpt.directory, step)
+    return step
+
+  def _check_finite(self, step: int, metrics: dict, batch: dict) -> None:
+    if np.isfinite(float(metrics["loss"])):
+      return
+    bad_leaves = find_nonfinite(self.state.trainable)
+    bad_fields = [k for k, v in batch.items()
+                  if np.issubdtype(np.asarray(v).dtype, np.floating)
+                  and not np.isfinite(np.asarray(v)).all()]
+    raise TrainingError(
+        f"non-finite loss ({float(metrics['loss'])}) at step {step}; trainable leaves now "
+        f"non-finite: {bad_leaves[:8] or 'none'}; batch fields with NaN/Inf: "
+        f"{bad_fields or 'none'}. The last good checkpoint in {self.ckpt.directory} "
+        f"(step {self.ckpt.latest_step()}) was kept; this state was not saved.")
+
+  # --------------------------------------------------------------------------- the loop
+  def run(self) -> dict:
+    cfg, t = self.cfg, self.cfg.train
+    os.makedirs(self.run_dir, exist_ok=True)
+    with open(os.path.join(self.run_dir, "config.json"), "w") as f:
+      f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
+    start = self.maybe_restore()
+    jsonl = JsonlWriter(os.path.join(self.run_dir, "metrics.jsonl"))
+    tb = TensorBoardWriter(os.path.join(self.run_dir, "tb"))
+    prev = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
+    bar = tqdm(total=t.steps, initial=start, disable=not self.progress, unit="step",
+               dynamic_ncols=True)
+    last, tokens, t0, status = {}, 0.0, time.time(), "done"
+    try:
+      for step in range(start, t.steps):
+        host_batch = next(self.data)
+        self.state, metrics = self._step(self.frozen, self.state, self.put_batch(host_batch))
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if t.nan_guard:
+          self._check_finite(step + 1, metrics, host_batch)
+        tokens += metrics["tokens"]
+        last = {"step": step + 1, **metrics}
+        if t.eval_every and (step + 1) % t.eval_every == 0 and self.eval_fn is not None:
+          last.update({f"eval/{k}": v for k, v in self.eval_fn(self, step + 1).items()})
+        if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
+          elapsed = time.time() - t0
+          last["tokens_per_s"] = tokens / max(elapsed, 1e-9)
+          jsonl.write(last)
+          tb.scalars(step + 1, {k: v for k, v in last.items() if k != "step"})
+          bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
+        bar.update(1)
+        if t.save_every and (step + 1) % t.save_every == 0:
+          self.save(step + 1, last)
+        _debug_kill(step + 1, self.ckpt)
+        if self._stop_requested:
+          status = "preempted"
+          self.save(step + 1, last, force=True)
+          break
+    finally:
+      bar.close()
+      jsonl.close()
+      tb.close()
+      self.ckpt.wait()
+      if prev is not None:
+        signal.signal(signal.SIGTERM, prev)
+    if status == "done" and t.steps and self.ckpt.latest_step() != t.steps:
+      self.save(t.steps, last, force=True)
+      self.ckpt.wait()
+    return {"status": status, "last": last, "run_dir": self.run_dir,
+            "best_step": self.ckpt.best_step()}
+
+  def _on_sigterm(self, signum, frame):
+    del signum, frame
+    log.warning("SIGTERM: saving a checkpoint at the end of this step, then exiting")
+    self._stop_requested = True
+
+
+def _debug_kill(step: int, ckpt: TrainCheckpointer) -> None:
+  """Test hook: `MLLM_DEBUG_KILL=STEP[:during_save|:sigterm]` SIGKILLs this process after STEP
+  (by default once pending saves are committed, with `during_save` while one may be in flight),
+  or sends it SIGTERM (the pre-emption path)."""
+  spec = os.environ.get("MLLM_DEBUG_KILL")
+  if not spec:
+    return
+  at, _, phase = spec.partition(":")
+  if step == int(at):
+    if phase == "sigterm":
+      os.kill(os.getpid(), signal.SIGTERM)
+      return
+    if phase != "during_save":
+      ckpt.wait()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _main_thread() -> bool:
+  import threading
+  return threading.current_thread() is threading.main_thread()

@@ -1,0 +1,165 @@
+"""Config -> objects: model and params, method and variables, optimizer, shardings, data.
+
+Everything here is construction; the step is in `step.py` and the loop in `loop.py`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from mllm_tune import tuning
+from mllm_tune.models import build_model, init_params
+from mllm_tune.models.config import LLMConfig, LlavaConfig, VisionConfig, CausalLMConfig
+from mllm_tune.train import sharding as shard_lib
+from mllm_tune.tuning import select
+
+log = logging.getLogger(__name__)
+
+
+class ConfigValueError(ValueError):
+  """A config value is missing or invalid; the message names the key."""
+
+
+def tiny_model_config(c) -> LlavaConfig | CausalLMConfig:
+  """`model.source = "tiny"`: a random-init model from `model.tiny` fields (tests, demos)."""
+  t = c.tiny
+  llm = LLMConfig(vocab_size=t.vocab_size, hidden_size=t.hidden_size,
+                  intermediate_size=t.intermediate_size, num_layers=t.num_layers,
+                  num_heads=t.num_heads, num_kv_heads=t.num_kv_heads,
+                  head_dim=t.hidden_size // t.num_heads, dtype=c.dtype,
+                  param_dtype=c.param_dtype, remat_policy=c.remat_policy)
+  if not t.vision_layers:
+    return CausalLMConfig(llm=llm)
+  vis = VisionConfig(hidden_size=t.vision_hidden_size, intermediate_size=2 * t.vision_hidden_size,
+                     num_layers=t.vision_layers, num_heads=max(1, t.vision_hidden_size // 16),
+                     image_size=t.image_size, patch_size=t.patch_size, dtype=c.dtype,
+                     param_dtype=c.param_dtype)
+  return LlavaConfig(vision=vis, llm=llm, image_token_id=t.vocab_size - 1)
+
+
+def load_model(c, sharding_fn=None):
+  """-> (model, params, base_path) from the `model` config section."""
+  from mllm_tune.checkpoints.hf import load_pretrained
+  from mllm_tune.checkpoints.native import load_native
+  if c.source == "tiny":
+    model = build_model(tiny_model_config(c))
+    params = init_params(model, jax.random.key(c.tiny.seed))
+    if sharding_fn is not None:
+      params = jax.tree_util.tree_map_with_path(
+          lambda p, x: jax.device_put(x, sharding_fn("/".join(k.key for k in p), x.shape)),
+          params)
+    return model, params, f"tiny:{c.tiny.seed}"
+  if not c.path:
+    raise ConfigValueError("model.path is empty (set --config.model.path=HF_OR_NATIVE_DIR)")
+  if c.source == "hf":
+    model, params = load_pretrained(c.path, dtype=c.dtype, param_dtype=c.param_dtype,
+                                    sharding_fn=sharding_fn, remat_policy=c.remat_policy)
+  elif c.source == "native":
+    model, params = load_native(c.path, sharding_fn=sharding_fn)
+    cfg = model.config
+    model = build_model(dataclasses.replace(cfg, llm=dataclasses.replace(
+        cfg.llm, dtype=c.dtype, remat_policy=c.remat_policy)))
+  else:
+    raise ConfigValueError(f"model.source must be 'hf', 'native' or 'tiny', got {c.source!r}")
+  return model, params, c.path
+
+
+def make_schedule(o, total_steps: int):
+  if o.learning_rate <= 0:
+    raise ConfigValueError(f"optimizer.learning_rate must be > 0, got {o.learning_rate}")
+  if o.schedule == "constant":
+    main = optax.constant_schedule(o.learning_rate)
+  elif o.schedule == "cosine":
+    main = optax.cosine_decay_schedule(o.learning_rate, max(1, total_steps - o.warmup_steps))
+  elif o.schedule == "linear":
+    main = optax.linear_schedule(o.learning_rate, 0.0, max(1, total_steps - o.warmup_steps))
+  else:
+    raise ConfigValueError(f"optimizer.schedule must be constant|cosine|linear, got "
+                           f"{o.schedule!r}")
+  if o.warmup_steps:
+    warm = optax.linear_schedule(0.0, o.learning_rate, o.warmup_steps)
+    return optax.join_schedules([warm, main], [o.warmup_steps])
+  return main
+
+
+def make_optimizer(o, total_steps: int):
+  """-> (optax transform incl. clipping, lr schedule)."""
+  lr = make_schedule(o, total_steps)
+  if o.name == "adamw":
+    opt = optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
+  elif o.name == "sgd":
+    opt = optax.sgd(lr, momentum=o.momentum or None)
+  elif o.name == "adafactor":
+    opt = optax.adafactor(lr)
+  else:
+    raise ConfigValueError(f"optimizer.name must be adamw|sgd|adafactor, got {o.name!r}")
+  if o.clip_norm:
+    opt = optax.chain(optax.clip_by_global_norm(o.clip_norm), opt)
+  return opt, lr
+
+
+def state_shardings(tree: dict, mesh, rules=shard_lib.DEFAULT_RULES) -> dict:
+  """Shardings for a variables-shaped tree: params by rule; adapters inherit their base
+  layer's spec (LoRA A: the kernel's input-dim axis, B: its output-dim axis, vectors over
+  d_out: the output axis), everything else replicated."""
+  flat = select.flatten(tree)
+  base_specs = {}
+  out = {}
+  for path, x in flat.items():
+    if path.startswith("params/"):
+      spec = shard_lib.spec_for(path[len("params/"):], tuple(x.shape), mesh, rules)
+      base_specs[path[len("params/"):]] = spec
+      out[path] = NamedSharding(mesh, spec)
+  for path, x in flat.items():
+    if path.startswith("params/"):
+      continue
+    sub = path.split("/", 1)[1] if "/" in path else path
+    module, leaf = sub.rsplit("/", 1) if "/" in sub else ("", sub)
+    kspec = tuple(base_specs.get(module + "/kernel", P()))
+    nd = len(x.shape)
+    stacked = select.is_stacked(sub)
+    lead = (None,) if stacked else ()
+    d_in_ax = kspec[-2] if len(kspec) >= 2 else None
+    d_out_ax = kspec[-1] if len(kspec) >= 1 else None
+    if leaf.endswith("_a") and nd == len(lead) + 2:
+      spec = P(*lead, d_in_ax, None)
+    elif leaf.endswith("_b") and nd == len(lead) + 2:
+      spec = P(*lead, None, d_out_ax)
+    else:
+      spec = P()
+    out[path] = NamedSharding(mesh, _fit(spec, x.shape, mesh))
+  return select.unflatten(out)
+
+
+def _fit(spec: P, shape, mesh) -> P:
+  spec = tuple(spec) + (None,) * (len(shape) - len(tuple(spec)))
+  fitted = []
+  for dim, ax in zip(shape, spec):
+    names = (ax,) if isinstance(ax, str) else tuple(ax or ())
+    size = 1
+    for a in names:
+      size *= mesh.shape[a]
+    fitted.append(ax if names and dim % size == 0 else None)
+  return P(*fitted)
+
+
+def cast_tree(tree: dict, dtype) -> dict:
+  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                      tree)
+
+
+def batch_sharding(mesh, grad_accum: int) -> NamedSharding:
+  axis = ("data", "fsdp")
+  return NamedSharding(mesh, P(None, axis) if grad_accum > 1 else P(axis))
+
+
+def method_from(c) -> tuning.Method:
+  try:
+    return tuning.from_config(c)
+  except tuning.MethodError as e:
+    raise ConfigValueError(f"config 'method': {e}") from e

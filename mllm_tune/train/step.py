@@ -1,0 +1,122 @@
+"""Pure training step: `train_step(state, batch) -> (state, metrics)`.
+
+Gradients are taken w.r.t. the trainable partition only (`tuning.partition`): frozen leaves are
+closed over, get no gradient buffers and no optimizer state. Loss = token cross-entropy over
+`loss_mask` (token t is a target predicted from position t-1, the data pipeline's convention)
++ the method's `loss_terms`. Gradient accumulation scans over a leading micro-batch axis and is
+exact: the cross-entropy is normalised by the token count of the whole step.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from mllm_tune.tuning import api as tuning_api
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "positions", "segment_ids", "pixel_values")
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  trainable: dict
+  opt_state: Any
+  rng: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class StepFns:
+  """What the step closes over (static for jit): model, method, optimizer, frozen-leaf dtype."""
+  model: Any
+  method: Any
+  optimizer: optax.GradientTransformation
+  grad_accum: int = 1
+
+
+def token_ce(logits_BTV: jax.Array, ids_BT: jax.Array, loss_mask_BT: jax.Array):
+  """(sum of NLL over targets, number of targets, number of correct argmax predictions)."""
+  logits = logits_BTV[:, :-1].astype(jnp.float32)
+  targets = ids_BT[:, 1:]
+  w = loss_mask_BT[:, 1:].astype(jnp.float32)
+  logz = jax.nn.logsumexp(logits, axis=-1)
+  picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  nll = (logz - picked) * w
+  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32) * w
+  return nll.sum(), w.sum(), correct.sum()
+
+
+def model_kwargs(batch: dict) -> dict:
+  kw = {k: batch[k] for k in MODEL_INPUTS if k in batch and k != "input_ids"}
+  return kw
+
+
+def micro_loss(fns: StepFns, trainable, frozen, batch, rng, total_tokens, n_micro):
+  variables = tuning_api.combine(trainable, frozen)
+  logits = fns.model.apply(variables, batch["input_ids"], rngs={"dropout": rng},
+                           **model_kwargs(batch))
+  nll, n, correct = token_ce(logits, batch["input_ids"], batch["loss_mask"])
+  terms = fns.method.loss_terms(variables, batch, logits)
+  loss = nll / jnp.maximum(total_tokens, 1.0) + sum(terms.values(), 0.0) / n_micro
+  aux = {"nll": nll, "tokens": n, "correct": correct,
+         **{f"loss_terms/{k}": v / n_micro for k, v in terms.items()}}
+  return loss, aux
+
+
+def train_step(fns: StepFns, frozen: dict, state: TrainState, batch: dict,
+               lr_fn: Callable[[jax.Array], jax.Array] | None = None):
+  """One optimizer step. With `grad_accum > 1` every batch array has a leading (A,) axis."""
+  rng, step_rng = jax.random.split(state.rng)
+  a = fns.grad_accum
+  micro = batch if a > 1 else jax.tree.map(lambda x: x[None], batch)
+  total_tokens = micro["loss_mask"][:, :, 1:].sum().astype(jnp.float32)
+  grad_fn = jax.grad(micro_loss, argnums=1, has_aux=True)
+
+  def body(carry, xs):
+    grads, aux_sum = carry
+    mb, i = xs
+    g, aux = grad_fn(fns, state.trainable, frozen, mb, jax.random.fold_in(step_rng, i),
+                     total_tokens, a)
+    grads = jax.tree.map(jnp.add, grads, g)
+    aux_sum = jax.tree.map(jnp.add, aux_sum, aux)
+    return (grads, aux_sum), None
+
+  zeros = jax.tree.map(jnp.zeros_like, state.trainable)
+  aux0 = jax.eval_shape(lambda: grad_fn(fns, state.trainable, frozen,
+                                        jax.tree.map(lambda x: x[0], micro), step_rng,
+                                        total_tokens, a)[1])
+  aux0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux0)
+  (grads, aux), _ = jax.lax.scan(body, (zeros, aux0), (micro, jnp.arange(a)))
+  updates, opt_state = fns.optimizer.update(grads, state.opt_state, state.trainable)
+  trainable = optax.apply_updates(state.trainable, updates)
+  ce = aux["nll"] / jnp.maximum(aux["tokens"], 1.0)
+  terms = {k: v for k, v in aux.items() if k.startswith("loss_terms/")}
+  metrics = {"loss": ce + sum(terms.values(), 0.0), "ce": ce,
+             "accuracy": aux["correct"] / jnp.maximum(aux["tokens"], 1.0),
+             "tokens": aux["tokens"], "grad_norm": optax.tree.norm(grads),
+             "update_norm": optax.tree.norm(updates), **terms}
+  if lr_fn is not None:
+    metrics["learning_rate"] = lr_fn(state.step)
+  new_state = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state,
+                            rng=rng)
+  return new_state, metrics
+
+
+def eval_step(fns: StepFns, frozen: dict, trainable: dict, batch: dict) -> dict:
+  """Summed NLL, token and correct counts (no dropout) for aggregation over an eval set."""
+  variables = tuning_api.combine(trainable, frozen)
+  logits = fns.model.apply(variables, batch["input_ids"], **model_kwargs(batch))
+  nll, n, correct = token_ce(logits, batch["input_ids"], batch["loss_mask"])
+  return {"nll": nll, "tokens": n, "correct": correct}
+
+
+def find_nonfinite(tree: dict) -> list[str]:
+  """Paths of leaves holding NaN or Inf (host-side, for the loop's guard message)."""
+  import numpy as np
+  from mllm_tune.tuning import select
+  return [p for p, x in select.flatten(tree).items()
+          if not np.isfinite(np.asarray(x, np.float32)).all()]
