@@ -29,7 +29,8 @@ def get_config():
 
   c.train = ml_collections.ConfigDict(dict(
       steps=100, grad_accum=1, log_every=10, eval_every=0, save_every=50, keep=3,
-      best_metric="", best_mode="max", nan_guard=True, async_save=True))
+      best_metric="", best_mode="max", nan_guard=True, async_save=True,
+      prepare_batches=4))  # batches data-derived masks (grad_topk) are computed from
 
   # devices: 0 = all devices; N = the first N (e.g. a 1-device reference run)
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, devices=0))

@@ -69,8 +69,8 @@ def _train(args) -> int:
   cfg = load_config(args.config)
   apply_overrides(cfg, args.overrides)
   validate(cfg)
-  trainer = Trainer(cfg, data=_LazyData(cfg), progress=not args.no_progress)
-  trainer.data.bind(trainer.model)
+  trainer = Trainer(cfg, data=lambda model: build_data(cfg, model),
+                    progress=not args.no_progress)
   trainer.eval_fn = build_eval_fn(cfg, trainer.model)
   summary = trainer.run()
   print(json.dumps({k: summary[k] for k in ("status", "run_dir", "best_step")}))
@@ -100,25 +100,6 @@ def build_eval_fn(cfg, model):
     it = build_data(ecfg, model)
     return trainer.evaluate(next(it) for _ in range(e.num_batches))
   return fn
-
-
-class _LazyData:
-  """Defers building the iterator until the model (vocab, image spec) is known."""
-
-  def __init__(self, cfg):
-    self.cfg, self.it = cfg, None
-
-  def bind(self, model):
-    self.it = build_data(self.cfg, model)
-
-  def __next__(self):
-    return next(self.it)
-
-  def get_state(self):
-    return self.it.get_state()
-
-  def set_state(self, state):
-    self.it.set_state(state)
 
 
 def _demo(args) -> int:

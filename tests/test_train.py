@@ -146,3 +146,25 @@ def test_best_by_metric_keeps_the_best_checkpoints(tmp_path):
   state, data, meta = ck.restore(2, {"w": jax.ShapeDtypeStruct((3,), np.float32)})
   assert np.asarray(state["w"]).tolist() == [2, 2, 2] and data == {"index": 2}
   ck.close()
+
+
+def test_grad_topk_gets_its_mask_from_training_batches_and_trains_only_it(tmp_path):
+  cfg = tiny_cfg(str(tmp_path / "run"), steps=3)
+  cfg.method = {"name": "grad_topk", "density": 0.01}
+  import ml_collections
+  cfg.method = ml_collections.ConfigDict(cfg.method)
+  tr = _trainer(cfg)
+  assert tr.data.get_state() == {"index": 0}  # calibration batches were rewound
+  before = {p: np.asarray(x) for p, x in select.flatten(tr.state.trainable).items()}
+  tr.run()
+  after = select.flatten(tr.state.trainable)
+  mask = select.flatten(tr.mask)
+  moved, selected = 0, 0
+  for p, x in before.items():
+    delta = np.asarray(after[p]) != x
+    m = np.broadcast_to(np.asarray(mask[p], bool), x.shape)
+    assert not delta[~m].any(), p  # only the top-k entries move
+    moved, selected = moved + int(delta.sum()), selected + int(m.sum())
+  n_params = sum(x.size for x in jax.tree.leaves(tr.frozen)) + sum(x.size for x in
+                                                                    before.values())
+  assert 0 < moved <= selected <= 0.011 * n_params

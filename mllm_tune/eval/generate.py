@@ -1,88 +1,200 @@
-"""Batched greedy generation with a KV cache, compiled once per (batch, prompt, new-token) shape.
+"""Batched generation with a KV cache: greedy, sampling (temperature / top-k / top-p) and beam
+search, each compiled once per shape bucket and run inside `lax.while_loop` (no Python loop per
+token).
 
-Prompts are left-padded (right-padded rows are moved to the left first); the prompt is prefilled
-in one call, then one token per step is decoded inside a `lax.while_loop` that stops early once
-every row has produced an end token. Positions follow `cumsum(attention_mask) - 1`, as HF
-`generate` does.
+Shapes are bucketed so an eval loop compiles only a handful of times: the prompt batch is
+left-padded (right-padded rows are moved left first) up to `next_bucket(P)` columns and room for
+`next_bucket(max_new_tokens)` new tokens is made; the loop stops after `max_new_tokens` (a traced
+value) or once every row has produced an end token, and the result is cropped to
+`max_new_tokens` columns. `bucket_floor=None` compiles for the exact shapes instead. Padding does
+not change results: positions count real tokens (`cumsum(attention_mask) - 1`, as HF `generate`).
+
+End tokens: `eos_token_id` and `stop_token_ids` are one set; a row stops after emitting any of
+them (the token is kept in the output, the rest of the row is `pad_token_id`). Stop *strings* are
+applied host-side after generation, on decoded text (`generate_text`, `truncate_at_stop_strings`):
+they do not stop the compiled loop early, they only cut the returned text.
 """
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mllm_tune.models.llava import Llava, check_image_token_count
-from mllm_tune.models.llm import init_kv_cache
+from mllm_tune.eval import beam as beam_lib
+from mllm_tune.eval.decoding import (DEFAULT_BUCKET_FLOOR, decode_step, left_pad, next_bucket,
+                                     prefill, prepare_prompts, stop_id_tuple, variables_of)
+from mllm_tune.eval.sampling import check_sampling_args, sample_tokens
+
+__all__ = ["generate", "generate_text", "beam_search", "left_pad", "next_bucket",
+           "truncate_at_stop_strings", "decode_generated"]
 
 
-def left_pad(input_ids: np.ndarray, attention_mask: np.ndarray):
-  """Move each row's real tokens to the right end (left padding); a no-op for left-padded rows."""
-  ids, mask = np.array(input_ids), np.array(attention_mask)
-  for b in range(ids.shape[0]):
-    n = int(mask[b].sum())
-    if n and not mask[b, -n:].all():
-      keep = mask[b].astype(bool)
-      ids[b] = np.concatenate([ids[b][~keep], ids[b][keep]])
-      mask[b] = np.concatenate([np.zeros(ids.shape[1] - n, mask.dtype), np.ones(n, mask.dtype)])
-  return ids, mask
-
-
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "eos_ids"))
-def _generate(model, variables, ids_BP, mask_BP, px, max_new_tokens: int,
-              eos_ids: tuple[int, ...], pad_id):
+@functools.partial(jax.jit, static_argnames=("model", "num_new"))
+def _sample_loop(model, variables, ids_BP, mask_BP, px, limit, pad_id, stops_E, do_sample, rng,
+                 temperature, top_k, top_p, *, num_new: int):
+  """New tokens (B, num_new): greedy (`do_sample` False) or sampled; stops at `limit` tokens or
+  when every row has emitted one of `stops_E` (-1 entries are padding). Everything but the
+  model and the shapes is traced: greedy, sampling and any stop set of <= 8 ids share a
+  compile."""
   b, p = ids_BP.shape
-  llm_cfg = model.config.llm
-  cache = init_kv_cache(llm_cfg, b, p + max_new_tokens, jnp.dtype(llm_cfg.dtype))
-  cache_mask = jnp.concatenate([mask_BP, jnp.ones((b, max_new_tokens), mask_BP.dtype)], axis=1)
-  pos_BP = jnp.maximum(jnp.cumsum(mask_BP, axis=-1) - 1, 0)
-  kwargs = {"pixel_values": px} if px is not None else {}
-  logits, cache = model.apply(variables, ids_BP, cache_mask, pos_BP, kv_cache=cache,
-                              cache_index=0, **kwargs)
-  eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
-  tok = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
-  out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(tok)
-  done = jnp.isin(tok, eos)
+  logits_BV, cache, cache_mask_BS, last_pos_B1 = prefill(model, variables, ids_BP, mask_BP, px,
+                                                         num_new)
+
+  def pick(logits_BV, t):
+    return jax.lax.cond(
+        do_sample,
+        lambda: sample_tokens(jax.random.fold_in(rng, t), logits_BV, temperature, top_k, top_p),
+        lambda: jnp.argmax(logits_BV, axis=-1).astype(jnp.int32))
+
+  tok_B = pick(logits_BV, 0)
+  out_BN = jnp.full((b, num_new), pad_id, jnp.int32).at[:, 0].set(tok_B)
+  done_B = jnp.isin(tok_B, stops_E)
 
   def cond(state):
-    t, _, _, done, _ = state
-    return (t < max_new_tokens) & ~jnp.all(done)
+    t, _, _, done_B, _ = state
+    return (t < limit) & ~jnp.all(done_B)
 
   def body(state):
-    t, tok, cache, done, out = state
-    pos = pos_BP[:, -1:] + t
-    logits, cache = model.apply(variables, tok[:, None], cache_mask, pos, kv_cache=cache,
-                                cache_index=p + t - 1)
-    nxt = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
-    nxt = jnp.where(done, pad_id, nxt)
-    out = out.at[:, t].set(nxt)
-    return t + 1, nxt, cache, done | jnp.isin(nxt, eos), out
+    t, tok_B, cache, done_B, out_BN = state
+    logits_BV, cache = decode_step(model, variables, tok_B, cache, cache_mask_BS, last_pos_B1,
+                                   p, t - 1)
+    nxt_B = jnp.where(done_B, pad_id, pick(logits_BV, t))
+    out_BN = jax.lax.dynamic_update_slice(out_BN, nxt_B[:, None], (0, t))
+    return t + 1, nxt_B, cache, done_B | jnp.isin(nxt_B, stops_E), out_BN
 
-  state = (jnp.int32(1), tok, cache, done, out)
+  state = (jnp.int32(1), tok_B, cache, done_B, out_BN)
   return jax.lax.while_loop(cond, body, state)[-1]
+
+
+def _stop_array(stop_ids: tuple[int, ...]) -> jax.Array:
+  """Stop ids padded with -1 to a multiple of 8 entries (fewer distinct shapes to compile)."""
+  size = max(8, -(-len(stop_ids) // 8) * 8)
+  return jnp.asarray(list(stop_ids) + [-1] * (size - len(stop_ids)), jnp.int32)
+
+
+def _check_beam_args(num_beams, length_penalty, early_stopping):
+  if int(num_beams) != num_beams or num_beams < 1:
+    raise ValueError(f"num_beams must be an integer >= 1, got {num_beams}")
+  if not np.isfinite(length_penalty):
+    raise ValueError(f"length_penalty must be finite, got {length_penalty}")
+  beam_lib.early_stopping_code(early_stopping)  # validates
+
+
+def beam_search(model, params, input_ids, attention_mask=None, pixel_values=None,
+                max_new_tokens: int = 20, eos_token_id: int | Sequence[int] | None = None,
+                pad_token_id: int = 0, adapters=None, *, num_beams: int = 4,
+                length_penalty: float = 1.0, early_stopping: bool | str = True,
+                stop_token_ids: Iterable[int] | None = None,
+                bucket_floor: int | None = DEFAULT_BUCKET_FLOOR):
+  """Beam search with HF `generate(num_beams=K, do_sample=False)` semantics (see `eval/beam.py`).
+
+  Returns (sequences (B, K, max_new_tokens) int32, scores (B, K) float32): the K best finished
+  hypotheses per row, best first, new tokens only (pad after each end token), and their scores
+  `sum(log p) / len ** length_penalty` (len counts new tokens, end token included).
+  `early_stopping`: True stops a row once K hypotheses are finished; False and "never" are HF's
+  heuristics (False: stop when the best running beam, at its current length, cannot beat the
+  worst finished one; "never": the same at max length when `length_penalty > 0`).
+  """
+  _check_beam_args(num_beams, length_penalty, early_stopping)
+  pr = prepare_prompts(model, input_ids, attention_mask, pixel_values, max_new_tokens,
+                       pad_token_id, bucket_floor)
+  seqs, scores = beam_lib.beam_loop(
+      model, variables_of(params, adapters), jnp.asarray(pr.ids_BP), jnp.asarray(pr.mask_BP),
+      pr.pixel_values, jnp.int32(max_new_tokens), jnp.int32(pad_token_id),
+      jnp.float32(length_penalty), jnp.int32(beam_lib.early_stopping_code(early_stopping)),
+      num_new=pr.num_new, num_beams=int(num_beams),
+      stop_ids=stop_id_tuple(eos_token_id, stop_token_ids))
+  return seqs[:, :, :max_new_tokens], scores
 
 
 def generate(model, params, input_ids, attention_mask=None, pixel_values=None,
              max_new_tokens: int = 20, eos_token_id: int | Sequence[int] | None = None,
-             pad_token_id: int = 0, adapters=None) -> jax.Array:
-  """Greedy decoding. Returns the new tokens (B, max_new_tokens); after a row emits an
-  `eos_token_id` the rest of it is `pad_token_id`. `pixel_values` NHWC for LLaVA models."""
-  ids = np.asarray(input_ids)
-  mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
-  if mask.shape != ids.shape:
-    raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {ids.shape}")
-  if (mask.sum(-1) == 0).any():
-    raise ValueError("a prompt row has no real tokens (attention_mask all zero)")
-  ids, mask = left_pad(ids, mask)
-  if isinstance(model, Llava):
-    c = model.config
-    check_image_token_count(ids, pixel_values, c.image_token_id, c.image_seq_len)
-  elif pixel_values is not None:
-    raise ValueError("pixel_values given to a text-only model")
-  eos = () if eos_token_id is None else tuple(np.atleast_1d(eos_token_id).astype(int).tolist())
-  variables = {"params": params} if adapters is None else {"params": params, "adapters": adapters}
-  px = None if pixel_values is None else jnp.asarray(pixel_values)
-  return _generate(model, variables, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32),
-                   px, int(max_new_tokens), eos, jnp.int32(pad_token_id))
+             pad_token_id: int = 0, adapters=None, *, do_sample: bool = False,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             rng: jax.Array | None = None, num_beams: int = 1, length_penalty: float = 1.0,
+             early_stopping: bool | str = True, stop_token_ids: Iterable[int] | None = None,
+             bucket_floor: int | None = DEFAULT_BUCKET_FLOOR) -> jax.Array:
+  """New tokens (B, max_new_tokens) int32 for a prompt batch (B, L); `pixel_values` NHWC (LLaVA).
+
+  Greedy by default. `do_sample=True` draws each token from `softmax(logits / temperature)`
+  restricted to the top-k (`top_k=0`: off) and the nucleus (`top_p=1`: off), `temperature=0`
+  being greedy, with key `jax.random.fold_in(rng, t)` at step t: a fixed `rng` reproduces the
+  output. `num_beams > 1` runs `beam_search` (`length_penalty`, `early_stopping` as there; note
+  the default early_stopping=True, where HF's default is False) and returns its best hypothesis;
+  `num_beams=1` is greedy, as in HF. After a row emits an end token (`eos_token_id` or any of
+  `stop_token_ids`) the rest of it is `pad_token_id`. `bucket_floor`: see the module docstring.
+  Raises ValueError on bad knobs (num_beams < 1, top_p outside (0, 1], top_k < 0,
+  temperature < 0, sampling knobs without do_sample, do_sample without rng) and bad prompts
+  (see `decoding.prepare_prompts`).
+  """
+  _check_beam_args(num_beams, length_penalty, early_stopping)
+  check_sampling_args(temperature, top_k, top_p)
+  if do_sample:
+    if num_beams > 1:
+      raise ValueError("beam sampling (do_sample=True with num_beams > 1) is not supported")
+    if rng is None:
+      raise ValueError("do_sample=True needs a key: rng=jax.random.key(seed)")
+  elif (temperature not in (0.0, 1.0)) or top_k or top_p != 1.0:
+    raise ValueError("temperature/top_k/top_p have no effect without do_sample=True")
+  if num_beams > 1:
+    seqs, _ = beam_search(model, params, input_ids, attention_mask, pixel_values,
+                          max_new_tokens, eos_token_id, pad_token_id, adapters,
+                          num_beams=num_beams, length_penalty=length_penalty,
+                          early_stopping=early_stopping, stop_token_ids=stop_token_ids,
+                          bucket_floor=bucket_floor)
+    return seqs[:, 0]
+  pr = prepare_prompts(model, input_ids, attention_mask, pixel_values, max_new_tokens,
+                       pad_token_id, bucket_floor)
+  key = jax.random.key(0) if rng is None else rng
+  out = _sample_loop(model, variables_of(params, adapters), jnp.asarray(pr.ids_BP),
+                     jnp.asarray(pr.mask_BP), pr.pixel_values, jnp.int32(max_new_tokens),
+                     jnp.int32(pad_token_id), _stop_array(stop_id_tuple(eos_token_id,
+                                                                        stop_token_ids)),
+                     jnp.bool_(do_sample), key, jnp.float32(temperature), jnp.int32(top_k),
+                     jnp.float32(top_p), num_new=pr.num_new)
+  return out[:, :max_new_tokens]
+
+
+def truncate_at_stop_strings(text: str, stop_strings: Sequence[str]) -> str:
+  """`text` up to (excluding) the earliest occurrence of any stop string; unchanged if none."""
+  if isinstance(stop_strings, str):
+    raise TypeError("stop_strings must be a sequence of strings, not one string")
+  cut = len(text)
+  for s in stop_strings:
+    if not s:
+      raise ValueError("stop strings must be non-empty")
+    i = text.find(s)
+    if i != -1:
+      cut = min(cut, i)
+  return text[:cut]
+
+
+def decode_generated(new_BT, decode: Callable[[list[int]], str],
+                     stop_strings: Sequence[str] = (),
+                     stop_token_ids: Iterable[int] | None = None) -> list[str]:
+  """Host-side: per row, drop everything from the first stop token on (the stop token too), call
+  `decode(list_of_ids)`, then cut the text at the first stop string."""
+  stops = set(stop_id_tuple(stop_token_ids))
+  texts = []
+  for row in np.asarray(new_BT).tolist():
+    end = next((i for i, tok in enumerate(row) if tok in stops), len(row))
+    texts.append(truncate_at_stop_strings(decode(row[:end]), stop_strings))
+  return texts
+
+
+def generate_text(model, params, input_ids, attention_mask=None, pixel_values=None, *,
+                  decode: Callable[[list[int]], str], stop_strings: Sequence[str] = (),
+                  eos_token_id: int | Sequence[int] | None = None,
+                  stop_token_ids: Iterable[int] | None = None, **generate_kwargs) -> list[str]:
+  """`generate` then `decode_generated`: one string per row, cut at end tokens and stop strings.
+
+  Stop strings are checked on the decoded text after generation (the compiled loop runs until
+  an end token or `max_new_tokens`), so pick `max_new_tokens` with that in mind.
+  """
+  new_BT = generate(model, params, input_ids, attention_mask, pixel_values,
+                    eos_token_id=eos_token_id, stop_token_ids=stop_token_ids, **generate_kwargs)
+  return decode_generated(new_BT, decode, stop_strings, stop_id_tuple(eos_token_id,
+                                                                      stop_token_ids))

@@ -14,6 +14,14 @@ model code never branches on method names. Supported adapter leaves (all optiona
   ia3_out (d_out,)                                    ->  y  *= ia3_out    (after bias)
   extra_bias (d_out,)                                 ->  y  += extra_bias (BitFit on bias-free
                                                           layers)
+  bottleneck_down (d_out, m), bottleneck_down_bias (m,), bottleneck_up (m, d_out),
+  bottleneck_up_bias (d_out,)                         ->  y  += gelu(y Wdn + bdn) Wup + bup
+                                                          (Houlsby adapter on the output, last;
+                                                          METHODS.md 3.1)
+
+Other modules read their own hooks (all optional, keyed by leaf name): `parallel_adapter` below
+(FFN-level, METHODS.md 3.2), attention prefixes and LLaMA-Adapter prompts in `llm.Attention`,
+prompt embeddings and prefix key/values in `llm.LLM`, visual prompts in `vision.VisionTower`.
 
 The low-rank path is computed as `(x A) B`; `A B` is materialized only for DoRA's weight norm.
 DoRA follows peft: with x~ = drop(x), n = ||K0 + s A B|| per output column (stop-gradient),
@@ -85,7 +93,16 @@ class Linear(nn.Module):
                          get("vera_b")) * get("vera_bvec")
     if self.has_variable(ADAPTERS, "ia3_out"):
       y = y * self.get_variable(ADAPTERS, "ia3_out").astype(dt)
+    if self.has_variable(ADAPTERS, "bottleneck_down"):
+      y = y + self._bottleneck(y, dt)
     return y
+
+  def _bottleneck(self, y, dt):
+    """Houlsby adapter delta `gelu(y Wdn + bdn) Wup + bup` (METHODS.md 3.1; exact-erf GELU)."""
+    get = lambda n: self.get_variable(ADAPTERS, n).astype(dt)
+    h = jax.nn.gelu(jnp.matmul(y, get("bottleneck_down")) + get("bottleneck_down_bias"),
+                    approximate=False)
+    return jnp.matmul(h, get("bottleneck_up")) + get("bottleneck_up_bias")
 
   def _adapter(self, name, default=None):
     return self.get_variable(ADAPTERS, name) if self.has_variable(ADAPTERS, name) else default
@@ -111,6 +128,16 @@ class Linear(nn.Module):
         (k0 + scale * jnp.matmul(a, b)).astype(jnp.float32), axis=0)).astype(dt)
     ratio = m.astype(dt) / norm
     return (ratio - 1.0) * jnp.matmul(xd, k0) + ratio * delta
+
+
+def parallel_adapter(module: nn.Module, x_BxD: jax.Array, y_BxD: jax.Array) -> jax.Array:
+  """FFN-level hook: `y + s * relu(x Wdn) Wup` when `parallel_down (D, m)`, `parallel_up (m, D)`
+  and `parallel_scale ()` sit in `module`'s adapters (METHODS.md 3.2; x is the FFN input)."""
+  if not module.has_variable(ADAPTERS, "parallel_down"):
+    return y_BxD
+  get = lambda n: module.get_variable(ADAPTERS, n).astype(y_BxD.dtype)
+  h = jax.nn.relu(jnp.matmul(x_BxD.astype(y_BxD.dtype), get("parallel_down")))
+  return y_BxD + get("parallel_scale") * jnp.matmul(h, get("parallel_up"))
 
 
 class RMSNorm(nn.Module):

@@ -21,7 +21,8 @@ import numpy as np
 from flax import linen as nn
 
 from mllm_tune.models.config import LLMConfig, RopeConfig
-from mllm_tune.models.layers import (ADAPTERS, Linear, RMSNorm, activation, attention, dtype_of)
+from mllm_tune.models.layers import (ADAPTERS, Linear, RMSNorm, activation, attention, dtype_of,
+                                      parallel_adapter)
 
 
 class KVCache(NamedTuple):
@@ -87,17 +88,34 @@ def causal_mask(query_slots_BT: jax.Array, key_valid_BS: jax.Array,
   return mask
 
 
+def prepend_prefix(k_BSKH: jax.Array, v_BSKH: jax.Array, mask_BTS: jax.Array,
+                   prefix_k_NnKH: jax.Array, prefix_v_NnKH: jax.Array):
+  """Always-visible virtual key/values (N = B or 1, no RoPE) before the sequence's (METHODS 3.4)."""
+  b, t = mask_BTS.shape[:2]
+  n = prefix_k_NnKH.shape[1]
+  grow = lambda p, x: jnp.concatenate(
+      [jnp.broadcast_to(p.astype(x.dtype), (b,) + p.shape[1:]), x], axis=1)
+  mask = jnp.concatenate([jnp.ones((b, t, n), bool), mask_BTS.astype(bool)], axis=-1)
+  return grow(prefix_k_NnKH, k_BSKH), grow(prefix_v_NnKH, v_BSKH), mask
+
+
 class Attention(nn.Module):
+  """GQA self-attention with RoPE. Hooks: `prefix_kv` (per-layer virtual key/values from the LLM's
+  prompt/prefix hooks), and the LLaMA-Adapter leaves `adaption_prompt (P, D)` with a gate
+  `adaption_gate ()` (raw, peft) or `adaption_gate_tanh ()` (tanh(g), official code): before
+  `o_proj`, `out += g * softmax(q K_p^T / sqrt(H)) V_p`, `K_p = P K_k`, `V_p = P K_v` (frozen
+  projections, no RoPE, no mask; METHODS.md 3.6)."""
   cfg: LLMConfig
 
   @nn.compact
-  def __call__(self, x_BTD, sin_cos, mask_BTS, cache, cache_index):
+  def __call__(self, x_BTD, sin_cos, mask_BTS, cache, cache_index, prefix_kv=None):
     c = self.cfg
     lin = lambda f, bias, name: Linear(f, bias, c.dtype, c.param_dtype, name=name)
     b, t, _ = x_BTD.shape
+    k_proj = lin(c.num_kv_heads * c.head_dim, c.qkv_bias, "k_proj")
+    v_proj = lin(c.num_kv_heads * c.head_dim, c.qkv_bias, "v_proj")
     q = lin(c.num_heads * c.head_dim, c.qkv_bias, "q_proj")(x_BTD)
-    k = lin(c.num_kv_heads * c.head_dim, c.qkv_bias, "k_proj")(x_BTD)
-    v = lin(c.num_kv_heads * c.head_dim, c.qkv_bias, "v_proj")(x_BTD)
+    k, v = k_proj(x_BTD), v_proj(x_BTD)
     q = apply_rope(q.reshape(b, t, c.num_heads, c.head_dim), *sin_cos)
     k = apply_rope(k.reshape(b, t, c.num_kv_heads, c.head_dim), *sin_cos)
     v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
@@ -107,8 +125,29 @@ class Attention(nn.Module):
       cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0))
       cache = (ck, cv)
       k, v = ck.astype(q.dtype), cv.astype(q.dtype)
-    out = attention(q, k, v, mask_BTS).reshape(b, t, c.num_heads * c.head_dim)
+    if prefix_kv is not None:
+      k, v, mask_BTS = prepend_prefix(k, v, mask_BTS, *prefix_kv)
+    out = attention(q, k, v, mask_BTS)
+    gate = self._adaption_gate()
+    if gate is not None:
+      prompt_PD = self.get_variable(ADAPTERS, "adaption_prompt").astype(q.dtype)
+      p = prompt_PD.shape[0]
+      kv_shape = (b, p, c.num_kv_heads, c.head_dim)
+      k_p = jnp.broadcast_to(k_proj(prompt_PD).reshape(kv_shape[1:]), kv_shape)
+      v_p = jnp.broadcast_to(v_proj(prompt_PD).reshape(kv_shape[1:]), kv_shape)
+      out = out + gate.astype(q.dtype) * attention(q, k_p, v_p, None)
+    out = out.reshape(b, t, c.num_heads * c.head_dim)
     return lin(c.hidden_size, c.o_bias, "o_proj")(out), cache
+
+  def _adaption_gate(self):
+    if not self.has_variable(ADAPTERS, "adaption_prompt"):
+      return None
+    if self.has_variable(ADAPTERS, "adaption_gate_tanh"):
+      return jnp.tanh(self.get_variable(ADAPTERS, "adaption_gate_tanh"))
+    if not self.has_variable(ADAPTERS, "adaption_gate"):
+      raise ValueError("adapter leaf 'adaption_prompt' needs a gate leaf beside it "
+                       "('adaption_gate' or 'adaption_gate_tanh')")
+    return self.get_variable(ADAPTERS, "adaption_gate")
 
 
 class MLP(nn.Module):
@@ -121,19 +160,23 @@ class MLP(nn.Module):
     act = activation(c.hidden_act)
     h = act(lin(c.intermediate_size, "gate_proj")(x_BTD)) * lin(c.intermediate_size,
                                                                 "up_proj")(x_BTD)
-    return lin(c.hidden_size, "down_proj")(h)
+    return parallel_adapter(self, x_BTD, lin(c.hidden_size, "down_proj")(h))
 
 
 class DecoderBlock(nn.Module):
-  """Pre-norm block; `__call__(carry, *broadcast, scanned)` in the nn.scan calling convention."""
+  """Pre-norm block; `__call__(carry, *broadcast, scanned)` in the nn.scan calling convention.
+  The scanned input is `(layer_cache, layer_prefix)`: this layer's KV cache and virtual
+  key/values (each None or a (k, v) pair)."""
   cfg: LLMConfig
 
   @nn.compact
-  def __call__(self, h_BTD, sin_cos, mask_BTS, cache_index, layer_cache):
+  def __call__(self, h_BTD, sin_cos, mask_BTS, cache_index, layer_xs):
     c = self.cfg
+    layer_cache, layer_prefix = layer_xs
     norm = lambda name: RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, name=name)
     attn_out, layer_cache = Attention(c, name="attn")(norm("input_norm")(h_BTD), sin_cos,
-                                                      mask_BTS, layer_cache, cache_index)
+                                                      mask_BTS, layer_cache, cache_index,
+                                                      layer_prefix)
     h_BTD = h_BTD + attn_out
     h_BTD = h_BTD + MLP(c, name="mlp")(norm("post_attn_norm")(h_BTD))
     return h_BTD, layer_cache
@@ -159,8 +202,48 @@ def scanned(block_cls, num_layers: int, remat_policy: str, n_broadcast: int):
                  in_axes=(nn.broadcast,) * n_broadcast + (0,), length=num_layers)
 
 
+def split_prefix(prefix_nX: jax.Array, num_layers: int) -> tuple[jax.Array, jax.Array]:
+  """peft's flat prefix (n, 2 L t) -> per-layer keys, values (L, n, t) each.
+
+  peft views it as [n, 2L, K, H]: index 2l holds the keys of layer l, 2l+1 its values (METHODS 3.4).
+  """
+  n = prefix_nX.shape[0]
+  p = prefix_nX.reshape(n, num_layers, 2, -1).transpose(1, 2, 0, 3)  # (L, 2, n, t)
+  return p[:, 0], p[:, 1]
+
+
+def join_prefix(k_LnT: jax.Array, v_LnT: jax.Array) -> jax.Array:
+  """Inverse of `split_prefix`: (L, n, t) keys and values -> peft's (n, 2 L t)."""
+  num_layers, n = k_LnT.shape[:2]
+  kv = jnp.stack([k_LnT.reshape(num_layers, n, -1), v_LnT.reshape(num_layers, n, -1)], axis=1)
+  return kv.transpose(2, 0, 1, 3).reshape(n, -1)
+
+
+def prefix_mlp(embedding_nT, w1_TH, b1_H, w2_HX, b2_X) -> jax.Array:
+  """Prefix reparameterization `P = tanh(E W1 + b1) W2 + b2` (n, 2 L t) (METHODS.md 3.4)."""
+  return jnp.matmul(jnp.tanh(jnp.matmul(embedding_nT, w1_TH) + b1_H), w2_HX) + b2_X
+
+
+PREFIX_MLP_LEAVES = ("prefix_embedding", "prefix_mlp_w1", "prefix_mlp_b1", "prefix_mlp_w2",
+                     "prefix_mlp_b2")
+
+
 class LLM(nn.Module):
-  """The decoder. Call with `input_ids` or `inputs_embeds` (after image merge)."""
+  """The decoder. Call with `input_ids` or `inputs_embeds` (after image merge).
+
+  LLM-level adapter hooks (leaves under `llm/`, all optional; METHODS.md 3.3, 3.4):
+    prefix_k, prefix_v (L, n, K*H)        per-layer virtual key/values (prefix tuning), or
+    prefix_embedding (n, t) + prefix_mlp_{w1 (t, h), b1 (h,), w2 (h, 2Lt), b2 (2Lt,)}
+                                          the same through the training reparameterization MLP;
+    prompt_embeddings (n, D)              soft prompt tokens (prompt tuning).
+  Virtual tokens come first and are always visible; real tokens' positions shift by their count.
+  Soft prompts see only each other (causal, positions 0..n-1), so they are run through the stack
+  once on their own and enter every layer as key/values: the same result as prepending them to the
+  (image-merged) embeddings with n mask ones, but logits stay (B, T, V), KV caches need no extra
+  slots, and every packed segment sees the prompt. Unlike true concatenation they are also exempt
+  from a sliding window. The prompt pass reruns on every call (n tokens; during token-by-token
+  decoding that is n extra rows per step, which XLA may hoist out of a decode loop).
+  """
   cfg: LLMConfig
 
   def setup(self):
@@ -176,13 +259,65 @@ class LLM(nn.Module):
   def embed_tokens(self, ids_BT: jax.Array) -> jax.Array:
     return self.embed(ids_BT)
 
+  def _adapter(self, name: str):
+    return self.get_variable(ADAPTERS, name) if self.has_variable(ADAPTERS, name) else None
+
+  def learned_prefix(self):
+    """Prefix-tuning key/values (L, 1, n, K, H) each, or None."""
+    c = self.cfg
+    k, v = self._adapter("prefix_k"), self._adapter("prefix_v")
+    if self._adapter("prefix_embedding") is not None:
+      if k is not None:
+        raise ValueError("adapters hold both prefix_k/v and a prefix reparameterization MLP")
+      parts = [self._adapter(n) for n in PREFIX_MLP_LEAVES]
+      if any(x is None for x in parts):
+        raise ValueError(f"prefix reparameterization needs all of {PREFIX_MLP_LEAVES}")
+      k, v = split_prefix(prefix_mlp(*parts), c.num_layers)
+    if (k is None) != (v is None):
+      raise ValueError("adapter leaves prefix_k and prefix_v must be given together")
+    if k is None:
+      return None
+    want = (c.num_layers, k.shape[1], c.num_kv_heads * c.head_dim)
+    if k.shape != want or v.shape != want:
+      raise ValueError(f"prefix_k/prefix_v have shapes {k.shape}/{v.shape}; this LLM needs "
+                       f"(L, n, K*H) = {want}")
+    shape = (c.num_layers, 1, k.shape[1], c.num_kv_heads, c.head_dim)
+    dt = dtype_of(c.dtype)
+    return k.reshape(shape).astype(dt), v.reshape(shape).astype(dt)
+
+  def prompt_kv(self, prompts_nD: jax.Array, prefix):
+    """Run the soft prompt alone through the stack: its key/values (L, 1, n, K, H) per layer."""
+    c = self.cfg
+    dt = dtype_of(c.dtype)
+    n = prompts_nD.shape[0]
+    offset = 0 if prefix is None else prefix[0].shape[2]
+    slots = jnp.arange(n)[None]
+    mask = causal_mask(slots, jnp.ones((1, n), jnp.int32), c.sliding_window)
+    sin_cos = rope_sin_cos(offset + slots, rope_inv_freq(c.rope, c.head_dim))
+    cache = init_kv_cache(c, 1, n, dt)
+    _, (k, v) = self.layers(prompts_nD[None].astype(dt), sin_cos, mask, 0,
+                            ((cache.k_LBSKH, cache.v_LBSKH), prefix))
+    return k, v
+
+  def virtual_kv(self):
+    """All virtual key/values (L, 1, n, K, H): prefix tuning first, then soft prompts; or None."""
+    prefix = self.learned_prefix()
+    prompts = self._adapter("prompt_embeddings")
+    if prompts is None:
+      return prefix
+    k, v = self.prompt_kv(prompts, prefix)
+    if prefix is None:
+      return k, v
+    return (jnp.concatenate([prefix[0], k], axis=2), jnp.concatenate([prefix[1], v], axis=2))
+
   def __call__(self, input_ids=None, attention_mask=None, positions=None, segment_ids=None,
                inputs_embeds=None, kv_cache: KVCache | None = None, cache_index=0):
     """Returns float32 logits (B, T, V), and the updated cache when `kv_cache` is given.
 
     Without a cache, `attention_mask` is (B, T). With a cache of capacity S, the T new tokens are
     written at slots [cache_index, cache_index + T) and `attention_mask` is (B, S): which cache
-    slots hold real tokens; `positions` must then be given.
+    slots hold real tokens; `positions` must then be given. Positions count real tokens only;
+    virtual tokens (prompt/prefix hooks) shift them internally.
     """
     c = self.cfg
     h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
@@ -195,11 +330,14 @@ class LLM(nn.Module):
       if kv_cache is not None:
         raise ValueError("positions must be given when decoding with a KV cache")
       positions = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
+    virtual = self.virtual_kv()
+    if virtual is not None:
+      positions = positions + virtual[0].shape[2]
     query_slots = cache_index + jnp.broadcast_to(jnp.arange(t), (b, t))
     mask = causal_mask(query_slots, attention_mask, c.sliding_window, segment_ids)
     sin_cos = rope_sin_cos(positions, rope_inv_freq(c.rope, c.head_dim))
     layer_caches = None if kv_cache is None else (kv_cache.k_LBSKH, kv_cache.v_LBSKH)
-    h, layer_caches = self.layers(h, sin_cos, mask, cache_index, layer_caches)
+    h, layer_caches = self.layers(h, sin_cos, mask, cache_index, (layer_caches, virtual))
     h = self.final_norm(h)
     if c.tie_word_embeddings:
       logits = self.embed.attend(h)

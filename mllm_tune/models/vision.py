@@ -9,6 +9,13 @@ Param tree (storage, leading axis L on `layers`):
 created at init and carried so checkpoints round-trip exactly.
 
 `pixel_values` are NHWC (HF's are NCHW).
+
+Visual prompt hooks (VPT, METHODS.md 3.7; adapter leaves under `vision/`, all optional):
+  prompt_tokens (p, D)            shallow: p tokens inserted after the class token (SigLIP: first),
+                                  after CLIP's `pre_norm`, carried through every layer;
+  deep_prompt_tokens (L, p, D)    deep: layer l's input prompt slots are replaced by row l;
+  prompt_dropout ()               dropout rate on the prompt tokens (with a 'dropout' rng).
+Prompt outputs are dropped before the tower returns, so feature shapes do not change.
 """
 from __future__ import annotations
 
@@ -17,7 +24,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from mllm_tune.models.config import VisionConfig
-from mllm_tune.models.layers import Linear, LayerNorm, activation, attention, dtype_of
+from mllm_tune.models.layers import (ADAPTERS, Linear, LayerNorm, activation, attention,
+                                      dtype_of, parallel_adapter)
 from mllm_tune.models.llm import scanned
 
 
@@ -66,19 +74,42 @@ class VisionMLP(nn.Module):
   @nn.compact
   def __call__(self, x):
     c = self.cfg
-    x = Linear(c.intermediate_size, True, c.dtype, c.param_dtype, name="fc1")(x)
-    return Linear(c.hidden_size, True, c.dtype, c.param_dtype, name="fc2")(
-        activation(c.hidden_act)(x))
+    y = Linear(c.intermediate_size, True, c.dtype, c.param_dtype, name="fc1")(x)
+    y = Linear(c.hidden_size, True, c.dtype, c.param_dtype, name="fc2")(activation(c.hidden_act)(y))
+    return parallel_adapter(self, x, y)
+
+
+def num_prefix_tokens(cfg: VisionConfig) -> int:
+  """Tokens before the patches (CLIP's class token); visual prompts are inserted after them."""
+  return 1 if cfg.is_clip else 0
+
+
+def insert_prompts(h_NTD: jax.Array, prompts_pD: jax.Array, start: int) -> jax.Array:
+  """(N, T, D) -> (N, T + p, D) with the prompts at slots [start, start + p)."""
+  fill = jnp.broadcast_to(prompts_pD.astype(h_NTD.dtype), (h_NTD.shape[0],) + prompts_pD.shape)
+  return jnp.concatenate([h_NTD[:, :start], fill, h_NTD[:, start:]], axis=1)
+
+
+def replace_prompts(h_NTD: jax.Array, prompts_pD: jax.Array, start: int) -> jax.Array:
+  """Overwrite slots [start, start + p) of every sequence with the prompts."""
+  n, _, d = h_NTD.shape
+  p = prompts_pD.shape[0]
+  fill = jnp.broadcast_to(prompts_pD.astype(h_NTD.dtype), (n, p, d))
+  return jnp.concatenate([h_NTD[:, :start], fill, h_NTD[:, start + p:]], axis=1)
 
 
 class VisionBlock(nn.Module):
-  """Pre-norm ViT block; carries (h, selected) so one scan yields `hidden_states[k]`."""
+  """Pre-norm ViT block; carries (h, selected) so one scan yields `hidden_states[k]`. The scanned
+  input is `(layer_index, layer_prompts)`; deep VPT prompts (p, D) replace the prompt slots."""
   cfg: VisionConfig
 
   @nn.compact
-  def __call__(self, carry, feature_index, layer_index):
+  def __call__(self, carry, feature_index, layer_xs):
     c = self.cfg
     h, selected = carry
+    layer_index, layer_prompts = layer_xs
+    if layer_prompts is not None:
+      h = replace_prompts(h, layer_prompts, num_prefix_tokens(c))
     norm = lambda name: LayerNorm(c.layer_norm_eps, c.dtype, c.param_dtype, name=name)
     h = h + VisionAttention(c, name="attn")(norm("norm1")(h))
     h = h + VisionMLP(c, name="mlp")(norm("norm2")(h))
@@ -124,10 +155,33 @@ class VisionTower(nn.Module):
     h = VisionEmbed(c, name="embed")(px_NHWC)
     if c.is_clip:
       h = norm("pre_norm")(h)
+    shallow, deep = self.visual_prompts()
+    start, p = num_prefix_tokens(c), 0
+    if shallow is not None or deep is not None:  # deep: placeholders, each layer fills its own
+      fill = shallow if shallow is not None else jnp.zeros(deep.shape[1:], h.dtype)
+      p = fill.shape[0]
+      h = insert_prompts(h, fill, start)
     layers = scanned(VisionBlock, c.num_layers, "none", 1)(c, name="layers")
-    (last, selected), _ = layers((h, h), k, jnp.arange(c.num_layers))
+    (last, selected), _ = layers((h, h), k, (jnp.arange(c.num_layers), deep))
     if self.is_initializing():  # create the unused params so checkpoints round-trip
       pooled = norm("post_norm")(last)
       if c.use_head:
         SiglipHead(c, name="head")(pooled)
-    return selected
+    return jnp.concatenate([selected[:, :start], selected[:, start + p:]], axis=1)
+
+  def visual_prompts(self):
+    """(shallow (p, D) or None, deep (L, p, D) or None), after prompt dropout."""
+    get = lambda n: self.get_variable(ADAPTERS, n) if self.has_variable(ADAPTERS, n) else None
+    shallow, deep = get("prompt_tokens"), get("deep_prompt_tokens")
+    if shallow is not None and deep is not None:
+      raise ValueError("adapters hold both shallow 'prompt_tokens' and 'deep_prompt_tokens'; "
+                       "VPT uses one or the other")
+    if deep is not None and deep.shape[0] != self.cfg.num_layers:
+      raise ValueError(f"deep_prompt_tokens have {deep.shape[0]} layers, the tower "
+                       f"{self.cfg.num_layers}")
+    rate = get("prompt_dropout")
+    if rate is None or not self.has_rng("dropout"):
+      return shallow, deep
+    drop = lambda x: None if x is None else jnp.where(
+        jax.random.uniform(self.make_rng("dropout"), x.shape) >= rate, x / (1.0 - rate), 0.0)
+    return drop(shallow), drop(deep)

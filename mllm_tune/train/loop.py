@@ -29,7 +29,8 @@ from mllm_tune.checkpoints.orbax_io import TrainCheckpointer, params_fingerprint
 from mllm_tune.train import setup
 from mllm_tune.train import sharding as shard_lib
 from mllm_tune.train.logs import JsonlWriter, TensorBoardWriter
-from mllm_tune.train.step import StepFns, TrainState, eval_step, find_nonfinite, train_step
+from mllm_tune.train.step import (StepFns, TrainState, eval_step, find_nonfinite, model_kwargs,
+                                  token_ce, train_step)
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,9 @@ class Trainer:
     self.method = setup.method_from(cfg.method)
     rng = jax.random.key(cfg.seed)
     variables = self.method.init_variables(jax.random.fold_in(rng, 1), params)
+    if callable(data) and not hasattr(data, "get_state"):
+      self.data = data = data(self.model)  # a factory that needs the model (vocab, images)
+    self._prepare_method(variables, t.get("prepare_batches", 4))
     self.mask = self.method.trainable(variables)
     self.n_trainable = tuning.log_trainable(self.method, variables, self.mask)
     trainable, frozen = tuning.partition(variables, self.mask)
@@ -84,6 +88,27 @@ class Trainer:
                                   best_metric=t.best_metric or None, best_mode=t.best_mode,
                                   async_save=t.async_save)
     self._stop_requested = False
+
+  def _prepare_method(self, variables: dict, n_batches: int) -> None:
+    """Methods that derive their mask from task data (grad_topk) get it here, from the first
+    `train.prepare_batches` training batches; the data position is then rewound."""
+    if not (hasattr(self.method, "prepare") and getattr(self.method, "mask", 0) is None):
+      return
+    state0 = self.data.get_state()
+    batches = [next(self.data) for _ in range(n_batches)]
+    self.data.set_state(state0)
+    if any("pixel_values" in b for b in batches):
+      raise TrainingError(f"method '{self.method.name}' scores per-sample gradients over the "
+                          "rows of a batch, which image slots shared across rows do not allow "
+                          "yet: prepare it on text-only batches (method.prepare) instead")
+    model = self.model
+
+    def loss_fn(v, b):
+      logits = model.apply(v, b["input_ids"], **model_kwargs(b))
+      nll, n, _ = token_ce(logits, b["input_ids"], b["loss_mask"])
+      return nll / jnp.maximum(n, 1.0)
+
+    self.method = self.method.prepare(loss_fn, variables, batches)
 
   def _raw_step(self, frozen, state, batch):
     state = state.replace(rng=jax.random.wrap_key_data(state.rng))

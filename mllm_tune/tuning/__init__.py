@@ -7,7 +7,9 @@ from mllm_tune.tuning import lora  # noqa: F401  (registers lora, rslora, dora, 
 from mllm_tune.tuning import lora_peft  # noqa: F401  (PEFT LORA export/import)
 from mllm_tune.tuning import sculpt  # noqa: F401  (lorasculpt)
 from mllm_tune.tuning import vera  # noqa: F401  (vera + PEFT VERA)
-from mllm_tune.tuning import selective  # noqa: F401  (freeze, bitfit, ln_tuning, ...)
+from mllm_tune.tuning import selective  # noqa: F401  (freeze, bitfit, ln_tuning, hft, spider, ...)
+from mllm_tune.tuning import additive  # noqa: F401  (adapter, parallel_adapter, prompt_tuning,
+#   prefix_tuning, ia3, llama_adapter, vpt + PEFT IA3/PROMPT_TUNING/PREFIX_TUNING/ADAPTION_PROMPT)
 
 __all__ = ["api", "select", "Compose", "Method", "MethodError", "build_optimizer", "combine",
            "compose", "from_config", "get", "log_trainable", "names", "partition",

@@ -1,0 +1,137 @@
+"""Shared pieces of every decoding strategy: prompt checks, left padding, shape buckets, and the
+KV-cache prefill / one-token step.
+
+Layout: a prompt batch is left-padded to a bucketed length P (its real tokens end at slot P-1);
+the cache holds S = P + N slots, N the bucketed number of new tokens. New token t (0-based) is
+fed at slot P + t with position `last_prompt_position + t + 1` (positions count real tokens
+only, `cumsum(attention_mask) - 1`, as HF `generate`). Cache slots of future tokens are marked
+valid up front: the causal mask keeps them invisible until written.
+"""
+from __future__ import annotations
+
+from typing import Iterable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mllm_tune.models.llava import Llava, check_image_token_count
+from mllm_tune.models.llm import init_kv_cache
+
+DEFAULT_BUCKET_FLOOR = 16
+
+
+def left_pad(input_ids: np.ndarray, attention_mask: np.ndarray):
+  """Move each row's real tokens to the right end (left padding); a no-op for left-padded rows."""
+  ids, mask = np.array(input_ids), np.array(attention_mask)
+  for b in range(ids.shape[0]):
+    n = int(mask[b].sum())
+    if n and not mask[b, -n:].all():
+      keep = mask[b].astype(bool)
+      ids[b] = np.concatenate([ids[b][~keep], ids[b][keep]])
+      mask[b] = np.concatenate([np.zeros(ids.shape[1] - n, mask.dtype), np.ones(n, mask.dtype)])
+  return ids, mask
+
+
+def next_bucket(n: int, floor: int | None = DEFAULT_BUCKET_FLOOR) -> int:
+  """The compiled size for a length n: the next power of two >= max(n, floor); n if floor is None.
+
+  A batch loop over prompts of lengths 3..200 with floor 16 compiles for 16, 32, 64, 128, 256
+  only.
+  """
+  if floor is None:
+    return int(n)
+  if floor < 1:
+    raise ValueError(f"bucket floor must be >= 1 (or None to disable buckets), got {floor}")
+  return max(int(floor), 1 << (int(n) - 1).bit_length())
+
+
+class Prompts(NamedTuple):
+  """A validated, left-padded, bucketed prompt batch (host arrays) and the output size."""
+  ids_BP: np.ndarray       # int32, left-padded to the bucketed length P
+  mask_BP: np.ndarray      # int32, 1 on real tokens
+  pixel_values: jax.Array | None
+  num_new: int             # N: bucketed capacity for new tokens (>= max_new_tokens)
+
+
+def prepare_prompts(model, input_ids, attention_mask, pixel_values, max_new_tokens: int,
+                    pad_token_id: int, bucket_floor: int | None) -> Prompts:
+  """Check a prompt batch against the model, left-pad it and pad it up to its length bucket.
+
+  Raises ValueError for shape mismatches, empty rows, image-token/image count mismatches, pixel
+  values for a text-only model, and prompts (+ new tokens) longer than the model's
+  `max_position_embeddings`.
+  """
+  if int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens}")
+  ids = np.asarray(input_ids)
+  if ids.ndim != 2:
+    raise ValueError(f"input_ids must be (batch, length), got shape {ids.shape}")
+  mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
+  if mask.shape != ids.shape:
+    raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {ids.shape}")
+  lengths = mask.astype(bool).sum(-1)
+  if (lengths == 0).any():
+    raise ValueError("a prompt row has no real tokens (attention_mask all zero)")
+  max_pos = model.config.llm.max_position_embeddings
+  longest = int(lengths.max())
+  if longest > max_pos:
+    raise ValueError(f"a prompt has {longest} tokens, more than the model's "
+                     f"max_position_embeddings = {max_pos}")
+  if longest + max_new_tokens > max_pos:
+    raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                     f"model's max_position_embeddings = {max_pos}; lower max_new_tokens")
+  ids, mask = left_pad(ids, mask)
+  if isinstance(model, Llava):
+    c = model.config
+    check_image_token_count(ids, pixel_values, c.image_token_id, c.image_seq_len)
+    fill = next(f for f in (pad_token_id, 0, 1) if f != c.image_token_id)  # never an image
+  elif pixel_values is not None:
+    raise ValueError("pixel_values given to a text-only model")
+  else:
+    fill = pad_token_id
+  extra = next_bucket(ids.shape[1], bucket_floor) - ids.shape[1]
+  ids = np.pad(ids, ((0, 0), (extra, 0)), constant_values=fill).astype(np.int32)
+  mask = np.pad(mask, ((0, 0), (extra, 0))).astype(np.int32)
+  px = None if pixel_values is None else jnp.asarray(pixel_values)
+  return Prompts(ids, mask, px, next_bucket(int(max_new_tokens), bucket_floor))
+
+
+def stop_id_tuple(*groups: int | Iterable[int] | None) -> tuple[int, ...]:
+  """Sorted unique token ids from ints, iterables (sets too) or None: a hashable jit argument."""
+  ids: set[int] = set()
+  for g in groups:
+    if g is None:
+      continue
+    for i in np.asarray(sorted(g) if isinstance(g, (set, frozenset)) else g).reshape(-1).tolist():
+      if int(i) != i or i < 0:
+        raise ValueError(f"token ids must be integers >= 0, got {i!r}")
+      ids.add(int(i))
+  return tuple(sorted(ids))
+
+
+def variables_of(params, adapters) -> dict:
+  return {"params": params} if adapters is None else {"params": params, "adapters": adapters}
+
+
+def prefill(model, variables, ids_BP, mask_BP, px, num_new: int):
+  """Run the prompt through the model into a fresh cache of S = P + num_new slots.
+
+  Returns (last-token logits (B, V) float32, cache, cache mask (B, S), last positions (B, 1)).
+  """
+  b, p = ids_BP.shape
+  llm_cfg = model.config.llm
+  cache = init_kv_cache(llm_cfg, b, p + num_new, jnp.dtype(llm_cfg.dtype))
+  cache_mask_BS = jnp.concatenate([mask_BP, jnp.ones((b, num_new), mask_BP.dtype)], axis=1)
+  pos_BP = jnp.maximum(jnp.cumsum(mask_BP, axis=-1) - 1, 0)
+  kwargs = {"pixel_values": px} if px is not None else {}
+  logits_BPV, cache = model.apply(variables, ids_BP, cache_mask_BS, pos_BP, kv_cache=cache,
+                                  cache_index=0, **kwargs)
+  return logits_BPV[:, -1], cache, cache_mask_BS, pos_BP[:, -1:]
+
+
+def decode_step(model, variables, tok_B, cache, cache_mask_BS, last_pos_B1, prompt_len: int, t):
+  """Feed new token t (B,) at slot P + t, position last + t + 1: (next logits (B, V), cache)."""
+  logits_B1V, cache = model.apply(variables, tok_B[:, None], cache_mask_BS, last_pos_B1 + t + 1,
+                                  kv_cache=cache, cache_index=prompt_len + t)
+  return logits_B1V[:, -1], cache
