@@ -201,3 +201,22 @@ def test_pissa_exports_as_plain_lora_on_the_original_base(tmp_path):
   ours = ours_logits(model, v, batch)  # adapters on the residual base
   np.testing.assert_allclose(ours[real], torch_logits(peft_model, batch)[real], atol=1e-4)
   assert np.abs(ours - ours_logits(model, {"params": params}, batch)).max() > 1e-3
+
+
+@pytest.mark.parametrize("name,kw", [("pissa", dict(rank=4, alpha=4.0)),
+                                     ("lorasculpt", dict(rank=4, alpha=8.0, dropout=0.0)),
+                                     ("vera", dict(rank=8))])
+def test_merge_of_other_reparameterizations_loads_in_transformers(name, kw, tmp_path):
+  hf_model, model, params, batch, _ = tiny_llava(tmp_path)
+  method = mt.tuning.get(name, targets=TARGETS, **kw)
+  v = method.init_variables(jax.random.key(0), params)
+  v["adapters"] = randomize(v["adapters"], ("lora_b", "vera_bvec"), scale=0.2)
+  out = str(tmp_path / "merged")
+  mt.save_pretrained(out, model, method.merge(v))
+  from transformers import LlavaForConditionalGeneration
+  back = LlavaForConditionalGeneration.from_pretrained(out).eval()
+  ids, mask, px = batch
+  real = mask.astype(bool)
+  ours = ours_logits(model, v, batch)
+  np.testing.assert_allclose(ours[real], hf_tiny.hf_logits(back, ids, mask, px)[real], atol=1e-4)
+  assert np.abs(ours - ours_logits(model, {"params": params}, batch)).max() > 1e-3

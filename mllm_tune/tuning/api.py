@@ -103,6 +103,11 @@ class Method:
   def init_variables(self, rng: jax.Array, params: dict) -> Variables:
     return {"params": params, "adapters": self.init(rng, params)}
 
+  def rebase(self, variables: Variables) -> Variables:
+    """Saved adapters + the *original* base -> the variables training used. Identity except for
+    methods whose `init_variables` rewrites the base (PiSSA's residual)."""
+    return variables
+
   def trainable(self, variables: Variables) -> dict:
     return {"params": _false_like(variables["params"]),
             "adapters": _false_like(variables.get("adapters", {}))}
@@ -226,6 +231,11 @@ class Compose(Method):
       for k, v in m.loss_terms(variables, batch, logits).items():
         out[f"{label(m)}/{k}" if k in out else k] = v
     return out
+
+  def rebase(self, variables):
+    for m in self.methods:
+      variables = m.rebase(variables)
+    return variables
 
   def merge(self, variables):
     params = variables["params"]

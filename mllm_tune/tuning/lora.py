@@ -180,6 +180,23 @@ class PiSSA(LoRA):
     return {"params": select.unflatten(flat), "adapters": select.unflatten(adapters)}
 
 
+def _pissa_rebase(method, variables: dict) -> dict:
+  """Original K0 + saved adapters -> residual base `K0 - s A0 B0` (the variables of training)."""
+  flat_p = select.flatten(variables["params"])
+  ad = select.flatten(variables["adapters"])
+  for path in resolve_targets(variables["params"], method.targets):
+    get = lambda leaf: jnp.asarray(ad[adapter_path(path, leaf)], jnp.float32)
+    s = get("lora_scale")
+    s = s[..., None, None] if s.ndim else s
+    res = jnp.asarray(flat_p[path], jnp.float32) - s * jnp.matmul(get("pissa_a0"),
+                                                                 get("pissa_b0"))
+    flat_p[path] = res.astype(flat_p[path].dtype)
+  return {**variables, "params": select.unflatten(flat_p)}
+
+
+PiSSA.rebase = _pissa_rebase
+
+
 def pissa_to_lora(method: PiSSA, variables: dict) -> tuple[LoRA, dict]:
   """PiSSA (adapters on K_res) -> an equivalent plain LoRA on the original base K0."""
   flat_p = select.flatten(variables["params"])
