@@ -132,20 +132,8 @@ def state_shardings(tree: dict, mesh, rules=shard_lib.DEFAULT_RULES) -> dict:
       spec = P(*lead, None, d_out_ax)
     else:
       spec = P()
-    out[path] = NamedSharding(mesh, _fit(spec, x.shape, mesh))
+    out[path] = NamedSharding(mesh, shard_lib.fit_spec(spec, tuple(x.shape), mesh))
   return select.unflatten(out)
-
-
-def _fit(spec: P, shape, mesh) -> P:
-  spec = tuple(spec) + (None,) * (len(shape) - len(tuple(spec)))
-  fitted = []
-  for dim, ax in zip(shape, spec):
-    names = (ax,) if isinstance(ax, str) else tuple(ax or ())
-    size = 1
-    for a in names:
-      size *= mesh.shape[a]
-    fitted.append(ax if names and dim % size == 0 else None)
-  return P(*fitted)
 
 
 def cast_tree(tree: dict, dtype) -> dict:

@@ -61,9 +61,15 @@ def spec_for(path: str, shape: tuple[int, ...], mesh: Mesh,
       break
   else:
     raise ValueError(f"no sharding rule matches '{path}'; add a catch-all ('.*', P())")
-  spec = tuple(spec) + (None,) * (len(shape) - len(spec))
-  if len(spec) > len(shape):
-    raise ValueError(f"sharding rule '{pattern}' has {len(spec)} dims but '{path}' is {shape}")
+  if len(tuple(spec)) > len(shape):
+    raise ValueError(f"sharding rule '{pattern}' has {len(tuple(spec))} dims but '{path}' is "
+                     f"{shape}")
+  return fit_spec(spec, shape, mesh)
+
+
+def fit_spec(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
+  """Pad `spec` to `shape`'s rank and drop mesh axes that do not divide their dimension."""
+  spec = tuple(spec) + (None,) * (len(shape) - len(tuple(spec)))
   fitted = []
   for dim, axes in zip(shape, spec):
     names = (axes,) if isinstance(axes, str) else tuple(axes or ())
