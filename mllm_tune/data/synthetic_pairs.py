@@ -1,0 +1,181 @@
+"""Synthetic image-caption pairs with class labels, the data GIFT distils on (METHODS.md 5.3).
+
+Two pluggable sources with one interface (`len`, `source[i] -> Pair`, `label_names`):
+  PairDirectory    generated pairs on disk (e.g. Stable Diffusion images from class prompts):
+                   `captions.jsonl`, one JSON object a line, {"image": "x.png", "caption": "...",
+                   "label": int or str}, image paths relative to the directory. Malformed JSON
+                   or fields raise `DataError` naming `file:line`; a missing image raises when the
+                   directory is opened, a corrupt one when it is read, naming the image file.
+  ProceduralPairs  offline, deterministic: one coloured shape on a plain background drawn by
+                   `offline_render` (the `shape` family sampler of `offline_tasks`), captioned
+                   "a red circle", labelled by its (colour, shape) class (6 x 5 = 30 classes).
+`make_pair_source(kind, ...)` picks one from config values; `collate_pairs` stacks a batch and
+`batch_indices` draws it (a fresh permutation per epoch, a pure function of seed and step).
+"""
+from __future__ import annotations
+
+import os
+from typing import NamedTuple, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+from mllm_tune.data.errors import DataError
+from mllm_tune.data.images import decode_image, to_rgb
+from mllm_tune.data.offline_render import COLORS, SHAPES, Shape
+from mllm_tune.data.offline_tasks import make_example
+from mllm_tune.data.sources import read_llava_json
+
+CAPTIONS_FILE = "captions.jsonl"
+SOURCE_KINDS = ("procedural", "directory")
+
+
+class Pair(NamedTuple):
+  pixels: np.ndarray  # uint8 (H, W, 3)
+  caption: str
+  label: int          # class id; equal ids = same class (GIFT's Y^)
+
+
+@runtime_checkable
+class PairSource(Protocol):
+  label_names: tuple[str, ...]
+
+  def __len__(self) -> int: ...
+
+  def __getitem__(self, index: int) -> Pair: ...
+
+
+def _check_field(raw: dict, key: str, where: str) -> str:
+  v = raw.get(key)
+  if not isinstance(v, str) or not v.strip():
+    raise DataError(f"{where}: field '{key}' must be a non-empty string, got {v!r}", "bad_record")
+  return v
+
+
+class PairDirectory:
+  """Pairs listed in `<root>/captions.jsonl` (module docstring). Integer labels are kept as class
+  ids (`label_names` are their decimal strings); string labels get ids in order of first
+  appearance. A file mixing the two kinds raises."""
+
+  def __init__(self, root: str, captions: str = CAPTIONS_FILE):
+    path = os.path.join(root, captions)
+    if not os.path.isfile(path):
+      raise DataError(f"{root}: no {captions} (a synthetic pair directory lists its pairs there)",
+                      "missing_file", fatal=True)
+    self.root, self.path = root, path
+    records, kinds = [], set()
+    for where, raw in read_llava_json(path, on_error="raise"):
+      if not isinstance(raw, dict):
+        raise DataError(f"{where}: a record must be a JSON object, got {type(raw).__name__}",
+                        "bad_record")
+      image, caption = _check_field(raw, "image", where), _check_field(raw, "caption", where)
+      label = raw.get("label")
+      if isinstance(label, bool) or not isinstance(label, (int, str)) or label == "":
+        raise DataError(f"{where}: field 'label' must be an int or a non-empty string, got "
+                        f"{label!r}", "bad_record")
+      kinds.add(type(label))
+      if len(kinds) > 1:
+        raise DataError(f"{where}: label {label!r} mixes int and string labels in one file",
+                        "bad_record")
+      full = os.path.join(root, image)
+      if not os.path.isfile(full):
+        raise DataError(f"{where}: image file not found: {full}", "missing_image")
+      records.append((where, full, caption, label))
+    if not records:
+      raise DataError(f"{path}: no pairs listed", "bad_record", fatal=True)
+    if kinds == {int}:
+      ids = [r[3] for r in records]
+      self.label_names = tuple(str(i) for i in range(max(ids) + 1))
+      if min(ids) < 0:
+        raise DataError(f"{path}: integer labels must be >= 0, got {min(ids)}", "bad_record")
+    else:
+      names = tuple(dict.fromkeys(r[3] for r in records))
+      index = {n: i for i, n in enumerate(names)}
+      ids = [index[r[3]] for r in records]
+      self.label_names = names
+    self.records = [(where, full, caption, i) for (where, full, caption, _), i in
+                    zip(records, ids)]
+
+  def __len__(self) -> int:
+    return len(self.records)
+
+  def __getitem__(self, index: int) -> Pair:
+    where, full, caption, label = self.records[index]
+    try:
+      with open(full, "rb") as f:
+        data = f.read()
+    except OSError as e:
+      raise DataError(f"{where}: cannot read image file {full} ({e})", "missing_image") from None
+    img = to_rgb(decode_image(data, f"{full} (listed at {where})"))
+    return Pair(np.asarray(img, np.uint8), caption, int(label))
+
+
+def shape_class(color: str, kind: str) -> int:
+  """Class id of a (colour, shape) combination: colour-major over COLORS x SHAPES."""
+  return list(COLORS).index(color) * len(SHAPES) + SHAPES.index(kind)
+
+
+def shape_caption(shape: Shape) -> str:
+  return f"a {shape.color} {shape.kind}"
+
+
+class ProceduralPairs:
+  """`num` offline pairs: pair i is `offline_tasks.make_example("shape", split, i, seed,
+  image_size)` captioned "a <colour> <shape>" (train and eval share no image)."""
+
+  label_names = tuple(f"{c} {k}" for c in COLORS for k in SHAPES)
+
+  def __init__(self, num: int = 1000, split: str = "train", seed: int = 0,
+               image_size: int = 32):
+    if num < 1:
+      raise ValueError(f"num={num}: a procedural pair source needs at least one pair")
+    self.num, self.split, self.seed, self.image_size = num, split, seed, image_size
+
+  def __len__(self) -> int:
+    return self.num
+
+  def __getitem__(self, index: int) -> Pair:
+    if not 0 <= index < self.num:
+      raise IndexError(f"pair {index} out of range [0, {self.num})")
+    ex = make_example("shape", self.split, index, self.seed, self.image_size)
+    (shape,) = ex.scene.objects
+    return Pair(ex.pixels, shape_caption(shape), shape_class(shape.color, shape.kind))
+
+
+def make_pair_source(kind: str = "procedural", path: str | None = None, num: int = 1000,
+                     split: str = "train", seed: int = 0, image_size: int = 32) -> PairSource:
+  """Config values -> a pair source: `procedural` (num, split, seed, image_size) or
+  `directory` (path)."""
+  if kind == "procedural":
+    return ProceduralPairs(num, split, seed, image_size)
+  if kind == "directory":
+    if not path:
+      raise ValueError("a 'directory' pair source needs `path`")
+    return PairDirectory(path)
+  raise ValueError(f"pair source kind={kind!r}: choose one of {SOURCE_KINDS}")
+
+
+def collate_pairs(pairs: Sequence[Pair]) -> dict:
+  """-> {pixels uint8 (B, H, W, 3), captions list[str], labels int32 (B,)}; images must share
+  one size (resize them with `data.images` first otherwise)."""
+  shapes = {p.pixels.shape for p in pairs}
+  if len(shapes) != 1:
+    raise ValueError(f"pairs have images of different shapes {sorted(shapes)}; preprocess them "
+                     "to one size before stacking")
+  return {"pixels": np.stack([p.pixels for p in pairs]),
+          "captions": [p.caption for p in pairs],
+          "labels": np.asarray([p.label for p in pairs], np.int32)}
+
+
+def batch_indices(num: int, batch_size: int, seed: int, step: int) -> np.ndarray:
+  """(batch_size,) indices of batch `step`: consecutive slices of per-epoch permutations
+  (`default_rng([seed, epoch])`), wrapping across epochs; needs batch_size <= num."""
+  if not 0 < batch_size <= num:
+    raise ValueError(f"batch_size={batch_size} must be in [1, {num}] (the source's size)")
+  out, pos = [], step * batch_size
+  while len(out) < batch_size:
+    epoch, offset = divmod(pos, num)
+    perm = np.random.default_rng([seed, epoch]).permutation(num)
+    take = perm[offset:offset + batch_size - len(out)]
+    out.extend(take.tolist())
+    pos += len(take)
+  return np.asarray(out, np.int64)
