@@ -120,10 +120,12 @@ def beam_step(logp_BKV: jax.Array, st: BeamState, t, limit, stop_ids_E: jax.Arra
 
 @functools.partial(jax.jit, static_argnames=("model", "num_new", "num_beams", "stop_ids"))
 def beam_loop(model, variables, ids_BP, mask_BP, px, limit, pad_id, length_penalty, early_code,
-              *, num_new: int, num_beams: int, stop_ids: tuple[int, ...]):
+              bias_V, *, num_new: int, num_beams: int, stop_ids: tuple[int, ...]):
   """(finished sequences (B, K, num_new) int32, scores (B, K) float32), best first.
 
-  Traced: `limit` (max_new_tokens <= num_new), `pad_id`, `length_penalty`, `early_code`.
+  Traced: `limit` (max_new_tokens <= num_new), `pad_id`, `length_penalty`, `early_code`, and
+  `bias_V` (V,) float32, added to the prefill logits before the first log-softmax (step 0 only;
+  scores then sum the biased step-0 log-probs).
   """
   b, p = ids_BP.shape
   k = num_beams
@@ -144,6 +146,7 @@ def beam_loop(model, variables, ids_BP, mask_BP, px, limit, pad_id, length_penal
     return st, tok_BK.reshape(-1), cache, keep_going
 
   st0 = init_state(b, k, num_new, pad_id)
+  logits_BV = logits_BV + bias_V.astype(logits_BV.dtype)
   st, tok, cache, keep_going = select(rep(logits_BV), st0, jnp.int32(0), cache)
 
   def cond(carry):

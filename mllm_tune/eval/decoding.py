@@ -110,6 +110,22 @@ def stop_id_tuple(*groups: int | Iterable[int] | None) -> tuple[int, ...]:
   return tuple(sorted(ids))
 
 
+def first_token_bias_of(model, bias) -> jax.Array:
+  """The (V,) float32 step-0 logit bias to trace into a decoding loop: zeros for None (so a bias
+  never recompiles). Raises ValueError unless its shape is (vocab_size,) and it holds no NaN or
+  +inf (-inf is allowed: it bans a token at step 0)."""
+  v = model.config.llm.vocab_size
+  if bias is None:
+    return jnp.zeros((v,), jnp.float32)
+  arr = np.asarray(bias, np.float32)
+  if arr.shape != (v,):
+    raise ValueError(f"first_token_logit_bias must have shape (vocab_size,) = ({v},), got "
+                     f"{arr.shape}")
+  if np.isnan(arr).any() or np.isposinf(arr).any():
+    raise ValueError("first_token_logit_bias must not hold NaN or +inf")
+  return jnp.asarray(arr)
+
+
 def variables_of(params, adapters) -> dict:
   return {"params": params} if adapters is None else {"params": params, "adapters": adapters}
 
