@@ -32,6 +32,23 @@ def get_config():
       best_metric="", best_mode="max", nan_guard=True, async_save=True,
       prepare_batches=4))  # batches data-derived masks (grad_topk) are computed from
 
+  # forgetting penalty, composable with any method (configs/penalties/*.py, METHODS.md 5):
+  # name: none | ewc | online_ewc | l2sp | mas | lwf | kl. weight: lambda (ewc, online_ewc, mas:
+  # required), alpha (l2sp, 0.1), lambda_o (lwf, 1), beta (kl, required); None = the default.
+  # Importance (ewc/online_ewc/mas): loaded from fisher_path if it exists, else computed on
+  # theta0 from fisher_samples samples of fisher_data (train | synthetic | llava_json | tfds,
+  # with fisher_json_path / fisher_image_folder) and saved there ('' = run_dir/importance/<kind>,
+  # 'auto' = <model.path>/importance/<kind>). fisher_chunk: samples per vmap'ed chunk (memory:
+  # that many gradient copies of the penalised leaves; raise it for small models).
+  c.penalty = ml_collections.ConfigDict(dict(
+      name="none", weight=ml_collections.FieldReference(None, field_type=float),
+      fisher_kind="empirical", fisher_path="", fisher_data="train", fisher_json_path="",
+      fisher_image_folder="", fisher_samples=512, fisher_chunk=1, fisher_seed=0,
+      prev_fisher_path="", gamma=1.0, beta=0.01,
+      temperature=ml_collections.FieldReference(None, field_type=float),  # lwf 2, kl 1
+      t2_scale=ml_collections.FieldReference(None, field_type=bool),      # lwf False, kl True
+      direction="forward", tokens="supervised"))
+
   # devices: 0 = all devices; N = the first N (e.g. a 1-device reference run)
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, devices=0))
 

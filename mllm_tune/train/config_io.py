@@ -88,6 +88,12 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: list[str]) -> Non
       if i < len(parts) - 1:
         node = node[part]
     current = node[parts[-1]]
+    if current is None:  # a typed FieldReference(None): parse as its type ("None" keeps it)
+      ftype = node.get_ref(parts[-1]).get_type()
+      if raw in ("None", "none"):
+        node[parts[-1]] = None
+        continue
+      current = ftype() if ftype in (bool, int, float, str) else None
     try:
       value = _parse(raw, current)
       node[parts[-1]] = value
@@ -106,6 +112,15 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
             ("data.batch_size", cfg.data.batch_size >= 1, "must be >= 1"),
             ("model.source", cfg.model.source in ("hf", "native", "tiny"),
              "must be hf | native | tiny")]
+  p = cfg.get("penalty")
+  if p is not None:
+    names = ("none", "ewc", "online_ewc", "l2sp", "mas", "lwf", "kl")
+    checks += [("penalty.name", p.name in names, f"must be one of {' | '.join(names)}"),
+               ("penalty.fisher_samples", p.get("fisher_samples", 1) >= 1, "must be >= 1"),
+               ("penalty.fisher_chunk", p.get("fisher_chunk", 1) >= 1, "must be >= 1"),
+               ("penalty.fisher_data", p.get("fisher_data", "train") in (
+                   "", "train", "synthetic", "llava_json", "tfds"),
+                "must be train | synthetic | llava_json | tfds")]
   for key, ok, msg in checks:
     if not ok:
       raise ConfigError(f"config key '{key}' {msg}")

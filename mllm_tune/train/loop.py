@@ -8,6 +8,11 @@ checkpoint directory holds a step, the trainable state, optimizer state, rng and
 state are restored and training continues bit-exactly (CPU). A non-finite loss stops the run
 with the step, the offending leaves and batch fields named, without saving the bad state.
 SIGTERM (pre-emptible TPU VMs) saves a checkpoint and returns cleanly.
+
+A `penalty` config section (configs/penalties/*.py) adds a forgetting penalty to any method: its
+importance (Fisher / MAS) is loaded from `penalty.fisher_path` or computed from `fisher_data`
+(default: the first training batches, rewound) and saved there (default
+`run_dir/importance/<kind>`, reused on resume); see `_setup_penalty`.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from tqdm.auto import tqdm
 
 from mllm_tune import tuning
@@ -29,6 +35,8 @@ from mllm_tune.checkpoints.orbax_io import TrainCheckpointer, params_fingerprint
 from mllm_tune.train import setup
 from mllm_tune.train import sharding as shard_lib
 from mllm_tune.train.logs import JsonlWriter, TensorBoardWriter
+from mllm_tune.tuning import fisher as fisher_lib
+from mllm_tune.tuning import penalties as penalty_lib
 from mllm_tune.train.step import (StepFns, TrainState, eval_step, find_nonfinite, model_kwargs,
                                   token_ce, train_step)
 
@@ -41,7 +49,9 @@ class TrainingError(RuntimeError):
 
 class Trainer:
   def __init__(self, cfg, data, eval_fn: Callable[["Trainer", int], dict] | None = None,
-               progress: bool = True):
+               progress: bool = True, fisher_data=None):
+    """`fisher_data`: batches (iterable, or a factory `model -> iterable`) the penalty's
+    importance is computed from when no file holds it (default: the training batches)."""
     self.cfg, self.data, self.eval_fn, self.progress = cfg, data, eval_fn, progress
     t = cfg.train
     devices = jax.devices()[:cfg.mesh.devices] if cfg.mesh.get("devices") else None
@@ -57,6 +67,8 @@ class Trainer:
     self._prepare_method(variables, t.get("prepare_batches", 4))
     self.mask = self.method.trainable(variables)
     self.n_trainable = tuning.log_trainable(self.method, variables, self.mask)
+    self.penalty, consts = self._setup_penalty(params, variables, fisher_data)
+    del params
     trainable, frozen = tuning.partition(variables, self.mask)
     trainable = setup.cast_tree(trainable, jnp.float32)  # float32 master weights
     if cfg.model.frozen_dtype:
@@ -69,6 +81,12 @@ class Trainer:
     base_opt, self.lr_fn = setup.make_optimizer(cfg.optimizer, t.steps)
     self.optimizer = tuning.build_optimizer(self.method, variables, self.mask, trainable,
                                             base_opt)
+    self.penalty_consts = None
+    if self.penalty is not None:  # the coupled penalty gradient comes before the masks
+      self.optimizer = optax.chain(self.penalty.transform(), self.optimizer)
+      sfn_p = lambda p, x: sfn(p.split("/", 1)[1], tuple(x.shape))
+      self.penalty_consts = {k: {p: jax.device_put(x, sfn_p(p, x)) for p, x in d.items()}
+                             for k, d in consts.items()}
     replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
     mesh_devices = set(self.mesh.devices.flat)
     on_mesh = lambda x: x if set(x.sharding.device_set) == mesh_devices else jax.device_put(
@@ -77,11 +95,12 @@ class Trainer:
     self.state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated),
                             trainable=trainable, opt_state=opt_state,
                             rng=jax.device_put(jax.random.key_data(rng), replicated))
-    self.fns = StepFns(self.model, self.method, self.optimizer, t.grad_accum)
+    self.fns = StepFns(self.model, self.method, self.optimizer, t.grad_accum,
+                       penalty=self.penalty)
     state_sh = jax.tree.map(lambda x: x.sharding, self.state)
     self.batch_sharding = setup.batch_sharding(self.mesh, t.grad_accum)
-    self._step = jax.jit(self._raw_step, donate_argnums=(1,),
-                         out_shardings=(state_sh, None))
+    step = jax.jit(self._raw_step, donate_argnums=(1,), out_shardings=(state_sh, None))
+    self._step = lambda frozen, state, batch: step(frozen, state, batch, self.penalty_consts)
     self._eval = jax.jit(functools.partial(eval_step, self.fns))
     self.run_dir = os.path.abspath(cfg.run_dir)
     self.ckpt = TrainCheckpointer(os.path.join(self.run_dir, "checkpoints"), max_to_keep=t.keep,
@@ -110,9 +129,89 @@ class Trainer:
 
     self.method = self.method.prepare(loss_fn, variables, batches)
 
-  def _raw_step(self, frozen, state, batch):
+  def _setup_penalty(self, params: dict, variables: dict, fisher_data):
+    """`penalty` config -> (BoundPenalty, host consts) or (None, None). The importance comes
+    from `penalty.fisher_path` if it exists (checked against this model and base), else it is
+    computed on theta0 over the leaves the method changes and saved there (default
+    `run_dir/importance/<kind>`; `auto`: beside the base checkpoint). Online EWC adds
+    gamma * `penalty.prev_fisher_path` and saves the sum to `run_dir/importance/online_ewc`."""
+    pcfg = self.cfg.get("penalty")
+    if pcfg is None or pcfg.name == "none":
+      return None, None
+    try:
+      penalty = penalty_lib.from_config(pcfg)
+    except penalty_lib.PenaltyError as e:
+      raise setup.ConfigValueError(f"config 'penalty': {e}") from e
+    scores, where = None, "importance"
+    if penalty.importance is not None:
+      kind = "mas" if penalty.importance == "mas" else penalty.fisher_kind
+      path = pcfg.fisher_path or os.path.join(self.cfg.run_dir, "importance", kind)
+      if path == "auto":
+        if not os.path.isdir(self.base_path):
+          raise setup.ConfigValueError(f"config 'penalty.fisher_path': 'auto' stores the "
+                                       f"importance beside the base checkpoint, but the base "
+                                       f"'{self.base_path}' is not a directory")
+        path = fisher_lib.default_path(self.base_path, kind)
+      shapes = {"params/" + p: tuple(x.shape) for p, x in tuning.select.flatten(params).items()}
+      sh = {"params/" + p: x.sharding for p, x in tuning.select.flatten(params).items()}
+      check = dict(expect_shapes=shapes, model_config=self.model.config, shardings=sh)
+      if os.path.isfile(os.path.join(path, fisher_lib.META_FILE)):
+        scores, _ = fisher_lib.load_importance(path, base_fingerprint=self.base_fingerprint,
+                                               **check)
+        log.info("penalty %s: importance loaded from %s", penalty.name, path)
+      else:
+        scores = self._compute_importance(pcfg, kind, params, variables, fisher_data, path)
+      where = f"importance file {path}"
+      if penalty.name == "online_ewc" and pcfg.get("prev_fisher_path"):
+        prev, _ = fisher_lib.load_importance(pcfg.prev_fisher_path, **check)
+        scores = fisher_lib.online_update(prev, scores, penalty.gamma)
+        fisher_lib.save_importance(
+            os.path.join(self.cfg.run_dir, "importance", "online_ewc"), scores, kind=kind,
+            model_config=self.model.config, base_fingerprint=self.base_fingerprint,
+            base_path=self.base_path, extra={"gamma": penalty.gamma,
+                                             "prev": os.path.abspath(pcfg.prev_fisher_path)})
+    return penalty_lib.bind(penalty, self.method, variables, base_params=params,
+                            importance=scores, where=where)
+
+  def _compute_importance(self, pcfg, kind: str, params: dict, variables: dict, fisher_data,
+                          path: str) -> dict:
+    changed, _, _ = penalty_lib.penalisable(self.method, variables)
+    if not changed:
+      raise setup.ConfigValueError(f"config 'penalty': method '{tuning.api.label(self.method)}' "
+                                   "changes no base leaf to compute an importance for")
+    leaves = {"params": jax.tree.map(lambda _: False, params), "adapters": {}}
+    flat = tuning.select.flatten(leaves)
+    flat.update({p: True for p in changed})
+    leaves = tuning.select.unflatten(flat)
+    leaves.setdefault("adapters", {})
+    if jax.process_count() > 1:
+      raise setup.ConfigValueError(
+          f"config 'penalty': no importance file at {path}; computing one needs a single "
+          "process (hosts hold different batches): run once on one host, or use "
+          "fisher.fisher_from_batches + fisher.save_importance, then set penalty.fisher_path")
+    if callable(fisher_data) and not hasattr(fisher_data, "__next__"):
+      fisher_data = fisher_data(self.model)
+    rewind = fisher_data is None
+    if rewind:
+      fisher_data, state0 = self.data, self.data.get_state()
+    t0 = time.time()
+    try:
+      scores, n = fisher_lib.fisher_from_batches(
+          self.model, {"params": params, "adapters": {}}, leaves, iter(fisher_data), kind,
+          pcfg.fisher_samples, pcfg.fisher_chunk, jax.random.key(pcfg.fisher_seed), self.mesh)
+    finally:
+      if rewind:
+        self.data.set_state(state0)
+    log.info("penalty %s: %s importance of %d leaves from %d samples in %.1fs -> %s",
+             pcfg.name, kind, len(scores), n, time.time() - t0, path)
+    fisher_lib.save_importance(path, scores, kind=kind, model_config=self.model.config,
+                               base_fingerprint=self.base_fingerprint, base_path=self.base_path,
+                               num_examples=n)
+    return scores
+
+  def _raw_step(self, frozen, state, batch, penalty_consts=None):
     state = state.replace(rng=jax.random.wrap_key_data(state.rng))
-    new, metrics = train_step(self.fns, frozen, state, batch, self.lr_fn)
+    new, metrics = train_step(self.fns, frozen, state, batch, self.lr_fn, penalty_consts)
     return new.replace(rng=jax.random.key_data(new.rng)), metrics
 
   # --------------------------------------------------------------------------- helpers
@@ -150,8 +249,11 @@ class Trainer:
             "perplexity": float(np.exp(min(tot["nll"] / n, 50.0))), "tokens": tot["tokens"]}
 
   def _meta(self) -> dict:
-    return {"base_path": self.base_path, "base_fingerprint": self.base_fingerprint,
+    meta = {"base_path": self.base_path, "base_fingerprint": self.base_fingerprint,
             "method": self.cfg.method.to_dict(), "n_trainable": self.n_trainable}
+    if self.penalty is not None:
+      meta["penalty"] = self.cfg.penalty.to_dict()
+    return meta
 
   def save(self, step: int, metrics: dict | None = None, force: bool = False) -> None:
     self.ckpt.save(step, self.state, self.data.get_state(), self._meta(), metrics, force=force)

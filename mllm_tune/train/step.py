@@ -5,10 +5,17 @@ closed over, get no gradient buffers and no optimizer state. Loss = token cross-
 `loss_mask` (token t is a target predicted from position t-1, the data pipeline's convention)
 + the method's `loss_terms`. Gradient accumulation scans over a leading micro-batch axis and is
 exact: the cross-entropy is normalised by the token count of the whole step.
+
+A forgetting penalty (`StepFns.penalty`, a `tuning.penalties.BoundPenalty`) adds its
+distillation terms (teacher = the frozen base, same jit) to the loss, normalised by the step's
+position count, and its quadratic term through the optimizer chain (`frozen=` and
+`penalty_consts=` extra update arguments); the quadratic value is logged as
+`loss_terms/<name>`.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import flax
@@ -31,11 +38,13 @@ class TrainState:
 
 @dataclasses.dataclass(frozen=True)
 class StepFns:
-  """What the step closes over (static for jit): model, method, optimizer, frozen-leaf dtype."""
+  """What the step closes over (static for jit): model, method, optimizer, frozen-leaf dtype,
+  and an optional bound forgetting penalty (its arrays come as `penalty_consts`)."""
   model: Any
   method: Any
   optimizer: optax.GradientTransformation
   grad_accum: int = 1
+  penalty: Any = None
 
 
 def token_ce(logits_BTV: jax.Array, ids_BT: jax.Array, loss_mask_BT: jax.Array):
@@ -55,7 +64,16 @@ def model_kwargs(batch: dict) -> dict:
   return kw
 
 
-def micro_loss(fns: StepFns, trainable, frozen, batch, rng, total_tokens, n_micro):
+def position_counts(micro: dict) -> dict:
+  """Step-level position counts (over a leading micro-batch axis) that normalise penalty terms:
+  `supervised` = targets (loss_mask), `all` = positions whose token and next token are real."""
+  am = micro.get("attention_mask", jnp.ones_like(micro["input_ids"])).astype(jnp.float32)
+  return {"supervised": micro["loss_mask"][..., 1:].sum().astype(jnp.float32),
+          "all": (am[..., 1:] * am[..., :-1]).sum()}
+
+
+def micro_loss(fns: StepFns, trainable, frozen, batch, rng, total_tokens, n_micro,
+               penalty_consts=None, norms=None):
   variables = tuning_api.combine(trainable, frozen)
   logits = fns.model.apply(variables, batch["input_ids"], rngs={"dropout": rng},
                            **model_kwargs(batch))
@@ -64,17 +82,32 @@ def micro_loss(fns: StepFns, trainable, frozen, batch, rng, total_tokens, n_micr
   loss = nll / jnp.maximum(total_tokens, 1.0) + sum(terms.values(), 0.0) / n_micro
   aux = {"nll": nll, "tokens": n, "correct": correct,
          **{f"loss_terms/{k}": v / n_micro for k, v in terms.items()}}
+  pen = fns.penalty
+  if pen is not None and pen.needs_teacher:
+    teacher = jax.lax.stop_gradient(fns.model.apply(
+        pen.teacher_variables(frozen, penalty_consts), batch["input_ids"],
+        **model_kwargs(batch)))
+    norms = norms if norms is not None else position_counts(
+        jax.tree.map(lambda x: x[None], batch))
+    for k, v in pen.loss_terms(logits, teacher, batch, norms).items():
+      loss = loss + v
+      aux[f"loss_terms/{k}"] = v
   return loss, aux
 
 
 def train_step(fns: StepFns, frozen: dict, state: TrainState, batch: dict,
-               lr_fn: Callable[[jax.Array], jax.Array] | None = None):
-  """One optimizer step. With `grad_accum > 1` every batch array has a leading (A,) axis."""
+               lr_fn: Callable[[jax.Array], jax.Array] | None = None,
+               penalty_consts: dict | None = None):
+  """One optimizer step. With `grad_accum > 1` every batch array has a leading (A,) axis.
+  `penalty_consts`: the arrays of `fns.penalty` (importance, theta0 copies)."""
   rng, step_rng = jax.random.split(state.rng)
   a = fns.grad_accum
   micro = batch if a > 1 else jax.tree.map(lambda x: x[None], batch)
   total_tokens = micro["loss_mask"][:, :, 1:].sum().astype(jnp.float32)
-  grad_fn = jax.grad(micro_loss, argnums=1, has_aux=True)
+  extra = {}
+  if fns.penalty is not None:
+    extra = {"penalty_consts": penalty_consts, "norms": position_counts(micro)}
+  grad_fn = functools.partial(jax.grad(micro_loss, argnums=1, has_aux=True), **extra)
 
   def body(carry, xs):
     grads, aux_sum = carry
@@ -91,7 +124,14 @@ def train_step(fns: StepFns, frozen: dict, state: TrainState, batch: dict,
                                         total_tokens, a)[1])
   aux0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux0)
   (grads, aux), _ = jax.lax.scan(body, (zeros, aux0), (micro, jnp.arange(a)))
-  updates, opt_state = fns.optimizer.update(grads, state.opt_state, state.trainable)
+  if fns.penalty is None:
+    updates, opt_state = fns.optimizer.update(grads, state.opt_state, state.trainable)
+  else:
+    updates, opt_state = optax.with_extra_args_support(fns.optimizer).update(
+        grads, state.opt_state, state.trainable, frozen=frozen, penalty_consts=penalty_consts)
+    if f"loss_terms/{fns.penalty.name}" not in aux:  # quadratic, or weight 0 (logs 0)
+      aux[f"loss_terms/{fns.penalty.name}"] = fns.penalty.value(state.trainable, frozen,
+                                                                penalty_consts)
   trainable = optax.apply_updates(state.trainable, updates)
   ce = aux["nll"] / jnp.maximum(aux["tokens"], 1.0)
   terms = {k: v for k, v in aux.items() if k.startswith("loss_terms/")}

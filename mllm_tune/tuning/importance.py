@@ -36,17 +36,19 @@ LossFn = Callable[[dict, Any], jax.Array]
 
 
 def _per_sample_sq_grad_sum(loss_fn: LossFn, frozen: dict):
-  """Batch -> sum over its samples of the squared per-sample gradients (trainable tree); a scan
-  over the samples, so memory stays at two copies of the trainable leaves for any batch size."""
-  def fn(train, batch):
-    def body(acc, example):
-      one_batch = jax.tree.map(lambda x: x[None], example)
-      g = jax.grad(lambda t: loss_fn(combine(t, frozen), one_batch))(train)
-      return jax.tree.map(lambda a, x: a + jnp.square(x.astype(jnp.float32)), acc, g), None
+  """Batch -> sum over its samples of the squared per-sample gradients (trainable tree): the
+  per-example engine of fisher.py with chunks of one sample scanned over the batch, so memory
+  stays at two copies of the trainable leaves for any batch size."""
+  from mllm_tune.tuning.fisher import per_example_sums
+  engine = per_example_sums(lambda v, example, key: loss_fn(
+      v, jax.tree.map(lambda x: x[None], example)))
 
+  def fn(train, batch):
+    n = _batch_size(batch)
     zeros = jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.float32), train)
-    return jax.lax.scan(body, zeros, batch)[0]
-  return jax.jit(fn)
+    keys = jax.random.split(jax.random.key(0), n).reshape((n, 1))
+    return engine(train, frozen, zeros, jax.tree.map(lambda x: x[:, None], batch), keys)
+  return fn
 
 
 def _abs_batch_grad(loss_fn: LossFn, frozen: dict):
