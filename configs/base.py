@@ -33,8 +33,9 @@ def get_config():
       prepare_batches=4))  # batches data-derived masks (grad_topk) are computed from
 
   # forgetting penalty, composable with any method (configs/penalties/*.py, METHODS.md 5):
-  # name: none | ewc | online_ewc | l2sp | mas | lwf | kl. weight: lambda (ewc, online_ewc, mas:
-  # required), alpha (l2sp, 0.1), lambda_o (lwf, 1), beta (kl, required); None = the default.
+  # name: none | ewc | online_ewc | l2sp | mas | lwf | kl | gift. weight: lambda (ewc, online_ewc,
+  # mas: required), alpha (l2sp, 0.1), lambda_o (lwf, 1), beta (kl, required), lambda of L_AWC
+  # (gift, 1); None = the default.
   # Importance (ewc/online_ewc/mas): loaded from fisher_path if it exists, else computed on
   # theta0 from fisher_samples samples of fisher_data (train | synthetic | llava_json | tfds,
   # with fisher_json_path / fisher_image_folder) and saved there ('' = run_dir/importance/<kind>,
@@ -47,7 +48,16 @@ def get_config():
       prev_fisher_path="", gamma=1.0, beta=0.01,
       temperature=ml_collections.FieldReference(None, field_type=float),  # lwf 2, kl 1
       t2_scale=ml_collections.FieldReference(None, field_type=bool),      # lwf False, kl True
-      direction="forward", tokens="supervised"))
+      direction="forward", tokens="supervised",
+      # gift (configs/penalties/gift.py): KD / caption-NLL weights (None: 1 / 0.25), static_awc
+      kd_weight=ml_collections.FieldReference(None, field_type=float),
+      ita_weight=ml_collections.FieldReference(None, field_type=float), static_awc=0))
+  # gift's synthetic image-caption pairs, one batch per step: kind procedural | directory (path
+  # holding captions.jsonl); num / seed / image_size: the procedural source; batch_size and
+  # seq_len 0 = data.batch_size / data.seq_len; prompt: the human turn after "<image>\n".
+  c.penalty.synthetic = ml_collections.ConfigDict(dict(
+      kind="procedural", path="", num=1000, seed=0, image_size=32, batch_size=0, seq_len=0,
+      prompt="Describe the image briefly."))
 
   # devices: 0 = all devices; N = the first N (e.g. a 1-device reference run)
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, devices=0))

@@ -117,7 +117,8 @@ def write_safetensors(path: str, specs: Iterable[TensorSpec],
     f.write(struct.pack("<Q", len(blob)))
     f.write(blob)
     for name, shape, dtype, fetch in specs:
-      arr = np.ascontiguousarray(fetch(), dtype=dtype)
+      # not np.ascontiguousarray: it turns a 0-d array into shape (1,)
+      arr = np.asarray(fetch(), dtype=dtype, order="C")
       if arr.shape != tuple(shape):
         raise CheckpointError(f"{path}: tensor '{name}' has shape {arr.shape}, declared {shape}")
       f.write(arr.tobytes())

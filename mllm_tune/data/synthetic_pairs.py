@@ -11,28 +11,42 @@ Two pluggable sources with one interface (`len`, `source[i] -> Pair`, `label_nam
                    "a red circle", labelled by its (colour, shape) class (6 x 5 = 30 classes).
 `make_pair_source(kind, ...)` picks one from config values; `collate_pairs` stacks a batch and
 `batch_indices` draws it (a fresh permutation per epoch, a pure function of seed and step).
+
+For an MLLM (GIFT in the trainer) `PairBatches(source, SamplePreparer, batch_size)` turns pairs
+into LLaVA conversations (human: "<image>\n" + prompt, default `DEFAULT_PROMPT` or the record's
+own "prompt" field; gpt: the caption) prepared by the training data's `SamplePreparer` (tokenizer,
+chat template, image processor) and assembled one pair per row: `batch(step)` is a pure
+function of (seed, step), so resuming needs no data state.
 """
 from __future__ import annotations
 
+import functools
+import io
 import os
 from typing import NamedTuple, Protocol, Sequence, runtime_checkable
 
 import numpy as np
+from PIL import Image
 
+from mllm_tune.data import images as img_lib
 from mllm_tune.data.errors import DataError
 from mllm_tune.data.images import decode_image, to_rgb
 from mllm_tune.data.offline_render import COLORS, SHAPES, Shape
 from mllm_tune.data.offline_tasks import make_example
+from mllm_tune.data.packing import BatchSpec, assemble
+from mllm_tune.data.pipeline import SamplePreparer, SampleDropped
 from mllm_tune.data.sources import read_llava_json
 
 CAPTIONS_FILE = "captions.jsonl"
 SOURCE_KINDS = ("procedural", "directory")
+DEFAULT_PROMPT = "Describe the image briefly."
 
 
 class Pair(NamedTuple):
   pixels: np.ndarray  # uint8 (H, W, 3)
   caption: str
   label: int          # class id; equal ids = same class (GIFT's Y^)
+  prompt: str | None = None  # the record's own instruction, if it has one
 
 
 @runtime_checkable
@@ -54,10 +68,12 @@ def _check_field(raw: dict, key: str, where: str) -> str:
 class PairDirectory:
   """Pairs listed in `<root>/captions.jsonl` (module docstring). Integer labels are kept as class
   ids (`label_names` are their decimal strings); string labels get ids in order of first
-  appearance. A file mixing the two kinds raises."""
+  appearance. A file mixing the two kinds raises. Optional "prompt": the instruction."""
 
   def __init__(self, root: str, captions: str = CAPTIONS_FILE):
     path = os.path.join(root, captions)
+    if not os.path.isdir(root):
+      raise DataError(f"{root}: synthetic pair directory not found", "missing_file", fatal=True)
     if not os.path.isfile(path):
       raise DataError(f"{root}: no {captions} (a synthetic pair directory lists its pairs there)",
                       "missing_file", fatal=True)
@@ -76,10 +92,11 @@ class PairDirectory:
       if len(kinds) > 1:
         raise DataError(f"{where}: label {label!r} mixes int and string labels in one file",
                         "bad_record")
+      prompt = _check_field(raw, "prompt", where) if "prompt" in raw else None
       full = os.path.join(root, image)
       if not os.path.isfile(full):
         raise DataError(f"{where}: image file not found: {full}", "missing_image")
-      records.append((where, full, caption, label))
+      records.append((where, full, caption, label, prompt))
     if not records:
       raise DataError(f"{path}: no pairs listed", "bad_record", fatal=True)
     if kinds == {int}:
@@ -92,21 +109,24 @@ class PairDirectory:
       index = {n: i for i, n in enumerate(names)}
       ids = [index[r[3]] for r in records]
       self.label_names = names
-    self.records = [(where, full, caption, i) for (where, full, caption, _), i in
-                    zip(records, ids)]
+    self.records = [(where, full, caption, i, prompt) for (where, full, caption, _, prompt), i
+                    in zip(records, ids)]
 
   def __len__(self) -> int:
     return len(self.records)
 
-  def __getitem__(self, index: int) -> Pair:
-    where, full, caption, label = self.records[index]
+  def image_bytes(self, index: int) -> bytes:
+    where, full = self.records[index][:2]
     try:
       with open(full, "rb") as f:
-        data = f.read()
+        return f.read()
     except OSError as e:
       raise DataError(f"{where}: cannot read image file {full} ({e})", "missing_image") from None
-    img = to_rgb(decode_image(data, f"{full} (listed at {where})"))
-    return Pair(np.asarray(img, np.uint8), caption, int(label))
+
+  def __getitem__(self, index: int) -> Pair:
+    where, full, caption, label, prompt = self.records[index]
+    img = to_rgb(decode_image(self.image_bytes(index), f"{full} (listed at {where})"))
+    return Pair(np.asarray(img, np.uint8), caption, int(label), prompt)
 
 
 def shape_class(color: str, kind: str) -> int:
@@ -179,3 +199,59 @@ def batch_indices(num: int, batch_size: int, seed: int, step: int) -> np.ndarray
     out.extend(take.tolist())
     pos += len(take)
   return np.asarray(out, np.int64)
+
+
+# ----------------------------------------------------------------------------- MLLM batches
+def llava_record(source: PairSource, index: int, prompt: str = DEFAULT_PROMPT) -> dict:
+  """Pair `index` as a LLaVA record: human "<image>\n" + (the pair's prompt or `prompt`), gpt
+  the caption; the image as encoded bytes (a directory's file as is, else PNG)."""
+  if isinstance(source, PairDirectory):
+    where, full, caption, _, own = source.records[index]
+    data, name = source.image_bytes(index), full
+  else:
+    pair = source[index]
+    where, caption, own, name = f"synthetic pair {index}", pair.caption, pair.prompt, f"#{index}"
+    buf = io.BytesIO()
+    Image.fromarray(pair.pixels).save(buf, format="PNG")
+    data = buf.getvalue()
+  return {"id": str(index), "where": where, "images": [data], "image_names": [name],
+          "conversations": [{"from": "human", "value": "<image>\n" + (own or prompt)},
+                            {"from": "gpt", "value": caption}]}
+
+
+class PairBatches:
+  """Step-indexed caption batches for an MLLM (module docstring): `batch(step)` -> input_ids,
+  attention_mask, positions, segment_ids, loss_mask (b, T) with T = `prepare.max_len`,
+  pixel_values (b, H, W, 3) float32, image_valid (b,); one pair per row, b = batch_size /
+  shard_count rows (this host's slice of the global batch)."""
+
+  def __init__(self, source: PairSource, prepare: SamplePreparer, batch_size: int, seed: int = 0,
+               prompt: str = DEFAULT_PROMPT, pad_id: int = 0, shard_index: int = 0,
+               shard_count: int = 1):
+    if prepare.image_spec is None or prepare.chat.image_seq_len < 1:
+      raise ValueError("caption batches need an image processor and a model with image tokens")
+    if batch_size % shard_count:
+      raise ValueError(f"batch_size={batch_size} is not divisible by {shard_count} hosts")
+    if not 0 < batch_size <= len(source):
+      raise ValueError(f"batch_size={batch_size} must be in [1, {len(source)}] (the number of "
+                       "synthetic pairs)")
+    self.source, self.prepare, self.seed, self.prompt = source, prepare, seed, prompt
+    self.batch_size, self.shard_index, self.shard_count = batch_size, shard_index, shard_count
+    rows = batch_size // shard_count
+    self.spec = BatchSpec(batch_size=rows, max_len=prepare.max_len, packing=False,
+                          max_images=rows, image_seq_len=prepare.chat.image_seq_len,
+                          image_token_id=prepare.chat.image_token_id,
+                          image_hw=prepare.image_hw, pad_id=pad_id)
+    self._normalize = functools.partial(img_lib.normalize, spec=prepare.image_spec)
+
+  def batch(self, step: int) -> dict[str, np.ndarray]:
+    rows = self.spec.batch_size
+    idx = batch_indices(len(self.source), self.batch_size, self.seed, step)
+    samples = []
+    for i in idx[self.shard_index * rows:(self.shard_index + 1) * rows]:
+      try:
+        samples.append([self.prepare(llava_record(self.source, int(i), self.prompt))])
+      except SampleDropped as e:
+        raise DataError(f"{e}: a synthetic caption must fit; raise the caption batch's seq_len",
+                        "too_long", fatal=True) from None
+    return assemble(samples, self.spec, self._normalize)

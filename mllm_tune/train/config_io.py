@@ -114,13 +114,21 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
              "must be hf | native | tiny")]
   p = cfg.get("penalty")
   if p is not None:
-    names = ("none", "ewc", "online_ewc", "l2sp", "mas", "lwf", "kl")
+    names = ("none", "ewc", "online_ewc", "l2sp", "mas", "lwf", "kl", "gift")
     checks += [("penalty.name", p.name in names, f"must be one of {' | '.join(names)}"),
                ("penalty.fisher_samples", p.get("fisher_samples", 1) >= 1, "must be >= 1"),
                ("penalty.fisher_chunk", p.get("fisher_chunk", 1) >= 1, "must be >= 1"),
                ("penalty.fisher_data", p.get("fisher_data", "train") in (
                    "", "train", "synthetic", "llava_json", "tfds"),
                 "must be train | synthetic | llava_json | tfds")]
+    syn = p.get("synthetic")
+    if syn is not None and p.name == "gift":
+      checks += [("penalty.synthetic.kind", syn.kind in ("procedural", "directory"),
+                  "must be procedural | directory"),
+                 ("penalty.synthetic.path", syn.kind != "directory" or bool(syn.path),
+                  "must name the directory holding captions.jsonl (kind=directory)"),
+                 ("penalty.synthetic.batch_size", syn.batch_size >= 0, "must be >= 0"),
+                 ("penalty.synthetic.num", syn.num >= 1, "must be >= 1")]
   for key, ok, msg in checks:
     if not ok:
       raise ConfigError(f"config key '{key}' {msg}")

@@ -12,7 +12,10 @@ SIGTERM (pre-emptible TPU VMs) saves a checkpoint and returns cleanly.
 A `penalty` config section (configs/penalties/*.py) adds a forgetting penalty to any method: its
 importance (Fisher / MAS) is loaded from `penalty.fisher_path` or computed from `fisher_data`
 (default: the first training batches, rewound) and saved there (default
-`run_dir/importance/<kind>`, reused on resume); see `_setup_penalty`.
+`run_dir/importance/<kind>`, reused on resume); see `_setup_penalty`. GIFT (`penalty.name=gift`)
+also draws one synthetic caption batch per step (`penalty.synthetic`), prepared with the model
+directory's tokenizer and image processor and the data's template (`_setup_penalty_data`); the
+batch of step s is a pure function of (synthetic.seed, s), so resume stays exact.
 """
 from __future__ import annotations
 
@@ -68,6 +71,7 @@ class Trainer:
     self.mask = self.method.trainable(variables)
     self.n_trainable = tuning.log_trainable(self.method, variables, self.mask)
     self.penalty, consts = self._setup_penalty(params, variables, fisher_data)
+    self.penalty_data = self._setup_penalty_data()
     del params
     trainable, frozen = tuning.partition(variables, self.mask)
     trainable = setup.cast_tree(trainable, jnp.float32)  # float32 master weights
@@ -84,8 +88,10 @@ class Trainer:
     self.penalty_consts = None
     if self.penalty is not None:  # the coupled penalty gradient comes before the masks
       self.optimizer = optax.chain(self.penalty.transform(), self.optimizer)
-      sfn_p = lambda p, x: sfn(p.split("/", 1)[1], tuple(x.shape))
-      self.penalty_consts = {k: {p: jax.device_put(x, sfn_p(p, x)) for p, x in d.items()}
+      flat_sh = tuning.select.flatten(shard_t)  # gift's theta_ref: as the trainable leaf
+      sfn_p = lambda k, p, x: (flat_sh[p] if k == "ref" else
+                               sfn(p.split("/", 1)[1], tuple(x.shape)))
+      self.penalty_consts = {k: {p: jax.device_put(x, sfn_p(k, p, x)) for p, x in d.items()}
                              for k, d in consts.items()}
     replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
     mesh_devices = set(self.mesh.devices.flat)
@@ -100,7 +106,8 @@ class Trainer:
     state_sh = jax.tree.map(lambda x: x.sharding, self.state)
     self.batch_sharding = setup.batch_sharding(self.mesh, t.grad_accum)
     step = jax.jit(self._raw_step, donate_argnums=(1,), out_shardings=(state_sh, None))
-    self._step = lambda frozen, state, batch: step(frozen, state, batch, self.penalty_consts)
+    self._step = lambda frozen, state, batch, penalty_batch=None: step(
+        frozen, state, batch, self.penalty_consts, penalty_batch)
     self._eval = jax.jit(functools.partial(eval_step, self.fns))
     self.run_dir = os.path.abspath(cfg.run_dir)
     self.ckpt = TrainCheckpointer(os.path.join(self.run_dir, "checkpoints"), max_to_keep=t.keep,
@@ -171,7 +178,35 @@ class Trainer:
             base_path=self.base_path, extra={"gamma": penalty.gamma,
                                              "prev": os.path.abspath(pcfg.prev_fisher_path)})
     return penalty_lib.bind(penalty, self.method, variables, base_params=params,
-                            importance=scores, where=where)
+                            importance=scores, where=where, model=self.model)
+
+  def _setup_penalty_data(self):
+    """GIFT's synthetic caption batches (`data.synthetic_pairs.PairBatches`) or None. They are
+    prepared like the training data, from the tokenizer and image processor in `model.path`
+    (model.source=hf); the tiny random model has none, so gift refuses it here [choice: no
+    made-up token fallback] rather than train on captions it cannot tokenize."""
+    if self.penalty is None or self.penalty.name != "gift" or not self.penalty.active:
+      return None
+    from mllm_tune.data.pipeline import SamplePreparer
+    from mllm_tune.data.synthetic_pairs import PairBatches, make_pair_source
+    c, s = self.cfg, self.cfg.penalty.synthetic
+    if c.model.source != "hf" or not hasattr(self.model.config, "image_token_id"):
+      raise setup.ConfigValueError(
+          "config 'penalty': gift turns synthetic image-caption pairs into LLaVA conversations "
+          "with the tokenizer, chat template and image processor of the training data, read "
+          f"from model.path; model.source={c.model.source!r}"
+          + (" has none" if c.model.source != "hf" else " is not a LLaVA (vision) model")
+          + ": use an HF LLaVA directory (model.source=hf), or another penalty")
+    source = make_pair_source(s.kind, s.path, s.num, "train", s.seed, s.image_size)
+    prepare = SamplePreparer.from_pretrained(
+        c.model.path, self.model.config, s.seq_len or c.data.seq_len, c.data.get("template"),
+        "truncate", c.data.get("aspect"))
+    pad_id = getattr(prepare.chat.tokenizer, "pad_token_id", None) or 0
+    batches = PairBatches(source, prepare, s.batch_size or c.data.batch_size, s.seed, s.prompt,
+                          pad_id, jax.process_index(), jax.process_count())
+    log.info("penalty gift: %d synthetic pairs (%s), %d per step, rows of %d tokens",
+             len(source), s.kind, batches.batch_size, batches.spec.max_len)
+    return batches
 
   def _compute_importance(self, pcfg, kind: str, params: dict, variables: dict, fisher_data,
                           path: str) -> dict:
@@ -209,9 +244,10 @@ class Trainer:
                                num_examples=n)
     return scores
 
-  def _raw_step(self, frozen, state, batch, penalty_consts=None):
+  def _raw_step(self, frozen, state, batch, penalty_consts=None, penalty_batch=None):
     state = state.replace(rng=jax.random.wrap_key_data(state.rng))
-    new, metrics = train_step(self.fns, frozen, state, batch, self.lr_fn, penalty_consts)
+    new, metrics = train_step(self.fns, frozen, state, batch, self.lr_fn, penalty_consts,
+                              penalty_batch)
     return new.replace(rng=jax.random.key_data(new.rng)), metrics
 
   # --------------------------------------------------------------------------- helpers
@@ -219,9 +255,9 @@ class Trainer:
   def variables(self) -> dict:
     return tuning.combine(self.state.trainable, self.frozen)
 
-  def put_batch(self, batch: dict) -> dict:
+  def put_batch(self, batch: dict, sharding=None) -> dict:
     """Host batch (this process's slice) -> global arrays sharded over (data, fsdp)."""
-    sh = self.batch_sharding
+    sh = sharding or self.batch_sharding
     out = {}
     for k, v in batch.items():
       v = np.asarray(v)
@@ -298,7 +334,10 @@ class Trainer:
     try:
       for step in range(start, t.steps):
         host_batch = next(self.data)
-        self.state, metrics = self._step(self.frozen, self.state, self.put_batch(host_batch))
+        pb = None
+        if self.penalty_data is not None:  # gift: this step's synthetic captions (no A axis)
+          pb = self.put_batch(self.penalty_data.batch(step), setup.batch_sharding(self.mesh, 1))
+        self.state, metrics = self._step(self.frozen, self.state, self.put_batch(host_batch), pb)
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         if t.nan_guard:
           self._check_finite(step + 1, metrics, host_batch)

@@ -10,7 +10,8 @@ A forgetting penalty (`StepFns.penalty`, a `tuning.penalties.BoundPenalty`) adds
 distillation terms (teacher = the frozen base, same jit) to the loss, normalised by the step's
 position count, and its quadratic term through the optimizer chain (`frozen=` and
 `penalty_consts=` extra update arguments); the quadratic value is logged as
-`loss_terms/<name>`.
+`loss_terms/<name>`. GIFT (`tuning.gift.BoundGift`) runs its own backward pass on the synthetic
+caption batch `penalty_batch` inside that chain (same jit) and logs `loss_terms/gift_*`.
 """
 from __future__ import annotations
 
@@ -97,9 +98,10 @@ def micro_loss(fns: StepFns, trainable, frozen, batch, rng, total_tokens, n_micr
 
 def train_step(fns: StepFns, frozen: dict, state: TrainState, batch: dict,
                lr_fn: Callable[[jax.Array], jax.Array] | None = None,
-               penalty_consts: dict | None = None):
+               penalty_consts: dict | None = None, penalty_batch: dict | None = None):
   """One optimizer step. With `grad_accum > 1` every batch array has a leading (A,) axis.
-  `penalty_consts`: the arrays of `fns.penalty` (importance, theta0 copies)."""
+  `penalty_consts`: the arrays of `fns.penalty` (importance, theta0 copies); `penalty_batch`:
+  GIFT's synthetic caption batch for this step (B', T') (no accumulation axis)."""
   rng, step_rng = jax.random.split(state.rng)
   a = fns.grad_accum
   micro = batch if a > 1 else jax.tree.map(lambda x: x[None], batch)
@@ -127,9 +129,13 @@ def train_step(fns: StepFns, frozen: dict, state: TrainState, batch: dict,
   if fns.penalty is None:
     updates, opt_state = fns.optimizer.update(grads, state.opt_state, state.trainable)
   else:
+    extra = {"penalty_batch": penalty_batch} if penalty_batch is not None else {}
     updates, opt_state = optax.with_extra_args_support(fns.optimizer).update(
-        grads, state.opt_state, state.trainable, frozen=frozen, penalty_consts=penalty_consts)
-    if f"loss_terms/{fns.penalty.name}" not in aux:  # quadratic, or weight 0 (logs 0)
+        grads, state.opt_state, state.trainable, frozen=frozen, penalty_consts=penalty_consts,
+        **extra)
+    if hasattr(fns.penalty, "step_terms"):  # gift: its terms come from its transform's state
+      aux.update({f"loss_terms/{k}": v for k, v in fns.penalty.step_terms(opt_state).items()})
+    elif f"loss_terms/{fns.penalty.name}" not in aux:  # quadratic, or weight 0 (logs 0)
       aux[f"loss_terms/{fns.penalty.name}"] = fns.penalty.value(state.trainable, frozen,
                                                                 penalty_consts)
   trainable = optax.apply_updates(state.trainable, updates)

@@ -10,7 +10,9 @@ from mllm_tune.tuning import vera  # noqa: F401  (vera + PEFT VERA)
 from mllm_tune.tuning import selective  # noqa: F401  (freeze, bitfit, ln_tuning, hft, spider, ...)
 from mllm_tune.tuning import additive  # noqa: F401  (adapter, parallel_adapter, prompt_tuning,
 #   prefix_tuning, ia3, llama_adapter, vpt + PEFT IA3/PROMPT_TUNING/PREFIX_TUNING/ADAPTION_PROMPT)
+# forgetting penalties and post-hoc methods (METHODS.md 5, 6); gift registers penalty "gift"
+from mllm_tune.tuning import penalties, fisher, merging, dawin, calibration, gift
 
 __all__ = ["api", "select", "Compose", "Method", "MethodError", "build_optimizer", "combine",
            "compose", "from_config", "get", "log_trainable", "names", "partition",
-           "trainable_table"]
+           "trainable_table", "penalties", "fisher", "merging", "dawin", "calibration", "gift"]

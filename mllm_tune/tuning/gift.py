@@ -30,23 +30,34 @@ longer zeroes them: not reproduced).
 Teacher logits use the teacher's own `logit_scale` (the code uses the student's; equal, since it
 is frozen). MLLM transfer ([choice], METHODS 5.3): `token_distillation` (token KL with T and T^2,
 METHODS 5.7, forward direction) and `caption_nll` on teacher-forced caption tokens, AWC unchanged
-(`gift_gradients` takes any aux/task loss closures over any params tree, e.g. the trainable
-partition of a LLaVA model).
+(`gift_gradients` takes any aux/task loss closures over any params tree).
+
+In the trainer GIFT is a penalty (`penalty.name=gift`, class `Gift`, bound as `BoundGift`) on any
+tuning method: per step a synthetic caption batch (data/synthetic_pairs.PairBatches, the training
+tokenizer / template / image preprocessing) feeds the aux pass; teacher = theta0 without
+adapters; g_aux is w.r.t. the trainable partition; theta_ref = the trainable leaves at the start
+of training, so with LoRA [choice] AWC pulls the adapter leaves A, B toward their init (not the
+merged delta: F has the shape of g_aux, i.e. of the leaves). The two backward passes share one
+jitted step: the task gradient in `train.step`, then `BoundGift.transform()` (first in the
+optimizer chain) adds g_aux + grad(L_AWC); its state (checkpointed with the optimizer's) holds
+the static_awc count / F and the step's terms, logged as `loss_terms/gift_{kd,ita,awc}`.
 """
 from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Callable, NamedTuple
+from typing import Any, Callable, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from mllm_tune.data.targets import next_token_nll
-from mllm_tune.tuning.select import STACKED_ROOTS, flatten, unflatten
+from mllm_tune.tuning import penalties, select
+from mllm_tune.tuning.api import Method, combine, label, partition
+from mllm_tune.tuning.select import flatten, unflatten
 
-GIFT_STACKED_ROOTS = STACKED_ROOTS + ("text",)  # CLIP's text tower is scanned too
 EXCLUDED_IMPORTANCE = 1e-6  # the code's F for logit_scale and gradient-less tensors
 
 
@@ -147,8 +158,9 @@ def mllm_aux_loss(student_BTV: jax.Array, teacher_BTV: jax.Array, ids_BT: jax.Ar
 
 # ----------------------------------------------------------------------------- AWC
 def _is_stacked(path: str) -> bool:
-  parts = path.split("/")
-  return len(parts) > 2 and parts[0] in GIFT_STACKED_ROOTS and parts[1] == "layers"
+  """`<root>/layers/...` (select.STACKED_ROOTS), also under a partition's params/ or adapters/."""
+  head, _, rest = path.partition("/")
+  return select.is_stacked(rest if head in ("params", "adapters") else path)
 
 
 def frozen_mask(params: dict, frozen: tuple[str, ...]) -> dict:
@@ -192,15 +204,13 @@ def init_awc_state(params: dict) -> AwcState:
                   jnp.zeros((), jnp.int32))
 
 
-def gift_gradients(aux_loss_fn: Callable[[dict], tuple[jax.Array, dict]],
-                   task_loss_fn: Callable[[dict], tuple[jax.Array, dict]], params: dict,
-                   ref_params: dict, state: AwcState, hp: GiftHparams
-                   ) -> tuple[dict, AwcState, dict[str, jax.Array]]:
-  """GIFT's update direction for any model: `g_aux + grad(L_task + L_AWC)`.
+AuxLossFn = Callable[[dict], tuple[jax.Array, dict]]
 
-  `aux_loss_fn(params) -> (kd_weight L_KD + ita_weight L_ITA, terms)`, `task_loss_fn(params) ->
-  (L_CE, terms)`. Returns (gradients, new state, metrics); frozen leaves get zero gradient.
-  """
+
+def aux_importance(aux_loss_fn: AuxLossFn, params: dict, state: AwcState, hp: GiftHparams
+                   ) -> tuple[dict, dict, dict[str, jax.Array]]:
+  """GIFT's first backward pass -> (g_aux, F, aux terms). `static_awc = K > 0`: F is the running
+  mean of the first K iterations' F, then frozen, and no aux pass runs (g_aux = 0, terms 0)."""
   def aux_phase(_):
     (aux, terms), g_aux = jax.value_and_grad(aux_loss_fn, has_aux=True)(params)
     new = awc_importance(g_aux, hp.frozen)
@@ -209,15 +219,24 @@ def gift_gradients(aux_loss_fn: Callable[[dict], tuple[jax.Array, dict]],
       new = jax.tree.map(lambda old, f: old * (n / (n + 1)) + f / (n + 1), state.importance, new)
     return g_aux, new, {"aux": aux, **terms}
 
-  if hp.static_awc > 0:
-    zero = jax.tree.map(jnp.zeros_like, params)
-    shapes = jax.eval_shape(aux_phase, None)[2]
-    static_phase = lambda _: (zero, state.importance,
-                              jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
-    g_aux, importance, aux_terms = jax.lax.cond(state.count < hp.static_awc, aux_phase,
-                                                static_phase, None)
-  else:
-    g_aux, importance, aux_terms = aux_phase(None)
+  if hp.static_awc <= 0:
+    return aux_phase(None)
+  zero = jax.tree.map(jnp.zeros_like, params)
+  shapes = jax.eval_shape(aux_phase, None)[2]
+  static_phase = lambda _: (zero, state.importance,
+                            jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
+  return jax.lax.cond(state.count < hp.static_awc, aux_phase, static_phase, None)
+
+
+def gift_gradients(aux_loss_fn: AuxLossFn, task_loss_fn: AuxLossFn, params: dict,
+                   ref_params: dict, state: AwcState, hp: GiftHparams
+                   ) -> tuple[dict, AwcState, dict[str, jax.Array]]:
+  """GIFT's update direction for any model: `g_aux + grad(L_task + L_AWC)`.
+
+  `aux_loss_fn(params) -> (kd_weight L_KD + ita_weight L_ITA, terms)`, `task_loss_fn(params) ->
+  (L_CE, terms)`. Returns (gradients, new state, metrics); frozen leaves get zero gradient.
+  """
+  g_aux, importance, aux_terms = aux_importance(aux_loss_fn, params, state, hp)
 
   def total(p):
     task, terms = task_loss_fn(p)
@@ -278,3 +297,154 @@ def gift_optimizer(learning_rate: float = 1e-5, weight_decay: float = 0.0
   """The released optimizer: AdamW (betas 0.9 / 0.999 by default there), weight decay 0."""
   return optax.adamw(learning_rate, weight_decay=weight_decay)
 
+
+
+# ----------------------------------------------------------------------------- the trainer
+MODEL_INPUTS = ("attention_mask", "positions", "segment_ids", "pixel_values")  # + input_ids
+TERMS = ("gift_kd", "gift_ita", "gift_awc")
+
+
+@penalties.register("gift")
+@dataclasses.dataclass(frozen=True)
+class Gift(penalties.Penalty):
+  """GIFT on any tuning method (METHODS 5.3 [choice] MLLM): `weight` = lambda of L_AWC (the
+  code's `l2`), kd_weight x token KD at `temperature` (T^2), ita_weight x caption NLL, static_awc."""
+  family: ClassVar[str] = "gift"
+  default_weight: ClassVar[float | None] = GiftHparams.awc_weight
+  temperature: float = GiftHparams.temperature
+  kd_weight: float = GiftHparams.kd_weight
+  ita_weight: float = GiftHparams.ita_weight
+  static_awc: int = GiftHparams.static_awc
+
+  def __post_init__(self):
+    super().__post_init__()
+    for key in ("kd_weight", "ita_weight"):
+      if not (np.isfinite(getattr(self, key)) and getattr(self, key) >= 0):
+        raise penalties.PenaltyError(f"penalty.{key} must be finite and >= 0, got "
+                                     f"{getattr(self, key)}")
+    if int(self.static_awc) != self.static_awc or self.static_awc < 0:
+      raise penalties.PenaltyError(f"penalty.static_awc must be an int >= 0, got "
+                                   f"{self.static_awc}")
+
+  @property
+  def hparams(self) -> GiftHparams:
+    return GiftHparams(self.temperature, self.kd_weight, self.ita_weight, 0.0, self.weight,
+                       int(self.static_awc), ())
+
+  def bind_to(self, method: Method, variables: dict, base_params: dict | None = None,
+              model=None) -> tuple["BoundGift", dict]:
+    """-> (BoundGift, consts): "anchor" = theta0 copies of the base leaves the method trains or
+    rewrites (the teacher), "ref" = theta_ref copies of the other trainable leaves (adapters at
+    their init; a trained base leaf's theta_ref is its anchor)."""
+    if model is None:
+      raise penalties.PenaltyError("penalty 'gift' runs the model on synthetic pairs: "
+                                   "bind(..., model=model)")
+    base = flatten(variables["params"] if base_params is None else base_params)
+    rewritten = {"params/" + p for p, x in flatten(variables["params"]).items()
+                 if x is not base.get(p)}
+    flat_t = flatten(partition(variables, method.trainable(variables))[0])
+    if not flat_t:
+      raise penalties.PenaltyError(f"penalty 'gift': method '{label(method)}' trains nothing")
+    anchored = sorted({p for p in flat_t if p.startswith("params/")} | rewritten)
+    own = sorted(p for p in flat_t if p not in anchored or p in rewritten)
+    consts = {"anchor": {p: jnp.array(base[p[len("params/"):]], copy=True) for p in anchored},
+              "ref": {p: jnp.array(flat_t[p], copy=True) for p in own}}
+    return BoundGift(self, method, model, tuple(anchored), tuple(own)), consts
+
+
+class GiftState(NamedTuple):
+  """The transform's state: AWC count (+ F with static_awc, else EmptyState) and this step's
+  weighted terms (gift_kd, gift_ita, gift_awc: float32 scalars, for logging)."""
+  awc: AwcState
+  terms: dict
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class BoundGift:
+  """GIFT bound to a method and model, the trainer-facing twin of `penalties.BoundPenalty`
+  (module docstring, last paragraph). The aux pass runs without dropout."""
+  penalty: Gift
+  method: Method
+  model: Any
+  anchored: tuple[str, ...]   # "params/..." leaves with a theta0 copy in consts["anchor"]
+  own_ref: tuple[str, ...]    # trainable leaves with their own theta_ref in consts["ref"]
+  name: ClassVar[str] = "gift"
+  needs_teacher: ClassVar[bool] = False  # no teacher on the downstream batch
+
+  @property
+  def active(self) -> bool:
+    """False when all three weights are 0: the step is then the plain one, bit for bit."""
+    p = self.penalty
+    return max(p.weight, p.kd_weight, p.ita_weight) > 0
+
+  def teacher_variables(self, frozen: dict, consts: dict) -> dict:
+    return penalties.theta0_variables(frozen, consts)
+
+  def reference(self, trainable: dict, consts: dict) -> dict:
+    """theta_ref shaped like the trainable partition."""
+    flat = {**consts["anchor"], **consts["ref"]}
+    return unflatten({p: flat[p] for p in flatten(trainable)})
+
+  def gradients(self, trainable: dict, frozen: dict, consts: dict, batch: dict,
+                state: GiftState) -> tuple[dict, GiftState]:
+    """(g_aux + grad L_AWC at `trainable`, new state); `batch`: a caption batch (B, T) with
+    pixel_values (M, H, W, 3), built like the training data (data.synthetic_pairs)."""
+    hp = self.penalty.hparams
+    ids, mask = batch["input_ids"], batch["loss_mask"]
+    kw = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    logits = lambda v: self.model.apply(v, ids, **kw)
+    zero = jnp.zeros((), jnp.float32)
+
+    def aux_fn(t):  # the teacher runs in here: static_awc skips it with the aux pass
+      z = logits(combine(t, frozen))
+      kd = zero if hp.kd_weight == 0 else token_distillation(
+          z, jax.lax.stop_gradient(logits(self.teacher_variables(frozen, consts))), mask,
+          hp.temperature)
+      ita = caption_nll(z, ids, mask) if hp.ita_weight > 0 else zero
+      return hp.kd_weight * kd + hp.ita_weight * ita, {"kd": kd, "ita": ita}
+
+    if hp.kd_weight > 0 or hp.ita_weight > 0:
+      g, importance, terms = aux_importance(aux_fn, trainable, state.awc, hp)
+    else:  # g_aux = 0: F is EXCLUDED_IMPORTANCE everywhere, as awc_importance gives
+      g = jax.tree.map(jnp.zeros_like, trainable)
+      importance, terms = awc_importance(g, ()), {"kd": zero, "ita": zero}
+    awc = zero
+    if hp.awc_weight > 0:
+      awc, g_awc = jax.value_and_grad(awc_penalty)(trainable, self.reference(trainable, consts),
+                                                   importance, hp.awc_weight)
+      g = jax.tree.map(jnp.add, g, g_awc)
+    logged = {"gift_kd": hp.kd_weight * terms["kd"], "gift_ita": hp.ita_weight * terms["ita"],
+              "gift_awc": awc}
+    kept = importance if hp.static_awc else state.awc.importance
+    return g, GiftState(AwcState(kept, state.awc.count + 1), logged)
+
+  def transform(self) -> optax.GradientTransformationExtraArgs:
+    """`g <- g + g_aux + grad(L_AWC)`; extra update arguments `frozen=`, `penalty_consts=`,
+    `penalty_batch=` (identity when inactive)."""
+    def init(params):
+      imp = (jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.float32), params)
+             if self.penalty.static_awc else optax.EmptyState())
+      return GiftState(AwcState(imp, jnp.zeros((), jnp.int32)),
+                       {k: jnp.zeros((), jnp.float32) for k in TERMS})
+
+    def update(updates, state, params=None, *, frozen=None, penalty_consts=None,
+               penalty_batch=None, **extra):
+      del extra
+      if not self.active:
+        return updates, state
+      if params is None or frozen is None or penalty_consts is None or penalty_batch is None:
+        raise penalties.PenaltyError(
+            "penalty 'gift' needs update(grads, state, params, frozen=frozen_partition, "
+            "penalty_consts=consts, penalty_batch=synthetic caption batch)")
+      g, state = self.gradients(params, frozen, penalty_consts, penalty_batch, state)
+      return jax.tree.map(lambda u, x: u + x.astype(u.dtype), updates, g), state
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+  def step_terms(self, opt_state) -> dict[str, jax.Array]:
+    """This step's weighted terms, read from the GiftState inside `opt_state`."""
+    for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, GiftState)):
+      if isinstance(s, GiftState):
+        return dict(s.terms)
+    raise penalties.PenaltyError("no GIFT state in the optimizer state: chain "
+                                 "bound.transform() before the optimizer")

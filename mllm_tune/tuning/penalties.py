@@ -19,6 +19,8 @@ Distillation from the frozen base (teacher = theta0 without adapters), per posit
   lwf  lambda_o * (-sum_v p0_v log q_v), p0 = softmax(z0/T), q = softmax(z/T), T = 2, no T^2
   kl   beta * KL(p_ref || p_theta) (forward) or KL(p_theta || p_ref) (reverse), T^2 if t2_scale
 
+GIFT (`penalty.name=gift`, METHODS 5.3) is registered and bound in gift.py (`Gift.bind_to`).
+
 `bind(penalty, method, variables, base_params, importance)` -> (BoundPenalty, consts): consts are
 the step constants (importance, theta0 copies of the leaves that move), passed to the step beside
 the frozen partition (not checkpointed: the importance file is saved once, theta0 is the base).
@@ -218,6 +220,14 @@ def distill_weights(batch: dict, tokens: str) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------- binding
+def theta0_variables(frozen: dict, consts: dict) -> dict:
+  """theta0 without adapters (the teacher): the frozen base, with the theta0 copies in
+  consts["anchor"] where the method trains or rewrites base leaves."""
+  flat = {p: x for p, x in select.flatten(frozen).items() if p.startswith("params/")}
+  flat.update(consts.get("anchor", {}))
+  return {"params": select.unflatten(flat).get("params", {}), "adapters": {}}
+
+
 def _merge_dependencies(method: Method, trainable: dict, frozen: dict):
   """({params path whose merged value depends on a trainable leaf}, {trainable paths feeding
   some merged leaf}) from the jaxpr of `method.merge`; None when the method cannot merge."""
@@ -337,11 +347,7 @@ class BoundPenalty:
     return optax.GradientTransformationExtraArgs(init, update)
 
   def teacher_variables(self, frozen: dict, consts: dict) -> dict:
-    """theta0 without adapters: the frozen base, theta0 copies where the method trains."""
-    flat = {p: x for p, x in select.flatten(frozen).items() if p.startswith("params/")}
-    flat.update(consts.get("anchor", {}))
-    out = select.unflatten(flat)
-    return {"params": out.get("params", {}), "adapters": {}}
+    return theta0_variables(frozen, consts)
 
   def loss_terms(self, logits_BTV, teacher_BTV, batch: dict, norms: dict) -> dict:
     """{name: weight * sum over positions / norms[tokens]} (empty for quadratic penalties)."""
@@ -358,11 +364,15 @@ class BoundPenalty:
 
 
 def bind(penalty: Penalty, method: Method, variables: dict, base_params: dict | None = None,
-         importance: dict | None = None, where: str = "importance") -> tuple[BoundPenalty, dict]:
+         importance: dict | None = None, where: str = "importance",
+         model=None) -> tuple[BoundPenalty, dict]:
   """-> (BoundPenalty, consts = {"importance": {path: F}, "anchor": {path: theta0 copy}}).
   `base_params`: theta0 as loaded (before `init_variables` may rewrite it, e.g. PiSSA);
   `importance` ("params/..." paths) is required by ewc / online_ewc / mas, and every leaf
-  must be one the method changes (`where` names its source in errors)."""
+  must be one the method changes (`where` names its source in errors). A penalty with its own
+  `bind_to` (gift) binds itself (it needs the `model`)."""
+  if hasattr(penalty, "bind_to"):
+    return penalty.bind_to(method, variables, base_params, model)
   base_params = variables["params"] if base_params is None else base_params
   flat_base, flat_var = select.flatten(base_params), select.flatten(variables["params"])
   mask = method.trainable(variables)

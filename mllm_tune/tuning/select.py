@@ -17,7 +17,8 @@ from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
-STACKED_ROOTS = ("llm", "vision")  # `<root>/layers/...` leaves carry a leading layer axis
+STACKED_ROOTS = ("llm", "vision", "text")  # `<root>/layers/...` leaves: leading layer axis
+# ("text": the CLIP text tower of models/clip.py; LLaVA has no such root)
 
 
 class SelectorError(ValueError):
