@@ -70,12 +70,32 @@ def _train(args) -> int:
   apply_overrides(cfg, args.overrides)
   validate(cfg)
   trainer = Trainer(cfg, data=lambda model: build_data(cfg, model),
-                    progress=not args.no_progress)
+                    progress=not args.no_progress, fisher_data=build_fisher_data(cfg))
   trainer.eval_fn = build_eval_fn(cfg, trainer.model)
   summary = trainer.run()
   print(json.dumps({k: summary[k] for k in ("status", "run_dir", "best_step")}))
   print(json.dumps(summary["last"], sort_keys=True))
   return 0 if summary["status"] in ("done", "preempted") else 1
+
+
+def build_fisher_data(cfg):
+  """`penalty.fisher_data` -> a factory `model -> batches` the penalty's importance is computed
+  from, or None for the training batches (`train`, the default)."""
+  import ml_collections
+  p = cfg.get("penalty")
+  if p is None or p.name == "none" or p.get("fisher_data", "train") in ("", "train"):
+    return None
+  fcfg = ml_collections.ConfigDict(cfg.to_dict())
+  fcfg.train.grad_accum = 1
+  if p.fisher_data == "synthetic":
+    fcfg.data.kind = "synthetic"
+    fcfg.data.seed = cfg.data.seed + 104729
+  else:
+    fcfg.data.kind = p.fisher_data
+    fcfg.data.json_path = p.fisher_json_path
+    fcfg.data.image_folder = p.fisher_image_folder or cfg.data.get("image_folder", "")
+    fcfg.data.shuffle = False
+  return lambda model: build_data(fcfg, model)
 
 
 def build_eval_fn(cfg, model):
@@ -103,8 +123,33 @@ def build_eval_fn(cfg, model):
 
 
 def _demo(args) -> int:
-  from mllm_tune.demo import run_smoke_demo
-  run_smoke_demo(args.out)
+  if args.smoke:
+    from mllm_tune.demo import run_smoke_demo
+    run_smoke_demo(args.out or "runs/demo_smoke")
+    return 0
+  args.config = args.config or f"{default_bench_config()}:demo"
+  if args.out:
+    args.overrides = [*args.overrides, f"config.out_dir={args.out}"]
+  return _bench(args)
+
+
+def default_bench_config() -> str:
+  """`configs/bench/offline.py` of this checkout (or of the working directory)."""
+  here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                      "bench", "offline.py")
+  return here if os.path.isfile(here) else os.path.join("configs", "bench", "offline.py")
+
+
+def _bench(args) -> int:
+  from mllm_tune.bench.runner import run_bench
+  from mllm_tune.train.config_io import apply_overrides, load_config
+  cfg = load_config(args.config or default_bench_config())
+  apply_overrides(cfg, args.overrides)
+  if getattr(args, "methods", None):
+    cfg.run = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+  if getattr(args, "seeds", None):
+    cfg.seeds = tuple(int(s) for s in args.seeds.split(","))
+  run_bench(cfg, progress=not args.no_progress)
   return 0
 
 
@@ -127,9 +172,21 @@ def build_parser() -> argparse.ArgumentParser:
                  help="LLaVA key layout written to HF: v5 (default), legacy, v5_saved, v5_flat")
   c.add_argument("--max-shard-size", default="5GB")
   c.set_defaults(fn=_convert)
-  d = sub.add_parser("demo", help="offline end-to-end demo on a tiny generated model")
-  d.add_argument("--out", default="runs/demo")
+  d = sub.add_parser("demo", help="offline demo: pre-train a tiny LLaVA on the general mix "
+                     "(cached), tune it with a few methods, print specialization vs retention")
+  d.add_argument("--out", default=None, help="report directory (default runs/demo)")
+  d.add_argument("--config", default=None, help="bench config (default configs/bench/offline.py:demo)")
+  d.add_argument("--smoke", action="store_true",
+                 help="only the foundation smoke test (HF round trip + generation)")
+  d.add_argument("--no-progress", action="store_true")
   d.set_defaults(fn=_demo)
+  b = sub.add_parser("bench", help="specialization-vs-retention benchmark: methods x seeds",
+                     epilog="overrides: --config.tune.steps=300 --config.downstream=digits")
+  b.add_argument("--config", default=None, help="default: configs/bench/offline.py")
+  b.add_argument("--methods", default=None, help="comma-separated bench method names")
+  b.add_argument("--seeds", default=None, help="comma-separated seeds, e.g. 0,1,2")
+  b.add_argument("--no-progress", action="store_true")
+  b.set_defaults(fn=_bench)
   return p
 
 
@@ -140,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
   args, unknown = parser.parse_known_args(argv)
   overrides = [u[2:] for u in unknown if u.startswith("--config.")]
   rest = [u for u in unknown if not u.startswith("--config.")]
-  if rest or (overrides and args.command != "train"):
+  if rest or (overrides and args.command not in ("train", "bench", "demo")):
     parser.error(f"unrecognized arguments: {' '.join(rest or overrides)}")
   args.overrides = overrides
   try:

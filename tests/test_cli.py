@@ -34,7 +34,7 @@ def test_convert_reports_bad_input_and_exits_2(tmp_path, capsys):
 
 
 def test_demo_runs_offline_and_round_trips(tmp_path, capsys):
-  assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
+  assert main(["demo", "--smoke", "--out", str(tmp_path / "demo")]) == 0
   out = capsys.readouterr().out
   assert "HF round trip bit-exact: True" in out
   printed = out.split("greedy tokens")[1].split("]]")[0].split(":")[1]

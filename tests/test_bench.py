@@ -1,0 +1,135 @@
+"""The offline benchmark harness (mllm_tune/bench): prepared arrays, scoring, the cached base,
+the run loop and its report, and bad input. The benchmark's *numbers* live in
+bench/results/tradeoff.md (a real run); here the tiny config only checks the plumbing."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from configs.bench import offline
+from mllm_tune.bench import arrays as arrays_lib
+from mllm_tune.bench import assets, evaluate, pretrain, runner
+from mllm_tune.data import offline_vqa as ov
+from mllm_tune.data.conversation import ChatTokenizer
+from mllm_tune.data.images import ImageSpec, decode_image, normalize
+from mllm_tune.data.pipeline import SamplePreparer
+
+
+def tiny_cfg(tmp_path):
+  c = offline.get_config()
+  c.cache_dir = str(tmp_path / "cache")
+  c.out_dir = str(tmp_path / "out")
+  c.model.update(dict(image_size=24, patch_size=8, vision_hidden=32, vision_mlp=64,
+                      vision_layers=1, vision_heads=2, hidden=32, mlp=64, layers=1, heads=2,
+                      kv_heads=1, vocab_size=400))
+  c.pretrain.update(dict(steps=3, batch_size=8, num_records=32, warmup_steps=1))
+  c.tune.update(dict(steps=2, batch_size=4, num_records=16, warmup_steps=0))
+  c.eval.update(dict(general_per_family=3, downstream=5, batch_size=4, max_new_tokens=3))
+  c.run = ("full+ewc", "lora_llm")  # EWC: the importance pass on general data runs too
+  c.seeds = (0,)
+  return c
+
+
+@pytest.fixture(scope="module")
+def tok():
+  return assets.train_tokenizer(400)
+
+
+def _preparer(tok, size=24, seq=9):
+  return SamplePreparer(ChatTokenizer(tok, assets.image_token_id(tok), seq, "chatml"),
+                        ImageSpec.clip(size), 256)
+
+
+def test_prepared_rows_split_prompt_and_answer(tok):
+  src = ov.make_source("general", "eval", 24, num_samples=8)
+  a = arrays_lib.prepare(src, _preparer(tok))
+  assert len(a) == 8 and a.pixels.shape == (8, 24, 24, 3)
+  for i in range(8):
+    rec = src[i]
+    n = int(a.attention_mask[i].sum())
+    answer = tok.decode(a.input_ids[i, a.prompt_len[i]:n])
+    assert answer == rec["answer"] + "<|im_end|>\n" or answer == rec["answer"] + "<|im_end|>"
+    assert tok.decode(a.input_ids[i, a.prompt_len[i] - 3:a.prompt_len[i]]).endswith(
+        "assistant\n")
+    assert a.loss_mask[i, :a.prompt_len[i]].sum() == 0 and a.loss_mask[i, a.prompt_len[i]] == 1
+    np.testing.assert_array_equal(a.pixels[i], np.asarray(decode_image(rec["images"][0])))
+  ids, mask, px = a.prompts(np.array([1, 5]), ImageSpec.clip(24))
+  assert ids.shape[1] == max(a.prompt_len[1], a.prompt_len[5])
+  assert mask.sum(1).tolist() == [a.prompt_len[1], a.prompt_len[5]]
+  np.testing.assert_allclose(px, normalize(a.pixels[[1, 5]], ImageSpec.clip(24)))
+  batch = a.batch(np.array([2, 3]), ImageSpec.clip(24))
+  assert set(batch) == {"input_ids", "loss_mask", "attention_mask", "pixel_values"}
+
+
+def test_score_is_normalized_exact_match_per_family():
+  a = arrays_lib.VqaArrays("s", *(np.zeros((4, 2), np.int32),) * 3, np.zeros((4, 1, 1, 3)),
+                           np.ones(4, np.int32), np.array(["red", "2", "left", "two"]),
+                           np.array(["color", "count", "position", "count"]))
+  s = evaluate.score(["Red.", "two", "right", "2"], a)
+  # VQA normalization: punctuation and case go, number words become digits
+  assert s == {"color": 100.0, "count": 100.0, "position": 0.0, "all": 75.0}
+  with pytest.raises(ValueError, match="3 predictions for 4 rows"):
+    evaluate.score(["a", "b", "c"], a)
+
+
+@pytest.fixture(scope="module")
+def shared_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp("bench")
+
+
+def test_bench_end_to_end_caches_base_and_writes_report(shared_dir, capsys):
+  cfg = tiny_cfg(shared_dir)
+  runs = runner.run_bench(cfg, progress=False)
+  path = pretrain.base_dir(cfg)
+  assert assets.exists(path) and os.path.isfile(os.path.join(path, "pretrain.json"))
+  assert [r.method for r in runs] == ["full+ewc", "lora_llm"]
+  full, lora = runs
+  assert full.trainable_params == full.total_params  # full fine-tuning trains everything
+  m = cfg.model  # LoRA r(d_in + d_out) on q,k,v,o,gate,up,down of each block
+  d, f, kv = m.hidden, m.mlp, m.kv_heads * (m.hidden // m.heads)
+  per_layer = 8 * ((d + d) * 2 + (d + kv) * 2 + (d + f) * 2 + (f + d))
+  assert lora.trainable_params == per_layer * m.layers
+  assert full.base_acc == lora.base_acc  # one zero-shot row for every run
+  assert set(full.tuned_acc) == {*cfg.general, cfg.downstream}
+  with open(os.path.join(cfg.out_dir, "runs.json")) as fh:
+    assert len(json.load(fh)["runs"]) == 2
+  assert os.path.isfile(os.path.join(cfg.out_dir, "tradeoff.png"))
+  out = capsys.readouterr().out
+  assert "| full+ewc |" in out and "| lora_llm |" in out
+  # the cached base is reused, not rebuilt
+  stamp = os.path.getmtime(os.path.join(path, "model.safetensors"))
+  assert pretrain.ensure_base(cfg) == path
+  assert os.path.getmtime(os.path.join(path, "model.safetensors")) == stamp
+  cfg.pretrain.steps += 1  # a different pre-training config is a different base
+  assert pretrain.base_dir(cfg) != path
+
+
+def test_predictions_do_not_depend_on_batching(shared_dir):
+  cfg = tiny_cfg(shared_dir)  # the base cached by the test above (built here if run alone)
+  base = runner.load_base(pretrain.ensure_base(cfg))
+  sets = runner.prepare_sets(cfg, base)
+  p = lambda bs: evaluate.predict(base.model, base.params, None, sets.general_eval, base.spec,
+                                  base.tokenizer, batch_size=bs, max_new_tokens=3)
+  assert p(5) == p(12)
+
+
+def test_bad_bench_config(tmp_path):
+  cfg = tiny_cfg(tmp_path)
+  cfg.run = ("full", "no_such_method")
+  with pytest.raises(ValueError, match="unknown bench method 'no_such_method'"):
+    runner.run_bench(cfg, progress=False)
+  cfg = tiny_cfg(tmp_path)
+  cfg.downstream = "color"
+  with pytest.raises(ValueError, match="outside the general mix"):
+    runner.downstream_source(cfg, "train", 4)
+  cfg = tiny_cfg(tmp_path)
+  del cfg.methods.lora["lr"]
+  with pytest.raises(ValueError, match="methods.lora.lr"):
+    runner.method_of(cfg, "lora")
+  method, lr, penalty = runner.method_of(tiny_cfg(tmp_path), "full+ewc")
+  assert method.name == "freeze" and lr > 0 and penalty["name"] == "ewc"
+  with pytest.raises(ValueError, match="empty"):
+    arrays_lib.prepare(ov.make_source("color", "eval", 24, num_samples=1), None, 0)
