@@ -20,7 +20,7 @@ import os
 import numpy as np
 
 from mllm_tune.checkpoints.hf import (TO_HF, TO_OURS, Rule, _assemble, _lin, _norm,
-                                      open_checkpoint, vision_rules)
+                                      open_checkpoint, read_config_json, vision_rules)
 from mllm_tune.checkpoints.safetensors_io import FLOAT_DTYPES, CheckpointError
 from mllm_tune.models.clip import CLIP, CLIPConfig, CLIPTextConfig, clip_param_shapes
 from mllm_tune.models.config import ConfigError, vision_config_from_hf
@@ -124,17 +124,7 @@ def check_keys(path: str, cfg: CLIPConfig, tensors: dict) -> None:
 
 def read_clip_config(path: str, dtype: str = "float32",
                      param_dtype: str = "float32") -> CLIPConfig:
-  cfg_file = os.path.join(path, "config.json")
-  if not os.path.isfile(cfg_file):
-    raise CheckpointError(f"{path}: no config.json (is this a Hugging Face model directory?)")
-  try:
-    with open(cfg_file) as f:
-      d = json.load(f)
-  except json.JSONDecodeError as e:
-    raise ConfigError(f"{cfg_file}: malformed JSON at line {e.lineno} column {e.colno}: "
-                      f"{e.msg}") from e
-  if not isinstance(d, dict):
-    raise ConfigError(f"{cfg_file}: expected a JSON object, got {type(d).__name__}")
+  d, cfg_file = read_config_json(path)
   return clip_config_from_hf(d, cfg_file, dtype, param_dtype)
 
 

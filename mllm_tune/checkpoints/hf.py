@@ -153,7 +153,9 @@ def _layers_of(cfg, rule: Rule) -> int:
 
 
 # ----------------------------------------------------------------------------- reading
-def read_config(path: str, dtype: str = "float32", param_dtype: str = "float32"):
+def read_config_json(path: str) -> tuple[dict, str]:
+  """(the parsed `config.json` of an HF model directory, its file path); clear errors for a
+  missing file, malformed JSON (line and column) or a non-object."""
   cfg_file = os.path.join(path, "config.json")
   if not os.path.isfile(cfg_file):
     raise CheckpointError(f"{path}: no config.json (is this a Hugging Face model directory?)")
@@ -165,6 +167,11 @@ def read_config(path: str, dtype: str = "float32", param_dtype: str = "float32")
                       f"{e.msg}") from e
   if not isinstance(d, dict):
     raise ConfigError(f"{cfg_file}: expected a JSON object, got {type(d).__name__}")
+  return d, cfg_file
+
+
+def read_config(path: str, dtype: str = "float32", param_dtype: str = "float32"):
+  d, cfg_file = read_config_json(path)
   return config_from_hf(d, cfg_file, dtype=dtype, param_dtype=param_dtype)
 
 
