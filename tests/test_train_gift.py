@@ -27,7 +27,7 @@ from mllm_tune.models.config import LLMConfig, LlavaConfig, VisionConfig
 from mllm_tune.train import setup, step as step_lib
 from mllm_tune.train.loop import Trainer
 from mllm_tune.train.synthetic import SyntheticBatches
-from mllm_tune.tuning import gift, penalties, select
+from mllm_tune.tuning import gift, gift_trainer, penalties, select
 from tests.test_data_common import chatml_tokenizer, mixed_records, write_llava_dataset
 from tests.train_helpers import tiny_cfg
 
@@ -91,7 +91,7 @@ def _method(kind):
 
 
 def _kw(b):
-  return {k: b[k] for k in gift.MODEL_INPUTS if k in b}
+  return {k: b[k] for k in gift_trainer.MODEL_INPUTS if k in b}
 
 
 # ----------------------------------------------------------------------------- the step
