@@ -4,7 +4,6 @@ code (`mt.load_pretrained`, `SamplePreparer.from_pretrained`) reads back.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 
 from mllm_tune.data import offline_vqa as ov
@@ -59,10 +58,6 @@ def write_model_dir(path: str, model, params, tokenizer) -> None:
 
 def image_token_id(tokenizer) -> int:
   return int(tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
-
-
-def with_seed(cfg: LlavaConfig, **llm_overrides) -> LlavaConfig:
-  return dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, **llm_overrides))
 
 
 def exists(path: str) -> bool:
