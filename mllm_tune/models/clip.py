@@ -29,9 +29,9 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from mllm_tune.models.config import VisionConfig
-from mllm_tune.models.layers import LayerNorm, Linear, attention, dtype_of
+from mllm_tune.models.layers import LayerNorm, Linear, dtype_of
 from mllm_tune.models.llm import causal_mask, scanned
-from mllm_tune.models.vision import VisionMLP, VisionTower
+from mllm_tune.models.vision import VisionAttention, VisionMLP, VisionTower
 
 LEGACY_EOS_TOKEN_ID = 2  # transformers: "eos_token_id == 2" means pool at argmax(input_ids)
 
@@ -106,20 +106,6 @@ class TextEmbed(nn.Module):
     return (jnp.take(tok, ids_BT, axis=0) + jnp.take(pos, positions_BT, axis=0)).astype(dt)
 
 
-class TextAttention(nn.Module):
-  """CLIP self-attention (q/k/v/out projections with bias) under a boolean mask (B, T, T)."""
-  cfg: CLIPTextConfig
-
-  @nn.compact
-  def __call__(self, x_BTD: jax.Array, mask_BTT: jax.Array) -> jax.Array:
-    c = self.cfg
-    b, t, d = x_BTD.shape
-    h = d // c.num_heads
-    lin = lambda name: Linear(d, True, c.dtype, c.param_dtype, name=name)
-    q, k, v = (lin(f"{s}_proj")(x_BTD).reshape(b, t, c.num_heads, h) for s in "qkv")
-    return lin("out_proj")(attention(q, k, v, mask_BTT).reshape(b, t, d))
-
-
 class TextBlock(nn.Module):
   """Pre-norm block (HF `CLIPEncoderLayer`) in the `nn.scan` convention (carry, mask, xs)."""
   cfg: CLIPTextConfig
@@ -128,7 +114,7 @@ class TextBlock(nn.Module):
   def __call__(self, h_BTD, mask_BTT, layer_index):
     c = self.cfg
     norm = lambda name: LayerNorm(c.layer_norm_eps, c.dtype, c.param_dtype, name=name)
-    h_BTD = h_BTD + TextAttention(c, name="attn")(norm("norm1")(h_BTD), mask_BTT)
+    h_BTD = h_BTD + VisionAttention(c, name="attn")(norm("norm1")(h_BTD), mask_BTT)
     h_BTD = h_BTD + VisionMLP(c, name="mlp")(norm("norm2")(h_BTD))
     return h_BTD, None
 

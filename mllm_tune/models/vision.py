@@ -56,16 +56,18 @@ class VisionEmbed(nn.Module):
 
 
 class VisionAttention(nn.Module):
+  """CLIP/SigLIP self-attention (q/k/v/out projections with bias); `mask_NTT` (bool) for the
+  CLIP text tower's causal + padding mask, None (full attention) for images."""
   cfg: VisionConfig
 
   @nn.compact
-  def __call__(self, x_NTD):
+  def __call__(self, x_NTD, mask_NTT=None):
     c = self.cfg
     n, t, d = x_NTD.shape
     h = d // c.num_heads
     lin = lambda name: Linear(d, True, c.dtype, c.param_dtype, name=name)
     q, k, v = (lin(f"{s}_proj")(x_NTD).reshape(n, t, c.num_heads, h) for s in "qkv")
-    return lin("out_proj")(attention(q, k, v, None).reshape(n, t, d))
+    return lin("out_proj")(attention(q, k, v, mask_NTT).reshape(n, t, d))
 
 
 class VisionMLP(nn.Module):
