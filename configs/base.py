@@ -10,8 +10,11 @@ def get_config():
   c.seed = 0
 
   c.model = ml_collections.ConfigDict()
-  c.model.source = "tiny"        # hf | native | tiny
+  c.model.source = "tiny"        # hf | native | tiny | bench
   c.model.path = ""              # HF model dir (hf) or `mllm-tune convert` output (native)
+  # source=bench: the offline benchmark's pre-trained tiny LLaVA (built and cached on first use)
+  # of this bench config ('' = configs/bench/offline.py); it is then loaded as source=hf.
+  c.model.bench_config = ""
   c.model.dtype = "float32"      # compute dtype (bfloat16 on accelerators)
   c.model.param_dtype = "float32"  # dtype the base is loaded in
   c.model.frozen_dtype = ""      # e.g. bfloat16: frozen leaves stored in it ('' = unchanged)
@@ -62,12 +65,39 @@ def get_config():
   # devices: 0 = all devices; N = the first N (e.g. a 1-device reference run)
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, devices=0))
 
-  # held-out evaluation every train.eval_every steps: loss, token accuracy, perplexity
-  c.eval = ml_collections.ConfigDict(dict(kind="", json_path="", image_folder="", num_batches=4))
+  # Every train.eval_every steps (and at step 0, the reference): held-out loss, token accuracy
+  # and perplexity of `kind` (num_batches batches), and both sides of the trade-off: the target
+  # sets `eval.target.<name>` and the retention sets `eval.retention.<name>` (build each with
+  # `eval_set(...)` in an experiment config), scored by greedy generation + VQA accuracy
+  # (metric vqa) or teacher-forced token accuracy (token), plus the KL from the frozen base θ0
+  # over `kl_tokens` (supervised | all) positions; trade-off scores E, F, O, H and
+  # weights[0]·E + weights[1]·F against θ0 (mllm_tune/eval/selection.py).
+  c.eval = ml_collections.ConfigDict(dict(
+      kind="", json_path="", image_folder="", num_batches=4, batch_size=64, max_new_tokens=8,
+      kl_tokens="supervised", weights=(1.0, 1.0), report=True))
+  c.eval.target = ml_collections.ConfigDict()
+  c.eval.retention = ml_collections.ConfigDict()
+
+  # post-hoc step after training (a recipe; mllm_tune/train/posthoc_step.py): none | wise_ft |
+  # dare | ties; `sweep` lists the candidate alpha (wise_ft) / p (dare) / k (ties) values, the
+  # one best by train.best_metric (default tradeoff/O) on the eval sets is kept.
+  c.posthoc = ml_collections.ConfigDict(dict(
+      name="none", sweep=(), alpha=0.5, alphas=(), p=0.9, rescale=True, k=0.2, lam=1.0,
+      scope="global", seed=0))
 
   c.data = ml_collections.ConfigDict()
-  c.data.kind = "synthetic"      # synthetic | llava_json
+  c.data.kind = "synthetic"      # synthetic | llava_json | tfds | offline (configs/data/)
   c.data.batch_size = 8
   c.data.seq_len = 64
   c.data.seed = 0
   return c
+
+
+def eval_set(kind: str = "offline", source: str = "", num: int = 0, metric: str = "vqa",
+             split: str = "eval", json_path: str = "", image_folder: str = "", seed: int = 0):
+  """One target / retention set: `offline` (an `offline_vqa` source: digits, general, a family
+  name; `split`, `seed`) or `llava_json` / `tfds` (json_path, image_folder; the reference answer
+  is each record's last gpt turn); the first `num` records (0 = all)."""
+  return ml_collections.ConfigDict(dict(kind=kind, source=source, num=num, metric=metric,
+                                        split=split, json_path=json_path,
+                                        image_folder=image_folder, seed=seed))

@@ -1,4 +1,4 @@
-"""`mllm-tune` command line: train, convert (HF <-> native), demo."""
+"""`mllm-tune` command line: train, convert (HF <-> native), demo, bench, report."""
 from __future__ import annotations
 
 import argparse
@@ -46,7 +46,7 @@ def build_data(cfg, model):
     return SyntheticBatches(d.batch_size // jax.process_count(), d.seq_len,
                             model.config.llm.vocab_size, seed=d.seed + 1000 * jax.process_index(),
                             grad_accum=cfg.train.grad_accum)
-  if d.kind in ("llava_json", "tfds"):
+  if d.kind in ("llava_json", "tfds", "offline"):
     from mllm_tune.data.loader import make_batches
     if cfg.model.source != "hf":
       raise ConfigError("config key 'data.kind': LLaVA-format data needs model.source='hf' "
@@ -58,22 +58,29 @@ def build_data(cfg, model):
     per_host["batch_size"] //= jax.process_count()
     return make_batches(per_host, cfg.model.path, model.config)
   raise ConfigError(f"config key 'data.kind': unknown data kind {d.kind!r} "
-                    "(synthetic | llava_json | tfds)")
+                    "(synthetic | llava_json | tfds | offline)")
 
 
 def _train(args) -> int:
   from mllm_tune.train.config_io import apply_overrides, load_config, validate
   from mllm_tune.train.loop import Trainer
+  from mllm_tune.train import setup
   from mllm_tune.train.multihost import maybe_initialize_distributed
   maybe_initialize_distributed()
   cfg = load_config(args.config)
   apply_overrides(cfg, args.overrides)
   validate(cfg)
+  setup.resolve_bench_model(cfg.model)
   trainer = Trainer(cfg, data=lambda model: build_data(cfg, model),
                     progress=not args.no_progress, fisher_data=build_fisher_data(cfg))
   trainer.eval_fn = build_eval_fn(cfg, trainer.model)
   summary = trainer.run()
   print(json.dumps({k: summary[k] for k in ("status", "run_dir", "best_step")}))
+  if summary.get("posthoc"):
+    ph = summary["posthoc"]
+    print(json.dumps({"posthoc": ph["name"], ph["param"]: ph["chosen"],
+                      "before": {k: ph["before"][k] for k in ph["before"] if "tradeoff/" in k},
+                      "after": {k: ph["after"][k] for k in ph["after"] if "tradeoff/" in k}}))
   print(json.dumps(summary["last"], sort_keys=True))
   return 0 if summary["status"] in ("done", "preempted") else 1
 
@@ -134,10 +141,8 @@ def _demo(args) -> int:
 
 
 def default_bench_config() -> str:
-  """`configs/bench/offline.py` of this checkout (or of the working directory)."""
-  here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
-                      "bench", "offline.py")
-  return here if os.path.isfile(here) else os.path.join("configs", "bench", "offline.py")
+  from mllm_tune.bench.pretrain import default_config_path
+  return default_config_path()
 
 
 def _bench(args) -> int:
@@ -150,6 +155,13 @@ def _bench(args) -> int:
   if getattr(args, "seeds", None):
     cfg.seeds = tuple(int(s) for s in args.seeds.split(","))
   run_bench(cfg, progress=not args.no_progress)
+  return 0
+
+
+def _report(args) -> int:
+  from mllm_tune.eval.run_report import report_command
+  paths = report_command(args.run_dirs, args.out)
+  print(json.dumps(paths))
   return 0
 
 
@@ -180,6 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
                  help="only the foundation smoke test (HF round trip + generation)")
   d.add_argument("--no-progress", action="store_true")
   d.set_defaults(fn=_demo)
+  r = sub.add_parser("report", help="(re)write a run's trade-off report (report.md, "
+                     "report.png); several runs: one overlay (overlay.md, overlay.png)")
+  r.add_argument("run_dirs", nargs="+", help="training run directories")
+  r.add_argument("--out", default=None, help="output directory (default: the run directory; "
+                 "required for several runs)")
+  r.set_defaults(fn=_report)
   b = sub.add_parser("bench", help="specialization-vs-retention benchmark: methods x seeds",
                      epilog="overrides: --config.tune.steps=300 --config.downstream=digits")
   b.add_argument("--config", default=None, help="default: configs/bench/offline.py")

@@ -67,6 +67,11 @@ def get_config(arg: str | None = None):
   c.methods = ml_collections.ConfigDict(methods())
   c.run = ("full", "full+ewc", "full+l2sp", "lora", "lorasculpt", "spider")
   c.seeds = (0, 1, 2)
+  if arg == "tiny":  # tests: a model and pre-training that build in seconds
+    c.model.update(dict(image_size=24, patch_size=8, vision_hidden=32, vision_mlp=64,
+                        vision_layers=1, vision_heads=2, hidden=32, mlp=64, layers=1, heads=2,
+                        kv_heads=1, vocab_size=400))
+    c.pretrain.update(dict(steps=3, batch_size=8, num_records=32, warmup_steps=1))
   if arg == "demo":  # `mllm-tune demo`: fewer methods, one seed
     c.out_dir = "runs/demo"
     c.run = ("full", "lora", "spider")

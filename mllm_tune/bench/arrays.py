@@ -67,8 +67,8 @@ def prepare(source, preparer: SamplePreparer, num: int | None = None,
     rows.append((t.input_ids, t.loss_mask))
     pixels.append(sample.pixels[0])
     prompt_len.append(int(target[0]))
-    answers.append(rec["answer"])
-    families.append(rec["family"])
+    answers.append(_answer(rec))
+    families.append(rec.get("family", name or getattr(source, "name", "set")))
   width = max(len(ids) for ids, _ in rows)
   ids = np.zeros((n, width), np.int32)
   loss = np.zeros((n, width), np.int32)
@@ -77,3 +77,13 @@ def prepare(source, preparer: SamplePreparer, num: int | None = None,
     ids[k, :len(a)], loss[k, :len(a)], attn[k, :len(a)] = a, m, 1
   return VqaArrays(name or getattr(source, "name", "set"), ids, loss, attn, np.stack(pixels),
                    np.asarray(prompt_len, np.int32), np.asarray(answers), np.asarray(families))
+
+
+def _answer(rec: dict) -> str:
+  """The reference answer: the record's `answer` (offline sets) or its last gpt turn (LLaVA)."""
+  if "answer" in rec:
+    return rec["answer"]
+  gpt = [t["value"] for t in rec.get("conversations", []) if t.get("from") == "gpt"]
+  if not gpt:
+    raise ValueError(f"{rec.get('where', 'record')}: no gpt turn to take the reference answer from")
+  return str(gpt[-1]).strip()

@@ -15,10 +15,13 @@ from mllm_tune.eval.vqa import vqa_accuracy
 
 
 def predict(model, params, adapters, arrays: VqaArrays, spec, tokenizer, *,
-            batch_size: int = 128, max_new_tokens: int = 4) -> list[str]:
+            batch_size: int = 128, max_new_tokens: int = 4,
+            eos_token_id: int | None = None) -> list[str]:
   """Greedy replies for every row of `arrays` (fixed batch size: the last batch is padded with
-  repeats of its first row, so one compilation serves the set)."""
-  eos = int(tokenizer.convert_tokens_to_ids("<|im_end|>"))
+  repeats of its first row, so one compilation serves the set). Generation stops at
+  `eos_token_id` (default: ChatML's `<|im_end|>`)."""
+  eos = int(tokenizer.convert_tokens_to_ids("<|im_end|>") if eos_token_id is None
+            else eos_token_id)
   out: list[str] = []
   n = len(arrays)
   for start in range(0, n, batch_size):

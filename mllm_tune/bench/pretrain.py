@@ -28,6 +28,13 @@ TEMPLATE = "chatml"
 MAX_LEN = 256
 
 
+def default_config_path() -> str:
+  """`configs/bench/offline.py` of this checkout (or of the working directory)."""
+  here = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
+      __file__)))), "configs", "bench", "offline.py")
+  return here if os.path.isfile(here) else os.path.join("configs", "bench", "offline.py")
+
+
 def cache_key(cfg) -> str:
   blob = json.dumps({"model": cfg.model.to_dict(), "pretrain": cfg.pretrain.to_dict(),
                      "data": DATA_VERSION}, sort_keys=True)

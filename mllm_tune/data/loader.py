@@ -3,7 +3,9 @@
     batches = make_batches(cfg.data, model_dir, model.config)   # Prefetcher or BatchIterator
     batch = next(batches); state = batches.get_state(); batches.set_state(state)
 
-`cfg.data` fields (ConfigDict or dict; defaults in `DEFAULTS`): kind ("llava_json" | "tfds"),
+`cfg.data` fields (ConfigDict or dict; defaults in `DEFAULTS`): kind ("llava_json" | "tfds" |
+"offline": an `offline_vqa` source named by `source`, with split, num_records, image_size and
+source_seed),
 json_path, image_folder, tfds_dir (kind "tfds": converted there once from json_path), template
 (None = the tokenizer's), seq_len (row length = max sample length), batch_size (rows per host),
 packing, bucket_lengths, max_images (0 = `suggest_max_images` from the first 512 samples),
@@ -26,7 +28,8 @@ from mllm_tune.data.sources import LlavaJsonSource, TfdsSource, build_tfds
 DEFAULTS = dict(kind="llava_json", json_path="", image_folder=None, tfds_dir="", template=None,
                 seq_len=2048, batch_size=8, packing=True, bucket_lengths=(), max_images=0,
                 overflow="truncate", on_error="skip", aspect=None, seed=0, shuffle=True,
-                num_epochs=None, num_workers=0, prefetch=2)
+                num_epochs=None, num_workers=0, prefetch=2, source="", split="train",
+                num_records=0, image_size=32, source_seed=0)
 
 
 def _options(cfg) -> dict:
@@ -58,7 +61,16 @@ def make_source(o: dict):
   if o["kind"] == "tfds":
     dataset_dir, _ = build_tfds(o["json_path"], o["tfds_dir"], o["image_folder"], o["on_error"])
     return TfdsSource(dataset_dir)
-  raise ValueError(f"data config: kind={o['kind']!r}: choose llava_json or tfds")
+  if o["kind"] == "offline":  # the offline benchmark's generated sets (data/offline_vqa.py)
+    from mllm_tune.data import offline_vqa as ov
+    if o["source"] == "digits":
+      return ov.DigitsSource(o["split"], o["image_size"], o["source_seed"])
+    try:
+      return ov.make_source(o["source"], o["split"], o["image_size"], o["num_records"] or None,
+                            o["source_seed"])
+    except ValueError as e:
+      raise ValueError(f"data config: source={o['source']!r}: {e}") from e
+  raise ValueError(f"data config: kind={o['kind']!r}: choose llava_json, tfds or offline")
 
 
 def make_batches(cfg, model_dir: str, model_config):

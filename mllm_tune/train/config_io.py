@@ -110,8 +110,24 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
             ("train.log_every", t.log_every >= 1, "must be >= 1"),
             ("train.best_mode", t.best_mode in ("max", "min"), "must be 'max' or 'min'"),
             ("data.batch_size", cfg.data.batch_size >= 1, "must be >= 1"),
-            ("model.source", cfg.model.source in ("hf", "native", "tiny"),
-             "must be hf | native | tiny")]
+            ("model.source", cfg.model.source in ("hf", "native", "tiny", "bench"),
+             "must be hf | native | tiny | bench")]
+  e = cfg.get("eval")
+  if e is not None and e.get("weights") is not None:
+    checks += [("eval.weights", len(e.weights) == 2, "must be (w_target, w_retention)"),
+               ("eval.kl_tokens", e.get("kl_tokens", "supervised") in ("supervised", "all"),
+                "must be supervised | all")]
+    for role in ("target", "retention"):
+      for name, s in (e.get(role) or {}).items():
+        checks += [(f"eval.{role}.{name}.kind", s.kind in ("offline", "llava_json", "tfds"),
+                    "must be offline | llava_json | tfds"),
+                   (f"eval.{role}.{name}.metric", s.metric in ("vqa", "token"),
+                    "must be vqa | token"),
+                   (f"eval.{role}.{name}.num", s.num >= 0, "must be >= 0")]
+  ph = cfg.get("posthoc")
+  if ph is not None:
+    checks += [("posthoc.name", ph.name in ("none", "wise_ft", "dare", "ties"),
+                "must be none | wise_ft | dare | ties")]
   p = cfg.get("penalty")
   if p is not None:
     names = ("none", "ewc", "online_ewc", "l2sp", "mas", "lwf", "kl", "gift")

@@ -59,6 +59,7 @@ class Trainer:
     t = cfg.train
     devices = jax.devices()[:cfg.mesh.devices] if cfg.mesh.get("devices") else None
     self.mesh = shard_lib.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices)
+    setup.resolve_bench_model(cfg.model)
     sfn = shard_lib.sharding_fn(self.mesh)
     self.model, params, self.base_path = setup.load_model(cfg.model, sharding_fn=sfn)
     self.base_fingerprint = params_fingerprint(params)
@@ -72,7 +73,7 @@ class Trainer:
     self.n_trainable = tuning.log_trainable(self.method, variables, self.mask)
     self.penalty, consts = self._setup_penalty(params, variables, fisher_data)
     self.penalty_data = self._setup_penalty_data()
-    del params
+    self.param_sharding = sfn
     trainable, frozen = tuning.partition(variables, self.mask)
     trainable = setup.cast_tree(trainable, jnp.float32)  # float32 master weights
     if cfg.model.frozen_dtype:
@@ -114,6 +115,30 @@ class Trainer:
                                   best_metric=t.best_metric or None, best_mode=t.best_mode,
                                   async_save=t.async_save)
     self._stop_requested = False
+    self.tracker = self._setup_tracking(params, variables)
+    del params
+
+  def _setup_tracking(self, params: dict, variables: dict):
+    """Target / retention tracking (`tracking.Tracker`) and the recipe's post-hoc step, both
+    checked before any training."""
+    from mllm_tune.eval.retention import EvalSetError
+    from mllm_tune.eval.selection import SelectionError
+    from mllm_tune.train import posthoc_step, tracking
+    try:
+      tracker = tracking.Tracker.create(self, params, variables, self.mask)
+    except (EvalSetError, SelectionError) as e:
+      raise setup.ConfigValueError(str(e)) from e
+    ph = self.cfg.get("posthoc")
+    if ph is not None and ph.name != "none":
+      if tracker is None:
+        raise setup.ConfigValueError(
+            f"config key 'posthoc.name': the post-hoc step {ph.name!r} picks its value on the "
+            "eval sets; set eval.target and eval.retention")
+      try:
+        posthoc_step.check(ph, self.method, variables)
+      except posthoc_step.PosthocError as e:
+        raise setup.ConfigValueError(f"config 'posthoc': {e}") from e
+    return tracker
 
   def _prepare_method(self, variables: dict, n_batches: int) -> None:
     """Methods that derive their mask from task data (grad_topk) get it here, from the first
@@ -305,6 +330,27 @@ class Trainer:
     log.info("resumed from %s at step %d", self.ckpt.directory, step)
     return step
 
+  def variables_at(self, step: int) -> dict:
+    """The run's variables at checkpoint `step` (its trainable state with this frozen base)."""
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                           sharding=x.sharding), self.state)
+    state, _, _ = self.ckpt.restore(step, abstract, self.base_fingerprint)
+    return tuning.combine(state.trainable, self.frozen)
+
+  def _best_step(self) -> int | None:
+    """The kept checkpoint that is best by train.best_metric on the logged evals (ties: the
+    earliest, as the run report says), else orbax's best."""
+    if self.tracker is None or not self.cfg.train.best_metric:
+      return self.ckpt.best_step()
+    from mllm_tune.eval import selection
+    with open(os.path.join(self.run_dir, "metrics.jsonl")) as f:
+      records = [json.loads(line) for line in f if line.strip()]
+    try:
+      return selection.select_step(records, self.cfg.train.best_metric, self.cfg.train.best_mode,
+                                   steps=self.ckpt.all_steps())[0]
+    except selection.SelectionError:
+      return self.ckpt.best_step()
+
   def _check_finite(self, step: int, metrics: dict, batch: dict) -> None:
     if np.isfinite(float(metrics["loss"])):
       return
@@ -327,6 +373,13 @@ class Trainer:
     start = self.maybe_restore()
     jsonl = JsonlWriter(os.path.join(self.run_dir, "metrics.jsonl"))
     tb = TensorBoardWriter(os.path.join(self.run_dir, "tb"))
+    shown = {}  # the progress bar's latest target / retention scores
+    if self.tracker is not None:
+      rec0 = self.tracker.start(start)
+      if rec0 is not None:
+        jsonl.write(rec0)
+        tb.scalars(0, {k: v for k, v in rec0.items() if k != "step"})
+        shown = _bar_scores(rec0)
     prev = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
     bar = tqdm(total=t.steps, initial=start, disable=not self.progress, unit="step",
                dynamic_ncols=True)
@@ -343,16 +396,22 @@ class Trainer:
           self._check_finite(step + 1, metrics, host_batch)
         tokens += metrics["tokens"]
         last = {"step": step + 1, **metrics}
-        if t.eval_every and (step + 1) % t.eval_every == 0 and self.eval_fn is not None:
+        is_eval = bool(t.eval_every) and ((step + 1) % t.eval_every == 0 or (
+            self.tracker is not None and step + 1 == t.steps))
+        if is_eval and self.eval_fn is not None:
           last.update({f"eval/{k}": v for k, v in self.eval_fn(self, step + 1).items()})
-        if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
+        if is_eval and self.tracker is not None:
+          last.update(self.tracker.evaluate(step + 1))
+          shown = _bar_scores(last)
+        if (step + 1) % t.log_every == 0 or step + 1 == t.steps or is_eval:
           elapsed = time.time() - t0
           last["tokens_per_s"] = tokens / max(elapsed, 1e-9)
           jsonl.write(last)
           tb.scalars(step + 1, {k: v for k, v in last.items() if k != "step"})
-          bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
+          bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}",
+                          **shown)
         bar.update(1)
-        if t.save_every and (step + 1) % t.save_every == 0:
+        if (t.save_every and (step + 1) % t.save_every == 0) or (is_eval and t.best_metric):
           self.save(step + 1, last)
         _debug_kill(step + 1, self.ckpt)
         if self._stop_requested:
@@ -369,8 +428,11 @@ class Trainer:
     if status == "done" and t.steps and self.ckpt.latest_step() != t.steps:
       self.save(t.steps, last, force=True)
       self.ckpt.wait()
+    posthoc = None
+    if status == "done" and self.tracker is not None:
+      posthoc = self.tracker.finish(t.steps)
     return {"status": status, "last": last, "run_dir": self.run_dir,
-            "best_step": self.ckpt.best_step()}
+            "best_step": self._best_step(), "posthoc": posthoc}
 
   def _on_sigterm(self, signum, frame):
     del signum, frame
@@ -393,6 +455,12 @@ def _debug_kill(step: int, ckpt: TrainCheckpointer) -> None:
     if phase != "during_save":
       ckpt.wait()
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _bar_scores(record: dict) -> dict:
+  """Target and retention side by side on the progress bar (mean over sets, percent)."""
+  keys = {"tgt": "tradeoff/A_down", "ret": "tradeoff/A_up"}
+  return {k: f"{record[v]:.1f}" for k, v in keys.items() if v in record}
 
 
 def _main_thread() -> bool:
