@@ -7,10 +7,12 @@ preparation the benchmark uses) and scored two ways:
   benchmark's after-the-fact evaluation of the same weights). With several families in a set
   (the general mix), the set score is the mean of the per-family scores (METHODS.md 8: Ā_up);
   `token`: teacher-forced top-1 accuracy on the answer tokens (percent), no generation.
-- one jitted teacher-forced pass computes the tuned model's and the base θ0's logits on the
-  reference records and returns, over the answer positions (`kl_tokens="supervised"`) or every
-  real position (`"all"`):  kl = mean_t KL(p_θ0(·|<t) ‖ p_θ(·|<t)) (nats),
-  agree = mean_t [argmax p_θ = argmax p_θ0], and the tuned model's loss / token_acc.
+- on retention sets, one jitted teacher-forced pass computes the tuned model's and the base
+  θ0's logits on the reference records and returns, over the answer positions
+  (`kl_tokens="supervised"`) or every real position (`"all"`):
+  kl = mean_t KL(p_θ0(·|<t) ‖ p_θ(·|<t)) (nats), agree = mean_t [argmax p_θ = argmax p_θ0],
+  and the tuned model's loss / token_acc (target sets: the task score only, which keeps the
+  eval cheap; a `token`-metric target set gets the tuned-model pass).
 Keys (`eval/<role>/<set>[/<sub>]`) are those `eval/selection.py` and `eval/run_report.py` read.
 """
 from __future__ import annotations
@@ -171,10 +173,13 @@ class Evaluator:
     return bench_eval.score(preds, s.arrays)
 
   def __call__(self, variables: dict, base_variables: dict | None = None) -> dict[str, float]:
+    """Task score of every set; the teacher-forced pass (loss, token_acc and, with
+    `base_variables`, kl / agree) on retention sets and on `token`-metric target sets."""
     out = {}
     for s in self.sets:
-      div = self.divergence(variables, base_variables, s)
-      out.update({f"{s.key}/{k}": v for k, v in div.items()})
+      if s.role == "retention" or s.metric == "token":
+        div = self.divergence(variables, base_variables if s.role == "retention" else None, s)
+        out.update({f"{s.key}/{k}": v for k, v in div.items()})
       if s.metric == "token":
         out[s.key] = div["token_acc"]
         continue
