@@ -12,10 +12,15 @@ SIGTERM (pre-emptible TPU VMs) saves a checkpoint and returns cleanly.
 A `penalty` config section (configs/penalties/*.py) adds a forgetting penalty to any method: its
 importance (Fisher / MAS) is loaded from `penalty.fisher_path` or computed from `fisher_data`
 (default: the first training batches, rewound) and saved there (default
-`run_dir/importance/<kind>`, reused on resume); see `_setup_penalty`. GIFT (`penalty.name=gift`)
+`run_dir/importance/<kind>`, reused on resume); see `penalty_setup.py`. GIFT (`penalty.name=gift`)
 also draws one synthetic caption batch per step (`penalty.synthetic`), prepared with the model
-directory's tokenizer and image processor and the data's template (`_setup_penalty_data`); the
+directory's tokenizer and image processor and the data's template (`penalty_setup.py`); the
 batch of step s is a pure function of (synthetic.seed, s), so resume stays exact.
+
+Target and retention sets (`eval.target`, `eval.retention`) are scored at step 0, every
+`train.eval_every` steps and at the last step by `tracking.Tracker` (task metric, KL from θ0,
+trade-off scores); with `train.best_metric` a checkpoint is saved at each eval and the best kept;
+a recipe's post-hoc step and the run report follow the last step (`tracking.py`).
 """
 from __future__ import annotations
 
@@ -35,11 +40,9 @@ from tqdm.auto import tqdm
 
 from mllm_tune import tuning
 from mllm_tune.checkpoints.orbax_io import TrainCheckpointer, params_fingerprint
-from mllm_tune.train import setup
+from mllm_tune.train import penalty_setup, setup
 from mllm_tune.train import sharding as shard_lib
 from mllm_tune.train.logs import JsonlWriter, TensorBoardWriter
-from mllm_tune.tuning import fisher as fisher_lib
-from mllm_tune.tuning import penalties as penalty_lib
 from mllm_tune.train.step import (StepFns, TrainState, eval_step, find_nonfinite, model_kwargs,
                                   token_ce, train_step)
 
@@ -71,8 +74,8 @@ class Trainer:
     self._prepare_method(variables, t.get("prepare_batches", 4))
     self.mask = self.method.trainable(variables)
     self.n_trainable = tuning.log_trainable(self.method, variables, self.mask)
-    self.penalty, consts = self._setup_penalty(params, variables, fisher_data)
-    self.penalty_data = self._setup_penalty_data()
+    self.penalty, consts = penalty_setup.setup_penalty(self, params, variables, fisher_data)
+    self.penalty_data = penalty_setup.setup_penalty_data(self)
     self.param_sharding = sfn
     trainable, frozen = tuning.partition(variables, self.mask)
     trainable = setup.cast_tree(trainable, jnp.float32)  # float32 master weights
@@ -160,114 +163,6 @@ class Trainer:
       return nll / jnp.maximum(n, 1.0)
 
     self.method = self.method.prepare(loss_fn, variables, batches)
-
-  def _setup_penalty(self, params: dict, variables: dict, fisher_data):
-    """`penalty` config -> (BoundPenalty, host consts) or (None, None). The importance comes
-    from `penalty.fisher_path` if it exists (checked against this model and base), else it is
-    computed on theta0 over the leaves the method changes and saved there (default
-    `run_dir/importance/<kind>`; `auto`: beside the base checkpoint). Online EWC adds
-    gamma * `penalty.prev_fisher_path` and saves the sum to `run_dir/importance/online_ewc`."""
-    pcfg = self.cfg.get("penalty")
-    if pcfg is None or pcfg.name == "none":
-      return None, None
-    try:
-      penalty = penalty_lib.from_config(pcfg)
-    except penalty_lib.PenaltyError as e:
-      raise setup.ConfigValueError(f"config 'penalty': {e}") from e
-    scores, where = None, "importance"
-    if penalty.importance is not None:
-      kind = "mas" if penalty.importance == "mas" else penalty.fisher_kind
-      path = pcfg.fisher_path or os.path.join(self.cfg.run_dir, "importance", kind)
-      if path == "auto":
-        if not os.path.isdir(self.base_path):
-          raise setup.ConfigValueError(f"config 'penalty.fisher_path': 'auto' stores the "
-                                       f"importance beside the base checkpoint, but the base "
-                                       f"'{self.base_path}' is not a directory")
-        path = fisher_lib.default_path(self.base_path, kind)
-      shapes = {"params/" + p: tuple(x.shape) for p, x in tuning.select.flatten(params).items()}
-      sh = {"params/" + p: x.sharding for p, x in tuning.select.flatten(params).items()}
-      check = dict(expect_shapes=shapes, model_config=self.model.config, shardings=sh)
-      if os.path.isfile(os.path.join(path, fisher_lib.META_FILE)):
-        scores, _ = fisher_lib.load_importance(path, base_fingerprint=self.base_fingerprint,
-                                               **check)
-        log.info("penalty %s: importance loaded from %s", penalty.name, path)
-      else:
-        scores = self._compute_importance(pcfg, kind, params, variables, fisher_data, path)
-      where = f"importance file {path}"
-      if penalty.name == "online_ewc" and pcfg.get("prev_fisher_path"):
-        prev, _ = fisher_lib.load_importance(pcfg.prev_fisher_path, **check)
-        scores = fisher_lib.online_update(prev, scores, penalty.gamma)
-        fisher_lib.save_importance(
-            os.path.join(self.cfg.run_dir, "importance", "online_ewc"), scores, kind=kind,
-            model_config=self.model.config, base_fingerprint=self.base_fingerprint,
-            base_path=self.base_path, extra={"gamma": penalty.gamma,
-                                             "prev": os.path.abspath(pcfg.prev_fisher_path)})
-    return penalty_lib.bind(penalty, self.method, variables, base_params=params,
-                            importance=scores, where=where, model=self.model)
-
-  def _setup_penalty_data(self):
-    """GIFT's synthetic caption batches (`data.synthetic_pairs.PairBatches`) or None. They are
-    prepared like the training data, from the tokenizer and image processor in `model.path`
-    (model.source=hf); the tiny random model has none, so gift refuses it here [choice: no
-    made-up token fallback] rather than train on captions it cannot tokenize."""
-    if self.penalty is None or self.penalty.name != "gift" or not self.penalty.active:
-      return None
-    from mllm_tune.data.pipeline import SamplePreparer
-    from mllm_tune.data.synthetic_pairs import PairBatches, make_pair_source
-    c, s = self.cfg, self.cfg.penalty.synthetic
-    if c.model.source != "hf" or not hasattr(self.model.config, "image_token_id"):
-      raise setup.ConfigValueError(
-          "config 'penalty': gift turns synthetic image-caption pairs into LLaVA conversations "
-          "with the tokenizer, chat template and image processor of the training data, read "
-          f"from model.path; model.source={c.model.source!r}"
-          + (" has none" if c.model.source != "hf" else " is not a LLaVA (vision) model")
-          + ": use an HF LLaVA directory (model.source=hf), or another penalty")
-    source = make_pair_source(s.kind, s.path, s.num, "train", s.seed, s.image_size)
-    prepare = SamplePreparer.from_pretrained(
-        c.model.path, self.model.config, s.seq_len or c.data.seq_len, c.data.get("template"),
-        "truncate", c.data.get("aspect"))
-    pad_id = getattr(prepare.chat.tokenizer, "pad_token_id", None) or 0
-    batches = PairBatches(source, prepare, s.batch_size or c.data.batch_size, s.seed, s.prompt,
-                          pad_id, jax.process_index(), jax.process_count())
-    log.info("penalty gift: %d synthetic pairs (%s), %d per step, rows of %d tokens",
-             len(source), s.kind, batches.batch_size, batches.spec.max_len)
-    return batches
-
-  def _compute_importance(self, pcfg, kind: str, params: dict, variables: dict, fisher_data,
-                          path: str) -> dict:
-    changed, _, _ = penalty_lib.penalisable(self.method, variables)
-    if not changed:
-      raise setup.ConfigValueError(f"config 'penalty': method '{tuning.api.label(self.method)}' "
-                                   "changes no base leaf to compute an importance for")
-    leaves = {"params": jax.tree.map(lambda _: False, params), "adapters": {}}
-    flat = tuning.select.flatten(leaves)
-    flat.update({p: True for p in changed})
-    leaves = tuning.select.unflatten(flat)
-    leaves.setdefault("adapters", {})
-    if jax.process_count() > 1:
-      raise setup.ConfigValueError(
-          f"config 'penalty': no importance file at {path}; computing one needs a single "
-          "process (hosts hold different batches): run once on one host, or use "
-          "fisher.fisher_from_batches + fisher.save_importance, then set penalty.fisher_path")
-    if callable(fisher_data) and not hasattr(fisher_data, "__next__"):
-      fisher_data = fisher_data(self.model)
-    rewind = fisher_data is None
-    if rewind:
-      fisher_data, state0 = self.data, self.data.get_state()
-    t0 = time.time()
-    try:
-      scores, n = fisher_lib.fisher_from_batches(
-          self.model, {"params": params, "adapters": {}}, leaves, iter(fisher_data), kind,
-          pcfg.fisher_samples, pcfg.fisher_chunk, jax.random.key(pcfg.fisher_seed), self.mesh)
-    finally:
-      if rewind:
-        self.data.set_state(state0)
-    log.info("penalty %s: %s importance of %d leaves from %d samples in %.1fs -> %s",
-             pcfg.name, kind, len(scores), n, time.time() - t0, path)
-    fisher_lib.save_importance(path, scores, kind=kind, model_config=self.model.config,
-                               base_fingerprint=self.base_fingerprint, base_path=self.base_path,
-                               num_examples=n)
-    return scores
 
   def _raw_step(self, frozen, state, batch, penalty_consts=None, penalty_batch=None):
     state = state.replace(rng=jax.random.wrap_key_data(state.rng))

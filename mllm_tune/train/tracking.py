@@ -7,8 +7,10 @@
 
 The reference is θ0 (the base without adapters). The step-0 record evaluates the run's own
 variables before the first update (with its KL from θ0: 0 for methods that start as the base,
-e.g. LoRA and full fine-tuning); when that KL is exactly 0 and every top-1 agrees on every set,
-θ0's task scores are taken from that record instead of evaluating θ0 again. The reference is
+e.g. full fine-tuning; ~1e-9 nats of float rounding for LoRA, whose extra zero term changes how
+XLA fuses the matmuls); when that KL is at most `SAME_KL` and every top-1 agrees on every
+retention set, θ0's task scores are taken from that record instead of evaluating θ0 again
+(`reference_is_step0` in retention.json says which). The reference is
 kept in `run_dir/retention.json`, so a resumed run reports forgetting against the same numbers.
 θ0 needs a copy of the base leaves the method trains or rewrites (`retention.base_anchor`):
 for full fine-tuning, a second copy of the model.
@@ -27,6 +29,7 @@ from mllm_tune.eval import selection
 
 log = logging.getLogger(__name__)
 RETENTION_FILE = "retention.json"
+SAME_KL = 1e-6  # nats: below this (and full top-1 agreement) the step-0 model is θ0 up to rounding
 POSTHOC_FILE = "posthoc.json"
 
 
@@ -120,7 +123,7 @@ class Tracker:
       return None
     base = self.base_variables
     m, dt = self._timed(lambda: self.evaluator(self.trainer.variables, base))
-    same = all(m.get(f"{s.key}/kl") == 0.0 and m.get(f"{s.key}/agree") == 1.0
+    same = all(m[f"{s.key}/kl"] <= SAME_KL and m[f"{s.key}/agree"] == 1.0
                for s in self.evaluator.sets if s.role == "retention")
     if same:
       self.reference = {k: v for k, v in m.items() if k.count("/") == 2}
