@@ -276,3 +276,13 @@ def test_posthoc_step_that_does_not_apply(cache, tmp_path):
   msg = _construct(c)
   assert "posthoc" in msg and "prompt_tuning" in msg and "merge" in msg
   assert not os.path.exists(os.path.join(c.run_dir, "metrics.jsonl"))  # refused before training
+
+
+@pytest.mark.parametrize("name", ["full", "lora", "spider", "lorasculpt", "gift"])
+def test_shipped_recipes_load_and_validate(name):
+  from mllm_tune.train.config_io import load_config, validate
+  c = load_config(f"configs/experiments/recipe_{name}.py")
+  validate(c)
+  assert c.model.source == "bench" and c.train.best_metric == "tradeoff/O"
+  assert list(c.eval.target) == ["digits"] and list(c.eval.retention) == ["general"]
+  assert (c.posthoc.name != "none") == (name in ("lorasculpt", "gift"))
