@@ -286,3 +286,41 @@ def test_shipped_recipes_load_and_validate(name):
   assert c.model.source == "bench" and c.train.best_metric == "tradeoff/O"
   assert list(c.eval.target) == ["digits"] and list(c.eval.retention) == ["general"]
   assert (c.posthoc.name != "none") == (name in ("lorasculpt", "gift"))
+
+
+def test_llava_json_retention_set_scores_like_the_same_offline_records(cache, tmp_path):
+  """A LLaVA-format retention set (JSON + image files) is prepared and scored like the offline
+  records it was written from: same task score, same KL."""
+  from mllm_tune.bench import pretrain, runner
+  from mllm_tune.data import offline_vqa as ov
+  from mllm_tune.train.config_io import load_config
+  b = runner.load_base(pretrain.ensure_base(load_config(BENCH)))
+  size = b.model.config.vision.image_size
+  src = ov.make_source("general", "eval", size, 8, 0)
+  rows = []
+  for i in range(len(src)):
+    rec = src[i]
+    (tmp_path / f"{i}.png").write_bytes(rec["images"][0])
+    rows.append({"id": rec["id"], "image": f"{i}.png",
+                 "conversations": rec["conversations"]})
+  (tmp_path / "mix.json").write_text(json.dumps(rows))
+  cfg = {"retention": {
+      "offline": base_cfg.eval_set("offline", "general", num=8),
+      "mix": base_cfg.eval_set("llava_json", json_path=str(tmp_path / "mix.json"),
+                               image_folder=str(tmp_path))}}
+  sets = ret.build_sets(cfg, b.preparer, size)
+  np.testing.assert_array_equal(sets[0].arrays.input_ids, sets[1].arrays.input_ids)
+  assert list(sets[1].arrays.answers) == list(sets[0].arrays.answers)
+  ev = ret.Evaluator(b.model, sets, b.tokenizer, b.spec, batch_size=4, max_new_tokens=3)
+  keys = iter(jax.random.split(jax.random.key(1), 1000))
+  tuned = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(next(keys), x.shape, x.dtype),
+                       b.params)
+  m = ev({"params": tuned}, {"params": b.params})
+  assert m["eval/retention/mix/kl"] == pytest.approx(m["eval/retention/offline/kl"], rel=1e-6)
+  assert m["eval/retention/mix/kl"] > 0
+  # the offline set averages its families; the JSON set is one family (its name)
+  fams = [m[f"eval/retention/offline/{f}"] for f in ("color", "shape", "count", "position")]
+  assert "eval/retention/mix/color" not in m
+  preds = ev.task_scores({"params": tuned}, sets[1])
+  assert m["eval/retention/mix"] == pytest.approx(preds["all"])
+  assert m["eval/retention/offline"] == pytest.approx(np.mean(fams))
