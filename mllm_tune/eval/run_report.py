@@ -21,6 +21,7 @@ import os
 from typing import Any, Mapping, Sequence
 
 from mllm_tune.eval import selection as S
+from mllm_tune.eval.tradeoff import agg_figure, save_png
 
 __all__ = ["ReportError", "RunLog", "Selected", "load_run", "selected", "markdown",
            "overlay_markdown", "plot", "write_report", "write_overlay", "report_command"]
@@ -306,15 +307,8 @@ def plot(runs: Sequence[RunLog], path: str | os.PathLike,
          size_px: tuple[int, int] = (1200, 500), dpi: int = 100) -> str:
   """PNG of exactly `size_px`: target (solid) / retention (dashed) scores vs step, and the
   A_down / A_up trade-off path (selected step starred, post-hoc before -> after arrowed)."""
-  try:
-    import matplotlib
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-  except ImportError as e:  # pragma: no cover
-    raise ImportError("plot needs matplotlib (pip install 'matplotlib>=3.8')") from e
-  w, h = size_px
-  fig = Figure(figsize=(w / dpi, h / dpi), dpi=dpi)  # Agg canvas: no display, no pyplot state
-  FigureCanvasAgg(fig)
+  import matplotlib
+  fig = agg_figure(size_px, dpi, "plot")
   left, right = fig.subplots(1, 2)
   colors = matplotlib.colormaps["tab10"]
   for i, run in enumerate(runs):
@@ -352,10 +346,7 @@ def plot(runs: Sequence[RunLog], path: str | os.PathLike,
     if ax.get_legend_handles_labels()[0]:
       ax.legend(fontsize=7, loc="best")
     ax.grid(alpha=0.3)
-  fig.tight_layout()
-  path = os.fspath(path)
-  fig.savefig(path, dpi=dpi, format="png")
-  return path
+  return save_png(fig, path, dpi)
 
 
 # ----------------------------------------------------------------------------- files

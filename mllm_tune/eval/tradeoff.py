@@ -312,15 +312,8 @@ def scatter_plot(agg: Aggregated, path: str | os.PathLike, *, x: str = "A_down",
   ideal (upper-right) corner. Exactly `size_px` (width, height) pixels. Returns the path."""
   if x not in ("A_down", "E") or y not in ("A_up", "F"):
     raise ValueError(f"x must be 'A_down' or 'E' and y 'A_up' or 'F', got x={x!r}, y={y!r}")
-  try:
-    import matplotlib
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-  except ImportError as e:  # pragma: no cover
-    raise ImportError("scatter_plot needs matplotlib (pip install 'matplotlib>=3.8')") from e
-  w, h = size_px
-  fig = Figure(figsize=(w / dpi, h / dpi), dpi=dpi)  # Agg canvas: no display, no pyplot state
-  FigureCanvasAgg(fig)
+  import matplotlib
+  fig = agg_figure(size_px, dpi, "scatter_plot")
   ax = fig.add_subplot()
   zx, zy = agg.zero_shot[x], agg.zero_shot[y]
   ax.axvline(zx, color="0.75", ls="--", lw=0.8)
@@ -344,6 +337,24 @@ def scatter_plot(agg: Aggregated, path: str | os.PathLike, *, x: str = "A_down",
   ax.set_title(f"specialization vs retention — {agg.base}", fontsize=10)
   ax.legend(fontsize=7, loc="lower left")
   ax.grid(alpha=0.3)
+  return save_png(fig, path, dpi)
+
+
+def agg_figure(size_px: tuple[int, int], dpi: int, who: str):
+  """A matplotlib Figure of exactly `size_px` pixels on an Agg canvas (no display, no pyplot
+  state); `who` names the caller in the error when matplotlib is missing."""
+  try:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+  except ImportError as e:  # pragma: no cover
+    raise ImportError(f"{who} needs matplotlib (pip install 'matplotlib>=3.8')") from e
+  w, h = size_px
+  fig = Figure(figsize=(w / dpi, h / dpi), dpi=dpi)
+  FigureCanvasAgg(fig)
+  return fig
+
+
+def save_png(fig, path: str | os.PathLike, dpi: int) -> str:
   fig.tight_layout()
   path = os.fspath(path)
   fig.savefig(path, dpi=dpi, format="png")
