@@ -168,22 +168,21 @@ def test_kl_to_base_equals_float64_numpy(cache):
   spec = base_cfg.eval_set("offline", "general", num=5)
   sets = ret.build_sets({"retention": {"general": spec}}, b.preparer,
                         b.model.config.vision.image_size)
+  keys = iter(jax.random.split(jax.random.key(0), 1000))
+  tuned = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(next(keys), x.shape, x.dtype),
+                       b.params)
+  batch = sets[0].arrays.batch(np.arange(5), b.spec)
+  apply = jax.jit(lambda p: b.model.apply({"params": p}, batch["input_ids"],
+                                          **model_kwargs(batch)))
+  log_softmax = lambda z: z - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(
+      -1, keepdims=True)) - z.max(-1, keepdims=True)
+  lp = log_softmax(np.asarray(apply(tuned), np.float64)[:, :-1])
+  lq = log_softmax(np.asarray(apply(b.params), np.float64)[:, :-1])
+  kl = (np.exp(lq) * (lq - lp)).sum(-1)
+  am = batch["attention_mask"]
   for tokens in ("supervised", "all"):
     ev = ret.Evaluator(b.model, sets, b.tokenizer, b.spec, batch_size=4, kl_tokens=tokens)
-    keys = iter(jax.random.split(jax.random.key(0), 1000))
-    tuned = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(next(keys), x.shape, x.dtype),
-                         b.params)
     got = ev.divergence({"params": tuned}, {"params": b.params}, sets[0])
-    batch = sets[0].arrays.batch(np.arange(5), b.spec)
-    lp = np.asarray(b.model.apply({"params": tuned}, batch["input_ids"], **model_kwargs(batch)),
-                    np.float64)[:, :-1]
-    lq = np.asarray(b.model.apply({"params": b.params}, batch["input_ids"],
-                                  **model_kwargs(batch)), np.float64)[:, :-1]
-    log_softmax = lambda z: z - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(
-        -1, keepdims=True)) - z.max(-1, keepdims=True)
-    lp, lq = log_softmax(lp), log_softmax(lq)
-    kl = (np.exp(lq) * (lq - lp)).sum(-1)
-    am = batch["attention_mask"]
     lm = batch["loss_mask"][:, 1:].astype(np.float64)
     w = lm if tokens == "supervised" else (am[:, 1:] * am[:, :-1]).astype(np.float64)
     assert got["kl"] == pytest.approx((kl * w).sum() / w.sum(), rel=1e-5)
