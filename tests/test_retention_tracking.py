@@ -198,8 +198,8 @@ def test_recipe_runs_end_to_end_with_its_posthoc_step(cache, tmp_path):
   saved; its scores re-measured from the saved model equal the record's `after`."""
   from mllm_tune.checkpoints.native import load_native
   rec = importlib.import_module("configs.experiments.recipe_lorasculpt")
-  c = small(rec.get_config(), tmp_path / "run", steps=4, eval_every=2)
-  c.penalty.fisher_samples = 8
+  c = small(rec.get_config(), tmp_path / "run", steps=2, eval_every=2)
+  c.penalty.fisher_samples = 4
   c.posthoc.sweep = (0.0, 0.5, 1.0)
   tr = trainer_for(c)
   summary = tr.run()
