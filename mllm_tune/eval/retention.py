@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -216,7 +216,3 @@ def base_anchor(method, variables: dict, mask: dict, base_params: dict) -> dict:
 def theta0(frozen: dict, anchor: dict) -> dict:
   from mllm_tune.tuning.penalties import theta0_variables
   return theta0_variables(frozen, {"anchor": anchor})
-
-
-def numeric(metrics: dict[str, Any]) -> dict[str, float]:
-  return {k: float(v) for k, v in metrics.items()}
