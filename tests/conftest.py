@@ -1,5 +1,32 @@
-"""Test-session setup: one torch thread, so PyTorch reference computations do not fight XLA's
-thread pool for the 2 cores (oversubscription made HF `generate` calls up to 100x slower)."""
+"""Test-session setup.
+
+- One torch thread, so PyTorch reference computations do not fight XLA's thread pool for the
+  2 cores (oversubscription made HF `generate` calls up to 100x slower).
+- A JAX persistent compilation cache in a fresh per-session temporary directory. Many tests build
+  the same tiny models and train steps (in this process and in CLI subprocesses, which inherit the
+  environment), and XLA compilation is most of their time; a cache hit loads the very executable a
+  compile would have produced, so no result changes. The directory starts empty each session, so
+  nothing carries over between runs.
+- `MLLM_TUNE_CACHE` (the offline benchmark's pre-trained bases) points at a per-session temporary
+  directory too: tests never read or write ~/.cache, and the tests that need the tiny bench base
+  (`configs/bench/offline.py:tiny`) build it once per session and share it.
+"""
+import atexit
+import os
+import shutil
+import tempfile
+
 import torch
 
 torch.set_num_threads(1)
+
+_CACHE = tempfile.mkdtemp(prefix="mllm_tune_jax_cache_")
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
+os.environ["MLLM_TUNE_CACHE"] = os.path.join(_CACHE, "mllm_tune")
+
+import jax  # noqa: E402  (after the environment: jax reads it at import)
+
+jax.config.update("jax_compilation_cache_dir", _CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)

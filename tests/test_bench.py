@@ -20,13 +20,15 @@ from mllm_tune.data.pipeline import SamplePreparer
 
 def tiny_cfg(tmp_path):
   c = offline.get_config()
-  c.cache_dir = str(tmp_path / "cache")
+  c.cache_dir = ""  # $MLLM_TUNE_CACHE: the session's cache (tests/conftest.py), shared with
+  # test_retention_tracking, whose `tiny` preset is this very base
   c.out_dir = str(tmp_path / "out")
   c.model.update(dict(image_size=24, patch_size=8, vision_hidden=32, vision_mlp=64,
                       vision_layers=1, vision_heads=2, hidden=32, mlp=64, layers=1, heads=2,
                       kv_heads=1, vocab_size=400))
   c.pretrain.update(dict(steps=3, batch_size=8, num_records=32, warmup_steps=1))
-  c.tune.update(dict(steps=2, batch_size=4, num_records=16, warmup_steps=0))
+  c.tune.update(dict(steps=2, batch_size=4, num_records=16, warmup_steps=0,
+                     importance_records=8))
   c.eval.update(dict(general_per_family=3, downstream=5, batch_size=4, max_new_tokens=3))
   c.run = ("full+ewc", "lora_llm")  # EWC: the importance pass on general data runs too
   c.seeds = (0,)

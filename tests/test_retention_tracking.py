@@ -2,7 +2,7 @@
 checkpoint selection by the trade-off, the run report, recipes with a post-hoc step, bad input.
 
 The base is the offline benchmark's tiny pre-trained LLaVA (`configs/bench/offline.py:tiny`,
-built once per module in a temporary cache); bench/results/retention/ holds the real run."""
+built once per test session in a temporary cache); bench/results/retention/ holds the real run."""
 from __future__ import annotations
 
 import importlib
@@ -25,14 +25,9 @@ BENCH = "configs/bench/offline.py:tiny"
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-  old = os.environ.get("MLLM_TUNE_CACHE")
-  os.environ["MLLM_TUNE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-  yield os.environ["MLLM_TUNE_CACHE"]
-  if old is None:
-    os.environ.pop("MLLM_TUNE_CACHE")
-  else:
-    os.environ["MLLM_TUNE_CACHE"] = old
+def cache():
+  """The session's bench cache (tests/conftest.py); the tiny base is built there once."""
+  return os.environ["MLLM_TUNE_CACHE"]
 
 
 def small(c, run_dir, steps=6, eval_every=2):

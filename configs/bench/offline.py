@@ -60,7 +60,7 @@ def get_config(arg: str | None = None):
   c.pretrain = ml_collections.ConfigDict(dict(
       steps=600, batch_size=64, learning_rate=1e-3, warmup_steps=50, num_records=8000, seed=0))
   c.tune = ml_collections.ConfigDict(dict(
-      steps=300, batch_size=32, num_records=2000, warmup_steps=10,
+      steps=1000, batch_size=32, num_records=2000, warmup_steps=10,
       importance_records=256))  # general-mix samples EWC / MAS importance is computed on
   c.eval = ml_collections.ConfigDict(dict(
       general_per_family=100, downstream=300, batch_size=100, max_new_tokens=4))
