@@ -25,7 +25,7 @@ from mllm_tune.checkpoints.safetensors_io import (FLOAT_DTYPES, CheckpointError,
                                                   write_safetensors)
 from mllm_tune.models import build_model, param_shapes
 from mllm_tune.models.config import (CausalLMConfig, ConfigError, LlavaConfig, config_from_hf,
-                                     config_to_hf)
+                                     config_to_hf, with_runtime)
 
 log = logging.getLogger(__name__)
 
@@ -288,10 +288,10 @@ def load_pretrained(path: str, dtype: str = "float32", param_dtype: str = "float
   dtype weights are stored in (bf16/fp16 checkpoints are upcast exactly to float32 by default).
   `sharding_fn(path, shape) -> Sharding` places each parameter as it is read (see
   `mllm_tune.train.sharding.sharding_fn`). Extra keyword arguments override LLM/vision fields,
-  e.g. `remat_policy="full"`."""
+  e.g. `remat_policy="full"` (`models.config.with_runtime`)."""
   cfg = read_config(path, dtype=dtype, param_dtype=param_dtype)
   if config_overrides:
-    cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, **config_overrides))
+    cfg = with_runtime(cfg, **config_overrides)
   tensors = open_checkpoint(path)
   layout = detect_layout(path, cfg, set(tensors), tensors)
   if isinstance(cfg, LlavaConfig):

@@ -39,7 +39,8 @@ LEGACY_EOS_TOKEN_ID = 2  # transformers: "eos_token_id == 2" means pool at argma
 @dataclasses.dataclass(frozen=True)
 class CLIPTextConfig:
   """HF `CLIPTextConfig` fields we use. Field names match `VisionConfig` where the blocks are
-  shared (`VisionMLP` reads hidden_size, intermediate_size, hidden_act, dtype, param_dtype)."""
+  shared (`VisionMLP` reads hidden_size, intermediate_size, hidden_act, dtype, param_dtype;
+  `VisionAttention` reads num_heads and attention_impl)."""
   vocab_size: int = 49408
   hidden_size: int = 512
   intermediate_size: int = 2048
@@ -51,6 +52,7 @@ class CLIPTextConfig:
   eos_token_id: int = 49407
   dtype: str = "float32"
   param_dtype: str = "float32"
+  attention_impl: str = "xla"
 
 
 @dataclasses.dataclass(frozen=True)

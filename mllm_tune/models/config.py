@@ -16,6 +16,11 @@ VISION_TYPES = ("clip_vision_model", "siglip_vision_model")
 LLM_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
                      "mistral": "MistralForCausalLM"}
 ROPE_TYPES = ("default", "linear", "llama3")
+# `jax.nn.dot_product_attention` implementations: xla (any device, any mask) or cudnn (NVIDIA
+# GPUs, bf16/fp16 inputs: cuDNN's fused flash attention)
+ATTENTION_IMPLS = ("xla", "cudnn")
+# fields that change how a model runs, not what it computes (left out of architecture hashes)
+RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy", "attention_impl")
 
 
 class ConfigError(ValueError):
@@ -55,6 +60,7 @@ class LLMConfig:
   dtype: str = "float32"        # compute dtype of activations
   param_dtype: str = "float32"  # dtype params are created/loaded in
   remat_policy: str = "none"    # none | full | dots_saveable | dots_with_no_batch_dims_saveable
+  attention_impl: str = "xla"   # ATTENTION_IMPLS
 
   @property
   def kv_groups(self) -> int:
@@ -76,6 +82,7 @@ class VisionConfig:
   use_head: bool = False  # SigLIP attention-pooling head (kept for round trips, unused by LLaVA)
   dtype: str = "float32"
   param_dtype: str = "float32"
+  attention_impl: str = "xla"   # ATTENTION_IMPLS
 
   @property
   def is_clip(self) -> bool:
@@ -240,6 +247,22 @@ def config_from_hf(d: dict, where: str = "config.json", dtype: str = "float32",
                           hf_json=json.dumps(d, sort_keys=True))
   raise ConfigError(f"{where}: model_type '{mt}' (architectures {archs}) is not supported; "
                     f"supported: 'llava', {', '.join(repr(t) for t in LLM_TYPES)}")
+
+
+def with_runtime(cfg: LlavaConfig | CausalLMConfig, **fields) -> LlavaConfig | CausalLMConfig:
+  """`cfg` with runtime fields (`RUNTIME_FIELDS`: compute dtype, remat policy, attention
+  implementation, ...) replaced in the LLM and, for those it has, the vision tower."""
+  unknown = set(fields) - set(RUNTIME_FIELDS)
+  if unknown:
+    raise ConfigError(f"not runtime fields: {sorted(unknown)}; runtime fields: {RUNTIME_FIELDS}")
+  impl = fields.get("attention_impl", "xla")
+  if impl not in ATTENTION_IMPLS:
+    raise ConfigError(f"model.attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+  llm = dataclasses.replace(cfg.llm, **fields)
+  if isinstance(cfg, CausalLMConfig):
+    return dataclasses.replace(cfg, llm=llm)
+  vis_fields = {k: v for k, v in fields.items() if k != "remat_policy"}
+  return dataclasses.replace(cfg, llm=llm, vision=dataclasses.replace(cfg.vision, **vis_fields))
 
 
 # ----------------------------------------------------------------------------- ours -> HF

@@ -29,7 +29,6 @@ DoRA follows peft: with x~ = drop(x), n = ||K0 + s A B|| per output column (stop
 """
 from __future__ import annotations
 
-import math
 
 import jax
 import jax.numpy as jnp
@@ -176,19 +175,15 @@ class LayerNorm(nn.Module):
 
 
 def attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
-              mask_BTS: jax.Array | None) -> jax.Array:
-  """Scaled dot-product attention with grouped KV heads (N = K * groups) and a boolean mask.
+              mask_BTS: jax.Array | None, implementation: str = "xla") -> jax.Array:
+  """Scaled dot-product attention with grouped KV heads (N = K * groups) and a boolean mask:
+  `jax.nn.dot_product_attention` (logits and softmax in float32; `implementation` "xla" or
+  "cudnn", cuDNN's fused flash attention on NVIDIA GPUs for bf16/fp16 inputs).
 
-  Fully masked query rows (padding) produce finite garbage rather than NaN.
+  Keys and values are cast to the query's dtype. Fully masked query rows (padding) produce
+  finite garbage (a uniform average of the values) rather than NaN.
   """
-  b, t, n, h = q_BTNH.shape
-  kh = k_BSKH.shape[2]
-  g = n // kh
-  q = q_BTNH.reshape(b, t, kh, g, h)
-  logits = jnp.einsum("btkgh,bskh->bkgts", q, k_BSKH,
-                      preferred_element_type=jnp.float32) / math.sqrt(h)
-  if mask_BTS is not None:
-    logits = jnp.where(mask_BTS[:, None, None, :, :], logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v_BSKH.dtype)
-  out = jnp.einsum("bkgts,bskh->btkgh", probs, v_BSKH)
-  return out.reshape(b, t, n, h)
+  mask = None if mask_BTS is None else mask_BTS[:, None, :, :]
+  return jax.nn.dot_product_attention(q_BTNH, k_BSKH.astype(q_BTNH.dtype),
+                                      v_BSKH.astype(q_BTNH.dtype), mask=mask,
+                                      implementation=implementation)

@@ -127,7 +127,7 @@ class Attention(nn.Module):
       k, v = ck.astype(q.dtype), cv.astype(q.dtype)
     if prefix_kv is not None:
       k, v, mask_BTS = prepend_prefix(k, v, mask_BTS, *prefix_kv)
-    out = attention(q, k, v, mask_BTS)
+    out = attention(q, k, v, mask_BTS, c.attention_impl)
     gate = self._adaption_gate()
     if gate is not None:
       prompt_PD = self.get_variable(ADAPTERS, "adaption_prompt").astype(q.dtype)
@@ -135,7 +135,7 @@ class Attention(nn.Module):
       kv_shape = (b, p, c.num_kv_heads, c.head_dim)
       k_p = jnp.broadcast_to(k_proj(prompt_PD).reshape(kv_shape[1:]), kv_shape)
       v_p = jnp.broadcast_to(v_proj(prompt_PD).reshape(kv_shape[1:]), kv_shape)
-      out = out + gate.astype(q.dtype) * attention(q, k_p, v_p, None)
+      out = out + gate.astype(q.dtype) * attention(q, k_p, v_p, None, c.attention_impl)
     out = out.reshape(b, t, c.num_heads * c.head_dim)
     return lin(c.hidden_size, c.o_bias, "o_proj")(out), cache
 

@@ -4,7 +4,6 @@ Everything here is construction; the step is in `step.py` and the loop in `loop.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 
 import jax
@@ -14,7 +13,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mllm_tune import tuning
 from mllm_tune.models import build_model, init_params
-from mllm_tune.models.config import LLMConfig, LlavaConfig, VisionConfig, CausalLMConfig
+from mllm_tune.models.config import (CausalLMConfig, LLMConfig, LlavaConfig, VisionConfig,
+                                     with_runtime)
 from mllm_tune.train import sharding as shard_lib
 from mllm_tune.tuning import select
 
@@ -34,12 +34,13 @@ def tiny_model_config(c) -> LlavaConfig | CausalLMConfig:
                   head_dim=t.hidden_size // t.num_heads, dtype=c.dtype,
                   param_dtype=c.param_dtype, remat_policy=c.remat_policy)
   if not t.vision_layers:
-    return CausalLMConfig(llm=llm)
+    return with_runtime(CausalLMConfig(llm=llm), attention_impl=c.attention_impl)
   vis = VisionConfig(hidden_size=t.vision_hidden_size, intermediate_size=2 * t.vision_hidden_size,
                      num_layers=t.vision_layers, num_heads=max(1, t.vision_hidden_size // 16),
                      image_size=t.image_size, patch_size=t.patch_size, dtype=c.dtype,
                      param_dtype=c.param_dtype)
-  return LlavaConfig(vision=vis, llm=llm, image_token_id=t.vocab_size - 1)
+  return with_runtime(LlavaConfig(vision=vis, llm=llm, image_token_id=t.vocab_size - 1),
+                      attention_impl=c.attention_impl)
 
 
 def resolve_bench_model(c) -> None:
@@ -71,12 +72,12 @@ def load_model(c, sharding_fn=None):
     raise ConfigValueError("model.path is empty (set --config.model.path=HF_OR_NATIVE_DIR)")
   if c.source == "hf":
     model, params = load_pretrained(c.path, dtype=c.dtype, param_dtype=c.param_dtype,
-                                    sharding_fn=sharding_fn, remat_policy=c.remat_policy)
+                                    sharding_fn=sharding_fn, remat_policy=c.remat_policy,
+                                    attention_impl=c.attention_impl)
   elif c.source == "native":
     model, params = load_native(c.path, sharding_fn=sharding_fn)
-    cfg = model.config
-    model = build_model(dataclasses.replace(cfg, llm=dataclasses.replace(
-        cfg.llm, dtype=c.dtype, remat_policy=c.remat_policy)))
+    model = build_model(with_runtime(model.config, dtype=c.dtype, remat_policy=c.remat_policy,
+                                     attention_impl=c.attention_impl))
   else:
     raise ConfigValueError(f"model.source must be 'hf', 'native' or 'tiny', got {c.source!r}")
   return model, params, c.path

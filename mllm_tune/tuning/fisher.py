@@ -297,14 +297,13 @@ def gradient_magnitude(loss_fn, variables: dict, batches: Iterable, leaves: dict
 
 # ----------------------------------------------------------------------------- files
 def model_config_hash(config) -> str:
-  """Hash of the architecture (dtypes and remat policy left out): a Fisher fits a model iff
-  the hashes agree."""
-  from mllm_tune.models.config import config_to_dict
+  """Hash of the architecture (runtime fields such as dtypes, remat policy and attention
+  implementation left out): a Fisher fits a model iff the hashes agree."""
+  from mllm_tune.models.config import RUNTIME_FIELDS, config_to_dict
 
   def strip(d):
     if isinstance(d, dict):
-      return {k: strip(v) for k, v in d.items()
-              if k not in ("dtype", "param_dtype", "remat_policy")}
+      return {k: strip(v) for k, v in d.items() if k not in RUNTIME_FIELDS}
     return d
   blob = json.dumps(strip(config_to_dict(config)), sort_keys=True, default=str)
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
