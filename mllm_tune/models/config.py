@@ -261,7 +261,8 @@ def with_runtime(cfg: LlavaConfig | CausalLMConfig, **fields) -> LlavaConfig | C
   llm = dataclasses.replace(cfg.llm, **fields)
   if isinstance(cfg, CausalLMConfig):
     return dataclasses.replace(cfg, llm=llm)
-  vis_fields = {k: v for k, v in fields.items() if k != "remat_policy"}
+  names = {f.name for f in dataclasses.fields(cfg.vision)}
+  vis_fields = {k: v for k, v in fields.items() if k in names}
   return dataclasses.replace(cfg, llm=llm, vision=dataclasses.replace(cfg.vision, **vis_fields))
 
 

@@ -29,7 +29,6 @@ DoRA follows peft: with x~ = drop(x), n = ||K0 + s A B|| per output column (stop
 """
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 from flax import linen as nn

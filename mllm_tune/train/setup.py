@@ -25,6 +25,10 @@ class ConfigValueError(ValueError):
   """A config value is missing or invalid; the message names the key."""
 
 
+def _attention_impl(c) -> str:
+  return c.get("attention_impl", "xla")  # configs saved before the field existed: xla
+
+
 def tiny_model_config(c) -> LlavaConfig | CausalLMConfig:
   """`model.source = "tiny"`: a random-init model from `model.tiny` fields (tests, demos)."""
   t = c.tiny
@@ -34,13 +38,13 @@ def tiny_model_config(c) -> LlavaConfig | CausalLMConfig:
                   head_dim=t.hidden_size // t.num_heads, dtype=c.dtype,
                   param_dtype=c.param_dtype, remat_policy=c.remat_policy)
   if not t.vision_layers:
-    return with_runtime(CausalLMConfig(llm=llm), attention_impl=c.get("attention_impl", "xla"))
+    return with_runtime(CausalLMConfig(llm=llm), attention_impl=_attention_impl(c))
   vis = VisionConfig(hidden_size=t.vision_hidden_size, intermediate_size=2 * t.vision_hidden_size,
                      num_layers=t.vision_layers, num_heads=max(1, t.vision_hidden_size // 16),
                      image_size=t.image_size, patch_size=t.patch_size, dtype=c.dtype,
                      param_dtype=c.param_dtype)
   return with_runtime(LlavaConfig(vision=vis, llm=llm, image_token_id=t.vocab_size - 1),
-                      attention_impl=c.get("attention_impl", "xla"))
+                      attention_impl=_attention_impl(c))
 
 
 def resolve_bench_model(c) -> None:
@@ -73,11 +77,11 @@ def load_model(c, sharding_fn=None):
   if c.source == "hf":
     model, params = load_pretrained(c.path, dtype=c.dtype, param_dtype=c.param_dtype,
                                     sharding_fn=sharding_fn, remat_policy=c.remat_policy,
-                                    attention_impl=c.get("attention_impl", "xla"))
+                                    attention_impl=_attention_impl(c))
   elif c.source == "native":
     model, params = load_native(c.path, sharding_fn=sharding_fn)
     model = build_model(with_runtime(model.config, dtype=c.dtype, remat_policy=c.remat_policy,
-                                     attention_impl=c.get("attention_impl", "xla")))
+                                     attention_impl=_attention_impl(c)))
   else:
     raise ConfigValueError(f"model.source must be 'hf', 'native' or 'tiny', got {c.source!r}")
   return model, params, c.path
