@@ -1,7 +1,10 @@
-"""`layers.attention` (jax.nn.dot_product_attention) against a float64 NumPy formula, and the
+"""`attention` (every implementation that runs on CPU: our custom-VJP "lse" and
+jax.nn.dot_product_attention's "xla") against float64 NumPy formulas for the output and for
+the gradients (the textbook softmax backward, not the identity "lse" uses), and the
 `attention_impl` runtime field."""
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 
@@ -20,7 +23,29 @@ def _numpy_attention(q, k, v, mask):
   return np.einsum("bnts,bsnh->btnh", p, v)
 
 
-def test_grouped_masked_attention_equals_float64_numpy():
+def _numpy_attention_grads(q, k, v, mask, do):
+  """d/d(q, k, v) of sum(attention * do) in float64; a fully masked row (uniform weights in
+  the forward) sends no gradient to q or k, as with `jnp.where` masking."""
+  b, t, n, h = q.shape
+  kh = k.shape[2]
+  g = n // kh
+  kr, vr = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
+  rows = mask.any(-1)
+  s = np.where(mask[:, None], np.einsum("btnh,bsnh->bnts", q, kr) / np.sqrt(h), -np.inf)
+  s = np.where(rows[:, None, :, None], s, 0.0)  # the padding row: uniform weights
+  p = np.exp(s - s.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  dv = np.einsum("bnts,btnh->bsnh", p, do)
+  dp = np.einsum("btnh,bsnh->bnts", do, vr)
+  ds = p * (dp - (dp * p).sum(-1, keepdims=True))
+  ds = np.where(rows[:, None, :, None], ds, 0.0)
+  dq = np.einsum("bnts,bsnh->btnh", ds, kr) / np.sqrt(h)
+  dk = np.einsum("bnts,btnh->bsnh", ds, q) / np.sqrt(h)
+  fold = lambda x: x.reshape(b, x.shape[1], kh, g, h).sum(3)  # sum the group's heads
+  return dq, fold(dk), fold(dv)
+
+
+def _inputs():
   rng = np.random.default_rng(0)
   b, t, s, n, kh, h = 2, 5, 7, 6, 2, 8
   q = rng.normal(size=(b, t, n, h)).astype(np.float32)
@@ -29,15 +54,47 @@ def test_grouped_masked_attention_equals_float64_numpy():
   mask = rng.random((b, t, s)) < 0.6
   mask[:, :, 0] = True  # every row sees at least one key ...
   mask[1, 3] = False    # ... except one padding row
-  got = np.asarray(attention(q, k, v, mask))
+  return q, k, v, mask
+
+
+@pytest.mark.parametrize("impl", ["lse", "xla"])
+def test_grouped_masked_attention_equals_float64_numpy(impl):
+  q, k, v, mask = _inputs()
+  b, t, _, _ = q.shape
+  got = np.asarray(attention(q, k, v, mask, impl))
   rows = mask.any(-1)
   want = _numpy_attention(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64),
                           np.where(rows[..., None], mask, True))
   np.testing.assert_allclose(got[rows], want[rows], rtol=1e-5, atol=1e-6)
   assert np.isfinite(got).all()  # the fully masked row: finite, not NaN
-  full = np.asarray(attention(q, k, v, None))
-  np.testing.assert_allclose(full, _numpy_attention(q, k, v, np.ones((b, t, s), bool)),
+  full = np.asarray(attention(q, k, v, None, impl))
+  np.testing.assert_allclose(full, _numpy_attention(q, k, v, np.ones((b, t, k.shape[1]), bool)),
                              rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["lse", "xla"])
+@pytest.mark.parametrize("masked", [True, False])
+def test_attention_gradients_equal_float64_numpy(impl, masked):
+  q, k, v, mask = _inputs()
+  if not masked:
+    mask = np.ones_like(mask)
+  do = np.random.default_rng(1).normal(size=q.shape).astype(np.float32)
+  loss = lambda q_, k_, v_: (attention(q_, k_, v_, mask if masked else None, impl) * do).sum()
+  got = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+  f64 = lambda x: x.astype(np.float64)
+  want = _numpy_attention_grads(f64(q), f64(k), f64(v), mask, f64(do))
+  for name, g, w in zip("qkv", got, want):
+    np.testing.assert_allclose(np.asarray(g), w, rtol=1e-4, atol=1e-5, err_msg=f"d{name}")
+
+
+def test_lse_attention_keeps_no_probabilities_for_the_backward():
+  """The point of "lse": the (B, N, T, S) probabilities are not a residual of the forward."""
+  q, k, v, mask = _inputs()
+  for impl, keeps in (("lse", False), ("xla", True)):
+    _, vjp = jax.vjp(lambda q_, k_, v_: attention(q_, k_, v_, mask, impl), q, k, v)
+    sizes = {x.size for x in jax.tree.leaves(vjp)}
+    probs = q.shape[0] * q.shape[2] * q.shape[1] * k.shape[1]  # B * N * T * S
+    assert (probs in sizes) == keeps, (impl, sizes)
 
 
 def test_attention_impl_is_a_runtime_field_of_both_towers():
@@ -46,6 +103,7 @@ def test_attention_impl_is_a_runtime_field_of_both_towers():
   assert cfg.llm.remat_policy == "full"
   with pytest.raises(mc.ConfigError, match="model.attention_impl must be one of"):
     mc.with_runtime(mc.LlavaConfig(), attention_impl="flash")
+  assert mc.LlavaConfig().llm.attention_impl == mc.LlavaConfig().vision.attention_impl == "lse"
   with pytest.raises(mc.ConfigError, match="not runtime fields"):
     mc.with_runtime(mc.LlavaConfig(), num_layers=3)
 

@@ -18,7 +18,7 @@ LLM_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
 ROPE_TYPES = ("default", "linear", "llama3")
 # `jax.nn.dot_product_attention` implementations: xla (any device, any mask) or cudnn (NVIDIA
 # GPUs, bf16/fp16 inputs: cuDNN's fused flash attention)
-ATTENTION_IMPLS = ("xla", "cudnn")
+ATTENTION_IMPLS = ("lse", "xla", "cudnn")
 # fields that change how a model runs, not what it computes (left out of architecture hashes)
 RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy", "attention_impl")
 
@@ -60,7 +60,7 @@ class LLMConfig:
   dtype: str = "float32"        # compute dtype of activations
   param_dtype: str = "float32"  # dtype params are created/loaded in
   remat_policy: str = "none"    # none | full | dots_saveable | dots_with_no_batch_dims_saveable
-  attention_impl: str = "xla"   # ATTENTION_IMPLS
+  attention_impl: str = "lse"   # ATTENTION_IMPLS (models.attention)
 
   @property
   def kv_groups(self) -> int:
@@ -82,7 +82,7 @@ class VisionConfig:
   use_head: bool = False  # SigLIP attention-pooling head (kept for round trips, unused by LLaVA)
   dtype: str = "float32"
   param_dtype: str = "float32"
-  attention_impl: str = "xla"   # ATTENTION_IMPLS
+  attention_impl: str = "lse"   # ATTENTION_IMPLS (models.attention)
 
   @property
   def is_clip(self) -> bool:
@@ -255,7 +255,7 @@ def with_runtime(cfg: LlavaConfig | CausalLMConfig, **fields) -> LlavaConfig | C
   unknown = set(fields) - set(RUNTIME_FIELDS)
   if unknown:
     raise ConfigError(f"not runtime fields: {sorted(unknown)}; runtime fields: {RUNTIME_FIELDS}")
-  impl = fields.get("attention_impl", "xla")
+  impl = fields.get("attention_impl", "lse")
   if impl not in ATTENTION_IMPLS:
     raise ConfigError(f"model.attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
   llm = dataclasses.replace(cfg.llm, **fields)

@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from mllm_tune.models.attention import attention  # noqa: F401  (re-exported for the towers)
+
 ADAPTERS = "adapters"
 
 
@@ -171,18 +173,3 @@ class LayerNorm(nn.Module):
     y = (x - mean) * jax.lax.rsqrt(var + self.eps) * scale.astype(jnp.float32) + bias.astype(
         jnp.float32)
     return y.astype(dtype_of(self.dtype))
-
-
-def attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
-              mask_BTS: jax.Array | None, implementation: str = "xla") -> jax.Array:
-  """Scaled dot-product attention with grouped KV heads (N = K * groups) and a boolean mask:
-  `jax.nn.dot_product_attention` (logits and softmax in float32; `implementation` "xla" or
-  "cudnn", cuDNN's fused flash attention on NVIDIA GPUs for bf16/fp16 inputs).
-
-  Keys and values are cast to the query's dtype. Fully masked query rows (padding) produce
-  finite garbage (a uniform average of the values) rather than NaN.
-  """
-  mask = None if mask_BTS is None else mask_BTS[:, None, :, :]
-  return jax.nn.dot_product_attention(q_BTNH, k_BSKH.astype(q_BTNH.dtype),
-                                      v_BSKH.astype(q_BTNH.dtype), mask=mask,
-                                      implementation=implementation)

@@ -49,15 +49,40 @@ class StepFns:
 
 
 def token_ce(logits_BTV: jax.Array, ids_BT: jax.Array, loss_mask_BT: jax.Array):
-  """(sum of NLL over targets, number of targets, number of correct argmax predictions)."""
-  logits = logits_BTV[:, :-1].astype(jnp.float32)
-  targets = ids_BT[:, 1:]
-  w = loss_mask_BT[:, 1:].astype(jnp.float32)
-  logz = jax.nn.logsumexp(logits, axis=-1)
-  picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  nll = (logz - picked) * w
-  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32) * w
-  return nll.sum(), w.sum(), correct.sum()
+  """(sum of NLL over targets, number of targets, number of correct argmax predictions).
+
+  Position t predicts token t+1; the targets are shifted rather than the logits sliced, so the
+  backward pass writes the (B, T, V) logit gradient once (softmax - one-hot, `_nll`'s VJP)
+  instead of scattering into a fresh buffer and padding it."""
+  targets_BT = jnp.pad(ids_BT[:, 1:], ((0, 0), (0, 1)))
+  w_BT = jnp.pad(loss_mask_BT[:, 1:].astype(jnp.float32), ((0, 0), (0, 1)))
+  nll_BT = _nll(logits_BTV, targets_BT) * w_BT
+  correct_BT = (jnp.argmax(logits_BTV, axis=-1) == targets_BT).astype(jnp.float32) * w_BT
+  return nll_BT.sum(), w_BT.sum(), correct_BT.sum()
+
+
+@jax.custom_vjp
+def _nll(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
+  """`logsumexp(logits) - logits[target]` per position, in float32."""
+  return _nll_fwd(logits_BTV, targets_BT)[0]
+
+
+def _nll_fwd(logits_BTV, targets_BT):
+  lf = logits_BTV.astype(jnp.float32)
+  lse_BT = jax.nn.logsumexp(lf, axis=-1)
+  picked_BT = jnp.take_along_axis(lf, targets_BT[..., None], axis=-1)[..., 0]
+  return lse_BT - picked_BT, (logits_BTV, targets_BT, lse_BT)
+
+
+def _nll_bwd(res, g_BT):
+  logits_BTV, targets_BT, lse_BT = res
+  p_BTV = jnp.exp(logits_BTV.astype(jnp.float32) - lse_BT[..., None])
+  onehot_BTV = jax.lax.broadcasted_iota(jnp.int32, logits_BTV.shape, 2) == targets_BT[..., None]
+  d_BTV = (p_BTV - onehot_BTV.astype(jnp.float32)) * g_BT[..., None]
+  return d_BTV.astype(logits_BTV.dtype), None
+
+
+_nll.defvjp(_nll_fwd, _nll_bwd)
 
 
 def model_kwargs(batch: dict) -> dict:
@@ -120,12 +145,16 @@ def train_step(fns: StepFns, frozen: dict, state: TrainState, batch: dict,
     aux_sum = jax.tree.map(jnp.add, aux_sum, aux)
     return (grads, aux_sum), None
 
-  zeros = jax.tree.map(jnp.zeros_like, state.trainable)
-  aux0 = jax.eval_shape(lambda: grad_fn(fns, state.trainable, frozen,
-                                        jax.tree.map(lambda x: x[0], micro), step_rng,
-                                        total_tokens, a)[1])
-  aux0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux0)
-  (grads, aux), _ = jax.lax.scan(body, (zeros, aux0), (micro, jnp.arange(a)))
+  if a == 1:  # no accumulation loop: the gradient is the step's buffer, not a sum into zeros
+    grads, aux = grad_fn(fns, state.trainable, frozen, batch, jax.random.fold_in(step_rng, 0),
+                         total_tokens, a)
+  else:
+    zeros = jax.tree.map(jnp.zeros_like, state.trainable)
+    aux0 = jax.eval_shape(lambda: grad_fn(fns, state.trainable, frozen,
+                                          jax.tree.map(lambda x: x[0], micro), step_rng,
+                                          total_tokens, a)[1])
+    aux0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux0)
+    (grads, aux), _ = jax.lax.scan(body, (zeros, aux0), (micro, jnp.arange(a)))
   if fns.penalty is None:
     updates, opt_state = fns.optimizer.update(grads, state.opt_state, state.trainable)
   else:

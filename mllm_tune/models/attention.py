@@ -1,0 +1,91 @@
+"""Scaled dot-product attention with grouped KV heads, three implementations (`attention_impl`):
+
+  "lse"    (default) our custom-VJP attention: the forward saves only q, k, v, the output and the
+           per-row softmax statistics (max and sum, i.e. the logsumexp); the backward recomputes the probabilities from them and uses
+           FlashAttention-2's identity `rowsum(dP * P) = rowsum(dO * O)`, so no (B, N, T, S)
+           tensor is stored between the passes and the softmax backward reduces over the head
+           dimension instead of over keys. The math is FlashAttention's without the tiling (XLA
+           sees whole (T, S) blocks), which is what XLA:CPU and small sequence lengths want.
+  "xla"    `jax.nn.dot_product_attention(implementation="xla")` (saves the probabilities).
+  "cudnn"  `jax.nn.dot_product_attention(implementation="cudnn")`: cuDNN's fused flash
+           attention on NVIDIA GPUs (bf16/fp16 inputs).
+
+All three take `q (B, T, N, H)`, `k, v (B, S, K, H)` with N = K * groups, and a boolean mask
+(B, T, S) (True = attend), scale 1/sqrt(H), logits and softmax in float32, keys and values cast
+to the query's dtype. A fully masked query row (padding) attends uniformly to all keys (finite
+garbage, never NaN) and sends no gradient to q or k, as in `jax.nn.dot_product_attention`.
+"""
+from __future__ import annotations
+
+
+import jax
+import jax.numpy as jnp
+
+# jax.nn.dot_product_attention's fill value for masked logits (finite, so a fully masked row
+# gives a uniform softmax instead of NaN)
+_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
+              mask_BTS: jax.Array | None, implementation: str = "lse") -> jax.Array:
+  k_BSKH = k_BSKH.astype(q_BTNH.dtype)
+  v_BSKH = v_BSKH.astype(q_BTNH.dtype)
+  if implementation == "lse":
+    b, t, n, h = q_BTNH.shape
+    kv = k_BSKH.shape[2]
+    q_BTKGH = q_BTNH.reshape(b, t, kv, n // kv, h)
+    if mask_BTS is None:
+      mask_BTS = jnp.ones((b, t, k_BSKH.shape[1]), bool)
+    return _lse_attention(q_BTKGH, k_BSKH, v_BSKH, mask_BTS).reshape(b, t, n, h)
+  mask = None if mask_BTS is None else mask_BTS[:, None, :, :]
+  return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask,
+                                      implementation=implementation)
+
+
+def _scores(q_BTKGH, k_BSKH, mask_BTS):
+  scale = q_BTKGH.shape[-1] ** -0.5
+  s_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH,
+                       preferred_element_type=jnp.float32) * scale
+  return jnp.where(mask_BTS[:, None, None], s_BKGTS, _MASKED)
+
+
+def _forward(q_BTKGH, k_BSKH, v_BSKH, mask_BTS):
+  s_BKGTS = _scores(q_BTKGH, k_BSKH, mask_BTS)
+  m_BKGT = jnp.max(s_BKGTS, axis=-1)
+  e_BKGTS = jnp.exp(s_BKGTS - m_BKGT[..., None])
+  l_BKGT = jnp.sum(e_BKGTS, axis=-1)
+  p_BKGTS = (e_BKGTS / l_BKGT[..., None]).astype(v_BSKH.dtype)
+  o_BTKGH = jnp.einsum("bkgts,bskh->btkgh", p_BKGTS, v_BSKH)
+  return o_BTKGH, (m_BKGT, l_BKGT)
+
+
+@jax.custom_vjp
+def _lse_attention(q_BTKGH, k_BSKH, v_BSKH, mask_BTS):
+  return _forward(q_BTKGH, k_BSKH, v_BSKH, mask_BTS)[0]
+
+
+def _lse_fwd(q_BTKGH, k_BSKH, v_BSKH, mask_BTS):
+  o_BTKGH, stats = _forward(q_BTKGH, k_BSKH, v_BSKH, mask_BTS)
+  return o_BTKGH, (q_BTKGH, k_BSKH, v_BSKH, mask_BTS, o_BTKGH, stats)
+
+
+def _lse_bwd(res, do_BTKGH):
+  q_BTKGH, k_BSKH, v_BSKH, mask_BTS, o_BTKGH, (m_BKGT, l_BKGT) = res
+  dt = q_BTKGH.dtype
+  scale = q_BTKGH.shape[-1] ** -0.5
+  # exp(s - m) / l rather than exp(s - logsumexp): in a fully masked row every s is the fill
+  # value, which float32 cannot tell apart from fill + log(S)
+  p_BKGTS = jnp.exp(_scores(q_BTKGH, k_BSKH, mask_BTS) - m_BKGT[..., None]) / l_BKGT[..., None]
+  do_BTKGH = do_BTKGH.astype(dt)
+  dv_BSKH = jnp.einsum("bkgts,btkgh->bskh", p_BKGTS.astype(dt), do_BTKGH)
+  dp_BKGTS = jnp.einsum("btkgh,bskh->bkgts", do_BTKGH, v_BSKH,
+                        preferred_element_type=jnp.float32)
+  delta_BTKG = jnp.sum(do_BTKGH.astype(jnp.float32) * o_BTKGH.astype(jnp.float32), axis=-1)
+  ds_BKGTS = p_BKGTS * (dp_BKGTS - jnp.transpose(delta_BTKG, (0, 2, 3, 1))[..., None])
+  ds_BKGTS = jnp.where(mask_BTS[:, None, None], ds_BKGTS, 0.0).astype(dt)
+  dq_BTKGH = jnp.einsum("bkgts,bskh->btkgh", ds_BKGTS, k_BSKH) * jnp.asarray(scale, dt)
+  dk_BSKH = jnp.einsum("bkgts,btkgh->bskh", ds_BKGTS, q_BTKGH) * jnp.asarray(scale, dt)
+  return dq_BTKGH, dk_BSKH, dv_BSKH, None
+
+
+_lse_attention.defvjp(_lse_fwd, _lse_bwd)
