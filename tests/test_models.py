@@ -76,6 +76,41 @@ def test_kv_cache_decoding_equals_full_forward():
   np.testing.assert_allclose(np.asarray(inc)[real], np.asarray(full)[real], atol=1e-5)
 
 
+@pytest.mark.parametrize("scan_unroll", [1, 3])
+def test_unstacked_layers_and_per_layer_cache_equal_the_scanned_stack(scan_unroll):
+  """`unstack_layers` (the decoding form: llm/layers_i, one cache buffer per layer) computes
+  the same logits and cache contents as the scanned stack, adapters included."""
+  import dataclasses
+  from mllm_tune.models.llm import unstack_layers
+  cfg = dataclasses.replace(LLM, scan_unroll=scan_unroll)
+  model = build_model(CausalLMConfig(llm=cfg))
+  params = init_params(model, jax.random.key(2))
+  rng = np.random.RandomState(1)
+  ad = {"llm": {"layers": {"mlp": {"up_proj": {
+      "lora_a": jnp.asarray(rng.randn(3, 32, 2), jnp.float32),
+      "lora_b": jnp.asarray(rng.randn(3, 2, 48), jnp.float32),
+      "lora_scale": jnp.ones((3,))}}}}}
+  variables = {"params": params, "adapters": ad}
+  umodel, uvars = unstack_layers(model, variables)
+  assert "layers" not in uvars["params"]["llm"] and "layers_2" in uvars["adapters"]["llm"]
+  np.testing.assert_array_equal(uvars["params"]["llm"]["layers_1"]["attn"]["q_proj"]["kernel"],
+                                params["llm"]["layers"]["attn"]["q_proj"]["kernel"][1])
+  ids = jnp.asarray(rng.randint(3, 64, (2, 6)))
+  mask = jnp.ones((2, 8), jnp.int32)
+  pos = jnp.broadcast_to(jnp.arange(6), (2, 6))
+  want, cache = model.apply(variables, ids, mask, pos, kv_cache=init_kv_cache(cfg, 2, 8))
+  ucache0 = init_kv_cache(umodel.config.llm, 2, 8)
+  assert isinstance(ucache0.k_LBKSH, tuple) and ucache0.k_LBKSH[0].shape == (2, 2, 8, 8)
+  got, ucache = umodel.apply(uvars, ids, mask, pos, kv_cache=ucache0)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  assert np.abs(np.asarray(want - model.apply({"params": params}, ids))).max() > 1e-3
+  last, _ = umodel.apply(uvars, ids, mask, pos, kv_cache=ucache0, last_logits_only=True)
+  assert last.shape == (2, 1, 64)
+  np.testing.assert_allclose(last, want[:, -1:], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.stack(ucache.k_LBKSH), cache.k_LBKSH, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.stack(ucache.v_LBKSH), cache.v_LBKSH, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("policy", ["full", "dots_saveable"])
 def test_remat_changes_nothing_numerically(policy):
   import dataclasses

@@ -141,9 +141,9 @@ def prefill(model, variables, ids_BP, mask_BP, px, num_new: int):
   cache_mask_BS = jnp.concatenate([mask_BP, jnp.ones((b, num_new), mask_BP.dtype)], axis=1)
   pos_BP = jnp.maximum(jnp.cumsum(mask_BP, axis=-1) - 1, 0)
   kwargs = {"pixel_values": px} if px is not None else {}
-  logits_BPV, cache = model.apply(variables, ids_BP, cache_mask_BS, pos_BP, kv_cache=cache,
-                                  cache_index=0, **kwargs)
-  return logits_BPV[:, -1], cache, cache_mask_BS, pos_BP[:, -1:]
+  logits_B1V, cache = model.apply(variables, ids_BP, cache_mask_BS, pos_BP, kv_cache=cache,
+                                  cache_index=0, last_logits_only=True, **kwargs)
+  return logits_B1V[:, -1], cache, cache_mask_BS, pos_BP[:, -1:]
 
 
 def decode_step(model, variables, tok_B, cache, cache_mask_BS, last_pos_B1, prompt_len: int, t):

@@ -32,6 +32,7 @@ from mllm_tune.eval.decoding import (DEFAULT_BUCKET_FLOOR, decode_step, first_to
                                      left_pad, next_bucket, prefill, prepare_prompts,
                                      stop_id_tuple, variables_of)
 from mllm_tune.eval.sampling import check_sampling_args, sample_tokens
+from mllm_tune.models.llm import unstack_layers
 from mllm_tune.tuning.dawin import entropy_from_logits
 
 __all__ = ["generate", "generate_text", "beam_search", "left_pad", "next_bucket",
@@ -48,6 +49,7 @@ def _sample_loop(model, variables, ids_BP, mask_BP, px, limit, pad_id, stops_E, 
   filters); 0 once the row has stopped. Everything but the model and the shapes is traced:
   greedy, sampling, any bias and any stop set of <= 8 ids share a compile."""
   b, p = ids_BP.shape
+  model, variables = unstack_layers(model, variables)  # per-layer weights and caches
   logits_BV, cache, cache_mask_BS, last_pos_B1 = prefill(model, variables, ids_BP, mask_BP, px,
                                                          num_new)
   logits_BV = logits_BV + bias_V.astype(logits_BV.dtype)

@@ -6,8 +6,8 @@ Param tree (storage, leading axis L on `layers`):
   final_norm/scale (D,); lm_head/kernel (D, V) unless embeddings are tied.
 
 Positions default to `cumsum(attention_mask) - 1`, so a sample's logits do not depend on how much
-padding (left or right) surrounds it. A KV cache is a pair of arrays (L, B, S, K, H) that the caller
-threads through `__call__` (see `init_kv_cache`); keys are stored after RoPE.
+padding (left or right) surrounds it. A KV cache is a pair of arrays (L, B, K, S, H) (`KVCache`) that
+the caller threads through `__call__` (see `init_kv_cache`); keys are stored after RoPE.
 """
 from __future__ import annotations
 
@@ -26,13 +26,24 @@ from mllm_tune.models.layers import (ADAPTERS, Linear, RMSNorm, activation, atte
 
 
 class KVCache(NamedTuple):
-  k_LBSKH: jax.Array
-  v_LBSKH: jax.Array
+  """Keys and values (L, B, K, S, H) each; with `scan_layers=False`, tuples of L (B, K, S, H)
+  arrays (one buffer per layer, updated in place by a decode loop). Slots S sit next to the
+  head dimension so attention reads the cache without a transposed copy."""
+  k_LBKSH: jax.Array | tuple[jax.Array, ...]
+  v_LBKSH: jax.Array | tuple[jax.Array, ...]
 
 
 def init_kv_cache(cfg: LLMConfig, batch: int, capacity: int, dtype=jnp.float32) -> KVCache:
-  shape = (cfg.num_layers, batch, capacity, cfg.num_kv_heads, cfg.head_dim)
+  if not cfg.scan_layers:
+    z = lambda: tuple(jnp.zeros((batch, cfg.num_kv_heads, capacity, cfg.head_dim), dtype)
+                      for _ in range(cfg.num_layers))
+    return KVCache(z(), z())
+  shape = (cfg.num_layers, batch, cfg.num_kv_heads, capacity, cfg.head_dim)
   return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+def kv_cache_slots(cache: KVCache) -> int:
+  return jax.tree.leaves(cache.k_LBKSH)[0].shape[-2]
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> np.ndarray:
@@ -120,11 +131,13 @@ class Attention(nn.Module):
     k = apply_rope(k.reshape(b, t, c.num_kv_heads, c.head_dim), *sin_cos)
     v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
     if cache is not None:
-      ck, cv = cache
-      ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, cache_index, 0, 0))
-      cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0))
+      ck, cv = cache  # (B, K, S, H)
+      ck = jax.lax.dynamic_update_slice(ck, k.swapaxes(1, 2).astype(ck.dtype),
+                                        (0, 0, cache_index, 0))
+      cv = jax.lax.dynamic_update_slice(cv, v.swapaxes(1, 2).astype(cv.dtype),
+                                        (0, 0, cache_index, 0))
       cache = (ck, cv)
-      k, v = ck.astype(q.dtype), cv.astype(q.dtype)
+      k, v = ck.swapaxes(1, 2).astype(q.dtype), cv.swapaxes(1, 2).astype(q.dtype)
     if prefix_kv is not None:
       k, v, mask_BTS = prepend_prefix(k, v, mask_BTS, *prefix_kv)
     out = attention(q, k, v, mask_BTS, c.attention_impl)
@@ -190,16 +203,23 @@ REMAT_POLICIES = {
 }
 
 
-def scanned(block_cls, num_layers: int, remat_policy: str, n_broadcast: int):
-  """Stack `block_cls` along a leading axis and run it with `nn.scan` (optionally rematted)."""
-  if remat_policy != "none":
-    if remat_policy not in REMAT_POLICIES:
-      raise ValueError(f"remat_policy '{remat_policy}' unknown; choose from none, "
-                       f"{', '.join(REMAT_POLICIES)}")
-    block_cls = nn.remat(block_cls, policy=REMAT_POLICIES[remat_policy], prevent_cse=False)
-  return nn.scan(block_cls, variable_axes={"params": 0, ADAPTERS: 0},
+def rematted(block_cls, remat_policy: str):
+  if remat_policy == "none":
+    return block_cls
+  if remat_policy not in REMAT_POLICIES:
+    raise ValueError(f"remat_policy '{remat_policy}' unknown; choose from none, "
+                     f"{', '.join(REMAT_POLICIES)}")
+  return nn.remat(block_cls, policy=REMAT_POLICIES[remat_policy], prevent_cse=False)
+
+
+def scanned(block_cls, num_layers: int, remat_policy: str, n_broadcast: int, unroll: int = 1):
+  """Stack `block_cls` along a leading axis and run it with `nn.scan` (optionally rematted).
+  `unroll` layers run per loop iteration (`lax.scan`'s unroll). The parameter layout is the
+  same for every `unroll`."""
+  return nn.scan(rematted(block_cls, remat_policy), variable_axes={"params": 0, ADAPTERS: 0},
                  split_rngs={"params": True, "dropout": True},
-                 in_axes=(nn.broadcast,) * n_broadcast + (0,), length=num_layers)
+                 in_axes=(nn.broadcast,) * n_broadcast + (0,), length=num_layers,
+                 unroll=max(1, min(unroll, num_layers)))
 
 
 def split_prefix(prefix_nX: jax.Array, num_layers: int) -> tuple[jax.Array, jax.Array]:
@@ -251,7 +271,11 @@ class LLM(nn.Module):
     self.embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=dtype_of(c.dtype),
                           param_dtype=dtype_of(c.param_dtype),
                           embedding_init=nn.initializers.normal(0.02))
-    self.layers = scanned(DecoderBlock, c.num_layers, c.remat_policy, 3)(c)
+    if c.scan_layers:
+      self.layers = scanned(DecoderBlock, c.num_layers, c.remat_policy, 3, c.scan_unroll)(c)
+    else:  # layers_0 .. layers_{L-1} (`unstack_layers` converts the parameters)
+      block = rematted(DecoderBlock, c.remat_policy)
+      self.layers = [block(c) for _ in range(c.num_layers)]
     self.final_norm = RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype)
     if not c.tie_word_embeddings:
       self.lm_head = Linear(c.vocab_size, False, c.dtype, c.param_dtype)
@@ -295,9 +319,25 @@ class LLM(nn.Module):
     mask = causal_mask(slots, jnp.ones((1, n), jnp.int32), c.sliding_window)
     sin_cos = rope_sin_cos(offset + slots, rope_inv_freq(c.rope, c.head_dim))
     cache = init_kv_cache(c, 1, n, dt)
-    _, (k, v) = self.layers(prompts_nD[None].astype(dt), sin_cos, mask, 0,
-                            ((cache.k_LBSKH, cache.v_LBSKH), prefix))
-    return k, v
+    _, (k, v) = self.run_layers(prompts_nD[None].astype(dt), sin_cos, mask, 0,
+                                (cache.k_LBKSH, cache.v_LBKSH), prefix)
+    if not c.scan_layers:
+      k, v = jnp.stack(k), jnp.stack(v)
+    return k.swapaxes(2, 3), v.swapaxes(2, 3)  # (L, 1, n, K, H) as prefix key/values
+
+  def run_layers(self, h_BTD, sin_cos, mask_BTS, cache_index, layer_caches, virtual):
+    """The decoder stack: (h, updated caches or None); caches stacked or per layer (KVCache)."""
+    if self.cfg.scan_layers:
+      return self.layers(h_BTD, sin_cos, mask_BTS, cache_index, (layer_caches, virtual))
+    ks, vs = [], []
+    for i, block in enumerate(self.layers):
+      cache_i = None if layer_caches is None else (layer_caches[0][i], layer_caches[1][i])
+      virtual_i = None if virtual is None else (virtual[0][i], virtual[1][i])
+      h_BTD, cache_i = block(h_BTD, sin_cos, mask_BTS, cache_index, (cache_i, virtual_i))
+      if cache_i is not None:
+        ks.append(cache_i[0])
+        vs.append(cache_i[1])
+    return h_BTD, (None if layer_caches is None else (tuple(ks), tuple(vs)))
 
   def virtual_kv(self):
     """All virtual key/values (L, 1, n, K, H): prefix tuning first, then soft prompts; or None."""
@@ -311,8 +351,11 @@ class LLM(nn.Module):
     return (jnp.concatenate([prefix[0], k], axis=2), jnp.concatenate([prefix[1], v], axis=2))
 
   def __call__(self, input_ids=None, attention_mask=None, positions=None, segment_ids=None,
-               inputs_embeds=None, kv_cache: KVCache | None = None, cache_index=0):
+               inputs_embeds=None, kv_cache: KVCache | None = None, cache_index=0,
+               last_logits_only: bool = False):
     """Returns float32 logits (B, T, V), and the updated cache when `kv_cache` is given.
+    `last_logits_only`: logits (B, 1, V) of the last position only (a decoding prefill needs no
+    more, and the vocabulary projection of a long prompt is most of its FLOPs).
 
     Without a cache, `attention_mask` is (B, T). With a cache of capacity S, the T new tokens are
     written at slots [cache_index, cache_index + T) and `attention_mask` is (B, S): which cache
@@ -324,7 +367,7 @@ class LLM(nn.Module):
     h = h.astype(dtype_of(c.dtype))
     b, t, _ = h.shape
     if attention_mask is None:
-      attention_mask = jnp.ones((b, t if kv_cache is None else kv_cache.k_LBSKH.shape[2]),
+      attention_mask = jnp.ones((b, t if kv_cache is None else kv_cache_slots(kv_cache)),
                                 jnp.int32)
     if positions is None:
       if kv_cache is not None:
@@ -336,8 +379,10 @@ class LLM(nn.Module):
     query_slots = cache_index + jnp.broadcast_to(jnp.arange(t), (b, t))
     mask = causal_mask(query_slots, attention_mask, c.sliding_window, segment_ids)
     sin_cos = rope_sin_cos(positions, rope_inv_freq(c.rope, c.head_dim))
-    layer_caches = None if kv_cache is None else (kv_cache.k_LBSKH, kv_cache.v_LBSKH)
-    h, layer_caches = self.layers(h, sin_cos, mask, cache_index, (layer_caches, virtual))
+    layer_caches = None if kv_cache is None else (kv_cache.k_LBKSH, kv_cache.v_LBKSH)
+    h, layer_caches = self.run_layers(h, sin_cos, mask, cache_index, layer_caches, virtual)
+    if last_logits_only:
+      h = h[:, -1:]
     h = self.final_norm(h)
     if c.tie_word_embeddings:
       logits = self.embed.attend(h)
@@ -349,6 +394,29 @@ class LLM(nn.Module):
     return logits, KVCache(*layer_caches)
 
 
+def unstack_layers(model, variables: dict):
+  """(model with `scan_layers=False`, variables with every collection's `llm/layers` subtree
+  split along its leading axis into `llm/layers_0 .. layers_{L-1}`): the same function, but each
+  layer's weights and KV cache are their own buffers, so a decode loop reads them in place
+  instead of slicing the stacked arrays on every token. `model` is a `Llava` or `CausalLM`."""
+  cfg = model.config
+  if not cfg.llm.scan_layers:
+    return model, variables
+  n = cfg.llm.num_layers
+  model = model.clone(config=dataclasses.replace(
+      cfg, llm=dataclasses.replace(cfg.llm, scan_layers=False)))
+
+  def split(col):
+    if not isinstance(col, dict) or "layers" not in col.get("llm", {}):
+      return col
+    llm = dict(col["llm"])
+    layers = llm.pop("layers")
+    for i in range(n):
+      llm[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], layers)
+    return {**col, "llm": llm}
+  return model, {name: split(col) for name, col in variables.items()}
+
+
 class CausalLM(nn.Module):
   """A bare LLM checkpoint (LlamaForCausalLM & co.); params live under `llm/` as in LLaVA."""
   config: object  # CausalLMConfig
@@ -357,11 +425,11 @@ class CausalLM(nn.Module):
     self.llm = LLM(self.config.llm)
 
   def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None,
-               pixel_values=None, kv_cache=None, cache_index=0):
+               pixel_values=None, kv_cache=None, cache_index=0, last_logits_only=False):
     if pixel_values is not None:
       raise ValueError("this is a text-only model: pixel_values must be None")
     return self.llm(input_ids, attention_mask, positions, segment_ids, kv_cache=kv_cache,
-                    cache_index=cache_index)
+                    cache_index=cache_index, last_logits_only=last_logits_only)
 
 
 def with_dtypes(cfg: LLMConfig, dtype: str, param_dtype: str) -> LLMConfig:

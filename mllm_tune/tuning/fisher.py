@@ -299,11 +299,11 @@ def gradient_magnitude(loss_fn, variables: dict, batches: Iterable, leaves: dict
 def model_config_hash(config) -> str:
   """Hash of the architecture (runtime fields such as dtypes, remat policy and attention
   implementation left out): a Fisher fits a model iff the hashes agree."""
-  from mllm_tune.models.config import RUNTIME_FIELDS, config_to_dict
+  from mllm_tune.models.config import NON_ARCH_FIELDS, config_to_dict
 
   def strip(d):
     if isinstance(d, dict):
-      return {k: strip(v) for k, v in d.items() if k not in RUNTIME_FIELDS}
+      return {k: strip(v) for k, v in d.items() if k not in NON_ARCH_FIELDS}
     return d
   blob = json.dumps(strip(config_to_dict(config)), sort_keys=True, default=str)
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
