@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mllm_tune.models import config as mc
-from mllm_tune.models.layers import attention
+from mllm_tune.models.attention import attention
 
 
 def _numpy_attention(q, k, v, mask):

@@ -33,8 +33,6 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from mllm_tune.models.attention import attention  # noqa: F401  (re-exported for the towers)
-
 ADAPTERS = "adapters"
 
 

@@ -20,9 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from mllm_tune.models.attention import attention
 from mllm_tune.models.config import LLMConfig, RopeConfig
-from mllm_tune.models.layers import (ADAPTERS, Linear, RMSNorm, activation, attention, dtype_of,
-                                      parallel_adapter)
+from mllm_tune.models.layers import (ADAPTERS, Linear, RMSNorm, activation, dtype_of,
+                                     parallel_adapter)
 
 
 class KVCache(NamedTuple):

@@ -24,8 +24,9 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from mllm_tune.models.config import VisionConfig
-from mllm_tune.models.layers import (ADAPTERS, Linear, LayerNorm, activation, attention,
-                                      dtype_of, parallel_adapter)
+from mllm_tune.models.attention import attention
+from mllm_tune.models.layers import (ADAPTERS, Linear, LayerNorm, activation, dtype_of,
+                                     parallel_adapter)
 from mllm_tune.models.llm import scanned
 
 
