@@ -14,6 +14,11 @@ forward; backward costs 2x that when the weight is trained (input and weight gra
 when it is frozen (input gradient only, needed upstream); attention adds 4*T*d per layer per
 token forward (QK^T and PV, causal not discounted) and 2x that backward. MFU = achieved FLOP/s /
 `--peak_gflops` (200 on this machine's 2 cores, DESIGN.md section 5).
+
+Both frameworks' workers run with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (`--no_hugetlb` to
+leave the environment alone): glibc then asks for transparent huge pages for large blocks, which
+removes most page faults from fresh per-step buffers (XLA:CPU allocates its temporaries anew on
+every call); the setting is the same for both sides.
 """
 from __future__ import annotations
 
@@ -211,6 +216,7 @@ def main():
   ap.add_argument("--new_tokens", type=int, default=64)
   ap.add_argument("--repeats", type=int, default=2)
   ap.add_argument("--peak_gflops", type=float, default=200.0)
+  ap.add_argument("--no_hugetlb", action="store_true")
   ap.add_argument("--out", default="")
   ap.add_argument("--results", default=os.path.join(ROOT, "bench", "results", "cpu.md"))
   args = ap.parse_args()
@@ -232,7 +238,10 @@ def main():
                model_dir, "--batch", str(args.batch), "--seq", str(args.seq), "--steps",
                str(args.steps if mode != "generate" else 4), "--new_tokens",
                str(args.new_tokens), "--out", out]
-        subprocess.run(cmd, check=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+        env = dict(os.environ, JAX_PLATFORMS="cpu")
+        if not args.no_hugetlb:
+          env["GLIBC_TUNABLES"] = "glibc.malloc.hugetlb=1"
+        subprocess.run(cmd, check=True, env=env)
         with open(out) as f:
           rows.setdefault((mode, fw), []).append(json.load(f))
   report(rows, args, n_params if not args.model_dir else None, model_dir)
@@ -250,8 +259,11 @@ def report(rows, args, n_params, model_dir):
            f"(1 image each); generation: prompt {(SIZES['image'] // SIZES['patch']) ** 2 + 32} "
            f"tokens, {args.new_tokens} new, batch {args.batch}.", "",
            f"Command: `python bench/throughput.py --batch {args.batch} --seq {args.seq} "
-           f"--steps {args.steps} --repeats {args.repeats}` (each number: median over "
-           f"{args.repeats} alternating process runs of the per-run median step time)", "",
+           f"--steps {args.steps} --repeats {args.repeats}"
+           f"{' --no_hugetlb' if args.no_hugetlb else ''}` (each number: median over "
+           f"{args.repeats} alternating process runs of the per-run median step time, "
+           f"{args.steps - 2} timed steps per run after 2 warm-up steps; environment for both: "
+           f"{'default' if args.no_hugetlb else 'GLIBC_TUNABLES=glibc.malloc.hugetlb=1'})", "",
            "| mode | ours | transformers(+peft) | ratio (ours/theirs speed) | ours MFU | theirs MFU "
            "| ours peak RSS MB | theirs peak RSS MB |", "|---|---|---|---|---|---|---|---|"]
   summary = {}

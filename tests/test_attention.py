@@ -119,3 +119,17 @@ def test_attention_impl_reaches_the_model_from_the_train_config():
   assert cfg.llm.attention_impl == cfg.vision.attention_impl == "cudnn"
   c.attention_impl = "xla"  # not part of the architecture: a Fisher still fits
   assert model_config_hash(setup.tiny_model_config(c)) == model_config_hash(cfg)
+
+
+def test_lse_bfloat16_gradients_track_the_float64_reference():
+  q, k, v, mask = _inputs()
+  do = np.random.default_rng(1).normal(size=q.shape).astype(np.float32)
+  bf = lambda x: jax.numpy.asarray(x, jax.numpy.bfloat16)
+  loss = lambda q_, k_, v_: (attention(q_, k_, v_, mask, "lse").astype(np.float32) * do).sum()
+  got = jax.grad(loss, argnums=(0, 1, 2))(bf(q), bf(k), bf(v))
+  f64 = lambda x: np.asarray(bf(x).astype(np.float32), np.float64)  # the bf16 inputs, exactly
+  want = _numpy_attention_grads(f64(q), f64(k), f64(v), mask, do.astype(np.float64))
+  for name, g, w in zip("qkv", got, want):
+    assert g.dtype == jax.numpy.bfloat16
+    err = np.abs(np.asarray(g.astype(np.float32)) - w).max() / np.abs(w).max()
+    assert err < 3e-2, (name, err)

@@ -82,6 +82,25 @@ def test_beam_search_matches_hf(tiny):
   assert not np.array_equal(refs["never", 1.0], refs["never", 2.0])
 
 
+def test_decoding_through_the_scanned_stack_gives_the_same_tokens(tiny):
+  """`decode_per_layer=False` (no per-layer weight copies; cache stacked (L, ...)) decodes
+  through the scanned layers: HF's beams and the default path's greedy tokens again."""
+  hf_model, model, params, ids, mask = tiny
+  from mllm_tune.models.config import with_runtime
+  stacked = model.clone(config=with_runtime(model.config, decode_per_layer=False))
+  ref, ref_scores = _hf_beams(hf_model, ids, mask, False, 1.0)
+  seqs, scores = gen.beam_search(stacked, params, ids, mask, max_new_tokens=NEW,
+                                 eos_token_id=EOS, num_beams=3, early_stopping=False)
+  for b in range(3):
+    for k in range(3):
+      n = _length(ref[b, k])
+      np.testing.assert_array_equal(np.asarray(seqs)[b, k, :n], ref[b, k, :n])
+  np.testing.assert_allclose(np.asarray(scores), ref_scores, atol=1e-5, rtol=0)
+  greedy = lambda m: np.asarray(mt.generate(m, params, ids, mask, max_new_tokens=NEW,
+                                            eos_token_id=EOS))
+  np.testing.assert_array_equal(greedy(stacked), greedy(model))
+
+
 def test_beam_with_one_beam_is_greedy(tiny):
   _, model, params, ids, mask = tiny
   greedy = np.asarray(mt.generate(model, params, ids, mask, max_new_tokens=NEW,

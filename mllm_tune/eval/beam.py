@@ -130,11 +130,12 @@ def beam_loop(model, variables, ids_BP, mask_BP, px, limit, pad_id, length_penal
   """
   b, p = ids_BP.shape
   k = num_beams
-  model, variables = unstack_layers(model, variables)  # per-layer weights and caches
+  model, variables = unstack_layers(model, variables)  # per-layer weights and caches, if set
   logits_BV, cache, cache_mask_BS, last_pos_B1 = prefill(model, variables, ids_BP, mask_BP, px,
                                                          num_new)
   rep = lambda x: jnp.repeat(x, k, axis=0)
-  cache = jax.tree.map(lambda c: jnp.repeat(c, k, axis=0), cache)  # L x (B*K, S, Kh, H)
+  row_axis = 0 if isinstance(cache.k_LBKSH, tuple) else 1  # per-layer (B, Kh, S, H) or stacked
+  cache = jax.tree.map(lambda c: jnp.repeat(c, k, axis=row_axis), cache)
   cache_mask_BS, last_pos_B1 = rep(cache_mask_BS), rep(last_pos_B1)
   stops_E = jnp.asarray(stop_ids, jnp.int32).reshape(-1)
   beam_base_BK = jnp.arange(b, dtype=jnp.int32)[:, None] * k
@@ -144,7 +145,7 @@ def beam_loop(model, variables, ids_BP, mask_BP, px, limit, pad_id, length_penal
     st, parent_BK, tok_BK, keep_going = beam_step(logp_BKV, st, t, limit, stops_E,
                                                   length_penalty, early_code)
     rows = (beam_base_BK + parent_BK).reshape(-1)
-    cache = jax.tree.map(lambda c: jnp.take(c, rows, axis=0), cache)
+    cache = jax.tree.map(lambda c: jnp.take(c, rows, axis=row_axis), cache)
     return st, tok_BK.reshape(-1), cache, keep_going
 
   st0 = init_state(b, k, num_new, pad_id)

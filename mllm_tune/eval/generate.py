@@ -49,7 +49,7 @@ def _sample_loop(model, variables, ids_BP, mask_BP, px, limit, pad_id, stops_E, 
   filters); 0 once the row has stopped. Everything but the model and the shapes is traced:
   greedy, sampling, any bias and any stop set of <= 8 ids share a compile."""
   b, p = ids_BP.shape
-  model, variables = unstack_layers(model, variables)  # per-layer weights and caches
+  model, variables = unstack_layers(model, variables)  # per-layer weights and caches, if set
   logits_BV, cache, cache_mask_BS, last_pos_B1 = prefill(model, variables, ids_BP, mask_BP, px,
                                                          num_new)
   logits_BV = logits_BV + bias_V.astype(logits_BV.dtype)

@@ -82,9 +82,9 @@ def _lse_bwd(res, do_BTKGH):
                         preferred_element_type=jnp.float32)
   delta_BTKG = jnp.sum(do_BTKGH.astype(jnp.float32) * o_BTKGH.astype(jnp.float32), axis=-1)
   ds_BKGTS = p_BKGTS * (dp_BKGTS - jnp.transpose(delta_BTKG, (0, 2, 3, 1))[..., None])
-  ds_BKGTS = jnp.where(mask_BTS[:, None, None], ds_BKGTS, 0.0).astype(dt)
-  dq_BTKGH = jnp.einsum("bkgts,bskh->btkgh", ds_BKGTS, k_BSKH) * jnp.asarray(scale, dt)
-  dk_BSKH = jnp.einsum("bkgts,btkgh->bskh", ds_BKGTS, q_BTKGH) * jnp.asarray(scale, dt)
+  ds_BKGTS = (jnp.where(mask_BTS[:, None, None], ds_BKGTS, 0.0) * scale).astype(dt)
+  dq_BTKGH = jnp.einsum("bkgts,bskh->btkgh", ds_BKGTS, k_BSKH)
+  dk_BSKH = jnp.einsum("bkgts,btkgh->bskh", ds_BKGTS, q_BTKGH)
   return dq_BTKGH, dk_BSKH, dv_BSKH, None
 
 

@@ -20,7 +20,8 @@ ROPE_TYPES = ("default", "linear", "llama3")
 # GPUs, bf16/fp16 inputs: cuDNN's fused flash attention)
 ATTENTION_IMPLS = ("lse", "xla", "cudnn")
 # fields that change how a model runs, not what it computes (left out of architecture hashes)
-RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy", "attention_impl", "scan_unroll")
+RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy", "attention_impl", "scan_unroll",
+                  "decode_per_layer")
 # fields that change neither the architecture nor the numbers (left out of Fisher hashes)
 NON_ARCH_FIELDS = RUNTIME_FIELDS + ("scan_layers",)
 
@@ -64,6 +65,10 @@ class LLMConfig:
   remat_policy: str = "none"    # none | full | dots_saveable | dots_with_no_batch_dims_saveable
   attention_impl: str = "lse"   # ATTENTION_IMPLS (models.attention)
   scan_unroll: int = 1          # decoder layers per scan iteration (lax.scan unroll)
+  # decoding copies each layer's weights into its own buffer for the call (no per-token slicing
+  # of the stacked arrays; costs one more copy of the LLM weights while generating); False:
+  # decode through the scanned stack
+  decode_per_layer: bool = True
   # False: one module per layer (params llm/layers_0.., models.llm.unstack_layers); decoding
   # uses it internally (eval/decoding.py). Checkpoints, tuning and training use the stacked form.
   scan_layers: bool = True

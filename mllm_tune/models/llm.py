@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import jax
@@ -399,16 +400,17 @@ def unstack_layers(model, variables: dict):
   """(model with `scan_layers=False`, variables with every collection's `llm/layers` subtree
   split along its leading axis into `llm/layers_0 .. layers_{L-1}`): the same function, but each
   layer's weights and KV cache are their own buffers, so a decode loop reads them in place
-  instead of slicing the stacked arrays on every token. `model` is a `Llava` or `CausalLM`."""
+  instead of slicing the stacked arrays on every token. `model` is a `Llava` or `CausalLM`.
+  Unchanged when the LLM config says `decode_per_layer=False` (or is already unstacked)."""
   cfg = model.config
-  if not cfg.llm.scan_layers:
+  if not cfg.llm.scan_layers or not cfg.llm.decode_per_layer:
     return model, variables
   n = cfg.llm.num_layers
   model = model.clone(config=dataclasses.replace(
       cfg, llm=dataclasses.replace(cfg.llm, scan_layers=False)))
 
   def split(col):
-    if not isinstance(col, dict) or "layers" not in col.get("llm", {}):
+    if not isinstance(col, Mapping) or "layers" not in col.get("llm", {}):
       return col
     llm = dict(col["llm"])
     layers = llm.pop("layers")
