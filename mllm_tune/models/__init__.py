@@ -37,7 +37,13 @@ def _jitted_init(model):
 
 
 def param_shapes(model) -> dict:
-  """`jax.ShapeDtypeStruct` tree of the params, without allocating them."""
+  """`jax.ShapeDtypeStruct` tree of the params, without allocating them (traced once per
+  model config and process; each call gets its own copy of the tree)."""
+  return jax.tree.map(lambda s: s, _param_shapes(model))
+
+
+@functools.lru_cache(maxsize=32)
+def _param_shapes(model) -> dict:
   return jax.eval_shape(lambda: model.init(jax.random.key(0), _dummy_inputs(model))["params"])
 
 
