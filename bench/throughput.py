@@ -36,6 +36,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+LORA_TARGETS = r"llm/layers_\d+/(attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)"
 SIZES = dict(vocab=32000, hidden=512, inter=1376, layers=8, heads=8, kv=8,
              v_hidden=384, v_inter=1536, v_layers=6, v_heads=6, image=224, patch=16)
 
@@ -125,8 +126,7 @@ def jax_worker(mode, model_dir, batch, seq, steps, new_tokens):
   if mode == "full":
     method = mt.tuning.get("freeze", preset="full")
   else:
-    method = mt.tuning.get("lora", rank=16, alpha=32,
-                           targets=r"llm/layers_\d+/(attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)")
+    method = mt.tuning.get("lora", rank=16, alpha=32, targets=LORA_TARGETS)
   variables = method.init_variables(jax.random.key(0), params)
   mask = method.trainable(variables)
   trainable, frozen = mt.tuning.partition(variables, mask)

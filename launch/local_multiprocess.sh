@@ -2,7 +2,8 @@
 # Run N local processes that form one JAX job (jax.distributed over localhost), e.g. to test the
 # multi-host path on one machine:
 #   launch/local_multiprocess.sh 2 --config=configs/experiments/tiny_full.py --config.train.steps=10
-# Each process gets DEVICES_PER_PROC forced CPU devices unless JAX_PLATFORMS says otherwise.
+# Each process gets DEVICES_PER_PROC forced CPU devices unless JAX_PLATFORMS says otherwise, and
+# glibc huge pages for large blocks (XLA:CPU's per-call temporaries fault in far fewer pages).
 set -euo pipefail
 N=${1:?usage: local_multiprocess.sh NUM_PROCESSES [mllm-tune train args...]}; shift
 PORT=${PORT:-$((20000 + RANDOM % 20000))}
@@ -11,6 +12,7 @@ PY=${PYTHON:-python}
 pids=()
 for ((i = 0; i < N; i++)); do
   JAX_PLATFORMS=${JAX_PLATFORMS:-cpu} \
+  GLIBC_TUNABLES=${GLIBC_TUNABLES:-glibc.malloc.hugetlb=1} \
   XLA_FLAGS="--xla_force_host_platform_device_count=${DEVICES_PER_PROC} ${XLA_FLAGS:-}" \
   MLLM_COORDINATOR="127.0.0.1:${PORT}" MLLM_NUM_PROCESSES="$N" MLLM_PROCESS_ID="$i" \
     "$PY" -m mllm_tune.cli train "$@" > "proc_${i}.log" 2>&1 &
