@@ -56,32 +56,16 @@ def main():
   ap.add_argument("--top", type=int, default=30)
   args = ap.parse_args()
   import jax
-  import jax.numpy as jnp
-  import optax
 
   import mllm_tune as mt
   import throughput
-  from mllm_tune.train.step import StepFns, TrainState, train_step
   model_dir = args.model_dir
   if not model_dir:
     model_dir = os.path.join(tempfile.mkdtemp(), "llava")
     throughput.hf_model().save_pretrained(model_dir)
   model, params = mt.load_pretrained(model_dir, attention_impl=args.attention_impl)
-  if args.mode == "full":
-    method = mt.tuning.get("freeze", preset="full")
-  else:
-    method = mt.tuning.get("lora", rank=16, alpha=32, targets=throughput.LORA_TARGETS)
-  variables = method.init_variables(jax.random.key(0), params)
-  mask = method.trainable(variables)
-  trainable, frozen = mt.tuning.partition(variables, mask)
-  opt = mt.tuning.build_optimizer(method, variables, mask, trainable, optax.adamw(1e-5))
-  fns = StepFns(model, method, opt)
-  state = TrainState(jnp.zeros((), jnp.int32), trainable, opt.init(trainable),
-                     jax.random.key(0))
   ids, px, _ = throughput.make_batch(args.batch, args.seq)
-  batch = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.ones_like(ids),
-           "loss_mask": jnp.ones_like(ids), "pixel_values": jnp.asarray(px)}
-  step = jax.jit(lambda f, s, b: train_step(fns, f, s, b), donate_argnums=(1,))
+  step, frozen, state, batch = throughput.jax_train_step(args.mode, model, params, ids, px)
   ops = op_table(step.lower(frozen, state, batch).compile().as_text())
   for _ in range(2):
     state, metrics = step(frozen, state, batch)

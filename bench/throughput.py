@@ -91,11 +91,8 @@ def flops_per_step(mode: str, batch: int, seq: int, s=SIZES, lora_r: int = 16) -
 # ----------------------------------------------------------------------------- workers
 def jax_worker(mode, model_dir, batch, seq, steps, new_tokens):
   import jax
-  import jax.numpy as jnp
   import numpy as np
-  import optax
   import mllm_tune as mt
-  from mllm_tune.train.step import StepFns, TrainState, train_step
   out = {}
   t0 = time.perf_counter()
   model, params = mt.load_pretrained(model_dir)
@@ -123,6 +120,25 @@ def jax_worker(mode, model_dir, batch, seq, steps, new_tokens):
     out["times"] = times[1:]
     out["new_tokens"] = batch * new_tokens
     return out
+  step, frozen, state, b = jax_train_step(mode, model, params, ids, px)
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    state, metrics = step(frozen, state, b)
+    jax.block_until_ready(metrics["loss"])
+    times.append(time.perf_counter() - t)
+  out["times"] = times[2:]
+  out["loss0"] = None
+  return out
+
+
+def jax_train_step(mode, model, params, ids, px):
+  """(jitted step, frozen, state, batch) for `mode` "full" (AdamW on everything) or "lora"."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+  import mllm_tune as mt
+  from mllm_tune.train.step import StepFns, TrainState, train_step
   if mode == "full":
     method = mt.tuning.get("freeze", preset="full")
   else:
@@ -134,18 +150,10 @@ def jax_worker(mode, model_dir, batch, seq, steps, new_tokens):
   fns = StepFns(model, method, opt)
   state = TrainState(jnp.zeros((), jnp.int32), trainable, opt.init(trainable),
                      jax.random.key(0))
-  b = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.ones_like(ids),
-       "loss_mask": jnp.ones_like(ids), "pixel_values": jnp.asarray(px)}
-  step = jax.jit(lambda f, s, bt: train_step(fns, f, s, bt), donate_argnums=(1,))
-  times = []
-  for _ in range(steps):
-    t = time.perf_counter()
-    state, metrics = step(frozen, state, b)
-    jax.block_until_ready(metrics["loss"])
-    times.append(time.perf_counter() - t)
-  out["times"] = times[2:]
-  out["loss0"] = None
-  return out
+  batch = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.ones_like(ids),
+           "loss_mask": jnp.ones_like(ids), "pixel_values": jnp.asarray(px)}
+  step = jax.jit(lambda f, s, b: train_step(fns, f, s, b), donate_argnums=(1,))
+  return step, frozen, state, batch
 
 
 def torch_worker(mode, model_dir, batch, seq, steps, new_tokens):
