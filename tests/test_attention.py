@@ -104,6 +104,11 @@ def test_attention_impl_is_a_runtime_field_of_both_towers():
   with pytest.raises(mc.ConfigError, match="model.attention_impl must be one of"):
     mc.with_runtime(mc.LlavaConfig(), attention_impl="flash")
   assert mc.LlavaConfig().llm.attention_impl == mc.LlavaConfig().vision.attention_impl == "lse"
+  with pytest.raises(mc.ConfigError, match="scan_unroll must be an integer"):
+    mc.with_runtime(mc.LlavaConfig(), scan_unroll=0)
+  with pytest.raises(mc.ConfigError, match="decode_per_layer must be"):
+    mc.with_runtime(mc.LlavaConfig(), decode_per_layer="yes")
+  assert mc.with_runtime(mc.LlavaConfig(), scan_unroll=4).llm.scan_unroll == 4
   with pytest.raises(mc.ConfigError, match="not runtime fields"):
     mc.with_runtime(mc.LlavaConfig(), num_layers=3)
 

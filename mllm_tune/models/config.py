@@ -269,6 +269,12 @@ def with_runtime(cfg: LlavaConfig | CausalLMConfig, **fields) -> LlavaConfig | C
   impl = fields.get("attention_impl", "lse")
   if impl not in ATTENTION_IMPLS:
     raise ConfigError(f"model.attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+  unroll = fields.get("scan_unroll", 1)
+  if isinstance(unroll, bool) or not isinstance(unroll, int) or unroll < 1:
+    raise ConfigError(f"scan_unroll must be an integer >= 1, got {unroll!r}")
+  if not isinstance(fields.get("decode_per_layer", True), bool):
+    raise ConfigError(f"decode_per_layer must be True or False, got "
+                      f"{fields['decode_per_layer']!r}")
   llm = dataclasses.replace(cfg.llm, **fields)
   if isinstance(cfg, CausalLMConfig):
     return dataclasses.replace(cfg, llm=llm)
