@@ -81,7 +81,7 @@ def test_unstacked_layers_and_per_layer_cache_equal_the_scanned_stack(scan_unrol
   """`unstack_layers` (the decoding form: llm/layers_i, one cache buffer per layer) computes
   the same logits and cache contents as the scanned stack, adapters included."""
   import dataclasses
-  from mllm_tune.models.llm import unstack_layers
+  from mllm_tune.models.kv_cache import unstack_layers
   cfg = dataclasses.replace(LLM, scan_unroll=scan_unroll)
   model = build_model(CausalLMConfig(llm=cfg))
   params = init_params(model, jax.random.key(2))

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from mllm_tune.eval.decoding import decode_step, prefill
-from mllm_tune.models.llm import unstack_layers
+from mllm_tune.models.kv_cache import unstack_layers
 
 NEG = -1.0e9  # HF's "impossible" score offset (float32 arithmetic as in HF)
 EARLY_STOPPING_CODES = {False: 0, True: 1, "never": 2}  # traced, so modes share one compile

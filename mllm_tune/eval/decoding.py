@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mllm_tune.models.llava import Llava, check_image_token_count
-from mllm_tune.models.llm import init_kv_cache
+from mllm_tune.models.kv_cache import init_kv_cache
 
 DEFAULT_BUCKET_FLOOR = 16
 

@@ -32,7 +32,7 @@ from mllm_tune.eval.decoding import (DEFAULT_BUCKET_FLOOR, decode_step, first_to
                                      left_pad, next_bucket, prefill, prepare_prompts,
                                      stop_id_tuple, variables_of)
 from mllm_tune.eval.sampling import check_sampling_args, sample_tokens
-from mllm_tune.models.llm import unstack_layers
+from mllm_tune.models.kv_cache import unstack_layers
 from mllm_tune.tuning.dawin import entropy_from_logits
 
 __all__ = ["generate", "generate_text", "beam_search", "left_pad", "next_bucket",

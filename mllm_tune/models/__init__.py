@@ -9,7 +9,8 @@ import jax.numpy as jnp
 from mllm_tune.models.config import (CausalLMConfig, LLMConfig, LlavaConfig, RopeConfig,
                                      VisionConfig)
 from mllm_tune.models.llava import Llava
-from mllm_tune.models.llm import LLM, CausalLM, KVCache, init_kv_cache
+from mllm_tune.models.kv_cache import KVCache, init_kv_cache
+from mllm_tune.models.llm import LLM, CausalLM
 
 
 def build_model(cfg: LlavaConfig | CausalLMConfig):

@@ -69,7 +69,7 @@ class LLMConfig:
   # of the stacked arrays; costs one more copy of the LLM weights while generating); False:
   # decode through the scanned stack
   decode_per_layer: bool = True
-  # False: one module per layer (params llm/layers_0.., models.llm.unstack_layers); decoding
+  # False: one module per layer (params llm/layers_0.., models.kv_cache.unstack_layers); decoding
   # uses it internally (eval/decoding.py). Checkpoints, tuning and training use the stacked form.
   scan_layers: bool = True
 
