@@ -46,6 +46,17 @@ def thunk_times(trace_dir: str, ops: dict) -> collections.Counter:
   return times
 
 
+def compiler_options(pairs: list[str]) -> dict:
+  """["key=value", ...] -> {key: value} with true/false as bools (XLA's per-jit options)."""
+  out = {}
+  for kv in pairs:
+    key, sep, value = kv.partition("=")
+    if not sep or not key:
+      raise SystemExit(f"--compiler_option wants KEY=VALUE, got {kv!r}")
+    out[key] = {"true": True, "false": False}.get(value.lower(), value)
+  return out
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--mode", default="lora", choices=["lora", "full"])
@@ -54,6 +65,9 @@ def main():
   ap.add_argument("--seq", type=int, default=512)
   ap.add_argument("--attention_impl", default="lse")
   ap.add_argument("--top", type=int, default=30)
+  ap.add_argument("--loss_chunk", type=int, default=256, help="0: full logits")
+  ap.add_argument("--compiler_option", action="append", default=[], metavar="KEY=VALUE",
+                  help="XLA option for this jit, e.g. xla_cpu_use_xnnpack=false (repeatable)")
   args = ap.parse_args()
   import jax
 
@@ -65,8 +79,11 @@ def main():
     throughput.hf_model().save_pretrained(model_dir)
   model, params = mt.load_pretrained(model_dir, attention_impl=args.attention_impl)
   ids, px, _ = throughput.make_batch(args.batch, args.seq)
-  step, frozen, state, batch = throughput.jax_train_step(args.mode, model, params, ids, px)
-  ops = op_table(step.lower(frozen, state, batch).compile().as_text())
+  step, frozen, state, batch = throughput.jax_train_step(args.mode, model, params, ids, px,
+                                                              args.loss_chunk)
+  step = step.lower(frozen, state, batch).compile(
+      compiler_options=compiler_options(args.compiler_option))
+  ops = op_table(step.as_text())
   for _ in range(2):
     state, metrics = step(frozen, state, batch)
     jax.block_until_ready(metrics["loss"])

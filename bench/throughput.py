@@ -132,8 +132,9 @@ def jax_worker(mode, model_dir, batch, seq, steps, new_tokens):
   return out
 
 
-def jax_train_step(mode, model, params, ids, px):
-  """(jitted step, frozen, state, batch) for `mode` "full" (AdamW on everything) or "lora"."""
+def jax_train_step(mode, model, params, ids, px, loss_chunk: int = 256):
+  """(jitted step, frozen, state, batch) for `mode` "full" (AdamW on everything) or "lora";
+  `loss_chunk`: positions per chunk of the fused head + CE (0: full logits)."""
   import jax
   import jax.numpy as jnp
   import optax
@@ -147,7 +148,7 @@ def jax_train_step(mode, model, params, ids, px):
   mask = method.trainable(variables)
   trainable, frozen = mt.tuning.partition(variables, mask)
   opt = mt.tuning.build_optimizer(method, variables, mask, trainable, optax.adamw(1e-5))
-  fns = StepFns(model, method, opt)
+  fns = StepFns(model, method, opt, loss_chunk=loss_chunk)
   state = TrainState(jnp.zeros((), jnp.int32), trainable, opt.init(trainable),
                      jax.random.key(0))
   batch = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.ones_like(ids),

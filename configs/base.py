@@ -34,6 +34,7 @@ def get_config():
   c.train = ml_collections.ConfigDict(dict(
       steps=100, grad_accum=1, log_every=10, eval_every=0, save_every=50, keep=3,
       best_metric="", best_mode="max", nan_guard=True, async_save=True,
+      loss_chunk=256,  # positions per chunk of the fused LM head + CE (0: full logits)
       prepare_batches=4))  # batches data-derived masks (grad_topk) are computed from
 
   # forgetting penalty, composable with any method (configs/penalties/*.py, METHODS.md 5):

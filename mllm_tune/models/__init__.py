@@ -48,6 +48,28 @@ def _param_shapes(model) -> dict:
   return jax.eval_shape(lambda: model.init(jax.random.key(0), _dummy_inputs(model))["params"])
 
 
-__all__ = ["build_model", "init_params", "param_shapes", "Llava", "LLM", "CausalLM", "KVCache",
-           "init_kv_cache", "LlavaConfig", "CausalLMConfig", "LLMConfig", "VisionConfig",
-           "RopeConfig"]
+def head_variables(model, variables: dict) -> dict:
+  """`variables` restricted to the vocabulary head (`llm/lm_head`, or `llm/embed` when the
+  embeddings are tied) in every collection: what `apply_head` reads."""
+  name = "embed" if model.config.llm.tie_word_embeddings else "lm_head"
+  out = {}
+  for col, tree in variables.items():
+    sub = tree.get("llm", {}).get(name) if hasattr(tree, "get") else None
+    if sub is not None:
+      out[col] = {"llm": {name: sub}}
+  return out
+
+
+def apply_head(model, head_vars: dict, h_BTD: jax.Array) -> jax.Array:
+  """float32 logits of final-normed hidden states (`model(..., return_hidden=True)`), with any
+  adapters on the head applied (no dropout: no rng is passed)."""
+  return model.apply(head_vars, h_BTD, method=_call_head)
+
+
+def _call_head(module, h_BTD):
+  return module.llm.head(h_BTD)
+
+
+__all__ = ["build_model", "init_params", "param_shapes", "head_variables", "apply_head", "Llava",
+           "LLM", "CausalLM", "KVCache", "init_kv_cache", "LlavaConfig", "CausalLMConfig",
+           "LLMConfig", "VisionConfig", "RopeConfig"]

@@ -4,7 +4,7 @@
 whatever adapter leaves sit beside its kernel in the `adapters` collection and applies them, so
 model code never branches on method names. Supported adapter leaves (all optional):
 
-  lora_a (d_in, r), lora_b (r, d_out), lora_scale ()  ->  y += s * (drop(x) @ A) @ B
+  lora_a (d_in, r), lora_b (r, d_out), lora_scale ()  ->  y += (s * (drop(x) @ A)) @ B
   lora_dropout ()                                     ->  dropout rate on the LoRA input, active
                                                           only when a 'dropout' rng is passed
   dora_m (d_out,)                                     ->  DoRA magnitude (peft's forward, below)
@@ -23,7 +23,8 @@ Other modules read their own hooks (all optional, keyed by leaf name): `parallel
 (FFN-level, METHODS.md 3.2), attention prefixes and LLaMA-Adapter prompts in `llm.Attention`,
 prompt embeddings and prefix key/values in `llm.LLM`, visual prompts in `vision.VisionTower`.
 
-The low-rank path is computed as `(x A) B`; `A B` is materialized only for DoRA's weight norm.
+The low-rank path is computed as `(s x A) B` (scalings on the rank-r side, so the backward pass
+makes no extra pass over a (.., d_out) tensor); `A B` is materialized only for DoRA's weight norm.
 DoRA follows peft: with x~ = drop(x), n = ||K0 + s A B|| per output column (stop-gradient),
 `y = x K0 + b + (m/n - 1) * (x~ K0) + (m/n) * s (x~ A) B`.
 """
@@ -73,7 +74,10 @@ class Linear(nn.Module):
     dt = dtype_of(self.dtype)
     kernel = self.param("kernel", default_kernel_init(), (d_in, self.features),
                         dtype_of(self.param_dtype))
-    x = x_BxI.astype(dt)
+    # Flattened to rows (N, d_in): the weight gradients then contract one row axis, which
+    # XLA:CPU feeds to its GEMM without a transposed copy of the (N, d_out) output gradient
+    # (with (B, T) it copies it once per kernel and adapter factor).
+    x = x_BxI.reshape(-1, d_in).astype(dt)
     if self.has_variable(ADAPTERS, "ia3_in"):
       x = x * self.get_variable(ADAPTERS, "ia3_in").astype(dt)
     y = jnp.matmul(x, kernel.astype(dt))
@@ -87,13 +91,14 @@ class Linear(nn.Module):
     if self.has_variable(ADAPTERS, "vera_a"):
       xd = self._dropout(x)
       get = lambda n: self.get_variable(ADAPTERS, n).astype(dt)
+      # the (r,) and (d_out,) scalings go on the small factors, not on (.., d_out) outputs
       y = y + jnp.matmul(jnp.matmul(xd, get("vera_a")) * get("vera_d"),
-                         get("vera_b")) * get("vera_bvec")
+                         get("vera_b") * get("vera_bvec"))
     if self.has_variable(ADAPTERS, "ia3_out"):
       y = y * self.get_variable(ADAPTERS, "ia3_out").astype(dt)
     if self.has_variable(ADAPTERS, "bottleneck_down"):
       y = y + self._bottleneck(y, dt)
-    return y
+    return y.reshape(*x_BxI.shape[:-1], self.features)
 
   def _bottleneck(self, y, dt):
     """Houlsby adapter delta `gelu(y Wdn + bdn) Wup + bup` (METHODS.md 3.1; exact-erf GELU)."""
@@ -118,7 +123,7 @@ class Linear(nn.Module):
     b = self.get_variable(ADAPTERS, "lora_b").astype(dt)
     scale = jnp.asarray(self._adapter("lora_scale", 1.0), dt)
     xd = self._dropout(x)
-    delta = jnp.matmul(jnp.matmul(xd, a), b) * scale
+    delta = jnp.matmul(jnp.matmul(xd, a) * scale, b)  # scale the rank-r side (cheaper)
     m = self._adapter("dora_m")
     if m is None:
       return delta

@@ -73,7 +73,8 @@ class Llava(nn.Module):
     return self.projector(feats)
 
   def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None,
-               pixel_values=None, kv_cache=None, cache_index=0, last_logits_only=False):
+               pixel_values=None, kv_cache=None, cache_index=0, last_logits_only=False,
+               return_hidden=False):
     """float32 logits (B, T, V) (and the cache when decoding); see `LLM.__call__`."""
     c = self.config
     if self.is_initializing() and pixel_values is None:
@@ -93,4 +94,4 @@ class Llava(nn.Module):
       embeds = self.llm.embed_tokens(input_ids)
     return self.llm(attention_mask=attention_mask, positions=positions, segment_ids=segment_ids,
                     inputs_embeds=embeds, kv_cache=kv_cache, cache_index=cache_index,
-                    last_logits_only=last_logits_only)
+                    last_logits_only=last_logits_only, return_hidden=return_hidden)

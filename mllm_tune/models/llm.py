@@ -332,10 +332,12 @@ class LLM(nn.Module):
 
   def __call__(self, input_ids=None, attention_mask=None, positions=None, segment_ids=None,
                inputs_embeds=None, kv_cache: KVCache | None = None, cache_index=0,
-               last_logits_only: bool = False):
+               last_logits_only: bool = False, return_hidden: bool = False):
     """Returns float32 logits (B, T, V), and the updated cache when `kv_cache` is given.
     `last_logits_only`: logits (B, 1, V) of the last position only (a decoding prefill needs no
     more, and the vocabulary projection of a long prompt is most of its FLOPs).
+    `return_hidden`: the final-normed hidden states (B, T, D) instead of logits; `head` maps
+    them to logits (the training loss applies it chunk by chunk, `train.chunked_ce`).
 
     Without a cache, `attention_mask` is (B, T). With a cache of capacity S, the T new tokens are
     written at slots [cache_index, cache_index + T) and `attention_mask` is (B, S): which cache
@@ -364,14 +366,17 @@ class LLM(nn.Module):
     if last_logits_only:
       h = h[:, -1:]
     h = self.final_norm(h)
-    if c.tie_word_embeddings:
-      logits = self.embed.attend(h)
-    else:
-      logits = self.lm_head(h)
-    logits = logits.astype(jnp.float32)
+    out = h if return_hidden else self.head(h)
     if kv_cache is None:
-      return logits
-    return logits, KVCache(*layer_caches)
+      return out
+    return out, KVCache(*layer_caches)
+
+  def head(self, h_BTD: jax.Array) -> jax.Array:
+    """Final-normed hidden states -> float32 vocabulary logits (tied or own LM head)."""
+    if self.cfg.tie_word_embeddings:  # as rows (N, D): see `layers.Linear`
+      logits = self.embed.attend(h_BTD.reshape(-1, h_BTD.shape[-1]))
+      return logits.reshape(*h_BTD.shape[:-1], -1).astype(jnp.float32)
+    return self.lm_head(h_BTD).astype(jnp.float32)
 
 
 class CausalLM(nn.Module):
@@ -382,11 +387,13 @@ class CausalLM(nn.Module):
     self.llm = LLM(self.config.llm)
 
   def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None,
-               pixel_values=None, kv_cache=None, cache_index=0, last_logits_only=False):
+               pixel_values=None, kv_cache=None, cache_index=0, last_logits_only=False,
+               return_hidden=False):
     if pixel_values is not None:
       raise ValueError("this is a text-only model: pixel_values must be None")
     return self.llm(input_ids, attention_mask, positions, segment_ids, kv_cache=kv_cache,
-                    cache_index=cache_index, last_logits_only=last_logits_only)
+                    cache_index=cache_index, last_logits_only=last_logits_only,
+                    return_hidden=return_hidden)
 
 
 def with_dtypes(cfg: LLMConfig, dtype: str, param_dtype: str) -> LLMConfig:

@@ -106,7 +106,7 @@ class Trainer:
                             trainable=trainable, opt_state=opt_state,
                             rng=jax.device_put(jax.random.key_data(rng), replicated))
     self.fns = StepFns(self.model, self.method, self.optimizer, t.grad_accum,
-                       penalty=self.penalty)
+                       penalty=self.penalty, loss_chunk=t.get("loss_chunk", 256))
     state_sh = jax.tree.map(lambda x: x.sharding, self.state)
     self.batch_sharding = setup.batch_sharding(self.mesh, t.grad_accum)
     step = jax.jit(self._raw_step, donate_argnums=(1,), out_shardings=(state_sh, None))

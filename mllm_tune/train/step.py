@@ -3,7 +3,9 @@
 Gradients are taken w.r.t. the trainable partition only (`tuning.partition`): frozen leaves are
 closed over, get no gradient buffers and no optimizer state. Loss = token cross-entropy over
 `loss_mask` (token t is a target predicted from position t-1, the data pipeline's convention)
-+ the method's `loss_terms`. Gradient accumulation scans over a leading micro-batch axis and is
++ the method's `loss_terms`. Unless a method or penalty term reads the logits, the vocabulary head
+and the cross-entropy run `StepFns.loss_chunk` positions at a time (`chunked_ce`), so the
+(B, T, V) logits are never materialized. Gradient accumulation scans over a leading micro-batch axis and is
 exact: the cross-entropy is normalised by the token count of the whole step.
 
 A forgetting penalty (`StepFns.penalty`, a `tuning.penalties.BoundPenalty`) adds its
@@ -24,7 +26,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mllm_tune import models
+from mllm_tune.models.layers import ADAPTERS
+from mllm_tune.train.chunked_ce import chunked_token_ce, first_max_index, shifted_targets
 from mllm_tune.tuning import api as tuning_api
+from mllm_tune.tuning import select
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "positions", "segment_ids", "pixel_values")
 
@@ -46,6 +52,7 @@ class StepFns:
   optimizer: optax.GradientTransformation
   grad_accum: int = 1
   penalty: Any = None
+  loss_chunk: int = 256  # sequence positions per chunk of the fused head + CE (0: full logits)
 
 
 def token_ce(logits_BTV: jax.Array, ids_BT: jax.Array, loss_mask_BT: jax.Array):
@@ -54,10 +61,10 @@ def token_ce(logits_BTV: jax.Array, ids_BT: jax.Array, loss_mask_BT: jax.Array):
   Position t predicts token t+1; the targets are shifted rather than the logits sliced, so the
   backward pass writes the (B, T, V) logit gradient once (softmax - one-hot, `_nll`'s VJP)
   instead of scattering into a fresh buffer and padding it."""
-  targets_BT = jnp.pad(ids_BT[:, 1:], ((0, 0), (0, 1)))
-  w_BT = jnp.pad(loss_mask_BT[:, 1:].astype(jnp.float32), ((0, 0), (0, 1)))
+  targets_BT, w_BT = shifted_targets(ids_BT, loss_mask_BT)
   nll_BT = _nll(logits_BTV, targets_BT) * w_BT
-  correct_BT = (jnp.argmax(logits_BTV, axis=-1) == targets_BT).astype(jnp.float32) * w_BT
+  max_BT = jnp.max(logits_BTV, axis=-1)
+  correct_BT = (first_max_index(logits_BTV, max_BT) == targets_BT).astype(jnp.float32) * w_BT
   return nll_BT.sum(), w_BT.sum(), correct_BT.sum()
 
 
@@ -98,12 +105,33 @@ def position_counts(micro: dict) -> dict:
           "all": (am[..., 1:] * am[..., :-1]).sum()}
 
 
+def chunked_loss(fns: StepFns, variables: dict) -> bool:
+  """Whether the step may compute the head + cross-entropy chunk by chunk (`chunked_ce`):
+  enabled, no method or penalty term reads the logits, no dropout on the head (it gets no rng)."""
+  if fns.loss_chunk < 1 or fns.method.needs_logits:
+    return False
+  if fns.penalty is not None and fns.penalty.needs_teacher:
+    return False
+  head_adapters = models.head_variables(fns.model, variables).get(ADAPTERS, {})
+  return not any(p.endswith("dropout") for p in select.flatten(head_adapters))
+
+
+def model_ce(fns: StepFns, variables: dict, batch: dict, rngs: dict | None = None):
+  """(logits or None, summed NLL, targets, correct) of the model on `batch`."""
+  ids, kw = batch["input_ids"], model_kwargs(batch)
+  if chunked_loss(fns, variables):
+    h = fns.model.apply(variables, ids, rngs=rngs, return_hidden=True, **kw)
+    head_fn = lambda h_BcD, head_vars: models.apply_head(fns.model, head_vars, h_BcD)
+    return None, *chunked_token_ce(head_fn, models.head_variables(fns.model, variables), h, ids,
+                                   batch["loss_mask"], fns.loss_chunk)
+  logits = fns.model.apply(variables, ids, rngs=rngs, **kw)
+  return logits, *token_ce(logits, ids, batch["loss_mask"])
+
+
 def micro_loss(fns: StepFns, trainable, frozen, batch, rng, total_tokens, n_micro,
                penalty_consts=None, norms=None):
   variables = tuning_api.combine(trainable, frozen)
-  logits = fns.model.apply(variables, batch["input_ids"], rngs={"dropout": rng},
-                           **model_kwargs(batch))
-  nll, n, correct = token_ce(logits, batch["input_ids"], batch["loss_mask"])
+  logits, nll, n, correct = model_ce(fns, variables, batch, {"dropout": rng})
   terms = fns.method.loss_terms(variables, batch, logits)
   loss = nll / jnp.maximum(total_tokens, 1.0) + sum(terms.values(), 0.0) / n_micro
   aux = {"nll": nll, "tokens": n, "correct": correct,
@@ -184,8 +212,7 @@ def train_step(fns: StepFns, frozen: dict, state: TrainState, batch: dict,
 def eval_step(fns: StepFns, frozen: dict, trainable: dict, batch: dict) -> dict:
   """Summed NLL, token and correct counts (no dropout) for aggregation over an eval set."""
   variables = tuning_api.combine(trainable, frozen)
-  logits = fns.model.apply(variables, batch["input_ids"], **model_kwargs(batch))
-  nll, n, correct = token_ce(logits, batch["input_ids"], batch["loss_mask"])
+  _, nll, n, correct = model_ce(fns, variables, batch)
   return {"nll": nll, "tokens": n, "correct": correct}
 
 

@@ -8,6 +8,7 @@ to, e.g. `llm/layers/attn/q_proj/lora_a`, stacked like their layer):
   trainable(variables) -> mask                  # same tree; leaves True/False or bool arrays
   transform(variables, inner) -> optax.GradientTransformation   # wraps the user's optimizer
   loss_terms(variables, batch, logits) -> {name: scalar}        # terms needing forward outputs
+                                                # (logits=None unless `needs_logits`)
   merge(variables) -> params                    # fold into base weights (mergeable methods)
   export_peft / import_peft                     # where PEFT has the method (checkpoints/peft.py)
 
@@ -117,9 +118,16 @@ class Method:
     del variables
     return inner
 
-  def loss_terms(self, variables: Variables, batch: dict, logits: jax.Array) -> dict:
+  def loss_terms(self, variables: Variables, batch: dict, logits: jax.Array | None) -> dict:
     del variables, batch, logits
     return {}
+
+  @property
+  def needs_logits(self) -> bool:
+    """Whether `loss_terms` reads `logits`. When False the training step computes the
+    cross-entropy chunk by chunk and passes `logits=None`. Default: True iff the class overrides
+    `loss_terms` (a subclass that ignores them says `needs_logits: ClassVar[bool] = False`)."""
+    return type(self).loss_terms is not Method.loss_terms
 
   def merge(self, variables: Variables) -> dict:
     """Base params with this method folded in (adapters dropped)."""
@@ -224,6 +232,10 @@ class Compose(Method):
     for m in reversed(self.methods):
       inner = m.transform(variables, inner)
     return inner
+
+  @property
+  def needs_logits(self) -> bool:
+    return any(m.needs_logits for m in self.methods)
 
   def loss_terms(self, variables, batch, logits):
     out = {}

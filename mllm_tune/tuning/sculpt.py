@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -105,6 +105,8 @@ class LoRASculpt(LoRA):
       return select.unflatten(flat_u), SculptState(state.count + 1, masks, inner_state)
 
     return optax.GradientTransformation(init, update)
+
+  needs_logits: ClassVar[bool] = False  # the CMR reads the adapters only
 
   def loss_terms(self, variables, batch, logits):
     del batch, logits

@@ -1,0 +1,107 @@
+"""Vocabulary head + next-token cross-entropy in sequence chunks, never holding (B, T, V) logits.
+
+`chunked_token_ce(head_fn, head_vars, h_BTD, ids_BT, loss_mask_BT, chunk)` returns what
+`step.token_ce(head_fn(h_BTD, head_vars), ids_BT, loss_mask_BT)` returns (summed NLL, target
+count, correct argmax count), computing the logits of `chunk` sequence positions (all batch rows)
+at a time; chunks run in a loop, so only one chunk's logits exist at once. Chunking along the
+sequence, not the flattened rows, keeps every chunk spread over the batch shards of a mesh.
+
+Differentiation is a custom VJP. The summed NLL's cotangent is a scalar, so its forward computes,
+chunk by chunk, the NLL, the argmax and the gradient of the summed NLL w.r.t. the hidden states
+and the head's variables (softmax - one-hot, pulled back through `head_fn` with `jax.vjp`); the
+backward only scales them. Neither the logits nor their gradient outlive a chunk and the head
+matmul is not recomputed. Gradients of head variables that are not differentiated (a frozen LM
+head under LoRA) are dead code that XLA removes. The argmax count is not differentiable.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+def shifted_targets(ids_BT: jax.Array, loss_mask_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(targets, weights) (B, T): position t predicts token t+1 (the last position nothing)."""
+  targets_BT = jnp.pad(ids_BT[:, 1:], ((0, 0), (0, 1)))
+  w_BT = jnp.pad(loss_mask_BT[:, 1:].astype(jnp.float32), ((0, 0), (0, 1)))
+  return targets_BT, w_BT
+
+
+def first_max_index(x_BxV: jax.Array, max_Bx: jax.Array) -> jax.Array:
+  """`argmax(x, -1)` given the row maxima: the first index holding the maximum, as one plain
+  min-reduction (XLA:CPU runs jnp.argmax's (value, index) reduction several times slower)."""
+  iota = lax.broadcasted_iota(jnp.int32, x_BxV.shape, x_BxV.ndim - 1)
+  return jnp.min(jnp.where(x_BxV == max_Bx[..., None], iota, x_BxV.shape[-1]), axis=-1)
+
+
+def chunked_token_ce(head_fn, head_vars, h_BTD: jax.Array, ids_BT: jax.Array,
+                     loss_mask_BT: jax.Array, chunk: int):
+  """`head_fn(h_BcD, head_vars) -> float32 logits (B, c, V)`; `chunk`: positions per chunk."""
+  if chunk < 1:
+    raise ValueError(f"chunk must be >= 1 sequence positions, got {chunk}")
+  targets_BT, w_BT = shifted_targets(ids_BT, loss_mask_BT)
+  t = h_BTD.shape[1]
+  c = min(chunk, t)
+  n = -(-t // c)
+  pad = n * c - t
+  if pad:  # zero-weight positions; their gradient is zero and is sliced off
+    h_BTD = jnp.pad(h_BTD, ((0, 0), (0, pad), (0, 0)))
+    targets_BT = jnp.pad(targets_BT, ((0, 0), (0, pad)))
+    w_BT = jnp.pad(w_BT, ((0, 0), (0, pad)))
+  nll, correct = _fused_ce(head_fn, c, n)(h_BTD, head_vars, targets_BT, w_BT)
+  return nll, w_BT.sum(), correct
+
+
+def _chunk(head_fn, head_vars, h_BcD, t_Bc, w_Bc, with_grads: bool):
+  if with_grads:
+    logits_BcV, pull = jax.vjp(head_fn, h_BcD, head_vars)
+  else:
+    logits_BcV = head_fn(h_BcD, head_vars)
+  lf = logits_BcV.astype(jnp.float32)
+  m_Bc = lf.max(axis=-1)
+  e_BcV = jnp.exp(lf - m_Bc[..., None])
+  s_Bc = e_BcV.sum(axis=-1)
+  picked_Bc = jnp.take_along_axis(lf, t_Bc[..., None], axis=-1)[..., 0]
+  nll = ((m_Bc + jnp.log(s_Bc) - picked_Bc) * w_Bc).sum()
+  correct = ((first_max_index(lf, m_Bc) == t_Bc).astype(jnp.float32) * w_Bc).sum()
+  if not with_grads:
+    return nll, correct
+  onehot = lax.broadcasted_iota(jnp.int32, lf.shape, lf.ndim - 1) == t_Bc[..., None]
+  d_BcV = (e_BcV / s_Bc[..., None] - onehot.astype(jnp.float32)) * w_Bc[..., None]
+  dh_BcD, dvars = pull(d_BcV.astype(logits_BcV.dtype))
+  return nll, correct, dh_BcD, dvars
+
+
+def _fused_ce(head_fn, c: int, n: int):
+  piece = lambda x, i: lax.dynamic_slice_in_dim(x, i * c, c, axis=1)
+  zero = lambda: jnp.zeros((), jnp.float32)
+
+  @jax.custom_vjp
+  def ce(h_BTD, head_vars, targets_BT, w_BT):
+    def body(i, acc):
+      nll, correct = _chunk(head_fn, head_vars, piece(h_BTD, i), piece(targets_BT, i),
+                            piece(w_BT, i), False)
+      return acc[0] + nll, acc[1] + correct
+    return lax.fori_loop(0, n, body, (zero(), zero()))
+
+  def fwd(h_BTD, head_vars, targets_BT, w_BT):
+    def body(i, acc):
+      nll, correct, dh_BTD, dvars = acc
+      a, b, dh_BcD, dv = _chunk(head_fn, head_vars, piece(h_BTD, i), piece(targets_BT, i),
+                                piece(w_BT, i), True)
+      dh_BTD = lax.dynamic_update_slice_in_dim(dh_BTD, dh_BcD.astype(dh_BTD.dtype), i * c, 1)
+      dvars = jax.tree.map(lambda x, y: x + y.astype(jnp.float32), dvars, dv)
+      return nll + a, correct + b, dh_BTD, dvars
+    init = (zero(), zero(), jnp.zeros_like(h_BTD),
+            jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), head_vars))
+    nll, correct, dh_BTD, dvars = lax.fori_loop(0, n, body, init)
+    return (nll, correct), (dh_BTD, dvars, head_vars)
+
+  def bwd(res, g):
+    dh_BTD, dvars, head_vars = res
+    g_nll = g[0]
+    return ((g_nll * dh_BTD).astype(dh_BTD.dtype),
+            jax.tree.map(lambda d, x: (g_nll * d).astype(x.dtype), dvars, head_vars), None, None)
+
+  ce.defvjp(fwd, bwd)
+  return ce
