@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -247,10 +248,7 @@ def main():
   tmp = tempfile.mkdtemp()
   model_dir = args.model_dir or os.path.join(tmp, "llava")
   if not args.model_dir:
-    m = hf_model()
-    m.save_pretrained(model_dir)
-    n_params = sum(p.numel() for p in m.parameters())
-    del m
+    hf_model().save_pretrained(model_dir)
   rows = {}
   for mode in args.modes.split(","):
     for rep in range(args.repeats):
@@ -266,18 +264,30 @@ def main():
         subprocess.run(cmd, check=True, env=env)
         with open(out) as f:
           rows.setdefault((mode, fw), []).append(json.load(f))
-  report(rows, args, n_params if not args.model_dir else None, model_dir)
+  report(rows, args, model_dir)
 
 
-def report(rows, args, n_params, model_dir):
+def checkpoint_params(model_dir: str) -> int:
+  """Parameter count of the safetensors files in `model_dir` (from their headers)."""
+  from safetensors import safe_open
+  n = 0
+  for f in sorted(os.listdir(model_dir)):
+    if f.endswith(".safetensors"):
+      with safe_open(os.path.join(model_dir, f), "np") as st:
+        n += sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys())
+  return n
+
+
+def report(rows, args, model_dir):
   size_gb = sum(os.path.getsize(os.path.join(model_dir, f)) for f in os.listdir(model_dir)
                 if f.endswith(".safetensors")) / 1e9
+  n_params = checkpoint_params(model_dir)
   lines = ["# CPU throughput: mllm_tune (JAX) vs transformers + peft (PyTorch)", "",
            f"Date: {time.strftime('%Y-%m-%d')}; machine: {platform.processor() or platform.machine()}"
            f", {os.cpu_count()} cores; versions: {json.dumps(versions())}", "",
            f"Model: LLaVA (CLIP ViT {SIZES['v_layers']}x{SIZES['v_hidden']} @ {SIZES['image']}px"
            f" + Llama {SIZES['layers']}x{SIZES['hidden']}, vocab {SIZES['vocab']}), "
-           f"{(n_params or 0) / 1e6:.1f}M params, float32; batch {args.batch} x {args.seq} tokens "
+           f"{n_params / 1e6:.1f}M params, float32; batch {args.batch} x {args.seq} tokens "
            f"(1 image each); generation: prompt {(SIZES['image'] // SIZES['patch']) ** 2 + 32} "
            f"tokens, {args.new_tokens} new, batch {args.batch}.", "",
            f"Command: `python bench/throughput.py --batch {args.batch} --seq {args.seq} "

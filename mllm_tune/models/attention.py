@@ -33,59 +33,63 @@ def attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
   if implementation == "lse":
     b, t, n, h = q_BTNH.shape
     kv = k_BSKH.shape[2]
-    q_BTKGH = q_BTNH.reshape(b, t, kv, n // kv, h)
+    # heads-major inside (batched (T, H) x (H, S) products): transposing q, k, v and the
+    # output is cheaper than XLA:CPU's transposed copies of (T, S) blocks otherwise
+    q_BKGTH = q_BTNH.reshape(b, t, kv, n // kv, h).transpose(0, 2, 3, 1, 4)
+    k_BKSH, v_BKSH = k_BSKH.transpose(0, 2, 1, 3), v_BSKH.transpose(0, 2, 1, 3)
     if mask_BTS is None:
       mask_BTS = jnp.ones((b, t, k_BSKH.shape[1]), bool)
-    return _lse_attention(q_BTKGH, k_BSKH, v_BSKH, mask_BTS).reshape(b, t, n, h)
+    o_BKGTH = _lse_attention(q_BKGTH, k_BKSH, v_BKSH, mask_BTS)
+    return o_BKGTH.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
   mask = None if mask_BTS is None else mask_BTS[:, None, :, :]
   return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask,
                                       implementation=implementation)
 
 
-def _scores(q_BTKGH, k_BSKH, mask_BTS):
-  scale = q_BTKGH.shape[-1] ** -0.5
-  s_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH,
+def _scores(q_BKGTH, k_BKSH, mask_BTS):
+  scale = q_BKGTH.shape[-1] ** -0.5
+  s_BKGTS = jnp.einsum("bkgth,bksh->bkgts", q_BKGTH, k_BKSH,
                        preferred_element_type=jnp.float32) * scale
   return jnp.where(mask_BTS[:, None, None], s_BKGTS, _MASKED)
 
 
-def _forward(q_BTKGH, k_BSKH, v_BSKH, mask_BTS):
-  s_BKGTS = _scores(q_BTKGH, k_BSKH, mask_BTS)
+def _forward(q_BKGTH, k_BKSH, v_BKSH, mask_BTS):
+  s_BKGTS = _scores(q_BKGTH, k_BKSH, mask_BTS)
   m_BKGT = jnp.max(s_BKGTS, axis=-1)
   e_BKGTS = jnp.exp(s_BKGTS - m_BKGT[..., None])
   l_BKGT = jnp.sum(e_BKGTS, axis=-1)
-  p_BKGTS = (e_BKGTS / l_BKGT[..., None]).astype(v_BSKH.dtype)
-  o_BTKGH = jnp.einsum("bkgts,bskh->btkgh", p_BKGTS, v_BSKH)
-  return o_BTKGH, (m_BKGT, l_BKGT)
+  p_BKGTS = (e_BKGTS / l_BKGT[..., None]).astype(v_BKSH.dtype)
+  o_BKGTH = jnp.einsum("bkgts,bksh->bkgth", p_BKGTS, v_BKSH)
+  return o_BKGTH, (m_BKGT, l_BKGT)
 
 
 @jax.custom_vjp
-def _lse_attention(q_BTKGH, k_BSKH, v_BSKH, mask_BTS):
-  return _forward(q_BTKGH, k_BSKH, v_BSKH, mask_BTS)[0]
+def _lse_attention(q_BKGTH, k_BKSH, v_BKSH, mask_BTS):
+  return _forward(q_BKGTH, k_BKSH, v_BKSH, mask_BTS)[0]
 
 
-def _lse_fwd(q_BTKGH, k_BSKH, v_BSKH, mask_BTS):
-  o_BTKGH, stats = _forward(q_BTKGH, k_BSKH, v_BSKH, mask_BTS)
-  return o_BTKGH, (q_BTKGH, k_BSKH, v_BSKH, mask_BTS, o_BTKGH, stats)
+def _lse_fwd(q_BKGTH, k_BKSH, v_BKSH, mask_BTS):
+  o_BKGTH, stats = _forward(q_BKGTH, k_BKSH, v_BKSH, mask_BTS)
+  return o_BKGTH, (q_BKGTH, k_BKSH, v_BKSH, mask_BTS, o_BKGTH, stats)
 
 
-def _lse_bwd(res, do_BTKGH):
-  q_BTKGH, k_BSKH, v_BSKH, mask_BTS, o_BTKGH, (m_BKGT, l_BKGT) = res
-  dt = q_BTKGH.dtype
-  scale = q_BTKGH.shape[-1] ** -0.5
+def _lse_bwd(res, do_BKGTH):
+  q_BKGTH, k_BKSH, v_BKSH, mask_BTS, o_BKGTH, (m_BKGT, l_BKGT) = res
+  dt = q_BKGTH.dtype
+  scale = q_BKGTH.shape[-1] ** -0.5
   # exp(s - m) / l rather than exp(s - logsumexp): in a fully masked row every s is the fill
   # value, which float32 cannot tell apart from fill + log(S)
-  p_BKGTS = jnp.exp(_scores(q_BTKGH, k_BSKH, mask_BTS) - m_BKGT[..., None]) / l_BKGT[..., None]
-  do_BTKGH = do_BTKGH.astype(dt)
-  dv_BSKH = jnp.einsum("bkgts,btkgh->bskh", p_BKGTS.astype(dt), do_BTKGH)
-  dp_BKGTS = jnp.einsum("btkgh,bskh->bkgts", do_BTKGH, v_BSKH,
+  p_BKGTS = jnp.exp(_scores(q_BKGTH, k_BKSH, mask_BTS) - m_BKGT[..., None]) / l_BKGT[..., None]
+  do_BKGTH = do_BKGTH.astype(dt)
+  dv_BKSH = jnp.einsum("bkgts,bkgth->bksh", p_BKGTS.astype(dt), do_BKGTH)
+  dp_BKGTS = jnp.einsum("bkgth,bksh->bkgts", do_BKGTH, v_BKSH,
                         preferred_element_type=jnp.float32)
-  delta_BTKG = jnp.sum(do_BTKGH.astype(jnp.float32) * o_BTKGH.astype(jnp.float32), axis=-1)
-  ds_BKGTS = p_BKGTS * (dp_BKGTS - jnp.transpose(delta_BTKG, (0, 2, 3, 1))[..., None])
+  delta_BKGT = jnp.sum(do_BKGTH.astype(jnp.float32) * o_BKGTH.astype(jnp.float32), axis=-1)
+  ds_BKGTS = p_BKGTS * (dp_BKGTS - delta_BKGT[..., None])
   ds_BKGTS = (jnp.where(mask_BTS[:, None, None], ds_BKGTS, 0.0) * scale).astype(dt)
-  dq_BTKGH = jnp.einsum("bkgts,bskh->btkgh", ds_BKGTS, k_BSKH)
-  dk_BSKH = jnp.einsum("bkgts,btkgh->bskh", ds_BKGTS, q_BTKGH)
-  return dq_BTKGH, dk_BSKH, dv_BSKH, None
+  dq_BKGTH = jnp.einsum("bkgts,bksh->bkgth", ds_BKGTS, k_BKSH)
+  dk_BKSH = jnp.einsum("bkgts,bkgth->bksh", ds_BKGTS, q_BKGTH)
+  return dq_BKGTH, dk_BKSH, dv_BKSH, None
 
 
 _lse_attention.defvjp(_lse_fwd, _lse_bwd)
