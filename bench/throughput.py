@@ -2,6 +2,9 @@
 
     python bench/throughput.py                       # driver: all modes, alternating, report
     python bench/throughput.py --worker jax --mode lora --out r.json   # one measurement
+    # GPU (LLaVA-1.5-7B shape, random weights, bf16; see --help):
+    python bench/throughput.py --preset llava7b --init random --dtype bfloat16 --seq 2048 \
+        --batch 4 --lora_rank 128 --modes lora --peak_gflops 989000 --results bench/results/gpu.md
 
 Each measurement is its own process (so peak RSS is per framework), and the driver alternates
 jax/torch runs `--repeats` times per mode. Same weights (the HF model is saved once and loaded
@@ -13,7 +16,14 @@ FLOPs are counted analytically: per token, a matmul with an (in, out) weight cos
 forward; backward costs 2x that when the weight is trained (input and weight gradients) and 1x
 when it is frozen (input gradient only, needed upstream); attention adds 4*T*d per layer per
 token forward (QK^T and PV, causal not discounted) and 2x that backward. MFU = achieved FLOP/s /
-`--peak_gflops` (200 on this machine's 2 cores, DESIGN.md section 5).
+`--peak_gflops` (200 on this machine's 2 cores, DESIGN.md section 5; 989000 = H100/H200 dense
+bf16). Peak memory: RSS on CPU, the device allocator's peak on GPU (JAX `memory_stats`, torch
+`max_memory_allocated`).
+
+Presets (`--preset`): `cpu` (the ~70M LLaVA above), `llava7b` (CLIP ViT-L/14-336 + Llama-2-7B
+dims), `llava1p5b` (CLIP ViT-B/16 + a 24x2048 Llama, ~1.5B) and `tiny` (smoke tests).
+`--init random` skips the checkpoint: the driver writes only config.json and each worker builds
+random weights on its device (what a 7B GPU run wants); `load` mode needs `--init checkpoint`.
 
 Both frameworks' workers run with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (`--no_hugetlb` to
 leave the environment alone): glibc then asks for transparent huge pages for large blocks, which
@@ -24,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import resource
@@ -40,21 +49,33 @@ sys.path.insert(0, ROOT)
 LORA_TARGETS = r"llm/layers_\d+/(attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)"
 SIZES = dict(vocab=32000, hidden=512, inter=1376, layers=8, heads=8, kv=8,
              v_hidden=384, v_inter=1536, v_layers=6, v_heads=6, image=224, patch=16)
+PRESETS = {
+    "cpu": SIZES,
+    "llava7b": dict(vocab=32064, hidden=4096, inter=11008, layers=32, heads=32, kv=32,
+                    v_hidden=1024, v_inter=4096, v_layers=24, v_heads=16, image=336, patch=14),
+    "llava1p5b": dict(vocab=32000, hidden=2048, inter=5632, layers=24, heads=16, kv=16,
+                      v_hidden=768, v_inter=3072, v_layers=12, v_heads=12, image=224, patch=16),
+    "tiny": dict(vocab=512, hidden=64, inter=128, layers=2, heads=4, kv=2,
+                 v_hidden=32, v_inter=64, v_layers=1, v_heads=2, image=32, patch=16),
+}
 
 
 def hf_model(s=SIZES):
   import torch
-  from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                            LlavaForConditionalGeneration)
+  from transformers import LlavaForConditionalGeneration
   torch.manual_seed(0)
+  return LlavaForConditionalGeneration(hf_config(s))
+
+
+def hf_config(s=SIZES):
+  from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
   vc = CLIPVisionConfig(hidden_size=s["v_hidden"], intermediate_size=s["v_inter"],
                         num_hidden_layers=s["v_layers"], num_attention_heads=s["v_heads"],
                         image_size=s["image"], patch_size=s["patch"])
   tc = LlamaConfig(vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["inter"],
                    num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
                    num_key_value_heads=s["kv"], max_position_embeddings=2048)
-  cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_index=s["vocab"] - 1)
-  return LlavaForConditionalGeneration(cfg)
+  return LlavaConfig(vision_config=vc, text_config=tc, image_token_index=s["vocab"] - 1)
 
 
 def make_batch(batch: int, seq: int, s=SIZES, seed: int = 0):
@@ -90,22 +111,39 @@ def flops_per_step(mode: str, batch: int, seq: int, s=SIZES, lora_r: int = 16) -
 
 
 # ----------------------------------------------------------------------------- workers
-def jax_worker(mode, model_dir, batch, seq, steps, new_tokens):
+def jax_worker(args):
   import jax
   import numpy as np
   import mllm_tune as mt
+  mode, batch, seq, steps, new_tokens = args.mode, args.batch, args.seq, args.steps, args.new_tokens
+  on_gpu = jax.devices()[0].platform == "gpu"
+  impl = args.attention_impl if args.attention_impl != "auto" else (
+      "cudnn" if on_gpu and args.dtype != "float32" else "lse")
+  runtime = dict(attention_impl=impl, remat_policy=args.remat_policy)
+
+  def load():
+    if args.init == "checkpoint":
+      return mt.load_pretrained(args.model_dir, dtype=args.dtype, param_dtype=args.dtype,
+                                **runtime)
+    from mllm_tune.checkpoints.hf import read_config
+    from mllm_tune.models import build_model, init_params
+    from mllm_tune.models.config import with_runtime
+    model = build_model(with_runtime(read_config(args.model_dir, args.dtype, args.dtype),
+                                     **runtime))
+    return model, init_params(model, jax.random.key(0))
   out = {}
   t0 = time.perf_counter()
-  model, params = mt.load_pretrained(model_dir)
+  model, params = load()
   jax.block_until_ready(params)
   out["load_s"] = time.perf_counter() - t0
-  ids, px, n_img = make_batch(batch, seq)
+  ids, px, n_img = make_batch(batch, seq, PRESETS[args.preset])
+  px = jax.numpy.asarray(px, dtype=args.dtype)
   if mode == "load":
     out["warm_load_s"] = []
     for _ in range(3):
       del model, params
       t0 = time.perf_counter()
-      model, params = mt.load_pretrained(model_dir)
+      model, params = load()
       jax.block_until_ready(params)
       out["warm_load_s"].append(time.perf_counter() - t0)
     return out
@@ -121,7 +159,9 @@ def jax_worker(mode, model_dir, batch, seq, steps, new_tokens):
     out["times"] = times[1:]
     out["new_tokens"] = batch * new_tokens
     return out
-  step, frozen, state, b = jax_train_step(mode, model, params, ids, px)
+  step, frozen, state, b = jax_train_step(mode, model, params, ids, px,
+                                          lora_rank=args.lora_rank)
+  del params
   times = []
   for _ in range(steps):
     t = time.perf_counter()
@@ -129,13 +169,15 @@ def jax_worker(mode, model_dir, batch, seq, steps, new_tokens):
     jax.block_until_ready(metrics["loss"])
     times.append(time.perf_counter() - t)
   out["times"] = times[2:]
-  out["loss0"] = None
+  if on_gpu:
+    out["peak_device_mb"] = jax.devices()[0].memory_stats()["peak_bytes_in_use"] / 2**20
   return out
 
 
-def jax_train_step(mode, model, params, ids, px, loss_chunk: int = 256):
-  """(jitted step, frozen, state, batch) for `mode` "full" (AdamW on everything) or "lora";
-  `loss_chunk`: positions per chunk of the fused head + CE (0: full logits)."""
+def jax_train_step(mode, model, params, ids, px, loss_chunk: int = 256, lora_rank: int = 16):
+  """(jitted step, frozen, state, batch) for `mode` "full" (AdamW on everything) or "lora"
+  (alpha = 2 * rank); `loss_chunk`: positions per chunk of the fused head + CE (0: full
+  logits)."""
   import jax
   import jax.numpy as jnp
   import optax
@@ -144,7 +186,7 @@ def jax_train_step(mode, model, params, ids, px, loss_chunk: int = 256):
   if mode == "full":
     method = mt.tuning.get("freeze", preset="full")
   else:
-    method = mt.tuning.get("lora", rank=16, alpha=32, targets=LORA_TARGETS)
+    method = mt.tuning.get("lora", rank=lora_rank, alpha=2 * lora_rank, targets=LORA_TARGETS)
   variables = method.init_variables(jax.random.key(0), params)
   mask = method.trainable(variables)
   trainable, frozen = mt.tuning.partition(variables, mask)
@@ -158,23 +200,39 @@ def jax_train_step(mode, model, params, ids, px, loss_chunk: int = 256):
   return step, frozen, state, batch
 
 
-def torch_worker(mode, model_dir, batch, seq, steps, new_tokens):
+def torch_worker(args):
   import torch
-  from transformers import LlavaForConditionalGeneration
+  from transformers import AutoConfig, LlavaForConditionalGeneration
+  mode, batch, seq, steps, new_tokens = args.mode, args.batch, args.seq, args.steps, args.new_tokens
   torch.manual_seed(0)
+  dev = torch.device("cuda" if args.platform == "gpu" else "cpu")
+  dtype = getattr(torch, args.dtype)
+
+  def load():
+    if args.init == "checkpoint":
+      return LlavaForConditionalGeneration.from_pretrained(args.model_dir, dtype=dtype).to(dev)
+    with torch.device(dev):
+      return LlavaForConditionalGeneration._from_config(
+          AutoConfig.from_pretrained(args.model_dir), dtype=dtype)
+
+  def sync():
+    if dev.type == "cuda":
+      torch.cuda.synchronize()
   out = {}
   t0 = time.perf_counter()
-  model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
+  model = load()
+  sync()
   out["load_s"] = time.perf_counter() - t0
-  ids, px, n_img = make_batch(batch, seq)
-  ids_t = torch.tensor(ids, dtype=torch.long)
-  px_t = torch.tensor(px.transpose(0, 3, 1, 2).copy())
+  ids, px, n_img = make_batch(batch, seq, PRESETS[args.preset])
+  ids_t = torch.tensor(ids, dtype=torch.long, device=dev)
+  px_t = torch.tensor(px.transpose(0, 3, 1, 2).copy(), device=dev).to(dtype)
   if mode == "load":
     out["warm_load_s"] = []
     for _ in range(3):
       del model
       t0 = time.perf_counter()
-      model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
+      model = load()
+      sync()
       out["warm_load_s"].append(time.perf_counter() - t0)
     return out
   if mode == "generate":
@@ -187,6 +245,7 @@ def torch_worker(mode, model_dir, batch, seq, steps, new_tokens):
         model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
                        pixel_values=px_t, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                        do_sample=False, pad_token_id=0)
+        sync()
         times.append(time.perf_counter() - t)
     out["times"] = times[1:]
     out["new_tokens"] = batch * new_tokens
@@ -194,7 +253,8 @@ def torch_worker(mode, model_dir, batch, seq, steps, new_tokens):
   if mode == "lora":
     from peft import LoraConfig, get_peft_model
     model = get_peft_model(model, LoraConfig(
-        r=16, lora_alpha=32, target_modules=r"model\.language_model\.layers\.\d+\."
+        r=args.lora_rank, lora_alpha=2 * args.lora_rank,
+        target_modules=r"model\.language_model\.layers\.\d+\."
         r"(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"))
   model.train()
   params = [p for p in model.parameters() if p.requires_grad]
@@ -203,20 +263,22 @@ def torch_worker(mode, model_dir, batch, seq, steps, new_tokens):
   for _ in range(steps):
     t = time.perf_counter()
     logits = model(input_ids=ids_t, pixel_values=px_t).logits
-    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
                                              ids_t[:, 1:].reshape(-1))
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
+    sync()
     times.append(time.perf_counter() - t)
   out["times"] = times[2:]
+  if dev.type == "cuda":
+    out["peak_device_mb"] = torch.cuda.max_memory_allocated() / 2**20
   return out
 
 
 # ----------------------------------------------------------------------------- driver
 def run_worker(args):
-  fn = jax_worker if args.worker == "jax" else torch_worker
-  res = fn(args.mode, args.model_dir, args.batch, args.seq, args.steps, args.new_tokens)
+  res = (jax_worker if args.worker == "jax" else torch_worker)(args)
   res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   with open(args.out, "w") as f:
     json.dump(res, f)
@@ -238,27 +300,45 @@ def main():
   ap.add_argument("--steps", type=int, default=12)
   ap.add_argument("--new_tokens", type=int, default=64)
   ap.add_argument("--repeats", type=int, default=2)
-  ap.add_argument("--peak_gflops", type=float, default=200.0)
+  ap.add_argument("--peak_gflops", type=float, default=200.0,
+                  help="peak FLOP/s for MFU, in GFLOP/s (989000: H100/H200 dense bf16)")
   ap.add_argument("--no_hugetlb", action="store_true")
+  ap.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
+  ap.add_argument("--platform", default="cpu", choices=["cpu", "gpu"])
+  ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  ap.add_argument("--init", default="checkpoint", choices=["checkpoint", "random"])
+  ap.add_argument("--lora_rank", type=int, default=16)
+  ap.add_argument("--attention_impl", default="auto", help="auto: cudnn on GPU in bf16, else lse")
+  ap.add_argument("--remat_policy", default="none")
   ap.add_argument("--out", default="")
   ap.add_argument("--results", default=os.path.join(ROOT, "bench", "results", "cpu.md"))
   args = ap.parse_args()
   if args.worker:
     return run_worker(args)
+  if args.init == "random" and "load" in args.modes.split(","):
+    raise SystemExit("--modes load needs --init checkpoint")
   tmp = tempfile.mkdtemp()
   model_dir = args.model_dir or os.path.join(tmp, "llava")
   if not args.model_dir:
-    hf_model().save_pretrained(model_dir)
+    if args.init == "random":
+      hf_config(PRESETS[args.preset]).save_pretrained(model_dir)
+    else:
+      hf_model(PRESETS[args.preset]).save_pretrained(model_dir)
+  shared = ["--model_dir", model_dir, "--batch", str(args.batch), "--seq", str(args.seq),
+            "--new_tokens", str(args.new_tokens), "--preset", args.preset, "--platform",
+            args.platform, "--dtype", args.dtype, "--init", args.init, "--lora_rank",
+            str(args.lora_rank), "--attention_impl", args.attention_impl, "--remat_policy",
+            args.remat_policy]
   rows = {}
   for mode in args.modes.split(","):
     for rep in range(args.repeats):
       for fw in ("jax", "torch"):
         out = os.path.join(tmp, f"{mode}_{fw}_{rep}.json")
-        cmd = [sys.executable, __file__, "--worker", fw, "--mode", mode, "--model_dir",
-               model_dir, "--batch", str(args.batch), "--seq", str(args.seq), "--steps",
-               str(args.steps if mode != "generate" else 4), "--new_tokens",
-               str(args.new_tokens), "--out", out]
-        env = dict(os.environ, JAX_PLATFORMS="cpu")
+        cmd = [sys.executable, __file__, "--worker", fw, "--mode", mode, *shared, "--steps",
+               str(args.steps if mode != "generate" else 4), "--out", out]
+        env = dict(os.environ)
+        if args.platform == "cpu":
+          env["JAX_PLATFORMS"] = "cpu"
         if not args.no_hugetlb:
           env["GLIBC_TUNABLES"] = "glibc.malloc.hugetlb=1"
         subprocess.run(cmd, check=True, env=env)
@@ -267,41 +347,42 @@ def main():
   report(rows, args, model_dir)
 
 
-def checkpoint_params(model_dir: str) -> int:
-  """Parameter count of the safetensors files in `model_dir` (from their headers)."""
-  from safetensors import safe_open
-  n = 0
-  for f in sorted(os.listdir(model_dir)):
-    if f.endswith(".safetensors"):
-      with safe_open(os.path.join(model_dir, f), "np") as st:
-        n += sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys())
-  return n
+def param_count(s) -> int:
+  """Exact parameter count of the HF model for sizes `s` (built on the meta device)."""
+  import torch
+  from transformers import LlavaForConditionalGeneration
+  with torch.device("meta"):
+    return sum(p.numel() for p in LlavaForConditionalGeneration(hf_config(s)).parameters())
 
 
 def report(rows, args, model_dir):
+  s = PRESETS[args.preset]
   size_gb = sum(os.path.getsize(os.path.join(model_dir, f)) for f in os.listdir(model_dir)
                 if f.endswith(".safetensors")) / 1e9
-  n_params = checkpoint_params(model_dir)
-  lines = ["# CPU throughput: mllm_tune (JAX) vs transformers + peft (PyTorch)", "",
-           f"Date: {time.strftime('%Y-%m-%d')}; machine: {platform.processor() or platform.machine()}"
+  mem = "device" if args.platform == "gpu" else "RSS"
+  n_img = (s["image"] // s["patch"]) ** 2
+  lines = [f"# {args.platform.upper()} throughput: mllm_tune (JAX) vs transformers + peft "
+           "(PyTorch)", "",
+           f"Date: {time.strftime('%Y-%m-%d')}; machine: "
+           f"{platform.processor() or platform.machine()}"
            f", {os.cpu_count()} cores; versions: {json.dumps(versions())}", "",
-           f"Model: LLaVA (CLIP ViT {SIZES['v_layers']}x{SIZES['v_hidden']} @ {SIZES['image']}px"
-           f" + Llama {SIZES['layers']}x{SIZES['hidden']}, vocab {SIZES['vocab']}), "
-           f"{n_params / 1e6:.1f}M params, float32; batch {args.batch} x {args.seq} tokens "
-           f"(1 image each); generation: prompt {(SIZES['image'] // SIZES['patch']) ** 2 + 32} "
-           f"tokens, {args.new_tokens} new, batch {args.batch}.", "",
-           f"Command: `python bench/throughput.py --batch {args.batch} --seq {args.seq} "
-           f"--steps {args.steps} --repeats {args.repeats}"
-           f"{' --no_hugetlb' if args.no_hugetlb else ''}` (each number: median over "
-           f"{args.repeats} alternating process runs of the per-run median step time, "
+           f"Model (preset {args.preset}, {args.init} weights): LLaVA (CLIP ViT "
+           f"{s['v_layers']}x{s['v_hidden']} @ {s['image']}px + Llama {s['layers']}x{s['hidden']}"
+           f", vocab {s['vocab']}), {param_count(s) / 1e6:.1f}M params, {args.dtype}; batch "
+           f"{args.batch} x {args.seq} tokens (1 image each); LoRA r={args.lora_rank}; "
+           f"generation: prompt {n_img + 32} tokens, {args.new_tokens} new, batch {args.batch}.",
+           "",
+           f"Command: `python bench/throughput.py {' '.join(sys.argv[1:])}` (each number: median "
+           f"over {args.repeats} alternating process runs of the per-run median step time, "
            f"{args.steps - 2} timed steps per run after 2 warm-up steps; environment for both: "
            f"{'default' if args.no_hugetlb else 'GLIBC_TUNABLES=glibc.malloc.hugetlb=1'})", "",
-           "| mode | ours | transformers(+peft) | ratio (ours/theirs speed) | ours MFU | theirs MFU "
-           "| ours peak RSS MB | theirs peak RSS MB |", "|---|---|---|---|---|---|---|---|"]
-  summary = {}
+           "| mode | ours | transformers(+peft) | ratio (ours/theirs speed) | ours MFU "
+           f"| theirs MFU | ours peak {mem} MB | theirs peak {mem} MB |",
+           "|---|---|---|---|---|---|---|---|"]
   for mode in args.modes.split(","):
     res = {fw: rows[(mode, fw)] for fw in ("jax", "torch")}
-    rss = {fw: max(r["peak_rss_mb"] for r in res[fw]) for fw in res}
+    rss = {fw: max(r.get("peak_device_mb", r["peak_rss_mb"]) for r in res[fw])
+           for fw in res}
     if mode == "load":
       t = {fw: statistics.median(r["load_s"] for r in res[fw]) for fw in res}
       w = {fw: statistics.median(x for r in res[fw] for x in r["warm_load_s"]) for fw in res}
@@ -320,13 +401,12 @@ def report(rows, args, model_dir):
                    f"{rss['jax']:.0f} | {rss['torch']:.0f} |")
       continue
     tok = args.batch * args.seq
-    fl = flops_per_step(mode, args.batch, args.seq)
+    fl = flops_per_step(mode, args.batch, args.seq, s, args.lora_rank)
     mfu = {fw: fl / med[fw] / (args.peak_gflops * 1e9) for fw in med}
     lines.append(f"| {mode} step | {med['jax'] * 1e3:.0f} ms ({tok / med['jax']:.0f} tok/s) | "
                  f"{med['torch'] * 1e3:.0f} ms ({tok / med['torch']:.0f} tok/s) | "
                  f"{med['torch'] / med['jax']:.2f} | {100 * mfu['jax']:.0f}% | "
                  f"{100 * mfu['torch']:.0f}% | {rss['jax']:.0f} | {rss['torch']:.0f} |")
-    summary[mode] = med
   text = "\n".join(lines) + "\n"
   print(text)
   os.makedirs(os.path.dirname(args.results), exist_ok=True)

@@ -5,8 +5,8 @@ closed over, get no gradient buffers and no optimizer state. Loss = token cross-
 `loss_mask` (token t is a target predicted from position t-1, the data pipeline's convention)
 + the method's `loss_terms`. Unless a method or penalty term reads the logits, the vocabulary head
 and the cross-entropy run `StepFns.loss_chunk` positions at a time (`chunked_ce`), so the
-(B, T, V) logits are never materialized. Gradient accumulation scans over a leading micro-batch axis and is
-exact: the cross-entropy is normalised by the token count of the whole step.
+(B, T, V) logits are never materialized. Gradient accumulation scans over a leading micro-batch
+axis and is exact: the cross-entropy is normalised by the token count of the whole step.
 
 A forgetting penalty (`StepFns.penalty`, a `tuning.penalties.BoundPenalty`) adds its
 distillation terms (teacher = the frozen base, same jit) to the loss, normalised by the step's
@@ -117,7 +117,7 @@ def chunked_loss(fns: StepFns, variables: dict) -> bool:
 
 
 def model_ce(fns: StepFns, variables: dict, batch: dict, rngs: dict | None = None):
-  """(logits or None, summed NLL, targets, correct) of the model on `batch`."""
+  """(logits, or None when chunked; summed NLL; target count; correct count) on `batch`."""
   ids, kw = batch["input_ids"], model_kwargs(batch)
   if chunked_loss(fns, variables):
     h = fns.model.apply(variables, ids, rngs=rngs, return_hidden=True, **kw)
