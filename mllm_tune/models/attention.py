@@ -1,11 +1,14 @@
 """Scaled dot-product attention with grouped KV heads, three implementations (`attention_impl`):
 
   "lse"    (default) our custom-VJP attention: the forward saves only q, k, v, the output and the
-           per-row softmax statistics (max and sum, i.e. the logsumexp); the backward recomputes the probabilities from them and uses
-           FlashAttention-2's identity `rowsum(dP * P) = rowsum(dO * O)`, so no (B, N, T, S)
-           tensor is stored between the passes and the softmax backward reduces over the head
-           dimension instead of over keys. The math is FlashAttention's without the tiling (XLA
-           sees whole (T, S) blocks), which is what XLA:CPU and small sequence lengths want.
+           per-row softmax statistics (max and sum, i.e. the logsumexp); the backward recomputes
+           the probabilities from them and uses FlashAttention-2's identity
+           `rowsum(dP * P) = rowsum(dO * O)`, so no (B, N, T, S) tensor is stored between the
+           passes and the softmax backward reduces over the head dimension instead of over keys.
+           The math is FlashAttention's without the tiling (XLA sees whole (T, S) blocks), which
+           is what XLA:CPU and small sequence lengths want. Inside, heads come first
+           (q (B, K, G, T, H), k/v (B, K, S, H)): batched (T, H) x (H, S) products need no
+           transposed copy of a (T, S) block on XLA:CPU.
   "xla"    `jax.nn.dot_product_attention(implementation="xla")` (saves the probabilities).
   "cudnn"  `jax.nn.dot_product_attention(implementation="cudnn")`: cuDNN's fused flash
            attention on NVIDIA GPUs (bf16/fp16 inputs).

@@ -150,7 +150,8 @@ def _rope_from_hf(d: dict, where: str) -> RopeConfig:
   theta = merged.get("rope_theta", d.get("rope_theta", 10000.0))
   rope_type = merged.get("rope_type", merged.get("type", "default"))
   if rope_type not in ROPE_TYPES:
-    raise ConfigError(f"{where}: rope type '{rope_type}' is not supported (supported: {ROPE_TYPES})")
+    raise ConfigError(f"{where}: rope type '{rope_type}' is not supported "
+                      f"(supported: {ROPE_TYPES})")
   if merged.get("partial_rotary_factor", 1.0) != 1.0:
     raise ConfigError(f"{where}: 'partial_rotary_factor' != 1 is not supported")
   return RopeConfig(
