@@ -8,6 +8,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results}
+# fail fast (before minutes of device time) when the image lacks a package; pure-Python ones
+# (flax, optax, msgpack, rich, etils, ...) can be carried in a directory on PYTHONPATH
+python - <<'PY'
+import importlib, sys
+missing = [m for m in ("jax", "flax", "optax", "torch", "transformers", "peft")
+           if importlib.util.find_spec(m) is None]
+if missing:
+  sys.exit(f"missing packages: {missing}")
+import jax, torch
+if jax.devices()[0].platform != "gpu" or not torch.cuda.is_available():
+  sys.exit(f"no GPU: jax sees {jax.devices()}, torch.cuda {torch.cuda.is_available()}")
+print("jax", jax.__version__, jax.devices(), "torch", torch.__version__)
+PY
 mkdir -p "$OUT"
 COMMON=(--platform gpu --init random --dtype bfloat16 --seq 2048 --steps 8 --repeats 1
         --peak_gflops "${PEAK_GFLOPS:-989000}")
