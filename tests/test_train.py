@@ -35,6 +35,15 @@ def test_lora_training_reduces_loss_and_writes_logs(tmp_path):
   assert os.path.isfile(os.path.join(cfg.run_dir, "config.json"))
 
 
+def test_steps_compile_once_and_donate_the_state(tmp_path):
+  cfg = tiny_cfg(str(tmp_path / "run"), method="lora", steps=4)
+  tr = _trainer(cfg)
+  old_leaves = jax.tree.leaves(tr.state.trainable)
+  assert tr.run()["status"] == "done"
+  assert tr.jit_step._cache_size() == 1  # the same executable for every step
+  assert all(x.is_deleted() for x in old_leaves)  # step 1 reused the initial state's buffers
+
+
 def test_frozen_leaves_get_no_gradient_and_no_optimizer_state(tmp_path):
   cfg = tiny_cfg(str(tmp_path / "run"), method="lora")
   tr = _trainer(cfg)

@@ -99,8 +99,11 @@ class Trainer:
                              for k, d in consts.items()}
     replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
     mesh_devices = set(self.mesh.devices.flat)
-    on_mesh = lambda x: x if set(x.sharding.device_set) == mesh_devices else jax.device_put(
-        x, replicated)
+
+    def on_mesh(x):  # committed and on the mesh, as the step returns it: else the first step
+      if set(x.sharding.device_set) != mesh_devices:  # compiles for other argument shardings
+        return jax.device_put(x, replicated)
+      return x if x.committed else jax.device_put(x, x.sharding)
     opt_state = jax.tree.map(on_mesh, jax.jit(self.optimizer.init)(trainable))
     self.state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated),
                             trainable=trainable, opt_state=opt_state,
@@ -109,8 +112,8 @@ class Trainer:
                        penalty=self.penalty, loss_chunk=t.get("loss_chunk", 256))
     state_sh = jax.tree.map(lambda x: x.sharding, self.state)
     self.batch_sharding = setup.batch_sharding(self.mesh, t.grad_accum)
-    step = jax.jit(self._raw_step, donate_argnums=(1,), out_shardings=(state_sh, None))
-    self._step = lambda frozen, state, batch, penalty_batch=None: step(
+    self.jit_step = jax.jit(self._raw_step, donate_argnums=(1,), out_shardings=(state_sh, None))
+    self._step = lambda frozen, state, batch, penalty_batch=None: self.jit_step(
         frozen, state, batch, self.penalty_consts, penalty_batch)
     self._eval = jax.jit(functools.partial(eval_step, self.fns))
     self.run_dir = os.path.abspath(cfg.run_dir)
