@@ -229,3 +229,54 @@ def test_first_max_index_is_argmax_with_ties():
   x[1, 1, 5] = -1.0
   got = first_max_index(jnp.asarray(x), jnp.asarray(x.max(-1)))
   np.testing.assert_array_equal(np.asarray(got), x.argmax(-1))
+
+
+def test_integer_head_leaves_are_not_differentiated():
+  h, w, ids, mask = _data(jnp.float32)
+  head_vars = {"w": jnp.asarray(w), "k": jnp.int32(2)}
+  head = lambda x, hv: (x @ hv["w"] * hv["k"]).astype(jnp.float32)
+  dh, dv = jax.grad(lambda h_, hv: chunked_token_ce(head, hv, h_, ids, mask, 2)[0],
+                    argnums=(0, 1), allow_int=True)(jnp.asarray(h), head_vars)
+  want = _numpy_ref(h, 2 * w, ids, mask)
+  np.testing.assert_allclose(np.asarray(dh), want[3], rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(dv["w"]), 2 * want[4], rtol=1e-4, atol=1e-5)
+
+
+def test_trained_head_on_several_devices_uses_one_chunk():
+  """On a multi-device mesh a trained head's gradient would be all-reduced once per chunk (the
+  loop carry): the step then runs the head in one chunk. A frozen head, or one device, keeps
+  `loss_chunk`."""
+  import os
+  import subprocess
+  import sys
+  code = """
+import sys, jax, jax.numpy as jnp, numpy as np
+from mllm_tune.models import build_model, param_shapes
+from mllm_tune.models.config import CausalLMConfig, LLMConfig
+from mllm_tune.train import step as step_lib
+import mllm_tune as mt
+cfg = CausalLMConfig(llm=LLMConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+    num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=64))
+model = build_model(cfg)
+params = jax.tree.map(lambda s: jnp.full(s.shape, 0.01, s.dtype), param_shapes(model))
+seen = []
+real = step_lib.chunked_token_ce
+step_lib.chunked_token_ce = lambda *a: seen.append(a[-1]) or real(*a)
+ids = jnp.ones((2, 16), jnp.int32)
+batch = {"input_ids": ids, "attention_mask": jnp.ones_like(ids), "loss_mask": jnp.ones_like(ids)}
+for method in (mt.tuning.get("freeze", preset="full"), mt.tuning.get("lora", rank=2)):
+  v = method.init_variables(jax.random.key(0), params)
+  trainable, frozen = mt.tuning.partition(v, method.trainable(v))
+  fns = step_lib.StepFns(model, method, None, loss_chunk=4)
+  jax.eval_shape(jax.grad(lambda t: step_lib.micro_loss(fns, t, frozen, batch,
+                                                        jax.random.key(0), 1.0, 1)[0]), trainable)
+print("CHUNKS", seen)
+"""
+  got = {}
+  for n in (1, 2):
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu",
+                            "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    got[n] = r.stdout.strip().splitlines()[-1]
+  assert got == {1: "CHUNKS [4, 4]", 2: "CHUNKS [16, 4]"}  # (full FT, LoRA)

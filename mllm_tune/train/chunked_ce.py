@@ -41,6 +41,9 @@ def chunked_token_ce(head_fn, head_vars, h_BTD: jax.Array, ids_BT: jax.Array,
     raise ValueError(f"chunk must be >= 1 sequence positions, got {chunk}")
   targets_BT, w_BT = shifted_targets(ids_BT, loss_mask_BT)
   t = h_BTD.shape[1]
+  if t == 0:
+    zero = jnp.zeros((), jnp.float32)
+    return zero, zero, zero
   c = min(chunk, t)
   n = -(-t // c)
   pad = n * c - t
@@ -48,15 +51,26 @@ def chunked_token_ce(head_fn, head_vars, h_BTD: jax.Array, ids_BT: jax.Array,
     h_BTD = jnp.pad(h_BTD, ((0, 0), (0, pad), (0, 0)))
     targets_BT = jnp.pad(targets_BT, ((0, 0), (0, pad)))
     w_BT = jnp.pad(w_BT, ((0, 0), (0, pad)))
-  nll, correct = _fused_ce(head_fn, c, n)(h_BTD, head_vars, targets_BT, w_BT)
+  # only inexact leaves are differentiated (jax.vjp gives integer leaves float0 cotangents)
+  leaves, treedef = jax.tree.flatten(head_vars)
+  inexact = tuple(jnp.issubdtype(jnp.result_type(x), jnp.inexact) for x in leaves)
+  float_leaves = [x for x, f in zip(leaves, inexact) if f]
+  other_leaves = [x for x, f in zip(leaves, inexact) if not f]
+
+  def head_of_floats(h_BcD, floats, others):
+    it_f, it_o = iter(floats), iter(others)
+    return head_fn(h_BcD, jax.tree.unflatten(
+        treedef, [next(it_f) if f else next(it_o) for f in inexact]))
+  nll, correct = _fused_ce(head_of_floats, c, n)(h_BTD, float_leaves, other_leaves, targets_BT,
+                                                  w_BT)
   return nll, w_BT.sum(), correct
 
 
-def _chunk(head_fn, head_vars, h_BcD, t_Bc, w_Bc, with_grads: bool):
+def _chunk(head_fn, floats, others, h_BcD, t_Bc, w_Bc, with_grads: bool):
   if with_grads:
-    logits_BcV, pull = jax.vjp(head_fn, h_BcD, head_vars)
+    logits_BcV, pull = jax.vjp(lambda h, f: head_fn(h, f, others), h_BcD, floats)
   else:
-    logits_BcV = head_fn(h_BcD, head_vars)
+    logits_BcV = head_fn(h_BcD, floats, others)
   lf = logits_BcV.astype(jnp.float32)
   m_Bc = lf.max(axis=-1)
   e_BcV = jnp.exp(lf - m_Bc[..., None])
@@ -68,8 +82,8 @@ def _chunk(head_fn, head_vars, h_BcD, t_Bc, w_Bc, with_grads: bool):
     return nll, correct
   onehot = lax.broadcasted_iota(jnp.int32, lf.shape, lf.ndim - 1) == t_Bc[..., None]
   d_BcV = (e_BcV / s_Bc[..., None] - onehot.astype(jnp.float32)) * w_Bc[..., None]
-  dh_BcD, dvars = pull(d_BcV.astype(logits_BcV.dtype))
-  return nll, correct, dh_BcD, dvars
+  dh_BcD, dfloats = pull(d_BcV.astype(logits_BcV.dtype))
+  return nll, correct, dh_BcD, dfloats
 
 
 def _fused_ce(head_fn, c: int, n: int):
@@ -77,31 +91,32 @@ def _fused_ce(head_fn, c: int, n: int):
   zero = lambda: jnp.zeros((), jnp.float32)
 
   @jax.custom_vjp
-  def ce(h_BTD, head_vars, targets_BT, w_BT):
+  def ce(h_BTD, floats, others, targets_BT, w_BT):
     def body(i, acc):
-      nll, correct = _chunk(head_fn, head_vars, piece(h_BTD, i), piece(targets_BT, i),
+      nll, correct = _chunk(head_fn, floats, others, piece(h_BTD, i), piece(targets_BT, i),
                             piece(w_BT, i), False)
       return acc[0] + nll, acc[1] + correct
     return lax.fori_loop(0, n, body, (zero(), zero()))
 
-  def fwd(h_BTD, head_vars, targets_BT, w_BT):
+  def fwd(h_BTD, floats, others, targets_BT, w_BT):
     def body(i, acc):
-      nll, correct, dh_BTD, dvars = acc
-      a, b, dh_BcD, dv = _chunk(head_fn, head_vars, piece(h_BTD, i), piece(targets_BT, i),
+      nll, correct, dh_BTD, dfloats = acc
+      a, b, dh_BcD, df = _chunk(head_fn, floats, others, piece(h_BTD, i), piece(targets_BT, i),
                                 piece(w_BT, i), True)
       dh_BTD = lax.dynamic_update_slice_in_dim(dh_BTD, dh_BcD.astype(dh_BTD.dtype), i * c, 1)
-      dvars = jax.tree.map(lambda x, y: x + y.astype(jnp.float32), dvars, dv)
-      return nll + a, correct + b, dh_BTD, dvars
+      dfloats = jax.tree.map(lambda x, y: x + y.astype(jnp.float32), dfloats, df)
+      return nll + a, correct + b, dh_BTD, dfloats
     init = (zero(), zero(), jnp.zeros_like(h_BTD),
-            jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), head_vars))
-    nll, correct, dh_BTD, dvars = lax.fori_loop(0, n, body, init)
-    return (nll, correct), (dh_BTD, dvars, head_vars)
+            jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.float32), floats))
+    nll, correct, dh_BTD, dfloats = lax.fori_loop(0, n, body, init)
+    return (nll, correct), (dh_BTD, dfloats, floats)
 
   def bwd(res, g):
-    dh_BTD, dvars, head_vars = res
+    dh_BTD, dfloats, floats = res
     g_nll = g[0]
     return ((g_nll * dh_BTD).astype(dh_BTD.dtype),
-            jax.tree.map(lambda d, x: (g_nll * d).astype(x.dtype), dvars, head_vars), None, None)
+            jax.tree.map(lambda d, x: (g_nll * d).astype(jnp.result_type(x)), dfloats, floats),
+            None, None, None)
 
   ce.defvjp(fwd, bwd)
   return ce

@@ -116,14 +116,19 @@ def chunked_loss(fns: StepFns, variables: dict) -> bool:
   return not any(p.endswith("dropout") for p in select.flatten(head_adapters))
 
 
-def model_ce(fns: StepFns, variables: dict, batch: dict, rngs: dict | None = None):
-  """(logits, or None when chunked; summed NLL; target count; correct count) on `batch`."""
+def model_ce(fns: StepFns, variables: dict, batch: dict, rngs: dict | None = None,
+             trained_head: bool = False):
+  """(logits, or None when chunked; summed NLL; target count; correct count) on `batch`.
+  `trained_head`: the LM head (or tied embedding) gets gradients. On several devices its
+  gradient would then be reduced across the batch shards once per chunk (the chunk loop's carry),
+  so it is computed in one chunk there (still without keeping the logits)."""
   ids, kw = batch["input_ids"], model_kwargs(batch)
   if chunked_loss(fns, variables):
     h = fns.model.apply(variables, ids, rngs=rngs, return_hidden=True, **kw)
     head_fn = lambda h_BcD, head_vars: models.apply_head(fns.model, head_vars, h_BcD)
+    chunk = ids.shape[1] if trained_head and jax.device_count() > 1 else fns.loss_chunk
     return None, *chunked_token_ce(head_fn, models.head_variables(fns.model, variables), h, ids,
-                                   batch["loss_mask"], fns.loss_chunk)
+                                   batch["loss_mask"], chunk)
   logits = fns.model.apply(variables, ids, rngs=rngs, **kw)
   return logits, *token_ce(logits, ids, batch["loss_mask"])
 
@@ -131,7 +136,8 @@ def model_ce(fns: StepFns, variables: dict, batch: dict, rngs: dict | None = Non
 def micro_loss(fns: StepFns, trainable, frozen, batch, rng, total_tokens, n_micro,
                penalty_consts=None, norms=None):
   variables = tuning_api.combine(trainable, frozen)
-  logits, nll, n, correct = model_ce(fns, variables, batch, {"dropout": rng})
+  logits, nll, n, correct = model_ce(fns, variables, batch, {"dropout": rng},
+                                     bool(models.head_variables(fns.model, trainable)))
   terms = fns.method.loss_terms(variables, batch, logits)
   loss = nll / jnp.maximum(total_tokens, 1.0) + sum(terms.values(), 0.0) / n_micro
   aux = {"nll": nll, "tokens": n, "correct": correct,
