@@ -29,7 +29,8 @@ def shifted_targets(ids_BT: jax.Array, loss_mask_BT: jax.Array) -> tuple[jax.Arr
 
 def first_max_index(x_BxV: jax.Array, max_Bx: jax.Array) -> jax.Array:
   """`argmax(x, -1)` given the row maxima: the first index holding the maximum, as one plain
-  min-reduction (XLA:CPU runs jnp.argmax's (value, index) reduction several times slower)."""
+  min-reduction (XLA:CPU runs jnp.argmax's (value, index) reduction several times slower).
+  A row holding NaN gives V (no index), where argmax would give the NaN's index."""
   iota = lax.broadcasted_iota(jnp.int32, x_BxV.shape, x_BxV.ndim - 1)
   return jnp.min(jnp.where(x_BxV == max_Bx[..., None], iota, x_BxV.shape[-1]), axis=-1)
 
