@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mllm_tune.train import logs
-from mllm_tune.train.config_io import ConfigError, apply_overrides, load_config
+from mllm_tune.train.config_io import ConfigError, apply_overrides, load_config, validate
 from mllm_tune.train.loop import Trainer, TrainingError
 from mllm_tune.train.step import micro_loss
 from mllm_tune.train.synthetic import SyntheticBatches
@@ -128,6 +128,9 @@ def test_config_typos_and_bad_values_name_the_key():
     apply_overrides(cfg, ["config.train.steps=abc"])
   with pytest.raises(ConfigError, match=r"unknown config key 'method.rnak'"):
     apply_overrides(cfg, ["config.method.rnak=3"])
+  apply_overrides(cfg, ["config.train.loss_chunk=-1"])
+  with pytest.raises(ConfigError, match=r"config key 'train.loss_chunk' must be >= 0"):
+    validate(cfg)
 
 
 def test_resume_refuses_a_different_base(tmp_path):

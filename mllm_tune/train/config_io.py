@@ -108,7 +108,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   checks = [("train.steps", t.steps >= 1, "must be >= 1"),
             ("train.grad_accum", t.grad_accum >= 1, "must be >= 1"),
             ("train.log_every", t.log_every >= 1, "must be >= 1"),
-            ("train.loss_chunk", t.get("loss_chunk", 0) >= 0, "must be >= 0 (0: full logits)"),
+            ("train.loss_chunk", t.get("loss_chunk", 256) >= 0, "must be >= 0 (0: full logits)"),
             ("train.best_mode", t.best_mode in ("max", "min"), "must be 'max' or 'min'"),
             ("data.batch_size", cfg.data.batch_size >= 1, "must be >= 1"),
             ("model.source", cfg.model.source in ("hf", "native", "tiny", "bench"),
