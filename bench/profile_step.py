@@ -1,15 +1,20 @@
-"""Where the time of one mllm_tune training step goes on XLA:CPU: per-op thread time.
+"""Where the time of one mllm_tune training step goes: per-op device time (GPU) or thread time
+(XLA:CPU).
 
     python bench/profile_step.py --mode lora            # the throughput.py config, batch 4 x 512
     python bench/profile_step.py --mode full --top 40
+    # GPU, the 1.5B full fine-tuning run of bench/gpu_targets.sh (random weights, bf16):
+    python bench/profile_step.py --mode full --preset llava1p5b --init random \
+        --dtype bfloat16 --batch 8 --seq 2048
 
 Runs the jitted step of `bench/throughput.py` (same model, batch and trainable set) twice to
-warm up, traces two more steps with `jax.profiler`, and sums the duration of every XLA thunk by
-name over all threads (the thunks of one step run on two threads, so the total can exceed
-the step's wall time). Each row names the fused op, its result shape and the JAX
-operation it came from (HLO metadata), e.g. `transpose(jvp(Llava))/llm/lm_head/dot_general` is
-the LM head's backward matmul. Groups at the end: dots (`ynn_fusion`/`dot`), copies and
-transposes, the rest. Numbers are per step.
+warm up, traces two more steps with `jax.profiler`, and sums the duration of every XLA op by
+name: on a GPU the device's "XLA Ops" timeline, on CPU every thread's thunks (the thunks of one
+step run on two threads, so the total can exceed the step's wall time). Each row names the
+fused op, its result shape and the JAX operation it came from (HLO metadata), e.g.
+`transpose(jvp(Llava))/llm/lm_head/dot_general` is the LM head's backward matmul. Groups at the
+end: matmuls (cuBLAS/Triton GEMMs, XLA:CPU dots), attention (cuDNN), copies and transposes,
+the rest (element-wise and reduction fusions). Numbers are per step.
 """
 from __future__ import annotations
 
@@ -27,19 +32,44 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 
-def op_table(hlo_text: str) -> dict[str, tuple[str, str]]:
-  """HLO instruction name -> (result shape, JAX op_name) from the optimized module's text."""
-  pat = re.compile(r"^\s*(?:ROOT )?%(\S+) = (\S+) .*?op_name=\"([^\"]+)\"", re.M)
-  return {m.group(1): (m.group(2), m.group(3)) for m in pat.finditer(hlo_text)}
+def op_table(hlo_text: str) -> dict[str, tuple[str, str, str]]:
+  """HLO instruction name -> (result shape, JAX op_name, kind) from the optimized module's
+  text; kind is "matmul", "attention", "copy/transpose" or "other"."""
+  pat = re.compile(r"^\s*(?:ROOT )?%(\S+) = (\S+) (.*)$", re.M)
+  out = {}
+  for m in pat.finditer(hlo_text):
+    name, shape, rest = m.groups()
+    origin = re.search(r'op_name="([^"]+)"', rest)
+    out[name] = (shape, origin.group(1) if origin else "", _kind(name, rest))
+  return out
 
 
-def thunk_times(trace_dir: str, ops: dict) -> collections.Counter:
-  """Total duration (ns) per HLO instruction of `ops` over every thread of the trace."""
-  from jax._src.lib import _profile_data
+def _kind(name: str, rest: str) -> str:
+  if "fmha" in rest or "cudnn" in rest.lower() and "custom-call" in rest:
+    return "attention"
+  if ("gemm" in rest or "__cublas" in rest or name.startswith(("ynn_fusion", "dot"))
+      or " dot(" in rest):
+    return "matmul"
+  if "copy" in name or "transpose" in name:
+    return "copy/transpose"
+  return "other"
+
+
+def op_times(trace_dir: str, ops: dict) -> collections.Counter:
+  """Total duration (ns) per HLO instruction of `ops`: on a GPU the device planes' "XLA Ops"
+  lines, else every thread of the host."""
+  try:
+    from jax.profiler import ProfileData
+  except ImportError:  # older jax
+    from jax._src.lib._profile_data import ProfileData
   path = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)[0]
+  planes = list(ProfileData.from_file(path).planes)
+  gpu = [p for p in planes if p.name.startswith("/device:GPU")]
   times: collections.Counter = collections.Counter()
-  for plane in _profile_data.ProfileData.from_file(path).planes:
+  for plane in gpu or planes:
     for line in plane.lines:
+      if gpu and line.name != "XLA Ops":
+        continue
       for ev in line.events:
         if ev.name in ops:
           times[ev.name] += ev.duration_ns
@@ -61,9 +91,14 @@ def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--mode", default="lora", choices=["lora", "full"])
   ap.add_argument("--model_dir", default="")
+  ap.add_argument("--preset", default="cpu")
+  ap.add_argument("--init", default="checkpoint", choices=["checkpoint", "random"])
+  ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   ap.add_argument("--batch", type=int, default=4)
   ap.add_argument("--seq", type=int, default=512)
-  ap.add_argument("--attention_impl", default="lse")
+  ap.add_argument("--lora_rank", type=int, default=16)
+  ap.add_argument("--attention_impl", default="auto")
+  ap.add_argument("--remat_policy", default="none")
   ap.add_argument("--top", type=int, default=30)
   ap.add_argument("--loss_chunk", type=int, default=256, help="0: full logits")
   ap.add_argument("--compiler_option", action="append", default=[], metavar="KEY=VALUE",
@@ -71,19 +106,27 @@ def main():
   args = ap.parse_args()
   import jax
 
-  import mllm_tune as mt
   import throughput
+  preset = throughput.PRESETS[args.preset]
   model_dir = args.model_dir
   if not model_dir:
     model_dir = os.path.join(tempfile.mkdtemp(), "llava")
-    throughput.hf_model().save_pretrained(model_dir)
-  model, params = mt.load_pretrained(model_dir, attention_impl=args.attention_impl)
-  ids, px, _ = throughput.make_batch(args.batch, args.seq)
+    if args.init == "random":
+      throughput.hf_config(preset).save_pretrained(model_dir)
+    else:
+      throughput.hf_model(preset).save_pretrained(model_dir)
+  model, params = throughput.jax_model(model_dir, args.init, args.dtype,
+                                       attention_impl=args.attention_impl,
+                                       remat_policy=args.remat_policy)
+  ids, px, _ = throughput.make_batch(args.batch, args.seq, preset)
+  px = jax.numpy.asarray(px, args.dtype)
   step, frozen, state, batch = throughput.jax_train_step(args.mode, model, params, ids, px,
-                                                              args.loss_chunk)
+                                                         args.loss_chunk, args.lora_rank)
+  del params
   step = step.lower(frozen, state, batch).compile(
       compiler_options=compiler_options(args.compiler_option))
   ops = op_table(step.as_text())
+  mem = step.memory_analysis()
   for _ in range(2):
     state, metrics = step(frozen, state, batch)
     jax.block_until_ready(metrics["loss"])
@@ -94,19 +137,24 @@ def main():
       state, metrics = step(frozen, state, batch)
       jax.block_until_ready(metrics["loss"])
   wall = (time.perf_counter() - t0) / 2
-  times = thunk_times(trace_dir, ops)
+  times = op_times(trace_dir, ops)
   total = sum(times.values())
-  print(f"{args.mode} step: {wall:.2f} s wall (traced), {total / 2e9:.2f} s thunk time\n")
-  print(f"{'ms':>8} {'%':>5}  {'op':30} {'shape':34} from")
+  print(f"{args.mode} step ({args.preset}, {args.dtype}, batch {args.batch} x {args.seq}, "
+        f"{jax.devices()[0].device_kind}): {wall * 1e3:.0f} ms wall (traced), "
+        f"{total / 2e6:.0f} ms op time")
+  if mem is not None:
+    gb = lambda b: f"{b / 2**30:.2f} GiB"
+    print(f"compiled memory: arguments {gb(mem.argument_size_in_bytes)}, outputs "
+          f"{gb(mem.output_size_in_bytes)}, aliased {gb(mem.alias_size_in_bytes)}, temporaries "
+          f"{gb(mem.temp_size_in_bytes)}")
+  print(f"\n{'ms':>8} {'%':>5}  {'op':30} {'shape':34} from")
   for name, ns in times.most_common(args.top):
-    shape, origin = ops.get(name, ("", ""))
+    shape, origin, _ = ops.get(name, ("", "", ""))
     print(f"{ns / 2e6:8.1f} {100 * ns / total:5.1f}  {name[:30]:30} {shape[:34]:34} "
           f"{origin[-70:]}")
   groups: collections.Counter = collections.Counter()
   for name, ns in times.items():
-    kind = ("dots" if name.startswith(("ynn_fusion", "dot")) else
-            "copies/transposes" if "copy" in name or "transpose" in name else "other")
-    groups[kind] += ns
+    groups[ops[name][2]] += ns
   print("\n" + ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in groups.most_common()))
 
 

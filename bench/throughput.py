@@ -58,20 +58,10 @@ def jax_worker(args):
   import mllm_tune as mt
   mode, batch, seq, steps, new_tokens = args.mode, args.batch, args.seq, args.steps, args.new_tokens
   on_gpu = jax.devices()[0].platform == "gpu"
-  impl = args.attention_impl if args.attention_impl != "auto" else (
-      "cudnn" if on_gpu and args.dtype != "float32" else "lse")
-  runtime = dict(attention_impl=impl, remat_policy=args.remat_policy)
+  # "auto" is the library's own per-call-site rule (models.attention.choose_attention)
+  runtime = dict(attention_impl=args.attention_impl, remat_policy=args.remat_policy)
 
-  def load():
-    if args.init == "checkpoint":
-      return mt.load_pretrained(args.model_dir, dtype=args.dtype, param_dtype=args.dtype,
-                                **runtime)
-    from mllm_tune.checkpoints.hf import read_config
-    from mllm_tune.models import build_model, init_params
-    from mllm_tune.models.config import with_runtime
-    model = build_model(with_runtime(read_config(args.model_dir, args.dtype, args.dtype),
-                                     **runtime))
-    return model, init_params(model, jax.random.key(0))
+  load = lambda: jax_model(args.model_dir, args.init, args.dtype, **runtime)
   out = {}
   t0 = time.perf_counter()
   model, params = load()
@@ -99,6 +89,8 @@ def jax_worker(args):
       times.append(time.perf_counter() - t)
     out["times"] = times[1:]
     out["new_tokens"] = batch * new_tokens
+    if on_gpu:
+      out["peak_device_mb"] = jax.devices()[0].memory_stats()["peak_bytes_in_use"] / 2**20
     return out
   step, frozen, state, b = jax_train_step(mode, model, params, ids, px,
                                           lora_rank=args.lora_rank)
@@ -113,6 +105,20 @@ def jax_worker(args):
   if on_gpu:
     out["peak_device_mb"] = jax.devices()[0].memory_stats()["peak_bytes_in_use"] / 2**20
   return out
+
+
+def jax_model(model_dir: str, init: str, dtype: str, **runtime):
+  """(model, params) from an HF directory: its weights (`init` "checkpoint") or random weights
+  built on the device from its config.json ("random"); params stored in `dtype`."""
+  import jax
+  import mllm_tune as mt
+  if init == "checkpoint":
+    return mt.load_pretrained(model_dir, dtype=dtype, param_dtype=dtype, **runtime)
+  from mllm_tune.checkpoints.hf import read_config
+  from mllm_tune.models import build_model, init_params
+  from mllm_tune.models.config import with_runtime
+  model = build_model(with_runtime(read_config(model_dir, dtype, dtype), **runtime))
+  return model, init_params(model, jax.random.key(0))
 
 
 def jax_train_step(mode, model, params, ids, px, loss_chunk: int = 256, lora_rank: int = 16):
@@ -190,6 +196,8 @@ def torch_worker(args):
         times.append(time.perf_counter() - t)
     out["times"] = times[1:]
     out["new_tokens"] = batch * new_tokens
+    if dev.type == "cuda":
+      out["peak_device_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
   if mode == "lora":
     from peft import LoraConfig, get_peft_model
@@ -249,7 +257,8 @@ def main():
   ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   ap.add_argument("--init", default="checkpoint", choices=["checkpoint", "random"])
   ap.add_argument("--lora_rank", type=int, default=16)
-  ap.add_argument("--attention_impl", default="auto", help="auto: cudnn on GPU in bf16, else lse")
+  ap.add_argument("--attention_impl", default="auto",
+                  help="auto: the library's per-call-site choice (cuDNN where it runs, else lse)")
   ap.add_argument("--remat_policy", default="none")
   ap.add_argument("--out", default="")
   ap.add_argument("--results", default=os.path.join(ROOT, "bench", "results", "cpu.md"))

@@ -19,7 +19,7 @@ def get_config():
   c.model.param_dtype = "float32"  # dtype the base is loaded in
   c.model.frozen_dtype = ""      # e.g. bfloat16: frozen leaves stored in it ('' = unchanged)
   c.model.remat_policy = "none"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable
-  c.model.attention_impl = "lse"  # lse | xla | cudnn (GPU, bf16): models/attention.py
+  c.model.attention_impl = "auto"  # auto | lse | xla | cudnn: models/attention.py
   c.model.tiny = ml_collections.ConfigDict(dict(
       seed=0, vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2,
       num_heads=4, num_kv_heads=2, vision_layers=0, vision_hidden_size=32, image_size=28,

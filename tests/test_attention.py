@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mllm_tune.models import config as mc
-from mllm_tune.models.attention import attention
+from mllm_tune.models.attention import attention, choose_attention
 
 
 def _numpy_attention(q, k, v, mask):
@@ -103,7 +103,7 @@ def test_attention_impl_is_a_runtime_field_of_both_towers():
   assert cfg.llm.remat_policy == "full"
   with pytest.raises(mc.ConfigError, match="model.attention_impl must be one of"):
     mc.with_runtime(mc.LlavaConfig(), attention_impl="flash")
-  assert mc.LlavaConfig().llm.attention_impl == mc.LlavaConfig().vision.attention_impl == "lse"
+  assert mc.LlavaConfig().llm.attention_impl == mc.LlavaConfig().vision.attention_impl == "auto"
   with pytest.raises(mc.ConfigError, match="scan_unroll must be an integer"):
     mc.with_runtime(mc.LlavaConfig(), scan_unroll=0)
   with pytest.raises(mc.ConfigError, match="decode_per_layer must be"):
@@ -138,3 +138,94 @@ def test_lse_bfloat16_gradients_track_the_float64_reference():
     assert g.dtype == jax.numpy.bfloat16
     err = np.abs(np.asarray(g.astype(np.float32)) - w).max() / np.abs(w).max()
     assert err < 3e-2, (name, err)
+
+
+_GPU = dict(platform="cuda", dtype="bfloat16", head_dim=128, q_len=2048, kv_len=2048,
+            training=True, max_head_dim=256)
+
+
+@pytest.mark.parametrize("change, impl, reason", [
+    ({}, "cudnn", "supported"),
+    ({"platform": "cpu"}, "lse", "platform cpu"),
+    ({"platform": "rocm"}, "lse", "platform rocm"),
+    ({"dtype": "float32"}, "lse", "dtype float32"),
+    ({"dtype": "float16"}, "cudnn", "supported"),
+    ({"head_dim": 60}, "lse", "head dim 60"),
+    ({"head_dim": 256}, "cudnn", "supported"),
+    ({"head_dim": 256, "max_head_dim": 128}, "lse", "head dim 256"),
+    # CLIP ViT-B/16 at 224 px: 197 tokens; JAX's cuDNN backward rejects odd lengths
+    ({"q_len": 197, "kv_len": 197}, "lse", "odd length (Q 197, KV 197)"),
+    ({"q_len": 197, "kv_len": 197, "training": False}, "cudnn", "supported"),
+    ({"q_len": 1, "kv_len": 77, "training": False}, "cudnn", "supported"),  # decoding step
+    ({"kv_len": 2049}, "lse", "odd length"),
+])
+def test_auto_attention_takes_cudnn_only_where_it_runs(change, impl, reason):
+  got = choose_attention("auto", **{**_GPU, **change})
+  assert got.implementation == impl and reason in got.reason, got
+
+
+def test_explicit_attention_choices():
+  assert choose_attention("lse", **_GPU).implementation == "lse"
+  assert choose_attention("xla", **{**_GPU, "platform": "cpu"}).implementation == "xla"
+  assert choose_attention("cudnn", **_GPU) == ("cudnn", "requested")
+  with pytest.raises(ValueError, match="cannot run this call: odd length .* use attention_impl "
+                                       "'auto'"):
+    choose_attention("cudnn", **{**_GPU, "q_len": 577, "kv_len": 577})
+  with pytest.raises(ValueError, match="must be one of"):
+    choose_attention("flash", **_GPU)
+
+
+def test_auto_on_cpu_is_the_lse_program_and_logs_each_site_once(caplog, monkeypatch):
+  """On CPU "auto" runs "lse" (same output, same jaxpr) and says so once per call site."""
+  import logging
+  from mllm_tune.models import attention as att
+  monkeypatch.setattr(att, "backend_facts", lambda: ("cpu", 128))  # also when run on a GPU
+  q, k, v, mask = _inputs()
+  fn = lambda impl: jax.make_jaxpr(lambda a, b, c: attention(a, b, c, mask, impl,
+                                                             site="test site"))(q, k, v)
+  with caplog.at_level(logging.INFO, logger="mllm_tune.attention"):
+    auto, lse = fn("auto"), fn("lse")
+    fn("auto")
+  assert str(auto) == str(lse)
+  logged = [r.getMessage() for r in caplog.records if "test site" in r.getMessage()]
+  assert len(logged) == 1 and "lse (cuDNN not taken: platform cpu" in logged[0], logged
+
+
+def test_auto_attention_per_call_site_on_a_simulated_gpu(monkeypatch):
+  """The towers pass their own shapes and whether the call may be differentiated: on a
+  (simulated) Hopper GPU in bf16, training picks cuDNN for the LLM (even length) and "lse" for
+  the CLIP tower (odd: 4 patches + CLS); a KV-cache decode step is not differentiated and may
+  use cuDNN at any length. jax.nn.dot_product_attention is replaced by a recorder (no cuDNN on
+  this machine); nothing runs, the programs are only traced."""
+  import jax.numpy as jnp
+  from mllm_tune.models import attention as att, build_model, init_params
+  from mllm_tune.models.config import LLMConfig, LlavaConfig, VisionConfig
+  from mllm_tune.models.kv_cache import init_kv_cache
+  calls = []
+
+  def fake_dpa(q, k, v, mask=None, implementation=None):
+    calls.append((implementation, q.shape[1], k.shape[1]))
+    return jnp.zeros_like(q)
+  monkeypatch.setattr(att, "backend_facts", lambda: ("cuda", 256))
+  monkeypatch.setattr(jax.nn, "dot_product_attention", fake_dpa)
+  llm = LLMConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
+                  num_heads=4, num_kv_heads=2, dtype="bfloat16")
+  vision = VisionConfig(hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2,
+                        image_size=28, patch_size=14, dtype="bfloat16")
+  model = build_model(LlavaConfig(vision=vision, llm=llm, image_token_id=63))
+  params = init_params(model, jax.random.key(0))
+  calls.clear()
+  ids = jnp.asarray([[1] + [63] * 4 + [7, 8, 9]])  # 8 tokens; the tower sees CLS + 2x2 = 5
+  px = jnp.zeros((1, 28, 28, 3))
+  loss = lambda p: model.apply({"params": p}, input_ids=ids, attention_mask=jnp.ones_like(ids),
+                               pixel_values=px).astype(jnp.float32).sum()
+  jax.eval_shape(jax.grad(loss), params)
+  assert set(calls) == {("cudnn", 8, 8)}, calls  # the LLM; the CLIP tower (odd) runs lse
+  calls.clear()
+  cache = init_kv_cache(llm, 1, 16, jnp.bfloat16)
+  one = jnp.asarray([[5]])
+  jax.eval_shape(lambda p: model.apply({"params": p}, input_ids=one,
+                                       attention_mask=jnp.ones((1, 16), jnp.int32),
+                                       positions=jnp.asarray([[7]]), kv_cache=cache,
+                                       cache_index=jnp.asarray(7)), params)
+  assert calls and all(c[0] == "cudnn" and c[1] == 1 for c in calls), calls

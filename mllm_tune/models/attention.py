@@ -1,4 +1,5 @@
-"""Scaled dot-product attention with grouped KV heads, three implementations (`attention_impl`):
+"""Scaled dot-product attention with grouped KV heads, three implementations (`attention_impl`)
+and a rule that picks one per call site ("auto", the default):
 
   "lse"    (default) our custom-VJP attention: the forward saves only q, k, v, the output and the
            per-row softmax statistics (max and sum, i.e. the logsumexp); the backward recomputes
@@ -13,6 +14,10 @@
   "cudnn"  `jax.nn.dot_product_attention(implementation="cudnn")`: cuDNN's fused flash
            attention on NVIDIA GPUs (bf16/fp16 inputs).
 
+  "auto"   `choose_attention` decides at trace time, per call site (each tower, each shape):
+           cuDNN where the backend takes the shape and dtype, "lse" everywhere else. The choice
+           for each site is logged once (logger `mllm_tune.attention`).
+
 All three take `q (B, T, N, H)`, `k, v (B, S, K, H)` with N = K * groups, and a boolean mask
 (B, T, S) (True = attend), scale 1/sqrt(H), logits and softmax in float32, keys and values cast
 to the query's dtype. A fully masked query row (padding) attends uniformly to all keys (finite
@@ -20,19 +25,101 @@ garbage, never NaN) and sends no gradient to q or k, as in `jax.nn.dot_product_a
 """
 from __future__ import annotations
 
+import functools
+import logging
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from mllm_tune.models.config import ATTENTION_IMPLS
+
+_log = logging.getLogger("mllm_tune.attention")
 
 # jax.nn.dot_product_attention's fill value for masked logits (finite, so a fully masked row
 # gives a uniform softmax instead of NaN)
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
+class AttentionChoice(NamedTuple):
+  implementation: str  # "lse" | "xla" | "cudnn"
+  reason: str
+
+
+def choose_attention(requested: str, *, platform: str, dtype, head_dim: int, q_len: int,
+                     kv_len: int, training: bool, max_head_dim: int = 128) -> AttentionChoice:
+  """Which implementation runs one attention call: a pure function of the backend and shapes.
+
+  `requested` "lse" / "xla" are taken as they are. "cudnn" and "auto" ask whether cuDNN's
+  fused flash attention (through `jax.nn.dot_product_attention`) takes the call: `platform`
+  "cuda" (an NVIDIA GPU), bf16/fp16 inputs, a head dim that is a multiple of 8 and at most
+  `max_head_dim` (256 on Hopper and later, 128 before), and, when the call may be
+  differentiated (`training`), even query and key lengths (JAX's cuDNN backward rule rejects odd
+  ones, e.g. CLIP ViT's 197 or 577 tokens). "auto" falls back to "lse" where cuDNN does not take
+  the call; an explicit "cudnn" that cannot run raises a ValueError naming the reason."""
+  if requested not in ATTENTION_IMPLS:
+    raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {requested!r}")
+  if requested in ("lse", "xla"):
+    return AttentionChoice(requested, "requested")
+  why_not = None
+  dt = jnp.dtype(dtype)
+  if platform != "cuda":
+    why_not = f"platform {platform} (cuDNN needs an NVIDIA GPU)"
+  elif dt not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    why_not = f"dtype {dt.name} (cuDNN flash attention takes bf16/fp16)"
+  elif head_dim % 8 or head_dim > max_head_dim:
+    why_not = f"head dim {head_dim} (cuDNN: a multiple of 8, at most {max_head_dim})"
+  elif training and (q_len % 2 or kv_len % 2):
+    why_not = f"odd length (Q {q_len}, KV {kv_len}) in a differentiable call"
+  if why_not is None:
+    return AttentionChoice("cudnn", "supported" if requested == "auto" else "requested")
+  if requested == "cudnn":
+    raise ValueError(f"attention_impl 'cudnn' cannot run this call: {why_not}; use "
+                     "attention_impl 'auto' (cuDNN where it runs, 'lse' elsewhere)")
+  return AttentionChoice("lse", f"cuDNN not taken: {why_not}")
+
+
+@functools.lru_cache(maxsize=None)
+def backend_facts() -> tuple[str, int]:
+  """(platform, max cuDNN head dim) of the default backend: "cuda" for NVIDIA GPUs."""
+  dev = jax.devices()[0]
+  if dev.platform != "gpu" or "cuda" not in getattr(dev.client, "platform_version", "").lower():
+    return dev.platform, 128
+  major = int(str(getattr(dev, "compute_capability", "0")).split(".")[0])
+  return "cuda", 256 if major >= 9 else 128
+
+
+_LOGGED: set = set()
+
+
+def resolve_attention(requested: str, site: str, q_BTNH: jax.Array, k_BSKH: jax.Array,
+                      training: bool) -> str:
+  """`choose_attention` for this call's backend and shapes; logs each site's choice once."""
+  if requested in ("lse", "xla"):
+    return requested
+  platform, max_head_dim = backend_facts()
+  choice = choose_attention(requested, platform=platform, dtype=q_BTNH.dtype,
+                            head_dim=q_BTNH.shape[-1], q_len=q_BTNH.shape[1],
+                            kv_len=k_BSKH.shape[1], training=training,
+                            max_head_dim=max_head_dim)
+  key = (site, choice, q_BTNH.shape[1], k_BSKH.shape[1])
+  if key not in _LOGGED:
+    _LOGGED.add(key)
+    _log.info("attention %s (Q %d, KV %d, head dim %d, %s): %s (%s)", site, q_BTNH.shape[1],
+              k_BSKH.shape[1], q_BTNH.shape[-1], jnp.dtype(q_BTNH.dtype).name,
+              choice.implementation, choice.reason)
+  return choice.implementation
+
+
 def attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
-              mask_BTS: jax.Array | None, implementation: str = "lse") -> jax.Array:
+              mask_BTS: jax.Array | None, implementation: str = "lse", *, site: str = "attention",
+              training: bool = True) -> jax.Array:
+  """Attention output (B, T, N, H). `implementation` is one of ATTENTION_IMPLS ("auto" is
+  resolved here by `choose_attention`); `site` names the call site in the log, `training`
+  says whether the call may be differentiated (False only on KV-cache decoding)."""
   k_BSKH = k_BSKH.astype(q_BTNH.dtype)
   v_BSKH = v_BSKH.astype(q_BTNH.dtype)
+  implementation = resolve_attention(implementation, site, q_BTNH, k_BSKH, training)
   if implementation == "lse":
     b, t, n, h = q_BTNH.shape
     kv = k_BSKH.shape[2]

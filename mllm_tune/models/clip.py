@@ -52,7 +52,7 @@ class CLIPTextConfig:
   eos_token_id: int = 49407
   dtype: str = "float32"
   param_dtype: str = "float32"
-  attention_impl: str = "lse"
+  attention_impl: str = "auto"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,9 +16,9 @@ VISION_TYPES = ("clip_vision_model", "siglip_vision_model")
 LLM_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
                      "mistral": "MistralForCausalLM"}
 ROPE_TYPES = ("default", "linear", "llama3")
-# `jax.nn.dot_product_attention` implementations: xla (any device, any mask) or cudnn (NVIDIA
-# GPUs, bf16/fp16 inputs: cuDNN's fused flash attention)
-ATTENTION_IMPLS = ("lse", "xla", "cudnn")
+# models.attention: auto (cuDNN where the backend takes the call, lse elsewhere; the default),
+# lse (our custom-VJP attention), xla / cudnn (jax.nn.dot_product_attention's implementations)
+ATTENTION_IMPLS = ("auto", "lse", "xla", "cudnn")
 # fields that change how a model runs, not what it computes (left out of architecture hashes)
 RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy", "attention_impl", "scan_unroll",
                   "decode_per_layer")
@@ -63,7 +63,7 @@ class LLMConfig:
   dtype: str = "float32"        # compute dtype of activations
   param_dtype: str = "float32"  # dtype params are created/loaded in
   remat_policy: str = "none"    # none | full | dots_saveable | dots_with_no_batch_dims_saveable
-  attention_impl: str = "lse"   # ATTENTION_IMPLS (models.attention)
+  attention_impl: str = "auto"  # ATTENTION_IMPLS (models.attention)
   scan_unroll: int = 1          # decoder layers per scan iteration (lax.scan unroll)
   # decoding copies each layer's weights into its own buffer for the call (no per-token slicing
   # of the stacked arrays; costs one more copy of the LLM weights while generating); False:
@@ -93,7 +93,7 @@ class VisionConfig:
   use_head: bool = False  # SigLIP attention-pooling head (kept for round trips, unused by LLaVA)
   dtype: str = "float32"
   param_dtype: str = "float32"
-  attention_impl: str = "lse"   # ATTENTION_IMPLS (models.attention)
+  attention_impl: str = "auto"  # ATTENTION_IMPLS (models.attention)
 
   @property
   def is_clip(self) -> bool:
@@ -267,7 +267,7 @@ def with_runtime(cfg: LlavaConfig | CausalLMConfig, **fields) -> LlavaConfig | C
   unknown = set(fields) - set(RUNTIME_FIELDS)
   if unknown:
     raise ConfigError(f"not runtime fields: {sorted(unknown)}; runtime fields: {RUNTIME_FIELDS}")
-  impl = fields.get("attention_impl", "lse")
+  impl = fields.get("attention_impl", "auto")
   if impl not in ATTENTION_IMPLS:
     raise ConfigError(f"model.attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
   unroll = fields.get("scan_unroll", 1)

@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from mllm_tune.models.fused_ops import ACTIVATIONS, rms_norm
+
 ADAPTERS = "adapters"
 
 
@@ -43,17 +45,9 @@ def dtype_of(name: str):
 
 def activation(name: str):
   """HF `ACT2FN` names -> JAX functions (exact formulas, not approximations)."""
-  fns = {
-      "silu": jax.nn.silu,
-      "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-      "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-      "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-      "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
-      "relu": jax.nn.relu,
-  }
-  if name not in fns:
-    raise ValueError(f"activation '{name}' is not supported (supported: {sorted(fns)})")
-  return fns[name]
+  if name not in ACTIVATIONS:
+    raise ValueError(f"activation '{name}' is not supported (supported: {sorted(ACTIVATIONS)})")
+  return ACTIVATIONS[name]
 
 
 def default_kernel_init():
@@ -144,7 +138,8 @@ def parallel_adapter(module: nn.Module, x_BxD: jax.Array, y_BxD: jax.Array) -> j
 
 
 class RMSNorm(nn.Module):
-  """Llama RMSNorm: `x / sqrt(mean(x^2) + eps) * scale`, statistics in float32 (as HF)."""
+  """Llama RMSNorm: `x / sqrt(mean(x^2) + eps) * scale`, statistics in float32 (as HF); a
+  custom VJP keeps only x and 1/rms for the backward (`fused_ops.rms_norm`)."""
   eps: float = 1e-6
   dtype: str = "float32"
   param_dtype: str = "float32"
@@ -153,9 +148,7 @@ class RMSNorm(nn.Module):
   def __call__(self, x_BxD: jax.Array) -> jax.Array:
     scale = self.param("scale", nn.initializers.ones, (x_BxD.shape[-1],),
                        dtype_of(self.param_dtype))
-    x = x_BxD.astype(jnp.float32)
-    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
-    return scale.astype(dtype_of(self.dtype)) * x.astype(dtype_of(self.dtype))
+    return rms_norm(x_BxD, scale, self.eps, dtype_of(self.dtype))
 
 
 class LayerNorm(nn.Module):

@@ -21,6 +21,7 @@ from flax import linen as nn
 
 from mllm_tune.models.attention import attention
 from mllm_tune.models.config import LLMConfig, RopeConfig
+from mllm_tune.models.fused_ops import GATED_ACTS, gated_act
 from mllm_tune.models.kv_cache import KVCache, init_kv_cache, kv_cache_slots
 from mllm_tune.models.layers import (ADAPTERS, Linear, RMSNorm, activation, dtype_of,
                                      parallel_adapter)
@@ -105,8 +106,11 @@ class Attention(nn.Module):
     b, t, _ = x_BTD.shape
     k_proj = lin(c.num_kv_heads * c.head_dim, c.qkv_bias, "k_proj")
     v_proj = lin(c.num_kv_heads * c.head_dim, c.qkv_bias, "v_proj")
-    q = lin(c.num_heads * c.head_dim, c.qkv_bias, "q_proj")(x_BTD)
-    k, v = k_proj(x_BTD), v_proj(x_BTD)
+    # one (B*T, D) view shared by the three projections, so a training step keeps one copy of
+    # their input for the weight gradients instead of one per projection
+    x_ND = x_BTD.reshape(b * t, -1)
+    q = lin(c.num_heads * c.head_dim, c.qkv_bias, "q_proj")(x_ND)
+    k, v = k_proj(x_ND), v_proj(x_ND)
     q = apply_rope(q.reshape(b, t, c.num_heads, c.head_dim), *sin_cos)
     k = apply_rope(k.reshape(b, t, c.num_kv_heads, c.head_dim), *sin_cos)
     v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
@@ -120,7 +124,8 @@ class Attention(nn.Module):
       k, v = ck.swapaxes(1, 2).astype(q.dtype), cv.swapaxes(1, 2).astype(q.dtype)
     if prefix_kv is not None:
       k, v, mask_BTS = prepend_prefix(k, v, mask_BTS, *prefix_kv)
-    out = attention(q, k, v, mask_BTS, c.attention_impl)
+    # a call with a KV cache is decoding (never differentiated): cuDNN takes any length there
+    out = attention(q, k, v, mask_BTS, c.attention_impl, site="llm", training=cache is None)
     gate = self._adaption_gate()
     if gate is not None:
       prompt_PD = self.get_variable(ADAPTERS, "adaption_prompt").astype(q.dtype)
@@ -128,7 +133,8 @@ class Attention(nn.Module):
       kv_shape = (b, p, c.num_kv_heads, c.head_dim)
       k_p = jnp.broadcast_to(k_proj(prompt_PD).reshape(kv_shape[1:]), kv_shape)
       v_p = jnp.broadcast_to(v_proj(prompt_PD).reshape(kv_shape[1:]), kv_shape)
-      out = out + gate.astype(q.dtype) * attention(q, k_p, v_p, None, c.attention_impl)
+      out = out + gate.astype(q.dtype) * attention(q, k_p, v_p, None, c.attention_impl,
+                                                   site="llm_adapter", training=cache is None)
     out = out.reshape(b, t, c.num_heads * c.head_dim)
     return lin(c.hidden_size, c.o_bias, "o_proj")(out), cache
 
@@ -150,10 +156,15 @@ class MLP(nn.Module):
   def __call__(self, x_BTD):
     c = self.cfg
     lin = lambda f, name: Linear(f, c.mlp_bias, c.dtype, c.param_dtype, name=name)
-    act = activation(c.hidden_act)
-    h = act(lin(c.intermediate_size, "gate_proj")(x_BTD)) * lin(c.intermediate_size,
-                                                                "up_proj")(x_BTD)
-    return parallel_adapter(self, x_BTD, lin(c.hidden_size, "down_proj")(h))
+    x_ND = x_BTD.reshape(-1, x_BTD.shape[-1])  # one input copy kept for gate and up
+    gate = lin(c.intermediate_size, "gate_proj")(x_ND)
+    up = lin(c.intermediate_size, "up_proj")(x_ND)
+    if c.hidden_act in GATED_ACTS:  # custom VJP: keeps only gate and up for the backward
+      h = gated_act(gate, up, c.hidden_act)
+    else:
+      h = activation(c.hidden_act)(gate) * up
+    y_BTD = lin(c.hidden_size, "down_proj")(h).reshape(x_BTD.shape)
+    return parallel_adapter(self, x_BTD, y_BTD)
 
 
 class DecoderBlock(nn.Module):

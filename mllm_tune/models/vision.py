@@ -68,7 +68,8 @@ class VisionAttention(nn.Module):
     h = d // c.num_heads
     lin = lambda name: Linear(d, True, c.dtype, c.param_dtype, name=name)
     q, k, v = (lin(f"{s}_proj")(x_NTD).reshape(n, t, c.num_heads, h) for s in "qkv")
-    return lin("out_proj")(attention(q, k, v, mask_NTT, c.attention_impl).reshape(n, t, d))
+    out = attention(q, k, v, mask_NTT, c.attention_impl, site=f"vision ({c.model_type})")
+    return lin("out_proj")(out.reshape(n, t, d))
 
 
 class VisionMLP(nn.Module):
@@ -137,7 +138,8 @@ class SiglipHead(nn.Module):
     v = x_NTD @ in_kernel[:, 2 * d:] + in_bias[2 * d:]
     hd = d // c.num_heads
     split = lambda z: z.reshape(n, -1, c.num_heads, hd)
-    out = attention(split(q), split(k), split(v), None, c.attention_impl).reshape(n, 1, d)
+    out = attention(split(q), split(k), split(v), None, c.attention_impl,
+                    site="vision head").reshape(n, 1, d)
     out = Linear(d, True, c.dtype, c.param_dtype, name="out_proj")(out)
     res = out
     out = LayerNorm(c.layer_norm_eps, c.dtype, c.param_dtype, name="layernorm")(out)

@@ -26,7 +26,7 @@ class ConfigValueError(ValueError):
 
 
 def _attention_impl(c) -> str:
-  return c.get("attention_impl", "lse")  # configs saved before the field existed
+  return c.get("attention_impl", "auto")  # configs saved before the field existed
 
 
 def tiny_model_config(c) -> LlavaConfig | CausalLMConfig:
