@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import glob
 import os
 import re
@@ -56,8 +57,31 @@ def _kind(name: str, rest: str) -> str:
 
 
 def op_times(trace_dir: str, ops: dict) -> collections.Counter:
-  """Total duration (ns) per HLO instruction of `ops`: on a GPU the device planes' "XLA Ops"
-  lines, else every thread of the host."""
+  """Total duration (ns) per HLO instruction of `ops`: on a GPU the device planes' op lines
+  ("XLA Ops"), else every thread of the host. Events are matched by instruction name, also
+  when the profiler decorates it (`%fusion.3 = ...`, `fusion.3:...`)."""
+  times: collections.Counter = collections.Counter()
+  for line_name, events in device_lines(trace_dir).items():
+    if "XLA Ops" not in line_name and any("XLA Ops" in n for n in device_lines(trace_dir)):
+      continue
+    for name, ns in events.items():
+      key = _instruction(name, ops)
+      if key is not None:
+        times[key] += ns
+  return times
+
+
+def _instruction(event_name: str, ops: dict) -> str | None:
+  if event_name in ops:
+    return event_name
+  m = re.match(r"%?([\w.\-]+)", event_name)
+  return m.group(1) if m and m.group(1) in ops else None
+
+
+@functools.lru_cache(maxsize=4)
+def device_lines(trace_dir: str) -> dict[str, collections.Counter]:
+  """"plane/line" -> {event name: total ns} over the GPU planes of the trace (all host
+  threads when there is no GPU plane)."""
   try:
     from jax.profiler import ProfileData
   except ImportError:  # older jax
@@ -65,15 +89,24 @@ def op_times(trace_dir: str, ops: dict) -> collections.Counter:
   path = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)[0]
   planes = list(ProfileData.from_file(path).planes)
   gpu = [p for p in planes if p.name.startswith("/device:GPU")]
-  times: collections.Counter = collections.Counter()
+  out: dict[str, collections.Counter] = {}
   for plane in gpu or planes:
     for line in plane.lines:
-      if gpu and line.name != "XLA Ops":
-        continue
+      c = out.setdefault(f"{plane.name}/{line.name}", collections.Counter())
       for ev in line.events:
-        if ev.name in ops:
-          times[ev.name] += ev.duration_ns
-  return times
+        c[ev.name] += ev.duration_ns
+  return out
+
+
+def print_kernels(trace_dir: str, top: int, steps: int = 2):
+  """The longest events of each GPU line (kernels by name), whatever the op matching found."""
+  for line_name, events in device_lines(trace_dir).items():
+    total = sum(events.values())
+    if not total or "/host:" in line_name:
+      continue
+    print(f"\n{line_name}: {total / steps / 1e6:.0f} ms per step")
+    for name, ns in events.most_common(top):
+      print(f"{ns / steps / 1e6:8.1f} {100 * ns / total:5.1f}  {name[:110]}")
 
 
 def compiler_options(pairs: list[str]) -> dict:
@@ -155,7 +188,9 @@ def main():
   groups: collections.Counter = collections.Counter()
   for name, ns in times.items():
     groups[ops[name][2]] += ns
-  print("\n" + ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in groups.most_common()))
+  if jax.devices()[0].platform == "gpu":
+    print_kernels(trace_dir, args.top)
+  print("\n" + ", ".join(f"{k} {100 * v / max(total, 1):.0f}%" for k, v in groups.most_common()))
 
 
 if __name__ == "__main__":

@@ -63,7 +63,8 @@ def test_grouped_masked_attention_equals_float64_numpy(impl):
   b, t, _, _ = q.shape
   got = np.asarray(attention(q, k, v, mask, impl))
   rows = mask.any(-1)
-  want = _numpy_attention(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64),
+  with np.errstate(invalid="ignore"):  # padding rows: NaN in the reference, not compared
+    want = _numpy_attention(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64),
                           np.where(rows[..., None], mask, True))
   np.testing.assert_allclose(got[rows], want[rows], rtol=1e-5, atol=1e-6)
   assert np.isfinite(got).all()  # the fully masked row: finite, not NaN
@@ -203,8 +204,8 @@ def test_auto_attention_per_call_site_on_a_simulated_gpu(monkeypatch):
   from mllm_tune.models.kv_cache import init_kv_cache
   calls = []
 
-  def fake_dpa(q, k, v, mask=None, implementation=None):
-    calls.append((implementation, q.shape[1], k.shape[1]))
+  def fake_dpa(q, k, v, mask=None, implementation=None, is_causal=False):
+    calls.append((implementation, q.shape[1], k.shape[1], is_causal))
     return jnp.zeros_like(q)
   monkeypatch.setattr(att, "backend_facts", lambda: ("cuda", 256))
   monkeypatch.setattr(jax.nn, "dot_product_attention", fake_dpa)
@@ -220,7 +221,8 @@ def test_auto_attention_per_call_site_on_a_simulated_gpu(monkeypatch):
   loss = lambda p: model.apply({"params": p}, input_ids=ids, attention_mask=jnp.ones_like(ids),
                                pixel_values=px).astype(jnp.float32).sum()
   jax.eval_shape(jax.grad(loss), params)
-  assert set(calls) == {("cudnn", 8, 8)}, calls  # the LLM; the CLIP tower (odd) runs lse
+  # the LLM, told its mask is causal; the CLIP tower (odd length) runs lse
+  assert set(calls) == {("cudnn", 8, 8, True)}, calls
   calls.clear()
   cache = init_kv_cache(llm, 1, 16, jnp.bfloat16)
   one = jnp.asarray([[5]])
@@ -228,4 +230,23 @@ def test_auto_attention_per_call_site_on_a_simulated_gpu(monkeypatch):
                                        attention_mask=jnp.ones((1, 16), jnp.int32),
                                        positions=jnp.asarray([[7]]), kv_cache=cache,
                                        cache_index=jnp.asarray(7)), params)
-  assert calls and all(c[0] == "cudnn" and c[1] == 1 for c in calls), calls
+  assert calls and all(c[0] == "cudnn" and c[1] == 1 and not c[3] for c in calls), calls
+
+
+def test_causal_flag_gives_the_same_result_for_a_causal_mask():
+  """`causal=True` (the fused kernels skip the upper triangle) changes nothing when the mask is
+  causal with padding, as the LLM builds it; checked through XLA's fused path on CPU."""
+  rng = np.random.default_rng(3)
+  b, t, n, kh, h = 2, 6, 4, 2, 8
+  q = rng.normal(size=(b, t, n, h)).astype(np.float32)
+  k, v = (rng.normal(size=(b, t, kh, h)).astype(np.float32) for _ in range(2))
+  valid = np.array([[1] * 6, [0, 0, 1, 1, 1, 1]], bool)  # left padding in row 1
+  mask = np.tril(np.ones((t, t), bool))[None] & valid[:, None, :]
+  mask[1, :2] = False  # padding queries see nothing
+  with np.errstate(invalid="ignore"):  # padding rows: NaN in the reference, not compared
+    want = _numpy_attention(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64),
+                            mask)
+  got = np.asarray(attention(q, k, v, mask, "xla", causal=True))
+  rows = mask.any(-1)
+  np.testing.assert_allclose(got[rows], want[rows], atol=1e-5)
+  np.testing.assert_array_equal(got, np.asarray(attention(q, k, v, mask, "xla")))

@@ -113,10 +113,13 @@ def resolve_attention(requested: str, site: str, q_BTNH: jax.Array, k_BSKH: jax.
 
 def attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
               mask_BTS: jax.Array | None, implementation: str = "lse", *, site: str = "attention",
-              training: bool = True) -> jax.Array:
+              training: bool = True, causal: bool = False) -> jax.Array:
   """Attention output (B, T, N, H). `implementation` is one of ATTENTION_IMPLS ("auto" is
   resolved here by `choose_attention`); `site` names the call site in the log, `training`
-  says whether the call may be differentiated (False only on KV-cache decoding)."""
+  says whether the call may be differentiated (False only on KV-cache decoding). `causal`
+  promises that `mask_BTS` hides every key s > t (T == S): the fused kernels (cuDNN, and
+  XLA's) then skip the upper triangle instead of reading it from the mask; the result is the
+  same."""
   k_BSKH = k_BSKH.astype(q_BTNH.dtype)
   v_BSKH = v_BSKH.astype(q_BTNH.dtype)
   implementation = resolve_attention(implementation, site, q_BTNH, k_BSKH, training)
@@ -132,7 +135,8 @@ def attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
     o_BKGTH = _lse_attention(q_BKGTH, k_BKSH, v_BKSH, mask_BTS)
     return o_BKGTH.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
   mask = None if mask_BTS is None else mask_BTS[:, None, :, :]
-  return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask,
+  is_causal = causal and q_BTNH.shape[1] == k_BSKH.shape[1]
+  return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask, is_causal=is_causal,
                                       implementation=implementation)
 
 

@@ -124,8 +124,10 @@ class Attention(nn.Module):
       k, v = ck.swapaxes(1, 2).astype(q.dtype), cv.swapaxes(1, 2).astype(q.dtype)
     if prefix_kv is not None:
       k, v, mask_BTS = prepend_prefix(k, v, mask_BTS, *prefix_kv)
-    # a call with a KV cache is decoding (never differentiated): cuDNN takes any length there
-    out = attention(q, k, v, mask_BTS, c.attention_impl, site="llm", training=cache is None)
+    # a call with a KV cache is decoding (never differentiated): cuDNN takes any length there;
+    # without a cache or virtual tokens the mask is within the causal triangle (causal_mask)
+    out = attention(q, k, v, mask_BTS, c.attention_impl, site="llm", training=cache is None,
+                    causal=cache is None and prefix_kv is None)
     gate = self._adaption_gate()
     if gate is not None:
       prompt_PD = self.get_variable(ADAPTERS, "adaption_prompt").astype(q.dtype)
