@@ -68,7 +68,8 @@ class VisionAttention(nn.Module):
     h = d // c.num_heads
     lin = lambda name: Linear(d, True, c.dtype, c.param_dtype, name=name)
     q, k, v = (lin(f"{s}_proj")(x_NTD).reshape(n, t, c.num_heads, h) for s in "qkv")
-    out = attention(q, k, v, mask_NTT, c.attention_impl, site=f"vision ({c.model_type})")
+    site = getattr(c, "model_type", "clip_text_model")  # the CLIP text tower reuses this layer
+    out = attention(q, k, v, mask_NTT, c.attention_impl, site=site)
     return lin("out_proj")(out.reshape(n, t, d))
 
 
