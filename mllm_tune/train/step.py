@@ -8,11 +8,11 @@ and the cross-entropy run `StepFns.loss_chunk` positions at a time (`chunked_ce`
 (B, T, V) logits are never materialized. Gradient accumulation scans over a leading micro-batch
 axis and is exact: the cross-entropy is normalised by the token count of the whole step.
 
-A forgetting penalty (`StepFns.penalty`, a `tuning.penalties.BoundPenalty`) adds its
+A forgetting penalty (`StepFns.penalty`, a `penalties.BoundPenalty`) adds its
 distillation terms (teacher = the frozen base, same jit) to the loss, normalised by the step's
 position count, and its quadratic term through the optimizer chain (`frozen=` and
 `penalty_consts=` extra update arguments); the quadratic value is logged as
-`loss_terms/<name>`. GIFT (`tuning.gift.BoundGift`) runs its own backward pass on the synthetic
+`loss_terms/<name>`. GIFT (`penalties.gift.BoundGift`) runs its own backward pass on the synthetic
 caption batch `penalty_batch` inside that chain (same jit) and logs `loss_terms/gift_*`.
 """
 from __future__ import annotations
@@ -27,12 +27,12 @@ import jax.numpy as jnp
 import optax
 
 from mllm_tune import models
+from mllm_tune.models import model_kwargs
 from mllm_tune.models.layers import ADAPTERS
 from mllm_tune.train.chunked_ce import chunked_token_ce, first_max_index, shifted_targets
 from mllm_tune.tuning import api as tuning_api
-from mllm_tune.tuning import select
+from mllm_tune import pytree
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "positions", "segment_ids", "pixel_values")
 
 
 @flax.struct.dataclass
@@ -92,11 +92,6 @@ def _nll_bwd(res, g_BT):
 _nll.defvjp(_nll_fwd, _nll_bwd)
 
 
-def model_kwargs(batch: dict) -> dict:
-  kw = {k: batch[k] for k in MODEL_INPUTS if k in batch and k != "input_ids"}
-  return kw
-
-
 def position_counts(micro: dict) -> dict:
   """Step-level position counts (over a leading micro-batch axis) that normalise penalty terms:
   `supervised` = targets (loss_mask), `all` = positions whose token and next token are real."""
@@ -113,7 +108,7 @@ def chunked_loss(fns: StepFns, variables: dict) -> bool:
   if fns.penalty is not None and fns.penalty.needs_teacher:
     return False
   head_adapters = models.head_variables(fns.model, variables).get(ADAPTERS, {})
-  return not any(p.endswith("dropout") for p in select.flatten(head_adapters))
+  return not any(p.endswith("dropout") for p in pytree.flatten(head_adapters))
 
 
 def model_ce(fns: StepFns, variables: dict, batch: dict, rngs: dict | None = None,
@@ -225,6 +220,6 @@ def eval_step(fns: StepFns, frozen: dict, trainable: dict, batch: dict) -> dict:
 def find_nonfinite(tree: dict) -> list[str]:
   """Paths of leaves holding NaN or Inf (host-side, for the loop's guard message)."""
   import numpy as np
-  from mllm_tune.tuning import select
-  return [p for p, x in select.flatten(tree).items()
+  from mllm_tune import pytree
+  return [p for p, x in pytree.flatten(tree).items()
           if not np.isfinite(np.asarray(x, np.float32)).all()]
