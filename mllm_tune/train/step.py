@@ -28,7 +28,7 @@ import optax
 
 from mllm_tune import models
 from mllm_tune.models import model_kwargs
-from mllm_tune.models.layers import ADAPTERS
+from mllm_tune.models.adapters import ADAPTERS
 from mllm_tune.train.chunked_ce import chunked_token_ce, first_max_index, shifted_targets
 from mllm_tune.tuning import api as tuning_api
 from mllm_tune import pytree

@@ -5,7 +5,7 @@ Registered by `tuning/__init__.py` (METHOD_MODULES); PEFT mappings are in `tunin
 | name               | module                 | adapter leaves (hook that applies them)        |
 |--------------------|------------------------|------------------------------------------------|
 | `adapter`          | bottleneck.py          | `bottleneck_*` beside a Linear (layers.Linear)  |
-| `parallel_adapter` | bottleneck.py          | `parallel_*` in an FFN (layers.parallel_adapter)|
+| `parallel_adapter` | bottleneck.py          | `parallel_*` in an FFN (adapters.parallel_adapter)|
 | `ia3`              | ia3.py                 | `ia3_in` / `ia3_out` (layers.Linear)            |
 | `prompt_tuning`    | prompts.py             | `llm/prompt_embeddings` (llm.LLM)               |
 | `prefix_tuning`    | prompts.py             | `llm/prefix_{k,v}` or `llm/prefix_mlp_*` (llm.LLM)|

@@ -10,7 +10,7 @@ hooks then add exactly 0) and a frozen mask. Neither folds into the base weights
 - `parallel_adapter`: beside each targeted FFN (module path, e.g. `llm/layers_3/mlp`):
   `FFN(x) + s relu(x Wdn) Wup`, x the FFN input. [choice] ReLU, `Wdn` Kaiming-uniform
   (torch's default, U(+-1/sqrt(d))), `Wup = 0` (exact identity at init), s = 4, m = 512 ("scaled
-  PA"). Leaves `parallel_{down,up,scale}` in the FFN module (`layers.parallel_adapter`).
+  PA"). Leaves `parallel_{down,up,scale}` in the FFN module (`models/adapters.parallel_adapter`).
   Params L 2 d m.
 """
 from __future__ import annotations
@@ -24,6 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mllm_tune.models.adapters import (BOTTLENECK_DOWN, BOTTLENECK_DOWN_BIAS, BOTTLENECK_UP,
+                                       BOTTLENECK_UP_BIAS, PARALLEL_DOWN, PARALLEL_SCALE,
+                                       PARALLEL_UP)
 from mllm_tune import pytree
 from mllm_tune.tuning.api import Method, MethodError, register
 from mllm_tune.tuning.reparam.lora import adapter_path, get_leaf, resolve_targets
@@ -89,19 +92,19 @@ class BottleneckAdapter(Method):
     for i, (path, flags) in enumerate(sorted(self._targets(params).items())):
       *lead, _, d = np.shape(get_leaf(params, path))
       k_dn, k_up = jax.random.split(jax.random.fold_in(rng, i))
-      out[adapter_path(path, "bottleneck_down")] = layer_values(
+      out[adapter_path(path, BOTTLENECK_DOWN)] = layer_values(
           flags, truncated_normal(k_dn, (*lead, d, m), self.init_std))
-      out[adapter_path(path, "bottleneck_down_bias")] = jnp.zeros((*lead, m), jnp.float32)
-      out[adapter_path(path, "bottleneck_up")] = layer_values(
+      out[adapter_path(path, BOTTLENECK_DOWN_BIAS)] = jnp.zeros((*lead, m), jnp.float32)
+      out[adapter_path(path, BOTTLENECK_UP)] = layer_values(
           flags, truncated_normal(k_up, (*lead, m, d), self.init_std))
-      out[adapter_path(path, "bottleneck_up_bias")] = jnp.zeros((*lead, d), jnp.float32)
+      out[adapter_path(path, BOTTLENECK_UP_BIAS)] = jnp.zeros((*lead, d), jnp.float32)
     return pytree.unflatten(out)
 
   def trainable(self, variables):
     masks = {}
     for path, flags in self._targets(variables["params"]).items():
-      for leaf, nd in (("bottleneck_down", 2), ("bottleneck_down_bias", 1),
-                       ("bottleneck_up", 2), ("bottleneck_up_bias", 1)):
+      for leaf, nd in ((BOTTLENECK_DOWN, 2), (BOTTLENECK_DOWN_BIAS, 1),
+                       (BOTTLENECK_UP, 2), (BOTTLENECK_UP_BIAS, 1)):
         masks[adapter_path(path, leaf)] = layer_mask(flags, nd + (flags.ndim > 0))
     mask = set_masks(self, variables, masks)
     if self.train_norms:
@@ -165,15 +168,15 @@ class ParallelAdapter(Method):
       bound = 1.0 / math.sqrt(d)
       down = jax.random.uniform(jax.random.fold_in(rng, i), (*lead, d, m), jnp.float32,
                                 -bound, bound)
-      out[f"{module}/parallel_down"] = layer_values(flags, down)
-      out[f"{module}/parallel_up"] = jnp.zeros((*lead, m, d), jnp.float32)
-      out[f"{module}/parallel_scale"] = jnp.asarray(
+      out[f"{module}/{PARALLEL_DOWN}"] = layer_values(flags, down)
+      out[f"{module}/{PARALLEL_UP}"] = jnp.zeros((*lead, m, d), jnp.float32)
+      out[f"{module}/{PARALLEL_SCALE}"] = jnp.asarray(
           np.where(flags, np.float32(self.scale), np.float32(0.0)))
     return pytree.unflatten(out)
 
   def trainable(self, variables):
     masks = {}
     for module, (flags, _) in resolve_ffns(variables["params"], self.targets).items():
-      for leaf in ("parallel_down", "parallel_up"):
+      for leaf in (PARALLEL_DOWN, PARALLEL_UP):
         masks[f"{module}/{leaf}"] = layer_mask(flags, 2 + (flags.ndim > 0))
     return set_masks(self, variables, masks)

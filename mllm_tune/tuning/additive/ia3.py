@@ -12,6 +12,7 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
+from mllm_tune.models.adapters import IA3_IN, IA3_OUT
 from mllm_tune import pytree
 from mllm_tune.tuning.additive.bottleneck import layer_mask, set_masks
 from mllm_tune.tuning.api import Method, MethodError, register
@@ -44,7 +45,7 @@ class IA3(Method):
       if ff_flags[flags].any() and not ff_flags[flags].all():
         raise MethodError(f"ia3: module {path} is feed-forward in some layers and not in "
                           "others; use one kind per module")
-      out[path] = (flags, "ia3_in" if ff_flags[flags].any() else "ia3_out")
+      out[path] = (flags, IA3_IN if ff_flags[flags].any() else IA3_OUT)
     return out
 
   def init(self, rng, params):
@@ -52,7 +53,7 @@ class IA3(Method):
     out = {}
     for path, (flags, leaf) in self.resolve(params).items():
       *lead, d_in, d_out = np.shape(get_leaf(params, path))
-      out[adapter_path(path, leaf)] = jnp.ones((*lead, d_in if leaf == "ia3_in" else d_out),
+      out[adapter_path(path, leaf)] = jnp.ones((*lead, d_in if leaf == IA3_IN else d_out),
                                                jnp.float32)
     return pytree.unflatten(out)
 
@@ -67,7 +68,7 @@ class IA3(Method):
     for path, (_, leaf) in self.resolve(variables["params"]).items():
       scale = jnp.asarray(adapters[adapter_path(path, leaf)], jnp.float32)
       kernel = jnp.asarray(params[path], jnp.float32)
-      if leaf == "ia3_in":
+      if leaf == IA3_IN:
         kernel = kernel * scale[..., :, None]
       else:
         kernel = kernel * scale[..., None, :]

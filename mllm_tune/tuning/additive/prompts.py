@@ -26,7 +26,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mllm_tune.models.llm import PREFIX_MLP_LEAVES, join_prefix, prefix_mlp, split_prefix
+from mllm_tune.models.adapters import (ADAPTION_GATE, ADAPTION_GATE_TANH, ADAPTION_PROMPT,
+                                       PREFIX_EMBEDDING, PREFIX_K, PREFIX_MLP_B1, PREFIX_MLP_B2,
+                                       PREFIX_MLP_LEAVES, PREFIX_MLP_W1, PREFIX_MLP_W2, PREFIX_V,
+                                       PROMPT_EMBEDDINGS)
+from mllm_tune.models.llm import join_prefix, prefix_mlp, split_prefix
 from mllm_tune import pytree
 from mllm_tune.tuning.additive.bottleneck import layer_mask, set_masks
 from mllm_tune.tuning.api import Method, MethodError, register
@@ -71,10 +75,10 @@ class PromptTuning(Method):
     flat = pytree.flatten(params)
     if EMBEDDING not in flat:
       raise MethodError(f"{self.name}: needs an LLM embedding table at '{EMBEDDING}'")
-    return {"llm": {"prompt_embeddings": self.init_embeddings(rng, flat[EMBEDDING])}}
+    return {"llm": {PROMPT_EMBEDDINGS: self.init_embeddings(rng, flat[EMBEDDING])}}
 
   def trainable(self, variables):
-    return set_masks(self, variables, {"llm/prompt_embeddings": True})
+    return set_masks(self, variables, {f"llm/{PROMPT_EMBEDDINGS}": True})
 
 
 # ----------------------------------------------------------------------------- prefix tuning
@@ -91,7 +95,7 @@ class PrefixTuning(Method):
       raise MethodError(f"{self.name}: num_virtual_tokens and encoder_hidden_size must be >= 1")
 
   def leaves(self) -> tuple[str, ...]:
-    return PREFIX_MLP_LEAVES if self.prefix_projection else ("prefix_k", "prefix_v")
+    return PREFIX_MLP_LEAVES if self.prefix_projection else (PREFIX_K, PREFIX_V)
 
   def init(self, rng, params):
     flat = pytree.flatten(params)
@@ -104,14 +108,14 @@ class PrefixTuning(Method):
       # peft: one Embedding (n, 2 L t) ~ N(0, 1), stored per layer
       k, v = split_prefix(jax.random.normal(keys[0], (n, 2 * num_layers * t), jnp.float32),
                           num_layers)
-      return {"llm": {"prefix_k": k, "prefix_v": v}}
+      return {"llm": {PREFIX_K: k, PREFIX_V: v}}
     uni = lambda k, shape, fan_in: jax.random.uniform(k, shape, jnp.float32, -fan_in ** -0.5,
                                                       fan_in ** -0.5)
-    return {"llm": {"prefix_embedding": jax.random.normal(keys[0], (n, t), jnp.float32),
-                    "prefix_mlp_w1": uni(keys[1], (t, h), t),
-                    "prefix_mlp_b1": uni(keys[2], (h,), t),
-                    "prefix_mlp_w2": uni(keys[3], (h, 2 * num_layers * t), h),
-                    "prefix_mlp_b2": uni(keys[4], (2 * num_layers * t,), h)}}
+    return {"llm": {PREFIX_EMBEDDING: jax.random.normal(keys[0], (n, t), jnp.float32),
+                    PREFIX_MLP_W1: uni(keys[1], (t, h), t),
+                    PREFIX_MLP_B1: uni(keys[2], (h,), t),
+                    PREFIX_MLP_W2: uni(keys[3], (h, 2 * num_layers * t), h),
+                    PREFIX_MLP_B2: uni(keys[4], (2 * num_layers * t,), h)}}
 
   def trainable(self, variables):
     return set_masks(self, variables, {f"llm/{leaf}": True for leaf in self.leaves()})
@@ -120,20 +124,20 @@ class PrefixTuning(Method):
 def prefix_tensor(adapters: dict) -> jax.Array:
   """The flat peft prefix (n, 2 L t) from either adapter form (MLP output or prefix_k/v)."""
   llm = adapters["llm"]
-  if "prefix_embedding" in llm:
+  if PREFIX_EMBEDDING in llm:
     return prefix_mlp(*(jnp.asarray(llm[k], jnp.float32) for k in PREFIX_MLP_LEAVES))
-  return join_prefix(*(jnp.asarray(llm[n], jnp.float32) for n in ("prefix_k", "prefix_v")))
+  return join_prefix(*(jnp.asarray(llm[n], jnp.float32) for n in (PREFIX_K, PREFIX_V)))
 
 
 def materialize(variables: dict) -> dict:
   """Variables with the prefix MLP replaced by its output `prefix_k/v (L, n, t)` (what peft
   stores; cheaper at inference)."""
   llm = variables["adapters"]["llm"]
-  if "prefix_embedding" not in llm:
+  if PREFIX_EMBEDDING not in llm:
     return variables
-  num_layers = np.shape(llm["prefix_mlp_w2"])[1] // (2 * np.shape(llm["prefix_embedding"])[1])
+  num_layers = np.shape(llm[PREFIX_MLP_W2])[1] // (2 * np.shape(llm[PREFIX_EMBEDDING])[1])
   out = {k: v for k, v in llm.items() if k not in PREFIX_MLP_LEAVES}
-  out["prefix_k"], out["prefix_v"] = split_prefix(prefix_tensor(variables["adapters"]),
+  out[PREFIX_K], out[PREFIX_V] = split_prefix(prefix_tensor(variables["adapters"]),
                                                   num_layers)
   return {**variables, "adapters": {**variables["adapters"], "llm": out}}
 
@@ -156,7 +160,7 @@ class LlamaAdapter(Method):
 
   @property
   def gate_leaf(self) -> str:
-    return "adaption_gate" if self.gate_fn == "identity" else "adaption_gate_tanh"
+    return ADAPTION_GATE if self.gate_fn == "identity" else ADAPTION_GATE_TANH
 
   def layer_flags(self, params) -> np.ndarray:
     """(L,) bool: the top `adapter_layers` blocks."""
@@ -174,10 +178,10 @@ class LlamaAdapter(Method):
     d = np.shape(pytree.flatten(params)[EMBEDDING])[1]
     prompt = jax.random.normal(rng, (len(flags), self.adapter_len, d), jnp.float32)
     prompt = prompt * jnp.asarray(flags, jnp.float32)[:, None, None]
-    return pytree.unflatten({f"{ATTN}/adaption_prompt": prompt,
+    return pytree.unflatten({f"{ATTN}/{ADAPTION_PROMPT}": prompt,
                              f"{ATTN}/{self.gate_leaf}": jnp.zeros((len(flags),), jnp.float32)})
 
   def trainable(self, variables):
     flags = self.layer_flags(variables["params"])
-    return set_masks(self, variables, {f"{ATTN}/adaption_prompt": layer_mask(flags, 3),
+    return set_masks(self, variables, {f"{ATTN}/{ADAPTION_PROMPT}": layer_mask(flags, 3),
                                        f"{ATTN}/{self.gate_leaf}": layer_mask(flags, 1)})

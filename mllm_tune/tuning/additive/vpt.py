@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mllm_tune.models.adapters import DEEP_PROMPT_TOKENS, PROMPT_DROPOUT, PROMPT_TOKENS
 from mllm_tune import pytree
 from mllm_tune.tuning.additive.bottleneck import set_masks
 from mllm_tune.tuning.api import Method, MethodError, register
@@ -40,7 +41,7 @@ class VPT(Method):
 
   @property
   def leaf(self) -> str:
-    return "deep_prompt_tokens" if self.deep else "prompt_tokens"
+    return DEEP_PROMPT_TOKENS if self.deep else PROMPT_TOKENS
 
   def init_bound(self, params) -> float:
     """`sqrt(6 / (C P^2 + D_v))` from the patch embedding kernel (P, P, C, D_v)."""
@@ -59,7 +60,7 @@ class VPT(Method):
     v = self.init_bound(params)
     out = {self.leaf: jax.random.uniform(rng, shape, jnp.float32, -v, v)}
     if self.dropout:
-      out["prompt_dropout"] = jnp.float32(self.dropout)
+      out[PROMPT_DROPOUT] = jnp.float32(self.dropout)
     return {"vision": out}
 
   def trainable(self, variables):

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mllm_tune.models.adapters import (ADAPTION_GATE, ADAPTION_PROMPT, IA3_IN, IA3_OUT, PREFIX_K,
+                                       PREFIX_V, PROMPT_EMBEDDINGS)
 from mllm_tune.tuning.peft import format as peft_io
 from mllm_tune.models.llm import split_prefix
 from mllm_tune import pytree
@@ -28,7 +30,7 @@ from mllm_tune.tuning.additive.prompts import (ATTN, LlamaAdapter, PrefixTuning,
 from mllm_tune.tuning.api import MethodError
 from mllm_tune.tuning.reparam.lora import adapter_path, get_leaf
 
-PROMPT_KEY = "prompt_embeddings"
+PROMPT_KEY = PROMPT_EMBEDDINGS
 
 
 def _llm_cfg(model):
@@ -64,7 +66,7 @@ def export_ia3(method: IA3, model, variables):
       name = peft_io.hf_module_name(model.config, path, i)
       targets.append(name)
       row = scale[i] if i is not None else scale
-      if leaf == "ia3_in":
+      if leaf == IA3_IN:
         feedforward.append(name)
         tensors[f"{peft_io.PREFIX}{name}.ia3_l"] = row[None, :]
       else:
@@ -103,7 +105,7 @@ def import_ia3(config, tensors, model, params, where):
   method = IA3(targets=logical((True, False)), feedforward=ff_targets or r"(?!)")
   adapters = pytree.flatten(method.init(jax.random.key(0), params))
   for path, layers in found.items():
-    leaf = adapter_path(path, "ia3_in" if next(iter(layers.values()))[1] else "ia3_out")
+    leaf = adapter_path(path, IA3_IN if next(iter(layers.values()))[1] else IA3_OUT)
     value = np.array(adapters[leaf])
     for i, (row, _) in layers.items():
       value[i if i is not None else ...] = row
@@ -113,7 +115,7 @@ def import_ia3(config, tensors, model, params, where):
 
 # ----------------------------------------------------------------------------- prompt tuning
 def export_prompt_tuning(method: PromptTuning, model, variables):
-  prompts = np.asarray(variables["adapters"]["llm"]["prompt_embeddings"], np.float32)
+  prompts = np.asarray(variables["adapters"]["llm"][PROMPT_EMBEDDINGS], np.float32)
   c = _llm_cfg(model)
   config = {**_prompt_config(model, "PROMPT_TUNING", prompts.shape[0], c.hidden_size,
                              c.num_heads),
@@ -132,7 +134,7 @@ def import_prompt_tuning(config, tensors, model, params, where):
   prompts = _need(tensors, PROMPT_KEY, (n, c.hidden_size), where)
   method = PromptTuning(num_virtual_tokens=n)
   return method, {"params": params,
-                  "adapters": {"llm": {"prompt_embeddings": jnp.asarray(prompts)}}}
+                  "adapters": {"llm": {PROMPT_EMBEDDINGS: jnp.asarray(prompts)}}}
 
 
 # ----------------------------------------------------------------------------- prefix tuning
@@ -160,7 +162,7 @@ def import_prefix_tuning(config, tensors, model, params, where):
   k, v = split_prefix(jnp.asarray(prefix), c.num_layers)
   method = PrefixTuning(num_virtual_tokens=n, prefix_projection=False,
                         encoder_hidden_size=int(config.get("encoder_hidden_size", 512)))
-  return method, {"params": params, "adapters": {"llm": {"prefix_k": k, "prefix_v": v}}}
+  return method, {"params": params, "adapters": {"llm": {PREFIX_K: k, PREFIX_V: v}}}
 
 
 # ----------------------------------------------------------------------------- LLaMA-Adapter
@@ -171,7 +173,7 @@ def attn_module_name(model, layer: int) -> str:
 
 def export_llama_adapter(method: LlamaAdapter, model, variables):
   attn = variables["adapters"]["llm"]["layers"]["attn"]
-  prompt = np.asarray(attn["adaption_prompt"], np.float32)
+  prompt = np.asarray(attn[ADAPTION_PROMPT], np.float32)
   gate = np.asarray(attn[method.gate_leaf], np.float32)
   if method.gate_fn == "tanh":
     gate = np.tanh(gate)
@@ -203,6 +205,6 @@ def import_llama_adapter(config, tensors, model, params, where):
   if extra:
     raise MethodError(f"{where}: unexpected tensors {extra[:3]} (adapter_layers="
                       f"{method.adapter_layers} covers the top layers only)")
-  adapters = pytree.unflatten({f"{ATTN}/adaption_prompt": jnp.asarray(prompt),
-                               f"{ATTN}/adaption_gate": jnp.asarray(gate)})
+  adapters = pytree.unflatten({f"{ATTN}/{ADAPTION_PROMPT}": jnp.asarray(prompt),
+                               f"{ATTN}/{ADAPTION_GATE}": jnp.asarray(gate)})
   return method, {"params": params, "adapters": adapters}

@@ -4,6 +4,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from mllm_tune.models.adapters import DORA_M, LORA_A, LORA_B
 from mllm_tune.tuning.peft import format as peft_io
 from mllm_tune import pytree
 from mllm_tune.tuning.api import MethodError
@@ -19,9 +20,9 @@ def export_lora(method: LoRA, model, variables: dict):
   adapters = variables["adapters"]
   tensors, names = {}, []
   for path, flags in sorted(resolve_targets(variables["params"], method.targets).items()):
-    a = np.asarray(get_leaf(adapters, adapter_path(path, "lora_a")), np.float32)
-    b = np.asarray(get_leaf(adapters, adapter_path(path, "lora_b")), np.float32)
-    m = (np.asarray(get_leaf(adapters, adapter_path(path, "dora_m")), np.float32)
+    a = np.asarray(get_leaf(adapters, adapter_path(path, LORA_A)), np.float32)
+    b = np.asarray(get_leaf(adapters, adapter_path(path, LORA_B)), np.float32)
+    m = (np.asarray(get_leaf(adapters, adapter_path(path, DORA_M)), np.float32)
          if method.use_dora else None)
     layers = list(np.flatnonzero(flags)) if flags.ndim else [None]
     for i in layers:
@@ -79,11 +80,11 @@ def import_lora(config: dict, tensors: dict, model, params: dict, where: str):
       name = f"{peft_io.PREFIX}{peft_io.hf_module_name(model.config, path, i)}"
       peft_io.check_shape(a[i], (d_in, r), f"{name}.lora_A.weight (transposed)", where)
       peft_io.check_shape(b[i], (r, d_out), f"{name}.lora_B.weight (transposed)", where)
-    adapters[adapter_path(path, "lora_a")] = peft_io.to_stacked(a, k_shape, (d_in, r))
-    adapters[adapter_path(path, "lora_b")] = peft_io.to_stacked(b, k_shape, (r, d_out))
+    adapters[adapter_path(path, LORA_A)] = peft_io.to_stacked(a, k_shape, (d_in, r))
+    adapters[adapter_path(path, LORA_B)] = peft_io.to_stacked(b, k_shape, (r, d_out))
     if method.use_dora:
       m = parts.get("lora_magnitude_vector", {})
       for i in a:
         peft_io.check_shape(m[i], (d_out,), f"{path} layer {i} lora_magnitude_vector", where)
-      adapters[adapter_path(path, "dora_m")] = peft_io.to_stacked(m, k_shape, (d_out,))
+      adapters[adapter_path(path, DORA_M)] = peft_io.to_stacked(m, k_shape, (d_out,))
   return method, {"params": params, "adapters": pytree.unflatten(adapters)}

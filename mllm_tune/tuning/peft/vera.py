@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from mllm_tune.models.adapters import VERA_A, VERA_B, VERA_BVEC, VERA_D
 from mllm_tune import pytree
 from mllm_tune.tuning.api import MethodError
 from mllm_tune.tuning.peft import format as peft_io
@@ -15,8 +16,8 @@ def export_vera(method: VeRA, model, variables):
   tensors, names = {}, []
   a_sh, b_sh = None, None
   for path, flags in sorted(resolve_targets(params, method.targets).items()):
-    a = np.asarray(ad[adapter_path(path, "vera_a")])
-    b = np.asarray(ad[adapter_path(path, "vera_b")])
+    a = np.asarray(ad[adapter_path(path, VERA_A)])
+    b = np.asarray(ad[adapter_path(path, VERA_B)])
     a1, b1 = (a[0], b[0]) if flags.ndim else (a, b)
     if a_sh is None or a1.shape[0] > a_sh.shape[1]:
       a_sh = a1.T
@@ -28,9 +29,9 @@ def export_vera(method: VeRA, model, variables):
       name = peft_io.hf_module_name(model.config, path, i)
       names.append(name)
       tensors[f"{peft_io.PREFIX}{name}.vera_lambda_d"] = sl(np.asarray(ad[adapter_path(
-          path, "vera_d")]))
+          path, VERA_D)]))
       tensors[f"{peft_io.PREFIX}{name}.vera_lambda_b"] = sl(np.asarray(ad[adapter_path(
-          path, "vera_bvec")]))
+          path, VERA_BVEC)]))
   tensors["base_model.vera_A"] = a_sh
   tensors["base_model.vera_B"] = b_sh
   config = {"peft_type": "VERA", "r": method.rank, "d_initial": method.d_initial,

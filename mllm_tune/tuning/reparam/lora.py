@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mllm_tune.models.adapters import (DORA_M, LORA_A, LORA_B, LORA_DROPOUT, LORA_SCALE, PISSA_A0,
+                                       PISSA_B0)
 from mllm_tune import pytree
 from mllm_tune.tuning.api import Method, MethodError, register
 
@@ -91,21 +93,21 @@ class LoRA(Method):
       a = self._init_a(jax.random.fold_in(rng, i), (*lead, d_in, self.rank), d_in)
       if flags.ndim:
         a = a * jnp.asarray(flags, a.dtype)[:, None, None]
-      out[adapter_path(path, "lora_a")] = a
-      out[adapter_path(path, "lora_b")] = jnp.zeros((*lead, self.rank, d_out), jnp.float32)
-      out[adapter_path(path, "lora_scale")] = jnp.asarray(_layer_scalar(flags, self.scale))
+      out[adapter_path(path, LORA_A)] = a
+      out[adapter_path(path, LORA_B)] = jnp.zeros((*lead, self.rank, d_out), jnp.float32)
+      out[adapter_path(path, LORA_SCALE)] = jnp.asarray(_layer_scalar(flags, self.scale))
       if self.dropout:
-        out[adapter_path(path, "lora_dropout")] = jnp.asarray(_layer_scalar(flags, self.dropout))
+        out[adapter_path(path, LORA_DROPOUT)] = jnp.asarray(_layer_scalar(flags, self.dropout))
       if self.use_dora:
         m = jnp.linalg.norm(jnp.asarray(k0, jnp.float32), axis=-2)
-        out[adapter_path(path, "dora_m")] = m
+        out[adapter_path(path, DORA_M)] = m
     return pytree.unflatten(out)
 
   def trainable(self, variables):
     mask = super().trainable(variables)
     flat = pytree.flatten(mask)
     for path, flags in resolve_targets(variables["params"], self.targets).items():
-      for leaf, nd in (("lora_a", 3), ("lora_b", 3), ("dora_m", 2)):
+      for leaf, nd in ((LORA_A, 3), (LORA_B, 3), (DORA_M, 2)):
         key = "adapters/" + adapter_path(path, leaf)
         if key in flat:
           flat[key] = _layer_mask(flags, nd if flags.ndim else nd - 1)
@@ -116,11 +118,11 @@ class LoRA(Method):
     adapters = pytree.flatten(variables.get("adapters", {}))
     for path in resolve_targets(variables["params"], self.targets):
       k0 = jnp.asarray(params[path], jnp.float32)
-      a, b = adapters[adapter_path(path, "lora_a")], adapters[adapter_path(path, "lora_b")]
-      s = jnp.asarray(adapters[adapter_path(path, "lora_scale")], jnp.float32)
+      a, b = adapters[adapter_path(path, LORA_A)], adapters[adapter_path(path, LORA_B)]
+      s = jnp.asarray(adapters[adapter_path(path, LORA_SCALE)], jnp.float32)
       s = s[..., None, None] if s.ndim else s
       merged = k0 + s * jnp.matmul(a, b)
-      m = adapters.get(adapter_path(path, "dora_m"))
+      m = adapters.get(adapter_path(path, DORA_M))
       if m is not None:
         merged = merged * (m / jnp.linalg.norm(merged, axis=-2))[..., None, :]
       params[path] = merged.astype(params[path].dtype)
@@ -171,11 +173,10 @@ class PiSSA(LoRA):
         b_all.append(b)
         res_all.append(k - s * (a @ b))
       cast = lambda x: np.asarray(x if flags.ndim else x[0], np.float32)
-      for leaf, vals in (("lora_a", a_all), ("lora_b", b_all)):
+      for leaf, const, vals in ((LORA_A, PISSA_A0, a_all), (LORA_B, PISSA_B0, b_all)):
         adapters[adapter_path(path, leaf)] = jnp.asarray(cast(np.stack(vals)))
         # the initial factors (constants) let `pissa_to_lora` express the result on K0
-        adapters[adapter_path(path, "pissa_" + leaf[-1] + "0")] = jnp.asarray(
-            cast(np.stack(vals)))
+        adapters[adapter_path(path, const)] = jnp.asarray(cast(np.stack(vals)))
       flat[path] = jnp.asarray(cast(np.stack(res_all)), flat[path].dtype)
     return {"params": pytree.unflatten(flat), "adapters": pytree.unflatten(adapters)}
 
@@ -186,10 +187,10 @@ def _pissa_rebase(method, variables: dict) -> dict:
   ad = pytree.flatten(variables["adapters"])
   for path in resolve_targets(variables["params"], method.targets):
     get = lambda leaf: jnp.asarray(ad[adapter_path(path, leaf)], jnp.float32)
-    s = get("lora_scale")
+    s = get(LORA_SCALE)
     s = s[..., None, None] if s.ndim else s
-    res = jnp.asarray(flat_p[path], jnp.float32) - s * jnp.matmul(get("pissa_a0"),
-                                                                 get("pissa_b0"))
+    res = jnp.asarray(flat_p[path], jnp.float32) - s * jnp.matmul(get(PISSA_A0),
+                                                                 get(PISSA_B0))
     flat_p[path] = res.astype(flat_p[path].dtype)
   return {**variables, "params": pytree.unflatten(flat_p)}
 
@@ -207,11 +208,11 @@ def pissa_to_lora(method: PiSSA, variables: dict) -> tuple[LoRA, dict]:
               dropout=method.dropout, targets=method.targets, use_rslora=method.use_rslora)
   for path in resolve_targets(variables["params"], method.targets):
     get = lambda leaf: jnp.asarray(ad[adapter_path(path, leaf)], jnp.float32)
-    out[adapter_path(path, "lora_a")] = jnp.concatenate([get("lora_a"), get("pissa_a0")], -1)
-    out[adapter_path(path, "lora_b")] = jnp.concatenate([get("lora_b"), -get("pissa_b0")], -2)
-    out[adapter_path(path, "lora_scale")] = get("lora_scale")
-    s = get("lora_scale")
+    out[adapter_path(path, LORA_A)] = jnp.concatenate([get(LORA_A), get(PISSA_A0)], -1)
+    out[adapter_path(path, LORA_B)] = jnp.concatenate([get(LORA_B), -get(PISSA_B0)], -2)
+    out[adapter_path(path, LORA_SCALE)] = get(LORA_SCALE)
+    s = get(LORA_SCALE)
     s = s[..., None, None] if s.ndim else s
-    k0 = jnp.asarray(flat_p[path], jnp.float32) + s * jnp.matmul(get("pissa_a0"), get("pissa_b0"))
+    k0 = jnp.asarray(flat_p[path], jnp.float32) + s * jnp.matmul(get(PISSA_A0), get(PISSA_B0))
     flat_p[path] = k0.astype(flat_p[path].dtype)
   return lora, {"params": pytree.unflatten(flat_p), "adapters": pytree.unflatten(out)}

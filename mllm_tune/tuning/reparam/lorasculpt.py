@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mllm_tune.models.adapters import LORA_A, LORA_B
 from mllm_tune import pytree
 from mllm_tune.importance.magnitude import cmr_weight
 from mllm_tune.tuning.api import MethodError, register
@@ -74,7 +75,7 @@ class LoRASculpt(LoRA):
     rho, t0 = self.rho, self.t0
     factor_keys = sorted("adapters/" + adapter_path(p, leaf)
                          for p in resolve_targets(variables["params"], self.targets)
-                         for leaf in ("lora_a", "lora_b"))
+                         for leaf in (LORA_A, LORA_B))
 
     def init(params):
       flat = pytree.flatten(params)
@@ -116,7 +117,7 @@ class LoRASculpt(LoRA):
       if not layer_on.any():
         continue
       m = cmr_weight(get_leaf(params, path), self.cmr_omega)
-      ab = jnp.matmul(ad[adapter_path(path, "lora_a")], ad[adapter_path(path, "lora_b")])
+      ab = jnp.matmul(ad[adapter_path(path, LORA_A)], ad[adapter_path(path, LORA_B)])
       norms = jnp.sqrt(jnp.sum(jnp.square(m * ab), axis=(-2, -1)) + 1e-30)
       total = total + jnp.sum(jnp.where(jnp.asarray(layer_on), norms, 0.0))
       n_mod += int(np.sum(layer_on))

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mllm_tune.models.adapters import LORA_DROPOUT, VERA_A, VERA_B, VERA_BVEC, VERA_D
 from mllm_tune import pytree
 from mllm_tune.tuning.api import Method, register
 from mllm_tune.tuning.reparam.lora import (DEFAULT_TARGETS, _layer_mask, adapter_path, get_leaf,
@@ -54,24 +55,24 @@ class VeRA(Method):
       *lead, d_in, d_out = np.shape(get_leaf(params, path))
       a = np.broadcast_to(a_sh[:, :d_in].T, (*lead, d_in, self.rank))
       b = np.broadcast_to(b_sh[:d_out].T, (*lead, self.rank, d_out))
-      out[adapter_path(path, "vera_a")] = jnp.asarray(a, jnp.float32)
-      out[adapter_path(path, "vera_b")] = jnp.asarray(b, jnp.float32)
+      out[adapter_path(path, VERA_A)] = jnp.asarray(a, jnp.float32)
+      out[adapter_path(path, VERA_B)] = jnp.asarray(b, jnp.float32)
       dv = (d[path] if d is not None and path in d
             else np.full((*lead, self.rank), self.d_initial, np.float32))
       if lead:  # untargeted layers of a stacked module contribute nothing
         dv = dv * np.asarray(flags, np.float32)[:, None]
-      out[adapter_path(path, "vera_d")] = jnp.asarray(dv, jnp.float32)
+      out[adapter_path(path, VERA_D)] = jnp.asarray(dv, jnp.float32)
       bv = np.zeros((*lead, d_out), np.float32) if bvec is None or path not in bvec else bvec[path]
-      out[adapter_path(path, "vera_bvec")] = jnp.asarray(bv, jnp.float32)
+      out[adapter_path(path, VERA_BVEC)] = jnp.asarray(bv, jnp.float32)
       if self.dropout:
-        out[adapter_path(path, "lora_dropout")] = jnp.asarray(
+        out[adapter_path(path, LORA_DROPOUT)] = jnp.asarray(
             np.where(flags, self.dropout, 0.0).astype(np.float32))
     return out
 
   def trainable(self, variables):
     flat = pytree.flatten(super().trainable(variables))
     for path, flags in resolve_targets(variables["params"], self.targets).items():
-      for leaf in ("vera_d", "vera_bvec"):
+      for leaf in (VERA_D, VERA_BVEC):
         flat["adapters/" + adapter_path(path, leaf)] = _layer_mask(flags, 2 if flags.ndim else 1)
     return pytree.unflatten(flat)
 
@@ -80,7 +81,7 @@ class VeRA(Method):
     ad = pytree.flatten(variables["adapters"])
     for path in resolve_targets(variables["params"], self.targets):
       get = lambda n: jnp.asarray(ad[adapter_path(path, n)], jnp.float32)
-      delta = jnp.matmul(get("vera_a") * get("vera_d")[..., None, :], get("vera_b"))
-      delta = delta * get("vera_bvec")[..., None, :]
+      delta = jnp.matmul(get(VERA_A) * get(VERA_D)[..., None, :], get(VERA_B))
+      delta = delta * get(VERA_BVEC)[..., None, :]
       params[path] = (jnp.asarray(params[path], jnp.float32) + delta).astype(params[path].dtype)
     return pytree.unflatten(params)

@@ -20,6 +20,7 @@ from typing import ClassVar
 import jax.numpy as jnp
 import numpy as np
 
+from mllm_tune.models.adapters import EXTRA_BIAS
 from mllm_tune.models import build_model
 from mllm_tune import pytree
 from mllm_tune.tuning.api import Method, MethodError, register
@@ -118,7 +119,7 @@ class BitFit(Method):
     for path, flags in bias_free_linears(params, self.missing_bias_targets).items():
       shape = np.shape(pytree.flatten(params)[path])
       *lead, _, d_out = shape
-      out[path[:-len("kernel")] + "extra_bias"] = jnp.zeros((*lead, d_out), jnp.float32)
+      out[path[:-len("kernel")] + EXTRA_BIAS] = jnp.zeros((*lead, d_out), jnp.float32)
     return pytree.unflatten(out)
 
   def extra_bias_mask(self, params: dict) -> dict:
@@ -129,7 +130,7 @@ class BitFit(Method):
     for path, flags in bias_free_linears(params, self.missing_bias_targets).items():
       shape = np.shape(pytree.flatten(params)[path])
       bias_shape = shape[:-2] + shape[-1:]
-      out[path[:-len("kernel")] + "extra_bias"] = pytree.layer_values_to_mask(
+      out[path[:-len("kernel")] + EXTRA_BIAS] = pytree.layer_values_to_mask(
           flags.tolist(), bias_shape)
     return out
 
@@ -144,7 +145,7 @@ class BitFit(Method):
     return variables_mask(variables, params_mask, extra)
 
   def merge(self, variables):
-    if any(p.endswith("/extra_bias") for p in pytree.flatten(variables.get("adapters", {}))):
+    if any(p.endswith(f"/{EXTRA_BIAS}") for p in pytree.flatten(variables.get("adapters", {}))):
       raise MethodError(
           "bitfit with add_missing_bias adds bias parameters the model does not have, so "
           "merge() cannot fold them into the same model; use "
@@ -167,9 +168,9 @@ def merge_with_model(model, variables: dict):
   cfg = model.config
   llm = cfg.llm
   params = pytree.flatten(variables["params"])
-  extra = {p[:-len("extra_bias")] + "bias": jnp.asarray(x)
+  extra = {p[:-len(EXTRA_BIAS)] + "bias": jnp.asarray(x)
            for p, x in pytree.flatten(variables.get("adapters", {})).items()
-           if p.endswith("/extra_bias")}
+           if p.endswith(f"/{EXTRA_BIAS}")}
   unexpected = sorted(p for p in extra if not p.startswith("llm/layers/"))
   if unexpected:
     raise MethodError(f"bitfit merge: extra biases outside the LLM blocks {unexpected} have no "
