@@ -187,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
   d = sub.add_parser("demo", help="offline demo: pre-train a tiny LLaVA on the general mix "
                      "(cached), tune it with a few methods, print specialization vs retention")
   d.add_argument("--out", default=None, help="report directory (default runs/demo)")
-  d.add_argument("--config", default=None, help="bench config (default: the package's mllm_tune/benchmark/config.py:demo)")
+  d.add_argument("--config", default=None,
+                 help="bench config (default: mllm_tune/benchmark/config.py:demo)")
   d.add_argument("--smoke", action="store_true",
                  help="only the foundation smoke test (HF round trip + generation)")
   d.add_argument("--no-progress", action="store_true")

@@ -148,16 +148,20 @@ def bool_mask(tree: dict, patterns: Sequence[str] | str, what: str = "trainable"
   return unflatten({p: layer_values_to_mask(v, shapes[p]) for p, v in resolved.items()})
 
 
+def layer_mask(flags: np.ndarray, ndim: int):
+  """Mask of a leaf of rank `ndim` from per-layer flags (L,) (or () for an unstacked leaf):
+  True/False when uniform, else an (L, 1, ...) bool array."""
+  flags = np.asarray(flags, bool)
+  if flags.ndim == 0 or flags.all() or not flags.any():
+    return bool(np.all(flags))
+  return flags.reshape((-1,) + (1,) * (ndim - 1))
+
+
 def layer_values_to_mask(values, shape: tuple[int, ...]):
-  """A per-layer list of bools -> True/False if uniform, else an (L, 1, ...) bool array."""
+  """A per-layer list of bools (or one bool) -> `layer_mask` for a leaf of `shape`."""
   if not isinstance(values, list):
     return bool(values)
-  arr = np.asarray(values, bool)
-  if arr.all():
-    return True
-  if not arr.any():
-    return False
-  return arr.reshape((len(arr),) + (1,) * (len(shape) - 1))
+  return layer_mask(np.asarray(values, bool), len(shape))
 
 
 def mask_any(m) -> bool:

@@ -13,9 +13,10 @@ from mllm_tune import pytree
 from mllm_tune.models import adapters
 from tests.test_selective_invariants import tiny_llava
 
-# (method, options): every registered method that adds leaves, in the variants that add different ones
+# (method, options): every method that adds leaves, in the variants that add different ones
 CASES = [("lora", dict(dropout=0.1)), ("rslora", {}), ("dora", {}), ("pissa", {}),
-         ("lorasculpt", {}), ("vera", dict(dropout=0.1)), ("bitfit", dict(add_missing_bias=True)), ("ia3", {}),
+         ("lorasculpt", {}), ("vera", dict(dropout=0.1)), ("bitfit", dict(add_missing_bias=True)),
+         ("ia3", {}),
          ("adapter", {}), ("parallel_adapter", {}), ("prompt_tuning", dict(num_virtual_tokens=2)),
          ("prefix_tuning", dict(num_virtual_tokens=2)),
          ("prefix_tuning", dict(num_virtual_tokens=2, prefix_projection=False)),

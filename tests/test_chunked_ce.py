@@ -1,4 +1,4 @@
-"""The fused, chunked LM head + cross-entropy (`train.chunked_ce`): value, counts and gradients
+"""The fused, chunked LM head + cross-entropy (`losses.chunked`): value, counts and gradients
 against float64 NumPy for every chunking (chunk not dividing T, chunk > T, bf16); in the train
 step, the same loss and gradients as the full-logits path (own head, tied embeddings, LoRA on the
 head, LLaVA with an image); a frozen head's gradient matmul is compiled away; methods and
@@ -17,7 +17,7 @@ import mllm_tune as mt
 from mllm_tune.models import build_model, param_shapes
 from mllm_tune.models.config import CausalLMConfig, LLMConfig, LlavaConfig, VisionConfig
 from mllm_tune.train import step as step_lib
-from mllm_tune.train.chunked_ce import chunked_token_ce
+from mllm_tune.losses.chunked import chunked_token_ce
 from mllm_tune.tuning import api as tuning_api
 from mllm_tune import penalties, pytree as select
 
@@ -221,7 +221,7 @@ def test_methods_and_penalties_that_read_logits_keep_the_full_logits_path():
 
 
 def test_first_max_index_is_argmax_with_ties():
-  from mllm_tune.train.chunked_ce import first_max_index
+  from mllm_tune.losses.token import first_max_index
   rng = np.random.default_rng(0)
   x = rng.integers(0, 3, size=(4, 6, 9)).astype(np.float32)  # many ties
   x[0, 0] = 0.0

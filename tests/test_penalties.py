@@ -11,6 +11,7 @@ import pytest
 import mllm_tune as mt
 from mllm_tune.train import step as step_lib
 from mllm_tune import penalties
+from mllm_tune.losses import distill as losses_distill
 from mllm_tune import pytree as select
 from tests.test_selective_invariants import tiny_lm
 
@@ -151,12 +152,12 @@ def test_lwf_is_kl_plus_teacher_entropy_and_kl_matches_numpy():
     kl_fwd = np.sum(w * np.sum(p0 * (np.log(p0) - np.log(q)), -1))
     kl_rev = np.sum(w * np.sum(q * (np.log(q) - np.log(p0)), -1))
     ent = np.sum(w * -np.sum(p0 * np.log(p0), -1))
-    lwf = penalties.terms.lwf_sum(jnp.asarray(zs), jnp.asarray(zt), jnp.asarray(w), t)
+    lwf = losses_distill.lwf_sum(jnp.asarray(zs), jnp.asarray(zt), jnp.asarray(w), t)
     np.testing.assert_allclose(float(lwf), kl_fwd + ent, rtol=1e-5)
-    got = penalties.terms.kl_sum(jnp.asarray(zs), jnp.asarray(zt), jnp.asarray(w), t, "forward",
+    got = losses_distill.kl_sum(jnp.asarray(zs), jnp.asarray(zt), jnp.asarray(w), t, "forward",
                            t2_scale=True)
     np.testing.assert_allclose(float(got), t * t * kl_fwd, rtol=1e-5)
-    got = penalties.terms.kl_sum(jnp.asarray(zs), jnp.asarray(zt), jnp.asarray(w), t, "reverse",
+    got = losses_distill.kl_sum(jnp.asarray(zs), jnp.asarray(zt), jnp.asarray(w), t, "reverse",
                            t2_scale=False)
     np.testing.assert_allclose(float(got), kl_rev, rtol=1e-5)
 

@@ -1,1 +1,1 @@
-"""Moved to `mllm_tune.benchmark`; this alias keeps `mllm_tune.bench.runner` importable for scripts."""
+"""Moved to `mllm_tune.benchmark`; alias that keeps `mllm_tune.bench.runner` importable."""

@@ -28,6 +28,7 @@ import numpy as np
 
 from mllm_tune.eval import vqa_sets as arrays_lib
 from mllm_tune.eval import vqa_eval as bench_eval
+from mllm_tune.losses.distill import token_kl
 from mllm_tune.models import model_kwargs
 
 ROLES = ("target", "retention")
@@ -107,7 +108,7 @@ def token_divergence(logits_BTV: jax.Array, base_BTV: jax.Array | None, batch: d
   am = batch["attention_mask"].astype(jnp.float32)
   w = lm if tokens == "supervised" else am[:, 1:] * am[:, :-1] * valid
   lq = jax.nn.log_softmax(base_BTV[:, :-1].astype(jnp.float32), axis=-1)
-  kl = jnp.sum(jnp.exp(lq) * (lq - lp), axis=-1)
+  kl = token_kl(lq, lp)
   out.update(kl=(kl * w).sum(), agree=((top == jnp.argmax(lq, axis=-1)) * w).sum(),
              positions=w.sum())
   return out

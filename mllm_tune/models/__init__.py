@@ -79,6 +79,7 @@ def _call_head(module, h_BTD):
   return module.llm.head(h_BTD)
 
 
-__all__ = ["MODEL_INPUTS", "model_kwargs", "build_model", "init_params", "param_shapes", "head_variables", "apply_head", "Llava",
+__all__ = ["MODEL_INPUTS", "model_kwargs", "build_model", "init_params", "param_shapes",
+           "head_variables", "apply_head", "Llava",
            "LLM", "CausalLM", "KVCache", "init_kv_cache", "LlavaConfig", "CausalLMConfig",
            "LLMConfig", "VisionConfig", "RopeConfig"]

@@ -336,7 +336,7 @@ class LLM(nn.Module):
     `last_logits_only`: logits (B, 1, V) of the last position only (a decoding prefill needs no
     more, and the vocabulary projection of a long prompt is most of its FLOPs).
     `return_hidden`: the final-normed hidden states (B, T, D) instead of logits; `head` maps
-    them to logits (the training loss applies it chunk by chunk, `train.chunked_ce`).
+    them to logits (the training loss applies it chunk by chunk, `losses.chunked`).
 
     Without a cache, `attention_mask` is (B, T). With a cache of capacity S, the T new tokens are
     written at slots [cache_index, cache_index + T) and `attention_mask` is (B, S): which cache

@@ -1,7 +1,7 @@
 """Penalties against forgetting, composable with any tuning method (`penalties.get(name, ...)`).
 
     api.py        Penalty contract, registry, config parsing, `bind` -> BoundPenalty
-    terms.py      the pure math: quadratic pull, LwF soft CE, token KL, position weights
+    terms.py      the quadratic pull (distillation terms: mllm_tune/losses/distill.py)
     quadratic.py  ewc, online_ewc, mas, l2sp
     distill.py    lwf, kl
     gift/         GIFT's losses and its trainer penalty `gift`

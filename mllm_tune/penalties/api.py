@@ -38,7 +38,8 @@ import optax
 from jax.extend import core as jax_core
 
 from mllm_tune import pytree
-from mllm_tune.penalties.terms import distill_weights, kl_sum, lwf_sum, quadratic
+from mllm_tune.losses.distill import distill_weights, kl_sum, lwf_sum
+from mllm_tune.penalties.terms import quadratic
 from mllm_tune.tuning.api import Method, MethodError, combine, label, partition
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,8 @@ def register(name: str):
 def register_module(module) -> None:
   """Registers every Penalty class `module` defines with `@register` (by its registry name)."""
   for obj in vars(module).values():
-    if isinstance(obj, type) and "_registry_name" in vars(obj) and obj.__module__ == module.__name__:
+    if (isinstance(obj, type) and "_registry_name" in vars(obj)
+        and obj.__module__ == module.__name__):
       name = obj._registry_name
       if REGISTRY.get(name, obj) is not obj:
         raise PenaltyError(f"penalty name '{name}' is registered twice "
@@ -77,7 +79,8 @@ CHOICES = {"fisher_kind": ("empirical", "true"), "tokens": ("supervised", "all")
 @register("none")
 @dataclasses.dataclass(frozen=True)
 class Penalty:
-  """No penalty. Subclasses (quadratic.py, distill.py, gift/penalty.py): `family` quadratic | distill; `importance` fisher | mas | None;
+  """No penalty. Subclasses (quadratic.py, distill.py, gift/penalty.py): `family`
+  quadratic | distill; `importance` fisher | mas | None;
   the quadratic term is `coef = factor * weight` times sum importance (w - theta*)^2."""
   name: ClassVar[str] = "none"
   family: ClassVar[str] = "none"

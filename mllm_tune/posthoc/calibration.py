@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mllm_tune.losses import token as losses_token
+
 
 def _seen_NC(seen_mask, n: int, c: int) -> np.ndarray:
   seen = np.asarray(seen_mask)
@@ -85,8 +87,7 @@ def token_logprobs(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
   if np.ndim(logits_BTV) != 3 or np.shape(targets_BT) != np.shape(logits_BTV)[:2]:
     raise ValueError(f"calibration: token_logprobs needs logits (B, T, V) and targets (B, T), "
                      f"got {np.shape(logits_BTV)} and {np.shape(targets_BT)}")
-  logp = jax.nn.log_softmax(jnp.asarray(logits_BTV, jnp.float32), axis=-1)
-  return jnp.take_along_axis(logp, jnp.asarray(targets_BT)[..., None], axis=-1)[..., 0]
+  return losses_token.token_logprobs(logits_BTV, targets_BT)
 
 
 def candidate_scores(logprobs_NKT: jax.Array, mask_NKT: jax.Array) -> jax.Array:

@@ -54,7 +54,8 @@ def register(name: str, family: str):
 def register_module(module) -> None:
   """Registers every Method class `module` defines with `@register` (by its registry name)."""
   for obj in vars(module).values():
-    if isinstance(obj, type) and "_registry_name" in vars(obj) and obj.__module__ == module.__name__:
+    if (isinstance(obj, type) and "_registry_name" in vars(obj)
+        and obj.__module__ == module.__name__):
       name = obj._registry_name
       if REGISTRY.get(name, obj) is not obj:
         raise MethodError(f"tuning method name '{name}' is registered twice "

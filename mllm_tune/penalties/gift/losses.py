@@ -52,7 +52,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mllm_tune.data.targets import next_token_nll
+from mllm_tune.losses.distill import tempered_log_probs, token_kl
+from mllm_tune.losses.token import next_token_nll
 from mllm_tune import pytree
 from mllm_tune.pytree import flatten, unflatten
 
@@ -132,10 +133,9 @@ def token_distillation(student_BTV: jax.Array, teacher_BTV: jax.Array, loss_mask
   """MLLM L_KD [choice]: T^2 mean_{t: mask[t]=1} KL(p_T || p_S) with p = softmax(z[t-1] / T)
   (data/targets.py convention: mask on targets, logits one slot earlier); 0 without targets."""
   t = temperature
-  s = jax.nn.log_softmax(student_BTV[:, :-1].astype(jnp.float32) / t, axis=-1)
-  r = jax.nn.log_softmax(jax.lax.stop_gradient(teacher_BTV[:, :-1]).astype(jnp.float32) / t,
-                         axis=-1)
-  kl_BT = jnp.sum(jnp.exp(r) * (r - s), axis=-1)
+  s = tempered_log_probs(student_BTV[:, :-1], t)
+  r = tempered_log_probs(jax.lax.stop_gradient(teacher_BTV[:, :-1]), t)
+  kl_BT = token_kl(r, s)
   w = (loss_mask_BT[:, 1:] > 0).astype(jnp.float32)
   return t * t * jnp.sum(kl_BT * w) / jnp.maximum(jnp.sum(w), 1.0)
 

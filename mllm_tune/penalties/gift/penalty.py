@@ -11,11 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mllm_tune.data.targets import next_token_nll
+from mllm_tune.losses.token import next_token_nll
 from mllm_tune.penalties import api as penalties
 from mllm_tune.tuning.api import Method, combine, label, partition
 from mllm_tune.penalties.gift.losses import (AuxLossFn, AwcState, GiftHparams, aux_importance,
-                                   awc_importance, awc_penalty, caption_nll, token_distillation)
+                                             awc_importance, awc_penalty, caption_nll,
+                                             token_distillation)
 from mllm_tune.pytree import flatten, unflatten
 
 

@@ -43,13 +43,6 @@ def layer_values(flags: np.ndarray, values: jax.Array) -> jax.Array:
   return values * jnp.asarray(flags, values.dtype).reshape((-1,) + (1,) * (values.ndim - 1))
 
 
-def layer_mask(flags: np.ndarray, ndim: int):
-  """Trainable mask of a leaf of rank `ndim`: a bool, or (L, 1, ..) per layer."""
-  if flags.ndim == 0 or flags.all() or not flags.any():
-    return bool(np.all(flags))
-  return flags.reshape((-1,) + (1,) * (ndim - 1))
-
-
 def set_masks(method: Method, variables: dict, masks: dict[str, object]) -> dict:
   """The base (all-frozen) mask with `masks` ({adapter path: mask}) filled in."""
   flat = pytree.flatten(Method.trainable(method, variables))
@@ -105,7 +98,7 @@ class BottleneckAdapter(Method):
     for path, flags in self._targets(variables["params"]).items():
       for leaf, nd in ((BOTTLENECK_DOWN, 2), (BOTTLENECK_DOWN_BIAS, 1),
                        (BOTTLENECK_UP, 2), (BOTTLENECK_UP_BIAS, 1)):
-        masks[adapter_path(path, leaf)] = layer_mask(flags, nd + (flags.ndim > 0))
+        masks[adapter_path(path, leaf)] = pytree.layer_mask(flags, nd + (flags.ndim > 0))
     mask = set_masks(self, variables, masks)
     if self.train_norms:
       mask["params"] = pytree.bool_mask(variables["params"], self.train_norms, what="norm")
@@ -178,5 +171,5 @@ class ParallelAdapter(Method):
     masks = {}
     for module, (flags, _) in resolve_ffns(variables["params"], self.targets).items():
       for leaf in (PARALLEL_DOWN, PARALLEL_UP):
-        masks[f"{module}/{leaf}"] = layer_mask(flags, 2 + (flags.ndim > 0))
+        masks[f"{module}/{leaf}"] = pytree.layer_mask(flags, 2 + (flags.ndim > 0))
     return set_masks(self, variables, masks)

@@ -14,7 +14,7 @@ import numpy as np
 
 from mllm_tune.models.adapters import IA3_IN, IA3_OUT
 from mllm_tune import pytree
-from mllm_tune.tuning.additive.bottleneck import layer_mask, set_masks
+from mllm_tune.tuning.additive.bottleneck import set_masks
 from mllm_tune.tuning.api import Method, MethodError, register
 from mllm_tune.tuning.reparam.lora import adapter_path, get_leaf, resolve_targets
 
@@ -59,7 +59,7 @@ class IA3(Method):
 
   def trainable(self, variables):
     return set_masks(self, variables, {
-        adapter_path(path, leaf): layer_mask(flags, 1 + (flags.ndim > 0))
+        adapter_path(path, leaf): pytree.layer_mask(flags, 1 + (flags.ndim > 0))
         for path, (flags, leaf) in self.resolve(variables["params"]).items()})
 
   def merge(self, variables):

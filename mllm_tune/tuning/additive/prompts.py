@@ -32,7 +32,7 @@ from mllm_tune.models.adapters import (ADAPTION_GATE, ADAPTION_GATE_TANH, ADAPTI
                                        PROMPT_EMBEDDINGS)
 from mllm_tune.models.llm import join_prefix, prefix_mlp, split_prefix
 from mllm_tune import pytree
-from mllm_tune.tuning.additive.bottleneck import layer_mask, set_masks
+from mllm_tune.tuning.additive.bottleneck import set_masks
 from mllm_tune.tuning.api import Method, MethodError, register
 
 EMBEDDING = "llm/embed/embedding"
@@ -183,5 +183,5 @@ class LlamaAdapter(Method):
 
   def trainable(self, variables):
     flags = self.layer_flags(variables["params"])
-    return set_masks(self, variables, {f"{ATTN}/{ADAPTION_PROMPT}": layer_mask(flags, 3),
-                                       f"{ATTN}/{self.gate_leaf}": layer_mask(flags, 1)})
+    return set_masks(self, variables, {f"{ATTN}/{ADAPTION_PROMPT}": pytree.layer_mask(flags, 3),
+                                       f"{ATTN}/{self.gate_leaf}": pytree.layer_mask(flags, 1)})

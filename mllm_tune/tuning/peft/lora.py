@@ -8,7 +8,8 @@ from mllm_tune.models.adapters import DORA_M, LORA_A, LORA_B
 from mllm_tune.tuning.peft import format as peft_io
 from mllm_tune import pytree
 from mllm_tune.tuning.api import MethodError
-from mllm_tune.tuning.reparam.lora import LoRA, adapter_path, get_leaf, pissa_to_lora, resolve_targets
+from mllm_tune.tuning.reparam.lora import (LoRA, adapter_path, get_leaf, pissa_to_lora,
+                                           resolve_targets)
 
 LORA_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
 

@@ -1,4 +1,5 @@
-"""PEFT VERA <-> `vera` (shared projections `vera_A` / `vera_B` and per-layer `lambda_d` / `lambda_b`)."""
+"""PEFT VERA <-> `vera`: shared projections `vera_A` / `vera_B`, per-layer `lambda_d` /
+`lambda_b`."""
 from __future__ import annotations
 
 import numpy as np

@@ -44,12 +44,6 @@ def _layer_scalar(flags: np.ndarray, value: float) -> np.ndarray:
   return np.where(flags, np.float32(value), np.float32(0.0)).astype(np.float32)
 
 
-def _layer_mask(flags: np.ndarray, ndim: int):
-  if flags.ndim == 0 or flags.all():
-    return bool(flags.all()) if flags.ndim else bool(flags)
-  return flags.reshape((-1,) + (1,) * (ndim - 1))
-
-
 def get_leaf(tree: dict, path: str):
   for k in path.split("/"):
     tree = tree[k]
@@ -110,7 +104,7 @@ class LoRA(Method):
       for leaf, nd in ((LORA_A, 3), (LORA_B, 3), (DORA_M, 2)):
         key = "adapters/" + adapter_path(path, leaf)
         if key in flat:
-          flat[key] = _layer_mask(flags, nd if flags.ndim else nd - 1)
+          flat[key] = pytree.layer_mask(flags, nd if flags.ndim else nd - 1)
     return pytree.unflatten(flat)
 
   def merge(self, variables):

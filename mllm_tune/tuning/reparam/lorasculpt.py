@@ -27,7 +27,8 @@ from mllm_tune.models.adapters import LORA_A, LORA_B
 from mllm_tune import pytree
 from mllm_tune.importance.magnitude import cmr_weight
 from mllm_tune.tuning.api import MethodError, register
-from mllm_tune.tuning.reparam.lora import ALL_LLM_LINEARS, LoRA, adapter_path, get_leaf, resolve_targets
+from mllm_tune.tuning.reparam.lora import (ALL_LLM_LINEARS, LoRA, adapter_path, get_leaf,
+                                           resolve_targets)
 
 CMR_TARGETS = r"llm/layers_\d+/attn/(q|k|v)_proj"
 

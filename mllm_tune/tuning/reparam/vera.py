@@ -19,8 +19,8 @@ import numpy as np
 from mllm_tune.models.adapters import LORA_DROPOUT, VERA_A, VERA_B, VERA_BVEC, VERA_D
 from mllm_tune import pytree
 from mllm_tune.tuning.api import Method, register
-from mllm_tune.tuning.reparam.lora import (DEFAULT_TARGETS, _layer_mask, adapter_path, get_leaf,
-                                   resolve_targets)
+from mllm_tune.tuning.reparam.lora import (DEFAULT_TARGETS, adapter_path, get_leaf,
+                                           resolve_targets)
 
 
 def kaiming_uniform(rng, shape_torch: tuple[int, int]) -> np.ndarray:
@@ -73,7 +73,8 @@ class VeRA(Method):
     flat = pytree.flatten(super().trainable(variables))
     for path, flags in resolve_targets(variables["params"], self.targets).items():
       for leaf in (VERA_D, VERA_BVEC):
-        flat["adapters/" + adapter_path(path, leaf)] = _layer_mask(flags, 2 if flags.ndim else 1)
+        flat["adapters/" + adapter_path(path, leaf)] = pytree.layer_mask(
+            flags, 2 if flags.ndim else 1)
     return pytree.unflatten(flat)
 
   def merge(self, variables):

@@ -149,7 +149,8 @@ class BitFit(Method):
       raise MethodError(
           "bitfit with add_missing_bias adds bias parameters the model does not have, so "
           "merge() cannot fold them into the same model; use "
-          "mllm_tune.tuning.selective.by_path.merge_with_model(model, variables) -> (model, params), "
+          "mllm_tune.tuning.selective.by_path.merge_with_model(model, variables) -> "
+          "(model, params), "
           "which also sets the config flags (Llama attention_bias / mlp_bias)")
     return variables["params"]
 

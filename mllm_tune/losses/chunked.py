@@ -1,7 +1,7 @@
 """Vocabulary head + next-token cross-entropy in sequence chunks, never holding (B, T, V) logits.
 
 `chunked_token_ce(head_fn, head_vars, h_BTD, ids_BT, loss_mask_BT, chunk)` returns what
-`step.token_ce(head_fn(h_BTD, head_vars), ids_BT, loss_mask_BT)` returns (summed NLL, target
+`token.token_ce(head_fn(h_BTD, head_vars), ids_BT, loss_mask_BT)` returns (summed NLL, target
 count, correct argmax count), computing the logits of `chunk` sequence positions (all batch rows)
 at a time; chunks run in a loop, so only one chunk's logits exist at once. Chunking along the
 sequence, not the flattened rows, keeps every chunk spread over the batch shards of a mesh.
@@ -19,20 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-
-def shifted_targets(ids_BT: jax.Array, loss_mask_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(targets, weights) (B, T): position t predicts token t+1 (the last position nothing)."""
-  targets_BT = jnp.pad(ids_BT[:, 1:], ((0, 0), (0, 1)))
-  w_BT = jnp.pad(loss_mask_BT[:, 1:].astype(jnp.float32), ((0, 0), (0, 1)))
-  return targets_BT, w_BT
-
-
-def first_max_index(x_BxV: jax.Array, max_Bx: jax.Array) -> jax.Array:
-  """`argmax(x, -1)` given the row maxima: the first index holding the maximum, as one plain
-  min-reduction (XLA:CPU runs jnp.argmax's (value, index) reduction several times slower).
-  A row holding NaN gives V (no index), where argmax would give the NaN's index."""
-  iota = lax.broadcasted_iota(jnp.int32, x_BxV.shape, x_BxV.ndim - 1)
-  return jnp.min(jnp.where(x_BxV == max_Bx[..., None], iota, x_BxV.shape[-1]), axis=-1)
+from mllm_tune.losses.token import first_max_index, shifted_targets
 
 
 def chunked_token_ce(head_fn, head_vars, h_BTD: jax.Array, ids_BT: jax.Array,
