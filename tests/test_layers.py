@@ -1,6 +1,6 @@
 """The import-layer rule of docs/architecture.md: a module of `mllm_tune` imports only modules of
-its own layer or a lower one, function-local imports included, and no two packages import each
-other. Parsed with `ast` (nothing is imported)."""
+its own layer or a lower one, function-local imports included; no two packages import each other
+and no module imports itself back through others. Parsed with `ast` (nothing is imported)."""
 from __future__ import annotations
 
 import ast
@@ -104,3 +104,21 @@ def test_no_two_packages_import_each_other():
            and (m, t) not in KNOWN and m not in MODULE_LAYERS}
   cycles = sorted(f"{a} <-> {b}" for a, b in edges if (b, a) in edges and a < b)
   assert not cycles, f"package-level import cycles: {cycles}"
+
+
+def test_no_module_import_cycle():
+  graph = {m: {t for t in imports(m) if t in MODULES} for m in MODULES}
+
+  def reaches(start, goal):
+    seen, todo = set(), list(graph[start])
+    while todo:
+      m = todo.pop()
+      if m == goal:
+        return True
+      if m not in seen:
+        seen.add(m)
+        todo.extend(graph[m])
+    return False
+
+  cycles = sorted(f"{m} <-> {t}" for m in graph for t in graph[m] if m < t and reaches(t, m))
+  assert not cycles, f"module import cycles (through these edges): {cycles}"
