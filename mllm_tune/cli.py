@@ -141,12 +141,12 @@ def _demo(args) -> int:
 
 
 def default_bench_config() -> str:
-  from mllm_tune.bench.pretrain import default_config_path
+  from mllm_tune.benchmark.pretrain import default_config_path
   return default_config_path()
 
 
 def _bench(args) -> int:
-  from mllm_tune.bench.runner import run_bench
+  from mllm_tune.benchmark.runner import run_bench
   from mllm_tune.train.config_io import apply_overrides, load_config
   cfg = load_config(args.config or default_bench_config())
   apply_overrides(cfg, args.overrides)
@@ -187,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
   d = sub.add_parser("demo", help="offline demo: pre-train a tiny LLaVA on the general mix "
                      "(cached), tune it with a few methods, print specialization vs retention")
   d.add_argument("--out", default=None, help="report directory (default runs/demo)")
-  d.add_argument("--config", default=None, help="bench config (default configs/bench/offline.py:demo)")
+  d.add_argument("--config", default=None,
+                 help="bench config (default: mllm_tune/benchmark/config.py:demo)")
   d.add_argument("--smoke", action="store_true",
                  help="only the foundation smoke test (HF round trip + generation)")
   d.add_argument("--no-progress", action="store_true")
@@ -200,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
   r.set_defaults(fn=_report)
   b = sub.add_parser("bench", help="specialization-vs-retention benchmark: methods x seeds",
                      epilog="overrides: --config.tune.steps=300 --config.downstream=digits")
-  b.add_argument("--config", default=None, help="default: configs/bench/offline.py")
+  b.add_argument("--config", default=None, help="default: mllm_tune/benchmark/config.py")
   b.add_argument("--methods", default=None, help="comma-separated bench method names")
   b.add_argument("--seeds", default=None, help="comma-separated seeds, e.g. 0,1,2")
   b.add_argument("--no-progress", action="store_true")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import mllm_tune as mt
-from mllm_tune.checkpoints.adapters import load_adapters, save_adapters
+from mllm_tune.tuning.files import load_adapters, save_adapters
 from mllm_tune.checkpoints.safetensors_io import CheckpointError
 from mllm_tune.models import build_model, init_params
 from mllm_tune.models.config import LLMConfig, LlavaConfig, VisionConfig
@@ -47,7 +47,7 @@ def test_save_load_on_the_original_base_reproduces_the_tuned_model(name, base, t
   v = method.init_variables(jax.random.key(1), params)
   mask = method.trainable(v)
   train, frozen = mt.tuning.partition(v, mask)
-  train = randomize(train, tuple({k.split("/")[-1] for k in mt.tuning.select.flatten(train)}),
+  train = randomize(train, tuple({k.split("/")[-1] for k in mt.pytree.flatten(train)}),
                     seed=1, scale=0.05)  # "training": move every trained leaf
   tuned = mt.tuning.combine(train, frozen)
   save_adapters(str(tmp_path / name), method, tuned, mask)

@@ -16,7 +16,7 @@ from mllm_tune.models.config import CausalLMConfig, LLMConfig, LlavaConfig, Visi
 from mllm_tune.models.layers import Linear
 from mllm_tune.models.llm import MLP
 from mllm_tune.tuning.api import MethodError
-from mllm_tune.tuning.select import SelectorError
+from mllm_tune.pytree import SelectorError
 
 LLM = LLMConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=3, num_heads=4,
                 num_kv_heads=2, head_dim=8, max_position_embeddings=128)

@@ -20,8 +20,8 @@ from safetensors import safe_open
 
 import mllm_tune as mt
 import mllm_tune.tuning.additive  # noqa: F401  (registers the additive methods + PEFT io)
-from mllm_tune.checkpoints.peft import export_peft, import_peft
-from mllm_tune.tuning import select
+from mllm_tune.tuning.peft import export_peft, import_peft
+from mllm_tune import pytree as select
 from tests import hf_tiny
 from tests.peft_helpers import ce_loss_jax, ce_loss_torch, hf_px, randomize, tiny_llava
 

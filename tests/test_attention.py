@@ -117,7 +117,7 @@ def test_attention_impl_is_a_runtime_field_of_both_towers():
 def test_attention_impl_reaches_the_model_from_the_train_config():
   from configs import base
   from mllm_tune.train import setup
-  from mllm_tune.tuning.fisher import model_config_hash
+  from mllm_tune.importance.store import model_config_hash
   c = base.get_config().model
   c.tiny.vision_layers = 1
   c.attention_impl = "cudnn"

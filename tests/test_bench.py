@@ -9,9 +9,10 @@ import os
 import numpy as np
 import pytest
 
-from configs.bench import offline
-from mllm_tune.bench import arrays as arrays_lib
-from mllm_tune.bench import assets, evaluate, pretrain, runner
+from mllm_tune.benchmark import config as offline
+from mllm_tune.eval import vqa_sets as arrays_lib
+from mllm_tune.eval import vqa_eval as evaluate
+from mllm_tune.benchmark import assets, pretrain, runner
 from mllm_tune.data import offline_vqa as ov
 from mllm_tune.data.conversation import ChatTokenizer
 from mllm_tune.data.images import ImageSpec, decode_image, normalize

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mllm_tune.tuning import calibration as cal
+from mllm_tune.posthoc import calibration as cal
 
 
 def _alg_reference(z, labels, seen_NC):

@@ -1,4 +1,4 @@
-"""The fused, chunked LM head + cross-entropy (`train.chunked_ce`): value, counts and gradients
+"""The fused, chunked LM head + cross-entropy (`losses.chunked`): value, counts and gradients
 against float64 NumPy for every chunking (chunk not dividing T, chunk > T, bf16); in the train
 step, the same loss and gradients as the full-logits path (own head, tied embeddings, LoRA on the
 head, LLaVA with an image); a frozen head's gradient matmul is compiled away; methods and
@@ -17,9 +17,9 @@ import mllm_tune as mt
 from mllm_tune.models import build_model, param_shapes
 from mllm_tune.models.config import CausalLMConfig, LLMConfig, LlavaConfig, VisionConfig
 from mllm_tune.train import step as step_lib
-from mllm_tune.train.chunked_ce import chunked_token_ce
+from mllm_tune.losses.chunked import chunked_token_ce
 from mllm_tune.tuning import api as tuning_api
-from mllm_tune.tuning import select
+from mllm_tune import penalties, pytree as select
 
 B, T, D, V = 3, 7, 5, 13
 
@@ -209,10 +209,10 @@ def test_methods_and_penalties_that_read_logits_keep_the_full_logits_path():
   np.testing.assert_allclose(float(aux["loss_terms/sq"]), float(jnp.mean(logits ** 2)),
                              rtol=1e-5)
   # a distillation penalty needs the logits too; dropout on the head needs an rng
-  kl = mt.tuning.penalties.get("kl", weight=1.0)
+  kl = penalties.get("kl", weight=1.0)
   lora = mt.tuning.get("lora", rank=2, targets=r"llm/layers_0/attn/q_proj")
   lv = lora.init_variables(jax.random.key(0), params)
-  bound, _ = mt.tuning.penalties.bind(kl, lora, lv)
+  bound, _ = penalties.bind(kl, lora, lv)
   assert not step_lib.chunked_loss(step_lib.StepFns(model, lora, None, penalty=bound), lv)
   drop = mt.tuning.get("lora", rank=2, targets=r"llm/lm_head", dropout=0.1)
   dv = drop.init_variables(jax.random.key(0), params)
@@ -221,7 +221,7 @@ def test_methods_and_penalties_that_read_logits_keep_the_full_logits_path():
 
 
 def test_first_max_index_is_argmax_with_ties():
-  from mllm_tune.train.chunked_ce import first_max_index
+  from mllm_tune.losses.token import first_max_index
   rng = np.random.default_rng(0)
   x = rng.integers(0, 3, size=(4, 6, 9)).astype(np.float32)  # many ties
   x[0, 0] = 0.0

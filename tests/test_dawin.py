@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mllm_tune.tuning import dawin, merging
+from mllm_tune.posthoc import dawin
+from mllm_tune.posthoc import merging
 
 
 def _entropy(logits: np.ndarray) -> np.ndarray:

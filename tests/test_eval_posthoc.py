@@ -14,9 +14,10 @@ import mllm_tune as mt
 from mllm_tune.demo import tiny_llava_config
 from mllm_tune.eval import beam as beam_lib
 from mllm_tune.eval import generate as gen
-from mllm_tune.eval import posthoc
+from mllm_tune.posthoc import dawin_decoding as posthoc
 from mllm_tune.eval.sampling import sample_tokens
-from mllm_tune.tuning import calibration, merging
+from mllm_tune.posthoc import calibration
+from mllm_tune.posthoc import merging
 
 IMG = [255] * 16  # tiny_llava_config: image token 255, 16 tokens per image
 ROWS = [[1, 7] + IMG + [9, 10], [1, 30, 31, 32], [1, 3] + IMG + [4], [1, 50, 51],

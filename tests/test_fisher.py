@@ -14,7 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mllm_tune.tuning import fisher, select, spider
+from mllm_tune.importance import fisher, store as importance_store
+from mllm_tune import pytree as select
+from mllm_tune.tuning.selective import spider
 from tests.test_selective_invariants import IMAGE_TOKEN, tiny_llava, tiny_lm
 from tests.train_helpers import ROOT
 
@@ -157,7 +159,8 @@ SHARD_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {root!r})
     import jax, numpy as np
     from mllm_tune.train import sharding as shard_lib
-    from mllm_tune.tuning import fisher, select
+    from mllm_tune.importance import fisher
+    from mllm_tune import pytree as select
     from tests.test_fisher import _leaves
     from tests.test_selective_invariants import tiny_lm
     assert jax.device_count() == 8
@@ -197,7 +200,7 @@ def test_sharded_over_8_devices_gives_the_same_fisher():
 
 
 def _save(path, scores, model):
-  fisher.save_importance(str(path), scores, kind="empirical", model_config=model.config,
+  importance_store.save_importance(str(path), scores, kind="empirical", model_config=model.config,
                          base_fingerprint="abc", base_path="tiny:0", num_examples=4)
 
 
@@ -208,24 +211,24 @@ def test_file_roundtrip_and_errors_name_the_file_and_leaf(tmp_path):
   key = "params/llm/layers/mlp/up_proj/kernel"
   scores = {key: jnp.abs(flat["llm/layers/mlp/up_proj/kernel"])}
   _save(tmp_path / "ok", scores, model)
-  back, meta = fisher.load_importance(str(tmp_path / "ok"), expect_shapes=shapes,
+  back, meta = importance_store.load_importance(str(tmp_path / "ok"), expect_shapes=shapes,
                                       model_config=model.config, base_fingerprint="abc")
   np.testing.assert_array_equal(np.asarray(back[key]), np.asarray(scores[key]))
   assert meta["num_examples"] == 4 and meta["leaves"][key]["shape"] == [2, 32, 48]
   with pytest.raises(fisher.ImportanceError, match=r"ok/importance.json: leaf "
                                                    r"'params/llm/layers/mlp/up_proj/kernel' has "
                                                    r"shape \(2, 32, 48\) in the file but"):
-    fisher.load_importance(str(tmp_path / "ok"), expect_shapes={key: (2, 32, 64)})
+    importance_store.load_importance(str(tmp_path / "ok"), expect_shapes={key: (2, 32, 64)})
   with pytest.raises(fisher.ImportanceError, match=r"ok/importance.json: leaf 'params/llm/lay"
                                                    r"ers/mlp/up_proj/kernel' is not a param"):
-    fisher.load_importance(str(tmp_path / "ok"), expect_shapes={})
+    importance_store.load_importance(str(tmp_path / "ok"), expect_shapes={})
   other, _, _ = tiny_llava()
   with pytest.raises(fisher.ImportanceError, match=r"ok/importance.json: computed for a model "
                                                    r"with config hash .*another architecture"):
-    fisher.load_importance(str(tmp_path / "ok"), model_config=other.config)
+    importance_store.load_importance(str(tmp_path / "ok"), model_config=other.config)
   with pytest.raises(fisher.ImportanceError, match=r"ok/importance.json: computed on base "
                                                    r"'tiny:0' \(fingerprint abc\)"):
-    fisher.load_importance(str(tmp_path / "ok"), base_fingerprint="xyz")
+    importance_store.load_importance(str(tmp_path / "ok"), base_fingerprint="xyz")
   with pytest.raises(fisher.ImportanceError, match=r"/nan: leaf '.*up_proj/kernel' holds 1 "
                                                    r"NaN/Inf"):
     _save(tmp_path / "nan", {key: scores[key].at[0, 0, 0].set(jnp.nan)}, model)
@@ -238,9 +241,9 @@ def test_file_roundtrip_and_errors_name_the_file_and_leaf(tmp_path):
   with pytest.raises(fisher.ImportanceError, match=r"nan/importance.json: leaf "
                                                    r"'params/llm/layers/mlp/up_proj/kernel' "
                                                    r"holds 1 NaN/Inf entries"):
-    fisher.load_importance(str(tmp_path / "nan"))
+    importance_store.load_importance(str(tmp_path / "nan"))
   with pytest.raises(fisher.ImportanceError, match="no importance.json"):
-    fisher.load_importance(str(tmp_path))
+    importance_store.load_importance(str(tmp_path))
 
 
 def test_online_ewc_accumulates_two_stages_like_numpy():
@@ -255,14 +258,16 @@ def test_online_ewc_accumulates_two_stages_like_numpy():
 
 def test_magnitude_importances_are_spider_and_lorasculpt_ones():
   x = jnp.asarray(np.random.RandomState(0).randn(2, 6, 5), jnp.float32)
-  np.testing.assert_array_equal(fisher.weight_magnitude(x, True), spider.importance(x, True))
-  from mllm_tune.tuning.sculpt import cmr_weight
-  np.testing.assert_array_equal(fisher.cmr_weight(x, 2.0), cmr_weight(x, 2.0))
+  from mllm_tune.importance import magnitude
+  from mllm_tune.tuning.reparam import lorasculpt
+  np.testing.assert_array_equal(magnitude.weight_magnitude(x, True), spider.importance(x, True))
+  np.testing.assert_array_equal(magnitude.cmr_weight(x, 2.0), lorasculpt.cmr_weight(x, 2.0))
   w, ex, variables, leaves = _problem(6)
 
   def nll(v, b):
     z = b["x"] @ v["params"]["head"]["kernel"]
     return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(z), b["y"][:, None], -1))
-  got = fisher.gradient_magnitude(nll, variables, [ex], leaves)
+  from mllm_tune.tuning.selective.grad_topk import importance_scores
+  got = importance_scores(nll, variables, [ex], leaves, kind="grad_abs")
   g = jax.grad(nll)(variables, ex)["params"]["head"]["kernel"]
   np.testing.assert_allclose(got["params/head/kernel"], np.abs(g), rtol=1e-6)

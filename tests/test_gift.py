@@ -20,7 +20,7 @@ from mllm_tune.data.synthetic_pairs import (PairDirectory, ProceduralPairs, batc
                                             collate_pairs, make_pair_source, shape_class)
 from mllm_tune.models.clip import CLIP, CLIPConfig, CLIPTextConfig, clip_param_shapes
 from mllm_tune.models.config import VisionConfig
-from mllm_tune.tuning import gift
+from mllm_tune.penalties import gift
 
 RTOL, ATOL = 1e-5, 1e-6
 

@@ -14,8 +14,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 
 import mllm_tune as mt
-from mllm_tune.checkpoints.peft import export_peft, import_peft
-from mllm_tune.tuning import select
+from mllm_tune.tuning.peft import export_peft, import_peft
+from mllm_tune import pytree as select
 from tests import hf_tiny
 from tests.peft_helpers import (ce_loss_jax, ce_loss_torch, hf_px, ours_logits, randomize,
                                 tiny_llava, torch_logits)

@@ -13,8 +13,9 @@ import pytest
 
 import mllm_tune as mt
 from mllm_tune.demo import tiny_llava_config
-from mllm_tune.tuning import merging, select
-from mllm_tune.tuning.select import SelectorError
+from mllm_tune.posthoc import merging
+from mllm_tune import pytree as select
+from mllm_tune.pytree import SelectorError
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,9 @@ import pytest
 
 import mllm_tune as mt
 from mllm_tune.train import step as step_lib
-from mllm_tune.tuning import penalties, select
+from mllm_tune import penalties
+from mllm_tune.losses import distill as losses_distill
+from mllm_tune import pytree as select
 from tests.test_selective_invariants import tiny_lm
 
 COEF = {"ewc": 0.5, "online_ewc": 0.5, "mas": 1.0, "l2sp": 0.5}  # value = COEF * w * sum(..)
@@ -55,7 +57,7 @@ def test_quadratic_gradient_is_closed_form_on_full_params(name):
 
   def closed_form(t):
     ft = select.flatten(t)
-    return sum(penalties.quadratic(ft[p], flat0[p[7:]], None if imp is None else imp[p],
+    return sum(penalties.terms.quadratic(ft[p], flat0[p[7:]], None if imp is None else imp[p],
                                    COEF[name] * 3.0) for p in changed)
   want_jax = select.flatten(jax.grad(closed_form)(moved))
   total = 0.0
@@ -150,12 +152,12 @@ def test_lwf_is_kl_plus_teacher_entropy_and_kl_matches_numpy():
     kl_fwd = np.sum(w * np.sum(p0 * (np.log(p0) - np.log(q)), -1))
     kl_rev = np.sum(w * np.sum(q * (np.log(q) - np.log(p0)), -1))
     ent = np.sum(w * -np.sum(p0 * np.log(p0), -1))
-    lwf = penalties.lwf_sum(jnp.asarray(zs), jnp.asarray(zt), jnp.asarray(w), t)
+    lwf = losses_distill.lwf_sum(jnp.asarray(zs), jnp.asarray(zt), jnp.asarray(w), t)
     np.testing.assert_allclose(float(lwf), kl_fwd + ent, rtol=1e-5)
-    got = penalties.kl_sum(jnp.asarray(zs), jnp.asarray(zt), jnp.asarray(w), t, "forward",
+    got = losses_distill.kl_sum(jnp.asarray(zs), jnp.asarray(zt), jnp.asarray(w), t, "forward",
                            t2_scale=True)
     np.testing.assert_allclose(float(got), t * t * kl_fwd, rtol=1e-5)
-    got = penalties.kl_sum(jnp.asarray(zs), jnp.asarray(zt), jnp.asarray(w), t, "reverse",
+    got = losses_distill.kl_sum(jnp.asarray(zs), jnp.asarray(zt), jnp.asarray(w), t, "reverse",
                            t2_scale=False)
     np.testing.assert_allclose(float(got), kl_rev, rtol=1e-5)
 

@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 
 from mllm_tune.train import posthoc_step as ph
-from mllm_tune.tuning import api, from_config, merging, select
+from mllm_tune.tuning import api, from_config
+from mllm_tune.posthoc import merging
+from mllm_tune import pytree as select
 
 SHAPES = {"llm/layers/attn/q_proj/kernel": (2, 4, 6), "llm/layers/attn/v_proj/kernel": (2, 4, 6),
           "llm/layers/input_norm/scale": (2, 4), "llm/embed/embedding": (10, 4),

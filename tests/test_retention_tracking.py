@@ -120,7 +120,7 @@ def test_selection_picks_the_hand_computed_step(full_run):
 def test_in_run_scores_equal_the_benchmark_evaluation_of_the_checkpoints(full_run):
   """Same metric, same data: the bench's after-the-fact `measure` of each kept checkpoint gives
   the numbers the run logged at that step."""
-  from mllm_tune.bench import runner
+  from mllm_tune.benchmark import runner
   from mllm_tune.train.config_io import load_config
   tr, _, records = full_run
   bcfg = load_config(BENCH)
@@ -154,8 +154,8 @@ def test_tensorboard_has_the_eval_scalars(full_run):
 def test_kl_to_base_equals_float64_numpy(cache):
   """The evaluator's KL / agreement / loss on a small set equal NumPy float64 formulas on the
   logits of the two models (the base and a perturbed copy)."""
-  from mllm_tune.bench import runner
-  from mllm_tune.bench import pretrain
+  from mllm_tune.benchmark import runner
+  from mllm_tune.benchmark import pretrain
   from mllm_tune.train.config_io import load_config
   from mllm_tune.train.step import model_kwargs
   path = pretrain.ensure_base(load_config(BENCH))
@@ -285,7 +285,7 @@ def test_shipped_recipes_load_and_validate(name):
 def test_llava_json_retention_set_scores_like_the_same_offline_records(cache, tmp_path):
   """A LLaVA-format retention set (JSON + image files) is prepared and scored like the offline
   records it was written from: same task score, same KL."""
-  from mllm_tune.bench import pretrain, runner
+  from mllm_tune.benchmark import pretrain, runner
   from mllm_tune.data import offline_vqa as ov
   from mllm_tune.train.config_io import load_config
   b = runner.load_base(pretrain.ensure_base(load_config(BENCH)))

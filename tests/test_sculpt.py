@@ -9,8 +9,8 @@ import optax
 import mllm_tune as mt
 from mllm_tune.models import build_model, init_params
 from mllm_tune.models.config import CausalLMConfig, LLMConfig
-from mllm_tune.tuning import select
-from mllm_tune.tuning.sculpt import topk_mask
+from mllm_tune import pytree as select
+from mllm_tune.tuning.reparam.lorasculpt import topk_mask
 
 CFG = LLMConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
                 num_kv_heads=2, head_dim=8)

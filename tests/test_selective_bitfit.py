@@ -11,8 +11,8 @@ import pytest
 
 import mllm_tune as mt
 from mllm_tune.models.layers import Linear
-from mllm_tune.tuning import select
-from mllm_tune.tuning.selective import merge_with_model
+from mllm_tune import pytree as select
+from mllm_tune.tuning.selective.by_path import merge_with_model
 from tests.test_selective_invariants import (logits_fn, next_token_loss, tiny_llava, tiny_lm,
                                              train)
 

@@ -10,8 +10,8 @@ import optax
 
 import mllm_tune as mt
 from mllm_tune.models import CausalLMConfig, LLMConfig, build_model, param_shapes
-from mllm_tune.tuning import select
-from mllm_tune.tuning.hft import ATTN, FFN, hft_selection
+from mllm_tune import pytree as select
+from mllm_tune.tuning.selective.hft import ATTN, FFN, hft_selection
 from tests.test_selective_invariants import (SYNTHETIC_BATCH, assert_masked_entries_fixed,
                                              synthetic_loss, tiny_llava, train)
 

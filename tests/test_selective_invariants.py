@@ -15,14 +15,14 @@ import optax
 import pytest
 
 import mllm_tune as mt
-import mllm_tune.tuning.hft  # noqa: F401  (registers hft)
-import mllm_tune.tuning.importance  # noqa: F401  (registers grad_topk)
-import mllm_tune.tuning.model_tailor  # noqa: F401  (registers model_tailor)
-import mllm_tune.tuning.selective  # noqa: F401  (registers freeze, bitfit, ln_tuning)
-import mllm_tune.tuning.spider  # noqa: F401  (registers spider)
+import mllm_tune.tuning.selective.hft  # noqa: F401  (registers hft)
+import mllm_tune.tuning.selective.grad_topk  # noqa: F401  (registers grad_topk)
+import mllm_tune.tuning.selective.model_tailor  # noqa: F401  (registers model_tailor)
+import mllm_tune.tuning.selective.by_path  # noqa: F401  (registers freeze, bitfit, ln_tuning)
+import mllm_tune.tuning.selective.spider  # noqa: F401  (registers spider)
 from mllm_tune.models import (CausalLMConfig, LlavaConfig, LLMConfig, VisionConfig, build_model,
                               param_shapes)
-from mllm_tune.tuning import select
+from mllm_tune import pytree as select
 
 IMAGE_TOKEN = 63
 
@@ -250,7 +250,7 @@ def _tuned(name, model, params):
 
   Every selective method but BitFit-with-added-biases trains base leaves in place (merge is the
   identity), so one composition of in-place methods stands for them."""
-  from mllm_tune.tuning import selective
+  from mllm_tune.tuning.selective import by_path as selective
   method = {"in_place": lambda: mt.tuning.compose(
                 mt.tuning.get("hft", seed=1, projector="frozen"),
                 mt.tuning.get("ln_tuning", preset="ln_paper")),

@@ -15,10 +15,10 @@ from peft import LNTuningConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 
 import mllm_tune as mt
-import mllm_tune.tuning.selective  # noqa: F401  (registers ln_tuning)
-import mllm_tune.tuning.selective_peft  # noqa: F401  (PEFT LN_TUNING export/import)
-from mllm_tune.checkpoints.peft import export_peft, import_peft
-from mllm_tune.tuning import select
+import mllm_tune.tuning.selective.by_path  # noqa: F401  (registers ln_tuning)
+import mllm_tune.tuning.peft.ln_tuning  # noqa: F401  (PEFT LN_TUNING export/import)
+from mllm_tune.tuning.peft import export_peft, import_peft
+from mllm_tune import pytree as select
 from tests import hf_tiny
 from tests.peft_helpers import (ce_loss_jax, ce_loss_torch, hf_px, ours_logits, tiny_llava,
                                 torch_logits)

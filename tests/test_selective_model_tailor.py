@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 import mllm_tune as mt
-from mllm_tune.tuning import select
-from mllm_tune.tuning.model_tailor import (LINEARS, block_inputs_fn, block_pass_fn, layer_slice,
-                                           tailor_linear)
+from mllm_tune import pytree as select
+from mllm_tune.tuning.selective.model_tailor import (LINEARS, block_inputs_fn, block_pass_fn,
+                                                     layer_slice, tailor_linear)
 from tests.test_selective_invariants import logits_fn, tiny_llava
 
 

@@ -12,7 +12,7 @@ from mllm_tune.train.config_io import ConfigError, apply_overrides, load_config,
 from mllm_tune.train.loop import Trainer, TrainingError
 from mllm_tune.train.step import micro_loss
 from mllm_tune.train.synthetic import SyntheticBatches
-from mllm_tune.tuning import select
+from mllm_tune import pytree as select
 from tests.train_helpers import ROOT, losses, tiny_cfg
 
 

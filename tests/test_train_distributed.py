@@ -16,7 +16,7 @@ MESH_SCRIPT = textwrap.dedent("""
     import json, sys
     import jax, numpy as np
     sys.path.insert(0, {root!r})
-    import mllm_tune.tuning.selective  # registers freeze
+    import mllm_tune.tuning.selective.by_path  # registers freeze
     from tests.train_helpers import tiny_cfg, losses
     from mllm_tune.train.loop import Trainer
     from mllm_tune.train.synthetic import SyntheticBatches

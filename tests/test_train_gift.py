@@ -27,7 +27,10 @@ from mllm_tune.models.config import LLMConfig, LlavaConfig, VisionConfig
 from mllm_tune.train import setup, step as step_lib
 from mllm_tune.train.loop import Trainer
 from mllm_tune.train.synthetic import SyntheticBatches
-from mllm_tune.tuning import gift, gift_trainer, penalties, select
+from mllm_tune.penalties import gift
+from mllm_tune.penalties.gift import penalty as gift_trainer
+from mllm_tune import penalties
+from mllm_tune import pytree as select
 from tests.test_data_common import chatml_tokenizer, mixed_records, write_llava_dataset
 from tests.train_helpers import tiny_cfg
 

@@ -17,7 +17,9 @@ import mllm_tune as mt
 from mllm_tune.train import setup, step as step_lib
 from mllm_tune.train.loop import Trainer
 from mllm_tune.train.synthetic import SyntheticBatches
-from mllm_tune.tuning import fisher, penalties, select
+from mllm_tune.importance import fisher, store as importance_store
+from mllm_tune import penalties
+from mllm_tune import pytree as select
 from tests.train_helpers import ROOT, run_cli, tiny_cfg
 
 
@@ -129,8 +131,8 @@ def test_cli_lora_ewc_logs_the_term_and_a_wrong_fisher_file_is_refused(tmp_path)
                    1.0, fisher_path=str(path), prev_fisher_path=str(path), gamma=0.5)
   cfg.method.targets = r"llm/layers_\d+/(attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)"
   tr = _run(cfg, steps_done=False)  # F~ = gamma F_prev + F, saved for the next stage
-  acc, _ = fisher.load_importance(str(tmp_path / "online" / "importance" / "online_ewc"))
-  first, _ = fisher.load_importance(str(path))
+  acc, _ = importance_store.load_importance(str(tmp_path / "online" / "importance" / "online_ewc"))
+  first, _ = importance_store.load_importance(str(path))
   for p, x in first.items():
     np.testing.assert_allclose(np.asarray(tr.penalty_consts["importance"][p]), 1.5 * x,
                                rtol=1e-6)

@@ -11,12 +11,12 @@ import optax
 import pytest
 
 import mllm_tune as mt
-from mllm_tune.checkpoints.peft import export_peft, import_peft
+from mllm_tune.tuning.peft import export_peft, import_peft
 from mllm_tune.models import build_model, init_params
 from mllm_tune.models.config import LLMConfig, LlavaConfig, VisionConfig
-from mllm_tune.tuning import select
+from mllm_tune import pytree as select
 from mllm_tune.tuning.api import Method, MethodError
-from mllm_tune.tuning.select import SelectorError
+from mllm_tune.pytree import SelectorError
 
 
 def _llava():

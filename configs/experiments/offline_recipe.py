@@ -12,7 +12,7 @@ a `mllm-tune bench` run of the same method train the same way.
     mllm-tune train --config configs/experiments/recipe_full.py
 """
 from configs import base
-from configs.bench import offline as bench
+from mllm_tune.benchmark import config as bench
 from configs.data import offline as offline_data
 
 

@@ -2,7 +2,7 @@
 theta_ft`, paper headline alpha = 0.5, swept over {0, 0.1, ..., 1}. `alphas` is an ordered
 `(regex, alpha)` list on logical paths (first match wins), e.g.
 `(("llm/layers_(2[4-9]|3[01])/.*", 0.8),)` for the last 8 of 32 blocks.
-Consumed by `mllm_tune.tuning.merging.wise_ft(theta0, theta_ft, alpha, alphas)`."""
+Consumed by `mllm_tune.posthoc.merging.wise_ft(theta0, theta_ft, alpha, alphas)`."""
 import ml_collections
 
 

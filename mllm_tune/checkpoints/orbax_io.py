@@ -18,7 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from mllm_tune.checkpoints.safetensors_io import CheckpointError
-from mllm_tune.tuning import select
+from mllm_tune import pytree
 
 
 def params_fingerprint(params: dict) -> str:
@@ -27,7 +27,7 @@ def params_fingerprint(params: dict) -> str:
   Cheap enough to run at every start on a 7B model; any re-conversion, dtype change or edit of
   a leaf's sampled region changes it."""
   h = hashlib.sha256()
-  for path, x in sorted(select.flatten(params).items()):
+  for path, x in sorted(pytree.flatten(params).items()):
     h.update(f"{path}:{tuple(x.shape)}:{x.dtype}".encode())
     step = max(1, int(np.prod(x.shape)) // 4096)
     h.update(np.ascontiguousarray(_strided_sample(x, step)).tobytes())

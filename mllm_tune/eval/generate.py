@@ -16,7 +16,7 @@ they do not stop the compiled loop early, they only cut the returned text.
 
 Post-hoc hooks (traced, so they never recompile): `first_token_logit_bias` shifts the step-0
 logits (open-ended logit calibration, METHODS 6.4 (b)); `return_entropy` also returns each step's
-predictive entropy (DaWin's H(x), METHODS 6.2). Both are used by `eval/posthoc.py`.
+predictive entropy (DaWin's H(x), METHODS 6.2). Both are used by `posthoc/dawin_decoding.py`.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from mllm_tune.eval.decoding import (DEFAULT_BUCKET_FLOOR, decode_step, first_to
                                      stop_id_tuple, variables_of)
 from mllm_tune.eval.sampling import check_sampling_args, sample_tokens
 from mllm_tune.models.kv_cache import unstack_layers
-from mllm_tune.tuning.dawin import entropy_from_logits
+from mllm_tune.eval.sampling import entropy_from_logits
 
 __all__ = ["generate", "generate_text", "beam_search", "left_pad", "next_bucket",
            "truncate_at_stop_strings", "decode_generated"]
@@ -152,7 +152,7 @@ def generate(model, params, input_ids, attention_mask=None, pixel_values=None,
   it never recompiles (None runs with zeros). `return_entropy=True` (greedy / sampling only)
   returns `(tokens, entropy)`, entropy (B, max_new_tokens) float32: `dawin.entropy_from_logits`
   of the logits that chose each token (step-0 bias included, before temperature / top-k / top-p),
-  0 after the row's end token (DaWin's H(x), METHODS 6.2; see `eval/posthoc.py`).
+  0 after the row's end token (DaWin's H(x), METHODS 6.2; see `posthoc/dawin_decoding.py`).
 
   Raises ValueError on bad knobs (num_beams < 1, top_p outside (0, 1], top_k < 0,
   temperature < 0, sampling knobs without do_sample, do_sample without rng, return_entropy with

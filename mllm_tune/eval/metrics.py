@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mllm_tune.data.targets import next_token_nll
+from mllm_tune.losses.token import next_token_nll
 from mllm_tune.eval.captions import bleu, cider_d
 from mllm_tune.eval.choice import choice_accuracy, extract_choice
 from mllm_tune.eval.vqa import (exact_match, mean_vqa_accuracy, normalize_text,

@@ -26,9 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mllm_tune.bench import arrays as arrays_lib
-from mllm_tune.bench import evaluate as bench_eval
-from mllm_tune.train.step import model_kwargs
+from mllm_tune.eval import vqa_sets as arrays_lib
+from mllm_tune.eval import vqa_eval as bench_eval
+from mllm_tune.losses.distill import token_kl
+from mllm_tune.models import model_kwargs
 
 ROLES = ("target", "retention")
 KINDS = ("offline", "llava_json", "tfds")
@@ -107,7 +108,7 @@ def token_divergence(logits_BTV: jax.Array, base_BTV: jax.Array | None, batch: d
   am = batch["attention_mask"].astype(jnp.float32)
   w = lm if tokens == "supervised" else am[:, 1:] * am[:, :-1] * valid
   lq = jax.nn.log_softmax(base_BTV[:, :-1].astype(jnp.float32), axis=-1)
-  kl = jnp.sum(jnp.exp(lq) * (lq - lp), axis=-1)
+  kl = token_kl(lq, lp)
   out.update(kl=(kl * w).sum(), agree=((top == jnp.argmax(lq, axis=-1)) * w).sum(),
              positions=w.sum())
   return out
@@ -204,15 +205,15 @@ def _eos_id(tokenizer) -> int:
 def base_anchor(method, variables: dict, mask: dict, base_params: dict) -> dict:
   """{"params/...": θ0 copy} of the base leaves the run changes (trained or rewritten at init,
   e.g. PiSSA's residual): with the frozen partition they give θ0 (`penalties.theta0_variables`)."""
-  from mllm_tune.tuning import select
-  flat_base = select.flatten(base_params)
-  flat_var = select.flatten(variables["params"])
-  flat_mask = select.flatten(mask.get("params", {}))
-  keep = {p for p, m in flat_mask.items() if select.mask_any(m)}
+  from mllm_tune import pytree
+  flat_base = pytree.flatten(base_params)
+  flat_var = pytree.flatten(variables["params"])
+  flat_mask = pytree.flatten(mask.get("params", {}))
+  keep = {p for p, m in flat_mask.items() if pytree.mask_any(m)}
   keep |= {p for p, x in flat_var.items() if x is not flat_base.get(p)}
   return {"params/" + p: jnp.array(flat_base[p], copy=True) for p in sorted(keep)}
 
 
 def theta0(frozen: dict, anchor: dict) -> dict:
-  from mllm_tune.tuning.penalties import theta0_variables
+  from mllm_tune.penalties import theta0_variables
   return theta0_variables(frozen, {"anchor": anchor})

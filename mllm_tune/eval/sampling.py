@@ -58,3 +58,14 @@ def sample_tokens(key: jax.Array, logits_BV: jax.Array, temperature=1.0, top_k=0
   filtered_BV = filter_logits(logits_BV, safe_temp, top_k, top_p)
   drawn_B = jax.random.categorical(key, filtered_BV, axis=-1).astype(jnp.int32)
   return jnp.where(temp > 0, drawn_B, greedy_B)
+
+
+def entropy_from_logits(logits: jax.Array, axis: int = -1, temperature: float = 1.0) -> jax.Array:
+  """Shannon entropy (nats) of `softmax(logits / temperature)` along `axis` (float32); -inf
+  logits (masked options) contribute 0."""
+  if not temperature > 0:
+    raise ValueError(f"dawin: temperature must be > 0, got {temperature}")
+  z = jnp.asarray(logits, jnp.float32) / temperature
+  logp = jax.nn.log_softmax(z, axis=axis)
+  p = jnp.exp(logp)
+  return -jnp.sum(jnp.where(p > 0, p * logp, 0.0), axis=axis)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import math
 from typing import Mapping, Sequence
 
+from mllm_tune.eval.tradeoff import efoh
+
 TARGET, RETENTION = "eval/target/", "eval/retention/"
 TRADEOFF_KEYS = ("tradeoff/A_down", "tradeoff/A_up", "tradeoff/E", "tradeoff/F", "tradeoff/O",
                  "tradeoff/H", "tradeoff/weighted")
@@ -52,12 +54,11 @@ def tradeoff_metrics(current: Mapping[str, float], reference: Mapping[str, float
   r = [_get(current, RETENTION + s, "this eval") for s in retention]
   r0 = [_get(reference, RETENTION + s, "the reference (step-0) eval") for s in retention]
   a_down, a_up = sum(t) / len(t), sum(r) / len(r)
-  e = a_down - sum(t0) / len(t0)
-  f = sum(x - x0 for x, x0 in zip(r, r0)) / len(r)
-  h = 0.0 if a_down + a_up == 0 else 2.0 * a_down * a_up / (a_down + a_up)
-  return {"tradeoff/A_down": a_down, "tradeoff/A_up": a_up, "tradeoff/E": e, "tradeoff/F": f,
-          "tradeoff/O": e + f, "tradeoff/H": h,
-          "tradeoff/weighted": float(weights[0]) * e + float(weights[1]) * f}
+  s = efoh(a_down, sum(t0) / len(t0), a_up, sum(x - x0 for x, x0 in zip(r, r0)) / len(r))
+  out = {"tradeoff/A_down": a_down, "tradeoff/A_up": a_up}
+  out.update({f"tradeoff/{k}": v for k, v in s.items()})
+  out["tradeoff/weighted"] = float(weights[0]) * s["E"] + float(weights[1]) * s["F"]
+  return out
 
 
 def check_metric(metric: str, mode: str, eval_keys: Sequence[str] = ()) -> str:

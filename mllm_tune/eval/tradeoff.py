@@ -146,18 +146,24 @@ class RunRecord:
     return cls(**d)
 
 
+def efoh(a_down: float, a_down0: float, a_up: float, f: float) -> dict[str, float]:
+  """The trade-off scores from mean accuracies: E = A_down(θ) - A_down(θ0) (specialization),
+  F = mean retention change (given), O = E + F, H = harmonic mean of A_down and A_up."""
+  e = a_down - a_down0
+  h = 0.0 if a_down + a_up == 0 else 2.0 * a_down * a_up / (a_down + a_up)
+  return {"E": e, "F": f, "O": e + f, "H": h}
+
+
 def _score(base: Mapping[str, float], tuned: Mapping[str, float], downstream: Sequence[str],
            general: Sequence[str]) -> dict[str, float]:
   a_down = float(np.mean([tuned[s] for s in downstream], dtype=np.float64))
   a_down0 = float(np.mean([base[s] for s in downstream], dtype=np.float64))
   a_up = float(np.mean([tuned[s] for s in general], dtype=np.float64))
-  e = a_down - a_down0
   f = float(np.mean([tuned[s] - base[s] for s in general], dtype=np.float64))
-  h = 0.0 if a_down + a_up == 0 else 2.0 * a_down * a_up / (a_down + a_up)
   out = {"A_down": a_down}
   out.update({f"A_d/{s}": float(tuned[s]) for s in downstream})
   out.update({f"A_u/{s}": float(tuned[s]) for s in general})
-  out.update({"A_up": a_up, "E": e, "F": f, "O": e + f, "H": h})
+  out.update({"A_up": a_up, **efoh(a_down, a_down0, a_up, f)})
   out.update({f"forget/{s}": float(base[s] - tuned[s]) for s in general})
   return out
 

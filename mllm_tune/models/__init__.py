@@ -13,6 +13,15 @@ from mllm_tune.models.kv_cache import KVCache, init_kv_cache
 from mllm_tune.models.llm import LLM, CausalLM
 
 
+MODEL_INPUTS = ("input_ids", "attention_mask", "positions", "segment_ids", "pixel_values")
+
+
+def model_kwargs(batch: dict) -> dict:
+  """The model's keyword inputs of a batch (everything but `input_ids`, which is positional)."""
+  kw = {k: batch[k] for k in MODEL_INPUTS if k in batch and k != "input_ids"}
+  return kw
+
+
 def build_model(cfg: LlavaConfig | CausalLMConfig):
   """Config -> the (stateless) Flax module."""
   if isinstance(cfg, LlavaConfig):
@@ -70,6 +79,7 @@ def _call_head(module, h_BTD):
   return module.llm.head(h_BTD)
 
 
-__all__ = ["build_model", "init_params", "param_shapes", "head_variables", "apply_head", "Llava",
+__all__ = ["MODEL_INPUTS", "model_kwargs", "build_model", "init_params", "param_shapes",
+           "head_variables", "apply_head", "Llava",
            "LLM", "CausalLM", "KVCache", "init_kv_cache", "LlavaConfig", "CausalLMConfig",
            "LLMConfig", "VisionConfig", "RopeConfig"]

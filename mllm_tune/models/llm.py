@@ -23,8 +23,11 @@ from mllm_tune.models.attention import attention
 from mllm_tune.models.config import LLMConfig, RopeConfig
 from mllm_tune.models.fused_ops import GATED_ACTS, gated_act
 from mllm_tune.models.kv_cache import KVCache, init_kv_cache, kv_cache_slots
-from mllm_tune.models.layers import (ADAPTERS, Linear, RMSNorm, activation, dtype_of,
-                                     parallel_adapter)
+from mllm_tune.models.adapters import (ADAPTERS, ADAPTION_GATE, ADAPTION_GATE_TANH,
+                                       ADAPTION_PROMPT, PREFIX_EMBEDDING, PREFIX_K,
+                                       PREFIX_MLP_LEAVES, PREFIX_V, PROMPT_EMBEDDINGS,
+                                       parallel_adapter)
+from mllm_tune.models.layers import Linear, RMSNorm, activation, dtype_of
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> np.ndarray:
@@ -130,7 +133,7 @@ class Attention(nn.Module):
                     causal=cache is None and prefix_kv is None)
     gate = self._adaption_gate()
     if gate is not None:
-      prompt_PD = self.get_variable(ADAPTERS, "adaption_prompt").astype(q.dtype)
+      prompt_PD = self.get_variable(ADAPTERS, ADAPTION_PROMPT).astype(q.dtype)
       p = prompt_PD.shape[0]
       kv_shape = (b, p, c.num_kv_heads, c.head_dim)
       k_p = jnp.broadcast_to(k_proj(prompt_PD).reshape(kv_shape[1:]), kv_shape)
@@ -141,14 +144,14 @@ class Attention(nn.Module):
     return lin(c.hidden_size, c.o_bias, "o_proj")(out), cache
 
   def _adaption_gate(self):
-    if not self.has_variable(ADAPTERS, "adaption_prompt"):
+    if not self.has_variable(ADAPTERS, ADAPTION_PROMPT):
       return None
-    if self.has_variable(ADAPTERS, "adaption_gate_tanh"):
-      return jnp.tanh(self.get_variable(ADAPTERS, "adaption_gate_tanh"))
-    if not self.has_variable(ADAPTERS, "adaption_gate"):
+    if self.has_variable(ADAPTERS, ADAPTION_GATE_TANH):
+      return jnp.tanh(self.get_variable(ADAPTERS, ADAPTION_GATE_TANH))
+    if not self.has_variable(ADAPTERS, ADAPTION_GATE):
       raise ValueError("adapter leaf 'adaption_prompt' needs a gate leaf beside it "
                        "('adaption_gate' or 'adaption_gate_tanh')")
-    return self.get_variable(ADAPTERS, "adaption_gate")
+    return self.get_variable(ADAPTERS, ADAPTION_GATE)
 
 
 class MLP(nn.Module):
@@ -237,10 +240,6 @@ def prefix_mlp(embedding_nT, w1_TH, b1_H, w2_HX, b2_X) -> jax.Array:
   return jnp.matmul(jnp.tanh(jnp.matmul(embedding_nT, w1_TH) + b1_H), w2_HX) + b2_X
 
 
-PREFIX_MLP_LEAVES = ("prefix_embedding", "prefix_mlp_w1", "prefix_mlp_b1", "prefix_mlp_w2",
-                     "prefix_mlp_b2")
-
-
 class LLM(nn.Module):
   """The decoder. Call with `input_ids` or `inputs_embeds` (after image merge).
 
@@ -282,8 +281,8 @@ class LLM(nn.Module):
   def learned_prefix(self):
     """Prefix-tuning key/values (L, 1, n, K, H) each, or None."""
     c = self.cfg
-    k, v = self._adapter("prefix_k"), self._adapter("prefix_v")
-    if self._adapter("prefix_embedding") is not None:
+    k, v = self._adapter(PREFIX_K), self._adapter(PREFIX_V)
+    if self._adapter(PREFIX_EMBEDDING) is not None:
       if k is not None:
         raise ValueError("adapters hold both prefix_k/v and a prefix reparameterization MLP")
       parts = [self._adapter(n) for n in PREFIX_MLP_LEAVES]
@@ -335,7 +334,7 @@ class LLM(nn.Module):
   def virtual_kv(self):
     """All virtual key/values (L, 1, n, K, H): prefix tuning first, then soft prompts; or None."""
     prefix = self.learned_prefix()
-    prompts = self._adapter("prompt_embeddings")
+    prompts = self._adapter(PROMPT_EMBEDDINGS)
     if prompts is None:
       return prefix
     k, v = self.prompt_kv(prompts, prefix)
@@ -350,7 +349,7 @@ class LLM(nn.Module):
     `last_logits_only`: logits (B, 1, V) of the last position only (a decoding prefill needs no
     more, and the vocabulary projection of a long prompt is most of its FLOPs).
     `return_hidden`: the final-normed hidden states (B, T, D) instead of logits; `head` maps
-    them to logits (the training loss applies it chunk by chunk, `train.chunked_ce`).
+    them to logits (the training loss applies it chunk by chunk, `losses.chunked`).
 
     Without a cache, `attention_mask` is (B, T). With a cache of capacity S, the T new tokens are
     written at slots [cache_index, cache_index + T) and `attention_mask` is (B, S): which cache

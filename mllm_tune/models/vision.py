@@ -25,8 +25,10 @@ from flax import linen as nn
 
 from mllm_tune.models.config import VisionConfig
 from mllm_tune.models.attention import attention
-from mllm_tune.models.layers import (ADAPTERS, Linear, LayerNorm, activation, dtype_of,
-                                     parallel_adapter)
+from mllm_tune.models import adapters
+from mllm_tune.models.adapters import (DEEP_PROMPT_TOKENS, PROMPT_DROPOUT, PROMPT_TOKENS,
+                                       parallel_adapter)
+from mllm_tune.models.layers import Linear, LayerNorm, activation, dtype_of
 from mllm_tune.models.llm import scanned
 
 
@@ -177,15 +179,15 @@ class VisionTower(nn.Module):
 
   def visual_prompts(self):
     """(shallow (p, D) or None, deep (L, p, D) or None), after prompt dropout."""
-    get = lambda n: self.get_variable(ADAPTERS, n) if self.has_variable(ADAPTERS, n) else None
-    shallow, deep = get("prompt_tokens"), get("deep_prompt_tokens")
+    shallow = adapters.get(self, PROMPT_TOKENS)
+    deep = adapters.get(self, DEEP_PROMPT_TOKENS)
     if shallow is not None and deep is not None:
       raise ValueError("adapters hold both shallow 'prompt_tokens' and 'deep_prompt_tokens'; "
                        "VPT uses one or the other")
     if deep is not None and deep.shape[0] != self.cfg.num_layers:
       raise ValueError(f"deep_prompt_tokens have {deep.shape[0]} layers, the tower "
                        f"{self.cfg.num_layers}")
-    rate = get("prompt_dropout")
+    rate = adapters.get(self, PROMPT_DROPOUT)
     if rate is None or not self.has_rng("dropout"):
       return shallow, deep
     drop = lambda x: None if x is None else jnp.where(

@@ -38,7 +38,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from mllm_tune import tuning
+from mllm_tune import pytree, tuning
 from mllm_tune.checkpoints.orbax_io import TrainCheckpointer, params_fingerprint
 from mllm_tune.train import penalty_setup, setup
 from mllm_tune.train import sharding as shard_lib
@@ -92,7 +92,7 @@ class Trainer:
     self.penalty_consts = None
     if self.penalty is not None:  # the coupled penalty gradient comes before the masks
       self.optimizer = optax.chain(self.penalty.transform(), self.optimizer)
-      flat_sh = tuning.select.flatten(shard_t)  # gift's theta_ref: as the trainable leaf
+      flat_sh = pytree.flatten(shard_t)  # gift's theta_ref: as the trainable leaf
       sfn_p = lambda k, p, x: (flat_sh[p] if k == "ref" else
                                sfn(p.split("/", 1)[1], tuple(x.shape)))
       self.penalty_consts = {k: {p: jax.device_put(x, sfn_p(k, p, x)) for p, x in d.items()}

@@ -14,10 +14,11 @@ import time
 
 import jax
 
-from mllm_tune import tuning
+from mllm_tune import pytree, tuning
 from mllm_tune.train import setup
-from mllm_tune.tuning import fisher as fisher_lib
-from mllm_tune.tuning import penalties as penalty_lib
+from mllm_tune.importance import fisher as fisher_lib
+from mllm_tune.importance import store as importance_store
+from mllm_tune import penalties as penalty_lib
 
 log = logging.getLogger(__name__)
 
@@ -44,21 +45,21 @@ def setup_penalty(tr, params: dict, variables: dict, fisher_data):
         raise setup.ConfigValueError(f"config 'penalty.fisher_path': 'auto' stores the "
                                      f"importance beside the base checkpoint, but the base "
                                      f"'{tr.base_path}' is not a directory")
-      path = fisher_lib.default_path(tr.base_path, kind)
-    shapes = {"params/" + p: tuple(x.shape) for p, x in tuning.select.flatten(params).items()}
-    sh = {"params/" + p: x.sharding for p, x in tuning.select.flatten(params).items()}
+      path = importance_store.default_path(tr.base_path, kind)
+    shapes = {"params/" + p: tuple(x.shape) for p, x in pytree.flatten(params).items()}
+    sh = {"params/" + p: x.sharding for p, x in pytree.flatten(params).items()}
     check = dict(expect_shapes=shapes, model_config=tr.model.config, shardings=sh)
     if os.path.isfile(os.path.join(path, fisher_lib.META_FILE)):
-      scores, _ = fisher_lib.load_importance(path, base_fingerprint=tr.base_fingerprint,
+      scores, _ = importance_store.load_importance(path, base_fingerprint=tr.base_fingerprint,
                                              **check)
       log.info("penalty %s: importance loaded from %s", penalty.name, path)
     else:
       scores = compute_importance(tr, pcfg, kind, params, variables, fisher_data, path)
     where = f"importance file {path}"
     if penalty.name == "online_ewc" and pcfg.get("prev_fisher_path"):
-      prev, _ = fisher_lib.load_importance(pcfg.prev_fisher_path, **check)
+      prev, _ = importance_store.load_importance(pcfg.prev_fisher_path, **check)
       scores = fisher_lib.online_update(prev, scores, penalty.gamma)
-      fisher_lib.save_importance(
+      importance_store.save_importance(
           os.path.join(tr.cfg.run_dir, "importance", "online_ewc"), scores, kind=kind,
           model_config=tr.model.config, base_fingerprint=tr.base_fingerprint,
           base_path=tr.base_path, extra={"gamma": penalty.gamma,
@@ -101,15 +102,16 @@ def compute_importance(tr, pcfg, kind: str, params: dict, variables: dict, fishe
     raise setup.ConfigValueError(f"config 'penalty': method '{tuning.api.label(tr.method)}' "
                                  "changes no base leaf to compute an importance for")
   leaves = {"params": jax.tree.map(lambda _: False, params), "adapters": {}}
-  flat = tuning.select.flatten(leaves)
+  flat = pytree.flatten(leaves)
   flat.update({p: True for p in changed})
-  leaves = tuning.select.unflatten(flat)
+  leaves = pytree.unflatten(flat)
   leaves.setdefault("adapters", {})
   if jax.process_count() > 1:
     raise setup.ConfigValueError(
         f"config 'penalty': no importance file at {path}; computing one needs a single "
         "process (hosts hold different batches): run once on one host, or use "
-        "fisher.fisher_from_batches + fisher.save_importance, then set penalty.fisher_path")
+        "importance.fisher.fisher_from_batches + importance.store.save_importance, then set "
+        "penalty.fisher_path")
   if callable(fisher_data) and not hasattr(fisher_data, "__next__"):
     fisher_data = fisher_data(tr.model)
   rewind = fisher_data is None
@@ -125,7 +127,7 @@ def compute_importance(tr, pcfg, kind: str, params: dict, variables: dict, fishe
       tr.data.set_state(state0)
   log.info("penalty %s: %s importance of %d leaves from %d samples in %.1fs -> %s",
            pcfg.name, kind, len(scores), n, time.time() - t0, path)
-  fisher_lib.save_importance(path, scores, kind=kind, model_config=tr.model.config,
+  importance_store.save_importance(path, scores, kind=kind, model_config=tr.model.config,
                              base_fingerprint=tr.base_fingerprint, base_path=tr.base_path,
                              num_examples=n)
   return scores

@@ -34,7 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mllm_tune.tuning import merging, select
+from mllm_tune.posthoc import merging
+from mllm_tune import pytree
 from mllm_tune.tuning.api import Compose, Method, MethodError, label
 
 Params = dict
@@ -152,7 +153,7 @@ def _merged(name: str, method: Method, variables: dict, theta0: Params) -> Param
     theta_ft = method.merge(variables)
   except MethodError as e:
     raise _refusal(name, label(method), f"MethodError: {e}") from e
-  a, b = select.flatten(theta0), select.flatten(theta_ft)
+  a, b = pytree.flatten(theta0), pytree.flatten(theta_ft)
   bad = sorted(set(a) ^ set(b)) or [p for p in sorted(a) if np.shape(a[p]) != np.shape(b[p])]
   if bad:
     raise PosthocError(f"post-hoc step '{name}': theta0 and the merged tuned params differ at "
@@ -173,9 +174,9 @@ def _apply(o: dict, value: float, theta0: Params, theta_ft: Params) -> Params:
     if o["rescale"]:
       tau = merging.dare(tau, value, key)
     else:
-      keep = select.flatten(merging.dare_mask(tau, value, key))
-      tau = select.unflatten({p: jnp.where(keep[p], x, 0).astype(x.dtype)
-                              for p, x in select.flatten(tau).items()})
+      keep = pytree.flatten(merging.dare_mask(tau, value, key))
+      tau = pytree.unflatten({p: jnp.where(keep[p], x, 0).astype(x.dtype)
+                              for p, x in pytree.flatten(tau).items()})
     return merging.task_arithmetic(theta0, [tau], o["lam"])
   except ValueError as e:  # e.g. non-float leaves, alphas rules matching nothing
     raise PosthocError(f"post-hoc step '{name}': {e}") from e

@@ -16,7 +16,7 @@ from mllm_tune.models import build_model, init_params
 from mllm_tune.models.config import (CausalLMConfig, LLMConfig, LlavaConfig, VisionConfig,
                                      with_runtime)
 from mllm_tune.train import sharding as shard_lib
-from mllm_tune.tuning import select
+from mllm_tune import pytree as select
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def resolve_bench_model(c) -> None:
   of `model.bench_config` and point the section at it as an HF directory (source=hf)."""
   if c.source != "bench":
     return
-  from mllm_tune.bench import pretrain
+  from mllm_tune.benchmark import pretrain
   from mllm_tune.train.config_io import load_config
   spec = c.get("bench_config") or pretrain.default_config_path()
   c.path = pretrain.ensure_base(load_config(spec))

@@ -4,15 +4,15 @@ Gradients are taken w.r.t. the trainable partition only (`tuning.partition`): fr
 closed over, get no gradient buffers and no optimizer state. Loss = token cross-entropy over
 `loss_mask` (token t is a target predicted from position t-1, the data pipeline's convention)
 + the method's `loss_terms`. Unless a method or penalty term reads the logits, the vocabulary head
-and the cross-entropy run `StepFns.loss_chunk` positions at a time (`chunked_ce`), so the
+and the cross-entropy run `StepFns.loss_chunk` positions at a time (`losses/chunked.py`), so the
 (B, T, V) logits are never materialized. Gradient accumulation scans over a leading micro-batch
 axis and is exact: the cross-entropy is normalised by the token count of the whole step.
 
-A forgetting penalty (`StepFns.penalty`, a `tuning.penalties.BoundPenalty`) adds its
+A forgetting penalty (`StepFns.penalty`, a `penalties.BoundPenalty`) adds its
 distillation terms (teacher = the frozen base, same jit) to the loss, normalised by the step's
 position count, and its quadratic term through the optimizer chain (`frozen=` and
 `penalty_consts=` extra update arguments); the quadratic value is logged as
-`loss_terms/<name>`. GIFT (`tuning.gift.BoundGift`) runs its own backward pass on the synthetic
+`loss_terms/<name>`. GIFT (`penalties.gift.BoundGift`) runs its own backward pass on the synthetic
 caption batch `penalty_batch` inside that chain (same jit) and logs `loss_terms/gift_*`.
 """
 from __future__ import annotations
@@ -27,12 +27,13 @@ import jax.numpy as jnp
 import optax
 
 from mllm_tune import models
-from mllm_tune.models.layers import ADAPTERS
-from mllm_tune.train.chunked_ce import chunked_token_ce, first_max_index, shifted_targets
+from mllm_tune.models import model_kwargs
+from mllm_tune.models.adapters import ADAPTERS
+from mllm_tune.losses.chunked import chunked_token_ce
+from mllm_tune.losses.token import token_ce
 from mllm_tune.tuning import api as tuning_api
-from mllm_tune.tuning import select
+from mllm_tune import pytree
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "positions", "segment_ids", "pixel_values")
 
 
 @flax.struct.dataclass
@@ -55,48 +56,6 @@ class StepFns:
   loss_chunk: int = 256  # sequence positions per chunk of the fused head + CE (0: full logits)
 
 
-def token_ce(logits_BTV: jax.Array, ids_BT: jax.Array, loss_mask_BT: jax.Array):
-  """(sum of NLL over targets, number of targets, number of correct argmax predictions).
-
-  Position t predicts token t+1; the targets are shifted rather than the logits sliced, so the
-  backward pass writes the (B, T, V) logit gradient once (softmax - one-hot, `_nll`'s VJP)
-  instead of scattering into a fresh buffer and padding it."""
-  targets_BT, w_BT = shifted_targets(ids_BT, loss_mask_BT)
-  nll_BT = _nll(logits_BTV, targets_BT) * w_BT
-  max_BT = jnp.max(logits_BTV, axis=-1)
-  correct_BT = (first_max_index(logits_BTV, max_BT) == targets_BT).astype(jnp.float32) * w_BT
-  return nll_BT.sum(), w_BT.sum(), correct_BT.sum()
-
-
-@jax.custom_vjp
-def _nll(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
-  """`logsumexp(logits) - logits[target]` per position, in float32."""
-  return _nll_fwd(logits_BTV, targets_BT)[0]
-
-
-def _nll_fwd(logits_BTV, targets_BT):
-  lf = logits_BTV.astype(jnp.float32)
-  lse_BT = jax.nn.logsumexp(lf, axis=-1)
-  picked_BT = jnp.take_along_axis(lf, targets_BT[..., None], axis=-1)[..., 0]
-  return lse_BT - picked_BT, (logits_BTV, targets_BT, lse_BT)
-
-
-def _nll_bwd(res, g_BT):
-  logits_BTV, targets_BT, lse_BT = res
-  p_BTV = jnp.exp(logits_BTV.astype(jnp.float32) - lse_BT[..., None])
-  onehot_BTV = jax.lax.broadcasted_iota(jnp.int32, logits_BTV.shape, 2) == targets_BT[..., None]
-  d_BTV = (p_BTV - onehot_BTV.astype(jnp.float32)) * g_BT[..., None]
-  return d_BTV.astype(logits_BTV.dtype), None
-
-
-_nll.defvjp(_nll_fwd, _nll_bwd)
-
-
-def model_kwargs(batch: dict) -> dict:
-  kw = {k: batch[k] for k in MODEL_INPUTS if k in batch and k != "input_ids"}
-  return kw
-
-
 def position_counts(micro: dict) -> dict:
   """Step-level position counts (over a leading micro-batch axis) that normalise penalty terms:
   `supervised` = targets (loss_mask), `all` = positions whose token and next token are real."""
@@ -106,14 +65,14 @@ def position_counts(micro: dict) -> dict:
 
 
 def chunked_loss(fns: StepFns, variables: dict) -> bool:
-  """Whether the step may compute the head + cross-entropy chunk by chunk (`chunked_ce`):
+  """Whether the step may compute the head + cross-entropy chunk by chunk (`losses/chunked.py`):
   enabled, no method or penalty term reads the logits, no dropout on the head (it gets no rng)."""
   if fns.loss_chunk < 1 or fns.method.needs_logits:
     return False
   if fns.penalty is not None and fns.penalty.needs_teacher:
     return False
   head_adapters = models.head_variables(fns.model, variables).get(ADAPTERS, {})
-  return not any(p.endswith("dropout") for p in select.flatten(head_adapters))
+  return not any(p.endswith("dropout") for p in pytree.flatten(head_adapters))
 
 
 def model_ce(fns: StepFns, variables: dict, batch: dict, rngs: dict | None = None,
@@ -225,6 +184,6 @@ def eval_step(fns: StepFns, frozen: dict, trainable: dict, batch: dict) -> dict:
 def find_nonfinite(tree: dict) -> list[str]:
   """Paths of leaves holding NaN or Inf (host-side, for the loop's guard message)."""
   import numpy as np
-  from mllm_tune.tuning import select
-  return [p for p, x in select.flatten(tree).items()
+  from mllm_tune import pytree
+  return [p for p, x in pytree.flatten(tree).items()
           if not np.isfinite(np.asarray(x, np.float32)).all()]

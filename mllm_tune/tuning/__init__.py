@@ -1,18 +1,33 @@
-"""Tuning methods behind one API: `mt.tuning.get(name, **cfg)` (see api.py for the contract)."""
-from mllm_tune.tuning import api, select
+"""Tuning methods behind one API: `mt.tuning.get(name, **cfg)` (see api.py for the contract).
+
+    api.py      Method contract, registry, Compose, partition, optimizer chain, trainable table
+    masks.py    mask helpers shared by the families (rules -> masks, layer counts, target regexes)
+    files.py    native adapter files (mllm_adapter.json + adapters.safetensors)
+    reparam/    lora (lora, rslora, dora, pissa), vera, lorasculpt
+    selective/  by_path (freeze, bitfit, ln_tuning), hft, spider, grad_topk, model_tailor
+    additive/   bottleneck (adapter, parallel_adapter), ia3, prompts (prompt_tuning,
+                prefix_tuning, llama_adapter), vpt
+    peft/       PEFT export / import and the per-method tensor mappings
+
+Forgetting penalties, importance scores and post-hoc merging are the sibling packages
+`mllm_tune.penalties`, `mllm_tune.importance` and `mllm_tune.posthoc`.
+"""
+from mllm_tune.tuning import api, files, masks, peft
+from mllm_tune.tuning.additive import bottleneck, ia3, prompts, vpt
 from mllm_tune.tuning.api import (Compose, Method, MethodError, build_optimizer, combine, compose,
                                   from_config, get, log_trainable, names, partition,
                                   trainable_table)
-from mllm_tune.tuning import lora  # noqa: F401  (registers lora, rslora, dora, pissa)
-from mllm_tune.tuning import lora_peft  # noqa: F401  (PEFT LORA export/import)
-from mllm_tune.tuning import sculpt  # noqa: F401  (lorasculpt)
-from mllm_tune.tuning import vera  # noqa: F401  (vera + PEFT VERA)
-from mllm_tune.tuning import selective  # noqa: F401  (freeze, bitfit, ln_tuning, hft, spider, ...)
-from mllm_tune.tuning import additive  # noqa: F401  (adapter, parallel_adapter, prompt_tuning,
-#   prefix_tuning, ia3, llama_adapter, vpt + PEFT IA3/PROMPT_TUNING/PREFIX_TUNING/ADAPTION_PROMPT)
-# forgetting penalties and post-hoc methods (METHODS.md 5, 6); gift registers penalty "gift"
-from mllm_tune.tuning import penalties, fisher, merging, dawin, calibration, gift
+from mllm_tune.tuning.reparam import lora, lorasculpt, vera
+from mllm_tune.tuning.selective import by_path, grad_topk, hft, model_tailor, spider
 
-__all__ = ["api", "select", "Compose", "Method", "MethodError", "build_optimizer", "combine",
-           "compose", "from_config", "get", "log_trainable", "names", "partition",
-           "trainable_table", "penalties", "fisher", "merging", "dawin", "calibration", "gift"]
+# The one list of method modules: the registry holds the `@register`ed classes of these, and
+# nothing else registers a method.
+METHOD_MODULES = (lora, lorasculpt, vera,                               # reparameterization
+                  by_path, hft, spider, grad_topk, model_tailor,        # selective
+                  bottleneck, ia3, prompts, vpt)                        # additive
+for _module in METHOD_MODULES:
+  api.register_module(_module)
+
+__all__ = ["api", "masks", "files", "peft", "Compose", "Method", "MethodError", "build_optimizer",
+           "combine", "compose", "from_config", "get", "log_trainable", "names", "partition",
+           "trainable_table", "METHOD_MODULES"]

@@ -10,7 +10,7 @@ to, e.g. `llm/layers/attn/q_proj/lora_a`, stacked like their layer):
   loss_terms(variables, batch, logits) -> {name: scalar}        # terms needing forward outputs
                                                 # (logits=None unless `needs_logits`)
   merge(variables) -> params                    # fold into base weights (mergeable methods)
-  export_peft / import_peft                     # where PEFT has the method (checkpoints/peft.py)
+  export_peft / import_peft                     # where PEFT has the method (tuning/peft/)
 
 Leaf masks: a leaf is trained when its mask has any True; whole-leaf-frozen leaves are split off
 before `jax.grad` (`partition`) and hold no optimizer state. Partial masks (per-layer vectors
@@ -28,17 +28,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mllm_tune.tuning import select
+from mllm_tune import pytree
 
 log = logging.getLogger(__name__)
 
 Variables = dict  # {"params": ..., "adapters": ...}
 REGISTRY: dict[str, type["Method"]] = {}
-# PEFT mapping, filled by the method modules (used by checkpoints/peft.py):
-#   PEFT_EXPORTERS[method name](method, model, variables) -> (adapter_config dict, tensors)
-#   PEFT_IMPORTERS[peft_type](config, tensors, model, params, path) -> (method, variables)
-PEFT_EXPORTERS: dict[str, Any] = {}
-PEFT_IMPORTERS: dict[str, Any] = {}
 
 
 class MethodError(ValueError):
@@ -46,12 +41,26 @@ class MethodError(ValueError):
 
 
 def register(name: str, family: str):
+  """Class decorator naming a method; `register_module` (called for the one list of method
+  modules in `tuning/__init__.py`) puts it in the registry."""
   def deco(cls):
     cls.name = name
     cls.family = family
-    REGISTRY[name] = cls
+    cls._registry_name = name
     return cls
   return deco
+
+
+def register_module(module) -> None:
+  """Registers every Method class `module` defines with `@register` (by its registry name)."""
+  for obj in vars(module).values():
+    if (isinstance(obj, type) and "_registry_name" in vars(obj)
+        and obj.__module__ == module.__name__):
+      name = obj._registry_name
+      if REGISTRY.get(name, obj) is not obj:
+        raise MethodError(f"tuning method name '{name}' is registered twice "
+                          f"({REGISTRY[name].__module__}, {module.__name__})")
+      REGISTRY[name] = obj
 
 
 def get(name: str, **cfg) -> "Method":
@@ -140,28 +149,20 @@ class Method:
 # ----------------------------------------------------------------------------- partition
 def partition(variables: Variables, mask: dict) -> tuple[dict, dict]:
   """Split into (trainable, frozen) nested dicts; a leaf is trainable if any mask entry is."""
-  flat_v, flat_m = select.flatten(variables), select.flatten(mask)
-  missing = set(flat_v) - set(flat_m)
-  if missing:
-    raise MethodError(f"mask has no entry for {sorted(missing)[:5]}")
-  train = {p: x for p, x in flat_v.items() if select.mask_any(flat_m[p])}
-  frozen = {p: x for p, x in flat_v.items() if not select.mask_any(flat_m[p])}
-  return select.unflatten(train), select.unflatten(frozen)
+  try:
+    return pytree.partition(variables, mask)
+  except pytree.SelectorError as e:
+    raise MethodError(str(e)) from None
 
 
-def combine(trainable: dict, frozen: dict) -> Variables:
-  flat = select.flatten(frozen)
-  flat.update(select.flatten(trainable))
-  out = select.unflatten(flat)
-  out.setdefault("adapters", {})
-  return out
+combine = pytree.combine
 
 
 def partial_masks(mask: dict, trainable: dict) -> dict:
   """Masks for the trainable partition's leaves: None (whole leaf) or a bool array."""
-  flat_m = select.flatten(mask)
+  flat_m = pytree.flatten(mask)
   out = {}
-  for p, x in select.flatten(trainable).items():
+  for p, x in pytree.flatten(trainable).items():
     m = flat_m[p]
     out[p] = None if isinstance(m, (bool, np.bool_)) or np.all(m) else np.asarray(m, bool)
   return out
@@ -175,11 +176,11 @@ def mask_updates(masks_by_path: dict[str, np.ndarray | None]) -> optax.GradientT
 
   def update(updates, state, params=None):
     del params
-    flat = select.flatten(updates)
+    flat = pytree.flatten(updates)
     for p, m in masks_by_path.items():
       if m is not None and p in flat:
         flat[p] = jnp.where(jnp.asarray(m), flat[p], jnp.zeros_like(flat[p]))
-    return select.unflatten(flat), state
+    return pytree.unflatten(flat), state
 
   return optax.GradientTransformation(init, update)
 
@@ -209,24 +210,24 @@ class Compose(Method):
     for i, m in enumerate(self.methods):
       v = m.init_variables(jax.random.fold_in(rng, i), params)
       params = v["params"]
-      for p, x in select.flatten(v.get("adapters", {})).items():
+      for p, x in pytree.flatten(v.get("adapters", {})).items():
         if p in adapters:
           raise MethodError(f"methods '{owner[p]}' and '{label(m)}' both add adapter leaf "
                             f"'{p}'")
         adapters[p], owner[p] = x, label(m)
-    return {"params": params, "adapters": select.unflatten(adapters)}
+    return {"params": params, "adapters": pytree.unflatten(adapters)}
 
   def trainable(self, variables):
-    flat_masks = [select.flatten(m.trainable(variables)) for m in self.methods]
+    flat_masks = [pytree.flatten(m.trainable(variables)) for m in self.methods]
     out = {}
     for p in flat_masks[0]:
       claimed = [(label(m), fm[p]) for m, fm in zip(self.methods, flat_masks)
-                 if select.mask_any(fm.get(p, False))]
+                 if pytree.mask_any(fm.get(p, False))]
       if len(claimed) > 1:
         raise MethodError(f"leaf '{p}' is trained by more than one method "
                           f"({', '.join(n for n, _ in claimed)}); compositions must be disjoint")
       out[p] = claimed[0][1] if claimed else False
-    return select.unflatten(out)
+    return pytree.unflatten(out)
 
   def transform(self, variables, inner):
     for m in reversed(self.methods):
@@ -263,12 +264,12 @@ def compose(*methods: Method) -> Compose:
 # ----------------------------------------------------------------------------- reporting
 def trainable_table(variables: Variables, mask: dict) -> tuple[str, int, int]:
   """Markdown table of trained leaves: (table, trainable count, base param count)."""
-  flat_m = select.flatten(mask)
+  flat_m = pytree.flatten(mask)
   total = sum(int(np.prod(np.shape(x), dtype=np.int64))
-              for x in select.flatten(variables["params"]).values())
+              for x in pytree.flatten(variables["params"]).values())
   rows, n_train = [], 0
-  for p, x in select.flatten(variables).items():
-    n = select.mask_count(flat_m[p], tuple(np.shape(x)))
+  for p, x in pytree.flatten(variables).items():
+    n = pytree.mask_count(flat_m[p], tuple(np.shape(x)))
     if n:
       rows.append(f"| {p} | {tuple(np.shape(x))} | {n:,} | {100 * n / max(total, 1):.4f}% |")
       n_train += n

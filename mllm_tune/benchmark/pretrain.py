@@ -1,0 +1,93 @@
+"""Stage 0 of the benchmark: a tiny LLaVA pre-trained on the general mix, cached on disk.
+
+The cache key hashes the `model` and `pretrain` config sections and `DATA_VERSION`, so any
+change to them builds a new base; an existing base is reused (`ensure_base`). The base is an HF
+LLaVA directory with its tokenizer and image processor: everything after this stage loads it
+through the regular loading code.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+
+from mllm_tune.eval import vqa_sets as arrays_lib
+from mllm_tune.benchmark import assets
+from mllm_tune.benchmark.fit import fit
+from mllm_tune.data import offline_vqa as ov
+from mllm_tune.data.conversation import ChatTokenizer
+from mllm_tune.data.images import ImageSpec
+from mllm_tune.data.pipeline import SamplePreparer
+
+log = logging.getLogger(__name__)
+DATA_VERSION = "offline_vqa-1"  # bump when the generator's records change
+TEMPLATE = "chatml"
+MAX_LEN = 256
+
+
+def default_config_path() -> str:
+  """The benchmark's default config, shipped in the package (`mllm_tune/benchmark/config.py`)."""
+  return os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.py")
+
+
+def cache_key(cfg) -> str:
+  blob = json.dumps({"model": cfg.model.to_dict(), "pretrain": cfg.pretrain.to_dict(),
+                     "data": DATA_VERSION}, sort_keys=True)
+  return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def default_cache_dir() -> str:
+  root = os.environ.get("MLLM_TUNE_CACHE") or os.path.join(
+      os.path.expanduser("~"), ".cache", "mllm_tune")
+  return os.path.join(root, "bench")
+
+
+def base_dir(cfg) -> str:
+  return os.path.join(cfg.cache_dir or default_cache_dir(), f"base-{cache_key(cfg)}")
+
+
+def general_source(cfg, split: str, num: int):
+  return ov.ShapesVqaSource(tuple(cfg.general), split, num, cfg.model.image_size,
+                            seed=cfg.data_seed, name="general")
+
+
+def ensure_base(cfg, progress_factory=None) -> str:
+  """The pre-trained base directory for `cfg` (built on first use, then reused)."""
+  path = base_dir(cfg)
+  if assets.exists(path):
+    log.info("reusing the pre-trained base %s", path)
+    return path
+  from mllm_tune.models import build_model, init_params
+  from mllm_tune import tuning
+  import jax
+  p = cfg.pretrain
+  tok = assets.train_tokenizer(cfg.model.vocab_size)
+  mcfg = assets.model_config(cfg.model, len(tok), assets.image_token_id(tok))
+  model = build_model(mcfg)
+  params = init_params(model, jax.random.key(p.seed))
+  spec = ImageSpec.clip(cfg.model.image_size)
+  prep = SamplePreparer(ChatTokenizer(tok, mcfg.image_token_id, mcfg.image_seq_len, TEMPLATE),
+                        spec, MAX_LEN)
+  data = arrays_lib.prepare(general_source(cfg, "train", p.num_records), prep, name="general")
+  bar = progress_factory(p.steps, "pre-train on the general mix") if progress_factory else None
+  result = fit(model, tuning.get("freeze", preset="full"), params, data, spec, steps=p.steps,
+               batch_size=p.batch_size, learning_rate=p.learning_rate, seed=p.seed,
+               warmup_steps=p.warmup_steps, progress=bar)
+  if bar is not None:
+    bar.close()
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=".base-", dir=os.path.dirname(path))
+  try:
+    assets.write_model_dir(tmp, model, result.variables["params"], tok)
+    with open(os.path.join(tmp, "pretrain.json"), "w") as f:
+      json.dump({"config": {"model": cfg.model.to_dict(), "pretrain": p.to_dict()},
+                 "final_loss": result.losses[-1], "step_time_s": result.step_time_s,
+                 "data": DATA_VERSION}, f, indent=1)
+    os.replace(tmp, path)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return path

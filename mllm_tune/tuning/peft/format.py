@@ -1,0 +1,122 @@
+"""PEFT adapters in and out: `adapter_config.json` + `adapter_model.safetensors` (METHODS.md 4.7).
+
+Keys are `base_model.model.<HF module path>.<peft tensor>`, where the module path is the module's
+name inside the transformers model (`model.language_model.layers.3.self_attn.q_proj`). Export
+writes contiguous float32 tensors with metadata `{"format": "pt"}` and a `target_modules` regex
+that peft full-matches on exactly the modules we adapted. Import accepts module paths of every
+LLaVA key layout. Per-method tensor mappings live beside this module (`lora.py`, `vera.py`,
+`ln_tuning.py`, `additive.py`); the tables and entry points are in `tuning/peft/__init__.py`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mllm_tune.checkpoints.hf import LLAVA_LAYOUTS, checkpoint_rules
+from mllm_tune.checkpoints.safetensors_io import CheckpointError, SafetensorsFile, write_safetensors
+from mllm_tune.models.config import LlavaConfig
+from mllm_tune import pytree
+
+PREFIX = "base_model.model."
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+EXPORT_LAYOUT = "v5_flat"  # module names of LlavaForConditionalGeneration in transformers 5
+
+
+def _module_patterns(cfg, layout: str | None) -> dict[str, str]:
+  """{our kernel storage path: HF module name pattern (with {i} for stacked)}."""
+  out = {}
+  for rule in checkpoint_rules(cfg, layout):
+    if rule.path[-1] == "kernel" and rule.hf.endswith(".weight"):
+      out["/".join(rule.path)] = rule.hf[:-len(".weight")]
+  return out
+
+
+def hf_module_name(cfg, kernel_path: str, layer: int | None) -> str:
+  layout = EXPORT_LAYOUT if isinstance(cfg, LlavaConfig) else None
+  pattern = _module_patterns(cfg, layout)[kernel_path]
+  return pattern.format(i=layer) if layer is not None else pattern
+
+
+def module_lookup(cfg) -> dict[str, tuple[str, int | None]]:
+  """{HF module name in any supported layout: (our kernel path, layer)}."""
+  layouts = list(LLAVA_LAYOUTS) if isinstance(cfg, LlavaConfig) else [None]
+  out = {}
+  for layout in layouts:
+    for path, pattern in _module_patterns(cfg, layout).items():
+      if "{i}" in pattern:
+        n = cfg.vision.num_layers if path.startswith("vision/") else cfg.llm.num_layers
+        out.update({pattern.format(i=i): (path, i) for i in range(n)})
+      else:
+        out[pattern] = (path, None)
+  return out
+
+
+def targets_regex(names: list[str]) -> str:
+  return "(" + "|".join(re.escape(n) for n in sorted(names)) + ")"
+
+
+def write_adapter(out_dir: str, config: dict, tensors: dict[str, np.ndarray]) -> None:
+  os.makedirs(out_dir, exist_ok=True)
+  specs = [(k, tuple(v.shape), np.dtype(np.float32),
+            (lambda v=v: np.ascontiguousarray(v, np.float32))) for k, v in sorted(tensors.items())]
+  write_safetensors(os.path.join(out_dir, WEIGHTS_FILE), specs, {"format": "pt"})
+  with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
+    json.dump(config, f, indent=2, sort_keys=True)
+
+
+def read_adapter(path: str) -> tuple[dict, dict[str, np.ndarray]]:
+  cfg_file = os.path.join(path, CONFIG_FILE)
+  if not os.path.isfile(cfg_file):
+    raise CheckpointError(f"{path}: no {CONFIG_FILE} (not a PEFT adapter directory)")
+  try:
+    with open(cfg_file) as f:
+      config = json.load(f)
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f"{cfg_file}: malformed JSON at line {e.lineno}: {e.msg}") from e
+  weights = os.path.join(path, WEIGHTS_FILE)
+  if not os.path.isfile(weights):
+    raise CheckpointError(f"{path}: no {WEIGHTS_FILE}")
+  f = SafetensorsFile(weights)
+  return config, {k: np.asarray(f.get(k), np.float32) for k in f.keys()}
+
+
+def split_key(key: str, suffixes: tuple[str, ...], where: str) -> tuple[str, str]:
+  """`base_model.model.<module>.<suffix>` -> (module, suffix)."""
+  if not key.startswith(PREFIX):
+    raise CheckpointError(f"{where}: tensor '{key}' does not start with '{PREFIX}'")
+  for s in suffixes:
+    if key.endswith("." + s):
+      return key[len(PREFIX):-len(s) - 1], s
+  raise CheckpointError(f"{where}: tensor '{key}' is not one of {suffixes}")
+
+
+def check_shape(arr: np.ndarray, want: tuple[int, ...], key: str, where: str) -> None:
+  if tuple(arr.shape) != tuple(want):
+    raise CheckpointError(f"{where}: tensor '{key}' has shape {list(arr.shape)} but the base "
+                          f"model implies {list(want)}")
+
+
+def to_stacked(values: dict[int | None, np.ndarray], kernel_shape, per_layer_shape) -> jax.Array:
+  """Per-layer arrays (missing layers = 0) -> one leaf shaped like the adapter's layer."""
+  if len(kernel_shape) == 2:
+    return jnp.asarray(values[None])
+  out = np.zeros((kernel_shape[0], *per_layer_shape), np.float32)
+  for i, v in values.items():
+    out[i] = v
+  return jnp.asarray(out)
+
+
+def layer_flags(layers: set, kernel_shape) -> np.ndarray:
+  if len(kernel_shape) == 2:
+    return np.asarray(True)
+  return np.isin(np.arange(kernel_shape[0]), sorted(layers))
+
+
+def logical_target(path: str, layer: int | None) -> str:
+  return re.escape(pytree.logical_path(path, layer).rsplit("/", 1)[0])

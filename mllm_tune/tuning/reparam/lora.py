@@ -1,0 +1,212 @@
+"""LoRA and its reparameterization relatives: rsLoRA, DoRA, PiSSA (METHODS.md 4.1-4.4).
+
+`y = x K0 + b + s * drop(x) A B` with `A (d_in, r)`, `B (r, d_out)`, `s = alpha / r` (rsLoRA:
+`alpha / sqrt(r)`). Init as peft/microsoft: A ~ U(-1/sqrt(d_in), 1/sqrt(d_in)) (kaiming_uniform,
+a=sqrt(5), on torch's (r, d_in)), B = 0; `init_a="gaussian"`: A ~ N(0, 1/r^2). Targets are
+anchored regexes on logical module paths (`llm/layers_3/attn/q_proj`). On stacked layers the
+adapters are stacked too; layers a target does not cover get A = B = 0, scale 0, and a frozen mask.
+peft names: `lora_A.weight = A^T`, `lora_B.weight = B^T`, DoRA `lora_magnitude_vector = m`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mllm_tune.models.adapters import (DORA_M, LORA_A, LORA_B, LORA_DROPOUT, LORA_SCALE, PISSA_A0,
+                                       PISSA_B0)
+from mllm_tune import pytree
+from mllm_tune.tuning.api import Method, MethodError, register
+
+DEFAULT_TARGETS = r"llm/layers_\d+/attn/(q|v)_proj"
+ALL_LLM_LINEARS = r"llm/layers_\d+/(attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)"
+
+
+def resolve_targets(params: dict, targets, what: str = "LoRA target") -> dict[str, np.ndarray]:
+  """{kernel storage path: bool per layer (L,) or shape () } for every matched Linear kernel."""
+  patterns = [targets] if isinstance(targets, str) else list(targets)
+  if not patterns:
+    raise MethodError(f"{what}s are empty")
+  found = pytree.match_layers(params, [(p, True) for p in patterns], default=False, what=what,
+                              module_level=True)
+  return {p: np.asarray(v, bool) for p, v in found.items() if np.any(v)}
+
+
+def adapter_path(kernel_path: str, leaf: str) -> str:
+  return kernel_path.rsplit("/", 1)[0] + "/" + leaf
+
+
+def _layer_scalar(flags: np.ndarray, value: float) -> np.ndarray:
+  """Per-layer constant (L,) (0 where the layer is not targeted) or a scalar."""
+  return np.where(flags, np.float32(value), np.float32(0.0)).astype(np.float32)
+
+
+def get_leaf(tree: dict, path: str):
+  for k in path.split("/"):
+    tree = tree[k]
+  return tree
+
+
+@register("lora", "reparameterization")
+@dataclasses.dataclass(frozen=True)
+class LoRA(Method):
+  rank: int = 8
+  alpha: float = 8.0
+  dropout: float = 0.0
+  targets: str | tuple[str, ...] = DEFAULT_TARGETS
+  init_a: str = "kaiming"  # kaiming (peft default) | gaussian (paper)
+  use_rslora: bool = False
+  use_dora: bool = False
+
+  def __post_init__(self):
+    if self.rank < 1:
+      raise MethodError(f"{self.name}: rank must be >= 1, got {self.rank}")
+    if not 0.0 <= self.dropout < 1.0:
+      raise MethodError(f"{self.name}: dropout must be in [0, 1), got {self.dropout}")
+    if self.init_a not in ("kaiming", "gaussian"):
+      raise MethodError(f"{self.name}: init_a must be 'kaiming' or 'gaussian'")
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+  def _init_a(self, rng, shape, d_in):
+    if self.init_a == "gaussian":
+      return jax.random.normal(rng, shape, jnp.float32) / self.rank
+    bound = 1.0 / math.sqrt(d_in)
+    return jax.random.uniform(rng, shape, jnp.float32, -bound, bound)
+
+  def init(self, rng, params):
+    out = {}
+    for i, (path, flags) in enumerate(sorted(resolve_targets(params, self.targets).items())):
+      k0 = get_leaf(params, path)
+      *lead, d_in, d_out = k0.shape
+      a = self._init_a(jax.random.fold_in(rng, i), (*lead, d_in, self.rank), d_in)
+      if flags.ndim:
+        a = a * jnp.asarray(flags, a.dtype)[:, None, None]
+      out[adapter_path(path, LORA_A)] = a
+      out[adapter_path(path, LORA_B)] = jnp.zeros((*lead, self.rank, d_out), jnp.float32)
+      out[adapter_path(path, LORA_SCALE)] = jnp.asarray(_layer_scalar(flags, self.scale))
+      if self.dropout:
+        out[adapter_path(path, LORA_DROPOUT)] = jnp.asarray(_layer_scalar(flags, self.dropout))
+      if self.use_dora:
+        m = jnp.linalg.norm(jnp.asarray(k0, jnp.float32), axis=-2)
+        out[adapter_path(path, DORA_M)] = m
+    return pytree.unflatten(out)
+
+  def trainable(self, variables):
+    mask = super().trainable(variables)
+    flat = pytree.flatten(mask)
+    for path, flags in resolve_targets(variables["params"], self.targets).items():
+      for leaf, nd in ((LORA_A, 3), (LORA_B, 3), (DORA_M, 2)):
+        key = "adapters/" + adapter_path(path, leaf)
+        if key in flat:
+          flat[key] = pytree.layer_mask(flags, nd if flags.ndim else nd - 1)
+    return pytree.unflatten(flat)
+
+  def merge(self, variables):
+    params = pytree.flatten(variables["params"])
+    adapters = pytree.flatten(variables.get("adapters", {}))
+    for path in resolve_targets(variables["params"], self.targets):
+      k0 = jnp.asarray(params[path], jnp.float32)
+      a, b = adapters[adapter_path(path, LORA_A)], adapters[adapter_path(path, LORA_B)]
+      s = jnp.asarray(adapters[adapter_path(path, LORA_SCALE)], jnp.float32)
+      s = s[..., None, None] if s.ndim else s
+      merged = k0 + s * jnp.matmul(a, b)
+      m = adapters.get(adapter_path(path, DORA_M))
+      if m is not None:
+        merged = merged * (m / jnp.linalg.norm(merged, axis=-2))[..., None, :]
+      params[path] = merged.astype(params[path].dtype)
+    return pytree.unflatten(params)
+
+
+@register("rslora", "reparameterization")
+@dataclasses.dataclass(frozen=True)
+class RSLoRA(LoRA):
+  """rsLoRA: LoRA with the rank-stable scale `alpha / sqrt(r)` (peft `use_rslora`)."""
+  use_rslora: bool = True
+
+
+@register("dora", "reparameterization")
+@dataclasses.dataclass(frozen=True)
+class DoRA(LoRA):
+  """DoRA: magnitude `m` (init ||K0[:, j]||) times the normalized LoRA-updated direction."""
+  use_dora: bool = True
+
+
+@register("pissa", "reparameterization")
+@dataclasses.dataclass(frozen=True)
+class PiSSA(LoRA):
+  """PiSSA: A, B from the top-r singular triplets of K0 (SVD); the base becomes the residual
+  `K_res = K0 - s A B`, so the model is unchanged at init. Official recipe alpha = r.
+  The initial factors are kept as constants (`pissa_a0`, `pissa_b0`) so `pissa_to_lora` can
+  express the tuned model as a plain LoRA on the original K0 (peft's
+  `path_initial_model_for_weight_conversion`): `A' = [A | A0]`, `B' = [B ; -B0]`, r' = 2r,
+  alpha' = 2 alpha (alpha sqrt(2) with rsLoRA)."""
+  alpha: float = 8.0
+
+  def init_variables(self, rng, params):
+    adapters = pytree.flatten(self.init(rng, params))
+    flat = pytree.flatten(params)
+    r, s = self.rank, self.scale
+    for path, flags in resolve_targets(params, self.targets).items():
+      k0 = np.asarray(flat[path], np.float32)
+      stacked = k0 if flags.ndim else k0[None]
+      fl = flags if flags.ndim else flags[None]
+      a_all, b_all, res_all = [], [], []
+      for k, on in zip(stacked, fl):
+        # torch W0 = K0^T = U S Vh  =>  K0 = Vh^T S U^T
+        u, sv, vh = np.linalg.svd(k.T.astype(np.float64), full_matrices=False)
+        sr = np.sqrt(sv[:r] / s)
+        a = (vh[:r].T * sr) if on else np.zeros((k.shape[0], r))      # (d_in, r)
+        b = (sr[:, None] * u[:, :r].T) if on else np.zeros((r, k.shape[1]))  # (r, d_out)
+        a_all.append(a)
+        b_all.append(b)
+        res_all.append(k - s * (a @ b))
+      cast = lambda x: np.asarray(x if flags.ndim else x[0], np.float32)
+      for leaf, const, vals in ((LORA_A, PISSA_A0, a_all), (LORA_B, PISSA_B0, b_all)):
+        adapters[adapter_path(path, leaf)] = jnp.asarray(cast(np.stack(vals)))
+        # the initial factors (constants) let `pissa_to_lora` express the result on K0
+        adapters[adapter_path(path, const)] = jnp.asarray(cast(np.stack(vals)))
+      flat[path] = jnp.asarray(cast(np.stack(res_all)), flat[path].dtype)
+    return {"params": pytree.unflatten(flat), "adapters": pytree.unflatten(adapters)}
+
+
+def _pissa_rebase(method, variables: dict) -> dict:
+  """Original K0 + saved adapters -> residual base `K0 - s A0 B0` (the variables of training)."""
+  flat_p = pytree.flatten(variables["params"])
+  ad = pytree.flatten(variables["adapters"])
+  for path in resolve_targets(variables["params"], method.targets):
+    get = lambda leaf: jnp.asarray(ad[adapter_path(path, leaf)], jnp.float32)
+    s = get(LORA_SCALE)
+    s = s[..., None, None] if s.ndim else s
+    res = jnp.asarray(flat_p[path], jnp.float32) - s * jnp.matmul(get(PISSA_A0),
+                                                                 get(PISSA_B0))
+    flat_p[path] = res.astype(flat_p[path].dtype)
+  return {**variables, "params": pytree.unflatten(flat_p)}
+
+
+PiSSA.rebase = _pissa_rebase
+
+
+def pissa_to_lora(method: PiSSA, variables: dict) -> tuple[LoRA, dict]:
+  """PiSSA (adapters on K_res) -> an equivalent plain LoRA on the original base K0."""
+  flat_p = pytree.flatten(variables["params"])
+  ad = pytree.flatten(variables["adapters"])
+  out = {}
+  lora = LoRA(rank=2 * method.rank,
+              alpha=method.alpha * (math.sqrt(2) if method.use_rslora else 2),
+              dropout=method.dropout, targets=method.targets, use_rslora=method.use_rslora)
+  for path in resolve_targets(variables["params"], method.targets):
+    get = lambda leaf: jnp.asarray(ad[adapter_path(path, leaf)], jnp.float32)
+    out[adapter_path(path, LORA_A)] = jnp.concatenate([get(LORA_A), get(PISSA_A0)], -1)
+    out[adapter_path(path, LORA_B)] = jnp.concatenate([get(LORA_B), -get(PISSA_B0)], -2)
+    out[adapter_path(path, LORA_SCALE)] = get(LORA_SCALE)
+    s = get(LORA_SCALE)
+    s = s[..., None, None] if s.ndim else s
+    k0 = jnp.asarray(flat_p[path], jnp.float32) + s * jnp.matmul(get(PISSA_A0), get(PISSA_B0))
+    flat_p[path] = k0.astype(flat_p[path].dtype)
+  return lora, {"params": pytree.unflatten(flat_p), "adapters": pytree.unflatten(out)}
