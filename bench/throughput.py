@@ -16,7 +16,7 @@ FLOPs are counted analytically: per token, a matmul with an (in, out) weight cos
 forward; backward costs 2x that when the weight is trained (input and weight gradients) and 1x
 when it is frozen (input gradient only, needed upstream); attention adds 4*T*d per layer per
 token forward (QK^T and PV, causal not discounted) and 2x that backward. MFU = achieved FLOP/s /
-`--peak_gflops` (200 on this machine's 2 cores, DESIGN.md section 5; 989000 = H100/H200 dense
+`--peak_gflops` (200 on this machine's 2 cores, docs/design.md §5; 989000 = H100/H200 dense
 bf16). Peak memory: RSS on CPU, the device allocator's peak on GPU (JAX `memory_stats`, torch
 `max_memory_allocated`).
 

@@ -37,7 +37,7 @@ def get_config():
       loss_chunk=256,  # positions per chunk of the fused LM head + CE (0: full logits)
       prepare_batches=4))  # batches data-derived masks (grad_topk) are computed from
 
-  # forgetting penalty, composable with any method (configs/penalties/*.py, METHODS.md 5):
+  # forgetting penalty, composable with any method (configs/penalties/*.py, docs/methods.md §5):
   # name: none | ewc | online_ewc | l2sp | mas | lwf | kl | gift. weight: lambda (ewc, online_ewc,
   # mas: required), alpha (l2sp, 0.1), lambda_o (lwf, 1), beta (kl, required), lambda of L_AWC
   # (gift, 1); None = the default.

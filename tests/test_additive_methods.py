@@ -1,5 +1,6 @@
 """Additive methods without a PEFT reference: NumPy formulas (float64), identity at init, VPT,
-trainable counts (METHODS.md 9), merge refusal, virtual tokens with the KV cache and packing."""
+trainable counts (docs/methods.md §9), merge refusal, virtual tokens with the KV cache and
+packing."""
 from __future__ import annotations
 
 import importlib
@@ -112,7 +113,7 @@ def test_parallel_adapter_hook_matches_numpy_formula():
 def test_houlsby_adapter_is_near_identity_at_init_and_learns(llava):
   v = mt.tuning.get("adapter", bottleneck=8).init_variables(jax.random.key(0), llava.params)
   rel = np.linalg.norm(llava.logits(v) - llava.base) / np.linalg.norm(llava.base)
-  assert 0 < rel < 1e-2  # near identity (METHODS.md 3.1), but the adapters do run
+  assert 0 < rel < 1e-2  # near identity (docs/methods.md §3.1), but the adapters do run
   moved = llava.logits(randomized(v, ("bottleneck_down", "bottleneck_up"), scale=1.0))
   assert np.abs(moved - llava.base).max() > 1e-2
 

@@ -109,7 +109,7 @@ def assert_keys_match_peft(adapter_dir, peft_model):
 
 
 def assert_reexport_is_byte_identical(peft_dir, model, method, variables, tmp_path):
-  """peft -> ours -> export reproduces peft's tensors byte for byte (METHODS.md 4.7)."""
+  """peft -> ours -> export reproduces peft's tensors byte for byte (docs/methods.md §4.7)."""
   export_peft(str(tmp_path / "again"), model, method, variables)
   assert saved_tensors(peft_dir) == saved_tensors(tmp_path / "again")
 

@@ -178,7 +178,7 @@ def test_dawin_clusters_follow_the_formula(setup, offset):
   hft = np.full(5, 3.0)
   h0 = hft + np.log(target / (1 - target))  # e^{-H_ft} / (e^{-H_0} + e^{-H_ft}) = target
   lam = np.exp(-hft) / (np.exp(-h0) + np.exp(-hft))
-  if offset:  # METHODS 6.2: b = mean CV (ddof 1), w = (mean H_0 + mean H_ft) / mean H_0
+  if offset:  # docs/methods.md §6.2: b = mean CV (ddof 1), w = (mean H_0 + mean H_ft) / mean H_0
     b = (h0.std(ddof=1) / h0.mean() + hft.std(ddof=1) / hft.mean()) / 2
     w = (h0.mean() + hft.mean()) / h0.mean()
     lam = (np.exp(-hft) + b / w) / (np.exp(-h0) + np.exp(-hft) + b)

@@ -1,5 +1,5 @@
-"""Importance (METHODS.md 5.1, 5.2, 5.5): chunked per-example Fisher == float64 closed form and a
-per-sample loop, Monte-Carlo true Fisher within 5%, MAS closed form, LLaVA batches cut into
+"""Importance (docs/methods.md §5.1, 5.2, 5.5): chunked per-example Fisher == float64 closed form
+and a per-sample loop, Monte-Carlo true Fisher within 5%, MAS closed form, LLaVA batches cut into
 samples (packed rows, shared image slots), 8-device sharding, files and their errors."""
 from __future__ import annotations
 

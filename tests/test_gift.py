@@ -1,4 +1,4 @@
-"""GIFT (METHODS.md 5.3): loss terms vs float64 NumPy replicas, AWC importance, the two-pass
+"""GIFT (docs/methods.md §5.3): loss terms vs float64 NumPy replicas, AWC importance, the two-pass
 gradient of a GIFT step on a tiny CLIP, and the synthetic image-caption sources."""
 from __future__ import annotations
 

@@ -158,7 +158,7 @@ def test_lora_init_follows_peft_kaiming_bounds_and_counts():
   assert (np.asarray(v["adapters"]["llm"]["layers"]["attn"]["q_proj"]["lora_b"]) == 0).all()
   mask = method.trainable(v)
   table, n, total = mt.tuning.trainable_table(v, mask)
-  # METHODS.md: sum over targeted layers of r (d_in + d_out); q: 256->256, v: 256->128
+  # docs/methods.md: sum over targeted layers of r (d_in + d_out); q: 256->256, v: 256->128
   assert n == 3 * 16 * ((256 + 256) + (256 + 128))
   assert "lora_a" in table and "lora_scale" not in table
 

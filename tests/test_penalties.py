@@ -1,5 +1,5 @@
-"""Penalties (METHODS.md 5.1-5.7): each quadratic gradient == jax.grad of its closed form and a
-float64 NumPy formula, on full params and on merged LoRA deltas; L2-SP's new leaves; LwF = KL +
+"""Penalties (docs/methods.md §5.1-5.7): each quadratic gradient == jax.grad of its closed form and
+a float64 NumPy formula, on full params and on merged LoRA deltas; L2-SP's new leaves; LwF = KL +
 teacher entropy; KL value and gradient 0 at the reference; clear errors."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""BitFit (METHODS.md 2.2): only biases move, added zero biases keep step-0 logits, the
+"""BitFit (docs/methods.md §2.2): only biases move, added zero biases keep step-0 logits, the
 `extra_bias` step equals a float64 NumPy replica, merge adds biases only where a HF config can
 hold them."""
 from __future__ import annotations

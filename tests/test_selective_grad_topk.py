@@ -1,5 +1,5 @@
-"""Gradient top-k / FISH mask (METHODS.md 2.8): the empirical Fisher of a linear softmax equals
-its closed form (p - y)^2 x^2 from per-sample gradients (not the squared batch gradient), the
+"""Gradient top-k / FISH mask (docs/methods.md §2.8): the empirical Fisher of a linear softmax
+equals its closed form (p - y)^2 x^2 from per-sample gradients (not the squared batch gradient), the
 mask keeps exactly k entries of the candidates, `grad_abs` sums |batch gradients|."""
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""HFT (METHODS.md 2.4): the draw is a pure function of the seed, half the block matrices train
-at Llama-7B shapes (no 7B allocated), frozen matrices stay bit-identical, resampling redraws
+"""HFT (docs/methods.md §2.4): the draw is a pure function of the seed, half the block matrices
+train at Llama-7B shapes (no 7B allocated), frozen matrices stay bit-identical, resampling redraws
 and resets the moments of newly unfrozen entries."""
 from __future__ import annotations
 

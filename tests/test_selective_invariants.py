@@ -1,6 +1,6 @@
-"""Invariants every selective method keeps (METHODS.md 1.2, 2.x): masked entries never move over
-20 AdamW steps with weight decay, frozen leaves hold no optimizer state, trainable counts match
-METHODS 9, merge -> save_pretrained loads in transformers with the same logits.
+"""Invariants every selective method keeps (docs/methods.md §1.2, 2.x): masked entries never move
+over 20 AdamW steps with weight decay, frozen leaves hold no optimizer state, trainable counts match
+docs/methods.md §9, merge -> save_pretrained loads in transformers with the same logits.
 
 Also the shared tiny-model helpers of the `test_selective_*` modules.
 """

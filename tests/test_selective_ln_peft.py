@@ -1,4 +1,4 @@
-"""LayerNorm tuning vs peft LN_TUNING (METHODS.md 2.3, 4.7): same base + same weights -> same
+"""LayerNorm tuning vs peft LN_TUNING (docs/methods.md §2.3, 4.7): same base + same weights -> same
 logits, our export loads in peft, a peft-saved adapter imports, one SGD step equals peft+torch."""
 from __future__ import annotations
 

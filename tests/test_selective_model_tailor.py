@@ -1,4 +1,4 @@
-"""Model Tailor (METHODS.md 2.6) against a float64 NumPy replica of the released sparsegpt.py
+"""Model Tailor (docs/methods.md §2.6) against a float64 NumPy replica of the released sparsegpt.py
 (one Linear), the uncompensated patch, the reconstruction error of the compensation sign, and
 the block-by-block driver on a tiny LLaVA."""
 from __future__ import annotations

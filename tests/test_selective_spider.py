@@ -1,4 +1,4 @@
-"""SPIDER (METHODS.md 2.5) against a float64 NumPy replica of the released code's update: 5
+"""SPIDER (docs/methods.md §2.5) against a float64 NumPy replica of the released code's update: 5
 clipped-SGD steps on a random quadratic, per-tensor (per-layer when stacked) statistics."""
 from __future__ import annotations
 

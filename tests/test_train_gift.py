@@ -1,4 +1,4 @@
-"""GIFT in the trainer (METHODS.md 5.3 [choice] MLLM): one step's update is -(g_aux +
+"""GIFT in the trainer (docs/methods.md §5.3 [choice] MLLM): one step's update is -(g_aux +
 grad(L_task + L_AWC)) composed by hand from the pure gift.py functions (full params and LoRA),
 L_AWC = 0 at theta = theta_ref, zero weights give plain training bit for bit, static_awc freezes
 F, `mllm-tune train` with gift logs its terms, and bad synthetic data or a model without a

@@ -1,4 +1,4 @@
-"""GIFT-style consolidation (METHODS.md 5.3) on the offline benchmark: full fine-tuning with
+"""GIFT-style consolidation (docs/methods.md §5.3) on the offline benchmark: full fine-tuning with
 GIFT's contrastive distillation from the frozen base on synthetic image-caption pairs and its
 adaptive weight consolidation (AWC), then WiSE-FT at the alpha best by O = E + F."""
 from configs.experiments import offline_recipe

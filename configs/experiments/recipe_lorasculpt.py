@@ -1,7 +1,7 @@
 """LoRASculpt + EWC + WiSE-FT on the offline benchmark: sparse LoRA updates with the Conflict
-Mitigation Regularizer (METHODS.md 4), an EWC penalty whose Fisher is taken on the first
-training batches (METHODS.md 5.1), then WiSE-FT (METHODS.md 6.1) between θ0 and the merged
-model at the alpha of `posthoc.sweep` that is best by O = E + F on the eval sets. The report
+Mitigation Regularizer (docs/methods.md §4), an EWC penalty whose Fisher is taken on the first
+training batches (docs/methods.md §5.1), then WiSE-FT (docs/methods.md §6.1) between θ0 and the
+merged model at the alpha of `posthoc.sweep` that is best by O = E + F on the eval sets. The report
 lists the trade-off before and after the post-hoc step."""
 from configs.experiments import offline_recipe
 

@@ -1,4 +1,4 @@
-"""SPIDER (METHODS.md 2.5: importance-masked full fine-tuning) on the offline benchmark,
+"""SPIDER (docs/methods.md §2.5: importance-masked full fine-tuning) on the offline benchmark,
 forgetting tracked as it goes (configs/experiments/offline_recipe.py)."""
 from configs.experiments import offline_recipe
 

@@ -1,5 +1,5 @@
-"""Houlsby bottleneck adapter (METHODS.md 3.1): m = 64 on o_proj and down_proj outputs, weights
-N(0, 0.01^2) truncated at 2 sigma. The paper also trains the block norms:
+"""Houlsby bottleneck adapter (docs/methods.md §3.1): m = 64 on o_proj and down_proj outputs,
+weights N(0, 0.01^2) truncated at 2 sigma. The paper also trains the block norms:
 `--config.method.train_norms='llm/layers_\\d+/(input_norm|post_attn_norm)/scale'`."""
 import ml_collections
 

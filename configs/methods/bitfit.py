@@ -1,4 +1,4 @@
-"""BitFit (METHODS.md 2.2): train every bias. `add_missing_bias=True` adds zero biases to the
+"""BitFit (docs/methods.md §2.2): train every bias. `add_missing_bias=True` adds zero biases to the
 bias-free LLM projections (Llama); merge them with `selective.merge_with_model` (Llama
 attention_bias / mlp_bias)."""
 import ml_collections

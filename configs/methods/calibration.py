@@ -1,5 +1,5 @@
-"""Logit calibration (METHODS.md 6.4, Mai et al. NeurIPS 2024): add gamma to the logits of classes
-(closed-set answers) absent from tuning; gamma by ALG on the tuning train split unless set.
+"""Logit calibration (docs/methods.md §6.4, Mai et al. NeurIPS 2024): add gamma to the logits of
+classes (closed-set answers) absent from tuning; gamma by ALG on the tuning train split unless set.
 `open_ended_first_token`: the step-1 bias heuristic for open-ended VQA (reported separately).
 Consumed by `mllm_tune.posthoc.calibration` (`alg_gamma`, `calibrate`, `first_token_bias`)."""
 import ml_collections

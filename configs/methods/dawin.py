@@ -1,5 +1,5 @@
-"""DaWin (METHODS.md 6.2, ICLR 2025, naver-ai/dawin `script/dawin.sh`): entropy-ratio lambda with
-the offset adjustment, a K = 3 Beta mixture (only 3 merged models), answer entropy over <= 16
+"""DaWin (docs/methods.md §6.2, ICLR 2025, naver-ai/dawin `script/dawin.sh`): entropy-ratio lambda
+with the offset adjustment, a K = 3 Beta mixture (only 3 merged models), answer entropy over <= 16
 greedy tokens. Consumed by `mllm_tune.posthoc.dawin.dawin_coefficients(h0, hft,
 offset_adjustment, num_components)`; `max_answer_tokens` by the evaluation that computes H."""
 import ml_collections

@@ -1,4 +1,4 @@
-"""DoRA (METHODS.md 4.3): magnitude x normalized LoRA-updated direction (peft `use_dora`)."""
+"""DoRA (docs/methods.md §4.3): magnitude x normalized LoRA-updated direction (peft `use_dora`)."""
 import ml_collections
 
 

@@ -1,4 +1,4 @@
-"""Regex freezing (METHODS.md 2.1). Default (no preset, no targets): full fine-tuning.
+"""Regex freezing (docs/methods.md §2.1). Default (no preset, no targets): full fine-tuning.
 `--config.method.preset=` full | projector | llm | llm_last_k (with `k`) | vision | attn_only, or
 `--config.method.targets='llm/layers_\\d+/attn/.*'` (not both). `frozen` regexes are checked
 first (e.g. 'vision/.*' for "everything but the vision tower")."""

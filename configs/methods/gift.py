@@ -1,5 +1,5 @@
-"""GIFT (METHODS.md 5.3, arXiv 2503.04229; released MTIL setting, configs/mtil_order_I.json) for
-the CLIP step (`penalties.gift.make_gift_step`): the shared hyperparameters (T, kd_weight,
+"""GIFT (docs/methods.md §5.3, arXiv 2503.04229; released MTIL setting, configs/mtil_order_I.json)
+for the CLIP step (`penalties.gift.make_gift_step`): the shared hyperparameters (T, kd_weight,
 ita_weight, awc_weight = the penalty's weight, static_awc, synthetic source) come from
 configs/penalties/gift.py, the one source of truth; the CLIP-only ones are here: label smoothing
 of L_ITA / L_CE, `frozen` (regexes on leaf paths that neither train nor count in F: the code

@@ -1,5 +1,5 @@
-"""(IA)^3 (METHODS.md 3.5; Liu et al. 2022): peft's Llama defaults, k/v output and down_proj input
-rescaling, init ones. Mergeable."""
+"""(IA)^3 (docs/methods.md §3.5; Liu et al. 2022): peft's Llama defaults, k/v output and down_proj
+input rescaling, init ones. Mergeable."""
 import ml_collections
 
 

@@ -1,4 +1,4 @@
-"""LoRA (METHODS.md 4.1). Defaults: peft's r 8 / alpha 8 / dropout 0 on q, v.
+"""LoRA (docs/methods.md §4.1). Defaults: peft's r 8 / alpha 8 / dropout 0 on q, v.
 LLaVA-1.5 recipe: `--config.method.rank=128 --config.method.alpha=256 --config.method.dropout=0.05
 --config.method.targets='llm/layers_\\d+/(attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)'`
 (lr 2e-4, projector lr 2e-5)."""

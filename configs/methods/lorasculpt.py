@@ -1,4 +1,4 @@
-"""LoRASculpt (METHODS.md 4.6), the released LLaVA-1.5-7B recipe: LoRA r 32, alpha 64, dropout
+"""LoRASculpt (docs/methods.md §4.6), the released LLaVA-1.5-7B recipe: LoRA r 32, alpha 64, dropout
 0.05 on every LLM linear; factors sparsified to rho = 10% at step 100; CMR lambda 1e-3, omega 1
 (lr 2e-4 cosine, warmup 3%, 3 epochs)."""
 import ml_collections

@@ -1,5 +1,5 @@
-"""Model Tailor (METHODS.md 2.6, ICML 2024, arXiv 2402.12048), post-hoc: keep a 10% patch of the
-fine-tuned weights (sparsity 0.9) per 128-column block, score 0.8 salience + 0.2 sensitivity,
+"""Model Tailor (docs/methods.md §2.6, ICML 2024, arXiv 2402.12048), post-hoc: keep a 10% patch of
+the fine-tuned weights (sparsity 0.9) per 128-column block, score 0.8 salience + 0.2 sensitivity,
 damp 0.01, 128 target-task calibration samples, projector reset to theta0. `compensation_sign`
 -1 is OBS/SparseGPT; +1 reproduces the released code."""
 import ml_collections

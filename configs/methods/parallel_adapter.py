@@ -1,4 +1,4 @@
-"""Parallel adapter (METHODS.md 3.2; He et al. 2022 "scaled PA"): s = 4, m = 512 beside every
+"""Parallel adapter (docs/methods.md §3.2; He et al. 2022 "scaled PA"): s = 4, m = 512 beside every
 FFN."""
 import ml_collections
 

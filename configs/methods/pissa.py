@@ -1,4 +1,5 @@
-"""PiSSA (METHODS.md 4.4): LoRA initialised on the principal singular directions; alpha = r."""
+"""PiSSA (docs/methods.md §4.4): LoRA initialised on the principal singular directions; alpha =
+r."""
 import ml_collections
 
 

@@ -1,4 +1,5 @@
-"""Prefix tuning (METHODS.md 3.4; Li & Liang 2021): n = 20 virtual key/values per layer, trained
+"""Prefix tuning (docs/methods.md §3.4; Li & Liang 2021): n = 20 virtual key/values per layer,
+trained
 through the reparameterization MLP (hidden 512); paper n = 10 (table-to-text), 200 (summaries)."""
 import ml_collections
 

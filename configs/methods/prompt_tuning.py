@@ -1,5 +1,5 @@
-"""Prompt tuning (METHODS.md 3.3; Lester et al. 2021): n = 20 soft tokens, peft SAMPLE_VOCAB init.
-The paper trains them with Adafactor at lr 0.3."""
+"""Prompt tuning (docs/methods.md §3.3; Lester et al. 2021): n = 20 soft tokens, peft SAMPLE_VOCAB
+init. The paper trains them with Adafactor at lr 0.3."""
 import ml_collections
 
 

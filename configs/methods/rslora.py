@@ -1,4 +1,4 @@
-"""rsLoRA (METHODS.md 4.2): LoRA with scale alpha / sqrt(r)."""
+"""rsLoRA (docs/methods.md §4.2): LoRA with scale alpha / sqrt(r)."""
 import ml_collections
 
 

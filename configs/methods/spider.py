@@ -1,4 +1,4 @@
-"""SPIDER (METHODS.md 2.5, arXiv 2411.10928): no hyperparameters of its own; the released
+"""SPIDER (docs/methods.md §2.5, arXiv 2411.10928): no hyperparameters of its own; the released
 LLaVA-1.5 setting tunes the last 12 of 32 LLM blocks with gradients clipped at 1.0 (HF Trainer).
 Use a plain (non-clipping) AdamW as the optimizer: SPIDER clips before accumulating G."""
 import ml_collections

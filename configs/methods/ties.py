@@ -1,4 +1,5 @@
-"""TIES-merging (METHODS.md 6.3, Yadav et al. 2023): keep the top k = 20% of each task vector by
+"""TIES-merging (docs/methods.md §6.3, Yadav et al. 2023): keep the top k = 20% of each task vector
+by
 |tau| (`scope` "global": over the task's whole vector, as the paper's code; "tensor": per weight,
 as peft), elect signs, disjoint mean, lam = 1 without a validation set.
 Consumed by `mllm_tune.posthoc.merging.ties_merge(theta0, taus, k, lam, scope)`."""

@@ -1,4 +1,4 @@
-"""VeRA (METHODS.md 4.5): peft defaults r 256, d_initial 0.1 (use a higher lr than LoRA)."""
+"""VeRA (docs/methods.md §4.5): peft defaults r 256, d_initial 0.1 (use a higher lr than LoRA)."""
 import ml_collections
 
 

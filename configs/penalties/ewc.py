@@ -1,4 +1,4 @@
-"""EWC (METHODS.md 5.1): (lambda/2) sum F (w - theta0)^2 with the diagonal empirical Fisher of
+"""EWC (docs/methods.md §5.1): (lambda/2) sum F (w - theta0)^2 with the diagonal empirical Fisher of
 512 samples. lambda has no transferable default: sweep 1e0 ... 1e6 by decades. For a reusable
 Fisher beside the base: `--config.penalty.fisher_path=auto`; general data instead of the
 training batches: `--config.penalty.fisher_data=llava_json --config.penalty.fisher_json_path=..`."""

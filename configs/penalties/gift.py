@@ -1,4 +1,4 @@
-"""GIFT (METHODS.md 5.3, arXiv 2503.04229) in the trainer, on any tuning method: per step a
+"""GIFT (docs/methods.md §5.3, arXiv 2503.04229) in the trainer, on any tuning method: per step a
 synthetic image-caption batch, prepared like the training data (same tokenizer, template and
 image processor), gives g_aux = grad(kd_weight L_KD + ita_weight L_ITA) (L_KD: token KL to the
 frozen base at temperature T with T^2; L_ITA: caption NLL), F = g_aux^2 / mean per tensor, and

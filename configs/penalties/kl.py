@@ -1,4 +1,4 @@
-"""Token-level KL to the frozen base (METHODS.md 5.7): beta * mean_t KL(p_ref || p_theta)
+"""Token-level KL to the frozen base (docs/methods.md §5.7): beta * mean_t KL(p_ref || p_theta)
 (`direction=reverse`: KL(p_theta || p_ref)) over supervised tokens (or `tokens=all`), optional
 temperature with T^2."""
 from configs import base

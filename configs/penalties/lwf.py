@@ -1,5 +1,5 @@
-"""LwF (METHODS.md 5.6): lambda_o * cross-entropy of the student's softened outputs against the
-frozen base's (T = 2, no T^2) at supervised positions of the downstream batch."""
+"""LwF (docs/methods.md §5.6): lambda_o * cross-entropy of the student's softened outputs against
+the frozen base's (T = 2, no T^2) at supervised positions of the downstream batch."""
 from configs import base
 
 

@@ -1,5 +1,5 @@
-"""MAS (METHODS.md 5.5): lambda sum Omega (w - theta0)^2, Omega = mean |grad of the mean squared
-logit norm at answer positions| (label-free: unlabelled general data works)."""
+"""MAS (docs/methods.md §5.5): lambda sum Omega (w - theta0)^2, Omega = mean |grad of the mean
+squared logit norm at answer positions| (label-free: unlabelled general data works)."""
 from configs import base
 
 

@@ -1,4 +1,4 @@
-"""Online EWC (METHODS.md 5.2): F~_k = gamma F~_{k-1} + F_k, anchored at this stage's base.
+"""Online EWC (docs/methods.md §5.2): F~_k = gamma F~_{k-1} + F_k, anchored at this stage's base.
 Stage k+1: `--config.penalty.prev_fisher_path=<stage k run_dir>/importance/online_ewc` (the
 running sum each stage writes); stage 1 leaves it empty."""
 from configs import base

@@ -42,7 +42,8 @@ def bind_penalty(model, method, variables: dict, params: dict, penalty_cfg: dict
                  importance_data=None, seed: int = 0):
   """A forgetting penalty (`mllm_tune.penalties`, e.g. {"name": "ewc", "weight": 1e2}) bound to
   this run -> (BoundPenalty, step constants). EWC/MAS importance is computed on θ0 over the
-  leaves the method changes, from `importance_data` (batches of *general* data, METHODS 5.1)."""
+  leaves the method changes, from `importance_data` (batches of *general* data, docs/methods.md
+  §5.1)."""
   from mllm_tune.importance import fisher
   from mllm_tune import penalties
   from mllm_tune import pytree

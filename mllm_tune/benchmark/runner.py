@@ -1,8 +1,8 @@
 """`mllm-tune bench` / `mllm-tune demo`: pre-train (cached), tune each method x seed on the
 downstream task, measure target and general accuracy, write the trade-off report.
 
-Protocol (METHODS.md 8): every run starts from the same cached base θ0, sees the same number of
-steps and batch size, draws its batches and adapter init from its seed, and is scored by greedy
+Protocol (docs/methods.md §8): every run starts from the same cached base θ0, sees the same number
+of steps and batch size, draws its batches and adapter init from its seed, and is scored by greedy
 generation on fixed eval sets (general: one set per family of the general mix; downstream: the
 task's eval split). The zero-shot row is θ0 on the same sets.
 """

@@ -15,8 +15,8 @@ keys (ignored by the pipeline) to score and group results. Images are RGB PNG, i
 Splits: synthetic train / eval never share an image (content-hash split, `offline_tasks`); the
 general mix interleaves its families (record i is example i // F of family i % F, F families),
 so `general[4k + j]` is the k-th example of family j and per-family scores (each an "upstream"
-A_u of METHODS.md 8) come from grouping by `record["family"]`. Digits: a fixed stratified split
-of sklearn's 1797 images, 30 per class for eval (300), the rest for train (1497).
+A_u of docs/methods.md §8) come from grouping by `record["family"]`. Digits: a fixed stratified
+split of sklearn's 1797 images, 30 per class for eval (300), the rest for train (1497).
 
 Task families, answer sets and chance accuracies: see `offline_tasks` (and `FAMILIES`). The
 general mix does not teach the downstream skills: no letters or digits are ever drawn in it,

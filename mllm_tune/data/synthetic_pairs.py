@@ -1,4 +1,4 @@
-"""Synthetic image-caption pairs with class labels, the data GIFT distils on (METHODS.md 5.3).
+"""Synthetic image-caption pairs with class labels, the data GIFT distils on (docs/methods.md §5.3).
 
 Two pluggable sources with one interface (`len`, `source[i] -> Pair`, `label_names`):
   PairDirectory    generated pairs on disk (e.g. Stable Diffusion images from class prompts):

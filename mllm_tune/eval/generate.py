@@ -15,8 +15,10 @@ applied host-side after generation, on decoded text (`generate_text`, `truncate_
 they do not stop the compiled loop early, they only cut the returned text.
 
 Post-hoc hooks (traced, so they never recompile): `first_token_logit_bias` shifts the step-0
-logits (open-ended logit calibration, METHODS 6.4 (b)); `return_entropy` also returns each step's
-predictive entropy (DaWin's H(x), METHODS 6.2). Both are used by `posthoc/dawin_decoding.py`.
+logits (open-ended logit calibration, docs/methods.md §6.4 (b)); `return_entropy` also returns each
+step's
+predictive entropy (DaWin's H(x), docs/methods.md §6.2). Both are used by
+`posthoc/dawin_decoding.py`.
 """
 from __future__ import annotations
 
@@ -148,11 +150,11 @@ def generate(model, params, input_ids, attention_mask=None, pixel_values=None,
   `stop_token_ids`) the rest of it is `pad_token_id`. `bucket_floor`: see the module docstring.
 
   `first_token_logit_bias` (V,) float32: added to the logits of decoding step 0 only (greedy,
-  sampling and beam search), e.g. `calibration.first_token_bias` (METHODS 6.4 (b)); traced, so
-  it never recompiles (None runs with zeros). `return_entropy=True` (greedy / sampling only)
+  sampling and beam search), e.g. `calibration.first_token_bias` (docs/methods.md §6.4 (b)); traced,
+  so it never recompiles (None runs with zeros). `return_entropy=True` (greedy / sampling only)
   returns `(tokens, entropy)`, entropy (B, max_new_tokens) float32: `dawin.entropy_from_logits`
   of the logits that chose each token (step-0 bias included, before temperature / top-k / top-p),
-  0 after the row's end token (DaWin's H(x), METHODS 6.2; see `posthoc/dawin_decoding.py`).
+  0 after the row's end token (DaWin's H(x), docs/methods.md §6.2; see `posthoc/dawin_decoding.py`).
 
   Raises ValueError on bad knobs (num_beams < 1, top_p outside (0, 1], top_k < 0,
   temperature < 0, sampling knobs without do_sample, do_sample without rng, return_entropy with

@@ -5,7 +5,7 @@ preparation the benchmark uses) and scored two ways:
 - task metric `vqa`: greedy generation from the prompt (the record cut before its answer), VQA
   accuracy against the reference (percent; `bench.evaluate`, so the numbers equal the
   benchmark's after-the-fact evaluation of the same weights). With several families in a set
-  (the general mix), the set score is the mean of the per-family scores (METHODS.md 8: Ā_up);
+  (the general mix), the set score is the mean of the per-family scores (docs/methods.md §8: Ā_up);
   `token`: teacher-forced top-1 accuracy on the answer tokens (percent), no generation.
 - on retention sets, one jitted teacher-forced pass computes the tuned model's and the base
   θ0's logits on the reference records and returns, over the answer positions

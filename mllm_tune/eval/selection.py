@@ -2,8 +2,8 @@
 
 An eval record (one line of a run's `metrics.jsonl`) holds `eval/target/<set>` and
 `eval/retention/<set>` task scores (percent). Against the step-0 record (the base θ0) the
-benchmark protocol of METHODS.md 8 (`eval/tradeoff.py`) gives, with the sets as its downstream /
-general sets:
+benchmark protocol of docs/methods.md §8 (`eval/tradeoff.py`) gives, with the sets as its downstream
+/ general sets:
   tradeoff/A_down = mean_d target_d          tradeoff/A_up = mean_r retention_r
   tradeoff/E = A_down − A_down(θ0)           tradeoff/F = mean_r [retention_r − retention_r(θ0)]
   tradeoff/O = E + F                         tradeoff/H = 2·A_down·A_up / (A_down + A_up)

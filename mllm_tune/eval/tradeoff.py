@@ -1,6 +1,6 @@
 """Specialization vs retention: scores, multi-seed aggregation, a markdown table and a plot.
 
-Implements the benchmark protocol of METHODS.md section 8 (survey arXiv 2503.04543), from raw
+Implements the benchmark protocol of docs/methods.md §8 (survey arXiv 2503.04543), from raw
 accuracies of the base model θ0 (zero-shot) and the tuned model θ, all in one unit (e.g. percent):
   A_down = mean over downstream sets d of A_d(θ);   Ā_up = mean over general sets u of A_u(θ)
   E = A_down(θ) − A_down(θ0)                        specialization (downstream gain)

@@ -2,8 +2,8 @@
 
 Each prompt is its record cut before the answer; the model answers greedily (KV cache, stops at
 `<|im_end|>`), the reply is decoded and scored with the official VQA normalization against ten
-copies of the single reference answer, i.e. normalized exact match (METHODS.md 8: "VQA accuracy
-with one reference"). Scores are per family and over the whole set, in percent.
+copies of the single reference answer, i.e. normalized exact match (docs/methods.md §8: "VQA
+accuracy with one reference"). Scores are per family and over the whole set, in percent.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Parameter importance for the forgetting penalties: diagonal Fisher (METHODS.md 5.1, 5.2), MAS
-(5.5), from one per-example engine.
+"""Parameter importance for the forgetting penalties: diagonal Fisher (docs/methods.md §5.1, 5.2),
+MAS (5.5), from one per-example engine.
 
   empirical  F_i = (1/N) sum_n (d_i log p(y_n|x_n))^2,  log p(y|x) = sum_{t in answer} log p(y_t|..)
   true       the same with y^_t ~ p_theta(.|x, y_<t) sampled at every answer position while the
@@ -259,7 +259,7 @@ def fisher_from_batches(model, variables: dict, leaves: dict, batches: Iterable[
 
 
 def online_update(previous: dict, current: dict, gamma: float) -> dict:
-  """Online EWC (METHODS 5.2): F~_k = gamma F~_{k-1} + F_k, leaf by leaf (same leaves)."""
+  """Online EWC (docs/methods.md §5.2): F~_k = gamma F~_{k-1} + F_k, leaf by leaf (same leaves)."""
   if not 0.0 < gamma <= 1.0:
     raise ImportanceError(f"online EWC gamma must be in (0, 1], got {gamma}")
   if set(previous) != set(current):

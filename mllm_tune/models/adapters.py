@@ -172,7 +172,7 @@ def vera_delta(module, x, dt):
 
 
 def bottleneck_delta(module, y, dt):
-  """Houlsby adapter delta `gelu(y Wdn + bdn) Wup + bup` (METHODS.md 3.1; exact-erf GELU)."""
+  """Houlsby adapter delta `gelu(y Wdn + bdn) Wup + bup` (docs/methods.md §3.1; exact-erf GELU)."""
   leaf = lambda n: module.get_variable(ADAPTERS, n).astype(dt)
   h = jax.nn.gelu(jnp.matmul(y, leaf(BOTTLENECK_DOWN)) + leaf(BOTTLENECK_DOWN_BIAS),
                   approximate=False)
@@ -182,7 +182,7 @@ def bottleneck_delta(module, y, dt):
 # ----------------------------------------------------------------------------- FFN
 def parallel_adapter(module, x_BxD: jax.Array, y_BxD: jax.Array) -> jax.Array:
   """FFN-level hook: `y + s * relu(x Wdn) Wup` when `parallel_down (D, m)`, `parallel_up (m, D)`
-  and `parallel_scale ()` sit in `module`'s adapters (METHODS.md 3.2; x is the FFN input)."""
+  and `parallel_scale ()` sit in `module`'s adapters (docs/methods.md §3.2; x is the FFN input)."""
   if not module.has_variable(ADAPTERS, PARALLEL_DOWN):
     return y_BxD
   leaf = lambda n: module.get_variable(ADAPTERS, n).astype(y_BxD.dtype)

@@ -1,6 +1,6 @@
 """Building blocks shared by the LLM and the vision towers.
 
-`Linear` is the one place where tuning methods attach to a matmul (DESIGN.md section 4): after
+`Linear` is the one place where tuning methods attach to a matmul (docs/design.md §4): after
 `x @ kernel + bias` it asks `adapters.py` to apply whatever adapter leaves sit beside its kernel in
 the `adapters` collection, so model code never branches on method names. The leaf names, their
 shapes, owners and math are the table in `adapters.py`; other modules read their own hooks from it

@@ -85,7 +85,8 @@ def causal_mask(query_slots_BT: jax.Array, key_valid_BS: jax.Array,
 
 def prepend_prefix(k_BSKH: jax.Array, v_BSKH: jax.Array, mask_BTS: jax.Array,
                    prefix_k_NnKH: jax.Array, prefix_v_NnKH: jax.Array):
-  """Always-visible virtual key/values (N = B or 1, no RoPE) before the sequence's (METHODS 3.4)."""
+  """Always-visible virtual key/values (N = B or 1, no RoPE) before the sequence's (docs/methods.md
+  §3.4)."""
   b, t = mask_BTS.shape[:2]
   n = prefix_k_NnKH.shape[1]
   grow = lambda p, x: jnp.concatenate(
@@ -99,7 +100,7 @@ class Attention(nn.Module):
   prompt/prefix hooks), and the LLaMA-Adapter leaves `adaption_prompt (P, D)` with a gate
   `adaption_gate ()` (raw, peft) or `adaption_gate_tanh ()` (tanh(g), official code): before
   `o_proj`, `out += g * softmax(q K_p^T / sqrt(H)) V_p`, `K_p = P K_k`, `V_p = P K_v` (frozen
-  projections, no RoPE, no mask; METHODS.md 3.6)."""
+  projections, no RoPE, no mask; docs/methods.md §3.6)."""
   cfg: LLMConfig
 
   @nn.compact
@@ -221,7 +222,8 @@ def scanned(block_cls, num_layers: int, remat_policy: str, n_broadcast: int, unr
 def split_prefix(prefix_nX: jax.Array, num_layers: int) -> tuple[jax.Array, jax.Array]:
   """peft's flat prefix (n, 2 L t) -> per-layer keys, values (L, n, t) each.
 
-  peft views it as [n, 2L, K, H]: index 2l holds the keys of layer l, 2l+1 its values (METHODS 3.4).
+  peft views it as [n, 2L, K, H]: index 2l holds the keys of layer l, 2l+1 its values
+  (docs/methods.md §3.4).
   """
   n = prefix_nX.shape[0]
   p = prefix_nX.reshape(n, num_layers, 2, -1).transpose(1, 2, 0, 3)  # (L, 2, n, t)
@@ -236,14 +238,14 @@ def join_prefix(k_LnT: jax.Array, v_LnT: jax.Array) -> jax.Array:
 
 
 def prefix_mlp(embedding_nT, w1_TH, b1_H, w2_HX, b2_X) -> jax.Array:
-  """Prefix reparameterization `P = tanh(E W1 + b1) W2 + b2` (n, 2 L t) (METHODS.md 3.4)."""
+  """Prefix reparameterization `P = tanh(E W1 + b1) W2 + b2` (n, 2 L t) (docs/methods.md §3.4)."""
   return jnp.matmul(jnp.tanh(jnp.matmul(embedding_nT, w1_TH) + b1_H), w2_HX) + b2_X
 
 
 class LLM(nn.Module):
   """The decoder. Call with `input_ids` or `inputs_embeds` (after image merge).
 
-  LLM-level adapter hooks (leaves under `llm/`, all optional; METHODS.md 3.3, 3.4):
+  LLM-level adapter hooks (leaves under `llm/`, all optional; docs/methods.md §3.3, 3.4):
     prefix_k, prefix_v (L, n, K*H)        per-layer virtual key/values (prefix tuning), or
     prefix_embedding (n, t) + prefix_mlp_{w1 (t, h), b1 (h,), w2 (h, 2Lt), b2 (2Lt,)}
                                           the same through the training reparameterization MLP;

@@ -10,7 +10,7 @@ created at init and carried so checkpoints round-trip exactly.
 
 `pixel_values` are NHWC (HF's are NCHW).
 
-Visual prompt hooks (VPT, METHODS.md 3.7; adapter leaves under `vision/`, all optional):
+Visual prompt hooks (VPT, docs/methods.md §3.7; adapter leaves under `vision/`, all optional):
   prompt_tokens (p, D)            shallow: p tokens inserted after the class token (SigLIP: first),
                                   after CLIP's `pre_norm`, carried through every layer;
   deep_prompt_tokens (L, p, D)    deep: layer l's input prompt slots are replaced by row l;

@@ -1,4 +1,5 @@
-"""Penalties against forgetting (METHODS.md 5.1, 5.2, 5.4-5.7), composable with any tuning method.
+"""Penalties against forgetting (docs/methods.md §5.1, 5.2, 5.4-5.7), composable with any tuning
+method.
 
 Quadratic pulls of the weights w toward an anchor theta* (= theta0, the base this run loads):
   ewc         (lambda/2) sum F (w - theta*)^2        F: diagonal Fisher (fisher.py)
@@ -19,7 +20,8 @@ Distillation from the frozen base (teacher = theta0 without adapters), per posit
   lwf  lambda_o * (-sum_v p0_v log q_v), p0 = softmax(z0/T), q = softmax(z/T), T = 2, no T^2
   kl   beta * KL(p_ref || p_theta) (forward) or KL(p_theta || p_ref) (reverse), T^2 if t2_scale
 
-GIFT (`penalty.name=gift`, METHODS 5.3) is defined and bound in gift/penalty.py (`Gift.bind_to`).
+GIFT (`penalty.name=gift`, docs/methods.md §5.3) is defined and bound in gift/penalty.py
+(`Gift.bind_to`).
 
 `bind(penalty, method, variables, base_params, importance)` -> (BoundPenalty, consts): consts are
 the step constants (importance, theta0 copies of the leaves that move), passed to the step beside

@@ -1,4 +1,4 @@
-"""Distillation from the frozen base: LwF and token KL (METHODS.md 5.4, 5.7); the terms are
+"""Distillation from the frozen base: LwF and token KL (docs/methods.md §5.4, 5.7); the terms are
 `terms.lwf_sum` / `terms.kl_sum`, applied by `api.BoundPenalty`."""
 from __future__ import annotations
 

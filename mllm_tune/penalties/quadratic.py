@@ -1,5 +1,5 @@
-"""Quadratic pulls toward the base theta0: EWC, online EWC, MAS, L2-SP (METHODS.md 5.1, 5.2, 5.5,
-5.6); the term itself is `terms.quadratic`, applied by `api.BoundPenalty`."""
+"""Quadratic pulls toward the base theta0: EWC, online EWC, MAS, L2-SP (docs/methods.md §5.1, 5.2,
+5.5, 5.6); the term itself is `terms.quadratic`, applied by `api.BoundPenalty`."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,7 +12,7 @@ from mllm_tune.penalties.api import Penalty, register
 @dataclasses.dataclass(frozen=True)
 class EWC(Penalty):
   """EWC (Kirkpatrick et al. 2017): (lambda/2) sum F (w - theta*)^2; `fisher_kind` empirical
-  (ground-truth labels) | true (sampled labels, METHODS 5.1)."""
+  (ground-truth labels) | true (sampled labels, docs/methods.md §5.1)."""
   family: ClassVar[str] = "quadratic"
   importance: ClassVar[str | None] = "fisher"
   default_weight: ClassVar[float | None] = None

@@ -1,5 +1,5 @@
 """Post-hoc logit calibration (Mai et al., NeurIPS 2024, "Fine-Tuning is Fine, if Calibrated";
-OSU-MLB/Fine-Tuning-Is-Fine-If-Calibrated `py/util/evaluate.py`), METHODS.md 6.4.
+OSU-MLB/Fine-Tuning-Is-Fine-If-Calibrated `py/util/evaluate.py`), docs/methods.md §6.4.
 
 Fine-tuning on a subset S of the classes leaves the absent classes U mostly intact up to a logit
 offset, so add it back: `z'_c = z_c + gamma` for c in U. ALG ("average logit gap", the code's
@@ -107,7 +107,7 @@ def candidate_scores(logprobs_NKT: jax.Array, mask_NKT: jax.Array) -> jax.Array:
 def first_token_bias(vocab_size: int, tuning_answer_first_token_ids: Iterable[int],
                      gamma: float) -> jax.Array:
   """(V,) float32 bias for decoding step 1: gamma on every token that never starts a tuning
-  answer, 0 on those that do (the open-ended heuristic of METHODS 6.4 (b))."""
+  answer, 0 on those that do (the open-ended heuristic of docs/methods.md §6.4 (b))."""
   if int(vocab_size) != vocab_size or vocab_size < 1:
     raise ValueError(f"calibration: vocab_size must be an integer >= 1, got {vocab_size}")
   ids = np.asarray(list(tuning_answer_first_token_ids), np.int64).reshape(-1)

@@ -1,5 +1,5 @@
 """DaWin (Oh et al., ICLR 2025; naver-ai/dawin `dawin_rft/main_dawin.py`, `mixturemodel.py`):
-training-free per-sample WiSE-FT, METHODS.md 6.2.
+training-free per-sample WiSE-FT, docs/methods.md §6.2.
 
 Each model's prediction entropy H(x) is a proxy of its expertise on x:
   lambda(x) = e^{-H_ft} / (e^{-H_0} + e^{-H_ft}) = sigmoid(H_0 - H_ft),

@@ -1,11 +1,11 @@
 """Post-hoc methods applied at decoding time, on generated answers.
 
-- DaWin (Oh et al., ICLR 2025; METHODS.md 6.2), generative VQA [choice]: H(x) = mean token
+- DaWin (Oh et al., ICLR 2025; docs/methods.md §6.2), generative VQA [choice]: H(x) = mean token
   entropy of a model over its own greedy answer (`answer_entropy`); per-sample
   `lambda(x)` from both models' entropies (offset-adjusted by default), a K = 3 Beta mixture over
   the lambdas, and each sample decoded by the merged model `(1 - m_k) theta0 + m_k theta_ft` of
   its component k (`dawin_generate`): K merged models, not one per sample.
-- Open-ended logit calibration (Mai et al., NeurIPS 2024; METHODS.md 6.4 (b)) needs no helper:
+- Open-ended logit calibration (Mai et al., NeurIPS 2024; docs/methods.md §6.4 (b)) needs no helper:
   `generate(..., first_token_logit_bias=calibration.first_token_bias(V, first_ids, gamma))`.
 """
 from __future__ import annotations
@@ -91,7 +91,7 @@ def dawin_generate(model, theta0: Params, theta_ft: Params, input_ids, attention
                    alphas: AlphaRules | None = None,
                    entropies: tuple[jax.Array, jax.Array] | None = None,
                    **generate_kwargs) -> tuple[jax.Array, np.ndarray, dawin.BetaMixture | None]:
-  """DaWin on a prompt batch (METHODS 6.2): (tokens (B, max_new_tokens) int32, per-sample
+  """DaWin on a prompt batch (docs/methods.md §6.2): (tokens (B, max_new_tokens) int32, per-sample
   coefficients (B,) float64, the Beta mixture or None).
 
   1. H_0, H_ft = `answer_entropy` of theta0 and theta_ft (greedy, `max_new_tokens` tokens;

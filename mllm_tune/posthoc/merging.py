@@ -1,4 +1,4 @@
-"""Post-hoc weight-space methods (METHODS.md 6.1, 6.3): WiSE-FT, task arithmetic, TIES, DARE.
+"""Post-hoc weight-space methods (docs/methods.md §6.1, 6.3): WiSE-FT, task arithmetic, TIES, DARE.
 
 All functions take and return nested param dicts (the `params` tree of a model; stacked blocks keep
 their leading layer axis L). Arithmetic runs in float32 (float64 stays float64) and results are
@@ -277,8 +277,8 @@ def _disjoint_mean(tau_K: jax.Array) -> jax.Array:
 def ties_task_vector(taus: Sequence[Params], k: float = 0.2, scope: str = "global") -> Params:
   """The merged TIES task vector tau_m (trim, elect sign, disjoint mean); see `ties_trim`.
 
-  [choice] An entry whose trimmed sum is exactly 0 elects gamma = 0 and merges to 0 (METHODS
-  6.3); the paper's code gives it the majority sign instead, peft gives it +1.
+  [choice] An entry whose trimmed sum is exactly 0 elects gamma = 0 and merges to 0 (docs/methods.md
+  §6.3); the paper's code gives it the majority sign instead, peft gives it +1.
   """
   if isinstance(taus, dict) or len(taus) == 0:
     raise ValueError("ties: taus must be a non-empty list of task-vector trees")

@@ -1,7 +1,7 @@
 """The post-hoc step of a recipe: WiSE-FT, DARE or TIES on the tuned model, swept and selected.
 
 After training, the tuned method is folded into its base weights, `theta_ft = method.merge(
-variables)`, and one weight-space step (METHODS.md 6.1, 6.3; `tuning/merging.py`) maps
+variables)`, and one weight-space step (docs/methods.md §6.1, 6.3; `tuning/merging.py`) maps
 (theta0, theta_ft) to base params, once per swept value of its parameter:
   wise_ft (6.1, alpha): `(1 - alpha) theta0 + alpha theta_ft` (per-module `alphas` rules pass
                         through unchanged; only the default alpha is swept)
@@ -11,7 +11,7 @@ variables)`, and one weight-space step (METHODS.md 6.1, 6.3; `tuning/merging.py`
   ties    (6.3, k):     `merging.ties_merge(theta0, [tau], k, lam, scope)`: with one task vector,
                         `theta0 + lam * trim_k(tau)` (sign election and mean are the identity)
 `run` scores every candidate with the caller's evaluator and keeps the best one by a trade-off
-metric (`eval/selection.py`, METHODS.md 8), ties to the candidate listed first.
+metric (`eval/selection.py`, docs/methods.md §8), ties to the candidate listed first.
 
 Config (`c.posthoc`, a ConfigDict or dict; missing keys take these defaults, unknown keys are an
 error): name none | wise_ft | dare | ties; sweep (values of the step's parameter, empty = its

@@ -26,7 +26,7 @@ def num_llm_layers(params: dict) -> int:
 
 
 def last_k_layers_regex(params: dict, k: int) -> str:
-  """`llm/layers_(i|..|L-1)/.*`: the last k LLM blocks (METHODS 2.1 `llm_last_k`)."""
+  """`llm/layers_(i|..|L-1)/.*`: the last k LLM blocks (docs/methods.md §2.1 `llm_last_k`)."""
   n = num_llm_layers(params)
   if not 1 <= k <= n:
     raise MethodError(f"llm_last_k: k={k} must be in [1, {n}] (the model has {n} LLM blocks)")

@@ -1,4 +1,4 @@
-"""GIFT (METHODS.md 5.3; CVPR 2025, arXiv 2503.04229): distil the teacher on synthetic
+"""GIFT (docs/methods.md §5.3; CVPR 2025, arXiv 2503.04229): distil the teacher on synthetic
 image-text pairs and consolidate weights by their normalised Fisher on those pairs.
 
 Checked against the released code (Luo-Jiaming/GIFT_CL `src/models/finetune_gift.py`,
@@ -28,9 +28,10 @@ the gradient is grad(L_CE + L_AWC) (the code then also keeps adding stale gradie
 longer zeroes them: not reproduced).
 
 Teacher logits use the teacher's own `logit_scale` (the code uses the student's; equal, since it
-is frozen). MLLM transfer ([choice], METHODS 5.3): `token_distillation` (token KL with T and T^2,
-METHODS 5.7, forward direction) and `caption_nll` on teacher-forced caption tokens, AWC unchanged
-(`gift_gradients` takes any aux/task loss closures over any params tree).
+is frozen). MLLM transfer ([choice], docs/methods.md §5.3): `token_distillation` (token KL with T
+and T^2,
+docs/methods.md §5.7, forward direction) and `caption_nll` on teacher-forced caption tokens, AWC
+unchanged (`gift_gradients` takes any aux/task loss closures over any params tree).
 
 In the trainer GIFT is a penalty (`penalty.name=gift`, class `Gift`, bound as `BoundGift`) on any
 tuning method: per step a synthetic caption batch (data/synthetic_pairs.PairBatches, the training
@@ -62,7 +63,7 @@ EXCLUDED_IMPORTANCE = 1e-6  # the code's F for logit_scale and gradient-less ten
 
 @dataclasses.dataclass(frozen=True)
 class GiftHparams:
-  """METHODS 5.3 defaults (configs/methods/gift.py)."""
+  """docs/methods.md §5.3 defaults (configs/methods/gift.py)."""
   temperature: float = 2.0
   kd_weight: float = 1.0
   ita_weight: float = 0.25
@@ -92,7 +93,8 @@ def smooth(target_BC: jax.Array, label_smoothing: float) -> jax.Array:
 
 def contrastive_distillation(student_NM: jax.Array, teacher_NM: jax.Array,
                              temperature: float = 2.0) -> jax.Array:
-  """L_KD = T^2 [H(softmax(Z^T/T), softmax(Z^S/T)) + the same on the transposes] (METHODS 5.3)."""
+  """L_KD = T^2 [H(softmax(Z^T/T), softmax(Z^S/T)) + the same on the transposes] (docs/methods.md
+  §5.3)."""
   if student_NM.ndim != 2 or student_NM.shape != teacher_NM.shape:
     raise ValueError(f"student logits {student_NM.shape} and teacher logits {teacher_NM.shape} "
                      "must be the same (N, M) matrix")
@@ -112,7 +114,7 @@ def label_targets(labels_B: jax.Array) -> jax.Array:
 
 def image_text_alignment(student_BB: jax.Array, labels_B: jax.Array,
                          label_smoothing: float = 0.2) -> jax.Array:
-  """L_ITA = CE_ls(Z^S, Y^) + CE_ls(Z^S^T, Y^) (METHODS 5.3; Y^ is symmetric)."""
+  """L_ITA = CE_ls(Z^S, Y^) + CE_ls(Z^S^T, Y^) (docs/methods.md §5.3; Y^ is symmetric)."""
   b = labels_B.shape[0]
   if student_BB.shape != (b, b):
     raise ValueError(f"image-text logits {student_BB.shape} must be (B, B) = ({b}, {b}): "

@@ -1,4 +1,4 @@
-"""GIFT in the trainer (`penalty.name=gift`, METHODS.md 5.3 MLLM adaptation): the registered
+"""GIFT in the trainer (`penalty.name=gift`, docs/methods.md §5.3 MLLM adaptation): the registered
 penalty `Gift`, its bound form `BoundGift` (the two-backward-pass optax transform) and its
 state. The loss terms and AWC math are in `gift.py`."""
 from __future__ import annotations
@@ -28,7 +28,7 @@ TERMS = ("gift_kd", "gift_ita", "gift_awc")
 @penalties.register("gift")
 @dataclasses.dataclass(frozen=True)
 class Gift(penalties.Penalty):
-  """GIFT on any tuning method (METHODS 5.3 [choice] MLLM): `weight` = lambda of L_AWC (the
+  """GIFT on any tuning method (docs/methods.md §5.3 [choice] MLLM): `weight` = lambda of L_AWC (the
   code's `l2`), kd_weight x token KD at `temperature` (T^2), ita_weight x caption NLL, static_awc."""
   family: ClassVar[str] = "gift"
   default_weight: ClassVar[float | None] = GiftHparams.awc_weight

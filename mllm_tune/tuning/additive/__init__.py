@@ -1,4 +1,4 @@
-"""Additive tuning (METHODS.md 3): methods that add parameters beside the frozen base.
+"""Additive tuning (docs/methods.md §3): methods that add parameters beside the frozen base.
 
 Registered by `tuning/__init__.py` (METHOD_MODULES); PEFT mappings are in `tuning/peft/additive.py`.
 

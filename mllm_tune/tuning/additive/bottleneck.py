@@ -1,4 +1,4 @@
-"""Bottleneck adapters: Houlsby (serial, METHODS.md 3.1) and parallel (He et al., 3.2).
+"""Bottleneck adapters: Houlsby (serial, docs/methods.md §3.1) and parallel (He et al., 3.2).
 
 Both add small MLPs on stacked layers; layers a target does not cover get all-zero weights (the
 hooks then add exactly 0) and a frozen mask. Neither folds into the base weights (`merge` raises).

@@ -1,4 +1,4 @@
-"""(IA)^3: learned per-channel rescaling (METHODS.md 3.5; peft `IA3`).
+"""(IA)^3: learned per-channel rescaling (docs/methods.md §3.5; peft `IA3`).
 
 `k <- l_k * k`, `v <- l_v * v` (output scaling, after the bias: leaf `ia3_out (d_out,)`), and
 `down_proj(l_ff * h)` for feed-forward targets (input scaling: leaf `ia3_in (d_in,)`); init ones.

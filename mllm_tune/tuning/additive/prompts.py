@@ -1,5 +1,5 @@
 """Virtual-token methods on the LLM: prompt tuning, prefix tuning, LLaMA-Adapter
-(METHODS.md 3.3, 3.4, 3.6). None folds into the base weights (`merge` raises); all have a PEFT
+(docs/methods.md §3.3, 3.4, 3.6). None folds into the base weights (`merge` raises); all have a PEFT
 counterpart (`additive_peft.py`). The model applies the leaves (`models/llm.py`):
 
 - `prompt_tuning`: `llm/prompt_embeddings (n, D)`, soft tokens before the (image-merged) input.

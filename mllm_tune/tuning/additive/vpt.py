@@ -1,4 +1,4 @@
-"""Visual prompt tuning, VPT (METHODS.md 3.7; Jia et al. 2022).
+"""Visual prompt tuning, VPT (docs/methods.md §3.7; Jia et al. 2022).
 
 Shallow: `vision/prompt_tokens (p, D_v)` inserted after the class token at the encoder input;
 deep: `vision/deep_prompt_tokens (L_v, p, D_v)`, fresh prompts at every layer input (the previous

@@ -1,4 +1,4 @@
-"""PEFT export/import for the additive methods PEFT has (METHODS.md 4.7), torch shapes:
+"""PEFT export/import for the additive methods PEFT has (docs/methods.md §4.7), torch shapes:
 
   ia3            IA3              `P.ia3_l` [d_out, 1] (output scaling), [1, d_in] (feed-forward)
   prompt_tuning  PROMPT_TUNING    `prompt_embeddings` [n, D]

@@ -1,4 +1,5 @@
-"""PEFT adapters in and out: `adapter_config.json` + `adapter_model.safetensors` (METHODS.md 4.7).
+"""PEFT adapters in and out: `adapter_config.json` + `adapter_model.safetensors` (docs/methods.md
+§4.7).
 
 Keys are `base_model.model.<HF module path>.<peft tensor>`, where the module path is the module's
 name inside the transformers model (`model.language_model.layers.3.self_attn.q_proj`). Export

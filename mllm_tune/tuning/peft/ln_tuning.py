@@ -1,4 +1,4 @@
-"""PEFT `LN_TUNING` export/import for `ln_tuning` (METHODS.md 2.3, 4.7).
+"""PEFT `LN_TUNING` export/import for `ln_tuning` (docs/methods.md §2.3, 4.7).
 
 peft's LN tuning replaces each target module by a trainable copy, saved as
 `base_model.model.<module>.ln_tuning_layers.<param>` (a norm's `weight`; a Linear's `weight` and

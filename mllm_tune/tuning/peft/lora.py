@@ -15,7 +15,7 @@ LORA_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
 
 
 def export_lora(method: LoRA, model, variables: dict):
-  if method.name == "pissa":  # exported as plain LoRA on the original base (METHODS 4.4 b)
+  if method.name == "pissa":  # exported as plain LoRA on the original base (docs/methods.md §4.4 b)
     method, variables = pissa_to_lora(method, variables)
   cfg = model.config
   adapters = variables["adapters"]

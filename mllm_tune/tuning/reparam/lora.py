@@ -1,4 +1,4 @@
-"""LoRA and its reparameterization relatives: rsLoRA, DoRA, PiSSA (METHODS.md 4.1-4.4).
+"""LoRA and its reparameterization relatives: rsLoRA, DoRA, PiSSA (docs/methods.md §4.1-4.4).
 
 `y = x K0 + b + s * drop(x) A B` with `A (d_in, r)`, `B (r, d_out)`, `s = alpha / r` (rsLoRA:
 `alpha / sqrt(r)`). Init as peft/microsoft: A ~ U(-1/sqrt(d_in), 1/sqrt(d_in)) (kaiming_uniform,

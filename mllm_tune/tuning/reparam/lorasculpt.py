@@ -1,5 +1,5 @@
 """LoRASculpt (CVPR 2025, arXiv 2503.16843): sparse LoRA factors + Conflict Mitigation
-Regularizer (METHODS.md 4.6, checked against the released LoRASculpt_Trainer).
+Regularizer (docs/methods.md §4.6, checked against the released LoRASculpt_Trainer).
 
 * Sparse update ("factors", the released code): at optimizer step `t0` each factor P (A and B of
   every layer separately) keeps its top-k entries by |P|, `k = floor(rho * numel(P))`, the rest

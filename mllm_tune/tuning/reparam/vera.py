@@ -1,4 +1,4 @@
-"""VeRA: shared frozen random projections, tiny trainable per-layer vectors (METHODS.md 4.5).
+"""VeRA: shared frozen random projections, tiny trainable per-layer vectors (docs/methods.md §4.5).
 
 torch: `y = W0 x + b ⊙ (B_sl (d ⊙ (A_sl x)))` with one shared `A_sh (r, D_in)`, `B_sh (D_out, r)`
 (D = max over targets), `A_sl = A_sh[:, :d_in]`, `B_sl = B_sh[:d_out]`. Kaiming-uniform init with

@@ -1,4 +1,4 @@
-"""Selective tuning by path: regex freezing, BitFit, LayerNorm tuning (METHODS.md 2.1-2.3).
+"""Selective tuning by path: regex freezing, BitFit, LayerNorm tuning (docs/methods.md §2.1-2.3).
 
 These methods train slices of the *base* params in place (no adapters, except BitFit's
 `extra_bias` on bias-free layers), so `trainable(variables)` is the whole method: a mask built
@@ -27,7 +27,7 @@ from mllm_tune.tuning.api import Method, MethodError, register
 from mllm_tune.tuning.masks import (ALL_LLM_LINEARS, Patterns, as_patterns, last_k_layers_regex,
                                     rules_mask, variables_mask)
 
-# METHODS.md 2.1: trainable regexes of the freezing presets (`llm_last_k` is built per model).
+# docs/methods.md §2.1: trainable regexes of the freezing presets (`llm_last_k` is built per model).
 FREEZE_PRESETS: dict[str, tuple[str, ...]] = {
     "full": (r".*",),
     "projector": (r"projector/.*",),
@@ -36,7 +36,8 @@ FREEZE_PRESETS: dict[str, tuple[str, ...]] = {
     "vision": (r"vision/.*",),
     "attn_only": (r"llm/layers_\d+/attn/.*",),
 }
-# METHODS.md 2.3: LLM norm scales; `ln_paper` adds what peft's LN_TUNING default for llava trains.
+# docs/methods.md §2.3: LLM norm scales; `ln_paper` adds what peft's LN_TUNING default for llava
+# trains.
 LLM_NORMS = r"llm/layers_\d+/(input_norm|post_attn_norm)/scale|llm/final_norm/scale"
 LN_PRESETS: dict[str, tuple[str, ...]] = {
     "ln_only": (LLM_NORMS,),
@@ -46,8 +47,8 @@ LN_PRESETS: dict[str, tuple[str, ...]] = {
 @register("freeze", "selective")
 @dataclasses.dataclass(frozen=True)
 class Freeze(Method):
-  """Regex freezing (METHODS 2.1): train the leaves matching `targets` (or a `preset`), except
-  those matching `frozen` (checked first). Default: everything = full fine-tuning.
+  """Regex freezing (docs/methods.md §2.1): train the leaves matching `targets` (or a `preset`),
+  except those matching `frozen` (checked first). Default: everything = full fine-tuning.
 
   preset: full | projector | llm | llm_last_k (last `k` blocks) | vision | attn_only.
   Trainable count = sum of matched leaf sizes. Merge: the params themselves (mergeable).
@@ -98,7 +99,7 @@ def bias_free_linears(params: dict, targets: Patterns) -> dict[str, np.ndarray]:
 @register("bitfit", "selective")
 @dataclasses.dataclass(frozen=True)
 class BitFit(Method):
-  """BitFit (METHODS 2.2): train bias leaves only (`targets`, default every `.*/bias`).
+  """BitFit (docs/methods.md §2.2): train bias leaves only (`targets`, default every `.*/bias`).
 
   `add_missing_bias=True` [choice] adds zero `extra_bias (d_out,)` adapters (applied by
   `layers.Linear`) to bias-free Linears matching the module regex `missing_bias_targets` (default
@@ -162,7 +163,8 @@ def merge_with_model(model, variables: dict):
   """BitFit merge that may add biases: -> (model with bias config flags, params).
 
   Every `extra_bias` becomes the `bias` leaf of its Linear. The HF config must be able to hold
-  the new biases (METHODS 2.2): Llama's `attention_bias` covers q/k/v/o together and `mlp_bias`
+  the new biases (docs/methods.md §2.2): Llama's `attention_bias` covers q/k/v/o together and
+  `mlp_bias`
   gate/up/down, so sibling projections get zero biases; Qwen2 (q/k/v only) and Mistral (none)
   cannot hold more and raise. Vision and projector Linears always have biases.
   """
@@ -212,7 +214,8 @@ def merge_with_model(model, variables: dict):
 @register("ln_tuning", "selective")
 @dataclasses.dataclass(frozen=True)
 class LNTuning(Method):
-  """LayerNorm tuning (METHODS 2.3, Zhao et al. 2023; peft LN_TUNING): train the LLM norm scales.
+  """LayerNorm tuning (docs/methods.md §2.3, Zhao et al. 2023; peft LN_TUNING): train the LLM norm
+  scales.
 
   preset `ln_only`: `(2L+1)·d` params (block input/post-attention norms + final norm);
   `ln_paper`: also the projector, input embeddings and LM head (peft's llava default).

@@ -1,4 +1,4 @@
-"""Gradient top-k / FISH mask (METHODS.md 2.8, Sung et al. 2021): train only the weights most
+"""Gradient top-k / FISH mask (docs/methods.md §2.8, Sung et al. 2021): train only the weights most
 important to the task, a fixed element mask chosen from data before training.
 
   fisher:   F_i = (1/N) sum_n (d_i log p(y_n | x_n))^2   per-sample gradients (never the square
@@ -173,7 +173,7 @@ class GradTopK(Method):
   def trainable(self, variables):
     if self.mask is None:
       raise MethodError("grad_topk has no mask yet: build it from task data with "
-                        "method.prepare(loss_fn, variables, batches) (METHODS 2.8)")
+                        "method.prepare(loss_fn, variables, batches) (docs/methods.md §2.8)")
     flat = {p: False for p in pytree.flatten(variables)}
     for p, m in self.mask.items():
       if p not in flat:

@@ -1,4 +1,4 @@
-"""HFT, Half Fine-Tuning (METHODS.md 2.4, arXiv 2404.18466): freeze half the block matrices.
+"""HFT, Half Fine-Tuning (docs/methods.md §2.4, arXiv 2404.18466): freeze half the block matrices.
 
 Per LLM block: 2 of the 4 attention matrices {q,k,v,o} are trainable; in a random half
 (`L // 2`) of the blocks 1 of the 3 FFN matrices {gate,up,down} is trainable, in the others 2.

@@ -1,4 +1,4 @@
-"""Model Tailor (METHODS.md 2.6, ICML 2024, arXiv 2402.12048; didizhu-zju/Model-Tailor
+"""Model Tailor (docs/methods.md §2.6, ICML 2024, arXiv 2402.12048; didizhu-zju/Model-Tailor
 `main_model_tailor.py`, `llava/train/sparsegpt.py`): post-hoc, keep a ~10% patch of the
 fine-tuned weights, reset the rest to theta0 and compensate with the OBS/SparseGPT update.
 

@@ -1,4 +1,4 @@
-"""SPIDER (METHODS.md 2.5, arXiv 2411.10928; WenkeHuang/SPIDER `Code/train/SPIDER.py`).
+"""SPIDER (docs/methods.md §2.5, arXiv 2411.10928; WenkeHuang/SPIDER `Code/train/SPIDER.py`).
 
 A weight moves only where fine-tuning importance beats pre-training importance. Per tensor (per
 layer for stacked leaves, as torch has one tensor per layer):
