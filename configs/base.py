@@ -13,7 +13,7 @@ def get_config():
   c.model.source = "tiny"        # hf | native | tiny | bench
   c.model.path = ""              # HF model dir (hf) or `mllm-tune convert` output (native)
   # source=bench: the offline benchmark's pre-trained tiny LLaVA (built and cached on first use)
-  # of this bench config ('' = configs/bench/offline.py); it is then loaded as source=hf.
+  # of this bench config ('' = mllm_tune/benchmark/config.py); it is then loaded as source=hf.
   c.model.bench_config = ""
   c.model.dtype = "float32"      # compute dtype (bfloat16 on accelerators)
   c.model.param_dtype = "float32"  # dtype the base is loaded in

@@ -9,7 +9,7 @@
   nothing carries over between runs.
 - `MLLM_TUNE_CACHE` (the offline benchmark's pre-trained bases) points at a per-session temporary
   directory too: tests never read or write ~/.cache, and the tests that need the tiny bench base
-  (`configs/bench/offline.py:tiny`) build it once per session and share it.
+  (`mllm_tune/benchmark/config.py:tiny`) build it once per session and share it.
 """
 import atexit
 import os

@@ -1,6 +1,6 @@
 """The offline benchmark harness (mllm_tune/bench): prepared arrays, scoring, the cached base,
 the run loop and its report, and bad input. The benchmark's *numbers* live in
-bench/results/tradeoff.md (a real run); here the tiny config only checks the plumbing."""
+results/tradeoff.md (a real run); here the tiny config only checks the plumbing."""
 from __future__ import annotations
 
 import json

@@ -180,7 +180,7 @@ def test_planner_emits_every_item_once_and_never_starves_one():
 
 
 def _bench():
-  path = os.path.join(os.path.dirname(__file__), "..", "bench", "packing_density.py")
+  path = os.path.join(os.path.dirname(__file__), "..", "perf", "packing_density.py")
   spec = importlib.util.spec_from_file_location("packing_density", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)

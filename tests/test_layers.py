@@ -19,7 +19,7 @@ LAYERS = {
     "eval": 6,
     "posthoc": 7,
     "train": 8,
-    "benchmark": 9, "bench": 9,  # bench: alias of benchmark for scripts
+    "benchmark": 9,
     "cli": 10, "demo": 10, "__init__": 10,
 }
 # Modules whose layer differs from their package's.

@@ -1,4 +1,4 @@
-"""bench/profile_step.py: HLO op table and per-op times from a real trace, and the script end to
+"""perf/profile_step.py: HLO op table and per-op times from a real trace, and the script end to
 end on the tiny preset in bf16 with random weights (the path a GPU run takes, here on CPU)."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "bench"))
+sys.path.insert(0, os.path.join(ROOT, "perf"))
 import profile_step  # noqa: E402
 
 
@@ -32,7 +32,7 @@ def test_thunk_times_name_the_ops_of_the_optimized_module(tmp_path):
 
 
 def test_profile_script_runs_the_throughput_step_and_groups_op_time():
-  r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "profile_step.py"), "--mode",
+  r = subprocess.run([sys.executable, os.path.join(ROOT, "perf", "profile_step.py"), "--mode",
                       "full", "--preset", "tiny", "--init", "random", "--dtype", "bfloat16",
                       "--batch", "2", "--seq", "40", "--top", "5"], cwd=ROOT, capture_output=True,
                      text=True, timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu"))

@@ -1,8 +1,8 @@
 """Retention-aware training (issue 11): target and retention evaluated in the run, KL from θ0,
 checkpoint selection by the trade-off, the run report, recipes with a post-hoc step, bad input.
 
-The base is the offline benchmark's tiny pre-trained LLaVA (`configs/bench/offline.py:tiny`,
-built once per test session in a temporary cache); bench/results/retention/ holds the real run."""
+The base is the offline benchmark's tiny pre-trained LLaVA (`mllm_tune/benchmark/config.py:tiny`,
+built once per test session in a temporary cache); results/retention/ holds the real run."""
 from __future__ import annotations
 
 import importlib
@@ -21,7 +21,7 @@ from mllm_tune.eval import selection
 from mllm_tune.train import setup
 from mllm_tune.train.loop import Trainer
 
-BENCH = "configs/bench/offline.py:tiny"
+BENCH = "mllm_tune/benchmark/config.py:tiny"
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
-"""bench/throughput.py end to end on the `tiny` preset in bf16 with random weights (the path a
+"""perf/throughput.py end to end on the `tiny` preset in bf16 with random weights (the path a
 GPU run takes, here on CPU): both frameworks' workers run every training/generation mode and the
 report has a row per mode with a finite ratio, the exact parameter count and the analytic FLOPs
-that the MFU columns use. Also the compiler-option parsing of bench/profile_step.py."""
+that the MFU columns use. Also the compiler-option parsing of perf/profile_step.py."""
 from __future__ import annotations
 
 import os
@@ -12,14 +12,14 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "bench"))
+sys.path.insert(0, os.path.join(ROOT, "perf"))
 import profile_step  # noqa: E402
 import throughput  # noqa: E402
 
 
 def test_tiny_bf16_random_init_run_reports_every_mode(tmp_path):
   out = tmp_path / "tiny.md"
-  cmd = [sys.executable, os.path.join(ROOT, "bench", "throughput.py"), "--preset", "tiny",
+  cmd = [sys.executable, os.path.join(ROOT, "perf", "throughput.py"), "--preset", "tiny",
          "--init", "random", "--dtype", "bfloat16", "--modes", "lora,full,generate",
          "--steps", "4", "--repeats", "1", "--batch", "2", "--seq", "40", "--new_tokens", "3",
          "--lora_rank", "4", "--no_hugetlb", "--results", str(out)]
@@ -41,7 +41,7 @@ def test_tiny_bf16_random_init_run_reports_every_mode(tmp_path):
 
 
 def test_load_mode_needs_a_checkpoint():
-  r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "throughput.py"), "--init",
+  r = subprocess.run([sys.executable, os.path.join(ROOT, "perf", "throughput.py"), "--init",
                       "random", "--modes", "load"], capture_output=True, text=True, timeout=300)
   assert r.returncode != 0 and "--modes load needs --init checkpoint" in r.stderr
 

@@ -4,7 +4,7 @@
 digits, the benchmark's downstream task), `general` (the general mix), or one family (`color`,
 `letter`, ...). Records go through the regular pipeline (ChatML template, assistant-only loss,
 CLIP preprocessing of the model directory); a row holds one record (no packing), as in the
-benchmark's own tuning (`mllm_tune/bench/fit.py`).
+benchmark's own tuning (`mllm_tune/benchmark/fit.py`).
 """
 import ml_collections
 

@@ -6,7 +6,7 @@ and evaluates, every `train.eval_every` steps and at step 0, the target set (dig
 and the retention set (the general mix, one score per family; its mean is Ā_up), with the KL of
 the tuned model from θ0 on the retention records. Checkpoints are kept by the combined score
 O = E + F (`train.best_metric`); the run report (report.md, report.png) is written at the end.
-Methods and learning rates are the benchmark's (`configs/bench/offline.py`), so a run here and
+Methods and learning rates are the benchmark's (`mllm_tune/benchmark/config.py`), so a run here and
 a `mllm-tune bench` run of the same method train the same way.
 
     mllm-tune train --config configs/experiments/recipe_full.py
@@ -21,7 +21,7 @@ def get_config(method: str = "full", penalty: dict | None = None,
   c = base.get_config()
   c.run_dir = f"runs/recipe_{method}"
   c.model.source = "bench"
-  c.model.bench_config = ""        # '' = configs/bench/offline.py
+  c.model.bench_config = ""        # '' = mllm_tune/benchmark/config.py
   m = dict(bench.methods()[method])
   lr = m.pop("lr")
   bench_penalty = m.pop("penalty", None)

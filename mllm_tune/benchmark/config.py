@@ -5,7 +5,7 @@ once on the general mix (cached), then each method tunes it on the downstream ta
 are measured (docs/methods.md §8). `methods` holds every method the bench knows, each a
 `configs/methods/<name>.py`-style config plus its learning rate `lr`; `run` picks which run.
 Targets are anchored at `llm/` (docs/methods.md §1.2). Learning rates come from a small sweep on
-seed 0 (bench/results/tradeoff.md says which), the same data order and step budget for every method.
+seed 0 (results/tradeoff.md says which), the same data order and step budget for every method.
 """
 import ml_collections
 

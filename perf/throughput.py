@@ -1,10 +1,10 @@
 """Side-by-side throughput: mllm_tune (JAX) vs transformers (+ peft) on the same LLaVA config.
 
-    python bench/throughput.py                       # driver: all modes, alternating, report
-    python bench/throughput.py --worker jax --mode lora --out r.json   # one measurement
+    python perf/throughput.py                       # driver: all modes, alternating, report
+    python perf/throughput.py --worker jax --mode lora --out r.json   # one measurement
     # GPU (LLaVA-1.5-7B shape, random weights, bf16; see --help):
-    python bench/throughput.py --preset llava7b --init random --dtype bfloat16 --seq 2048 \
-        --batch 4 --lora_rank 128 --modes lora --peak_gflops 989000 --results bench/results/gpu.md
+    python perf/throughput.py --preset llava7b --init random --dtype bfloat16 --seq 2048 \
+        --batch 4 --lora_rank 128 --modes lora --peak_gflops 989000 --results results/gpu.md
 
 Each measurement is its own process (so peak RSS is per framework), and the driver alternates
 jax/torch runs `--repeats` times per mode. Same weights (the HF model is saved once and loaded
@@ -261,7 +261,7 @@ def main():
                   help="auto: the library's per-call-site choice (cuDNN where it runs, else lse)")
   ap.add_argument("--remat_policy", default="none")
   ap.add_argument("--out", default="")
-  ap.add_argument("--results", default=os.path.join(ROOT, "bench", "results", "cpu.md"))
+  ap.add_argument("--results", default=os.path.join(ROOT, "results", "cpu.md"))
   args = ap.parse_args()
   if args.worker:
     return run_worker(args)
@@ -314,7 +314,7 @@ def report(rows, args, model_dir):
            f"{args.batch} x {args.seq} tokens (1 image each); LoRA r={args.lora_rank}; "
            f"generation: prompt {n_img + 32} tokens, {args.new_tokens} new, batch {args.batch}.",
            "",
-           f"Command: `python bench/throughput.py {' '.join(sys.argv[1:])}` (each number: median "
+           f"Command: `python perf/throughput.py {' '.join(sys.argv[1:])}` (each number: median "
            f"over {args.repeats} alternating process runs of the per-run median step time, "
            f"{args.steps - 2} timed steps per run after 2 warm-up steps; environment for both: "
            f"{'default' if args.no_hugetlb else 'GLIBC_TUNABLES=glibc.malloc.hugetlb=1'})", "",

@@ -1,6 +1,6 @@
-"""Model presets, batches and analytic FLOPs shared by bench/throughput.py and profile_step.py.
+"""Model presets, batches and analytic FLOPs shared by perf/throughput.py and profile_step.py.
 
-Sizes (`PRESETS`): `cpu` (the ~70M LLaVA of bench/results/cpu.md), `llava7b` (CLIP ViT-L/14-336
+Sizes (`PRESETS`): `cpu` (the ~70M LLaVA of results/cpu.md), `llava7b` (CLIP ViT-L/14-336
 + Llama-2-7B dims), `llava1p5b` (CLIP ViT-B/16 + a 24x2048 Llama, ~1.5B), `tiny` (smoke tests).
 FLOPs are counted analytically (see `flops_per_step`).
 """
@@ -50,7 +50,7 @@ def make_batch(batch: int, seq: int, s=SIZES, seed: int = 0):
 
 
 def flops_per_step(mode: str, batch: int, seq: int, s=SIZES, lora_r: int = 16) -> float:
-  """Model FLOPs of one training step (`mode` full | lora), counted as bench/throughput.py's
+  """Model FLOPs of one training step (`mode` full | lora), counted as perf/throughput.py's
   docstring says: 2 * in * out per token per matmul forward, backward 2x (trained) or 1x
   (frozen, input gradient only), attention 4 * T * d per layer per token forward."""
   d, f, L = s["hidden"], s["inter"], s["layers"]

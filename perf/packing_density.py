@@ -1,6 +1,6 @@
 """Packing density (real tokens / all token slots) with and without packing, on a LLaVA-like mix.
 
-    .venv/bin/python bench/packing_density.py [--samples 20000] [--batch-size 8] [--max-len 2048]
+    .venv/bin/python perf/packing_density.py [--samples 20000] [--batch-size 8] [--max-len 2048]
 
 The batches are planned by the pipeline's own `Planner` / `pack_rows` (mllm_tune.data.packing),
 including the dummy-image rule (every unused image slot needs `image_seq_len` padding tokens),

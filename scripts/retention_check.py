@@ -1,9 +1,9 @@
 """Re-evaluate a finished retention-tracked run's checkpoints with the benchmark's own evaluation.
 
-    python bench/retention_check.py runs/retention_full [--out bench/results/retention/check.md]
+    python scripts/retention_check.py runs/retention_full [--out results/retention/check.md]
 
 For every checkpoint the run kept, the trainable state is restored and scored by
-`mllm_tune.bench.runner.measure` (the after-the-fact evaluation `mllm-tune bench` uses) on the
+`mllm_tune.benchmark.runner.measure` (the after-the-fact evaluation `mllm-tune bench` uses) on the
 benchmark's eval splits cut to the run's set sizes; the table puts those numbers beside the ones
 the run logged at that step. They must agree to float tolerance (same metric, same data).
 """
@@ -23,7 +23,7 @@ def main(argv=None) -> int:
   ap.add_argument("run_dir")
   ap.add_argument("--out", default=None, help="markdown file (default: print only)")
   args = ap.parse_args(argv)
-  from mllm_tune.bench import runner
+  from mllm_tune.benchmark import runner
   from mllm_tune.cli import build_data
   from mllm_tune.eval import selection
   from mllm_tune.train.config_io import load_config
@@ -57,8 +57,8 @@ def main(argv=None) -> int:
       rows.append(f"| {step} | {name} | {a:.4f} | {b:.4f} | {abs(a - b):.2e} |")
   md = "\n".join([
       f"# In-run evaluation vs the benchmark's evaluation: `{os.path.basename(args.run_dir)}`",
-      "", f"Command: `python bench/retention_check.py {args.run_dir}`. Every kept checkpoint is "
-      "restored and scored by `mllm_tune.bench.runner.measure` on the benchmark's eval splits "
+      "", f"Command: `python scripts/retention_check.py {args.run_dir}`. Every kept checkpoint is "
+      "restored and scored by `mllm_tune.benchmark.runner.measure` on the benchmark's eval splits "
       f"({target.num} digits records, {general.num // len(bcfg.general)} per general family).",
       "", "| step | set | benchmark evaluation | logged in the run | abs. difference |",
       "|---|---|---:|---:|---:|", *rows, "", f"Largest difference: {worst:.2e}.", ""])
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
 
 
 def runner_default() -> str:
-  from mllm_tune.bench.pretrain import default_config_path
+  from mllm_tune.benchmark.pretrain import default_config_path
   return default_config_path()
 
 

@@ -1,13 +1,13 @@
 """Where the time of one mllm_tune training step goes: per-op device time (GPU) or thread time
 (XLA:CPU).
 
-    python bench/profile_step.py --mode lora            # the throughput.py config, batch 4 x 512
-    python bench/profile_step.py --mode full --top 40
-    # GPU, the 1.5B full fine-tuning run of bench/gpu_targets.sh (random weights, bf16):
-    python bench/profile_step.py --mode full --preset llava1p5b --init random \
+    python perf/profile_step.py --mode lora            # the throughput.py config, batch 4 x 512
+    python perf/profile_step.py --mode full --top 40
+    # GPU, the 1.5B full fine-tuning run of perf/gpu_targets.sh (random weights, bf16):
+    python perf/profile_step.py --mode full --preset llava1p5b --init random \
         --dtype bfloat16 --batch 8 --seq 2048
 
-Runs the jitted step of `bench/throughput.py` (same model, batch and trainable set) twice to
+Runs the jitted step of `perf/throughput.py` (same model, batch and trainable set) twice to
 warm up, traces two more steps with `jax.profiler`, and sums the duration of every XLA op by
 name: on a GPU the device's "XLA Ops" timeline, on CPU every thread's thunks (the thunks of one
 step run on two threads, so the total can exceed the step's wall time). Each row names the
@@ -30,7 +30,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "bench"))
+sys.path.insert(0, os.path.join(ROOT, "perf"))
 
 
 def op_table(hlo_text: str) -> dict[str, tuple[str, str, str]]:

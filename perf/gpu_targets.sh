@@ -9,12 +9,12 @@
 #                                          -> $OUT/gpu_full1p5b.md (+ _runs.json)
 #   4. 7B shape, greedy generation, batch 4, 64 new tokens
 #                                          -> $OUT/gpu_generate7b.md (+ _runs.json)
-#   5. per-op device time of the 1.5B full step (bench/profile_step.py)
+#   5. per-op device time of the 1.5B full step (perf/profile_step.py)
 #                                          -> $OUT/gpu_profile_full1p5b.txt
 # Random weights (each framework builds them on its device), default attention ("auto").
-# Run from anywhere:   bash bench/gpu_targets.sh          (OUT defaults to bench/results)
+# Run from anywhere:   bash perf/gpu_targets.sh          (OUT defaults to results)
 # CPU dry run of the same stages on tiny models (what CI-less checks use before device time):
-#                      bash bench/gpu_targets.sh --tiny   (OUT defaults to a temporary folder)
+#                      bash perf/gpu_targets.sh --tiny   (OUT defaults to a temporary folder)
 # Targets (issue "GPU: default paths"): 7B LoRA >= 50% MFU, >= 2.0x peft, <= 0.8x its memory;
 # 1.5B full >= 50% MFU, >= 1.3x, <= 1.0x memory; generation >= 5x. --peak_gflops 989000 = H100/
 # H200 dense bf16.
@@ -27,7 +27,7 @@ if [[ "${1:-}" == "--tiny" ]]; then
   P7=tiny; P15=tiny; B7=2; B15=2; SEQ=64; NEW=4; PLAT=cpu; TESTS=(tests/test_fused_ops.py)
   T_TESTS=300; T_LORA=300; T_FULL=300; T_GEN=300; T_PROF=300
 else
-  OUT=${OUT:-bench/results}
+  OUT=${OUT:-results}
   P7=llava7b; P15=llava1p5b; B7=${BATCH_7B:-4}; B15=${BATCH_1P5B:-8}; SEQ=2048; NEW=64
   PLAT=gpu
   TESTS=(tests/test_attention.py tests/test_parity_hf.py tests/test_chunked_ce.py
@@ -64,13 +64,13 @@ stage() {  # stage NAME SECONDS CMD...: run CMD under a time limit, report, keep
 stage tests "$T_TESTS" env XLA_PYTHON_CLIENT_PREALLOCATE=false \
   bash -c "python3 -m pytest -q -p no:cacheprovider ${TESTS[*]} -n 4 --dist loadfile \
            > '$OUT/gpu_tests.log' 2>&1; rc=\$?; tail -3 '$OUT/gpu_tests.log'; exit \$rc"
-stage lora7b "$T_LORA" python3 bench/throughput.py "${COMMON[@]}" --preset "$P7" \
+stage lora7b "$T_LORA" python3 perf/throughput.py "${COMMON[@]}" --preset "$P7" \
   --batch "$B7" --lora_rank 128 --modes lora --results "$OUT/gpu_lora7b.md"
-stage full1p5b "$T_FULL" python3 bench/throughput.py "${COMMON[@]}" --preset "$P15" \
+stage full1p5b "$T_FULL" python3 perf/throughput.py "${COMMON[@]}" --preset "$P15" \
   --batch "$B15" --modes full --results "$OUT/gpu_full1p5b.md"
-stage generate7b "$T_GEN" python3 bench/throughput.py "${COMMON[@]}" --preset "$P7" \
+stage generate7b "$T_GEN" python3 perf/throughput.py "${COMMON[@]}" --preset "$P7" \
   --batch "$B7" --modes generate --results "$OUT/gpu_generate7b.md"
-stage profile1p5b "$T_PROF" bash -c "python3 bench/profile_step.py --mode full --preset $P15 \
+stage profile1p5b "$T_PROF" bash -c "python3 perf/profile_step.py --mode full --preset $P15 \
   --init random --dtype bfloat16 --batch $B15 --seq $SEQ --top 25 \
   > '$OUT/gpu_profile_full1p5b.txt' 2>&1; rc=\$?; tail -4 '$OUT/gpu_profile_full1p5b.txt'; exit \$rc"
 echo "results in $OUT"; ls -la "$OUT"

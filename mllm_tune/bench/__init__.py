@@ -1,1 +1,0 @@
-"""Moved to `mllm_tune.benchmark`; alias that keeps `mllm_tune.bench.runner` importable."""
