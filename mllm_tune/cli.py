@@ -64,13 +64,13 @@ def build_data(cfg, model):
 def _train(args) -> int:
   from mllm_tune.train.config_io import apply_overrides, load_config, validate
   from mllm_tune.train.loop import Trainer
-  from mllm_tune.train import setup
+  from mllm_tune.benchmark.pretrain import resolve_model_source
   from mllm_tune.train.multihost import maybe_initialize_distributed
   maybe_initialize_distributed()
   cfg = load_config(args.config)
   apply_overrides(cfg, args.overrides)
   validate(cfg)
-  setup.resolve_bench_model(cfg.model)
+  resolve_model_source(cfg.model)
   trainer = Trainer(cfg, data=lambda model: build_data(cfg, model),
                     progress=not args.no_progress, fisher_data=build_fisher_data(cfg))
   trainer.eval_fn = build_eval_fn(cfg, trainer.model)

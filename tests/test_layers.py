@@ -29,11 +29,7 @@ MODULE_LAYERS = {
     "mllm_tune.checkpoints.adapters": LAYERS["tuning"],
 }
 # Known upward edges (importer, imported) that this rule does not allow yet; each says why.
-KNOWN = {
-    # `model.source = "bench"` in train/setup.py, a file being reworked elsewhere; cli.py already
-    # resolves the source before building the Trainer.
-    ("mllm_tune.train.setup", "mllm_tune.benchmark.pretrain"),
-}
+KNOWN: set = set()
 
 
 def _modules():

@@ -15,6 +15,7 @@ import pytest
 
 from configs import base as base_cfg
 from configs.experiments import offline_recipe
+from mllm_tune.benchmark.pretrain import resolve_model_source
 from mllm_tune.cli import build_data
 from mllm_tune.eval import retention as ret
 from mllm_tune.eval import selection
@@ -43,7 +44,7 @@ def small(c, run_dir, steps=6, eval_every=2):
 
 
 def trainer_for(c) -> Trainer:
-  setup.resolve_bench_model(c.model)
+  resolve_model_source(c.model)
   return Trainer(c, data=lambda m: build_data(c, m), progress=False)
 
 
@@ -318,3 +319,12 @@ def test_llava_json_retention_set_scores_like_the_same_offline_records(cache, tm
   preds = ev.task_scores({"params": tuned}, sets[1])
   assert m["eval/retention/mix"] == pytest.approx(preds["all"])
   assert m["eval/retention/offline"] == pytest.approx(np.mean(fams))
+
+
+def test_trainer_refuses_an_unresolved_bench_source(tmp_path):
+  """The training library does not import the benchmark: `model.source="bench"` is resolved
+  by the caller (the CLI) first, and a Trainer handed the raw source says how."""
+  c = small(offline_recipe.get_config(), tmp_path)
+  assert c.model.source == "bench"
+  with pytest.raises(setup.ConfigValueError, match="resolve_model_source"):
+    Trainer(c, data=None, progress=False)

@@ -33,6 +33,20 @@ def default_config_path() -> str:
   return os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.py")
 
 
+def resolve_model_source(model_cfg) -> None:
+  """`model.source = "bench"` (a training config's `model` section): build (first use) or find
+  the pre-trained base of `model.bench_config` (default: this package's config) and point the
+  section at it as an HF directory (`source = "hf"`). The CLI calls this before it builds a
+  `Trainer`; the training library itself does not know the benchmark."""
+  if model_cfg.source != "bench":
+    return
+  from mllm_tune.train.config_io import load_config
+  spec = model_cfg.get("bench_config") or default_config_path()
+  model_cfg.path = ensure_base(load_config(spec))
+  model_cfg.source = "hf"
+  log.info("model.source=bench (%s): the pre-trained base %s", spec, model_cfg.path)
+
+
 def cache_key(cfg) -> str:
   blob = json.dumps({"model": cfg.model.to_dict(), "pretrain": cfg.pretrain.to_dict(),
                      "data": DATA_VERSION}, sort_keys=True)

@@ -62,7 +62,11 @@ class Trainer:
     t = cfg.train
     devices = jax.devices()[:cfg.mesh.devices] if cfg.mesh.get("devices") else None
     self.mesh = shard_lib.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices)
-    setup.resolve_bench_model(cfg.model)
+    if cfg.model.source == "bench":
+      raise setup.ConfigValueError(
+          "config key 'model.source': 'bench' names the offline benchmark's pre-trained base; "
+          "resolve it first with mllm_tune.benchmark.pretrain.resolve_model_source(cfg.model) "
+          "(mllm-tune train does), which builds or finds the base and sets source='hf'")
     sfn = shard_lib.sharding_fn(self.mesh)
     self.model, params, self.base_path = setup.load_model(cfg.model, sharding_fn=sfn)
     self.base_fingerprint = params_fingerprint(params)

@@ -47,19 +47,6 @@ def tiny_model_config(c) -> LlavaConfig | CausalLMConfig:
                       attention_impl=_attention_impl(c))
 
 
-def resolve_bench_model(c) -> None:
-  """`model.source = "bench"`: build (first use) or find the offline benchmark's pre-trained base
-  of `model.bench_config` and point the section at it as an HF directory (source=hf)."""
-  if c.source != "bench":
-    return
-  from mllm_tune.benchmark import pretrain
-  from mllm_tune.train.config_io import load_config
-  spec = c.get("bench_config") or pretrain.default_config_path()
-  c.path = pretrain.ensure_base(load_config(spec))
-  c.source = "hf"
-  log.info("model.source=bench (%s): the pre-trained base %s", spec, c.path)
-
-
 def load_model(c, sharding_fn=None):
   """-> (model, params, base_path) from the `model` config section."""
   from mllm_tune.checkpoints.hf import load_pretrained
