@@ -1,8 +1,9 @@
-"""Train a method on a prepared set with the trainer's own pure step (`train/step.py`).
+"""Train a method on a prepared set through the trainer's own builder (`train/build.py`).
 
-The same partition / optimizer chain / jitted `train_step` as `mllm-tune train`; what differs is
-only the data (in-memory `VqaArrays`, uniform sampling with a seeded generator) and that
-nothing is checkpointed. Returns the trained variables and timing.
+The same method preparation, partition, optimizer chain and jitted `train_step` as
+`mllm-tune train`; what differs is only the data (in-memory `VqaArrays`, uniform sampling with a
+seeded generator), the optimizer (AdamW with warmup + cosine decay and clipping, from arguments)
+and that nothing is checkpointed or sharded. Returns the trained variables and timing.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import optax
 
 from mllm_tune import tuning
 from mllm_tune.eval.vqa_sets import VqaArrays
+from mllm_tune.train import build
 from mllm_tune.train import step as step_lib
 
 
@@ -30,14 +32,6 @@ class FitResult:
   losses: list[float]
 
 
-def _loss_fn(model):
-  """NLL of a batch for data-derived masks (`method.prepare`, e.g. grad_topk)."""
-  def fn(variables, batch):
-    logits = model.apply(variables, batch["input_ids"], **step_lib.model_kwargs(batch))
-    return step_lib.token_ce(logits, batch["input_ids"], batch["loss_mask"])[0]
-  return fn
-
-
 def bind_penalty(model, method, variables: dict, params: dict, penalty_cfg: dict,
                  importance_data=None, seed: int = 0):
   """A forgetting penalty (`mllm_tune.penalties`, e.g. {"name": "ewc", "weight": 1e2}) bound to
@@ -46,16 +40,13 @@ def bind_penalty(model, method, variables: dict, params: dict, penalty_cfg: dict
   §5.1)."""
   from mllm_tune.importance import fisher
   from mllm_tune import penalties
-  from mllm_tune import pytree
+  from mllm_tune.train.penalty_setup import changed_leaves
   penalty = penalties.from_config(penalty_cfg)
   scores = None
   if penalty.importance is not None:
     if importance_data is None:
       raise ValueError(f"penalty '{penalty.name}' needs importance data (general batches)")
-    changed, _, _ = penalties.penalisable(method, variables)
-    flat = {p: p in changed for p in pytree.flatten({"params": params})}
-    leaves = pytree.unflatten(flat)
-    leaves["adapters"] = {}
+    leaves, _ = changed_leaves(method, variables, params)
     kind = "mas" if penalty.importance == "mas" else penalty.fisher_kind
     scores, _ = fisher.fisher_from_batches(
         model, {"params": params, "adapters": {}}, leaves, importance_data, kind,
@@ -79,29 +70,27 @@ def fit(model, method: tuning.Method, params: dict, data: VqaArrays, spec, *, st
   rng = np.random.default_rng(seed)
   variables = method.init_variables(jax.random.key(seed), params)
   draw = lambda: data.batch(rng.integers(0, len(data), batch_size), spec)
-  if hasattr(method, "prepare") and getattr(method, "mask", 0) is None:
-    method = method.prepare(_loss_fn(model), variables, [draw() for _ in range(4)])
-  mask = method.trainable(variables)
-  _, n_train, n_total = tuning.api.trainable_table(variables, mask)
-  if n_train == 0:
-    raise tuning.MethodError(f"method '{tuning.api.label(method)}' trains nothing")
-  trainable, frozen = tuning.partition(variables, mask)
+  if build.needs_preparing(method):  # the summed NLL of 4 drawn batches (draws only then)
+    method = build.prepare_method(method, model, variables, [draw() for _ in range(4)],
+                                  per_token=False)
+  mask, n_train = build.trainable_mask(method, variables, log=False)
+  n_total = tuning.api.trainable_table(variables, mask)[2]
   schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(warmup_steps, 0),
                                                 max(steps, warmup_steps + 1))
   inner = optax.chain(optax.clip_by_global_norm(clip_norm),
                       optax.adamw(schedule, weight_decay=weight_decay))
-  opt = tuning.build_optimizer(method, variables, mask, trainable, inner)
   bound, consts = None, None
   if penalty:
     bound, consts = bind_penalty(model, method, variables, params, penalty, importance_data, seed)
-    opt = optax.chain(bound.transform(), opt)  # the coupled penalty gradient comes first
-  fns = step_lib.StepFns(model, method, opt, penalty=bound)
-  state = step_lib.TrainState(step=jnp.int32(0), trainable=trainable,
-                              opt_state=opt.init(trainable), rng=jax.random.key(seed + 1))
+  run = build.assemble(model, method, variables, mask, inner, penalty=bound)
+  frozen = run.frozen
+  state = step_lib.TrainState(step=jnp.int32(0), trainable=run.trainable,
+                              opt_state=run.optimizer.init(run.trainable),
+                              rng=jax.random.key(seed + 1))
   # The step donates the state: give every leaf its own buffer (optimizer states such as
   # SPIDER's θ0 alias the params, and the params alias the caller's `params`).
   state = jax.tree.map(jnp.copy, state)
-  train_step = jax.jit(functools.partial(step_lib.train_step, fns), donate_argnums=(1,))
+  train_step = jax.jit(functools.partial(step_lib.train_step, run.fns), donate_argnums=(1,))
   losses, times = [], []
   for i in range(steps):
     t0 = time.perf_counter()

@@ -35,16 +35,14 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from tqdm.auto import tqdm
 
 from mllm_tune import pytree, tuning
 from mllm_tune.checkpoints.orbax_io import TrainCheckpointer, params_fingerprint
-from mllm_tune.train import penalty_setup, setup
+from mllm_tune.train import build, penalty_setup, setup
 from mllm_tune.train import sharding as shard_lib
 from mllm_tune.train.logs import JsonlWriter, TensorBoardWriter
-from mllm_tune.train.step import (StepFns, TrainState, eval_step, find_nonfinite, model_kwargs,
-                                  token_ce, train_step)
+from mllm_tune.train.step import TrainState, eval_step, find_nonfinite, train_step
 
 log = logging.getLogger(__name__)
 
@@ -75,27 +73,33 @@ class Trainer:
     variables = self.method.init_variables(jax.random.fold_in(rng, 1), params)
     if callable(data) and not hasattr(data, "get_state"):
       self.data = data = data(self.model)  # a factory that needs the model (vocab, images)
-    self._prepare_method(variables, t.get("prepare_batches", 4))
-    self.mask = self.method.trainable(variables)
-    self.n_trainable = tuning.log_trainable(self.method, variables, self.mask)
-    self.penalty, consts = penalty_setup.setup_penalty(self, params, variables, fisher_data)
-    self.penalty_data = penalty_setup.setup_penalty_data(self)
+    self.method = self._prepare_method(variables, t.get("prepare_batches", 4))
+    self.mask, self.n_trainable = build.trainable_mask(self.method, variables)
+    self.penalty, consts = penalty_setup.setup_penalty(
+        cfg, self.model, self.method, params, variables, base_path=self.base_path,
+        base_fingerprint=self.base_fingerprint, fisher_data=fisher_data, train_data=self.data,
+        mesh=self.mesh)
+    self.penalty_data = penalty_setup.setup_penalty_data(cfg, self.model, self.penalty)
     self.param_sharding = sfn
-    trainable, frozen = tuning.partition(variables, self.mask)
-    trainable = setup.cast_tree(trainable, jnp.float32)  # float32 master weights
-    if cfg.model.frozen_dtype:
-      frozen = setup.cast_tree(frozen, jnp.dtype(cfg.model.frozen_dtype))
-    shard_t = setup.state_shardings(trainable, self.mesh)
-    shard_f = setup.state_shardings(frozen, self.mesh)
-    self.trainable_shardings = shard_t
-    self.frozen = jax.device_put(frozen, shard_f)
-    trainable = jax.device_put(trainable, shard_t)
     base_opt, self.lr_fn = setup.make_optimizer(cfg.optimizer, t.steps)
-    self.optimizer = tuning.build_optimizer(self.method, variables, self.mask, trainable,
-                                            base_opt)
+    shardings = {}
+
+    def place(name):  # onto the mesh by the (regex, PartitionSpec) rules
+      def put(tree):
+        shardings[name] = setup.state_shardings(tree, self.mesh)
+        return jax.device_put(tree, shardings[name])
+      return put
+    run = build.assemble(
+        self.model, self.method, variables, self.mask, base_opt, penalty=self.penalty,
+        grad_accum=t.grad_accum, loss_chunk=t.get("loss_chunk", 256),
+        master_dtype=jnp.float32,  # float32 master weights
+        frozen_dtype=jnp.dtype(cfg.model.frozen_dtype) if cfg.model.frozen_dtype else None,
+        place_trainable=place("trainable"), place_frozen=place("frozen"))
+    shard_t = self.trainable_shardings = shardings["trainable"]
+    self.frozen, trainable, self.optimizer, self.fns = (run.frozen, run.trainable,
+                                                        run.optimizer, run.fns)
     self.penalty_consts = None
-    if self.penalty is not None:  # the coupled penalty gradient comes before the masks
-      self.optimizer = optax.chain(self.penalty.transform(), self.optimizer)
+    if self.penalty is not None:
       flat_sh = pytree.flatten(shard_t)  # gift's theta_ref: as the trainable leaf
       sfn_p = lambda k, p, x: (flat_sh[p] if k == "ref" else
                                sfn(p.split("/", 1)[1], tuple(x.shape)))
@@ -112,8 +116,6 @@ class Trainer:
     self.state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated),
                             trainable=trainable, opt_state=opt_state,
                             rng=jax.device_put(jax.random.key_data(rng), replicated))
-    self.fns = StepFns(self.model, self.method, self.optimizer, t.grad_accum,
-                       penalty=self.penalty, loss_chunk=t.get("loss_chunk", 256))
     state_sh = jax.tree.map(lambda x: x.sharding, self.state)
     self.batch_sharding = setup.batch_sharding(self.mesh, t.grad_accum)
     self.jit_step = jax.jit(self._raw_step, donate_argnums=(1,), out_shardings=(state_sh, None))
@@ -150,11 +152,11 @@ class Trainer:
         raise setup.ConfigValueError(f"config 'posthoc': {e}") from e
     return tracker
 
-  def _prepare_method(self, variables: dict, n_batches: int) -> None:
+  def _prepare_method(self, variables: dict, n_batches: int):
     """Methods that derive their mask from task data (grad_topk) get it here, from the first
     `train.prepare_batches` training batches; the data position is then rewound."""
-    if not (hasattr(self.method, "prepare") and getattr(self.method, "mask", 0) is None):
-      return
+    if not build.needs_preparing(self.method):
+      return self.method
     state0 = self.data.get_state()
     batches = [next(self.data) for _ in range(n_batches)]
     self.data.set_state(state0)
@@ -162,14 +164,7 @@ class Trainer:
       raise TrainingError(f"method '{self.method.name}' scores per-sample gradients over the "
                           "rows of a batch, which image slots shared across rows do not allow "
                           "yet: prepare it on text-only batches (method.prepare) instead")
-    model = self.model
-
-    def loss_fn(v, b):
-      logits = model.apply(v, b["input_ids"], **model_kwargs(b))
-      nll, n, _ = token_ce(logits, b["input_ids"], b["loss_mask"])
-      return nll / jnp.maximum(n, 1.0)
-
-    self.method = self.method.prepare(loss_fn, variables, batches)
+    return build.prepare_method(self.method, self.model, variables, batches)
 
   def _raw_step(self, frozen, state, batch, penalty_consts=None, penalty_batch=None):
     state = state.replace(rng=jax.random.wrap_key_data(state.rng))

@@ -1,5 +1,5 @@
 """The trainer's forgetting penalty: its importance (loaded, or computed and saved) and GIFT's
-synthetic caption batches. Called once by `Trainer.__init__` (`tr` is the trainer).
+synthetic caption batches. Called once by `Trainer.__init__`, with what each step needs.
 
 Importance (Fisher / MAS) comes from `penalty.fisher_path` if it exists (checked against this
 model and base), else it is computed on theta0 over the leaves the method changes from
@@ -23,13 +23,16 @@ from mllm_tune import penalties as penalty_lib
 log = logging.getLogger(__name__)
 
 
-def setup_penalty(tr, params: dict, variables: dict, fisher_data):
-  """`penalty` config -> (BoundPenalty, host consts) or (None, None). The importance comes
+def setup_penalty(cfg, model, method, params: dict, variables: dict, *, base_path: str,
+                  base_fingerprint: str, fisher_data=None, train_data=None, mesh=None):
+  """`cfg.penalty` -> (BoundPenalty, host consts) or (None, None). The importance comes
   from `penalty.fisher_path` if it exists (checked against this model and base), else it is
   computed on theta0 over the leaves the method changes and saved there (default
   `run_dir/importance/<kind>`; `auto`: beside the base checkpoint). Online EWC adds
-  gamma * `penalty.prev_fisher_path` and saves the sum to `run_dir/importance/online_ewc`."""
-  pcfg = tr.cfg.get("penalty")
+  gamma * `penalty.prev_fisher_path` and saves the sum to `run_dir/importance/online_ewc`.
+  Importance is computed from `fisher_data` (batches, or a factory `model -> batches`), else
+  from `train_data` (rewound afterwards)."""
+  pcfg = cfg.get("penalty")
   if pcfg is None or pcfg.name == "none":
     return None, None
   try:
@@ -39,45 +42,46 @@ def setup_penalty(tr, params: dict, variables: dict, fisher_data):
   scores, where = None, "importance"
   if penalty.importance is not None:
     kind = "mas" if penalty.importance == "mas" else penalty.fisher_kind
-    path = pcfg.fisher_path or os.path.join(tr.cfg.run_dir, "importance", kind)
+    path = pcfg.fisher_path or os.path.join(cfg.run_dir, "importance", kind)
     if path == "auto":
-      if not os.path.isdir(tr.base_path):
+      if not os.path.isdir(base_path):
         raise setup.ConfigValueError(f"config 'penalty.fisher_path': 'auto' stores the "
                                      f"importance beside the base checkpoint, but the base "
-                                     f"'{tr.base_path}' is not a directory")
-      path = importance_store.default_path(tr.base_path, kind)
+                                     f"'{base_path}' is not a directory")
+      path = importance_store.default_path(base_path, kind)
     shapes = {"params/" + p: tuple(x.shape) for p, x in pytree.flatten(params).items()}
     sh = {"params/" + p: x.sharding for p, x in pytree.flatten(params).items()}
-    check = dict(expect_shapes=shapes, model_config=tr.model.config, shardings=sh)
+    check = dict(expect_shapes=shapes, model_config=model.config, shardings=sh)
     if os.path.isfile(os.path.join(path, fisher_lib.META_FILE)):
-      scores, _ = importance_store.load_importance(path, base_fingerprint=tr.base_fingerprint,
+      scores, _ = importance_store.load_importance(path, base_fingerprint=base_fingerprint,
                                              **check)
       log.info("penalty %s: importance loaded from %s", penalty.name, path)
     else:
-      scores = compute_importance(tr, pcfg, kind, params, variables, fisher_data, path)
+      scores = compute_importance(pcfg, kind, model, method, params, variables, path,
+                                    base_path, base_fingerprint, fisher_data, train_data, mesh)
     where = f"importance file {path}"
     if penalty.name == "online_ewc" and pcfg.get("prev_fisher_path"):
       prev, _ = importance_store.load_importance(pcfg.prev_fisher_path, **check)
       scores = fisher_lib.online_update(prev, scores, penalty.gamma)
       importance_store.save_importance(
-          os.path.join(tr.cfg.run_dir, "importance", "online_ewc"), scores, kind=kind,
-          model_config=tr.model.config, base_fingerprint=tr.base_fingerprint,
-          base_path=tr.base_path, extra={"gamma": penalty.gamma,
+          os.path.join(cfg.run_dir, "importance", "online_ewc"), scores, kind=kind,
+          model_config=model.config, base_fingerprint=base_fingerprint,
+          base_path=base_path, extra={"gamma": penalty.gamma,
                                            "prev": os.path.abspath(pcfg.prev_fisher_path)})
-  return penalty_lib.bind(penalty, tr.method, variables, base_params=params,
-                          importance=scores, where=where, model=tr.model)
+  return penalty_lib.bind(penalty, method, variables, base_params=params,
+                          importance=scores, where=where, model=model)
 
-def setup_penalty_data(tr):
+def setup_penalty_data(cfg, model, penalty):
   """GIFT's synthetic caption batches (`data.synthetic_pairs.PairBatches`) or None. They are
   prepared like the training data, from the tokenizer and image processor in `model.path`
   (model.source=hf); the tiny random model has none, so gift refuses it here [choice: no
   made-up token fallback] rather than train on captions it cannot tokenize."""
-  if tr.penalty is None or tr.penalty.name != "gift" or not tr.penalty.active:
+  if penalty is None or penalty.name != "gift" or not penalty.active:
     return None
   from mllm_tune.data.pipeline import SamplePreparer
   from mllm_tune.data.synthetic_pairs import PairBatches, make_pair_source
-  c, s = tr.cfg, tr.cfg.penalty.synthetic
-  if c.model.source != "hf" or not hasattr(tr.model.config, "image_token_id"):
+  c, s = cfg, cfg.penalty.synthetic
+  if c.model.source != "hf" or not hasattr(model.config, "image_token_id"):
     raise setup.ConfigValueError(
         "config 'penalty': gift turns synthetic image-caption pairs into LLaVA conversations "
         "with the tokenizer, chat template and image processor of the training data, read "
@@ -86,7 +90,7 @@ def setup_penalty_data(tr):
         + ": use an HF LLaVA directory (model.source=hf), or another penalty")
   source = make_pair_source(s.kind, s.path, s.num, "train", s.seed, s.image_size)
   prepare = SamplePreparer.from_pretrained(
-      c.model.path, tr.model.config, s.seq_len or c.data.seq_len, c.data.get("template"),
+      c.model.path, model.config, s.seq_len or c.data.seq_len, c.data.get("template"),
       "truncate", c.data.get("aspect"))
   pad_id = getattr(prepare.chat.tokenizer, "pad_token_id", None) or 0
   batches = PairBatches(source, prepare, s.batch_size or c.data.batch_size, s.seed, s.prompt,
@@ -95,17 +99,24 @@ def setup_penalty_data(tr):
            len(source), s.kind, batches.batch_size, batches.spec.max_len)
   return batches
 
-def compute_importance(tr, pcfg, kind: str, params: dict, variables: dict, fisher_data,
-                        path: str) -> dict:
-  changed, _, _ = penalty_lib.penalisable(tr.method, variables)
-  if not changed:
-    raise setup.ConfigValueError(f"config 'penalty': method '{tuning.api.label(tr.method)}' "
-                                 "changes no base leaf to compute an importance for")
-  leaves = {"params": jax.tree.map(lambda _: False, params), "adapters": {}}
-  flat = pytree.flatten(leaves)
-  flat.update({p: True for p in changed})
+def changed_leaves(method, variables: dict, params: dict) -> tuple[dict, list[str]]:
+  """({"params": bool tree, "adapters": {}}, paths): the base leaves `method` changes, the
+  ones a penalty's importance (Fisher / MAS) is computed for."""
+  changed, _, _ = penalty_lib.penalisable(method, variables)
+  flat = {p: p in changed for p in pytree.flatten({"params": params})}
   leaves = pytree.unflatten(flat)
-  leaves.setdefault("adapters", {})
+  leaves["adapters"] = {}
+  return leaves, list(changed)
+
+
+def compute_importance(pcfg, kind: str, model, method, params: dict, variables: dict, path: str,
+                       base_path: str, base_fingerprint: str, fisher_data=None, train_data=None,
+                       mesh=None) -> dict:
+  """Importance of the leaves `method` changes, on theta0, saved at `path`."""
+  leaves, changed = changed_leaves(method, variables, params)
+  if not changed:
+    raise setup.ConfigValueError(f"config 'penalty': method '{tuning.api.label(method)}' "
+                                 "changes no base leaf to compute an importance for")
   if jax.process_count() > 1:
     raise setup.ConfigValueError(
         f"config 'penalty': no importance file at {path}; computing one needs a single "
@@ -113,21 +124,21 @@ def compute_importance(tr, pcfg, kind: str, params: dict, variables: dict, fishe
         "importance.fisher.fisher_from_batches + importance.store.save_importance, then set "
         "penalty.fisher_path")
   if callable(fisher_data) and not hasattr(fisher_data, "__next__"):
-    fisher_data = fisher_data(tr.model)
+    fisher_data = fisher_data(model)
   rewind = fisher_data is None
   if rewind:
-    fisher_data, state0 = tr.data, tr.data.get_state()
+    fisher_data, state0 = train_data, train_data.get_state()
   t0 = time.time()
   try:
     scores, n = fisher_lib.fisher_from_batches(
-        tr.model, {"params": params, "adapters": {}}, leaves, iter(fisher_data), kind,
-        pcfg.fisher_samples, pcfg.fisher_chunk, jax.random.key(pcfg.fisher_seed), tr.mesh)
+        model, {"params": params, "adapters": {}}, leaves, iter(fisher_data), kind,
+        pcfg.fisher_samples, pcfg.fisher_chunk, jax.random.key(pcfg.fisher_seed), mesh)
   finally:
     if rewind:
-      tr.data.set_state(state0)
+      train_data.set_state(state0)
   log.info("penalty %s: %s importance of %d leaves from %d samples in %.1fs -> %s",
            pcfg.name, kind, len(scores), n, time.time() - t0, path)
-  importance_store.save_importance(path, scores, kind=kind, model_config=tr.model.config,
-                             base_fingerprint=tr.base_fingerprint, base_path=tr.base_path,
+  importance_store.save_importance(path, scores, kind=kind, model_config=model.config,
+                             base_fingerprint=base_fingerprint, base_path=base_path,
                              num_examples=n)
   return scores
