@@ -81,41 +81,9 @@ class Trainer:
         mesh=self.mesh)
     self.penalty_data = penalty_setup.setup_penalty_data(cfg, self.model, self.penalty)
     self.param_sharding = sfn
-    base_opt, self.lr_fn = setup.make_optimizer(cfg.optimizer, t.steps)
-    shardings = {}
-
-    def place(name):  # onto the mesh by the (regex, PartitionSpec) rules
-      def put(tree):
-        shardings[name] = setup.state_shardings(tree, self.mesh)
-        return jax.device_put(tree, shardings[name])
-      return put
-    run = build.assemble(
-        self.model, self.method, variables, self.mask, base_opt, penalty=self.penalty,
-        grad_accum=t.grad_accum, loss_chunk=t.get("loss_chunk", 256),
-        master_dtype=jnp.float32,  # float32 master weights
-        frozen_dtype=jnp.dtype(cfg.model.frozen_dtype) if cfg.model.frozen_dtype else None,
-        place_trainable=place("trainable"), place_frozen=place("frozen"))
-    shard_t = self.trainable_shardings = shardings["trainable"]
-    self.frozen, trainable, self.optimizer, self.fns = (run.frozen, run.trainable,
-                                                        run.optimizer, run.fns)
-    self.penalty_consts = None
-    if self.penalty is not None:
-      flat_sh = pytree.flatten(shard_t)  # gift's theta_ref: as the trainable leaf
-      sfn_p = lambda k, p, x: (flat_sh[p] if k == "ref" else
-                               sfn(p.split("/", 1)[1], tuple(x.shape)))
-      self.penalty_consts = {k: {p: jax.device_put(x, sfn_p(k, p, x)) for p, x in d.items()}
-                             for k, d in consts.items()}
-    replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-    mesh_devices = set(self.mesh.devices.flat)
-
-    def on_mesh(x):  # committed and on the mesh, as the step returns it: else the first step
-      if set(x.sharding.device_set) != mesh_devices:  # compiles for other argument shardings
-        return jax.device_put(x, replicated)
-      return x if x.committed else jax.device_put(x, x.sharding)
-    opt_state = jax.tree.map(on_mesh, jax.jit(self.optimizer.init)(trainable))
-    self.state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated),
-                            trainable=trainable, opt_state=opt_state,
-                            rng=jax.device_put(jax.random.key_data(rng), replicated))
+    trainable = self._assemble(variables)
+    self.penalty_consts = self._place_penalty_consts(consts)
+    self.state = self._initial_state(trainable, rng)
     state_sh = jax.tree.map(lambda x: x.sharding, self.state)
     self.batch_sharding = setup.batch_sharding(self.mesh, t.grad_accum)
     self.jit_step = jax.jit(self._raw_step, donate_argnums=(1,), out_shardings=(state_sh, None))
@@ -130,6 +98,54 @@ class Trainer:
     self.tracker = self._setup_tracking(params, variables)
     del params
 
+  def _assemble(self, variables: dict) -> dict:
+    """`build.assemble` with this run's optimizer, dtypes and mesh placement; sets frozen,
+    optimizer, fns, lr_fn and the trainable shardings; returns the placed trainable leaves."""
+    cfg, t = self.cfg, self.cfg.train
+    base_opt, self.lr_fn = setup.make_optimizer(cfg.optimizer, t.steps)
+    shardings = {}
+
+    def place(name):  # onto the mesh by the (regex, PartitionSpec) rules
+      def put(tree):
+        shardings[name] = setup.state_shardings(tree, self.mesh)
+        return jax.device_put(tree, shardings[name])
+      return put
+    run = build.assemble(
+        self.model, self.method, variables, self.mask, base_opt, penalty=self.penalty,
+        grad_accum=t.grad_accum, loss_chunk=t.get("loss_chunk", 256),
+        master_dtype=jnp.float32,  # float32 master weights
+        frozen_dtype=jnp.dtype(cfg.model.frozen_dtype) if cfg.model.frozen_dtype else None,
+        place_trainable=place("trainable"), place_frozen=place("frozen"))
+    self.trainable_shardings = shardings["trainable"]
+    self.frozen, self.optimizer, self.fns = run.frozen, run.optimizer, run.fns
+    return run.trainable
+
+  def _place_penalty_consts(self, consts: dict | None) -> dict | None:
+    """The penalty's arrays on the mesh: gift's theta_ref as its trainable leaf, the rest
+    (importance, theta0 copies) as the base leaf they belong to."""
+    if self.penalty is None:
+      return None
+    flat_sh = pytree.flatten(self.trainable_shardings)
+    where = lambda k, p, x: (flat_sh[p] if k == "ref" else
+                             self.param_sharding(p.split("/", 1)[1], tuple(x.shape)))
+    return {k: {p: jax.device_put(x, where(k, p, x)) for p, x in d.items()}
+            for k, d in consts.items()}
+
+  def _initial_state(self, trainable: dict, rng: jax.Array) -> TrainState:
+    """Step 0's state, every leaf committed on the mesh as the step returns it (else the
+    first step compiles for other argument shardings)."""
+    replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    mesh_devices = set(self.mesh.devices.flat)
+
+    def on_mesh(x):
+      if set(x.sharding.device_set) != mesh_devices:
+        return jax.device_put(x, replicated)
+      return x if x.committed else jax.device_put(x, x.sharding)
+    opt_state = jax.tree.map(on_mesh, jax.jit(self.optimizer.init)(trainable))
+    return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated),
+                      trainable=trainable, opt_state=opt_state,
+                      rng=jax.device_put(jax.random.key_data(rng), replicated))
+
   def _setup_tracking(self, params: dict, variables: dict):
     """Target / retention tracking (`tracking.Tracker`) and the recipe's post-hoc step, both
     checked before any training."""
@@ -137,7 +153,9 @@ class Trainer:
     from mllm_tune.eval.selection import SelectionError
     from mllm_tune.train import posthoc_step, tracking
     try:
-      tracker = tracking.Tracker.create(self, params, variables, self.mask)
+      run = tracking.RunView(self.model, self.method, self.frozen, lambda: self.variables,
+                             self.run_dir, self.put_batch, self.param_sharding)
+      tracker = tracking.Tracker.create(self.cfg, run, params, variables, self.mask)
     except (EvalSetError, SelectionError) as e:
       raise setup.ConfigValueError(str(e)) from e
     ph = self.cfg.get("posthoc")

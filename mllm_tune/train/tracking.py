@@ -1,6 +1,6 @@
 """Retention tracking inside a training run: both sides evaluated as the run goes.
 
-    tracker = Tracker.create(trainer, base_params, variables, mask)   # None without eval sets
+    tracker = Tracker.create(cfg, run, base_params, variables, mask)   # None without eval sets
     tracker.start(step)            # step 0: evaluates θ0 (the reference); resume: reads it back
     metrics = tracker.evaluate(step)   # eval/target/*, eval/retention/*, tradeoff/*, time/*
     tracker.finish()               # post-hoc step (recipes), then the run report
@@ -17,10 +17,12 @@ for full fine-tuning, a second copy of the model.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import time
+from typing import Any, Callable
 
 import jax
 
@@ -33,24 +35,38 @@ SAME_KL = 1e-6  # nats: below this (and full top-1 agreement) the step-0 model i
 POSTHOC_FILE = "posthoc.json"
 
 
+@dataclasses.dataclass
+class RunView:
+  """What tracking needs of a run (the Trainer builds it): the model and method, the frozen
+  partition, the current variables (read at each eval), where the run writes, how batches are
+  put on the mesh and how a base leaf is sharded."""
+  model: Any
+  method: Any
+  frozen: dict
+  variables: Callable[[], dict]
+  run_dir: str
+  put_batch: Callable[[dict], dict]
+  param_sharding: Callable[[str, tuple], Any]
+
+
 class Tracker:
-  def __init__(self, trainer, evaluator: ret.Evaluator, anchor: dict):
-    self.trainer, self.evaluator, self.anchor = trainer, evaluator, anchor
-    e = trainer.cfg.eval
+  def __init__(self, cfg, run: RunView, evaluator: ret.Evaluator, anchor: dict):
+    self.cfg, self.run, self.evaluator, self.anchor = cfg, run, evaluator, anchor
+    e = cfg.eval
     self.weights = tuple(float(w) for w in e.weights)
-    t = trainer.cfg.train
+    t = cfg.train
     self.metric = t.best_metric or "tradeoff/O"
     self.mode = t.best_mode if t.best_metric else "max"
     self.reference: dict | None = None
     self.eval_seconds = 0.0
     self.t_start = time.time()
-    self.path = os.path.join(trainer.run_dir, RETENTION_FILE)
+    self.path = os.path.join(run.run_dir, RETENTION_FILE)
 
   @classmethod
-  def create(cls, trainer, base_params: dict, variables: dict, mask: dict) -> "Tracker | None":
+  def create(cls, cfg, run: RunView, base_params: dict, variables: dict,
+             mask: dict) -> "Tracker | None":
     """A tracker when the config names target or retention sets, else None (after checking
     that train.best_metric, if it is a trade-off score, has sets to come from)."""
-    cfg = trainer.cfg
     e = cfg.get("eval")
     has_sets = e is not None and (len(e.get("target") or {}) or len(e.get("retention") or {}))
     if not has_sets:
@@ -65,35 +81,35 @@ class Tracker:
     if not cfg.train.eval_every:
       raise ret.EvalSetError("config key 'train.eval_every': eval sets are configured but "
                              "train.eval_every is 0")
-    if not hasattr(trainer.model.config, "image_token_id") or cfg.model.source != "hf":
+    if not hasattr(run.model.config, "image_token_id") or cfg.model.source != "hf":
       raise ret.EvalSetError("config key 'eval': target / retention sets are prepared with "
                              "the tokenizer and image processor of an HF LLaVA directory "
                              f"(model.source=hf or bench), not model.source={cfg.model.source!r}")
     from mllm_tune.data.pipeline import SamplePreparer
     d = cfg.data
     prep = SamplePreparer.from_pretrained(
-        cfg.model.path, trainer.model.config, max(int(d.get("seq_len", 256)), 256),
+        cfg.model.path, run.model.config, max(int(d.get("seq_len", 256)), 256),
         d.get("template"), "truncate", d.get("aspect"))
-    sets = ret.build_sets(e, prep, trainer.model.config.vision.image_size)
-    evaluator = ret.Evaluator(trainer.model, sets, prep.chat.tokenizer, prep.image_spec,
+    sets = ret.build_sets(e, prep, run.model.config.vision.image_size)
+    evaluator = ret.Evaluator(run.model, sets, prep.chat.tokenizer, prep.image_spec,
                               batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
-                              kl_tokens=e.kl_tokens, put=trainer.put_batch)
+                              kl_tokens=e.kl_tokens, put=run.put_batch)
     other = [f"{s.key}/{k}" for s in sets for k in ("loss", "token_acc", "kl", "agree")]
-    selection.check_metric(trainer.cfg.train.best_metric or "tradeoff/O",
-                           trainer.cfg.train.best_mode,
+    selection.check_metric(cfg.train.best_metric or "tradeoff/O",
+                           cfg.train.best_mode,
                            [s.key for s in sets] + other + ["eval/loss", "eval/accuracy"])
-    sfn = trainer.param_sharding
+    sfn = run.param_sharding
     anchor = {p: jax.device_put(x, sfn(p.split("/", 1)[1], tuple(x.shape)))
-              for p, x in ret.base_anchor(trainer.method, variables, mask, base_params).items()}
+              for p, x in ret.base_anchor(run.method, variables, mask, base_params).items()}
     log.info("tracking %d target and %d retention set(s) (%s); θ0 keeps %d base leaf copies",
              len(evaluator.target), len(evaluator.retention),
              ", ".join(f"{s.name}: {len(s.arrays)}" for s in sets), len(anchor))
-    return cls(trainer, evaluator, anchor)
+    return cls(cfg, run, evaluator, anchor)
 
   # -------------------------------------------------------------------------------- evals
   @property
   def base_variables(self) -> dict:
-    return ret.theta0(self.trainer.frozen, self.anchor)
+    return ret.theta0(self.run.frozen, self.anchor)
 
   def _tradeoff(self, m: dict) -> dict:
     return selection.tradeoff_metrics(m, self.reference, self.evaluator.target,
@@ -122,7 +138,7 @@ class Tracker:
         self.reference = json.load(f)["reference"]
       return None
     base = self.base_variables
-    m, dt = self._timed(lambda: self.evaluator(self.trainer.variables, base))
+    m, dt = self._timed(lambda: self.evaluator(self.run.variables(), base))
     same = all(m[f"{s.key}/kl"] <= SAME_KL and m[f"{s.key}/agree"] == 1.0
                for s in self.evaluator.sets if s.role == "retention")
     if same:
@@ -131,7 +147,7 @@ class Tracker:
       ref, dt0 = self._timed(lambda: self.evaluator(base, None))
       dt += dt0
       self.reference = {k: v for k, v in ref.items() if k.count("/") == 2}
-    os.makedirs(self.trainer.run_dir, exist_ok=True)
+    os.makedirs(self.run.run_dir, exist_ok=True)
     with open(self.path, "w") as f:
       json.dump({"target": self.evaluator.target, "retention": self.evaluator.retention,
                  "select": {"metric": self.metric, "mode": self.mode},
@@ -141,7 +157,7 @@ class Tracker:
 
   def evaluate(self, step: int) -> dict:
     del step
-    m, dt = self._timed(lambda: self.evaluator(self.trainer.variables, self.base_variables))
+    m, dt = self._timed(lambda: self.evaluator(self.run.variables(), self.base_variables))
     return {**m, **self._tradeoff(m), **self._times(dt)}
 
   def score_params(self, params: dict) -> dict:
@@ -154,20 +170,20 @@ class Tracker:
     """Runs the config's post-hoc step (if any) on the final weights, then writes the run
     report. Returns the post-hoc record."""
     record = None
-    ph = self.trainer.cfg.get("posthoc")
+    ph = self.cfg.get("posthoc")
     if ph is not None and ph.name != "none":
       record = self._posthoc(ph, last_step)
-    if self.trainer.cfg.eval.get("report", True):
+    if self.cfg.eval.get("report", True):
       from mllm_tune.eval.run_report import write_report
-      paths = write_report(self.trainer.run_dir)
+      paths = write_report(self.run.run_dir)
       log.info("run report: %s, %s", paths["markdown"], paths["plot"])
     return record
 
   def _posthoc(self, ph, last_step: int) -> dict:
     from mllm_tune.checkpoints.native import save_native
     from mllm_tune.train import posthoc_step
-    tr = self.trainer
-    variables = tr.variables
+    tr = self.run
+    variables = tr.variables()
     theta0_params = self.base_variables["params"]
     t0 = time.time()
     params, record = posthoc_step.run(ph, tr.method, variables, theta0_params,
