@@ -10,7 +10,7 @@ from mllm_tune.tuning.files import load_adapters, save_adapters
 from mllm_tune.checkpoints.safetensors_io import CheckpointError
 from mllm_tune.models import build_model, init_params
 from mllm_tune.models.config import LLMConfig, LlavaConfig, VisionConfig
-from tests.peft_helpers import randomize
+from tests.helpers.peft_ref import randomize
 
 CFG = LlavaConfig(
     vision=VisionConfig(hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2,

@@ -11,7 +11,7 @@ import pytest
 import mllm_tune as mt
 from mllm_tune import pytree
 from mllm_tune.models import adapters
-from tests.test_selective_invariants import tiny_llava
+from tests.helpers.tiny_models import tiny_llava
 
 # (method, options): every method that adds leaves, in the variants that add different ones
 CASES = [("lora", dict(dropout=0.1)), ("rslora", {}), ("dora", {}), ("pissa", {}),

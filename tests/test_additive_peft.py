@@ -22,8 +22,8 @@ import mllm_tune as mt
 import mllm_tune.tuning.additive  # noqa: F401  (registers the additive methods + PEFT io)
 from mllm_tune.tuning.peft import export_peft, import_peft
 from mllm_tune import pytree as select
-from tests import hf_tiny
-from tests.peft_helpers import ce_loss_jax, ce_loss_torch, hf_px, randomize, tiny_llava
+from tests.helpers import hf_tiny
+from tests.helpers.peft_ref import ce_loss_jax, ce_loss_torch, hf_px, randomize, tiny_llava
 
 LR = 0.5
 IA3_HF = r"model\.language_model\.layers\.\d+\.(self_attn\.(k|v)_proj|mlp\.down_proj)"

@@ -9,8 +9,8 @@ import pytest
 
 from mllm_tune.data import (BatchIterator, BatchSpec, ChatTokenizer, DataError, ImageSpec,
                             LlavaJsonSource, Prefetcher, SamplePreparer, epoch_order, fit_length)
-from tests.test_data_common import (chatml_tokenizer, image_bytes, mixed_records, turns,
-                                    write_llava_dataset)
+from tests.helpers.data import (chatml_tokenizer, image_bytes, mixed_records, turns,
+                                write_llava_dataset)
 
 IMAGE_ID, PER_IMAGE, SIZE = 3, 4, 28
 IMAGE_SPEC = ImageSpec.clip(SIZE)

@@ -7,8 +7,8 @@ import pytest
 from mllm_tune.data.conversation import (CHATML, VICUNA_SYSTEM, ChatTokenizer, overlap_mask,
                                          to_messages)
 from mllm_tune.data.errors import DataError
-from tests.test_data_common import (CHATML_GEN, LLAMA2, LLAMA2_GEN, VICUNA_GEN,
-                                    chatml_tokenizer, hf_reference, llama_tokenizer, turns)
+from tests.helpers.data import (CHATML_GEN, LLAMA2, LLAMA2_GEN, VICUNA_GEN,
+                                chatml_tokenizer, hf_reference, llama_tokenizer, turns)
 
 IMAGE_ID, PER_IMAGE = 3, 5  # `<image>` is token 3 of both test tokenizers
 

@@ -13,7 +13,7 @@ from transformers.models.siglip.image_processing_pil_siglip import SiglipImagePr
 
 from mllm_tune.data.errors import DataError
 from mllm_tune.data.images import ImageSpec, decode_image, preprocess
-from tests.test_data_common import image_bytes
+from tests.helpers.data import image_bytes
 
 # (width, height, mode, format): landscape, portrait, RGBA with transparency, grayscale, JPEG,
 # smaller than the crop, already square

@@ -252,7 +252,7 @@ def test_bad_input():
 
 # ----------------------------------------------------------------------------- pipeline
 def corpus_tokenizer():
-  """A ChatML byte-level BPE trained on `ov.corpus()` (as tests/test_data_common.py builds one)."""
+  """A ChatML byte-level BPE trained on `ov.corpus()` (as tests/helpers/data.py builds one)."""
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
   from transformers import PreTrainedTokenizerFast
   tk = Tokenizer(models.BPE())

@@ -15,7 +15,7 @@ from mllm_tune.data.images import decode_image
 from mllm_tune.data.targets import next_token_nll, segment_losses
 from mllm_tune.models import build_model, param_shapes
 from mllm_tune.models.config import LLMConfig, LlavaConfig, VisionConfig
-from tests.test_data_common import chatml_tokenizer, mixed_records, write_llava_dataset
+from tests.helpers.data import chatml_tokenizer, mixed_records, write_llava_dataset
 
 IMAGE_ID, PER_IMAGE, SIZE = 3, 4, 28  # 28 px / 14 px patches -> 4 image tokens (CLS dropped)
 IMAGE_SPEC = ImageSpec.clip(SIZE)

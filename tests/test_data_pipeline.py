@@ -12,8 +12,8 @@ from mllm_tune.data import DataError, SamplePreparer, normalize
 from mllm_tune.data.images import decode_image
 from mllm_tune.data.loader import make_batches
 from mllm_tune.models.config import CausalLMConfig, LLMConfig, LlavaConfig, VisionConfig
-from tests.test_data_common import (CHATML_GEN, chatml_tokenizer, hf_reference, image_bytes,
-                                    mixed_records, turns, write_llava_dataset)
+from tests.helpers.data import (CHATML_GEN, chatml_tokenizer, hf_reference, image_bytes,
+                                mixed_records, turns, write_llava_dataset)
 
 LLAVA = LlavaConfig(vision=VisionConfig(hidden_size=16, intermediate_size=32, num_layers=1,
                                         num_heads=2, image_size=28, patch_size=14),

@@ -8,7 +8,7 @@ import pytest
 
 from mllm_tune.data.errors import DataError
 from mllm_tune.data.sources import LlavaJsonSource, Source, TfdsSource, build_tfds
-from tests.test_data_common import mixed_records, turns, write_llava_dataset
+from tests.helpers.data import mixed_records, turns, write_llava_dataset
 
 
 def test_json_and_jsonl_sources_give_the_same_records_with_image_bytes(tmp_path):

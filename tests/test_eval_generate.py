@@ -11,7 +11,7 @@ import torch
 import mllm_tune as mt
 from mllm_tune.eval import generate as gen
 from mllm_tune.eval.sampling import filter_logits, sample_tokens
-from tests import hf_tiny
+from tests.helpers import hf_tiny
 
 ROWS = [[1, 5, 6, 7], [1, 40, 41, 42, 43, 44], [1, 9]]
 # End tokens for which the tiny model's beams finish at different steps (asserted in the tests).

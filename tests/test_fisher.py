@@ -17,8 +17,8 @@ import pytest
 from mllm_tune.importance import fisher, store as importance_store
 from mllm_tune import pytree as select
 from mllm_tune.tuning.selective import spider
-from tests.test_selective_invariants import IMAGE_TOKEN, tiny_llava, tiny_lm
-from tests.train_helpers import ROOT
+from tests.helpers.tiny_models import IMAGE_TOKEN, leaves_matching, tiny_llava, tiny_lm
+from tests.helpers.train import ROOT
 
 D, C = 5, 4
 
@@ -93,11 +93,6 @@ def _loop_fisher(model, params, samples, leaf_paths):
           for p in leaf_paths}
 
 
-def _leaves(params, pattern):
-  flat = {p: bool(__import__("re").fullmatch(pattern, p)) for p in select.flatten(params)}
-  return {"params": select.unflatten(flat), "adapters": {}}
-
-
 def test_llava_batch_cut_into_samples_matches_per_sample_loop():
   model, params, _ = tiny_llava()
   per = model.config.image_seq_len
@@ -122,7 +117,7 @@ def test_llava_batch_cut_into_samples_matches_per_sample_loop():
            "positions": pos, "loss_mask": loss, "pixel_values": px,
            "image_valid": np.array([1, 0, 1, 1])}
   pattern = r"llm/layers/attn/q_proj/kernel|projector/linear_1/kernel|vision/.*fc1/kernel"
-  leaves = _leaves(params, pattern)
+  leaves = leaves_matching(params, pattern)
   got, n = fisher.fisher_from_batches(model, {"params": params, "adapters": {}}, leaves,
                                       [batch], chunk=2)
   assert n == 3
@@ -143,7 +138,7 @@ def test_text_model_chunked_fisher_equals_per_sample_loop():
   model, params, batch = tiny_lm()
   batch = {**batch, "loss_mask": np.ones_like(batch["input_ids"])}
   batch["loss_mask"][:, :4] = 0  # prompt
-  leaves = _leaves(params, r"llm/layers/mlp/.*")
+  leaves = leaves_matching(params, r"llm/layers/mlp/.*")
   got, _ = fisher.fisher_from_batches(model, {"params": params, "adapters": {}}, leaves,
                                       [batch], chunk=2)
   samples = [{"input_ids": batch["input_ids"][i], "loss_mask": batch["loss_mask"][i]}
@@ -161,14 +156,13 @@ SHARD_SCRIPT = textwrap.dedent("""
     from mllm_tune.train import sharding as shard_lib
     from mllm_tune.importance import fisher
     from mllm_tune import pytree as select
-    from tests.test_fisher import _leaves
-    from tests.test_selective_invariants import tiny_lm
+    from tests.helpers.tiny_models import leaves_matching, tiny_lm
     assert jax.device_count() == 8
     model, params, batch = tiny_lm()
     rng = np.random.RandomState(0)
     ids = rng.randint(1, 60, size=(16, 10)).astype(np.int32)
     b = {{"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": np.ones_like(ids)}}
-    leaves = _leaves(params, r"llm/layers/(attn|mlp)/.*kernel|llm/embed/embedding")
+    leaves = leaves_matching(params, r"llm/layers/(attn|mlp)/.*kernel|llm/embed/embedding")
     one, _ = fisher.fisher_from_batches(model, {{"params": params, "adapters": {{}}}}, leaves, [b],
                                         chunk=8)
     out = {{}}

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, LlavaForConditionalGeneration
 
 import mllm_tune as mt
 from mllm_tune.checkpoints import hf as hf_io
-from tests import hf_tiny
+from tests.helpers import hf_tiny
 
 
 def _tensors(d: str) -> dict[str, torch.Tensor]:

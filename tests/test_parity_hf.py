@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import mllm_tune as mt
-from tests import hf_tiny
+from tests.helpers import hf_tiny
 
 ATOL = 1e-4
 

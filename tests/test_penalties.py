@@ -13,7 +13,7 @@ from mllm_tune.train import step as step_lib
 from mllm_tune import penalties
 from mllm_tune.losses import distill as losses_distill
 from mllm_tune import pytree as select
-from tests.test_selective_invariants import tiny_lm
+from tests.helpers.tiny_models import tiny_lm
 
 COEF = {"ewc": 0.5, "online_ewc": 0.5, "mas": 1.0, "l2sp": 0.5}  # value = COEF * w * sum(..)
 

@@ -13,8 +13,8 @@ import mllm_tune as mt
 from mllm_tune.models.layers import Linear
 from mllm_tune import pytree as select
 from mllm_tune.tuning.selective.by_path import merge_with_model
-from tests.test_selective_invariants import (logits_fn, next_token_loss, tiny_llava, tiny_lm,
-                                             train)
+from tests.helpers.tiny_models import (logits_fn, next_token_loss, tiny_llava, tiny_lm,
+                                       train)
 
 
 def _logits(model, variables, batch):

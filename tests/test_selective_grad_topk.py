@@ -11,7 +11,7 @@ import pytest
 import mllm_tune as mt
 from mllm_tune import pytree as select
 from mllm_tune.tuning.selective.grad_topk import importance_scores, top_k_mask
-from tests.test_selective_invariants import SYNTHETIC_BATCH, synthetic_loss, tiny_lm
+from tests.helpers.tiny_models import SYNTHETIC_BATCH, synthetic_loss, tiny_lm
 
 D, C = 5, 4
 

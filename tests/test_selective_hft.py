@@ -12,8 +12,8 @@ import mllm_tune as mt
 from mllm_tune.models import CausalLMConfig, LLMConfig, build_model, param_shapes
 from mllm_tune import pytree as select
 from mllm_tune.tuning.selective.hft import ATTN, FFN, hft_selection
-from tests.test_selective_invariants import (SYNTHETIC_BATCH, assert_masked_entries_fixed,
-                                             synthetic_loss, tiny_llava, train)
+from tests.helpers.tiny_models import (SYNTHETIC_BATCH, assert_masked_entries_fixed,
+                                       synthetic_loss, tiny_llava, train)
 
 
 def test_selection_is_a_pure_function_of_the_seed_with_the_paper_structure():

@@ -19,9 +19,9 @@ import mllm_tune.tuning.selective.by_path  # noqa: F401  (registers ln_tuning)
 import mllm_tune.tuning.peft.ln_tuning  # noqa: F401  (PEFT LN_TUNING export/import)
 from mllm_tune.tuning.peft import export_peft, import_peft
 from mllm_tune import pytree as select
-from tests import hf_tiny
-from tests.peft_helpers import (ce_loss_jax, ce_loss_torch, hf_px, ours_logits, tiny_llava,
-                                torch_logits)
+from tests.helpers import hf_tiny
+from tests.helpers.peft_ref import (ce_loss_jax, ce_loss_torch, hf_px, ours_logits, tiny_llava,
+                                    torch_logits)
 
 
 def _ours(params, preset="ln_only", seed=0):

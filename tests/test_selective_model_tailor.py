@@ -12,7 +12,7 @@ import mllm_tune as mt
 from mllm_tune import pytree as select
 from mllm_tune.tuning.selective.model_tailor import (LINEARS, block_inputs_fn, block_pass_fn,
                                                      layer_slice, tailor_linear)
-from tests.test_selective_invariants import logits_fn, tiny_llava
+from tests.helpers.tiny_models import logits_fn, tiny_llava
 
 
 def tailor_np(w_ft, w0, h, sparsity=0.9, block=128, damp=0.01, weights=(0.8, 0.2), sign=-1.0,

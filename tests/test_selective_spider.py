@@ -10,7 +10,7 @@ import optax
 import mllm_tune as mt
 from mllm_tune import pytree as select
 from mllm_tune.tuning.selective.spider import challenge_ratio, importance, spider_transform
-from tests.test_selective_invariants import SYNTHETIC_BATCH, synthetic_loss, tiny_llava
+from tests.helpers.tiny_models import SYNTHETIC_BATCH, synthetic_loss, tiny_llava
 
 LR, MAX_NORM, STEPS = 0.3, 1.0, 5
 

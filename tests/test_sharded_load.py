@@ -6,7 +6,7 @@ import subprocess
 import sys
 import textwrap
 
-from tests import hf_tiny
+from tests.helpers import hf_tiny
 
 SCRIPT = textwrap.dedent("""
     import os, sys

@@ -13,7 +13,7 @@ from mllm_tune.train.loop import Trainer, TrainingError
 from mllm_tune.train.step import micro_loss
 from mllm_tune.train.synthetic import SyntheticBatches
 from mllm_tune import pytree as select
-from tests.train_helpers import ROOT, losses, tiny_cfg
+from tests.helpers.train import ROOT, losses, tiny_cfg
 
 
 def _trainer(cfg):

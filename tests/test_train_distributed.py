@@ -10,14 +10,14 @@ import textwrap
 
 import numpy as np
 
-from tests.train_helpers import ROOT, losses, run_cli
+from tests.helpers.train import ROOT, losses, run_cli
 
 MESH_SCRIPT = textwrap.dedent("""
     import json, sys
     import jax, numpy as np
     sys.path.insert(0, {root!r})
     import mllm_tune.tuning.selective.by_path  # registers freeze
-    from tests.train_helpers import tiny_cfg, losses
+    from tests.helpers.train import tiny_cfg, losses
     from mllm_tune.train.loop import Trainer
     from mllm_tune.train.synthetic import SyntheticBatches
     assert jax.device_count() == 8

@@ -31,8 +31,8 @@ from mllm_tune.penalties import gift
 from mllm_tune.penalties.gift import penalty as gift_trainer
 from mllm_tune import penalties
 from mllm_tune import pytree as select
-from tests.test_data_common import chatml_tokenizer, mixed_records, write_llava_dataset
-from tests.train_helpers import tiny_cfg
+from tests.helpers.data import chatml_tokenizer, mixed_records, write_llava_dataset
+from tests.helpers.train import tiny_cfg
 
 LORA_TARGETS = r"llm/layers_\d+/(attn/(q|v)_proj|mlp/down_proj)"
 

@@ -9,8 +9,8 @@ from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, Lla
                           LlavaForConditionalGeneration)
 
 from mllm_tune.cli import main
-from tests.test_data_common import chatml_tokenizer, mixed_records, write_llava_dataset
-from tests.train_helpers import losses
+from tests.helpers.data import chatml_tokenizer, mixed_records, write_llava_dataset
+from tests.helpers.train import losses
 
 
 def _model_dir(root: str) -> str:

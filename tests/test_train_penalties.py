@@ -20,7 +20,7 @@ from mllm_tune.train.synthetic import SyntheticBatches
 from mllm_tune.importance import fisher, store as importance_store
 from mllm_tune import penalties
 from mllm_tune import pytree as select
-from tests.train_helpers import ROOT, run_cli, tiny_cfg
+from tests.helpers.train import ROOT, run_cli, tiny_cfg
 
 
 def _run(cfg, steps_done=True):

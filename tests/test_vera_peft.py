@@ -12,9 +12,9 @@ from safetensors import safe_open
 
 import mllm_tune as mt
 from mllm_tune.tuning.peft import export_peft, import_peft
-from tests import hf_tiny
-from tests.peft_helpers import (ce_loss_jax, ce_loss_torch, hf_px, ours_logits, randomize,
-                                tiny_llava, torch_logits)
+from tests.helpers import hf_tiny
+from tests.helpers.peft_ref import (ce_loss_jax, ce_loss_torch, hf_px, ours_logits, randomize,
+                                    tiny_llava, torch_logits)
 
 TARGETS = r"llm/layers_\d+/(attn/(q|v)_proj|mlp/(up|down)_proj)"  # mixed in/out widths
 HF_TARGETS = r"model\.language_model\.layers\.\d+\.(self_attn\.(q|v)_proj|mlp\.(up|down)_proj)"

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT  # noqa: F401  (re-exported: trainer tests import it from here)
 
 
 def tiny_cfg(run_dir: str, method: str = "full", steps: int = 5, **train):

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 import mllm_tune as mt
-from tests import hf_tiny
+from tests.helpers import hf_tiny
 
 
 def tiny_llava(tmp_path):
