@@ -11,7 +11,8 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT
+
 sys.path.insert(0, os.path.join(ROOT, "perf"))
 import profile_step  # noqa: E402
 import throughput  # noqa: E402

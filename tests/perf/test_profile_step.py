@@ -9,7 +9,8 @@ import sys
 import jax
 import jax.numpy as jnp
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT
+
 sys.path.insert(0, os.path.join(ROOT, "perf"))
 import profile_step  # noqa: E402
 

@@ -6,7 +6,7 @@ import subprocess
 import sys
 import textwrap
 
-from tests.helpers import hf_tiny
+from tests.helpers import ROOT, hf_tiny
 
 SCRIPT = textwrap.dedent("""
     import os, sys
@@ -44,8 +44,7 @@ def test_fsdp_tensor_sharded_load_gives_same_logits(tmp_path):
   hf_tiny.clip_llama().save_pretrained(d, max_shard_size="40KB")
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu")
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  res = subprocess.run([sys.executable, "-c", SCRIPT, d], env=env, cwd=root,
+  res = subprocess.run([sys.executable, "-c", SCRIPT, d], env=env, cwd=ROOT,
                        capture_output=True, text=True, timeout=600)
   assert res.returncode == 0, res.stdout + res.stderr
   assert "SHARDED_OK" in res.stdout

@@ -15,6 +15,7 @@ from mllm_tune.data.images import decode_image
 from mllm_tune.data.targets import next_token_nll, segment_losses
 from mllm_tune.models import build_model, param_shapes
 from mllm_tune.models.config import LLMConfig, LlavaConfig, VisionConfig
+from tests.helpers import ROOT
 from tests.helpers.data import chatml_tokenizer, mixed_records, write_llava_dataset
 
 IMAGE_ID, PER_IMAGE, SIZE = 3, 4, 28  # 28 px / 14 px patches -> 4 image tokens (CLS dropped)
@@ -180,7 +181,7 @@ def test_planner_emits_every_item_once_and_never_starves_one():
 
 
 def _bench():
-  path = os.path.join(os.path.dirname(__file__), "..", "perf", "packing_density.py")
+  path = os.path.join(ROOT, "perf", "packing_density.py")
   spec = importlib.util.spec_from_file_location("packing_density", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
