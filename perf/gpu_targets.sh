@@ -24,14 +24,14 @@ export PYTHONUNBUFFERED=1
 if [[ "${1:-}" == "--tiny" ]]; then
   OUT=${OUT:-$(mktemp -d)}
   export JAX_PLATFORMS=cpu
-  P7=tiny; P15=tiny; B7=2; B15=2; SEQ=64; NEW=4; PLAT=cpu; TESTS=(tests/test_fused_ops.py)
+  P7=tiny; P15=tiny; B7=2; B15=2; SEQ=64; NEW=4; PLAT=cpu; TESTS=(tests/models/test_fused_ops.py)
   T_TESTS=300; T_LORA=300; T_FULL=300; T_GEN=300; T_PROF=300
 else
   OUT=${OUT:-results}
   P7=llava7b; P15=llava1p5b; B7=${BATCH_7B:-4}; B15=${BATCH_1P5B:-8}; SEQ=2048; NEW=64
   PLAT=gpu
-  TESTS=(tests/test_attention.py tests/test_parity_hf.py tests/test_chunked_ce.py
-         tests/test_fused_ops.py)
+  TESTS=(tests/models/test_attention.py tests/models/test_parity_hf.py
+         tests/losses/test_chunked.py tests/models/test_fused_ops.py)
   T_TESTS=110; T_LORA=140; T_FULL=100; T_GEN=110; T_PROF=70
   # fail fast (before minutes of device time) when the image lacks a package or a GPU
   python3 - <<'PY' || exit 1

@@ -8,7 +8,7 @@ import torch
 from transformers import LlavaForConditionalGeneration
 
 from mllm_tune.cli import main
-from tests import hf_tiny
+from tests.helpers import hf_tiny
 
 
 def test_convert_hf_to_native_and_back_to_bf16_hf(tmp_path, capsys):

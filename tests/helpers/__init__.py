@@ -1,0 +1,14 @@
+"""Test helpers (no tests here): test modules import these, never each other.
+
+- `hf_tiny`     tiny random transformers models (the PyTorch references) and batches for them
+- `peft_ref`    a tiny LLaVA in both worlds (ours and transformers) and one loss, for peft parity
+- `tiny_models` our own tiny Llama / LLaVA (random params from shapes), losses, a jitted train loop
+                and the masking assertions of the selective-method tests
+- `data`        local tokenizers (trained in-process), images and LLaVA-format records
+- `train`       tiny trainer configs, `mllm-tune` subprocess runs, metrics.jsonl losses
+
+`ROOT` is the repository root (tests that run scripts or subprocesses use it as cwd).
+"""
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -1,0 +1,68 @@
+"""Shared pieces for PEFT parity tests: a tiny LLaVA in both worlds and one loss."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+import mllm_tune as mt
+from tests.helpers import hf_tiny
+
+
+def tiny_llava(tmp_path):
+  """(hf_model, model, params, batch) for a CLIP + Llama tiny LLaVA."""
+  hf_model = hf_tiny.clip_llama()
+  d = str(tmp_path / "base")
+  hf_model.save_pretrained(d)
+  model, params = mt.load_pretrained(d)
+  per = model.config.image_seq_len
+  rows = [[1, 5] + hf_tiny.image_tokens(per, 1) + [7, 8, 9, 10], [1, 20, 21, 22, 23]]
+  ids, mask = hf_tiny.padded_batch(rows, "right")
+  px = np.random.RandomState(0).randn(1, 28, 28, 3).astype(np.float32)
+  return hf_model, model, params, (ids, mask, px), d
+
+
+def randomize(tree: dict, names: tuple[str, ...], seed: int = 0, scale: float = 0.3) -> dict:
+  """Replace the leaves called `names` by random values (so deltas are not zero)."""
+  rng = np.random.RandomState(seed)
+
+  def fn(path, x):
+    if path[-1].key in names:
+      return jnp.asarray(rng.randn(*x.shape).astype(np.float32) * scale)
+    return x
+  return jax.tree_util.tree_map_with_path(fn, tree)
+
+
+def ours_logits(model, variables, batch) -> np.ndarray:
+  ids, mask, px = batch
+  return np.asarray(model.apply(variables, ids, mask, pixel_values=px))
+
+
+def hf_px(px):
+  return torch.tensor(np.ascontiguousarray(px.transpose(0, 3, 1, 2)))
+
+
+def torch_logits(peft_model, batch) -> np.ndarray:
+  ids, mask, px = batch
+  with torch.no_grad():
+    out = peft_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                     pixel_values=hf_px(px), position_ids=torch.tensor(hf_tiny.positions(mask)))
+  return out.logits.numpy()
+
+
+def ce_loss_jax(logits, ids, mask):
+  """Mean next-token cross-entropy over real target tokens."""
+  logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+  tgt = jnp.asarray(ids[:, 1:])
+  w = jnp.asarray(mask[:, 1:], jnp.float32)
+  nll = -jnp.take_along_axis(logp, tgt[..., None], axis=-1)[..., 0]
+  return (nll * w).sum() / w.sum()
+
+
+def ce_loss_torch(logits, ids, mask):
+  logp = torch.log_softmax(logits[:, :-1], dim=-1)
+  tgt = torch.tensor(ids[:, 1:])
+  w = torch.tensor(mask[:, 1:], dtype=torch.float32)
+  nll = -logp.gather(-1, tgt[..., None])[..., 0]
+  return (nll * w).sum() / w.sum()

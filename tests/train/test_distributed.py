@@ -1,0 +1,116 @@
+"""Meshes on 8 forced CPU devices, two jax.distributed processes, kill -9 and resume."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+
+from tests.helpers.train import ROOT, losses, run_cli
+
+MESH_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import jax, numpy as np
+    sys.path.insert(0, {root!r})
+    import mllm_tune.tuning.selective.by_path  # registers freeze
+    from tests.helpers.train import tiny_cfg, losses
+    from mllm_tune.train.loop import Trainer
+    from mllm_tune.train.synthetic import SyntheticBatches
+    assert jax.device_count() == 8
+    out = {{}}
+    for name, mesh in {{"one": (1, 1, 1, 1), "data": (8, 1, 1, 0), "fsdp": (1, 8, 1, 0),
+                        "fsdp_tensor": (1, 4, 2, 0)}}.items():
+        cfg = tiny_cfg(sys.argv[1] + "/" + name, steps=5)
+        cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.mesh.devices = mesh
+        tr = Trainer(cfg, SyntheticBatches(8, 16, 128), progress=False)
+        q = tr.state.trainable["params"]["llm"]["layers"]["attn"]["q_proj"]["kernel"]
+        out[name] = {{"spec": [str(a) for a in q.sharding.spec],
+                      "n_shards": len({{str(s.index) for s in q.addressable_shards}})}}
+        tr.run()
+        out[name]["losses"] = [losses(cfg.run_dir)[s] for s in range(1, 6)]
+    print("RESULT" + json.dumps(out))
+""")
+
+
+def test_data_fsdp_and_tensor_meshes_give_the_one_device_loss_curve(tmp_path):
+  res = subprocess.run([sys.executable, "-c", MESH_SCRIPT.format(root=ROOT), str(tmp_path)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=900,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu",
+                                XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+  assert res.returncode == 0, res.stderr[-3000:]
+  out = json.loads(res.stdout.split("RESULT")[1])
+  for name in ("data", "fsdp", "fsdp_tensor"):
+    np.testing.assert_allclose(out[name]["losses"], out["one"]["losses"], rtol=2e-5,
+                               err_msg=name)
+  assert out["one"]["losses"][-1] < out["one"]["losses"][0]
+  assert out["fsdp"]["spec"][:2] == ["None", "fsdp"] and out["fsdp"]["n_shards"] == 8
+  assert out["fsdp_tensor"]["spec"] == ["None", "fsdp", "tensor"]
+  assert out["fsdp_tensor"]["n_shards"] == 8
+  assert out["data"]["n_shards"] == 1  # data parallel: replicated parameters
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_with_jax_distributed_agree_on_the_loss(tmp_path):
+  """Runs launch/local_multiprocess.sh: two processes, 2 CPU devices each, one JAX job."""
+  args = [f"--config={ROOT}/configs/experiments/tiny_full.py", "--no-progress",
+          f"--config.run_dir={tmp_path}/run", "--config.train.steps=4",
+          "--config.train.log_every=1", "--config.train.save_every=2"]
+  env = dict(os.environ, PYTHON=sys.executable, DEVICES_PER_PROC="2", PORT=str(_free_port()))
+  res = subprocess.run(["bash", f"{ROOT}/launch/local_multiprocess.sh", "2", *args],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+  logs = [open(tmp_path / f"proc_{i}.log").read() for i in range(2)]
+  assert res.returncode == 0, logs[0][-2000:] + logs[1][-2000:]
+  assert all("process %d of 2, 4 global devices" % i in logs[i] for i in range(2))
+  finals = [json.loads(log.strip().splitlines()[-1]) for log in logs]
+  assert finals[0]["loss"] == finals[1]["loss"] and finals[0]["step"] == 4
+  assert np.isfinite(finals[0]["loss"])
+  assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["2", "4"]
+
+
+def _params(run_dir: str, step: int):
+  import orbax.checkpoint as ocp
+  path = os.path.join(run_dir, "checkpoints", str(step), "state")
+  return ocp.StandardCheckpointer().restore(path)
+
+
+def test_kill_9_and_resume_gives_identical_losses_and_params(tmp_path):
+  base = ["train", "--config=configs/experiments/tiny_lora.py", "--no-progress",
+          "--config.train.steps=10", "--config.train.save_every=5",
+          "--config.train.log_every=1", "--config.data.seq_len=16"]
+  ref = run_cli(base + [f"--config.run_dir={tmp_path}/ref"])
+  assert ref.returncode == 0, ref.stderr[-3000:]
+  for phase in ("after_save", "during_save"):
+    run = f"{tmp_path}/{phase}"
+    spec = "7" if phase == "after_save" else "5:during_save"
+    killed = run_cli(base + [f"--config.run_dir={run}"], env_extra={"MLLM_DEBUG_KILL": spec})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    resumed = run_cli(base + [f"--config.run_dir={run}"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    want, got = losses(f"{tmp_path}/ref"), losses(run)
+    assert got[10] == want[10] and got[6] == want[6], (phase, got, want)
+    a, b = _params(f"{tmp_path}/ref", 10), _params(run, 10)
+    import jax
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path):
+  base = ["train", "--config=configs/experiments/tiny_lora.py", "--no-progress",
+          "--config.train.steps=6", "--config.train.save_every=0", "--config.train.log_every=1",
+          "--config.data.seq_len=16", f"--config.run_dir={tmp_path}/run"]
+  first = run_cli(base, env_extra={"MLLM_DEBUG_KILL": "3:sigterm"})
+  assert first.returncode == 0, first.stderr[-2000:]
+  assert '"status": "preempted"' in first.stdout
+  assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["3"]
+  second = run_cli(base)
+  assert second.returncode == 0 and '"status": "done"' in second.stdout
+  assert sorted(losses(f"{tmp_path}/run")) == [1, 2, 3, 4, 5, 6]

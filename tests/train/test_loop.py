@@ -1,0 +1,182 @@
+"""Trainer: loss goes down, frozen leaves have no grads/state, NaN guard, config errors, logs."""
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from mllm_tune.train import logs
+from mllm_tune.train.config_io import ConfigError, apply_overrides, load_config, validate
+from mllm_tune.train.loop import Trainer, TrainingError
+from mllm_tune.train.step import micro_loss
+from mllm_tune.train.synthetic import SyntheticBatches
+from mllm_tune import pytree as select
+from tests.helpers.train import ROOT, losses, tiny_cfg
+
+
+def _trainer(cfg):
+  data = SyntheticBatches(cfg.data.batch_size, cfg.data.seq_len, 128, grad_accum=cfg.train.grad_accum)
+  return Trainer(cfg, data, progress=False)
+
+
+def test_lora_training_reduces_loss_and_writes_logs(tmp_path):
+  cfg = tiny_cfg(str(tmp_path / "run"), method="lora", steps=30)
+  cfg.optimizer.learning_rate = 1e-2
+  out = _trainer(cfg).run()
+  curve = losses(cfg.run_dir)
+  assert out["status"] == "done" and len(curve) == 30
+  assert np.mean([curve[s] for s in range(26, 31)]) < curve[1] - 0.15
+  tb_dir = os.path.join(cfg.run_dir, "tb")
+  (event_file,) = os.listdir(tb_dir)
+  records = logs.read_records(os.path.join(tb_dir, event_file))
+  assert len(records) == 31 and b"loss" in records[-1]
+  assert os.path.isfile(os.path.join(cfg.run_dir, "config.json"))
+
+
+def test_steps_compile_once_and_donate_the_state(tmp_path):
+  cfg = tiny_cfg(str(tmp_path / "run"), method="lora", steps=4)
+  tr = _trainer(cfg)
+  old_leaves = jax.tree.leaves(tr.state.trainable)
+  assert tr.run()["status"] == "done"
+  assert tr.jit_step._cache_size() == 1  # the same executable for every step
+  assert all(x.is_deleted() for x in old_leaves)  # step 1 reused the initial state's buffers
+
+
+def test_frozen_leaves_get_no_gradient_and_no_optimizer_state(tmp_path):
+  cfg = tiny_cfg(str(tmp_path / "run"), method="lora")
+  tr = _trainer(cfg)
+  trainable_paths = set(select.flatten(tr.state.trainable))
+  assert trainable_paths and all(p.startswith("adapters/") for p in trainable_paths)
+  assert not any(p.startswith("params/") for p in trainable_paths)
+  batch = tr.put_batch(next(tr.data))
+  grad_fn = jax.grad(lambda t, f, b: micro_loss(tr.fns, t, f, b, jax.random.key(0), 1.0, 1),
+                     has_aux=True)
+  grads = jax.eval_shape(grad_fn, tr.state.trainable, tr.frozen, batch)[0]
+  assert set(select.flatten(grads)) == trainable_paths
+  opt_paths = {"/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in p)
+               for p, _ in jax.tree_util.tree_flatten_with_path(tr.state.opt_state)[0]}
+  assert not any("params" in p for p in opt_paths)
+  n_opt = sum(x.size for x in jax.tree.leaves(tr.state.opt_state))
+  n_train = sum(x.size for x in jax.tree.leaves(tr.state.trainable))
+  assert n_opt <= 2 * n_train + 8  # Adam mu and nu (+ counters) over the trainable leaves only
+
+
+def test_grad_accumulation_equals_one_big_batch(tmp_path):
+  a = _trainer(tiny_cfg(str(tmp_path / "a"), steps=3))
+  b_cfg = tiny_cfg(str(tmp_path / "b"), steps=3, grad_accum=2)
+  b_cfg.data.batch_size = 4
+  b = Trainer(b_cfg, SyntheticBatches(4, 16, 128, grad_accum=2), progress=False)
+  big = SyntheticBatches(8, 16, 128)
+  for i in range(3):
+    micro = b.data.make(i)
+    big_batch = {k: v.reshape((8,) + v.shape[2:]) for k, v in micro.items()}
+    a.state, ma = a._step(a.frozen, a.state, a.put_batch(big_batch))
+    b.state, mb = b._step(b.frozen, b.state, b.put_batch(micro))
+    np.testing.assert_allclose(float(ma["loss"]), float(mb["loss"]), rtol=1e-5)
+  for x, y in zip(jax.tree.leaves(a.state.trainable), jax.tree.leaves(b.state.trainable)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
+  del big
+
+
+class NaNPixels:
+  """LLaVA batches whose second batch carries a NaN pixel."""
+
+  def __init__(self, image_token):
+    self.i, self.tok = 0, image_token
+
+  def __next__(self):
+    ids = np.full((2, 12), 5, np.int32)
+    ids[:, 1:5] = self.tok
+    px = np.ones((2, 28, 28, 3), np.float32)
+    if self.i == 1:
+      px[1, 3, 3, 0] = np.nan
+    self.i += 1
+    ones = np.ones_like(ids)
+    return {"input_ids": ids, "attention_mask": ones, "positions":
+            np.broadcast_to(np.arange(12), ids.shape).astype(np.int32), "segment_ids": ones,
+            "loss_mask": ones, "pixel_values": px}
+
+  def get_state(self):
+    return {"i": self.i}
+
+  def set_state(self, s):
+    self.i = s["i"]
+
+
+def test_nan_in_a_batch_stops_with_the_step_and_culprits_named(tmp_path):
+  cfg = tiny_cfg(str(tmp_path / "run"), steps=4, save_every=1)
+  cfg.model.tiny.vision_layers = 1
+  cfg.mesh.devices = 1
+  tr = Trainer(cfg, NaNPixels(127), progress=False)
+  with pytest.raises(TrainingError, match=r"non-finite loss \(nan\) at step 2; trainable leaves "
+                                          r"now non-finite: \[.*params/.*\]; batch fields with "
+                                          r"NaN/Inf: \['pixel_values'\].*step 1\) was kept"):
+    tr.run()
+  assert tr.ckpt.all_steps() == [1]
+
+
+def test_config_typos_and_bad_values_name_the_key():
+  cfg = load_config(os.path.join(ROOT, "configs/experiments/tiny_lora.py"))
+  apply_overrides(cfg, ["config.method.rank=16", "config.optimizer.learning_rate=1"])
+  assert cfg.method.rank == 16 and cfg.optimizer.learning_rate == 1.0
+  with pytest.raises(ConfigError, match=r"unknown config key 'train.stepz'.*did you mean "
+                                        r"\['steps'\]"):
+    apply_overrides(cfg, ["config.train.stepz=5"])
+  with pytest.raises(ConfigError, match=r"config key 'train.steps': cannot set 'abc'"):
+    apply_overrides(cfg, ["config.train.steps=abc"])
+  with pytest.raises(ConfigError, match=r"unknown config key 'method.rnak'"):
+    apply_overrides(cfg, ["config.method.rnak=3"])
+  apply_overrides(cfg, ["config.train.loss_chunk=-1"])
+  with pytest.raises(ConfigError, match=r"config key 'train.loss_chunk' must be >= 0"):
+    validate(cfg)
+
+
+def test_resume_refuses_a_different_base(tmp_path):
+  cfg = tiny_cfg(str(tmp_path / "run"), steps=2, save_every=1)
+  _trainer(cfg).run()
+  cfg.model.tiny.seed = 1  # another base model
+  cfg.train.steps = 4
+  with pytest.raises(Exception, match="refusing to mix them"):
+    _trainer(cfg).run()
+
+
+def test_event_file_framing_uses_crc32c():
+  assert logs.crc32c(b"123456789") == 0xE3069283  # the standard CRC-32C check value
+
+
+def test_best_by_metric_keeps_the_best_checkpoints(tmp_path):
+  from mllm_tune.checkpoints.orbax_io import TrainCheckpointer
+  ck = TrainCheckpointer(str(tmp_path / "ck"), max_to_keep=2, best_metric="score",
+                         best_mode="max", async_save=False)
+  for step, score in [(1, 0.5), (2, 0.9), (3, 0.1), (4, 0.7)]:
+    ck.save(step, {"w": np.full(3, step, np.float32)}, {"index": step}, {"base_path": "x"},
+            {"score": score})
+  ck.wait()
+  assert sorted(ck.all_steps()) == [2, 4] and ck.best_step() == 2
+  state, data, meta = ck.restore(2, {"w": jax.ShapeDtypeStruct((3,), np.float32)})
+  assert np.asarray(state["w"]).tolist() == [2, 2, 2] and data == {"index": 2}
+  ck.close()
+
+
+def test_grad_topk_gets_its_mask_from_training_batches_and_trains_only_it(tmp_path):
+  cfg = tiny_cfg(str(tmp_path / "run"), steps=3)
+  cfg.method = {"name": "grad_topk", "density": 0.01}
+  import ml_collections
+  cfg.method = ml_collections.ConfigDict(cfg.method)
+  tr = _trainer(cfg)
+  assert tr.data.get_state() == {"index": 0}  # calibration batches were rewound
+  before = {p: np.asarray(x) for p, x in select.flatten(tr.state.trainable).items()}
+  tr.run()
+  after = select.flatten(tr.state.trainable)
+  mask = select.flatten(tr.mask)
+  moved, selected = 0, 0
+  for p, x in before.items():
+    delta = np.asarray(after[p]) != x
+    m = np.broadcast_to(np.asarray(mask[p], bool), x.shape)
+    assert not delta[~m].any(), p  # only the top-k entries move
+    moved, selected = moved + int(delta.sum()), selected + int(m.sum())
+  n_params = sum(x.size for x in jax.tree.leaves(tr.frozen)) + sum(x.size for x in
+                                                                    before.values())
+  assert 0 < moved <= selected <= 0.011 * n_params
