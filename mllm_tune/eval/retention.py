@@ -29,6 +29,7 @@ import numpy as np
 from mllm_tune.eval import vqa_sets as arrays_lib
 from mllm_tune.eval import vqa_eval as bench_eval
 from mllm_tune.losses.distill import token_kl
+from mllm_tune.losses.token import token_logprobs
 from mllm_tune.models import model_kwargs
 
 ROLES = ("target", "retention")
@@ -101,7 +102,7 @@ def token_divergence(logits_BTV: jax.Array, base_BTV: jax.Array | None, batch: d
   lm = batch["loss_mask"][:, 1:].astype(jnp.float32) * valid
   lp = jax.nn.log_softmax(logits_BTV[:, :-1].astype(jnp.float32), axis=-1)
   top = jnp.argmax(lp, axis=-1)
-  nll = -jnp.take_along_axis(lp, ids[:, 1:, None], axis=-1)[..., 0]
+  nll = -token_logprobs(logits_BTV[:, :-1], ids[:, 1:])  # XLA shares the log-softmax with lp
   out = {"nll": (nll * lm).sum(), "tokens": lm.sum(), "correct": ((top == ids[:, 1:]) * lm).sum()}
   if base_BTV is None:
     return out
