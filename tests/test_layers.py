@@ -10,7 +10,7 @@ PKG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 
 
 # Top-level module or package of mllm_tune -> layer (lower never imports higher).
 LAYERS = {
-    "pytree": 0, "losses": 0,
+    "pytree": 0, "losses": 0, "registry": 0,
     "models": 1,
     "checkpoints": 2, "data": 2,
     "importance": 3,

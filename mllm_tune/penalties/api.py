@@ -39,7 +39,7 @@ import numpy as np
 import optax
 from jax.extend import core as jax_core
 
-from mllm_tune import pytree
+from mllm_tune import pytree, registry
 from mllm_tune.losses.distill import distill_weights, kl_sum, lwf_sum
 from mllm_tune.penalties.terms import quadratic
 from mllm_tune.tuning.api import Method, MethodError, combine, label, partition
@@ -55,23 +55,12 @@ class PenaltyError(ValueError):
 def register(name: str):
   """Class decorator naming a penalty; `register_module` (called for the one list of penalty
   modules in `penalties/__init__.py`) puts it in the registry."""
-  def deco(cls):
-    cls.name = name
-    cls._registry_name = name
-    return cls
-  return deco
+  return lambda cls: registry.mark(cls, name)
 
 
 def register_module(module) -> None:
   """Registers every Penalty class `module` defines with `@register` (by its registry name)."""
-  for obj in vars(module).values():
-    if (isinstance(obj, type) and "_registry_name" in vars(obj)
-        and obj.__module__ == module.__name__):
-      name = obj._registry_name
-      if REGISTRY.get(name, obj) is not obj:
-        raise PenaltyError(f"penalty name '{name}' is registered twice "
-                           f"({REGISTRY[name].__module__}, {module.__name__})")
-      REGISTRY[name] = obj
+  registry.collect(module, REGISTRY, PenaltyError, "penalty")
 
 
 CHOICES = {"fisher_kind": ("empirical", "true"), "tokens": ("supervised", "all"),

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mllm_tune import pytree
+from mllm_tune import pytree, registry
 
 log = logging.getLogger(__name__)
 
@@ -44,23 +44,14 @@ def register(name: str, family: str):
   """Class decorator naming a method; `register_module` (called for the one list of method
   modules in `tuning/__init__.py`) puts it in the registry."""
   def deco(cls):
-    cls.name = name
     cls.family = family
-    cls._registry_name = name
-    return cls
+    return registry.mark(cls, name)
   return deco
 
 
 def register_module(module) -> None:
   """Registers every Method class `module` defines with `@register` (by its registry name)."""
-  for obj in vars(module).values():
-    if (isinstance(obj, type) and "_registry_name" in vars(obj)
-        and obj.__module__ == module.__name__):
-      name = obj._registry_name
-      if REGISTRY.get(name, obj) is not obj:
-        raise MethodError(f"tuning method name '{name}' is registered twice "
-                          f"({REGISTRY[name].__module__}, {module.__name__})")
-      REGISTRY[name] = obj
+  registry.collect(module, REGISTRY, MethodError, "tuning method")
 
 
 def get(name: str, **cfg) -> "Method":
