@@ -283,9 +283,9 @@ class Trainer:
   def run(self) -> dict:
     cfg, t = self.cfg, self.cfg.train
     os.makedirs(self.run_dir, exist_ok=True)
+    start = self.maybe_restore()  # a refused resume raises before the run's config is touched
     with open(os.path.join(self.run_dir, "config.json"), "w") as f:
       f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
-    start = self.maybe_restore()
     jsonl = JsonlWriter(os.path.join(self.run_dir, "metrics.jsonl"))
     tb = TensorBoardWriter(os.path.join(self.run_dir, "tb"))
     shown = {}  # the progress bar's latest target / retention scores
@@ -299,6 +299,7 @@ class Trainer:
     bar = tqdm(total=t.steps, initial=start, disable=not self.progress, unit="step",
                dynamic_ncols=True)
     last, tokens, t0, status = {}, 0.0, time.time(), "done"
+    saved = None  # the last step saved in this loop
     try:
       for step in range(start, t.steps):
         host_batch = next(self.data)
@@ -328,10 +329,12 @@ class Trainer:
         bar.update(1)
         if (t.save_every and (step + 1) % t.save_every == 0) or (is_eval and t.best_metric):
           self.save(step + 1, last)
+          saved = step + 1
         _debug_kill(step + 1, self.ckpt)
-        if self._stop_requested:
+        if self._stop_requested:  # SIGTERM: this step's state on disk, then a clean exit
           status = "preempted"
-          self.save(step + 1, last, force=True)
+          if saved != step + 1:
+            self.save(step + 1, last, force=True)
           break
     finally:
       bar.close()

@@ -114,3 +114,30 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path):
   second = run_cli(base)
   assert second.returncode == 0 and '"status": "done"' in second.stdout
   assert sorted(losses(f"{tmp_path}/run")) == [1, 2, 3, 4, 5, 6]
+
+
+def test_sigterm_on_a_save_step_still_exits_cleanly(tmp_path):
+  """SIGTERM right after the regular save of step 3: no second save of the same step (orbax
+  refused it, exit 2); the run ends preempted with status 0 and resumes."""
+  base = ["train", "--config=configs/experiments/tiny_lora.py", "--no-progress",
+          "--config.train.steps=5", "--config.train.save_every=3", "--config.train.log_every=1",
+          "--config.data.seq_len=16", f"--config.run_dir={tmp_path}/run"]
+  first = run_cli(base, env_extra={"MLLM_DEBUG_KILL": "3:sigterm"})
+  assert first.returncode == 0, first.stderr[-2000:]
+  assert '"status": "preempted"' in first.stdout and "already exists" not in first.stderr
+  assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["3"]
+  second = run_cli(base)
+  assert second.returncode == 0 and '"status": "done"' in second.stdout
+
+
+def test_a_refused_resume_leaves_the_runs_config_untouched(tmp_path):
+  """A resume refused by the base fingerprint (another tiny base seed) fails before it writes
+  anything: the run's config.json stays byte-identical."""
+  base = ["train", "--config=configs/experiments/tiny_lora.py", "--no-progress",
+          "--config.train.steps=2", "--config.train.log_every=1", "--config.data.seq_len=16",
+          f"--config.run_dir={tmp_path}/run"]
+  assert run_cli(base).returncode == 0
+  before = (tmp_path / "run" / "config.json").read_bytes()
+  refused = run_cli(base + ["--config.train.steps=4", "--config.model.tiny.seed=7"])
+  assert refused.returncode != 0 and "fingerprint" in refused.stderr, refused.stderr[-2000:]
+  assert (tmp_path / "run" / "config.json").read_bytes() == before
