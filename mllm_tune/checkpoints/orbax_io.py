@@ -44,6 +44,16 @@ def _strided_sample(x, step: int) -> np.ndarray:
   return np.asarray(jax.device_get(x)).reshape(-1)[::step]
 
 
+class CheckpointReadError(CheckpointError):
+  """A step's files cannot be read (truncated, missing, corrupt): the step, the path and
+  orbax's / tensorstore's reason. Resume falls back to an older step on this error only."""
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
+
+
 class TrainCheckpointer:
   """Save / restore `(state pytree, data state, meta)` per step under `directory`."""
 
@@ -64,11 +74,15 @@ class TrainCheckpointer:
     metrics = {k: float(v) for k, v in (metrics or {}).items()}
     if self.best_metric and self.best_metric not in metrics:
       metrics = None  # not ranked; kept only until ranked checkpoints exist
-    return self.manager.save(
-        step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                      data=ocp.args.JsonSave(data_state),
-                                      meta=ocp.args.JsonSave(json.loads(json.dumps(meta)))),
-        metrics=metrics, force=force)
+    try:
+      return self.manager.save(
+          step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                        data=ocp.args.JsonSave(data_state),
+                                        meta=ocp.args.JsonSave(json.loads(json.dumps(meta)))),
+          metrics=metrics, force=force)
+    except Exception as e:  # orbax / tensorstore / OS errors, with the step and path
+      raise CheckpointError(f"{self.directory}/{step}: saving the checkpoint failed "
+                            f"({_first_line(e)})") from e
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -85,15 +99,25 @@ class TrainCheckpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise CheckpointError(f"{self.directory}: no checkpoint to restore")
-    meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-    meta = meta["meta"]
+    where = f"{self.directory}/{step}"
+    try:
+      meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+      meta = meta["meta"]
+    except Exception as e:
+      raise CheckpointReadError(f"{where}: cannot read its meta item ({_first_line(e)})") from e
+    if not isinstance(meta, dict):
+      raise CheckpointReadError(f"{where}: its meta item is not a JSON object")
     if expect_fingerprint and meta.get("base_fingerprint") != expect_fingerprint:
       raise CheckpointError(
           f"{self.directory}/{step}: this checkpoint was trained on base "
           f"'{meta.get('base_path')}' (fingerprint {meta.get('base_fingerprint')}), but the "
           f"base loaded now has fingerprint {expect_fingerprint}: refusing to mix them")
-    out = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+    try:
+      out = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+    except Exception as e:
+      raise CheckpointReadError(f"{where}: cannot read its state or data item "
+                                f"({_first_line(e)})") from e
     return out["state"], out["data"], meta
 
   def wait(self) -> None:

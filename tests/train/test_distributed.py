@@ -9,6 +9,7 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 
 from tests.helpers.train import ROOT, losses, run_cli
 
@@ -141,3 +142,68 @@ def test_a_refused_resume_leaves_the_runs_config_untouched(tmp_path):
   refused = run_cli(base + ["--config.train.steps=4", "--config.model.tiny.seed=7"])
   assert refused.returncode != 0 and "fingerprint" in refused.stderr, refused.stderr[-2000:]
   assert (tmp_path / "run" / "config.json").read_bytes() == before
+
+
+def _damaged_run(tmp_path, damage):
+  """A 3-step run saving every step, then `damage(checkpoints_dir)`; returns the CLI args."""
+  base = ["train", "--config=configs/experiments/tiny_lora.py", "--no-progress",
+          "--config.train.save_every=1", "--config.train.log_every=1", "--config.train.keep=5",
+          "--config.train.async_save=False", "--config.data.seq_len=16",
+          f"--config.run_dir={tmp_path}/run"]
+  assert run_cli(base + ["--config.train.steps=3"]).returncode == 0
+  damage(tmp_path / "run" / "checkpoints")
+  return base
+
+
+@pytest.mark.parametrize("what", ["truncated meta", "truncated array file"])
+def test_resume_skips_a_damaged_newest_checkpoint(tmp_path, what):
+  def damage(ckpt):
+    if what == "truncated meta":
+      (ckpt / "3" / "meta" / "metadata").write_text('{"base_')
+    else:
+      for f in (ckpt / "3" / "state").rglob("*"):
+        if f.is_file() and "ocdbt" in str(f) and f.stat().st_size > 64:
+          f.write_bytes(f.read_bytes()[:32])
+  base = _damaged_run(tmp_path, damage)
+  resumed = run_cli(base + ["--config.train.steps=4"])
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "skipping checkpoint step 3" in resumed.stderr and "/checkpoints/3" in resumed.stderr
+  assert "resumed from" in resumed.stderr and "at step 2" in resumed.stderr
+  assert sorted(losses(f"{tmp_path}/run")) == [1, 2, 3, 4]
+
+
+def test_resume_with_no_readable_checkpoint_names_the_directory(tmp_path):
+  def damage(ckpt):
+    for step in ("1", "2", "3"):
+      (ckpt / step / "meta" / "metadata").write_text("")
+  base = _damaged_run(tmp_path, damage)
+  failed = run_cli(base + ["--config.train.steps=4"])
+  assert failed.returncode != 0
+  assert "none of the checkpoints (steps 3, 2, 1) can be read" in failed.stderr
+  assert f"{tmp_path}/run/checkpoints" in failed.stderr and "Traceback" not in failed.stderr
+
+
+def test_kill_9_during_an_async_save_then_damage_resumes_bit_exactly(tmp_path):
+  """kill -9 while step 4's async save may be in flight, then whatever of step 4 reached the
+  disk is truncated: the resume starts from a readable step and ends with the reference's
+  losses, bit for bit."""
+  base = ["train", "--config=configs/experiments/tiny_lora.py", "--no-progress",
+          "--config.train.steps=6", "--config.train.save_every=2", "--config.train.keep=5",
+          "--config.train.log_every=1", "--config.data.seq_len=16"]
+  ref = run_cli(base + [f"--config.run_dir={tmp_path}/ref"])
+  assert ref.returncode == 0, ref.stderr[-3000:]
+  run = tmp_path / "run"
+  killed = run_cli(base + [f"--config.run_dir={run}"], env_extra={"MLLM_DEBUG_KILL":
+                                                                   "4:during_save"})
+  assert killed.returncode == -9, killed.stderr[-2000:]
+  # step 4's save: half written (orbax's temporary directory) or committed; damage what exists
+  half = [p for p in (run / "checkpoints").iterdir() if p.name.startswith("4")]
+  for d in half:
+    for f in d.rglob("*"):
+      if f.is_file():
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+  resumed = run_cli(base + [f"--config.run_dir={run}"])
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "resumed from" in resumed.stderr
+  want, got = losses(f"{tmp_path}/ref"), losses(str(run))
+  assert got[6] == want[6] and got[5] == want[5], (got, want)
