@@ -155,11 +155,14 @@ def _damaged_run(tmp_path, damage):
   return base
 
 
-@pytest.mark.parametrize("what", ["truncated meta", "truncated array file"])
+@pytest.mark.parametrize("what", ["truncated meta", "deleted state metadata",
+                                  "truncated array file"])
 def test_resume_skips_a_damaged_newest_checkpoint(tmp_path, what):
   def damage(ckpt):
     if what == "truncated meta":
       (ckpt / "3" / "meta" / "metadata").write_text('{"base_')
+    elif what == "deleted state metadata":
+      (ckpt / "3" / "state" / "_METADATA").unlink()
     else:
       for f in (ckpt / "3" / "state").rglob("*"):
         if f.is_file() and "ocdbt" in str(f) and f.stat().st_size > 64:
