@@ -7,6 +7,7 @@ importing one.
 """
 from __future__ import annotations
 
+import dataclasses
 from types import ModuleType
 
 
@@ -27,3 +28,17 @@ def collect(module: ModuleType, registry: dict, error: type[Exception], what: st
         raise error(f"{what} name '{name}' is registered twice "
                     f"({registry[name].__module__}, {module.__name__})")
       registry[name] = obj
+
+
+def instantiate(registry: dict, name: str, options: dict, error: type[Exception], what: str):
+  """`registry[name](**options)`; an unknown name or option raises `error` listing the known
+  names or the class's fields (`what`: "tuning method", "penalty", ...)."""
+  if name not in registry:
+    raise error(f"unknown {what} '{name}'; known: {', '.join(sorted(registry))}")
+  cls = registry[name]
+  fields = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(options) - fields)
+  if unknown:
+    raise error(f"{what.split()[-1]} '{name}' has no option(s) {unknown}; options: "
+                f"{sorted(fields)}")
+  return cls(**options)

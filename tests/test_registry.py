@@ -34,3 +34,17 @@ def test_package_registries_hold_every_listed_module():
   assert {"ewc", "l2sp", "lwf", "gift", "mas"} <= set(penalties.REGISTRY)
   with pytest.raises(mt.tuning.MethodError, match="registered twice"):
     mt.tuning.api.register_module(_module("elsewhere", X="lora"))
+
+
+def test_instantiate_names_unknown_names_and_options():
+  import dataclasses
+
+  @dataclasses.dataclass
+  class Thing:
+    size: int = 1
+  reg = {"thing": Thing}
+  assert registry.instantiate(reg, "thing", {"size": 3}, KeyError, "widget") == Thing(3)
+  with pytest.raises(KeyError, match="unknown widget 'thang'; known: thing"):
+    registry.instantiate(reg, "thang", {}, KeyError, "widget")
+  with pytest.raises(KeyError, match=r"widget 'thing' has no option\(s\) \['sise'\]"):
+    registry.instantiate(reg, "thing", {"sise": 3}, KeyError, "widget")

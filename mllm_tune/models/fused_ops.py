@@ -11,8 +11,9 @@ backward cannot cheaply recompute:
 The forward values are bit-identical to the plain formulas (same float32 statistics, same
 casts). The backward computes in float32 and rounds once to each input's dtype, so its results
 may differ from autodiff's bf16 chains in the last bit. Reverse mode only (`jax.custom_vjp`).
-On the 1.5B benchmark model this removes ~3 of the ~9 (B, T, F)-or-(B, T, D)-sized tensors
-per layer that a training step keeps for the backward.
+With one shared input view for q/k/v and for gate/up (llm.py), what a training step of the
+1.5B benchmark model keeps per layer and 2048-token sample fell from 263 MB to 140 MB
+(`jax.ad_checkpoint.print_saved_residuals`).
 """
 from __future__ import annotations
 

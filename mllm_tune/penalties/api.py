@@ -105,14 +105,7 @@ class Penalty:
 
 def get(name: str, **cfg) -> Penalty:
   """`get("ewc", weight=1e3)`; options another penalty has are rejected by name."""
-  if name not in REGISTRY:
-    raise PenaltyError(f"unknown penalty '{name}'; known: {', '.join(sorted(REGISTRY))}")
-  cls = REGISTRY[name]
-  fields = {f.name for f in dataclasses.fields(cls)}
-  unknown = sorted(set(cfg) - fields)
-  if unknown:
-    raise PenaltyError(f"penalty '{name}' has no option(s) {unknown}; options: {sorted(fields)}")
-  return cls(**cfg)
+  return registry.instantiate(REGISTRY, name, cfg, PenaltyError, "penalty")
 
 
 def from_config(cfg) -> Penalty:

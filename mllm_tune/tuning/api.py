@@ -56,14 +56,7 @@ def register_module(module) -> None:
 
 def get(name: str, **cfg) -> "Method":
   """`get("lora", rank=8, alpha=16, targets=r"llm/.*/(q|v)_proj")` -> a Method."""
-  if name not in REGISTRY:
-    raise MethodError(f"unknown tuning method '{name}'; known: {', '.join(sorted(REGISTRY))}")
-  cls = REGISTRY[name]
-  fields = {f.name for f in dataclasses.fields(cls)}
-  unknown = sorted(set(cfg) - fields)
-  if unknown:
-    raise MethodError(f"method '{name}' has no option(s) {unknown}; options: {sorted(fields)}")
-  return cls(**cfg)
+  return registry.instantiate(REGISTRY, name, cfg, MethodError, "tuning method")
 
 
 def from_config(cfg) -> "Method":
