@@ -1,8 +1,9 @@
 """Hugging Face checkpoints in and out: `config.json` + (sharded) safetensors <-> params pytree.
 
-Supports `LlavaForConditionalGeneration` (transformers >= 4.52 / 5.x key layout, and the older
+Supports `LlavaForConditionalGeneration`, `LlavaNextForConditionalGeneration` and
+`LlavaOnevisionForConditionalGeneration` (transformers >= 4.52 / 5.x key layout, and the older
 `language_model.model.*` layout of llava-hf checkpoints, mapped as in Llava's
-`_checkpoint_conversion_mapping`) and bare `LlamaForCausalLM` / `Qwen2ForCausalLM` /
+`_checkpoint_conversion_mapping`; the anyres models add `image_newline`) and bare `LlamaForCausalLM` / `Qwen2ForCausalLM` /
 `MistralForCausalLM`. Loading streams tensor by tensor from memory-mapped files and builds each
 parameter with `jax.make_array_from_callback`, so every device reads only its own shard and no
 second host copy of the model is made. Writing streams the same way and always uses the new layout.
@@ -137,6 +138,9 @@ def checkpoint_rules(cfg, layout: str | None = None) -> list[Rule]:
   rules += vision_rules(cfg.vision, vis_p)
   for n in ("1", "2") if cfg.projector_type == "mlp2x_gelu" else ("1",):
     rules += _lin(f"{proj_p}linear_{n}", ("projector", f"linear_{n}"), cfg.projector_bias, False)
+  if cfg.anyres:  # LLaVA-NeXT / OneVision: beside the projector, `model.` in the v5 layouts
+    rules.append(Rule(f"{proj_p[:-len('multi_modal_projector.')]}image_newline",
+                      ("image_newline",)))
   return rules
 
 

@@ -21,16 +21,21 @@ from mllm_tune.models.kv_cache import init_kv_cache
 DEFAULT_BUCKET_FLOOR = 16
 
 
-def left_pad(input_ids: np.ndarray, attention_mask: np.ndarray):
-  """Move each row's real tokens to the right end (left padding); a no-op for left-padded rows."""
+def left_pad(input_ids: np.ndarray, attention_mask: np.ndarray, *aligned: np.ndarray):
+  """Move each row's real tokens to the right end (left padding); a no-op for left-padded rows.
+  `aligned` arrays (B, T, ...) (e.g. anyres pack tables) are moved with the tokens and returned
+  after (ids, mask)."""
   ids, mask = np.array(input_ids), np.array(attention_mask)
+  aligned = [np.array(a) for a in aligned]
   for b in range(ids.shape[0]):
     n = int(mask[b].sum())
     if n and not mask[b, -n:].all():
       keep = mask[b].astype(bool)
       ids[b] = np.concatenate([ids[b][~keep], ids[b][keep]])
+      for a in aligned:
+        a[b] = np.concatenate([a[b][~keep], a[b][keep]])
       mask[b] = np.concatenate([np.zeros(ids.shape[1] - n, mask.dtype), np.ones(n, mask.dtype)])
-  return ids, mask
+  return (ids, mask, *aligned)
 
 
 def next_bucket(n: int, floor: int | None = DEFAULT_BUCKET_FLOOR) -> int:
@@ -50,13 +55,19 @@ class Prompts(NamedTuple):
   """A validated, left-padded, bucketed prompt batch (host arrays) and the output size."""
   ids_BP: np.ndarray       # int32, left-padded to the bucketed length P
   mask_BP: np.ndarray      # int32, 1 on real tokens
-  pixel_values: jax.Array | None
+  pixel_values: jax.Array | dict | None  # anyres: a dict of pixel_values and pack tables
   num_new: int             # N: bucketed capacity for new tokens (>= max_new_tokens)
 
 
+PACK_TABLES = ("pack_index", "pack_weight", "pack_newline")
+
+
 def prepare_prompts(model, input_ids, attention_mask, pixel_values, max_new_tokens: int,
-                    pad_token_id: int, bucket_floor: int | None) -> Prompts:
+                    pad_token_id: int, bucket_floor: int | None,
+                    image_tables: dict | None = None) -> Prompts:
   """Check a prompt batch against the model, left-pad it and pad it up to its length bucket.
+  `image_tables`: the position-aligned pack tables of an anyres model (`mt.hf_inputs`); they
+  are padded and moved with the tokens.
 
   Raises ValueError for shape mismatches, empty rows, image-token/image count mismatches, pixel
   values for a text-only model, and prompts (+ new tokens) longer than the model's
@@ -81,10 +92,25 @@ def prepare_prompts(model, input_ids, attention_mask, pixel_values, max_new_toke
   if longest + max_new_tokens > max_pos:
     raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
                      f"model's max_position_embeddings = {max_pos}; lower max_new_tokens")
-  ids, mask = left_pad(ids, mask)
+  tables = dict(image_tables or {})
+  unknown = set(tables) - set(PACK_TABLES)
+  if unknown:
+    raise TypeError(f"unexpected keyword argument(s) {sorted(unknown)}")
+  anyres = isinstance(model, Llava) and model.config.anyres
+  if tables and not anyres:
+    raise ValueError(f"{sorted(tables)} are for anyres models (LLaVA-NeXT / OneVision) only")
+  if anyres and pixel_values is not None and set(tables) != set(PACK_TABLES):
+    raise ValueError(f"{model.config.model_type}: pixel_values need the pack tables "
+                     f"{PACK_TABLES}; mt.hf_inputs builds them from a processor's output")
+  for k, v in tables.items():
+    if np.shape(v)[:2] != ids.shape:
+      raise ValueError(f"{k} of shape {np.shape(v)} does not match input_ids {ids.shape}")
+  ids, mask, *moved = left_pad(ids, mask, *(tables[k] for k in PACK_TABLES if k in tables))
+  tables = dict(zip([k for k in PACK_TABLES if k in tables], moved))
   if isinstance(model, Llava):
     c = model.config
-    check_image_token_count(ids, pixel_values, c.image_token_id, c.image_seq_len)
+    if not anyres:
+      check_image_token_count(ids, pixel_values, c.image_token_id, c.image_seq_len)
     fill = next(f for f in (pad_token_id, 0, 1) if f != c.image_token_id)  # never an image
   elif pixel_values is not None:
     raise ValueError("pixel_values given to a text-only model")
@@ -94,6 +120,9 @@ def prepare_prompts(model, input_ids, attention_mask, pixel_values, max_new_toke
   ids = np.pad(ids, ((0, 0), (extra, 0)), constant_values=fill).astype(np.int32)
   mask = np.pad(mask, ((0, 0), (extra, 0))).astype(np.int32)
   px = None if pixel_values is None else jnp.asarray(pixel_values)
+  if px is not None and anyres:
+    px = {"pixel_values": px, **{k: jnp.asarray(np.pad(
+        v, ((0, 0), (extra, 0)) + ((0, 0),) * (v.ndim - 2))) for k, v in tables.items()}}
   return Prompts(ids, mask, px, next_bucket(int(max_new_tokens), bucket_floor))
 
 
@@ -140,7 +169,7 @@ def prefill(model, variables, ids_BP, mask_BP, px, num_new: int):
   cache = init_kv_cache(llm_cfg, b, p + num_new, jnp.dtype(llm_cfg.dtype))
   cache_mask_BS = jnp.concatenate([mask_BP, jnp.ones((b, num_new), mask_BP.dtype)], axis=1)
   pos_BP = jnp.maximum(jnp.cumsum(mask_BP, axis=-1) - 1, 0)
-  kwargs = {"pixel_values": px} if px is not None else {}
+  kwargs = px if isinstance(px, dict) else {"pixel_values": px} if px is not None else {}
   logits_B1V, cache = model.apply(variables, ids_BP, cache_mask_BS, pos_BP, kv_cache=cache,
                                   cache_index=0, last_logits_only=True, **kwargs)
   return logits_B1V[:, -1], cache, cache_mask_BS, pos_BP[:, -1:]

@@ -105,7 +105,7 @@ def beam_search(model, params, input_ids, attention_mask=None, pixel_values=None
                 length_penalty: float = 1.0, early_stopping: bool | str = True,
                 stop_token_ids: Iterable[int] | None = None,
                 bucket_floor: int | None = DEFAULT_BUCKET_FLOOR,
-                first_token_logit_bias: jax.Array | None = None):
+                first_token_logit_bias: jax.Array | None = None, **image_tables):
   """Beam search with HF `generate(num_beams=K, do_sample=False)` semantics (see `eval/beam.py`).
 
   Returns (sequences (B, K, max_new_tokens) int32, scores (B, K) float32): the K best finished
@@ -120,7 +120,7 @@ def beam_search(model, params, input_ids, attention_mask=None, pixel_values=None
   _check_beam_args(num_beams, length_penalty, early_stopping)
   bias_V = first_token_bias_of(model, first_token_logit_bias)
   pr = prepare_prompts(model, input_ids, attention_mask, pixel_values, max_new_tokens,
-                       pad_token_id, bucket_floor)
+                       pad_token_id, bucket_floor, image_tables)
   seqs, scores = beam_lib.beam_loop(
       model, variables_of(params, adapters), jnp.asarray(pr.ids_BP), jnp.asarray(pr.mask_BP),
       pr.pixel_values, jnp.int32(max_new_tokens), jnp.int32(pad_token_id),
@@ -138,8 +138,12 @@ def generate(model, params, input_ids, attention_mask=None, pixel_values=None,
              early_stopping: bool | str = True, stop_token_ids: Iterable[int] | None = None,
              bucket_floor: int | None = DEFAULT_BUCKET_FLOOR,
              first_token_logit_bias: jax.Array | None = None,
-             return_entropy: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+             return_entropy: bool = False,
+             **image_tables) -> jax.Array | tuple[jax.Array, jax.Array]:
   """New tokens (B, max_new_tokens) int32 for a prompt batch (B, L); `pixel_values` NHWC (LLaVA).
+  Anyres models (LLaVA-NeXT / OneVision) take their crops as `pixel_values` and the pack tables
+  as `image_tables` keywords (`pack_index`, `pack_weight`, `pack_newline`): pass
+  `**mt.hf_inputs(model, processor_output)`. Rows may hold several images of different sizes.
 
   Greedy by default. `do_sample=True` draws each token from `softmax(logits / temperature)`
   restricted to the top-k (`top_k=0`: off) and the nucleus (`top_p=1`: off), `temperature=0`
@@ -179,10 +183,11 @@ def generate(model, params, input_ids, attention_mask=None, pixel_values=None,
                           max_new_tokens, eos_token_id, pad_token_id, adapters,
                           num_beams=num_beams, length_penalty=length_penalty,
                           early_stopping=early_stopping, stop_token_ids=stop_token_ids,
-                          bucket_floor=bucket_floor, first_token_logit_bias=bias_V)
+                          bucket_floor=bucket_floor, first_token_logit_bias=bias_V,
+                          **image_tables)
     return seqs[:, 0]
   pr = prepare_prompts(model, input_ids, attention_mask, pixel_values, max_new_tokens,
-                       pad_token_id, bucket_floor)
+                       pad_token_id, bucket_floor, image_tables)
   key = jax.random.key(0) if rng is None else rng
   stops_E = _stop_array(stop_id_tuple(eos_token_id, stop_token_ids))
   out, ent = _sample_loop(model, variables_of(params, adapters), jnp.asarray(pr.ids_BP),

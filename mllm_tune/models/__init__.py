@@ -13,7 +13,8 @@ from mllm_tune.models.kv_cache import KVCache, init_kv_cache
 from mllm_tune.models.llm import LLM, CausalLM
 
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "positions", "segment_ids", "pixel_values")
+MODEL_INPUTS = ("input_ids", "attention_mask", "positions", "segment_ids", "pixel_values",
+                "pack_index", "pack_weight", "pack_newline")
 
 
 def model_kwargs(batch: dict) -> dict:

@@ -82,12 +82,14 @@ def unpad_box(map_hw: tuple[int, int], orig_hw: Sequence[int]) -> tuple[int, int
 
 def bilinear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """1-D taps of a bilinear resize n_in -> n_out with `align_corners=False`, no antialiasing:
-  (i0, i1, weight of i1) per output position, as PyTorch computes them."""
-  scale = n_in / n_out
-  src = np.maximum((np.arange(n_out) + 0.5) * scale - 0.5, 0.0)
-  i0 = np.floor(src).astype(np.int64)
+  (i0, i1, weight of i1) per output position, computed in float32 as PyTorch's CPU kernel does
+  (so the weights are the same numbers, not only close)."""
+  f32 = np.float32
+  scale = f32(n_in) / f32(n_out)
+  src = np.maximum(scale * (np.arange(n_out, dtype=f32) + f32(0.5)) - f32(0.5), f32(0))
+  i0 = src.astype(np.int64)
   i1 = np.minimum(i0 + 1, n_in - 1)
-  return i0, i1, src - i0
+  return i0, i1, src - i0.astype(f32)
 
 
 class PackTable(NamedTuple):

@@ -108,8 +108,24 @@ class VisionConfig:
     return self.num_patches + (1 if self.is_clip else 0)
 
 
+LLAVA_TYPES = ("llava", "llava_next", "llava_onevision")
+LLAVA_ARCHITECTURES = {"llava": "LlavaForConditionalGeneration",
+                       "llava_next": "LlavaNextForConditionalGeneration",
+                       "llava_onevision": "LlavaOnevisionForConditionalGeneration"}
+# transformers' class defaults for what a config.json may leave out
+DEFAULT_PINPOINTS = {
+    "llava_next": ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)),
+    "llava_onevision": tuple((384 * i, 384 * j) for i in range(1, 7) for j in range(1, 7))}
+FAMILY_DEFAULTS = {  # vision_feature_layer, vision_feature_select_strategy, text model_type
+    "llava": (-2, "default", "llama"), "llava_next": (-2, "default", "llama"),
+    "llava_onevision": (-1, "full", "qwen2")}
+
+
 @dataclasses.dataclass(frozen=True)
 class LlavaConfig:
+  """A LLaVA composition. `model_type` "llava" (1.5: one fixed-size image -> `image_seq_len`
+  tokens) or an anyres family, "llava_next" / "llava_onevision" (a variable number of crops and
+  tokens per image, `models.anyres`; an `image_newline` parameter)."""
   vision: VisionConfig = VisionConfig()
   llm: LLMConfig = LLMConfig()
   projector_type: str = "mlp2x_gelu"  # mlp2x_gelu (HF Llava) | linear
@@ -118,14 +134,50 @@ class LlavaConfig:
   image_token_id: int = 32000
   vision_feature_layer: int = -2
   vision_feature_select_strategy: str = "default"  # default (drop CLS) | full
+  model_type: str = "llava"  # LLAVA_TYPES
+  image_grid_pinpoints: tuple[tuple[int, int], ...] = ()  # anyres: (height, width) resolutions
+  vision_aspect_ratio: str = "anyres_max_9"  # llava_onevision: cap on the grid's feature area
   hf_json: str = ""  # original HF config.json text, for round trips
   hf_layout: str = ""  # checkpoint key layout read (checkpoints.hf.LLAVA_LAYOUTS), written back
 
+  def __post_init__(self):
+    if self.model_type not in LLAVA_TYPES:
+      raise ConfigError(f"LlavaConfig.model_type {self.model_type!r}: expected one of "
+                        f"{LLAVA_TYPES}")
+    pins = tuple((int(h), int(w)) for h, w in self.image_grid_pinpoints)
+    object.__setattr__(self, "image_grid_pinpoints", pins)
+    if self.anyres:
+      if not pins:
+        raise ConfigError(f"{self.model_type}: image_grid_pinpoints are required")
+      crop = self.vision.image_size
+      bad = [p for p in pins if p[0] % crop or p[1] % crop]
+      if bad:
+        raise ConfigError(f"image_grid_pinpoints {bad} are not multiples of the vision "
+                          f"tower's image_size {crop}")
+
   @property
-  def image_seq_len(self) -> int:
-    """Image tokens one image expands to in the LLM input."""
+  def anyres(self) -> bool:
+    """Variable crops and tokens per image (LLaVA-NeXT / OneVision)."""
+    return self.model_type != "llava"
+
+  @property
+  def crop_side(self) -> int:
+    """Features per side of one crop's feature map (image_size / patch_size)."""
+    return self.vision.image_size // self.vision.patch_size
+
+  @property
+  def crop_tokens(self) -> int:
+    """Projected features one crop (one vision-tower image) gives."""
     n = self.vision.num_positions
     return n - 1 if self.vision_feature_select_strategy == "default" else n
+
+  @property
+  def image_seq_len(self) -> int:
+    """Image tokens one image expands to in the LLM input (fixed for LLaVA-1.5 only)."""
+    if self.anyres:
+      raise ConfigError(f"{self.model_type}: the number of tokens depends on each image's "
+                        "size (models.anyres.pack_table); there is no fixed image_seq_len")
+    return self.crop_tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,34 +275,8 @@ def config_from_hf(d: dict, where: str = "config.json", dtype: str = "float32",
   """Parse a full HF `config.json` dict into our config; errors name the file and field."""
   archs = d.get("architectures") or []
   mt = d.get("model_type")
-  if mt == "llava":
-    if archs and not set(archs) & {"LlavaForConditionalGeneration", "LlavaModel"}:
-      raise ConfigError(f"{where}: architectures {archs} not supported for model_type 'llava'")
-    text = _need(d, "text_config", where)
-    vision = _need(d, "vision_config", where)
-    layer = d.get("vision_feature_layer", -2)
-    if not isinstance(layer, int):
-      raise ConfigError(f"{where}: vision_feature_layer={layer!r}: only a single int layer is "
-                        "supported")
-    strategy = d.get("vision_feature_select_strategy", "default")
-    if strategy not in ("default", "full"):
-      raise ConfigError(f"{where}: vision_feature_select_strategy '{strategy}' is not supported")
-    text = dict(text)
-    if d.get("tie_word_embeddings"):
-      text["tie_word_embeddings"] = True
-    llm = llm_config_from_hf(text, f"{where}:text_config", dtype=dtype, param_dtype=param_dtype)
-    vis = vision_config_from_hf(vision, f"{where}:vision_config", dtype=dtype,
-                                param_dtype=param_dtype)
-    if not -vis.num_layers - 1 <= layer <= vis.num_layers:
-      raise ConfigError(f"{where}: vision_feature_layer={layer} is out of range for a "
-                        f"{vis.num_layers}-layer vision tower")
-    return LlavaConfig(
-        vision=vis, llm=llm, projector_type="mlp2x_gelu",
-        projector_hidden_act=d.get("projector_hidden_act", "gelu"),
-        projector_bias=bool(d.get("multimodal_projector_bias", True)),
-        image_token_id=int(d.get("image_token_id", d.get("image_token_index", 32000))),
-        vision_feature_layer=layer, vision_feature_select_strategy=strategy,
-        hf_json=json.dumps(d, sort_keys=True))
+  if mt in LLAVA_TYPES:
+    return _llava_config_from_hf(d, mt, where, dtype, param_dtype)
   if mt in LLM_TYPES:
     if archs and archs[0] != LLM_ARCHITECTURES[mt]:
       raise ConfigError(f"{where}: architectures {archs} not supported for model_type '{mt}' "
@@ -258,7 +284,56 @@ def config_from_hf(d: dict, where: str = "config.json", dtype: str = "float32",
     return CausalLMConfig(llm=llm_config_from_hf(d, where, dtype=dtype, param_dtype=param_dtype),
                           hf_json=json.dumps(d, sort_keys=True))
   raise ConfigError(f"{where}: model_type '{mt}' (architectures {archs}) is not supported; "
-                    f"supported: 'llava', {', '.join(repr(t) for t in LLM_TYPES)}")
+                    f"supported: {', '.join(repr(t) for t in LLAVA_TYPES + LLM_TYPES)}")
+
+
+def _llava_config_from_hf(d: dict, mt: str, where: str, dtype: str,
+                          param_dtype: str) -> LlavaConfig:
+  archs = d.get("architectures") or []
+  arch = LLAVA_ARCHITECTURES[mt]
+  if archs and not set(archs) & {arch, arch.replace("ForConditionalGeneration", "Model")}:
+    raise ConfigError(f"{where}: architectures {archs} not supported for model_type '{mt}' "
+                      f"(expected {arch})")
+  layer_default, strategy_default, text_type = FAMILY_DEFAULTS[mt]
+  text = dict(_need(d, "text_config", where))
+  text.setdefault("model_type", text_type)
+  vision = dict(_need(d, "vision_config", where))
+  if mt == "llava_onevision":
+    vision.setdefault("model_type", "siglip_vision_model")
+  layer = d.get("vision_feature_layer", layer_default)
+  if not isinstance(layer, int):
+    raise ConfigError(f"{where}: vision_feature_layer={layer!r}: only a single int layer is "
+                      "supported")
+  strategy = d.get("vision_feature_select_strategy", strategy_default)
+  if strategy not in ("default", "full"):
+    raise ConfigError(f"{where}: vision_feature_select_strategy '{strategy}' is not supported")
+  if d.get("tie_word_embeddings"):
+    text["tie_word_embeddings"] = True
+  llm = llm_config_from_hf(text, f"{where}:text_config", dtype=dtype, param_dtype=param_dtype)
+  vis = vision_config_from_hf(vision, f"{where}:vision_config", dtype=dtype,
+                              param_dtype=param_dtype)
+  if not -vis.num_layers - 1 <= layer <= vis.num_layers:
+    raise ConfigError(f"{where}: vision_feature_layer={layer} is out of range for a "
+                      f"{vis.num_layers}-layer vision tower")
+  extra = {}
+  if mt != "llava":
+    pins = d.get("image_grid_pinpoints") or DEFAULT_PINPOINTS[mt]
+    if not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in pins):
+      raise ConfigError(f"{where}: image_grid_pinpoints must be [height, width] pairs")
+    extra = dict(model_type=mt, image_grid_pinpoints=tuple(tuple(p) for p in pins))
+    if mt == "llava_onevision":
+      aspect = d.get("vision_aspect_ratio", "anyres_max_9")
+      if not str(aspect).startswith("anyres_max_"):
+        raise ConfigError(f"{where}: vision_aspect_ratio {aspect!r} is not supported "
+                          "(expected 'anyres_max_<N>')")
+      extra["vision_aspect_ratio"] = aspect
+  return LlavaConfig(
+      vision=vis, llm=llm, projector_type="mlp2x_gelu",
+      projector_hidden_act=d.get("projector_hidden_act", "gelu"),
+      projector_bias=bool(d.get("multimodal_projector_bias", True)),
+      image_token_id=int(d.get("image_token_id", d.get("image_token_index", 32000))),
+      vision_feature_layer=layer, vision_feature_select_strategy=strategy,
+      hf_json=json.dumps(d, sort_keys=True), **extra)
 
 
 def with_runtime(cfg: LlavaConfig | CausalLMConfig, **fields) -> LlavaConfig | CausalLMConfig:
@@ -337,14 +412,21 @@ def config_to_hf(cfg: LlavaConfig | CausalLMConfig, dtype: str) -> dict:
     d = dict(base)
     d["text_config"] = {**base.get("text_config", {}), **llm_config_to_hf(cfg.llm)}
     d["vision_config"] = {**base.get("vision_config", {}), **vision_config_to_hf(cfg.vision)}
-    d.update(model_type="llava", architectures=["LlavaForConditionalGeneration"],
-             image_token_id=cfg.image_token_id, projector_hidden_act=cfg.projector_hidden_act,
+    d.update(model_type=cfg.model_type, architectures=[LLAVA_ARCHITECTURES[cfg.model_type]],
+             projector_hidden_act=cfg.projector_hidden_act,
              multimodal_projector_bias=cfg.projector_bias,
              vision_feature_layer=cfg.vision_feature_layer,
              vision_feature_select_strategy=cfg.vision_feature_select_strategy,
-             tie_word_embeddings=cfg.llm.tie_word_embeddings,
-             image_seq_length=cfg.image_seq_len)
-    d.pop("image_token_index", None)
+             tie_word_embeddings=cfg.llm.tie_word_embeddings)
+    if cfg.anyres:  # these configs name the field image_token_index
+      d["image_token_index"] = cfg.image_token_id
+      d.pop("image_token_id", None)
+      d["image_grid_pinpoints"] = [list(p) for p in cfg.image_grid_pinpoints]
+      if cfg.model_type == "llava_onevision":
+        d["vision_aspect_ratio"] = cfg.vision_aspect_ratio
+    else:
+      d.update(image_token_id=cfg.image_token_id, image_seq_length=cfg.image_seq_len)
+      d.pop("image_token_index", None)
   d.pop("torch_dtype", None)
   d["dtype"] = dtype
   return d
@@ -377,6 +459,8 @@ def config_from_dict(d: dict) -> LlavaConfig | CausalLMConfig:
   if kind == "llava":
     d["llm"] = llm(d["llm"])
     d["vision"] = build(VisionConfig, d["vision"], "vision")
+    if "image_grid_pinpoints" in d:
+      d["image_grid_pinpoints"] = tuple(tuple(p) for p in d["image_grid_pinpoints"])
     return build(LlavaConfig, d, "config")
   if kind == "causal_lm":
     d["llm"] = llm(d["llm"])

@@ -1,0 +1,119 @@
+"""What a Hugging Face processor returns -> keyword arguments of `model.apply` and `mt.generate`.
+
+    enc = processor(images=[img_a, img_b], text=prompts, return_tensors="np", padding=True)
+    kw = mt.hf_inputs(model, enc)
+    logits = model.apply({"params": params}, **kw)
+    new = mt.generate(model, params, **kw, max_new_tokens=20)
+
+Layouts (numpy or torch in, numpy out):
+- input_ids / attention_mask (B, T): unchanged (int32).
+- LLaVA-1.5: HF `pixel_values` (N, 3, H, W) -> ours (N, H, W, 3) (channels last).
+- LLaVA-NeXT / OneVision: HF `pixel_values` (N_images, max_crops, 3, S, S), zero-padded along
+  the crop axis, plus `image_sizes` (N_images, 2) original (H, W) and, for OneVision,
+  `batch_num_images` (B,) (a row with more than one image has one crop per image) -> ours: the
+  real crops only, (sum of crops, S, S, 3), and the position-aligned pack tables (`pack_index`,
+  `pack_weight`, `pack_newline`, see `models.anyres` and `models.llava`). A 4-D HF
+  `pixel_values` (crops already concatenated) is accepted too.
+Images are matched to image-token runs in order over the batch (row-major), as transformers does.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+
+from mllm_tune.models import anyres
+from mllm_tune.models.config import LlavaConfig
+
+
+def _np(x) -> np.ndarray:
+  if hasattr(x, "detach"):  # torch
+    x = x.detach().cpu().float().numpy() if x.is_floating_point() else x.detach().cpu().numpy()
+  return np.asarray(x)
+
+
+def anyres_crop_counts(cfg: LlavaConfig, image_sizes_N2: np.ndarray,
+                       batch_num_images: np.ndarray | None = None) -> list[int]:
+  """Crops per image, as the model recomputes them from `image_sizes` (OneVision: 1 for images
+  of multi-image rows)."""
+  if batch_num_images is None or cfg.model_type != "llava_onevision":
+    flags = [True] * len(image_sizes_N2)
+  else:
+    flags = [int(n) == 1 for n in batch_num_images for _ in range(int(n))]
+  if len(flags) != len(image_sizes_N2):
+    raise ValueError(f"batch_num_images sums to {len(flags)} images but image_sizes has "
+                     f"{len(image_sizes_N2)}")
+  return [anyres.num_crops(hw, cfg.image_grid_pinpoints, cfg.vision.image_size, f)
+          for hw, f in zip(image_sizes_N2, flags)]
+
+
+def image_tables(cfg: LlavaConfig, image_sizes_N2, crops: list[int]) -> list[anyres.PackTable]:
+  """One `PackTable` per image (its token count is `len(table)`)."""
+  return [anyres.pack_table(hw, n, cfg.crop_side, cfg.image_grid_pinpoints,
+                            cfg.vision.image_size, cfg.model_type, cfg.vision_aspect_ratio)
+          for hw, n in zip(np.asarray(image_sizes_N2).tolist(), crops)]
+
+
+def scatter_tables(input_ids_BT: np.ndarray, image_token_id: int,
+                   table: anyres.PackTable) -> dict[str, np.ndarray]:
+  """Place a table of image tokens (in batch order) at the image-token positions of
+  `input_ids`: position-aligned `pack_index` (B, T, K), `pack_weight` (B, T, K), `pack_newline`
+  (B, T). Raises when the counts differ."""
+  ids = np.asarray(input_ids_BT)
+  is_img = ids == image_token_id
+  n_tok, n_tab = int(is_img.sum()), len(table)
+  if n_tok != n_tab:
+    raise ValueError(f"input_ids hold {n_tok} image tokens (id {image_token_id}) but the images "
+                     f"yield {n_tab}; the text's placeholders do not match the images")
+  b, t = ids.shape
+  k = table.index.shape[1]
+  index = np.zeros((b, t, k), np.int32)
+  weight = np.zeros((b, t, k), np.float32)
+  newline = np.zeros((b, t), bool)
+  index[is_img], weight[is_img], newline[is_img] = table.index, table.weight, table.newline
+  return {"pack_index": index, "pack_weight": weight, "pack_newline": newline}
+
+
+def hf_inputs(model_or_config, processor_output: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """See the module docstring. Unknown keys (e.g. `token_type_ids`) are dropped."""
+  cfg = getattr(model_or_config, "config", model_or_config)
+  out = {k: _np(v) for k, v in processor_output.items() if v is not None}
+  if "input_ids" not in out:
+    raise ValueError("processor output has no 'input_ids'")
+  ids = out["input_ids"].astype(np.int32)
+  if ids.ndim == 1:
+    ids = ids[None]
+  kw = {"input_ids": ids}
+  if "attention_mask" in out:
+    kw["attention_mask"] = out["attention_mask"].astype(np.int32).reshape(ids.shape)
+  if "pixel_values" not in out:
+    return kw
+  if not isinstance(cfg, LlavaConfig):
+    raise ValueError("pixel_values given for a text-only model")
+  px = out["pixel_values"].astype(np.float32)
+  if not cfg.anyres:
+    if px.ndim != 4:
+      raise ValueError(f"pixel_values of shape {px.shape}: expected (N, 3, H, W)")
+    kw["pixel_values"] = np.ascontiguousarray(px.transpose(0, 2, 3, 1))
+    return kw
+  if "image_sizes" not in out:
+    raise ValueError(f"{cfg.model_type}: the processor output needs 'image_sizes' (the original "
+                     "(height, width) of every image)")
+  sizes = out["image_sizes"].reshape(-1, 2).astype(np.int64)
+  crops = anyres_crop_counts(cfg, sizes, out.get("batch_num_images"))
+  if px.ndim == 5:
+    if px.shape[0] != len(sizes):
+      raise ValueError(f"pixel_values holds {px.shape[0]} images, image_sizes {len(sizes)}")
+    short = [i for i, n in enumerate(crops) if n > px.shape[1]]
+    if short:
+      raise ValueError(f"image {short[0]} needs {crops[short[0]]} crops, pixel_values has "
+                       f"{px.shape[1]} per image")
+    px = np.concatenate([px[i, :n] for i, n in enumerate(crops)]) if crops else px[:0, 0]
+  elif px.ndim != 4 or px.shape[0] != sum(crops):
+    raise ValueError(f"pixel_values of shape {px.shape}: expected (images, crops, 3, S, S) or "
+                     f"({sum(crops)}, 3, S, S)")
+  kw["pixel_values"] = np.ascontiguousarray(px.transpose(0, 2, 3, 1))
+  tables = image_tables(cfg, sizes, crops)
+  kw.update(scatter_tables(ids, cfg.image_token_id,
+                           anyres.concat_tables(tables, crops, cfg.crop_side)))
+  return kw
