@@ -21,7 +21,9 @@ content plus the end-of-turn special token that directly follows it (`</s>`, `<|
 
 Images: the placeholder (`<image>`) must be one token of the tokenizer (LLaVA tokenizers have it;
 otherwise it is added as a special token). Each placeholder id becomes `image_seq_len` copies of
-the model's `image_token_id`, as transformers' `LlavaProcessor` does.
+the model's `image_token_id`, as transformers' `LlavaProcessor` does; or, with per-image counts
+(`encode(..., image_tokens=[n_0, n_1, ...])`, anyres models whose count depends on the image
+size), placeholder i becomes n_i copies, as `LlavaNextProcessor` / `LlavaOnevisionProcessor` do.
 """
 from __future__ import annotations
 
@@ -64,7 +66,8 @@ _GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
 class TokenizedConversation:
   """One sample's tokens. All arrays int32; T = len(input_ids); N = number of images.
 
-  input_ids (T,): image runs hold `image_token_id` (image_seq_len per image);
+  input_ids (T,): image runs hold `image_token_id` (image_seq_len, or the given per-image
+    count, per image);
   loss_mask (T,): 1 where token t is a target (assistant content + its end token);
   positions (T,): 0..T-1; image_starts (N,): index of the first token of each image run.
   """
@@ -149,7 +152,9 @@ class ChatTokenizer:
 
   tokenizer: a fast transformers tokenizer (offsets are needed); template: see
   `resolve_template`; image_token_id / image_seq_len: the model's (`LlavaConfig`); use
-  `image_seq_len=0` for a text-only model.
+  `image_seq_len=0` for a text-only model. Anyres models (LLaVA-NeXT / OneVision) pass their
+  per-image counts to `encode(..., image_tokens=...)`; `image_seq_len` is then only the count
+  used when none are given (it must be > 0 for a model with images).
   """
 
   def __init__(self, tokenizer, image_token_id: int, image_seq_len: int,
@@ -232,12 +237,17 @@ class ChatTokenizer:
       spans.append((start, end))
     return spans
 
-  def encode_messages(self, messages: Sequence[dict], num_images: int,
-                      where: str = "record") -> TokenizedConversation:
-    """Chat messages (with inline placeholders) + the number of images -> tokens and masks."""
+  def encode_messages(self, messages: Sequence[dict], num_images: int, where: str = "record",
+                      image_tokens: Sequence[int] | None = None) -> TokenizedConversation:
+    """Chat messages (with inline placeholders) + the number of images -> tokens and masks.
+
+    image_tokens: optional tokens per image, in placeholder order (anyres models); default
+    `image_seq_len` for every image.
+    """
     if num_images and not self.image_seq_len:
       raise DataError(f"{where}: {num_images} image(s) but the model is text-only",
                       "image_count")
+    per_image = self._per_image_counts(num_images, image_tokens, where)
     n_placeholders = count_placeholders(messages, self.placeholder)
     if n_placeholders != num_images:
       raise DataError(f"{where}: {n_placeholders} {self.placeholder} placeholder(s) in the "
@@ -253,15 +263,31 @@ class ChatTokenizer:
       enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
       ids = np.asarray(enc["input_ids"], np.int64)
       mask = overlap_mask(enc["offset_mapping"], self.assistant_spans(messages, full, where))
-    return self._expand_images(ids, mask, num_images, where)
+    return self._expand_images(ids, mask, num_images, where, per_image)
 
-  def encode(self, conversations: Sequence[dict], num_images: int,
-             where: str = "record") -> TokenizedConversation:
-    """LLaVA turns (`from`/`value`) -> `TokenizedConversation`; errors name `where`."""
-    return self.encode_messages(to_messages(conversations, where), num_images, where)
+  def encode(self, conversations: Sequence[dict], num_images: int, where: str = "record",
+             image_tokens: Sequence[int] | None = None) -> TokenizedConversation:
+    """LLaVA turns (`from`/`value`) -> `TokenizedConversation`; errors name `where`.
+    `image_tokens`: optional per-image token counts (see `encode_messages`)."""
+    return self.encode_messages(to_messages(conversations, where), num_images, where,
+                                image_tokens)
+
+  def _per_image_counts(self, num_images: int, image_tokens: Sequence[int] | None,
+                        where: str) -> np.ndarray:
+    """(num_images,) int64 tokens per image: `image_tokens` checked, or `image_seq_len`."""
+    if image_tokens is None:
+      return np.full((num_images,), self.image_seq_len, np.int64)
+    counts = np.asarray(image_tokens, np.int64).reshape(-1)
+    if counts.shape[0] != num_images:
+      raise DataError(f"{where}: {counts.shape[0]} per-image token count(s) (image_tokens) "
+                      f"for {num_images} image(s)", "image_count")
+    if np.any(counts < 1):
+      raise DataError(f"{where}: image_tokens {counts.tolist()} holds a count < 1",
+                      "image_count")
+    return counts
 
   def _expand_images(self, ids: np.ndarray, mask: np.ndarray, num_images: int,
-                     where: str) -> TokenizedConversation:
+                     where: str, per_image: np.ndarray | None = None) -> TokenizedConversation:
     is_ph = ids == self.placeholder_id
     if int(is_ph.sum()) != num_images:
       raise DataError(f"{where}: the rendered conversation holds {int(is_ph.sum())} image "
@@ -270,7 +296,10 @@ class ChatTokenizer:
     if np.any((ids == self.image_token_id) & ~is_ph):
       raise DataError(f"{where}: a text token has id {self.image_token_id}, the model's "
                       "image_token_id", "image_count")
-    repeats = np.where(is_ph, self.image_seq_len, 1)
+    if per_image is None:
+      per_image = np.full((num_images,), self.image_seq_len, np.int64)
+    repeats = np.ones(ids.shape, np.int64)
+    repeats[is_ph] = per_image  # placeholder i (in text order) -> per_image[i] copies
     out_ids = np.repeat(np.where(is_ph, self.image_token_id, ids), repeats).astype(np.int32)
     out_mask = np.repeat(np.where(is_ph, 0, mask), repeats).astype(np.int32)
     out_mask[:1] = 0
