@@ -100,7 +100,8 @@ class BatchIterator:
   def _load(self, key: int) -> Sample:
     sample = self.prepare(self.source[key])
     if sample.num_images > self.spec.max_images:
-      raise DataError(f"{sample.where}: {sample.num_images} image(s) but a batch holds at "
+      what = "crop(s) of its images" if self.spec.anyres else "image(s)"
+      raise DataError(f"{sample.where}: {sample.num_images} {what} but a batch holds at "
                       f"most max_images={self.spec.max_images}", "too_many_images")
     return sample
 

@@ -10,6 +10,10 @@ json_path, image_folder, tfds_dir (kind "tfds": converted there once from json_p
 (None = the tokenizer's), seq_len (row length = max sample length), batch_size (rows per host),
 packing, bucket_lengths, max_images (0 = `suggest_max_images` from the first 512 samples),
 overflow, on_error, aspect, seed, shuffle, num_epochs, num_workers, prefetch (0 = none).
+Anyres models (LLaVA-NeXT / OneVision): max_images is the crop budget per batch (0 = from the
+first 512 records' image sizes, and at least the most crops one of them needs), crop_buckets the
+allowed crop counts (default: the budget's quarters, so at most 4 compiled shapes per row
+length), max_image_tokens refuses images that would yield more tokens (0 = no limit).
 Hosts read disjoint shards (`jax.process_index()` of `jax.process_count()`). With kind "tfds"
 on several hosts, convert once beforehand (`sources.build_tfds`): hosts must not build it at
 the same time.
@@ -29,7 +33,8 @@ DEFAULTS = dict(kind="llava_json", json_path="", image_folder=None, tfds_dir="",
                 seq_len=2048, batch_size=8, packing=True, bucket_lengths=(), max_images=0,
                 overflow="truncate", on_error="skip", aspect=None, seed=0, shuffle=True,
                 num_epochs=None, num_workers=0, prefetch=2, source="", split="train",
-                num_records=0, image_size=32, source_seed=0)
+                num_records=0, image_size=32, source_seed=0, crop_buckets=(),
+                max_image_tokens=0)
 
 
 def _options(cfg) -> dict:
@@ -53,6 +58,39 @@ def _probe_max_images(source, prepare, o: dict, n: int = 512) -> int:
     images.append(len(rec["images"]))
   return suggest_max_images(lengths, images, o["batch_size"], o["seq_len"],
                             prepare.chat.image_seq_len, o["packing"])
+
+
+def _probe_crops(source, prepare, o: dict, n: int = 512) -> tuple[int, int]:
+  """(suggested crop budget, most crops of one sample) from the first n records, reading only
+  image headers."""
+  import io
+  from PIL import Image
+  from mllm_tune.data import anyres_images as ai
+  spec = prepare.anyres_spec
+  lengths, crops, most = [], [], 1
+  for i in range(min(len(source), n)):
+    try:
+      rec = source[i]
+      sizes = [Image.open(io.BytesIO(b)).size[::-1] for b in rec["images"]]
+      flags = ai.anyres_flags(spec.family, [len(sizes)])
+      counts = [spec.image_tokens(hw, f) for hw, f in zip(sizes, flags)]
+      tokens = prepare.chat.encode(rec["conversations"], len(sizes), rec["where"],
+                                   image_tokens=counts)
+    except (DataError, OSError, ValueError):
+      continue  # reported when the iterator reaches it
+    c = sum(spec.num_crops(hw, f) for hw, f in zip(sizes, flags))
+    lengths.append(min(len(tokens), o["seq_len"]))
+    crops.append(c)
+    most = max(most, c)
+  if not o["packing"]:
+    return max(o["batch_size"] * most, 1), most
+  want = int(round(o["batch_size"] * o["seq_len"] * sum(crops) / max(sum(lengths), 1)))
+  return max(want, most, 1), most
+
+
+def quarter_buckets(budget: int) -> tuple[int, ...]:
+  """Crop buckets: the budget's quarters (rounded up), e.g. 64 -> (16, 32, 48, 64)."""
+  return tuple(sorted({max(1, -(-budget * q // 4)) for q in (1, 2, 3, 4)}))
 
 
 def make_source(o: dict):
@@ -80,6 +118,8 @@ def make_batches(cfg, model_dir: str, model_config):
   o = _options(cfg)
   source = make_source(o)
   multimodal = hasattr(model_config, "image_token_id")
+  if multimodal and model_config.anyres:
+    return _anyres_batches(o, source, model_dir, model_config)
   if multimodal:
     prepare = SamplePreparer.from_pretrained(model_dir, model_config, o["seq_len"],
                                              o["template"], o["overflow"], o["aspect"])
@@ -93,6 +133,30 @@ def make_batches(cfg, model_dir: str, model_config):
                    bucket_lengths=tuple(o["bucket_lengths"]), max_images=max_images,
                    image_seq_len=seq, image_token_id=image_id, image_hw=prepare.image_hw,
                    pad_id=pad_id)
+  it = BatchIterator(source, prepare, spec, prepare.image_spec, seed=o["seed"],
+                     shuffle=o["shuffle"], num_epochs=o["num_epochs"], on_error=o["on_error"],
+                     shard_index=jax.process_index(), shard_count=jax.process_count(),
+                     num_workers=o["num_workers"])
+  return Prefetcher(it, o["prefetch"]) if o["prefetch"] else it
+
+
+def _anyres_batches(o: dict, source, model_dir: str, model_config):
+  prepare = SamplePreparer.from_pretrained(model_dir, model_config, o["seq_len"], o["template"],
+                                           o["overflow"])
+  if o["max_image_tokens"]:
+    import dataclasses
+    prepare.anyres_spec = dataclasses.replace(prepare.anyres_spec,
+                                              max_image_tokens=int(o["max_image_tokens"]))
+  budget = o["max_images"] or _probe_crops(source, prepare, o)[0]
+  buckets = tuple(o["crop_buckets"]) or quarter_buckets(budget)
+  if jax.process_count() > 1:  # hosts' crops are gathered: every host must use one shape
+    buckets = (budget,)
+  pad_id = getattr(prepare.chat.tokenizer, "pad_token_id", None) or 0
+  spec = BatchSpec(batch_size=o["batch_size"], max_len=o["seq_len"], packing=o["packing"],
+                   bucket_lengths=tuple(o["bucket_lengths"]), max_images=budget,
+                   image_token_id=model_config.image_token_id, image_hw=prepare.image_hw,
+                   pad_id=pad_id, crop_features=model_config.crop_side ** 2,
+                   crop_buckets=buckets)
   it = BatchIterator(source, prepare, spec, prepare.image_spec, seed=o["seed"],
                      shuffle=o["shuffle"], num_epochs=o["num_epochs"], on_error=o["on_error"],
                      shard_index=jax.process_index(), shard_count=jax.process_count(),

@@ -17,6 +17,16 @@ tokens of some row: attention_mask 0 and segment 0 (no real token attends to the
 listed in flat token order, so real images keep their place. The planner only admits a sample
 when the padding left can still hold whole runs for every unused slot, so this always fits.
 
+Anyres models (LLaVA-NeXT / OneVision, `BatchSpec.crop_features > 0`): an image is a variable
+number of crops and tokens. M counts *crops*: `pixel_values` (C, H, W, 3) holds the batch's crops
+(C = the smallest of `crop_buckets` that holds them; padding crops are zeros, `image_valid` 0),
+no dummy runs are needed, and three position-aligned tables say what each position receives:
+  pack_index (B, T, K) int32    rows of the batch's flat crop features (crop c, feature f ->
+                                c * crop_features + f)
+  pack_weight (B, T, K) float32 their weights (0 off image tokens)
+  pack_newline (B, T) bool      the position takes `image_newline`
+(`models.anyres`, `models.llava`). Distinct compiled shapes: bucket lengths x crop buckets.
+
 Packing: rows are filled one after another, each with the subset of the buffered items whose
 total length fills it best (subset-sum by dynamic programming; ties: more images, then older
 items), within the image budget M and keeping room for the dummy runs still needed. The oldest
@@ -47,8 +57,17 @@ class BatchSpec:
   image_hw: tuple[int, int] = (0, 0)
   pad_id: int = 0
   buffer_factor: float = 2.0
+  crop_features: int = 0  # anyres: features per crop (> 0 turns the anyres layout on)
+  crop_buckets: tuple[int, ...] = ()  # anyres: allowed crop counts C (last = max_images)
+
+  @property
+  def anyres(self) -> bool:
+    return self.crop_features > 0
 
   def __post_init__(self):
+    if self.anyres:
+      self._check_anyres()
+      return
     buckets = tuple(sorted(self.bucket_lengths)) or (self.max_len,)
     if buckets[-1] != self.max_len:
       raise ValueError(f"the largest bucket length ({buckets[-1]}) must equal max_len "
@@ -67,6 +86,23 @@ class BatchSpec:
                          f"{self.image_seq_len} tokens in {self.batch_size} rows of "
                          f"{self.max_len}, a full-length sample could find no room for the "
                          "dummy runs of the unused slots")
+
+  def _check_anyres(self):
+    buckets = tuple(sorted(self.bucket_lengths)) or (self.max_len,)
+    if buckets[-1] != self.max_len:
+      raise ValueError(f"the largest bucket length ({buckets[-1]}) must equal max_len "
+                       f"({self.max_len})")
+    object.__setattr__(self, "bucket_lengths", buckets)
+    if self.batch_size < 1 or self.max_len < 2:
+      raise ValueError(f"batch_size={self.batch_size}, max_len={self.max_len}: too small")
+    if self.max_images < 1 or self.image_token_id < 0 or min(self.image_hw) < 1:
+      raise ValueError("an anyres BatchSpec needs max_images (crops per batch) >= 1, "
+                       "image_token_id and image_hw (the crop size)")
+    crops = tuple(sorted(set(self.crop_buckets))) or (self.max_images,)
+    if crops[-1] != self.max_images or crops[0] < 1:
+      raise ValueError(f"crop_buckets {crops}: the largest must equal max_images "
+                       f"({self.max_images}), all >= 1")
+    object.__setattr__(self, "crop_buckets", crops)
 
   @property
   def capacity(self) -> int:
@@ -92,7 +128,7 @@ def _slots(free: int, seq_len: int) -> int:
 
 def _dummy_room_ok(spec: BatchSpec, slots: int, n_images: int) -> bool:
   """Can `slots` whole padding runs hold a dummy run for every unused image slot?"""
-  return not spec.max_images or slots >= spec.max_images - n_images
+  return not spec.max_images or spec.anyres or slots >= spec.max_images - n_images
 
 
 def one_per_row(items: Sequence[Item], spec: BatchSpec) -> list[list[int]]:
@@ -163,7 +199,7 @@ def pack_rows(items: Sequence[Item], spec: BatchSpec, carried: int = 0) -> list[
     def feasible(k, s, room=room, placed=n_img, done=slots, rest=rest):
       return _dummy_room_ok(spec, done + _slots(room - s, seq) + rest, placed + k)
 
-    image_room = min(m - n_img, t // seq) if seq else 0
+    image_room = m - n_img if spec.anyres else min(m - n_img, t // seq) if seq else 0
     picked = best_subset(np.array([items[j].length for j in left], np.int64),
                          np.array([items[j].images for j in left], np.int64), room, image_room,
                          feasible)
@@ -178,7 +214,7 @@ def pack_rows(items: Sequence[Item], spec: BatchSpec, carried: int = 0) -> list[
 
 def row_length(fills: Sequence[int], n_images: int, spec: BatchSpec) -> int:
   """Smallest bucket length holding every row and the dummy image runs."""
-  need = spec.max_images - n_images
+  need = 0 if spec.anyres else spec.max_images - n_images
   for t in spec.bucket_lengths:
     if t >= max(fills) and (need <= 0 or sum(_slots(t - f, spec.image_seq_len)
                                              for f in fills) >= need):
@@ -248,6 +284,8 @@ def assemble(rows: Sequence[Sequence], spec: BatchSpec, normalize=None) -> dict[
   """Rows of samples (objects with `tokens` (TokenizedConversation) and `pixels` (N, H, W, 3)
   uint8) -> the batch dict described in the module docstring. `normalize(uint8 NHWC) -> float32`
   turns pixels into model inputs (`images.normalize`)."""
+  if spec.anyres:
+    return assemble_anyres(rows, spec, normalize)
   b, seq, m = spec.batch_size, spec.image_seq_len, spec.max_images
   fills = [sum(len(s.tokens) for s in row) for row in rows] + [0] * (b - len(rows))
   n_real = sum(int(s.pixels.shape[0]) for row in rows for s in row)
@@ -279,3 +317,52 @@ def assemble(rows: Sequence[Sequence], spec: BatchSpec, normalize=None) -> dict[
     pixels[valid == 0] = 0.0
     batch.update(pixel_values=pixels, image_valid=valid)
   return batch
+
+
+def crop_bucket(n: int, spec: BatchSpec) -> int:
+  """Smallest allowed crop count >= n."""
+  for c in spec.crop_buckets:
+    if c >= n:
+      return c
+  raise ValueError(f"{n} crops exceed the batch's crop budget max_images={spec.max_images}")
+
+
+def assemble_anyres(rows: Sequence[Sequence], spec: BatchSpec, normalize=None
+                    ) -> dict[str, np.ndarray]:
+  """`assemble` for anyres samples (`pipeline.Sample` with `table`); see the module docstring."""
+  b = spec.batch_size
+  fills = [sum(len(s.tokens) for s in row) for row in rows] + [0] * (b - len(rows))
+  n_real = sum(int(s.pixels.shape[0]) for row in rows for s in row)
+  t = row_length(fills, n_real, spec)
+  c_b = crop_bucket(n_real, spec)
+  k = max([s.table.index.shape[1] for row in rows for s in row if s.table is not None] or [1])
+  ids = np.full((b, t), spec.pad_id, np.int32)
+  seg, pos, loss = (np.zeros((b, t), np.int32) for _ in range(3))
+  index, weight = np.zeros((b, t, k), np.int32), np.zeros((b, t, k), np.float32)
+  newline = np.zeros((b, t), bool)
+  px = np.zeros((c_b,) + tuple(spec.image_hw) + (3,), np.uint8)
+  valid = np.zeros((c_b,), np.int32)
+  slot = 0
+  for r, row in enumerate(rows):
+    c = 0
+    for j, s in enumerate(row, 1):
+      n, n_crops = len(s.tokens), int(s.pixels.shape[0])
+      ids[r, c:c + n], pos[r, c:c + n] = s.tokens.input_ids, s.tokens.positions
+      loss[r, c:c + n], seg[r, c:c + n] = s.tokens.loss_mask, j
+      loss[r, c] = 0  # a segment's first token is never predicted from the previous sample
+      is_img = np.flatnonzero(s.tokens.input_ids == spec.image_token_id) + c
+      n_tab = 0 if s.table is None else len(s.table)
+      if len(is_img) != n_tab:
+        raise AssertionError(f"{s.where}: {len(is_img)} image tokens, table of {n_tab}")
+      if n_tab:
+        kk = s.table.index.shape[1]
+        index[r, is_img, :kk] = s.table.index + slot * spec.crop_features
+        weight[r, is_img, :kk] = s.table.weight
+        newline[r, is_img] = s.table.newline
+      px[slot:slot + n_crops], valid[slot:slot + n_crops] = s.pixels, 1
+      slot, c = slot + n_crops, c + n
+  pixels = normalize(px) if normalize is not None else px.astype(np.float32)
+  pixels[valid == 0] = 0.0
+  return {"input_ids": ids, "attention_mask": (seg > 0).astype(np.int32), "positions": pos,
+          "segment_ids": seg, "loss_mask": loss, "pixel_values": pixels, "image_valid": valid,
+          "pack_index": index, "pack_weight": weight, "pack_newline": newline}

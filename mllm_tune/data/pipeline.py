@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from collections.abc import Sequence
 
 import numpy as np
 
+from mllm_tune.data import anyres_images as ai
 from mllm_tune.data import images as img_lib
+from mllm_tune.models import anyres
 from mllm_tune.data.conversation import ChatTokenizer, TokenizedConversation, load_tokenizer
 from mllm_tune.data.errors import DataError
 
@@ -27,12 +30,15 @@ OVERFLOW = ("truncate", "drop", "fail")
 
 @dataclasses.dataclass(frozen=True)
 class Sample:
-  """One prepared sample: tokens, resized images uint8 (N, H, W, 3) (normalized per batch)."""
+  """One prepared sample: tokens, resized images uint8 (N, H, W, 3) (normalized per batch).
+  Anyres models: `pixels` holds the crops of all the sample's images (N = crops) and `table` says
+  which crop features each image token takes (`models.anyres`; indices local to these crops)."""
   tokens: TokenizedConversation
   pixels: np.ndarray
   id: str = ""
   where: str = ""
   truncated_from: int = 0  # original length when truncated, else 0
+  table: anyres.PackTable | None = None
 
   @property
   def length(self) -> int:
@@ -47,10 +53,11 @@ class SampleDropped(DataError):
   """A sample removed by policy (overflow='drop'): always counted and skipped."""
 
 
-def fit_length(tokens: TokenizedConversation, max_len: int, image_seq_len: int,
+def fit_length(tokens: TokenizedConversation, max_len: int, image_seq_len: int | Sequence[int],
                overflow: str = "truncate", where: str = "record"
                ) -> tuple[TokenizedConversation, int]:
-  """Apply the length policy -> (tokens of at most `max_len`, number of images kept)."""
+  """Apply the length policy -> (tokens of at most `max_len`, number of images kept).
+  `image_seq_len`: tokens per image, one number or one per image (anyres)."""
   n_img = len(tokens.image_starts)
   if len(tokens) <= max_len:
     return tokens, n_img
@@ -62,10 +69,11 @@ def fit_length(tokens: TokenizedConversation, max_len: int, image_seq_len: int,
   if overflow != "truncate":
     raise ValueError(f"overflow={overflow!r}: choose one of {OVERFLOW}")
   cut = max_len
-  for start in tokens.image_starts:
-    if start < cut < start + image_seq_len:
+  ends = tokens.image_starts + np.broadcast_to(np.asarray(image_seq_len, np.int64), (n_img,))
+  for start, end in zip(tokens.image_starts, ends):
+    if start < cut < end:
       cut = int(start)
-  kept = int(np.sum(tokens.image_starts + image_seq_len <= cut))
+  kept = int(np.sum(ends <= cut))
   if not tokens.loss_mask[:cut].any():
     raise SampleDropped(f"{msg}: no target token left after truncation, dropped", "too_long")
   return TokenizedConversation(tokens.input_ids[:cut], tokens.loss_mask[:cut],
@@ -80,11 +88,18 @@ class SamplePreparer:
   """
 
   def __init__(self, chat: ChatTokenizer, image_spec: img_lib.ImageSpec | None, max_len: int,
-               overflow: str = "truncate"):
+               overflow: str = "truncate", anyres_spec: ai.AnyresImageSpec | None = None):
     if overflow not in OVERFLOW:
       raise ValueError(f"overflow={overflow!r}: choose one of {OVERFLOW}")
     self.chat, self.image_spec, self.max_len, self.overflow = chat, image_spec, max_len, overflow
-    self.image_hw = image_spec.output_hw if image_spec is not None else (0, 0)
+    self.anyres_spec = anyres_spec
+    if anyres_spec is not None:
+      if anyres_spec.feature_side is None:
+        raise ValueError("anyres_spec.feature_side is needed to count image tokens")
+      self.image_spec = anyres_spec.crop  # per-crop rescale / normalize
+      self.image_hw = anyres_spec.crop_hw
+    else:
+      self.image_hw = image_spec.output_hw if image_spec is not None else (0, 0)
     # HF fast tokenizers may fail when called from several threads at once ("Already
     # borrowed"); image decoding and resizing (the heavy part) run in parallel.
     self._tokenizer_lock = threading.Lock()
@@ -96,7 +111,9 @@ class SamplePreparer:
     """Tokenizer and `preprocessor_config.json` from `model_dir`; image token id, tokens per
     image and image size from `model_config` (a `LlavaConfig`)."""
     chat = ChatTokenizer(load_tokenizer(model_dir), model_config.image_token_id,
-                         model_config.image_seq_len, template)
+                         model_config.crop_tokens, template)
+    if model_config.anyres:
+      return cls(chat, None, max_len, overflow, anyres_spec_for(model_dir, model_config))
     spec = img_lib.ImageSpec.from_pretrained(model_dir, aspect)
     size = model_config.vision.image_size
     if spec.output_hw != (size, size):
@@ -106,6 +123,8 @@ class SamplePreparer:
 
   def __call__(self, record: dict) -> Sample:
     where = record.get("where", f"record (id={record.get('id')})")
+    if self.anyres_spec is not None:
+      return self._prepare_anyres(record, where)
     raw_images = record.get("images", [])
     with self._tokenizer_lock:
       tokens = self.chat.encode(record.get("conversations"), len(raw_images), where)
@@ -123,3 +142,52 @@ class SamplePreparer:
     pixels = np.stack(crops) if crops else np.zeros((0, h, w, 3), np.uint8)
     return Sample(tokens, pixels, str(record.get("id", "")), where,
                   original if len(tokens) < original else 0)
+
+  def _prepare_anyres(self, record: dict, where: str) -> Sample:
+    """Anyres: image sizes decide token counts, so images are decoded before tokenizing."""
+    spec, raw = self.anyres_spec, record.get("images", [])
+    names = record.get("image_names") or [f"#{i}" for i in range(len(raw))]
+    wheres = [f"{where}: image {name}" for name in names]
+    imgs = [img_lib.decode_image(data, w) for data, w in zip(raw, wheres)]
+    flags = ai.anyres_flags(spec.family, [len(imgs)])
+    tables = []
+    for img, flag, w in zip(imgs, flags, wheres):
+      hw = (img.height, img.width)
+      ai.check_image_tokens(hw, spec, flag, where=w)
+      tables.append(anyres.pack_table(hw, spec.num_crops(hw, flag), spec.feature_side,
+                                      spec.grid_pinpoints, spec.tile, spec.family,
+                                      spec.vision_aspect_ratio))
+    counts = [len(t) for t in tables]
+    with self._tokenizer_lock:
+      tokens = self.chat.encode(record.get("conversations"), len(raw), where,
+                                image_tokens=counts)
+    original = len(tokens)
+    tokens, kept = fit_length(tokens, self.max_len, counts, self.overflow, where)
+    crops = [ai.anyres_crops(img, spec, flag, w)
+             for img, flag, w in zip(imgs[:kept], flags[:kept], wheres[:kept])]
+    h, w = self.image_hw
+    pixels = np.concatenate(crops) if crops else np.zeros((0, h, w, 3), np.uint8)
+    table = anyres.concat_tables(tables[:kept], [c.shape[0] for c in crops], spec.feature_side,
+                                 k=4 if spec.family == "llava_onevision" else 1)
+    return Sample(tokens, pixels, str(record.get("id", "")), where,
+                  original if len(tokens) < original else 0, table)
+
+
+def anyres_spec_for(model_dir: str, model_config) -> ai.AnyresImageSpec:
+  """The anyres image spec of `model_dir`, checked against the model's config."""
+  c = model_config
+  spec = ai.AnyresImageSpec.from_pretrained(model_dir, feature_side=c.crop_side,
+                                            vision_aspect_ratio=c.vision_aspect_ratio)
+  problems = []
+  if spec.family != c.model_type:
+    problems.append(f"it is a {spec.family} image processor, the model is {c.model_type}")
+  if tuple(spec.grid_pinpoints) != tuple(c.image_grid_pinpoints):
+    problems.append(f"image_grid_pinpoints {list(spec.grid_pinpoints)} != config.json's "
+                    f"{list(c.image_grid_pinpoints)}")
+  if spec.crop_hw != (c.vision.image_size,) * 2:
+    problems.append(f"crops of {spec.crop_hw} but the vision tower takes "
+                    f"{c.vision.image_size}x{c.vision.image_size}")
+  if problems:
+    raise ValueError(f"{model_dir}: the image processor does not fit the model: "
+                     + "; ".join(problems))
+  return spec

@@ -203,6 +203,11 @@ class Trainer:
     out = {}
     for k, v in batch.items():
       v = np.asarray(v)
+      if k == "pack_index" and jax.process_count() > 1:
+        # anyres: indices point into this host's crops; they follow the hosts before it once
+        # the crops are gathered (every host uses the same crop count, data/loader.py)
+        v = v + jax.process_index() * batch["pixel_values"].shape[0] * (
+            self.model.config.crop_side ** 2)
       if k in ("pixel_values", "image_valid"):
         # image slots are not split by rows: every device sees all images of the global batch,
         # hosts' slots joined in process order (= the global row-major token order)

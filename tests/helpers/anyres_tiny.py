@@ -62,3 +62,67 @@ def hf_forward(model, ids, mask, px, sizes, batch_num_images=None):
                 position_ids=torch.tensor(positions(mask)), pixel_values=torch.tensor(px),
                 image_sizes=torch.tensor(sizes), **kw)
   return out.logits.float().numpy()
+
+
+def _processor(family: str, tok):
+  """A tiny transformers processor (PIL backend; the video slot of OneVision stays None)."""
+  from transformers import LlavaNextProcessor, LlavaOnevisionProcessor
+  from transformers.models.llava_next.image_processing_pil_llava_next import (
+      LlavaNextImageProcessorPil)
+  from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+      LlavaOnevisionImageProcessorPil)
+  from transformers.processing_utils import ProcessorMixin
+  check = ProcessorMixin.check_argument_for_proper_class
+  ProcessorMixin.check_argument_for_proper_class = (
+      lambda self, name, arg: None if arg is None else check(self, name, arg))
+  try:
+    if family == "llava_next":
+      ip = LlavaNextImageProcessorPil(size={"shortest_edge": CROP},
+                                      crop_size={"height": CROP, "width": CROP},
+                                      image_grid_pinpoints=NEXT_PINPOINTS)
+      return LlavaNextProcessor(ip, tok, patch_size=14, vision_feature_select_strategy="default",
+                                num_additional_image_tokens=1)
+    ip = LlavaOnevisionImageProcessorPil(size={"height": CROP, "width": CROP},
+                                         image_grid_pinpoints=OV_PINPOINTS,
+                                         image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    return LlavaOnevisionProcessor(ip, tok, None, num_image_tokens=4,
+                                   vision_feature_select_strategy="full",
+                                   vision_aspect_ratio="anyres_max_1")
+  finally:
+    ProcessorMixin.check_argument_for_proper_class = check
+
+
+def save_processor(proc, path: str) -> None:
+  """transformers 5 `save_pretrained` (OneVision without its None video slot, which the saver
+  cannot handle)."""
+  from transformers import LlavaOnevisionProcessor
+  if isinstance(proc, LlavaOnevisionProcessor):
+    attrs = LlavaOnevisionProcessor.get_attributes
+    LlavaOnevisionProcessor.get_attributes = classmethod(
+        lambda cls: [a for a in attrs() if a != "video_processor"])
+    try:
+      proc.save_pretrained(path)
+    finally:
+      LlavaOnevisionProcessor.get_attributes = attrs
+  else:
+    proc.save_pretrained(path)
+
+
+def model_dir(root: str, family: str = "llava_onevision", template: str | None = None):
+  """A checkpoint directory as a user has it: model, tokenizer (chatml BPE trained here, its
+  `<image>` id = the model's image token) and the processor, all saved by transformers.
+  Returns (dir, hf_model, processor)."""
+  import os
+  from mllm_tune.data.conversation import CHATML
+  from tests.helpers.data import chatml_tokenizer
+  tok = chatml_tokenizer(template or CHATML)
+  image_id = tok.convert_tokens_to_ids("<image>")
+  kw = dict(vocab_size=len(tok), pad_token_id=0, bos_token_id=None, eos_token_id=2)
+  hf = llava_next(**kw) if family == "llava_next" else llava_onevision(**kw)
+  hf.config.image_token_id = image_id
+  d = os.path.join(root, family)
+  hf.save_pretrained(d)
+  tok.save_pretrained(d)
+  proc = _processor(family, tok)
+  save_processor(proc, d)
+  return d, hf, proc
