@@ -146,24 +146,30 @@ def lm_logits_fn(model) -> LogitsFn:
     kw = {k: ex[k][None] for k in ("attention_mask", "positions", "segment_ids") if k in ex}
     if "pixel_values" in ex:
       kw["pixel_values"] = ex["pixel_values"]
+    for k in ("pack_index", "pack_weight", "pack_newline"):  # anyres: position-aligned
+      if k in ex:
+        kw[k] = ex[k][None]
     logits = model.apply(variables, ex["input_ids"][None], **kw)[0]
     return logits[:-1], ex["input_ids"][1:], ex["loss_mask"][1:]
   return fn
 
 
 def image_spec(model) -> tuple[int | None, int]:
-  """(image token id, tokens per image) of a LLaVA model, (None, 0) for a text-only one."""
+  """(image token id, tokens per image) of a LLaVA model, (None, 0) for a text-only one; for
+  anyres models (whose batches carry pack tables) the second number is the features per crop."""
   cfg = getattr(model, "config", None)
   if cfg is None or not hasattr(cfg, "image_token_id"):
     return None, 0
-  return int(cfg.image_token_id), int(cfg.image_seq_len)
+  return int(cfg.image_token_id), int(cfg.crop_tokens if cfg.anyres else cfg.image_seq_len)
 
 
 def split_examples(batch: dict, image_token_id: int | None = None,
                    image_seq_len: int = 0) -> list[dict[str, np.ndarray]]:
   """A training batch -> one dict per sample (segment of a row) with answer tokens: its
   input_ids, positions, loss_mask (L,) and its own images (n, H, W, C) from the shared slots.
-  Batches with a leading grad-accumulation axis (A, B, T) are split per micro-batch."""
+  Batches with a leading grad-accumulation axis (A, B, T) are split per micro-batch. Anyres
+  batches (with pack tables; `image_seq_len` = features per crop): each sample keeps its own
+  crops and its table rows, re-based to them."""
   b = {k: np.asarray(v) for k, v in batch.items()}
   ids = b["input_ids"]
   if ids.ndim == 3:
@@ -182,7 +188,8 @@ def split_examples(batch: dict, image_token_id: int | None = None,
   loss = b["loss_mask"] if "loss_mask" in b else mask
   px = b.get("pixel_values")
   with_images = px is not None and image_token_id is not None and image_seq_len > 0
-  if with_images:
+  anyres = with_images and "pack_index" in b
+  if with_images and not anyres:
     is_img = ids == image_token_id
     slot = ((np.cumsum(is_img.reshape(-1)) - 1) // image_seq_len).reshape(ids.shape)
   out = []
@@ -196,7 +203,9 @@ def split_examples(batch: dict, image_token_id: int | None = None,
       ex = {"input_ids": ids[r, idx], "loss_mask": loss[r, idx].copy(),
             "positions": pos[r, idx] if pos is not None else np.arange(len(idx))}
       ex["loss_mask"][0] = 0
-      if with_images:
+      if anyres:
+        ex.update(_own_crops(b, r, idx, image_seq_len))
+      elif with_images:
         slots = np.unique(slot[r, idx][is_img[r, idx]])
         if int(is_img[r, idx].sum()) != len(slots) * image_seq_len or np.any(
             slots >= px.shape[0]):
@@ -207,6 +216,20 @@ def split_examples(batch: dict, image_token_id: int | None = None,
   return out
 
 
+def _own_crops(b: dict, r: int, idx: np.ndarray, crop_features: int) -> dict:
+  """A sample's crops and its pack tables re-based to them (anyres)."""
+  index, weight = b["pack_index"][r, idx], b["pack_weight"][r, idx]
+  used = index[weight != 0] // crop_features
+  out = {"pack_weight": weight, "pack_newline": b["pack_newline"][r, idx]}
+  if not used.size:
+    out.update(images=b["pixel_values"][:0], pack_index=np.zeros_like(index))
+    return out
+  c0, c1 = int(used.min()), int(used.max()) + 1
+  out.update(images=b["pixel_values"][c0:c1],
+             pack_index=np.where(weight != 0, index - c0 * crop_features, 0).astype(np.int32))
+  return out
+
+
 def stack_examples(examples: list[dict], image_token_id: int | None = None,
                    image_seq_len: int = 0) -> dict[str, np.ndarray]:
   """Pad per-sample dicts to one (N, T) batch; with images, pixel_values (N, K, H, W, C), K the
@@ -214,13 +237,19 @@ def stack_examples(examples: list[dict], image_token_id: int | None = None,
   if not examples:
     raise ImportanceError("no sample with answer tokens to compute the importance from")
   k = max((len(e["images"]) for e in examples if "images" in e), default=0)
-  need = [len(e["input_ids"]) + (k - len(e.get("images", ()))) * image_seq_len
+  anyres = any("pack_index" in e for e in examples)
+  need = [len(e["input_ids"]) + (0 if anyres else (k - len(e.get("images", ()))) * image_seq_len)
           for e in examples]
   n, t = len(examples), max(need)
   out = {f: np.zeros((n, t), np.int32) for f in TOKEN_FIELDS}
   if k:
     hwc = next(e["images"].shape[1:] for e in examples if "images" in e and len(e["images"]))
     out["pixel_values"] = np.zeros((n, k) + hwc, np.float32)
+  if anyres:  # padding crops are zeros; no dummy runs: only table rows are image tokens
+    taps = max(e["pack_index"].shape[-1] for e in examples if "pack_index" in e)
+    out["pack_index"] = np.zeros((n, t, taps), np.int32)
+    out["pack_weight"] = np.zeros((n, t, taps), np.float32)
+    out["pack_newline"] = np.zeros((n, t), bool)
   for i, e in enumerate(examples):
     m = len(e["input_ids"])
     out["input_ids"][i, :m] = e["input_ids"]
@@ -232,6 +261,13 @@ def stack_examples(examples: list[dict], image_token_id: int | None = None,
       n_img = len(e.get("images", ()))
       if n_img:
         out["pixel_values"][i, :n_img] = e["images"]
+      if anyres:
+        if "pack_index" in e:
+          kk = e["pack_index"].shape[-1]
+          out["pack_index"][i, :m, :kk] = e["pack_index"]
+          out["pack_weight"][i, :m, :kk] = e["pack_weight"]
+          out["pack_newline"][i, :m] = e["pack_newline"]
+        continue
       out["input_ids"][i, m:m + (k - n_img) * image_seq_len] = image_token_id
   return out
 

@@ -96,7 +96,8 @@ class Llava(nn.Module):
     self.vision = VisionTower(c.vision)
     self.projector = Projector(c)
     self.llm = LLM(c.llm)
-    if c.anyres:
+    # (absent from partial variable trees, e.g. models.head_variables)
+    if c.anyres and (self.is_initializing() or self.has_variable("params", "image_newline")):
       d = c.llm.hidden_size
       self.image_newline = self.param(
           "image_newline", nn.initializers.normal(d ** -0.5), (d,),

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mllm_tune.eval.decoding import DEFAULT_BUCKET_FLOOR, stop_id_tuple
+from mllm_tune.eval.decoding import DEFAULT_BUCKET_FLOOR, PACK_TABLES, stop_id_tuple
 from mllm_tune.eval.generate import generate
 from mllm_tune.posthoc import dawin
 from mllm_tune.posthoc.merging import AlphaRules, Params
@@ -38,7 +38,8 @@ def answer_entropy(model, params: Params, input_ids, attention_mask=None, pixel_
                    max_new_tokens: int = 16, *, eos_token_id: int | Sequence[int] | None = None,
                    stop_token_ids: Iterable[int] | None = None, pad_token_id: int = 0,
                    adapters=None, bucket_floor: int | None = DEFAULT_BUCKET_FLOOR,
-                   first_token_logit_bias: jax.Array | None = None) -> jax.Array:
+                   first_token_logit_bias: jax.Array | None = None,
+                   **image_tables) -> jax.Array:
   """(B,) float32 DaWin H(x): the mean predictive entropy (nats) of the model over its own greedy
   answer, averaged over the generated tokens up to and including the end token (all
   `max_new_tokens` when none is emitted). Entropies are `generate(..., return_entropy=True)`'s."""
@@ -46,7 +47,7 @@ def answer_entropy(model, params: Params, input_ids, attention_mask=None, pixel_
                                max_new_tokens, eos_token_id, pad_token_id, adapters,
                                stop_token_ids=stop_token_ids, bucket_floor=bucket_floor,
                                first_token_logit_bias=first_token_logit_bias,
-                               return_entropy=True)
+                               return_entropy=True, **image_tables)
   n_B = answer_lengths(tokens_BT, stop_id_tuple(eos_token_id, stop_token_ids))
   in_answer_BT = jnp.arange(tokens_BT.shape[1])[None] < n_B[:, None]
   return jnp.sum(jnp.where(in_answer_BT, ent_BT, 0.0), axis=1) / n_B.astype(jnp.float32)
@@ -105,6 +106,8 @@ def dawin_generate(model, theta0: Params, theta_ft: Params, input_ids, attention
   """
   shared = dict(eos_token_id=eos_token_id, stop_token_ids=stop_token_ids,
                 pad_token_id=pad_token_id, bucket_floor=bucket_floor)
+  # anyres models' pack tables (mt.hf_inputs) go to every decode
+  shared.update({k: generate_kwargs.pop(k) for k in PACK_TABLES if k in generate_kwargs})
   b = np.shape(input_ids)[0]
   if entropies is None:
     h0_B, hft_B = (answer_entropy(model, theta, input_ids, attention_mask, pixel_values,

@@ -89,3 +89,22 @@ def test_packed_batches_give_transformers_logits_per_record(family, tmp_path):
       checked += 1
       with_images += model.config.image_token_id in ids
   assert checked >= 4 and with_images >= 3
+
+
+def test_mllm_tune_train_lora_on_tiny_onevision(tmp_path, capsys):
+  d, _, _ = at.model_dir(str(tmp_path), "llava_onevision")
+  records, images = _records(24, seed=1)
+  path = write_llava_dataset(str(tmp_path / "data"), records, images)
+  run = str(tmp_path / "run")
+  code = main(["train", "--config=configs/experiments/llava_lora.py", "--no-progress",
+               f"--config.model.path={d}", f"--config.data.json_path={path}",
+               f"--config.data.image_folder={tmp_path}/data/images",
+               "--config.data.seq_len=160", "--config.data.batch_size=3",
+               "--config.data.num_workers=0", "--config.train.steps=8",
+               "--config.train.log_every=1", "--config.train.save_every=8",
+               f"--config.run_dir={run}", "--config.optimizer.learning_rate=1e-2"])
+  err = capsys.readouterr().err
+  assert code == 0, err[-3000:]
+  curve = losses(run)
+  assert len(curve) == 8 and all(np.isfinite(v) for v in curve.values())
+  assert min(curve[7], curve[8]) < curve[1]

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mllm_tune import models
 from mllm_tune.losses.token import next_token_nll
 from mllm_tune.penalties import api as penalties
 from mllm_tune.tuning.api import Method, combine, label, partition
@@ -21,7 +22,7 @@ from mllm_tune.pytree import flatten, unflatten
 
 
 # ----------------------------------------------------------------------------- the trainer
-MODEL_INPUTS = ("attention_mask", "positions", "segment_ids", "pixel_values")  # + input_ids
+MODEL_INPUTS = tuple(k for k in models.MODEL_INPUTS if k != "input_ids")
 TERMS = ("gift_kd", "gift_ita", "gift_awc")
 
 

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mllm_tune.models import model_kwargs
 from mllm_tune.models.layers import Linear
 from mllm_tune.models.llm import LLM, DecoderBlock
 from mllm_tune import pytree
@@ -117,8 +118,7 @@ def tailor_linear(w_ft_OI, w0_OI, h_II, *, sparsity: float = 0.9, block_size: in
 
 # ----------------------------------------------------------------------------- model level
 def _model_inputs(batch: dict) -> dict:
-  keys = ("attention_mask", "positions", "segment_ids", "pixel_values")
-  return {k: batch[k] for k in keys if batch.get(k) is not None}
+  return {k: v for k, v in model_kwargs(batch).items() if v is not None}
 
 
 @functools.lru_cache(maxsize=8)
