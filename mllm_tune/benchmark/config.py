@@ -53,8 +53,10 @@ def get_config(arg: str | None = None):
   c.data_seed = 0
   c.general = ("color", "shape", "count", "position")   # upstream sets (one per family)
   c.downstream = "digits"     # digits (sklearn handwritten digits) | letter (rendered letters)
+  # family: "llava" (CLIP + Llama, one 32 px crop per image) or "llava_onevision" (SigLIP +
+  # Qwen2, anyres: a base crop + up to 2 x 2 crops of crop_size (0 = image_size / 2) per image)
   c.model = ml_collections.ConfigDict(dict(
-      image_size=32, patch_size=4, vision_hidden=96, vision_mlp=192, vision_layers=3,
+      family="llava", crop_size=0, vision_aspect_ratio="anyres_max_4", image_size=32, patch_size=4, vision_hidden=96, vision_mlp=192, vision_layers=3,
       vision_heads=3, vision_feature_layer=-1, hidden=128, mlp=256, layers=2, heads=4,
       kv_heads=4, vocab_size=512, max_positions=256))
   c.pretrain = ml_collections.ConfigDict(dict(

@@ -48,7 +48,11 @@ def resolve_model_source(model_cfg) -> None:
 
 
 def cache_key(cfg) -> str:
-  blob = json.dumps({"model": cfg.model.to_dict(), "pretrain": cfg.pretrain.to_dict(),
+  model = cfg.model.to_dict()
+  if model.get("family", "llava") == "llava":  # keys of the anyres family only: bases built
+    for k in ("family", "crop_size", "vision_aspect_ratio"):  # before they existed stay valid
+      model.pop(k, None)
+  blob = json.dumps({"model": model, "pretrain": cfg.pretrain.to_dict(),
                      "data": DATA_VERSION}, sort_keys=True)
   return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -82,9 +86,13 @@ def ensure_base(cfg, progress_factory=None) -> str:
   mcfg = assets.model_config(cfg.model, len(tok), assets.image_token_id(tok))
   model = build_model(mcfg)
   params = init_params(model, jax.random.key(p.seed))
-  spec = ImageSpec.clip(cfg.model.image_size)
-  prep = SamplePreparer(ChatTokenizer(tok, mcfg.image_token_id, mcfg.image_seq_len, TEMPLATE),
-                        spec, MAX_LEN)
+  chat = ChatTokenizer(tok, mcfg.image_token_id, mcfg.crop_tokens, TEMPLATE)
+  if mcfg.anyres:
+    prep = SamplePreparer(chat, None, MAX_LEN, anyres_spec=assets.anyres_spec(mcfg))
+    spec = prep.image_spec
+  else:
+    spec = ImageSpec.clip(cfg.model.image_size)
+    prep = SamplePreparer(chat, spec, MAX_LEN)
   data = arrays_lib.prepare(general_source(cfg, "train", p.num_records), prep, name="general")
   bar = progress_factory(p.steps, "pre-train on the general mix") if progress_factory else None
   result = fit(model, tuning.get("freeze", preset="full"), params, data, spec, steps=p.steps,

@@ -28,9 +28,9 @@ def predict(model, params, adapters, arrays: VqaArrays, spec, tokenizer, *,
     idx = np.arange(start, min(start + batch_size, n))
     real = len(idx)
     idx = np.concatenate([idx, np.full(batch_size - real, idx[0])]) if real < batch_size else idx
-    ids, mask, px = arrays.prompts(idx, spec)
-    new = generate(model, params, ids, mask, px, max_new_tokens=max_new_tokens,
-                   eos_token_id=eos, pad_token_id=0, adapters=adapters)
+    ids, mask, images = arrays.prompts(idx, spec)
+    new = generate(model, params, ids, mask, max_new_tokens=max_new_tokens,
+                   eos_token_id=eos, pad_token_id=0, adapters=adapters, **images)
     texts = decode_generated(new, lambda t: tokenizer.decode(t, skip_special_tokens=True),
                              stop_token_ids=[eos])
     out += [t.strip() for t in texts[:real]]

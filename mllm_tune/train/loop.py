@@ -88,6 +88,7 @@ class Trainer:
     self.state = self._initial_state(trainable, rng)
     state_sh = jax.tree.map(lambda x: x.sharding, self.state)
     self.batch_sharding = setup.batch_sharding(self.mesh, t.grad_accum)
+    self.step_shapes: set = set()  # distinct host batch shapes seen (= step programs)
     self.jit_step = jax.jit(self._raw_step, donate_argnums=(1,), out_shardings=(state_sh, None))
     self._step = lambda frozen, state, batch, penalty_batch=None: self.jit_step(
         frozen, state, batch, self.penalty_consts, penalty_batch)
@@ -326,8 +327,10 @@ class Trainer:
         pb = None
         if self.penalty_data is not None:  # gift: this step's synthetic captions (no A axis)
           pb = self.put_batch(self.penalty_data.batch(step), setup.batch_sharding(self.mesh, 1))
+        self._note_shapes(host_batch, step + 1)
         self.state, metrics = self._step(self.frozen, self.state, self.put_batch(host_batch), pb)
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        metrics["step_programs"] = float(len(self.step_shapes))
         if t.nan_guard:
           self._check_finite(step + 1, metrics, host_batch)
         tokens += metrics["tokens"]
@@ -369,8 +372,21 @@ class Trainer:
     posthoc = None
     if status == "done" and self.tracker is not None:
       posthoc = self.tracker.finish(t.steps)
+    log.info("%d compiled train-step program(s) in this run (one per distinct batch shape)",
+             len(self.step_shapes))
     return {"status": status, "last": last, "run_dir": self.run_dir,
-            "best_step": self._best_step(), "posthoc": posthoc}
+            "best_step": self._best_step(), "posthoc": posthoc,
+            "step_programs": len(self.step_shapes)}
+
+  def _note_shapes(self, host_batch: dict, step: int) -> None:
+    """Count distinct batch shapes: each compiles its own step program (bucketed row lengths
+    and, for anyres models, crop counts keep them few)."""
+    sig = tuple(sorted((k, np.shape(v)) for k, v in host_batch.items()))
+    if sig not in self.step_shapes:
+      self.step_shapes.add(sig)
+      log.info("step %d: new batch shape #%d (%s): compiling a train-step program", step,
+               len(self.step_shapes), ", ".join(f"{k} {tuple(v)}" for k, v in sig
+                                                if k in ("input_ids", "pixel_values")))
 
   def _on_sigterm(self, signum, frame):
     del signum, frame

@@ -136,3 +136,39 @@ def test_bad_bench_config(tmp_path):
   assert method.name == "freeze" and lr > 0 and penalty["name"] == "ewc"
   with pytest.raises(ValueError, match="empty"):
     arrays_lib.prepare(ov.make_source("color", "eval", 24, num_samples=1), None, 0)
+
+
+def test_onevision_base_runs_the_benchmark_and_reloads_as_hf(tmp_path):
+  """`model.family=llava_onevision`: an anyres base (SigLIP + Qwen2, 5 crops per image) is
+  pre-trained, written as a OneVision HF directory, read back by the regular loaders and tuned
+  and scored; prompts and training batches carry pack tables over each row's own crops."""
+  cfg = tiny_cfg(tmp_path)
+  cfg.cache_dir = str(tmp_path / "cache")
+  cfg.model.update(dict(family="llava_onevision", crop_size=16))
+  cfg.run = ("lora_llm",)
+  runs = runner.run_bench(cfg, progress=False)
+  assert len(runs) == 1 and set(runs[0].tuned_acc) == {*cfg.general, cfg.downstream}
+  base = runner.load_base(pretrain.ensure_base(cfg))
+  c = base.model.config
+  assert c.model_type == "llava_onevision" and c.vision.model_type == "siglip_vision_model"
+  assert c.llm.model_type == "qwen2" and "image_newline" in base.params
+  sets = runner.prepare_sets(cfg, base)
+  arrays = sets.general_eval
+  assert arrays.pixels.shape[1:] == (5, 16, 16, 3)  # base + 2 x 2 grid of 16 px crops
+  b = arrays.batch(np.arange(3), base.spec)
+  assert b["pixel_values"].shape == (15, 16, 16, 3)
+  # row 2's tokens read crops 10..14 only
+  used = b["pack_index"][2][b["pack_weight"][2] != 0] // arrays.crop_features
+  assert used.min() == 10 and used.max() == 14
+  logits = np.asarray(base.model.apply({"params": base.params}, b["input_ids"],
+                                       **{k: v for k, v in b.items() if k != "input_ids"
+                                          and k != "loss_mask"}))
+  one = arrays.batch(np.arange(2, 3), base.spec)
+  alone = np.asarray(base.model.apply({"params": base.params}, one["input_ids"],
+                                      **{k: v for k, v in one.items() if k != "input_ids"
+                                         and k != "loss_mask"}))
+  real = b["attention_mask"][2].astype(bool)
+  np.testing.assert_allclose(logits[2][real], alone[0][real[:alone.shape[1]]], atol=1e-5)
+  p = lambda bs: evaluate.predict(base.model, base.params, None, arrays, base.spec,
+                                  base.tokenizer, batch_size=bs, max_new_tokens=3)
+  assert p(2) == p(5)

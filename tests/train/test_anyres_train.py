@@ -103,8 +103,13 @@ def test_mllm_tune_train_lora_on_tiny_onevision(tmp_path, capsys):
                "--config.data.num_workers=0", "--config.train.steps=8",
                "--config.train.log_every=1", "--config.train.save_every=8",
                f"--config.run_dir={run}", "--config.optimizer.learning_rate=1e-2"])
-  err = capsys.readouterr().err
+  out, err = capsys.readouterr()
   assert code == 0, err[-3000:]
   curve = losses(run)
   assert len(curve) == 8 and all(np.isfinite(v) for v in curve.values())
   assert min(curve[7], curve[8]) < curve[1]
+  summary = json.loads(out.splitlines()[0])
+  with open(os.path.join(run, "metrics.jsonl")) as f:
+    programs = [json.loads(line)["step_programs"] for line in f if "step_programs" in line]
+  # images of six sizes, 8 steps: crop buckets keep the compiled shapes to a handful
+  assert summary["step_programs"] == programs[-1] and 1 <= programs[-1] <= 4
