@@ -7,6 +7,8 @@
     mt.save_pretrained("out_dir", model, params)
     new_BT = mt.generate(model, params, input_ids=ids_BL, attention_mask=mask_BL,
                          pixel_values=px_NHWC, max_new_tokens=20)
+    run = mt.load_run("runs/my_run", step="best")   # a training run's trained variables
+    logits = run.model.apply(run.variables, input_ids=ids_BL, attention_mask=mask_BL)
 """
 from mllm_tune.checkpoints.hf import load_pretrained, save_pretrained
 from mllm_tune.eval.generate import generate
@@ -14,4 +16,16 @@ from mllm_tune.models import build_model, init_params
 from mllm_tune import tuning
 
 __version__ = "0.1.0"
-__all__ = ["load_pretrained", "save_pretrained", "generate", "build_model", "init_params"]
+
+
+def load_run(run_dir: str, step: int | str | None = None, base: str | None = None):
+  """A training run's trained variables without its data pipeline or optimizer state:
+  `step` None (the latest checkpoint), N, or "best" (the run's selection); `base` overrides the
+  run's base model directory. -> `mllm_tune.train.runs.TrainedRun` (model, variables, method,
+  config, step, base_path, trained). Imported on first use (the trainer's modules are heavy)."""
+  from mllm_tune.train.runs import load_run as _load_run
+  return _load_run(run_dir, step=step, base=base)
+
+
+__all__ = ["load_pretrained", "save_pretrained", "generate", "build_model", "init_params",
+           "load_run"]

@@ -40,11 +40,11 @@ IMPORTERS = {
 }
 
 
-def export_peft(out_dir: str, model, method: Method, variables: dict,
-                base_model_name_or_path: str = "") -> None:
-  """Write `method`'s adapters in PEFT format (refused for methods PEFT does not have). A
-  composition goes out as LoRA with modules_to_save / bias= (`extras.py`) when it has one
-  LoRA-family member and the others train base params in place."""
+def peft_adapter(model, method: Method, variables: dict,
+                 base_model_name_or_path: str = "") -> tuple[dict, dict]:
+  """`method`'s adapters as PEFT's (adapter_config dict, tensors), nothing written; refused for
+  methods PEFT does not have. A composition goes out as LoRA with modules_to_save / bias=
+  (`extras.py`) when it has one LoRA-family member and the others train base params in place."""
   if isinstance(method, Compose):
     config, tensors = lora.export_lora(method, model, variables)
   elif method.name not in EXPORTERS:
@@ -55,7 +55,13 @@ def export_peft(out_dir: str, model, method: Method, variables: dict,
     config, tensors = EXPORTERS[method.name](method, model, variables)
   config = {"task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
             "inference_mode": True, "revision": None, **config}
-  write_adapter(out_dir, config, tensors)
+  return config, tensors
+
+
+def export_peft(out_dir: str, model, method: Method, variables: dict,
+                base_model_name_or_path: str = "") -> None:
+  """Write `method`'s adapters in PEFT format (`peft_adapter`) to `out_dir`."""
+  write_adapter(out_dir, *peft_adapter(model, method, variables, base_model_name_or_path))
 
 
 def import_peft(path: str, model, params: dict) -> tuple[Method, dict]:
