@@ -1,4 +1,5 @@
-"""`mllm-tune` command line: train, convert (HF <-> native), demo, bench, report."""
+"""`mllm-tune` command line: train, export (a run's weights), convert (HF <-> native), demo,
+bench, report."""
 from __future__ import annotations
 
 import argparse
@@ -14,6 +15,11 @@ log = logging.getLogger("mllm_tune")
 def _convert(args) -> int:
   import mllm_tune as mt
   from mllm_tune.checkpoints.native import CONFIG_FILE, load_native, save_native
+  from mllm_tune.train.runs import RunError, is_run_dir
+  if is_run_dir(args.src):
+    raise RunError(f"{args.src} is a training run directory, not a model: use `mllm-tune export "
+                   f"{args.src} [--step N | --best] --peft DIR --merged DIR --native DIR` to "
+                   "write its trained weights")
   src_is_native = os.path.isfile(os.path.join(args.src, CONFIG_FILE))
   t0 = time.time()
   if src_is_native:
@@ -29,6 +35,19 @@ def _convert(args) -> int:
                        source_dir=None if src_is_native else args.src)
   print(f"converted {args.src} ({'native' if src_is_native else 'hf'}) -> {args.dst} ({to}) "
         f"in {time.time() - t0:.1f}s")
+  return 0
+
+
+def _export(args) -> int:
+  from mllm_tune.train.export import export_run
+  from mllm_tune.train.runs import load_run
+  t0 = time.time()
+  run = load_run(args.run_dir, step="best" if args.best else args.step, base=args.base)
+  out = export_run(run, peft_dir=args.peft, merged_dir=args.merged, native_dir=args.native,
+                   dtype=args.dtype)
+  print(json.dumps({"run_dir": os.path.abspath(args.run_dir), "step": run.step,
+                    "method": run.method.name or "compose", **out,
+                    "seconds": round(time.time() - t0, 1)}))
   return 0
 
 
@@ -184,6 +203,23 @@ def build_parser() -> argparse.ArgumentParser:
                  help="LLaVA key layout written to HF: v5 (default), legacy, v5_saved, v5_flat")
   c.add_argument("--max-shard-size", default="5GB")
   c.set_defaults(fn=_convert)
+  e = sub.add_parser("export", help="a training run's weights out: PEFT adapter, merged HF "
+                     "model (with the base's tokenizer/processor files), native adapter")
+  e.add_argument("run_dir", help="training run directory (config.json + checkpoints/)")
+  which = e.add_mutually_exclusive_group()
+  which.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+  which.add_argument("--best", action="store_true",
+                     help="the run's selected step (its report's, or train.best_metric's)")
+  e.add_argument("--peft", metavar="DIR", default=None, help="write a PEFT adapter directory")
+  e.add_argument("--merged", metavar="DIR", default=None,
+                 help="write the merged model as an HF directory")
+  e.add_argument("--native", metavar="DIR", default=None,
+                 help="write our adapter directory (mllm_adapter.json + adapters.safetensors)")
+  e.add_argument("--base", metavar="DIR", default=None,
+                 help="the base model directory (default: the run's model.path)")
+  e.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                 help="tensor dtype of --merged (default: the base checkpoint's)")
+  e.set_defaults(fn=_export)
   d = sub.add_parser("demo", help="offline demo: pre-train a tiny LLaVA on the general mix "
                      "(cached), tune it with a few methods, print specialization vs retention")
   d.add_argument("--out", default=None, help="report directory (default runs/demo)")

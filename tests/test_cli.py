@@ -41,3 +41,98 @@ def test_demo_runs_offline_and_round_trips(tmp_path, capsys):
   tokens = np.array(printed.replace("[", " ").replace("]", " ").split(), dtype=int)
   assert tokens.size == 2 * 16 and ((0 <= tokens) & (tokens < 256)).all()
   assert os.path.isfile(os.path.join(tmp_path, "demo", "hf", "model.safetensors"))
+
+
+EXPORT_EXPERIMENT = '''
+import ml_collections
+from configs.experiments import llava_lora
+
+
+def get_config():
+  c = llava_lora.get_config()
+  lora = c.method.to_dict()
+  lora.update(rank=4, alpha=8.0)
+  # the LLaVA-1.5 LoRA recipe: LoRA on the LLM beside the projector trained in full
+  c.method = ml_collections.ConfigDict({"methods": [lora, {"name": "freeze",
+                                                           "preset": "projector"}]})
+  return c
+'''
+
+
+def test_export_a_trained_run_as_peft_merged_and_native(tmp_path, capsys):
+  """Train LoRA + projector (the LLaVA recipe) for a few steps, then `mllm-tune export --best`:
+  peft loads the adapter on the transformers base with our logits, transformers loads the merged
+  directory (tokenizer / processor files copied) with our logits, and `convert` on the run
+  directory points to `export`."""
+  import json
+  import shutil
+  from peft import PeftModel
+  import mllm_tune as mt
+  from mllm_tune.tuning.files import load_adapters
+  from tests.helpers.data import CHATML_GEN, llava_model_dir, mixed_records, write_llava_dataset
+  from tests.helpers.peft_ref import torch_logits
+  base = llava_model_dir(str(tmp_path), chat_template=CHATML_GEN)
+  records, images = mixed_records(24)
+  data = write_llava_dataset(str(tmp_path / "data"), records, images)
+  exp = tmp_path / "exp.py"
+  exp.write_text(EXPORT_EXPERIMENT)
+  run = str(tmp_path / "run")
+  assert main(["train", f"--config={exp}", "--no-progress", f"--config.model.path={base}",
+               f"--config.data.json_path={data}", f"--config.data.image_folder={tmp_path}/data/"
+               "images", "--config.data.template=chatml", "--config.data.seq_len=96",
+               "--config.data.batch_size=4", "--config.data.num_workers=0",
+               "--config.train.steps=4", "--config.train.save_every=0",
+               "--config.train.eval_every=2", "--config.train.best_metric=eval/loss",
+               "--config.train.best_mode=min", "--config.eval.kind=llava_json",
+               f"--config.eval.json_path={data}", "--config.eval.num_batches=1",
+               "--config.optimizer.learning_rate=1e-2", f"--config.run_dir={run}"]) == 0
+  capsys.readouterr()
+  with open(os.path.join(run, "metrics.jsonl")) as f:
+    evals = {r["step"]: r["eval/loss"] for r in map(json.loads, f) if "eval/loss" in r}
+  assert sorted(evals) == [2, 4]
+  best = min(evals, key=lambda s: (evals[s], s))
+
+  assert main(["convert", run, str(tmp_path / "x")]) == 2
+  assert "use `mllm-tune export" in capsys.readouterr().err
+  out = {k: str(tmp_path / k) for k in ("peft", "merged", "native")}
+  assert main(["export", run, "--best", "--peft", out["peft"], "--merged", out["merged"],
+               "--native", out["native"]]) == 0
+  printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert printed["step"] == best
+
+  trained = mt.load_run(run, step=best)
+  model, variables = trained.model, trained.variables
+  per = model.config.image_seq_len
+  img = model.config.image_token_id
+  ids, mask = hf_tiny.padded_batch([[1, 5] + [img] * per + [7, 8, 9, 10], [1, 20, 21, 22, 23]])
+  px = np.random.RandomState(0).randn(1, 28, 28, 3).astype(np.float32)
+  batch, real = (ids, mask, px), mask.astype(bool)
+  ours = np.asarray(model.apply(variables, ids, mask, pixel_values=px))
+  _, base_params = mt.load_pretrained(base)
+  assert np.abs(ours - np.asarray(model.apply({"params": base_params}, ids, mask,
+                                              pixel_values=px))).max() > 1e-3  # it trained
+  proj = lambda p: np.asarray(p["projector"]["linear_1"]["kernel"])  # noqa: E731
+  assert np.abs(proj(variables["params"]) - proj(base_params)).max() > 1e-4  # in full
+
+  with open(os.path.join(out["peft"], "adapter_config.json")) as f:
+    assert json.load(f)["modules_to_save"] == ["model.multi_modal_projector.linear_1",
+                                               "model.multi_modal_projector.linear_2"]
+  peft_model = PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(base),
+                                         out["peft"]).eval()
+  np.testing.assert_allclose(ours[real], torch_logits(peft_model, batch)[real], atol=1e-4)
+
+  merged = LlavaForConditionalGeneration.from_pretrained(out["merged"]).eval()
+  np.testing.assert_allclose(ours[real], hf_tiny.hf_logits(merged, ids, mask, px)[real],
+                             atol=1e-4)
+  aux = sorted(f for f in os.listdir(base) if f not in ("config.json", "model.safetensors",
+                                                        "generation_config.json"))
+  assert "tokenizer.json" in aux and "preprocessor_config.json" in aux
+  assert any("chat_template" in f or "tokenizer_config" in f for f in aux)
+  for f in aux:
+    with open(os.path.join(base, f), "rb") as a, open(os.path.join(out["merged"], f), "rb") as b:
+      assert a.read() == b.read(), f
+
+  method, native = load_adapters(out["native"], base_params)
+  np.testing.assert_allclose(np.asarray(model.apply(native, ids, mask, pixel_values=px)), ours,
+                             atol=1e-6)
+  shutil.rmtree(run)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from typing import Any
 
@@ -100,6 +101,19 @@ class TrainCheckpointer:
     if step is None:
       raise CheckpointError(f"{self.directory}: no checkpoint to restore")
     where = f"{self.directory}/{step}"
+    meta = self.read_meta(step, expect_fingerprint)
+    try:
+      out = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+    except Exception as e:
+      raise CheckpointReadError(f"{where}: cannot read its state or data item "
+                                f"({_first_line(e)})") from e
+    return out["state"], out["data"], meta
+
+  def read_meta(self, step: int, expect_fingerprint: str | None = None) -> dict:
+    """`step`'s meta item (base path and fingerprint, method, metrics); a base whose
+    fingerprint differs from `expect_fingerprint` is refused."""
+    where = f"{self.directory}/{step}"
     try:
       meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
       meta = meta["meta"]
@@ -112,13 +126,32 @@ class TrainCheckpointer:
           f"{self.directory}/{step}: this checkpoint was trained on base "
           f"'{meta.get('base_path')}' (fingerprint {meta.get('base_fingerprint')}), but the "
           f"base loaded now has fingerprint {expect_fingerprint}: refusing to mix them")
+    return meta
+
+  def restore_trainable(self, step: int, expect_fingerprint: str | None = None
+                        ) -> tuple[dict, dict]:
+    """(the trainable leaves of `step`'s state, its meta), read alone onto the first device:
+    no optimizer state, no abstract tree from the caller (shapes come from the checkpoint)."""
+    meta = self.read_meta(step, expect_fingerprint)
+    path = os.path.join(self.directory, str(step), "state")
+    absl = logging.getLogger("absl")  # orbax warns that an item has no step-level metadata file
+    level = absl.level
+    absl.setLevel(logging.ERROR)
     try:
-      out = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+      ckptr = ocp.PyTreeCheckpointer()
+      saved = ckptr.metadata(path).item_metadata["trainable"]
+      sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+      abstract = {"trainable": jax.tree.map(
+          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), saved)}
+      out = ckptr.restore(path, args=ocp.args.PyTreeRestore(
+          item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+          partial_restore=True))
     except Exception as e:
-      raise CheckpointReadError(f"{where}: cannot read its state or data item "
+      raise CheckpointReadError(f"{path}: cannot read its trainable leaves "
                                 f"({_first_line(e)})") from e
-    return out["state"], out["data"], meta
+    finally:
+      absl.setLevel(level)
+    return out["trainable"], meta
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

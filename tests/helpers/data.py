@@ -156,3 +156,27 @@ def mixed_records(n: int, seed: int = 0) -> tuple[list[dict], dict[str, bytes]]:
     rec["conversations"] = turns(*pairs)
     records.append(rec)
   return records, images
+
+
+def llava_model_dir(root: str, chat_template: str | None = None) -> str:
+  """A tiny random CLIP + Llama LLaVA saved as an HF directory under root/model, with a ChatML
+  tokenizer (vocabulary = the LLM's, `<image>` = the image token) and a 28 px CLIP processor."""
+  import torch
+  from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                            LlavaForConditionalGeneration)
+  tok = chatml_tokenizer(chat_template)
+  torch.manual_seed(0)
+  vc = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, image_size=28, patch_size=14)
+  tc = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                   max_position_embeddings=256)
+  image_id = tok.convert_tokens_to_ids("<image>")
+  model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vc, text_config=tc,
+                                                    image_token_index=image_id))
+  d = os.path.join(root, "model")
+  model.save_pretrained(d)
+  tok.save_pretrained(d)
+  CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}
+                     ).save_pretrained(d)
+  return d

@@ -4,36 +4,14 @@ from __future__ import annotations
 import os
 
 import numpy as np
-import torch
-from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                          LlavaForConditionalGeneration)
 
 from mllm_tune.cli import main
-from tests.helpers.data import chatml_tokenizer, mixed_records, write_llava_dataset
+from tests.helpers.data import llava_model_dir, mixed_records, write_llava_dataset
 from tests.helpers.train import losses
 
 
-def _model_dir(root: str) -> str:
-  tok = chatml_tokenizer()
-  torch.manual_seed(0)
-  vc = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=4, image_size=28, patch_size=14)
-  tc = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                   max_position_embeddings=256)
-  image_id = tok.convert_tokens_to_ids("<image>")
-  model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vc, text_config=tc,
-                                                    image_token_index=image_id))
-  d = os.path.join(root, "model")
-  model.save_pretrained(d)
-  tok.save_pretrained(d)
-  CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}
-                     ).save_pretrained(d)
-  return d
-
-
 def test_train_lora_on_llava_json_with_packing(tmp_path, capsys):
-  model_dir = _model_dir(str(tmp_path))
+  model_dir = llava_model_dir(str(tmp_path))
   records, images = mixed_records(30)
   data = write_llava_dataset(str(tmp_path / "data"), records, images)
   run = str(tmp_path / "run")

@@ -3,7 +3,8 @@
 | module         | methods (registry name -> PEFT `peft_type`)                                  |
 |----------------|-------------------------------------------------------------------------------|
 | `format.py`    | adapter_config.json + adapter_model.safetensors, HF module names, shape checks |
-| `lora.py`      | lora, rslora, dora, pissa, lorasculpt -> LORA                                 |
+| `lora.py`      | lora, rslora, dora, pissa, lorasculpt -> LORA (also composed with freeze /    |
+|                | bitfit / ln_tuning: `extras.py` maps modules_to_save and bias=)               |
 | `vera.py`      | vera -> VERA                                                                  |
 | `ln_tuning.py` | ln_tuning -> LN_TUNING                                                        |
 | `additive.py`  | ia3 -> IA3, prompt_tuning, prefix_tuning, llama_adapter -> ADAPTION_PROMPT    |
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import os
 
-from mllm_tune.tuning.api import Method, MethodError
+from mllm_tune.tuning.api import Compose, Method, MethodError
 from mllm_tune.tuning.peft import additive, ln_tuning, lora, vera
 from mllm_tune.tuning.peft.format import CONFIG_FILE, read_adapter, write_adapter
 
@@ -39,17 +40,28 @@ IMPORTERS = {
 }
 
 
-def export_peft(out_dir: str, model, method: Method, variables: dict,
-                base_model_name_or_path: str = "") -> None:
-  """Write `method`'s adapters in PEFT format (refused for methods PEFT does not have)."""
-  if method.name not in EXPORTERS:
+def peft_adapter(model, method: Method, variables: dict,
+                 base_model_name_or_path: str = "") -> tuple[dict, dict]:
+  """`method`'s adapters as PEFT's (adapter_config dict, tensors), nothing written; refused for
+  methods PEFT does not have. A composition goes out as LoRA with modules_to_save / bias=
+  (`extras.py`) when it has one LoRA-family member and the others train base params in place."""
+  if isinstance(method, Compose):
+    config, tensors = lora.export_lora(method, model, variables)
+  elif method.name not in EXPORTERS:
     raise MethodError(f"method '{method.name or type(method).__name__}' has no PEFT "
                       f"counterpart (PEFT export exists for {sorted(EXPORTERS)}); use "
                       "merge + save_pretrained, or the native adapter checkpoint")
-  config, tensors = EXPORTERS[method.name](method, model, variables)
+  else:
+    config, tensors = EXPORTERS[method.name](method, model, variables)
   config = {"task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
             "inference_mode": True, "revision": None, **config}
-  write_adapter(out_dir, config, tensors)
+  return config, tensors
+
+
+def export_peft(out_dir: str, model, method: Method, variables: dict,
+                base_model_name_or_path: str = "") -> None:
+  """Write `method`'s adapters in PEFT format (`peft_adapter`) to `out_dir`."""
+  write_adapter(out_dir, *peft_adapter(model, method, variables, base_model_name_or_path))
 
 
 def import_peft(path: str, model, params: dict) -> tuple[Method, dict]:

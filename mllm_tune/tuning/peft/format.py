@@ -22,6 +22,7 @@ from mllm_tune.checkpoints.hf import LLAVA_LAYOUTS, checkpoint_rules
 from mllm_tune.checkpoints.safetensors_io import CheckpointError, SafetensorsFile, write_safetensors
 from mllm_tune.models.config import LlavaConfig
 from mllm_tune import pytree
+from mllm_tune.tuning.api import MethodError
 
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
@@ -56,6 +57,43 @@ def module_lookup(cfg) -> dict[str, tuple[str, int | None]]:
       else:
         out[pattern] = (path, None)
   return out
+
+
+def tensor_rules(cfg, layout: str | None):
+  """[(HF tensor name, our storage path, layer or None, kind)] for every tensor of `cfg`."""
+  out = []
+  for rule in checkpoint_rules(cfg, layout):
+    path = "/".join(rule.path)
+    if rule.stacked:
+      n = cfg.vision.num_layers if path.startswith("vision/") else cfg.llm.num_layers
+      out += [(rule.hf.format(i=i), path, i, rule.kind) for i in range(n)]
+    else:
+      out.append((rule.hf, path, None, rule.kind))
+  return out
+
+
+def export_layout(cfg) -> str | None:
+  return EXPORT_LAYOUT if isinstance(cfg, LlavaConfig) else None
+
+
+def tensor_lookup(cfg) -> dict[str, tuple[str, int | None, str]]:
+  """{HF tensor name in any supported layout: (our storage path, layer, kind)}."""
+  layouts = list(LLAVA_LAYOUTS) if isinstance(cfg, LlavaConfig) else [None]
+  out = {}
+  for layout in layouts:
+    out.update({hf: (path, layer, kind) for hf, path, layer, kind in tensor_rules(cfg, layout)})
+  return out
+
+
+def unknown_module(cfg, key: str, module: str, where: str) -> Exception:
+  """The error for a tensor whose module this model lacks (a tied LM head said so)."""
+  if module.rsplit(".", 1)[-1] == "lm_head" and cfg.llm.tie_word_embeddings:
+    return MethodError(f"{where}: tensor '{key}' adapts the LM head '{module}', but this model "
+                       "ties its LM head to the input embeddings (tie_word_embeddings=true), so "
+                       "there is no separate lm_head weight to adapt; use an untied base or "
+                       "leave lm_head out of target_modules")
+  return MethodError(f"{where}: tensor '{key}' targets module '{module}', which this model does "
+                     "not have")
 
 
 def targets_regex(names: list[str]) -> str:

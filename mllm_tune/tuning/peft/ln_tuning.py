@@ -16,9 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mllm_tune.tuning.peft import format as peft_io
-from mllm_tune.checkpoints.hf import LLAVA_LAYOUTS, TO_HF, TO_OURS, checkpoint_rules
+from mllm_tune.checkpoints.hf import TO_HF, TO_OURS
 from mllm_tune.checkpoints.safetensors_io import CheckpointError
-from mllm_tune.models.config import LlavaConfig
 from mllm_tune import pytree
 from mllm_tune.tuning.api import MethodError
 from mllm_tune.tuning.selective.by_path import LN_PRESETS, LNTuning
@@ -27,29 +26,12 @@ LN_KEY = re.compile(r"(?P<module>.+)\.ln_tuning_layers\.(default\.)?(?P<param>.+
 BASE_KEY = re.compile(r".+\.base_layer\.[^.]+")
 
 
-def _tensor_rules(cfg, layout: str | None):
-  """[(HF tensor name, our storage path, layer or None, kind)] for every tensor of `cfg`."""
-  out = []
-  for rule in checkpoint_rules(cfg, layout):
-    path = "/".join(rule.path)
-    if rule.stacked:
-      n = cfg.vision.num_layers if path.startswith("vision/") else cfg.llm.num_layers
-      out += [(rule.hf.format(i=i), path, i, rule.kind) for i in range(n)]
-    else:
-      out.append((rule.hf, path, None, rule.kind))
-  return out
-
-
-def _export_layout(cfg) -> str | None:
-  return peft_io.EXPORT_LAYOUT if isinstance(cfg, LlavaConfig) else None
-
-
 def export_ln_tuning(method: LNTuning, model, variables: dict):
   """-> (adapter_config, tensors): every module with a trained param, all its params."""
   cfg = model.config
   params = pytree.flatten(variables["params"])
   mask = pytree.flatten(method.trainable(variables)["params"])
-  rules = _tensor_rules(cfg, _export_layout(cfg))
+  rules = peft_io.tensor_rules(cfg, peft_io.export_layout(cfg))
   trained_modules = set()
   for hf_name, path, layer, _ in rules:
     m = mask[path]
@@ -93,12 +75,7 @@ def _layers_on(m, params, path):
 
 def import_ln_tuning(config: dict, tensors: dict, model, params: dict, where: str):
   """peft LN_TUNING adapter -> (LNTuning, variables with the adapter's weights in place)."""
-  cfg = model.config
-  layouts = list(LLAVA_LAYOUTS) if isinstance(cfg, LlavaConfig) else [None]
-  lookup = {}
-  for layout in layouts:
-    lookup.update({hf: (path, layer, kind) for hf, path, layer, kind in _tensor_rules(cfg,
-                                                                                      layout)})
+  lookup = peft_io.tensor_lookup(model.config)
   flat = {p: np.array(x) for p, x in pytree.flatten(params).items()}
   trained = set()
   for key, arr in sorted(tensors.items()):

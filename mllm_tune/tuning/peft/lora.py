@@ -1,91 +1,196 @@
-"""PEFT `LORA` export/import for LoRA, rsLoRA, DoRA, PiSSA (as plain LoRA) and LoRASculpt."""
+"""PEFT `LORA` export/import for LoRA, rsLoRA, DoRA, PiSSA and LoRASculpt, alone or composed.
+
+Export: a LoRA-family method, or a composition of one with methods that train base params in
+place (`freeze`, `bitfit`, `ln_tuning`: modules_to_save / bias=, see `extras.py`). PiSSA goes out
+as plain LoRA on the original base (docs/methods.md §4.4 b). Per-module ranks and alphas are
+written as explicit `rank_pattern` / `alpha_pattern` entries (escaped full module names).
+
+Import reads what peft writes: `rank_pattern` / `alpha_pattern` resolved per module with peft's
+own rule (`(.*\\.)?(key)$`), modules_to_save, bias, peft's base-layer copies (checked, skipped).
+`init_lora_weights` that rewrite the base (peft keeps the residual in the model, not in the
+adapter): "pissa" (exact SVD) is rebuilt as our `pissa` on the original base; the others
+(pissa_niter_*, olora, corda, loftq, lora_ga) are refused, pointing to peft's conversion.
+"""
 from __future__ import annotations
+
+import json
+import os
+import re
 
 import jax
 import numpy as np
 
-from mllm_tune.models.adapters import DORA_M, LORA_A, LORA_B
-from mllm_tune.tuning.peft import format as peft_io
+from mllm_tune.models.adapters import (DORA_M, LORA_A, LORA_B, LORA_DROPOUT, LORA_SCALE,
+                                       PISSA_A0, PISSA_B0)
 from mllm_tune import pytree
-from mllm_tune.tuning.api import MethodError
-from mllm_tune.tuning.reparam.lora import (LoRA, adapter_path, get_leaf, pissa_to_lora,
-                                           resolve_targets)
+from mllm_tune.tuning.api import Compose, MethodError, compose, label
+from mllm_tune.tuning.peft import extras
+from mllm_tune.tuning.peft import format as peft_io
+from mllm_tune.tuning.reparam.lora import LoRA, PiSSA, adapter_path, get_leaf, pissa_to_lora
 
 LORA_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
+INIT_KEEPS_BASE = (True, False, "gaussian", "eva", "orthogonal", "mica")
+UNSUPPORTED = ("lora_bias", "use_qalora", "target_parameters", "trainable_token_indices",
+               "layer_replication", "alora_invocation_tokens")
+LORA_LEAVES = (LORA_A, LORA_B, LORA_SCALE, LORA_DROPOUT, DORA_M, PISSA_A0, PISSA_B0)
 
 
-def export_lora(method: LoRA, model, variables: dict):
-  if method.name == "pissa":  # exported as plain LoRA on the original base (docs/methods.md §4.4 b)
-    method, variables = pissa_to_lora(method, variables)
+# ----------------------------------------------------------------------------- export
+def _split(method):
+  """(the LoRA-family member, the others) of a method or composition."""
+  members = list(method.methods) if isinstance(method, Compose) else [method]
+  loras = [m for m in members if isinstance(m, LoRA)]
+  if len(loras) != 1:
+    raise MethodError(f"PEFT LORA export needs exactly one LoRA-family method, got "
+                      f"{[label(m) for m in members]}")
+  return loras[0], [m for m in members if m is not loras[0]]
+
+
+def export_lora(method, model, variables: dict):
+  lora, _ = _split(method)
+  if lora.name == "pissa":  # plain LoRA on the original base (docs/methods.md §4.4 b)
+    pissa = lora
+    lora, variables = pissa_to_lora(pissa, variables)
+    if isinstance(method, Compose):
+      method = compose(*[lora if m is pissa else m for m in method.methods])
+    else:
+      method = lora
   cfg = model.config
-  adapters = variables["adapters"]
-  tensors, names = {}, []
-  for path, flags in sorted(resolve_targets(variables["params"], method.targets).items()):
-    a = np.asarray(get_leaf(adapters, adapter_path(path, LORA_A)), np.float32)
-    b = np.asarray(get_leaf(adapters, adapter_path(path, LORA_B)), np.float32)
-    m = (np.asarray(get_leaf(adapters, adapter_path(path, DORA_M)), np.float32)
-         if method.use_dora else None)
-    layers = list(np.flatnonzero(flags)) if flags.ndim else [None]
+  adapters = pytree.flatten(variables["adapters"])
+  layout = lora.layout(variables["params"])
+  owned = {adapter_path(p, leaf) for p in layout for leaf in LORA_LEAVES}
+  foreign = sorted(set(adapters) - owned)
+  if foreign:
+    raise MethodError(f"PEFT LORA export: adapter leaves {foreign[:5]} belong to no LoRA target "
+                      "(a PEFT LoRA adapter holds only LoRA factors)")
+  tensors, names, rank_pattern, alpha_pattern = {}, [], {}, {}
+  for path, lay in sorted(layout.items()):
+    get = lambda leaf: np.asarray(adapters[adapter_path(path, leaf)], np.float32)
+    a, b = get(LORA_A), get(LORA_B)
+    m = get(DORA_M) if lora.use_dora else None
+    layers = list(np.flatnonzero(lay.flags)) if lay.flags.ndim else [None]
     for i in layers:
       sl = (lambda x: x[i]) if i is not None else (lambda x: x)
+      r, alpha = int(sl(lay.ranks)), float(sl(lay.alphas))
       name = peft_io.hf_module_name(cfg, path, i)
       names.append(name)
+      if r != lora.rank:
+        rank_pattern[re.escape(name)] = r
+      if alpha != float(lora.alpha):
+        alpha_pattern[re.escape(name)] = alpha
       key = f"{peft_io.PREFIX}{name}"
-      tensors[f"{key}.lora_A.weight"] = sl(a).T
-      tensors[f"{key}.lora_B.weight"] = sl(b).T
+      tensors[f"{key}.lora_A.weight"] = sl(a)[:, :r].T
+      tensors[f"{key}.lora_B.weight"] = sl(b)[:r].T
       if m is not None:
         tensors[f"{key}.lora_magnitude_vector"] = sl(m)
-  config = {"peft_type": "LORA", "r": method.rank, "lora_alpha": method.alpha,
-            "lora_dropout": method.dropout, "use_rslora": method.use_rslora,
-            "use_dora": method.use_dora, "init_lora_weights": True, "bias": "none",
-            "fan_in_fan_out": False, "rank_pattern": {}, "alpha_pattern": {},
-            "modules_to_save": None, "layers_to_transform": None,
-            "target_modules": peft_io.targets_regex(names)}
+  extra_cfg, extra_tensors = extras.export_extras(method, model, variables, set(names))
+  tensors.update(extra_tensors)
+  config = {"peft_type": "LORA", "r": lora.rank, "lora_alpha": lora.alpha,
+            "lora_dropout": lora.dropout, "use_rslora": lora.use_rslora,
+            "use_dora": lora.use_dora, "init_lora_weights": True,
+            "fan_in_fan_out": False, "rank_pattern": rank_pattern,
+            "alpha_pattern": alpha_pattern, "layers_to_transform": None,
+            "target_modules": peft_io.targets_regex(names), **extra_cfg}
   return config, tensors
 
 
-def import_lora(config: dict, tensors: dict, model, params: dict, where: str):
-  for key in ("rank_pattern", "alpha_pattern"):
+# ----------------------------------------------------------------------------- import
+def pattern_value(pattern: dict, module: str, default):
+  """peft's `get_pattern_key`: the first key with `(.*\\.)?(key)$` matching the module."""
+  for key, value in (pattern or {}).items():
+    if re.match(rf"(.*\.)?({key})$", module):
+      return value
+  return default
+
+
+def _check_config(config: dict, where: str) -> None:
+  cfg_file = os.path.join(where, peft_io.CONFIG_FILE)
+  for key in UNSUPPORTED:
     if config.get(key):
-      raise MethodError(f"{where}: PEFT '{key}' is not supported yet")
-  if config.get("bias", "none") != "none" or config.get("modules_to_save"):
-    raise MethodError(f"{where}: adapters with bias training or modules_to_save are not "
-                      "supported (they are not pure LoRA)")
+      raise MethodError(f"{cfg_file}: '{key}' = {json.dumps(config[key])} is not supported")
+  init = config.get("init_lora_weights", True)
+  if init in INIT_KEEPS_BASE or init == "pissa":
+    return
+  extra = (" (a randomized SVD: its residual cannot be rebuilt here)"
+           if str(init).startswith("pissa_niter") else "")
+  raise MethodError(
+      f"{cfg_file}: init_lora_weights = {json.dumps(init)} makes peft rewrite the base weights"
+      f"{extra}; that residual base stays in the peft model and is not in the adapter, so these "
+      "factors give wrong results on the original base. Save the adapter with peft's "
+      "conversion, `model.save_pretrained(out, path_initial_model_for_weight_conversion="
+      "<initial adapter dir>)`, which writes a plain LoRA on the original base, and import that")
+
+
+def import_lora(config: dict, tensors: dict, model, params: dict, where: str):
+  _check_config(config, where)
+  lora_tensors, values, mts_set, bias_set = extras.split_tensors(config, tensors, model, params,
+                                                                 where)
   lookup = peft_io.module_lookup(model.config)
   per_module: dict[str, dict] = {}
-  for key, arr in tensors.items():
+  modules: dict[tuple, str] = {}
+  for key, arr in lora_tensors.items():
     module, suffix = peft_io.split_key(key, LORA_SUFFIXES, where)
     if module not in lookup:
-      raise MethodError(f"{where}: tensor '{key}' targets module '{module}', which this model "
-                        "does not have")
+      raise peft_io.unknown_module(model.config, key, module, where)
     path, layer = lookup[module]
     per_module.setdefault(path, {}).setdefault(suffix, {})[layer] = arr
+    modules[(path, layer)] = module
+  if not per_module:
+    raise MethodError(f"{where}: the adapter has no LoRA factors (lora_A / lora_B)")
   r = int(config["r"])
-  method = LoRA(rank=r, alpha=float(config.get("lora_alpha", r)),
-                dropout=float(config.get("lora_dropout", 0.0)),
-                use_rslora=bool(config.get("use_rslora", False)),
-                use_dora=bool(config.get("use_dora", False)),
-                targets=tuple(sorted(peft_io.logical_target(p, i)
-                                     for p, d in per_module.items()
-                                     for i in d["lora_A.weight"])))
-  adapters = pytree.flatten(method.init(jax.random.key(0), params))
+  alpha = float(config.get("lora_alpha", r))
+  ranks = {pl: int(pattern_value(config.get("rank_pattern"), m, r)) for pl, m in modules.items()}
+  alphas = {pl: float(pattern_value(config.get("alpha_pattern"), m, alpha))
+            for pl, m in modules.items()}
+  kw = dict(rank=r, alpha=alpha, dropout=float(config.get("lora_dropout", 0.0)),
+            use_rslora=bool(config.get("use_rslora", False)),
+            use_dora=bool(config.get("use_dora", False)),
+            targets=tuple(sorted(peft_io.logical_target(p, i) for p, i in modules)),
+            rank_pattern=tuple(sorted((peft_io.logical_target(*pl), v)
+                                      for pl, v in ranks.items() if v != r)),
+            alpha_pattern=tuple(sorted((peft_io.logical_target(*pl), v)
+                                       for pl, v in alphas.items() if v != alpha)))
+  pissa = config.get("init_lora_weights") == "pissa"
+  if pissa and (kw["use_dora"] or kw["rank_pattern"] or kw["alpha_pattern"]):
+    raise MethodError(f"{where}: init_lora_weights='pissa' with use_dora, rank_pattern or "
+                      "alpha_pattern is not supported; save with peft's conversion "
+                      "(path_initial_model_for_weight_conversion) and import that")
+  if pissa:  # rebuild peft's residual base K0 - s A0 B0 from the SVD of the original base
+    kw = {k: v for k, v in kw.items() if k not in ("rank_pattern", "alpha_pattern")}
+    method = PiSSA(**kw)
+    variables = method.init_variables(jax.random.key(0), params)
+  else:
+    method = LoRA(**kw)
+    variables = {"params": params, "adapters": method.init(jax.random.key(0), params)}
+  adapters = pytree.flatten(variables["adapters"])
+  layout = method.layout(params)
   for path, parts in per_module.items():
     k_shape = tuple(np.shape(get_leaf(params, path)))
     d_in, d_out = k_shape[-2:]
+    big_r = layout[path].leaf_rank
     a = {i: v.T for i, v in parts["lora_A.weight"].items()}
     b = {i: v.T for i, v in parts.get("lora_B.weight", {}).items()}
     if set(b) != set(a):
       raise MethodError(f"{where}: module {path} has lora_A for layers {sorted(a)} but "
                         f"lora_B for {sorted(b)}")
     for i in a:
-      name = f"{peft_io.PREFIX}{peft_io.hf_module_name(model.config, path, i)}"
-      peft_io.check_shape(a[i], (d_in, r), f"{name}.lora_A.weight (transposed)", where)
-      peft_io.check_shape(b[i], (r, d_out), f"{name}.lora_B.weight (transposed)", where)
-    adapters[adapter_path(path, LORA_A)] = peft_io.to_stacked(a, k_shape, (d_in, r))
-    adapters[adapter_path(path, LORA_B)] = peft_io.to_stacked(b, k_shape, (r, d_out))
+      name = f"{peft_io.PREFIX}{modules[(path, i)]}"
+      ri = ranks[(path, i)]
+      peft_io.check_shape(a[i], (d_in, ri), f"{name}.lora_A.weight (transposed)", where)
+      peft_io.check_shape(b[i], (ri, d_out), f"{name}.lora_B.weight (transposed)", where)
+      a[i] = np.pad(a[i], ((0, 0), (0, big_r - ri)))  # ranks below the leaf's: zero padding
+      b[i] = np.pad(b[i], ((0, big_r - ri), (0, 0)))
+    adapters[adapter_path(path, LORA_A)] = peft_io.to_stacked(a, k_shape, (d_in, big_r))
+    adapters[adapter_path(path, LORA_B)] = peft_io.to_stacked(b, k_shape, (big_r, d_out))
     if method.use_dora:
       m = parts.get("lora_magnitude_vector", {})
       for i in a:
+        if i not in m:
+          raise MethodError(f"{where}: use_dora is set but {modules[(path, i)]} has no "
+                            "lora_magnitude_vector")
         peft_io.check_shape(m[i], (d_out,), f"{path} layer {i} lora_magnitude_vector", where)
       adapters[adapter_path(path, DORA_M)] = peft_io.to_stacked(m, k_shape, (d_out,))
-  return method, {"params": params, "adapters": pytree.unflatten(adapters)}
+  new_params = extras.put_values(variables["params"], values)
+  others = extras.selective_methods(params, mts_set, bias_set)
+  out_method = compose(method, *others) if others else method
+  return out_method, {"params": new_params, "adapters": pytree.unflatten(adapters)}

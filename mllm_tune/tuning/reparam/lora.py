@@ -6,11 +6,18 @@ a=sqrt(5), on torch's (r, d_in)), B = 0; `init_a="gaussian"`: A ~ N(0, 1/r^2). T
 anchored regexes on logical module paths (`llm/layers_3/attn/q_proj`). On stacked layers the
 adapters are stacked too; layers a target does not cover get A = B = 0, scale 0, and a frozen mask.
 peft names: `lora_A.weight = A^T`, `lora_B.weight = B^T`, DoRA `lora_magnitude_vector = m`.
+
+Per-module ranks and alphas (peft `rank_pattern` / `alpha_pattern`): ordered `(regex, value)`
+pairs on logical module paths, first match wins, the rest take `rank` / `alpha`. A stacked leaf
+holds the largest rank of its targeted layers; a layer with a smaller rank r_l has columns of A
+and rows of B past r_l that start at zero and are masked out of training (A's stay zero, so they
+add nothing), and scale alpha_l / r_l (alpha_l / sqrt(r_l) with rsLoRA).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+from typing import ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,9 +37,39 @@ def resolve_targets(params: dict, targets, what: str = "LoRA target") -> dict[st
   patterns = [targets] if isinstance(targets, str) else list(targets)
   if not patterns:
     raise MethodError(f"{what}s are empty")
-  found = pytree.match_layers(params, [(p, True) for p in patterns], default=False, what=what,
-                              module_level=True)
+  try:
+    found = pytree.match_layers(params, [(p, True) for p in patterns], default=False, what=what,
+                                module_level=True)
+  except pytree.SelectorError as e:
+    flat = pytree.flatten(params)
+    if (any("lm_head" in p for p in patterns) and "llm/lm_head/kernel" not in flat
+        and "llm/embed/embedding" in flat):
+      raise MethodError(f"{what} {patterns}: this model's LM head is tied to the input "
+                        "embeddings (tie_word_embeddings), so there is no separate "
+                        "llm/lm_head kernel to adapt") from e
+    raise
   return {p: np.asarray(v, bool) for p, v in found.items() if np.any(v)}
+
+
+class TargetLayout(NamedTuple):
+  """One adapted kernel: per-layer flags, ranks and alphas ((L,) or ()), 0 where untargeted."""
+  flags: np.ndarray
+  ranks: np.ndarray
+  alphas: np.ndarray
+
+  @property
+  def leaf_rank(self) -> int:
+    return int(np.max(self.ranks))
+
+
+def _pairs(pattern, what: str, cast) -> tuple[tuple[str, float], ...]:
+  """`rank_pattern` / `alpha_pattern` as ordered (regex, value) pairs (a dict keeps its order)."""
+  items = pattern.items() if isinstance(pattern, dict) else pattern
+  try:
+    out = tuple((str(p), cast(v)) for p, v in items)
+  except (TypeError, ValueError):
+    raise MethodError(f"LoRA {what} must be (regex, value) pairs, got {pattern!r}") from None
+  return out
 
 
 def adapter_path(kernel_path: str, leaf: str) -> str:
@@ -60,8 +97,18 @@ class LoRA(Method):
   init_a: str = "kaiming"  # kaiming (peft default) | gaussian (paper)
   use_rslora: bool = False
   use_dora: bool = False
+  rank_pattern: tuple = ()   # ((module regex, rank), ...): peft rank_pattern
+  alpha_pattern: tuple = ()  # ((module regex, alpha), ...): peft alpha_pattern
+  patterns_supported: ClassVar[bool] = True
 
   def __post_init__(self):
+    object.__setattr__(self, "rank_pattern", _pairs(self.rank_pattern, "rank_pattern", int))
+    object.__setattr__(self, "alpha_pattern", _pairs(self.alpha_pattern, "alpha_pattern", float))
+    if (self.rank_pattern or self.alpha_pattern) and not self.patterns_supported:
+      raise MethodError(f"{self.name}: rank_pattern / alpha_pattern are not supported (one "
+                        "rank and alpha for every target)")
+    if any(r < 1 for _, r in self.rank_pattern):
+      raise MethodError(f"{self.name}: rank_pattern ranks must be >= 1, got {self.rank_pattern}")
     if self.rank < 1:
       raise MethodError(f"{self.name}: rank must be >= 1, got {self.rank}")
     if not 0.0 <= self.dropout < 1.0:
@@ -73,23 +120,53 @@ class LoRA(Method):
   def scale(self) -> float:
     return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
 
-  def _init_a(self, rng, shape, d_in):
+  def layout(self, params: dict) -> dict[str, TargetLayout]:
+    """{kernel storage path: TargetLayout} of every adapted kernel (patterns resolved)."""
+    targets = resolve_targets(params, self.targets)
+    per = {}
+    for key, pattern in (("rank", self.rank_pattern), ("alpha", self.alpha_pattern)):
+      per[key] = (pytree.match_layers(params, list(pattern), default=None,
+                                      what=f"LoRA {key}_pattern", module_level=True)
+                  if pattern else {})
+    out = {}
+    for path, flags in targets.items():
+      def values(key, default):
+        got = per[key].get(path, None)
+        got = [got] if flags.ndim == 0 else (got if got is not None else [None] * flags.size)
+        vals = np.asarray([default if v is None else v for v in got], np.float64)
+        return np.where(flags, vals.reshape(flags.shape), 0.0)
+      out[path] = TargetLayout(flags, values("rank", self.rank).astype(np.int64),
+                               values("alpha", self.alpha).astype(np.float32))
+    return out
+
+  def layer_scales(self, lay: TargetLayout) -> np.ndarray:
+    """Per-layer scale alpha_l / r_l (rsLoRA: / sqrt(r_l)), 0 where not targeted."""
+    r = np.maximum(lay.ranks, 1).astype(np.float64)
+    s = lay.alphas / (np.sqrt(r) if self.use_rslora else r)
+    return np.where(lay.flags, s, 0.0).astype(np.float32)
+
+  def _init_a(self, rng, shape, d_in, ranks):
     if self.init_a == "gaussian":
-      return jax.random.normal(rng, shape, jnp.float32) / self.rank
+      r = jnp.asarray(np.maximum(ranks, 1), jnp.float32)
+      r = r[..., None, None] if r.ndim else r
+      return jax.random.normal(rng, shape, jnp.float32) / r
     bound = 1.0 / math.sqrt(d_in)
     return jax.random.uniform(rng, shape, jnp.float32, -bound, bound)
 
   def init(self, rng, params):
     out = {}
-    for i, (path, flags) in enumerate(sorted(resolve_targets(params, self.targets).items())):
+    for i, (path, lay) in enumerate(sorted(self.layout(params).items())):
       k0 = get_leaf(params, path)
       *lead, d_in, d_out = k0.shape
-      a = self._init_a(jax.random.fold_in(rng, i), (*lead, d_in, self.rank), d_in)
-      if flags.ndim:
-        a = a * jnp.asarray(flags, a.dtype)[:, None, None]
+      r = lay.leaf_rank
+      a = self._init_a(jax.random.fold_in(rng, i), (*lead, d_in, r), d_in, lay.ranks)
+      # columns past each layer's rank (and untargeted layers) are zero
+      cols = np.arange(r) < (lay.ranks[..., None] if lay.ranks.ndim else lay.ranks)
+      a = a * jnp.asarray(cols[..., None, :] if lay.ranks.ndim else cols, a.dtype)
       out[adapter_path(path, LORA_A)] = a
-      out[adapter_path(path, LORA_B)] = jnp.zeros((*lead, self.rank, d_out), jnp.float32)
-      out[adapter_path(path, LORA_SCALE)] = jnp.asarray(_layer_scalar(flags, self.scale))
+      out[adapter_path(path, LORA_B)] = jnp.zeros((*lead, r, d_out), jnp.float32)
+      out[adapter_path(path, LORA_SCALE)] = jnp.asarray(self.layer_scales(lay))
+      flags = lay.flags
       if self.dropout:
         out[adapter_path(path, LORA_DROPOUT)] = jnp.asarray(_layer_scalar(flags, self.dropout))
       if self.use_dora:
@@ -100,11 +177,19 @@ class LoRA(Method):
   def trainable(self, variables):
     mask = super().trainable(variables)
     flat = pytree.flatten(mask)
-    for path, flags in resolve_targets(variables["params"], self.targets).items():
+    for path, lay in self.layout(variables["params"]).items():
+      r = lay.leaf_rank
+      # per-layer ranks below the leaf's: mask the padding (A columns, B rows past r_l)
+      cols = (np.arange(r) < lay.ranks[..., None]) if lay.flags.ndim else None
+      padded = cols is not None and not np.array_equal(cols, np.repeat(lay.flags[:, None], r, 1))
       for leaf, nd in ((LORA_A, 3), (LORA_B, 3), (DORA_M, 2)):
         key = "adapters/" + adapter_path(path, leaf)
-        if key in flat:
-          flat[key] = pytree.layer_mask(flags, nd if flags.ndim else nd - 1)
+        if key not in flat:
+          continue
+        if padded and leaf != DORA_M:
+          flat[key] = cols[:, None, :] if leaf == LORA_A else cols[:, :, None]
+        else:
+          flat[key] = pytree.layer_mask(lay.flags, nd if lay.flags.ndim else nd - 1)
     return pytree.unflatten(flat)
 
   def merge(self, variables):
@@ -147,6 +232,7 @@ class PiSSA(LoRA):
   `path_initial_model_for_weight_conversion`): `A' = [A | A0]`, `B' = [B ; -B0]`, r' = 2r,
   alpha' = 2 alpha (alpha sqrt(2) with rsLoRA)."""
   alpha: float = 8.0
+  patterns_supported: ClassVar[bool] = False
 
   def init_variables(self, rng, params):
     adapters = pytree.flatten(self.init(rng, params))

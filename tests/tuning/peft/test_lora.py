@@ -12,6 +12,7 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
+from transformers import LlavaForConditionalGeneration
 
 import mllm_tune as mt
 from mllm_tune.tuning.peft import export_peft, import_peft
@@ -220,3 +221,126 @@ def test_merge_of_other_reparameterizations_loads_in_transformers(name, kw, tmp_
   ours = ours_logits(model, v, batch)
   np.testing.assert_allclose(ours[real], hf_tiny.hf_logits(back, ids, mask, px)[real], atol=1e-4)
   assert np.abs(ours - ours_logits(model, {"params": params}, batch)).max() > 1e-3
+
+
+def test_rank_and_alpha_patterns_import_and_export_with_peft_logits(tmp_path):
+  """peft's per-module rank_pattern / alpha_pattern (resolved with peft's own suffix rule) both
+  ways; the layer with the larger rank shares a stacked leaf with rank-4 layers (zero padded)."""
+  hf_model, model, params, batch, base_dir = tiny_llava(tmp_path)
+  torch.manual_seed(0)
+  peft_model = get_peft_model(hf_model, LoraConfig(
+      r=4, lora_alpha=6, target_modules=HF_TARGETS,
+      rank_pattern={"layers.1.self_attn.q_proj": 8}, alpha_pattern={"v_proj": 3}))
+  with torch.no_grad():
+    for n, p in peft_model.named_parameters():
+      if "lora_B" in n:
+        p.normal_(0, 0.2)
+  peft_dir = str(tmp_path / "peft")
+  peft_model.save_pretrained(peft_dir)
+  method, variables = import_peft(peft_dir, model, params)
+  q = variables["adapters"]["llm"]["layers"]["attn"]["q_proj"]
+  assert q["lora_a"].shape[-1] == 8 and not np.asarray(q["lora_a"][0, :, 4:]).any()
+  real = batch[1].astype(bool)
+  ours = ours_logits(model, variables, batch)
+  np.testing.assert_allclose(ours[real], torch_logits(peft_model.eval(), batch)[real], atol=1e-4)
+  again = str(tmp_path / "again")
+  export_peft(again, model, method, variables)
+  with open(os.path.join(again, "adapter_config.json")) as f:
+    cfg = json.load(f)
+  assert cfg["rank_pattern"] == {r"model\.language_model\.layers\.1\.self_attn\.q_proj": 8}
+  assert set(cfg["alpha_pattern"].values()) == {3.0} and len(cfg["alpha_pattern"]) == 2
+  fresh = LlavaForConditionalGeneration.from_pretrained(base_dir).eval()
+  reloaded = PeftModel.from_pretrained(fresh, again).eval()
+  np.testing.assert_allclose(ours[real], torch_logits(reloaded, batch)[real], atol=1e-4)
+
+
+def test_our_rank_pattern_exports_and_trains_only_real_ranks(tmp_path):
+  """A LoRA made here with per-module ranks/alphas loads in peft with our logits; the padding of
+  the smaller-rank layers is masked: it never moves through AdamW steps (A's stays zero)."""
+  hf_model, model, params, batch, _ = tiny_llava(tmp_path)
+  ids, mask, px = batch
+  method = mt.tuning.get("lora", rank=4, alpha=6.0, targets=TARGETS,
+                         rank_pattern=((r"llm/layers_0/attn/q_proj", 2),
+                                       (r"llm/layers_\d+/mlp/down_proj", 6)),
+                         alpha_pattern=((r"llm/layers_1/.*", 2.0),))
+  v = method.init_variables(jax.random.key(0), params)
+  v["adapters"] = randomize(v["adapters"], ("lora_b",), scale=0.2)
+  mask_tree = method.trainable(v)
+  train, frozen = mt.tuning.partition(v, mask_tree)
+  opt = mt.tuning.build_optimizer(method, v, mask_tree, train, optax.adamw(1e-2, weight_decay=0.1))
+  state = opt.init(train)
+  before = np.asarray(v["adapters"]["llm"]["layers"]["attn"]["q_proj"]["lora_b"])
+  for _ in range(3):
+    grads = jax.grad(lambda tr: ce_loss_jax(model.apply(mt.tuning.combine(tr, frozen), ids, mask,
+                                                        pixel_values=px), ids, mask))(train)
+    updates, state = opt.update(grads, state, train)
+    train = optax.apply_updates(train, updates)
+  v = mt.tuning.combine(train, frozen)
+  q = v["adapters"]["llm"]["layers"]["attn"]["q_proj"]
+  assert not np.asarray(q["lora_a"][0, :, 2:]).any()
+  np.testing.assert_array_equal(np.asarray(q["lora_b"][0, 2:]), before[0, 2:])
+  assert np.abs(np.asarray(q["lora_b"][0, :2]) - before[0, :2]).max() > 1e-4
+  assert np.abs(np.asarray(q["lora_b"][1, 2:]) - before[1, 2:]).max() > 1e-4
+  out = str(tmp_path / "adapter")
+  export_peft(out, model, method, v)
+  peft_model = PeftModel.from_pretrained(hf_model, out).eval()
+  assert peft_model.base_model.model.model.language_model.layers[0].self_attn.q_proj.r[
+      "default"] == 2
+  real = mask.astype(bool)
+  np.testing.assert_allclose(ours_logits(model, v, batch)[real],
+                             torch_logits(peft_model, batch)[real], atol=1e-4)
+
+
+def test_pissa_saved_without_conversion_rebuilds_peft_residual(tmp_path):
+  """A PiSSA adapter saved plainly holds factors for peft's residual base (which stays in peft's
+  model): importing it onto the original base rebuilds that residual, giving peft's logits."""
+  hf_model, model, params, batch, _ = tiny_llava(tmp_path)
+  peft_model = get_peft_model(hf_model, LoraConfig(r=4, lora_alpha=4, target_modules=HF_TARGETS,
+                                                   init_lora_weights="pissa"))
+  torch.manual_seed(0)
+  with torch.no_grad():  # "training": move the factors away from their SVD init
+    for n, p in peft_model.named_parameters():
+      if "lora_" in n:
+        p.add_(torch.randn_like(p) * 0.05)
+  peft_dir = str(tmp_path / "peft")
+  peft_model.save_pretrained(peft_dir)
+  with open(os.path.join(peft_dir, "adapter_config.json")) as f:
+    assert json.load(f)["init_lora_weights"] == "pissa"
+  method, variables = import_peft(peft_dir, model, params)
+  assert method.name == "pissa"
+  real = batch[1].astype(bool)
+  ours = ours_logits(model, variables, batch)
+  np.testing.assert_allclose(ours[real], torch_logits(peft_model.eval(), batch)[real], atol=1e-4)
+  # and it goes back out as plain LoRA on the original base, as peft's conversion would
+  out = str(tmp_path / "converted")
+  export_peft(out, model, method, variables)
+  from transformers import LlavaForConditionalGeneration as Llava
+  fresh = Llava.from_pretrained(str(tmp_path / "base")).eval()
+  np.testing.assert_allclose(ours[real], torch_logits(PeftModel.from_pretrained(fresh, out).eval(),
+                                                      batch)[real], atol=1e-4)
+
+
+@pytest.mark.parametrize("init", ["pissa_niter_4", "olora"])
+def test_base_rewriting_inits_that_cannot_be_rebuilt_are_refused(init, tmp_path):
+  hf_model, model, params, _, _ = tiny_llava(tmp_path)
+  peft_model = get_peft_model(hf_model, LoraConfig(r=4, lora_alpha=4, target_modules=HF_TARGETS,
+                                                   init_lora_weights=init))
+  peft_dir = str(tmp_path / "peft")
+  peft_model.save_pretrained(peft_dir)
+  with pytest.raises(mt.tuning.MethodError,
+                     match="init_lora_weights.*path_initial_model_for_weight_conversion"):
+    import_peft(peft_dir, model, params)
+
+
+def test_lora_on_a_tied_lm_head_says_it_is_tied(tmp_path):
+  hf_model = hf_tiny.siglip_qwen2()
+  base = str(tmp_path / "base")
+  hf_model.save_pretrained(base)
+  model, params = mt.load_pretrained(base)
+  peft_model = get_peft_model(hf_model, LoraConfig(r=4, target_modules=["lm_head"]))
+  peft_dir = str(tmp_path / "peft")
+  peft_model.save_pretrained(peft_dir)
+  with pytest.raises(mt.tuning.MethodError, match="ties its LM head to the input embeddings"):
+    import_peft(peft_dir, model, params)
+  with pytest.raises(mt.tuning.MethodError, match="tied to the input embeddings"):
+    mt.tuning.get("lora", targets=r"llm/lm_head").init_variables(jax.random.key(0), params)

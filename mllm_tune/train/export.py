@@ -1,0 +1,56 @@
+"""A run's trained weights out (`mllm-tune export`): any subset of
+
+  peft    a PEFT adapter directory (adapter_config.json + adapter_model.safetensors) that
+          `PeftModel.from_pretrained(base, dir)` loads; for methods PEFT has (tuning/peft/),
+          LoRA-family methods composed with whole-module or bias training included
+  merged  a Hugging Face model directory with the method folded into the base (`method.merge`)
+          and the base checkpoint's tokenizer / processor / chat-template / generation files
+          copied beside it (when the base is an HF directory)
+  native  our adapter directory (mllm_adapter.json + adapters.safetensors, `tuning/files.py`):
+          every method, loadable with `mllm_tune.tuning.files.load_adapters(dir, base_params)`
+
+Everything that can be refused (no PEFT counterpart, a method that cannot merge) is computed
+before anything is written, so a refused export leaves no partial output.
+"""
+from __future__ import annotations
+
+import os
+
+from mllm_tune import pytree
+from mllm_tune.checkpoints.hf import save_pretrained
+from mllm_tune.tuning import files, peft
+from mllm_tune.train.runs import RunError, TrainedRun
+
+
+def _hf_base(run: TrainedRun) -> str | None:
+  """The base's HF directory (source of tokenizer / processor files), if it is one."""
+  p = run.base_path
+  return p if os.path.isfile(os.path.join(p, "config.json")) else None
+
+
+def trained_mask(run: TrainedRun) -> dict:
+  """Whole-leaf mask of what the checkpoint holds (the native file saves those leaves)."""
+  return pytree.unflatten({p: p in run.trained for p in pytree.flatten(run.variables)})
+
+
+def export_run(run: TrainedRun, peft_dir: str | None = None, merged_dir: str | None = None,
+               native_dir: str | None = None, dtype: str | None = None) -> dict[str, str]:
+  """Write the requested outputs of `run` -> {"peft" | "merged" | "native": directory}."""
+  if not (peft_dir or merged_dir or native_dir):
+    raise RunError("nothing to export: give a PEFT, merged and/or native output directory")
+  base = _hf_base(run)
+  adapter = (peft.peft_adapter(run.model, run.method, run.variables,
+                               base_model_name_or_path=base or "") if peft_dir else None)
+  merged = run.method.merge(run.variables) if merged_dir else None
+  out = {}
+  if peft_dir:
+    peft.write_adapter(peft_dir, *adapter)
+    out["peft"] = peft_dir
+  if merged_dir:
+    save_pretrained(merged_dir, run.model, merged, dtype=dtype, source_dir=base)
+    out["merged"] = merged_dir
+  if native_dir:
+    files.save_adapters(native_dir, run.method, run.variables, mask=trained_mask(run),
+                        base_model=run.base_path)
+    out["native"] = native_dir
+  return out
