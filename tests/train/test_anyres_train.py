@@ -113,3 +113,15 @@ def test_mllm_tune_train_lora_on_tiny_onevision(tmp_path, capsys):
     programs = [json.loads(line)["step_programs"] for line in f if "step_programs" in line]
   # images of six sizes, 8 steps: crop buckets keep the compiled shapes to a handful
   assert summary["step_programs"] == programs[-1] and 1 <= programs[-1] <= 4
+
+
+def test_image_over_max_image_tokens_is_refused_naming_record_and_image(tmp_path):
+  from mllm_tune.data.errors import DataError
+  d, _, _ = at.model_dir(str(tmp_path), "llava_onevision")
+  model, _ = mt.load_pretrained(d)
+  records, images = _records(4)
+  path = write_llava_dataset(str(tmp_path / "data"), records, images)
+  cfg = _data_cfg(path, str(tmp_path / "data" / "images"), max_image_tokens=6)
+  with pytest.raises(DataError, match=r"data\.json.*image im0_0\.png.*yields 7 image tokens.*"
+                                      r"max_image_tokens=6"):
+    next(make_batches(cfg, d, model.config))
