@@ -111,6 +111,11 @@ class AnyresImageSpec:
                        "to count image tokens")
 
   @property
+  def max_crops(self) -> int:
+    """The most crops one image can yield: the base crop and the largest grid."""
+    return 1 + max(-(-ph // self.tile) * -(-pw // self.tile) for ph, pw in self.grid_pinpoints)
+
+  @property
   def crop_hw(self) -> tuple[int, int]:
     """(H, W) of every output crop: `crop_size` with centre crop, else `size` (crops are square
     before the resize, so shortest_edge gives se x se), else the tile."""

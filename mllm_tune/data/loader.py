@@ -25,7 +25,7 @@ import jax
 from mllm_tune.data.batching import BatchIterator, Prefetcher
 from mllm_tune.data.conversation import ChatTokenizer, load_tokenizer
 from mllm_tune.data.errors import DataError
-from mllm_tune.data.packing import BatchSpec, suggest_max_images
+from mllm_tune.data.packing import BatchSpec, quarter_buckets, suggest_max_images
 from mllm_tune.data.pipeline import SamplePreparer
 from mllm_tune.data.sources import LlavaJsonSource, TfdsSource, build_tfds
 
@@ -86,11 +86,6 @@ def _probe_crops(source, prepare, o: dict, n: int = 512) -> tuple[int, int]:
     return max(o["batch_size"] * most, 1), most
   want = int(round(o["batch_size"] * o["seq_len"] * sum(crops) / max(sum(lengths), 1)))
   return max(want, most, 1), most
-
-
-def quarter_buckets(budget: int) -> tuple[int, ...]:
-  """Crop buckets: the budget's quarters (rounded up), e.g. 64 -> (16, 32, 48, 64)."""
-  return tuple(sorted({max(1, -(-budget * q // 4)) for q in (1, 2, 3, 4)}))
 
 
 def make_source(o: dict):

@@ -319,6 +319,11 @@ def assemble(rows: Sequence[Sequence], spec: BatchSpec, normalize=None) -> dict[
   return batch
 
 
+def quarter_buckets(budget: int) -> tuple[int, ...]:
+  """Crop buckets: the budget's quarters (rounded up), e.g. 64 -> (16, 32, 48, 64)."""
+  return tuple(sorted({max(1, -(-budget * q // 4)) for q in (1, 2, 3, 4)}))
+
+
 def crop_bucket(n: int, spec: BatchSpec) -> int:
   """Smallest allowed crop count >= n."""
   for c in spec.crop_buckets:

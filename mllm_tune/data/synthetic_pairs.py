@@ -33,7 +33,7 @@ from mllm_tune.data.errors import DataError
 from mllm_tune.data.images import decode_image, to_rgb
 from mllm_tune.data.offline_render import COLORS, SHAPES, Shape
 from mllm_tune.data.offline_tasks import make_example
-from mllm_tune.data.packing import BatchSpec, assemble
+from mllm_tune.data.packing import BatchSpec, assemble, quarter_buckets
 from mllm_tune.data.pipeline import SamplePreparer, SampleDropped
 from mllm_tune.data.sources import read_llava_json
 
@@ -223,7 +223,10 @@ class PairBatches:
   """Step-indexed caption batches for an MLLM (module docstring): `batch(step)` -> input_ids,
   attention_mask, positions, segment_ids, loss_mask (b, T) with T = `prepare.max_len`,
   pixel_values (b, H, W, 3) float32, image_valid (b,); one pair per row, b = batch_size /
-  shard_count rows (this host's slice of the global batch)."""
+  shard_count rows (this host's slice of the global batch). Anyres models (LLaVA-NeXT /
+  OneVision): pixel_values (C, H, W, 3) holds the rows' crops and the batch has the pack tables
+  (`data.packing`); the crop budget is b times the most crops one image can yield, in quarter
+  buckets."""
 
   def __init__(self, source: PairSource, prepare: SamplePreparer, batch_size: int, seed: int = 0,
                prompt: str = DEFAULT_PROMPT, pad_id: int = 0, shard_index: int = 0,
@@ -238,10 +241,19 @@ class PairBatches:
     self.source, self.prepare, self.seed, self.prompt = source, prepare, seed, prompt
     self.batch_size, self.shard_index, self.shard_count = batch_size, shard_index, shard_count
     rows = batch_size // shard_count
-    self.spec = BatchSpec(batch_size=rows, max_len=prepare.max_len, packing=False,
-                          max_images=rows, image_seq_len=prepare.chat.image_seq_len,
-                          image_token_id=prepare.chat.image_token_id,
-                          image_hw=prepare.image_hw, pad_id=pad_id)
+    anyres = prepare.anyres_spec
+    if anyres is None:
+      self.spec = BatchSpec(batch_size=rows, max_len=prepare.max_len, packing=False,
+                            max_images=rows, image_seq_len=prepare.chat.image_seq_len,
+                            image_token_id=prepare.chat.image_token_id,
+                            image_hw=prepare.image_hw, pad_id=pad_id)
+    else:
+      budget = rows * anyres.max_crops
+      self.spec = BatchSpec(batch_size=rows, max_len=prepare.max_len, packing=False,
+                            max_images=budget, image_token_id=prepare.chat.image_token_id,
+                            image_hw=prepare.image_hw, pad_id=pad_id,
+                            crop_features=anyres.feature_side ** 2,
+                            crop_buckets=quarter_buckets(budget))
     self._normalize = functools.partial(img_lib.normalize, spec=prepare.image_spec)
 
   def batch(self, step: int) -> dict[str, np.ndarray]:

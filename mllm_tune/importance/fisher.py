@@ -272,6 +272,24 @@ def stack_examples(examples: list[dict], image_token_id: int | None = None,
   return out
 
 
+def examples_batch(examples: dict, crop_features: int = 0) -> dict:
+  """Stacked examples (`stack_examples`, each row's own images `pixel_values` (N, K, H, W, C))
+  -> the model's inputs: the images in the batch's shared slots (N * K, H, W, C), row by row,
+  and anyres `pack_index` re-based from each row's own crops to those slots (`crop_features`:
+  features per crop, `image_spec`). Traceable; a batch without a per-row image axis is returned
+  as it is."""
+  px = examples.get("pixel_values")
+  if px is None or px.ndim != 5:
+    return examples
+  n, k = px.shape[:2]
+  out = dict(examples, pixel_values=px.reshape((n * k,) + tuple(px.shape[2:])))
+  if "pack_index" in examples:
+    shift = (jnp.arange(n, dtype=jnp.int32) * (k * crop_features))[:, None, None]
+    out["pack_index"] = jnp.where(examples["pack_weight"] != 0, examples["pack_index"] + shift,
+                                  0)
+  return out
+
+
 def collect_examples(batches: Iterable[dict], num_examples: int, image_token_id=None,
                      image_seq_len: int = 0) -> dict[str, np.ndarray]:
   """The first `num_examples` samples (with answer tokens) of `batches`, stacked."""

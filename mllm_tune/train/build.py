@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from mllm_tune import tuning
+from mllm_tune.importance import fisher
 from mllm_tune.losses.token import token_ce
 from mllm_tune.models import model_kwargs
 from mllm_tune.train.setup import cast_tree
@@ -30,8 +31,11 @@ from mllm_tune.train.step import StepFns
 def nll_loss(model, per_token: bool = True) -> Callable[[dict, dict], Any]:
   """`(variables, batch) -> loss` for `method.prepare`: the batch's next-token NLL over its
   supervised positions, averaged per token (`per_token`, the trainer's) or summed (the
-  benchmark's `fit`)."""
+  benchmark's `fit`). Takes training batches and stacked samples (`sample_batches`)."""
+  crop_features = fisher.image_spec(model)[1]
+
   def loss(variables, batch):
+    batch = fisher.examples_batch(batch, crop_features)
     logits = model.apply(variables, batch["input_ids"], **model_kwargs(batch))
     nll, n, _ = token_ce(logits, batch["input_ids"], batch["loss_mask"])
     return nll / jnp.maximum(n, 1.0) if per_token else nll
@@ -43,12 +47,23 @@ def needs_preparing(method) -> bool:
   return hasattr(method, "prepare") and getattr(method, "mask", 0) is None
 
 
+def sample_batches(model, batches: Iterable[dict]) -> list[dict]:
+  """Batches whose rows are samples, for methods that score per-row gradients: a batch with
+  images is cut into its samples (`fisher.split_examples`: packed rows, image slots shared across
+  the rows, anyres crops and pack tables), stacked one per row with the row's own images
+  (`pixel_values` (N, K, H, W, C), which `nll_loss` takes); text-only batches stay as they are."""
+  tok, seq = fisher.image_spec(model)
+  return [fisher.stack_examples(fisher.split_examples(b, tok, seq), tok, seq)
+          if "pixel_values" in b else b for b in batches]
+
+
 def prepare_method(method, model, variables: dict, batches: Iterable[dict],
                    per_token: bool = True):
-  """`method` with its data-derived mask computed on `batches` (unchanged when it has none)."""
+  """`method` with its data-derived mask computed on `batches` (unchanged when it has none);
+  batches with images are cut into samples first (`sample_batches`)."""
   if not needs_preparing(method):
     return method
-  return method.prepare(nll_loss(model, per_token), variables, list(batches))
+  return method.prepare(nll_loss(model, per_token), variables, sample_batches(model, batches))
 
 
 def trainable_mask(method, variables: dict, log: bool = True) -> tuple[dict, int]:

@@ -181,10 +181,6 @@ class Trainer:
     state0 = self.data.get_state()
     batches = [next(self.data) for _ in range(n_batches)]
     self.data.set_state(state0)
-    if any("pixel_values" in b for b in batches):
-      raise TrainingError(f"method '{self.method.name}' scores per-sample gradients over the "
-                          "rows of a batch, which image slots shared across rows do not allow "
-                          "yet: prepare it on text-only batches (method.prepare) instead")
     return build.prepare_method(self.method, self.model, variables, batches)
 
   def _raw_step(self, frozen, state, batch, penalty_consts=None, penalty_batch=None):

@@ -1,6 +1,6 @@
 """`train/build.py`: the run construction the Trainer and the benchmark's `fit` share, checked
 against the pieces written out by hand (partition, optimizer chain, step) and on what it must
-refuse."""
+refuse; LLaVA batches are cut into samples for per-sample scores."""
 from __future__ import annotations
 
 import functools
@@ -12,11 +12,14 @@ import optax
 import pytest
 
 import mllm_tune as mt
+from mllm_tune.importance import fisher
 from mllm_tune.losses.token import token_ce
 from mllm_tune.models import build_model, init_params
 from mllm_tune.models.config import CausalLMConfig, LLMConfig
 from mllm_tune.train import build
 from mllm_tune.train.step import StepFns, TrainState, train_step
+from mllm_tune.tuning.selective import grad_topk
+from tests.helpers.tiny_models import IMAGE_TOKEN, tiny_llava
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +96,38 @@ def test_a_method_that_trains_nothing_is_refused_with_or_without_the_table(tiny)
   for log in (True, False):
     with pytest.raises(mt.tuning.MethodError, match="trains nothing"):
       build.trainable_mask(Nothing(), variables, log=log)
+
+
+def test_prepare_method_cuts_llava_batches_into_samples_with_their_own_images():
+  """Image slots are shared across a batch's rows: grad_topk's per-sample scores are taken on
+  the samples (`sample_batches`), and with the summed NLL they are the empirical Fisher of
+  `importance.fisher` on the same batch (checked there against a per-sample loop)."""
+  model, params, _ = tiny_llava()
+  per = model.config.image_seq_len
+  rng = np.random.RandomState(1)
+  a = np.r_[1, [IMAGE_TOKEN] * per, rng.randint(2, 60, 4)]          # 1 image
+  b = np.r_[1, rng.randint(2, 60, 5)]                               # text only
+  c = np.r_[1, [IMAGE_TOKEN] * per, 7, [IMAGE_TOKEN] * per, 8, 9]   # 2 images
+  t = 2 * per + 12
+  ids, seg = np.zeros((2, t), np.int32), np.zeros((2, t), np.int32)
+  ids[0, :len(a)], ids[0, len(a):len(a) + len(b)] = a, b            # row 0 packs a and b
+  seg[0, :len(a)], seg[0, len(a):len(a) + len(b)] = 1, 2
+  ids[1, :len(c)], seg[1, :len(c)] = c, 1
+  pos = np.concatenate([np.arange(len(a)), np.arange(t - len(a))])
+  batch = {"input_ids": ids, "attention_mask": (seg > 0).astype(np.int32), "segment_ids": seg,
+           "positions": np.stack([pos, np.arange(t)]).astype(np.int32),
+           "loss_mask": ((seg > 0) & (ids != IMAGE_TOKEN)).astype(np.int32),
+           "pixel_values": rng.randn(3, 28, 28, 3).astype(np.float32)}  # 3 images, 2 rows
+  variables = {"params": params, "adapters": {}}
+  topk = mt.tuning.get("grad_topk", density=0.1, targets=r"llm/layers_\d+/attn/q_proj/kernel|"
+                                                         r"projector/linear_1/kernel")
+  cands = topk.candidates(variables)
+  samples = build.sample_batches(model, [batch])
+  assert samples[0]["pixel_values"].shape == (3, 2, 28, 28, 3)      # a, b, c with their own
+  got = grad_topk.importance_scores(build.nll_loss(model, per_token=False), variables, samples,
+                                    cands)
+  want, n = fisher.fisher_from_batches(model, variables, cands, [batch], chunk=3)
+  assert n == 3 and sorted(got) == sorted(want)
+  for p in got:
+    np.testing.assert_allclose(got[p], np.asarray(want[p]), rtol=1e-5,
+                               atol=1e-6 * float(np.max(want[p])), err_msg=p)

@@ -28,10 +28,12 @@ from mllm_tune.tuning.masks import (ALL_LLM_LINEARS, Patterns, as_patterns, last
                                     rules_mask, variables_mask)
 
 # docs/methods.md §2.1: trainable regexes of the freezing presets (`llm_last_k` is built per model).
+# The connector is the projector and, on anyres models (LLaVA-NeXT / OneVision), `image_newline`.
+CONNECTOR = r"projector/.*|image_newline"
 FREEZE_PRESETS: dict[str, tuple[str, ...]] = {
     "full": (r".*",),
-    "projector": (r"projector/.*",),
-    "llm": (r"llm/layers_\d+/.*|projector/.*",),
+    "projector": (CONNECTOR,),
+    "llm": (rf"llm/layers_\d+/.*|{CONNECTOR}",),
     "llm_last_k": (),
     "vision": (r"vision/.*",),
     "attn_only": (r"llm/layers_\d+/attn/.*",),
@@ -50,7 +52,8 @@ class Freeze(Method):
   """Regex freezing (docs/methods.md §2.1): train the leaves matching `targets` (or a `preset`),
   except those matching `frozen` (checked first). Default: everything = full fine-tuning.
 
-  preset: full | projector | llm | llm_last_k (last `k` blocks) | vision | attn_only.
+  preset: full | projector | llm | llm_last_k (last `k` blocks) | vision | attn_only
+  (`projector` and `llm` include `image_newline` on anyres models).
   Trainable count = sum of matched leaf sizes. Merge: the params themselves (mergeable).
   """
   default_preset: ClassVar[str] = "full"  # used when neither preset nor targets is given

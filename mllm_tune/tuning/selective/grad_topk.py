@@ -14,8 +14,9 @@ the last optimizer link (masked entries move by exactly 0).
 
 `loss_fn(variables, batch) -> scalar` is the negative log-likelihood of a batch (any reduction
 over its samples); per-sample gradients call it on one-sample batches, scanned over the batch, so
-every array in `batch` needs the sample axis first (LLaVA: one image per sample,
-`pixel_values (B, H, W, C)`).
+every array in `batch` needs the sample axis first. LLaVA training batches share their image slots
+across rows: `train.build.prepare_method` cuts them into samples, one per row with its own images
+(`pixel_values (B, K, H, W, C)`, `train.build.sample_batches`).
 """
 from __future__ import annotations
 

@@ -4,7 +4,8 @@ Per LLM block: 2 of the 4 attention matrices {q,k,v,o} are trainable; in a rando
 (`L // 2`) of the blocks 1 of the 3 FFN matrices {gate,up,down} is trainable, in the others 2.
 A projection's bias (Qwen2 q/k/v) follows its kernel. [choice] Norms, embeddings, LM head and
 the vision tower are frozen; the projector is `half` (one of linear_1/linear_2 at random),
-`full` or `frozen` (a one-layer `linear` projector trains under `half`).
+`full` or `frozen` (a one-layer `linear` projector trains under `half`); `full` trains the whole
+connector, with `image_newline` on anyres models (LLaVA-NeXT / OneVision).
 
 The draw is a pure function of `(seed, stage)` (`hft_selection`, traceable JAX), so the same
 seed gives the same half on every host. `resample_every=None` (paper: one static draw per
@@ -31,6 +32,7 @@ from mllm_tune.tuning.masks import num_llm_layers, variables_mask
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 FFN = ("gate_proj", "up_proj", "down_proj")
 PROJECTOR_MODES = ("half", "full", "frozen")
+NEWLINE = "image_newline"  # anyres models' top-level connector vector
 
 
 def _ranks(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
@@ -124,6 +126,8 @@ class HFT(Method):
       masks = {p: self._flags(_module_of(p), None) for p in shapes}
     flat = {p: False for p in pytree.flatten(params)}
     flat.update({p[len("params/"):]: _compact(np.asarray(m)) for p, m in masks.items()})
+    if NEWLINE in flat:  # anyres: the connector's row-end vector goes with a full projector
+      flat[NEWLINE] = self.projector == "full"
     return variables_mask(variables, pytree.unflatten(flat))
 
   def transform(self, variables, inner):
