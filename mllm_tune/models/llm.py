@@ -6,8 +6,9 @@ Param tree (storage, leading axis L on `layers`):
   final_norm/scale (D,); lm_head/kernel (D, V) unless embeddings are tied.
 
 Positions default to `cumsum(attention_mask) - 1`, so a sample's logits do not depend on how much
-padding (left or right) surrounds it. The caller threads a KV cache (`kv_cache.KVCache`, arrays
-(L, B, K, S, H)) through `__call__`; keys are stored after RoPE.
+padding (left or right) surrounds it. With `rope.mrope_section` (Qwen2-VL's M-RoPE) positions may
+also be (3, B, T) (t, h, w) ids (`rope_sin_cos`). The caller threads a KV cache
+(`kv_cache.KVCache`, arrays (L, B, K, S, H)) through `__call__`; keys are stored after RoPE.
 """
 from __future__ import annotations
 
