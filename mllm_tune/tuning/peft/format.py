@@ -5,8 +5,9 @@ Keys are `base_model.model.<HF module path>.<peft tensor>`, where the module pat
 name inside the transformers model (`model.language_model.layers.3.self_attn.q_proj`). Export
 writes contiguous float32 tensors with metadata `{"format": "pt"}` and a `target_modules` regex
 that peft full-matches on exactly the modules we adapted. Import accepts module paths of every
-key layout of the model's family (LLaVA, Qwen2-VL: `checkpoints.hf.key_layouts`). Per-method tensor mappings live beside this module (`lora.py`, `vera.py`,
-`ln_tuning.py`, `additive.py`); the tables and entry points are in `tuning/peft/__init__.py`.
+key layout of the model's family (LLaVA, Qwen2-VL: `checkpoints.hf.key_layouts`). Per-method
+tensor mappings live beside this module (`lora.py`, `vera.py`, `ln_tuning.py`, `additive.py`);
+the tables and entry points are in `tuning/peft/__init__.py`.
 """
 from __future__ import annotations
 
