@@ -3,10 +3,13 @@
 Supports `LlavaForConditionalGeneration`, `LlavaNextForConditionalGeneration` and
 `LlavaOnevisionForConditionalGeneration` (transformers >= 4.52 / 5.x key layout, and the older
 `language_model.model.*` layout of llava-hf checkpoints, mapped as in Llava's
-`_checkpoint_conversion_mapping`; the anyres models add `image_newline`) and bare `LlamaForCausalLM` / `Qwen2ForCausalLM` /
-`MistralForCausalLM`. Loading streams tensor by tensor from memory-mapped files and builds each
-parameter with `jax.make_array_from_callback`, so every device reads only its own shard and no
-second host copy of the model is made. Writing streams the same way and always uses the new layout.
+`_checkpoint_conversion_mapping`; the anyres models add `image_newline`),
+`Qwen2VLForConditionalGeneration` / `Qwen2_5_VLForConditionalGeneration` (the hub layout, which
+transformers 5 also writes, and its in-memory names: `QWEN_VL_LAYOUTS`) and bare
+`LlamaForCausalLM` / `Qwen2ForCausalLM` / `MistralForCausalLM`. Loading streams tensor by tensor
+from memory-mapped files and builds each parameter with `jax.make_array_from_callback`, so every
+device reads only its own shard and no second host copy of the model is made. Writing streams the
+same way, in the layout the checkpoint was read in.
 """
 from __future__ import annotations
 
@@ -25,8 +28,8 @@ import numpy as np
 from mllm_tune.checkpoints.safetensors_io import (FLOAT_DTYPES, CheckpointError, SafetensorsFile,
                                                   write_safetensors)
 from mllm_tune.models import build_model, param_shapes
-from mllm_tune.models.config import (CausalLMConfig, ConfigError, LlavaConfig, config_from_hf,
-                                     config_to_hf, with_runtime)
+from mllm_tune.models.config import (CausalLMConfig, ConfigError, LlavaConfig, QwenVLConfig,
+                                     config_from_hf, config_to_hf, with_runtime)
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +53,50 @@ LLAVA_LAYOUTS = {
                 "model.multi_modal_projector."),
 }
 DEFAULT_LLAVA_LAYOUT = "v5"
+# Qwen2-VL / Qwen2.5-VL (LLM prefix, LM head, vision prefix; the merger is `<vision>merger.`):
+#   hub: the hub's names, which transformers 5 `save_pretrained` also writes
+#   v5:  transformers 5 in-memory names (`conversion_mapping.py`, Qwen2VLForConditionalGeneration)
+QWEN_VL_LAYOUTS = {
+    "hub": ("model.", "lm_head", "visual."),
+    "v5": ("model.language_model.", "lm_head", "model.visual."),
+}
+DEFAULT_QWEN_VL_LAYOUT = "hub"
+# module names inside the transformers 5 model (what peft adapter files name)
+MEMORY_LAYOUTS = {LlavaConfig: "v5_flat", QwenVLConfig: "v5"}
 AUX_FILES = re.compile(r"(tokenizer.*|special_tokens_map\.json|vocab\.json|merges\.txt|"
                        r"added_tokens\.json|chat_template\.(json|jinja)|preprocessor_config\.json|"
                        r"processor_config\.json|generation_config\.json|.*\.model)")
 
+
+
+class _Transforms(dict):
+  """kind -> transform; parameterised kinds `conv3d:CxTxPxP` are built on first use."""
+
+  def __init__(self, table: dict, conv3d: Callable):
+    super().__init__(table)
+    self._conv3d = conv3d
+
+  def __missing__(self, kind: str):
+    name, _, dims = kind.partition(":")
+    if name != "conv3d" or not dims:
+      raise KeyError(kind)
+    fn = self[kind] = self._conv3d(tuple(int(x) for x in dims.split("x")))
+    return fn
+
+
+def conv3d_kind(channels: int, temporal: int, patch: int) -> str:
+  """The transform kind of a Conv3d patch embedding whose kernel equals its stride:
+  HF (D, C, T, p, p) <-> ours (C*T*p*p, D)."""
+  return f"conv3d:{channels}x{temporal}x{patch}x{patch}"
+
+
 # Layout transforms, HF tensor -> ours (and back).
-TO_OURS = {"copy": lambda x: x, "linear": lambda x: x.T,
-           "patch": lambda x: x.transpose(2, 3, 1, 0)}  # (D, C, P, P) -> (P, P, C, D)
-TO_HF = {"copy": lambda x: x, "linear": lambda x: x.T,
-         "patch": lambda x: x.transpose(3, 2, 0, 1)}
+TO_OURS = _Transforms({"copy": lambda x: x, "linear": lambda x: x.T,
+                       "patch": lambda x: x.transpose(2, 3, 1, 0)},  # (D, C, P, P) -> (P, P, C, D)
+                      lambda dims: lambda x: x.reshape(x.shape[0], -1).T)
+TO_HF = _Transforms({"copy": lambda x: x, "linear": lambda x: x.T,
+                     "patch": lambda x: x.transpose(3, 2, 0, 1)},
+                    lambda dims: lambda x: x.T.reshape((x.shape[1],) + dims))
 
 
 class Rule(NamedTuple):
@@ -129,10 +167,44 @@ def vision_rules(c, prefix: str) -> list[Rule]:
   return rules
 
 
+def qwen_vision_rules(c, prefix: str) -> list[Rule]:
+  """The Qwen2-VL / 2.5-VL tower under `vision/` and its merger under `projector/`."""
+  vp, s = ("vision", "layers"), True
+  rules = [Rule(f"{prefix}patch_embed.proj.weight", ("vision", "patch_embed", "kernel"),
+                conv3d_kind(c.num_channels, c.temporal_patch_size, c.patch_size))]
+  blk = f"{prefix}blocks.{{i}}."
+  for n in ("1", "2"):
+    rules += _norm(f"{blk}norm{n}", vp + (f"norm{n}",), s, not c.windowed)
+  rules += _lin(f"{blk}attn.qkv", vp + ("attn", "qkv"), True, s)
+  rules += _lin(f"{blk}attn.proj", vp + ("attn", "proj"), True, s)
+  for n in ("gate_proj", "up_proj", "down_proj") if c.windowed else ("fc1", "fc2"):
+    rules += _lin(f"{blk}mlp.{n}", vp + ("mlp", n), True, s)
+  m, mp = f"{prefix}merger.", ("projector",)
+  rules += _norm(f"{m}ln_q", mp + ("ln_q",), False, not c.windowed)
+  rules += _lin(f"{m}mlp.0", mp + ("linear_1",), True, False)
+  rules += _lin(f"{m}mlp.2", mp + ("linear_2",), True, False)
+  return rules
+
+
+def key_layouts(cfg) -> dict | None:
+  """The key layouts a config's checkpoints come in (None: a bare LLM's single layout)."""
+  if isinstance(cfg, QwenVLConfig):
+    return QWEN_VL_LAYOUTS
+  return LLAVA_LAYOUTS if isinstance(cfg, LlavaConfig) else None
+
+
+def memory_layout(cfg) -> str | None:
+  """The layout of module names inside the transformers 5 model (peft files use them)."""
+  return MEMORY_LAYOUTS.get(type(cfg))
+
+
 def checkpoint_rules(cfg, layout: str | None = None) -> list[Rule]:
-  """All tensor rules of a config; `layout` picks the LLaVA key layout (see LLAVA_LAYOUTS)."""
+  """All tensor rules of a config; `layout` picks the key layout (`key_layouts`)."""
   if isinstance(cfg, CausalLMConfig):
     return llm_rules(cfg.llm, "model.")
+  if isinstance(cfg, QwenVLConfig):
+    llm_p, head, vis_p = QWEN_VL_LAYOUTS[layout or DEFAULT_QWEN_VL_LAYOUT]
+    return llm_rules(cfg.llm, llm_p, head) + qwen_vision_rules(cfg.vision, vis_p)
   llm_p, head, vis_p, proj_p = LLAVA_LAYOUTS[layout or DEFAULT_LLAVA_LAYOUT]
   rules = llm_rules(cfg.llm, llm_p, head)
   rules += vision_rules(cfg.vision, vis_p)
@@ -203,14 +275,12 @@ def open_checkpoint(path: str) -> dict[str, SafetensorsFile]:
 def detect_layout(path: str, cfg, names: set[str],
                   files: dict[str, SafetensorsFile] | None = None) -> str | None:
   """The LLaVA layout whose key set matches `names`, or a clear error naming what is off."""
-  if isinstance(cfg, CausalLMConfig):
-    layouts = [None]
-  else:
-    layouts = list(LLAVA_LAYOUTS)
+  table = key_layouts(cfg)
+  layouts = [None] if table is None else list(table)
   best = None
   for layout in layouts:
     want = expected_keys(cfg, layout)
-    head = "lm_head.weight" if layout is None else LLAVA_LAYOUTS[layout][1] + ".weight"
+    head = "lm_head.weight" if layout is None else table[layout][1] + ".weight"
     ignorable = {head} if cfg.llm.tie_word_embeddings else set()
     missing, unexpected = sorted(want - names), sorted(names - want - ignorable)
     if not missing and not unexpected:
@@ -298,7 +368,7 @@ def load_pretrained(path: str, dtype: str = "float32", param_dtype: str = "float
     cfg = with_runtime(cfg, **config_overrides)
   tensors = open_checkpoint(path)
   layout = detect_layout(path, cfg, set(tensors), tensors)
-  if isinstance(cfg, LlavaConfig):
+  if isinstance(cfg, (LlavaConfig, QwenVLConfig)):
     cfg = dataclasses.replace(cfg, hf_layout=layout)
   model = build_model(cfg)
   return model, _read_params(tensors, layout, model, sharding_fn)
@@ -320,14 +390,17 @@ def save_pretrained(out_dir: str, model, params: dict, dtype: str | None = None,
   """Write `params` as a HF model directory that transformers loads.
 
   `dtype` of the written tensors defaults to the original checkpoint's dtype (config.json
-  `dtype`/`torch_dtype`), else float32. The LLaVA key `layout` defaults to the one the model was
-  read in, else 'v5'. `source_dir` copies tokenizer/processor files across.
+  `dtype`/`torch_dtype`), else float32. The key `layout` (LLaVA, Qwen2-VL) defaults to the one
+  the model was read in, else 'v5' (LLaVA) / 'hub' (Qwen2-VL). `source_dir` copies
+  tokenizer/processor files across.
   """
   cfg = model.config
-  if isinstance(cfg, LlavaConfig):
-    layout = layout or cfg.hf_layout or DEFAULT_LLAVA_LAYOUT
-    if layout not in LLAVA_LAYOUTS:
-      raise ValueError(f"layout '{layout}' unknown; choose from {sorted(LLAVA_LAYOUTS)}")
+  table = key_layouts(cfg)
+  if table is not None:
+    default = DEFAULT_QWEN_VL_LAYOUT if isinstance(cfg, QwenVLConfig) else DEFAULT_LLAVA_LAYOUT
+    layout = layout or cfg.hf_layout or default
+    if layout not in table:
+      raise ValueError(f"layout '{layout}' unknown; choose from {sorted(table)}")
   orig = json.loads(cfg.hf_json) if cfg.hf_json else {}
   dtype = dtype or orig.get("dtype") or orig.get("torch_dtype") or "float32"
   np_dtype = {"float32": np.float32, "float16": np.float16, "bfloat16": jnp.bfloat16,

@@ -6,6 +6,11 @@ the cache holds S = P + N slots, N the bucketed number of new tokens. New token 
 fed at slot P + t with position `last_prompt_position + t + 1` (positions count real tokens
 only, `cumsum(attention_mask) - 1`, as HF `generate`). Cache slots of future tokens are marked
 valid up front: the causal mask keeps them invisible until written.
+
+M-RoPE models (Qwen2-VL / Qwen2.5-VL) take explicit prompt positions (3, B, P) (`mt.hf_inputs`;
+moved and padded with the tokens); new token t then sits at `max prompt position + t + 1` on all
+three axes, which is transformers' `real tokens + t + rope_deltas` (`Qwen2VLModel.
+compute_3d_position_ids` while decoding).
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mllm_tune.models.llava import Llava, check_image_token_count
+from mllm_tune.models.qwen_vl import PACK_TABLES, VISION_IDS, QwenVL
 from mllm_tune.models.kv_cache import init_kv_cache
 
 DEFAULT_BUCKET_FLOOR = 16
@@ -55,11 +61,9 @@ class Prompts(NamedTuple):
   """A validated, left-padded, bucketed prompt batch (host arrays) and the output size."""
   ids_BP: np.ndarray       # int32, left-padded to the bucketed length P
   mask_BP: np.ndarray      # int32, 1 on real tokens
-  pixel_values: jax.Array | dict | None  # anyres: a dict of pixel_values and pack tables
+  # anyres: a dict of pixel_values and pack tables; Qwen2-VL: also the vision ids and positions
+  pixel_values: jax.Array | dict | None
   num_new: int             # N: bucketed capacity for new tokens (>= max_new_tokens)
-
-
-PACK_TABLES = ("pack_index", "pack_weight", "pack_newline")
 
 
 def prepare_prompts(model, input_ids, attention_mask, pixel_values, max_new_tokens: int,
@@ -67,7 +71,9 @@ def prepare_prompts(model, input_ids, attention_mask, pixel_values, max_new_toke
                     image_tables: dict | None = None) -> Prompts:
   """Check a prompt batch against the model, left-pad it and pad it up to its length bucket.
   `image_tables`: the position-aligned pack tables of an anyres model (`mt.hf_inputs`); they
-  are padded and moved with the tokens.
+  are padded and moved with the tokens. Qwen2-VL models also take `positions` (3, B, T) (moved
+  and padded the same way) and the batch-global `vision_segment_ids`, `vision_pos_hw`,
+  `vision_window_ids`.
 
   Raises ValueError for shape mismatches, empty rows, image-token/image count mismatches, pixel
   values for a text-only model, and prompts (+ new tokens) longer than the model's
@@ -93,23 +99,37 @@ def prepare_prompts(model, input_ids, attention_mask, pixel_values, max_new_toke
     raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
                      f"model's max_position_embeddings = {max_pos}; lower max_new_tokens")
   tables = dict(image_tables or {})
-  unknown = set(tables) - set(PACK_TABLES)
+  qwen = isinstance(model, QwenVL)
+  unknown = set(tables) - set(PACK_TABLES) - (set(VISION_IDS) | {"positions"} if qwen else set())
   if unknown:
     raise TypeError(f"unexpected keyword argument(s) {sorted(unknown)}")
   anyres = isinstance(model, Llava) and model.config.anyres
-  if tables and not anyres:
-    raise ValueError(f"{sorted(tables)} are for anyres models (LLaVA-NeXT / OneVision) only")
-  if anyres and pixel_values is not None and set(tables) != set(PACK_TABLES):
-    raise ValueError(f"{model.config.model_type}: pixel_values need the pack tables "
-                     f"{PACK_TABLES}; mt.hf_inputs builds them from a processor's output")
+  if tables and not (anyres or qwen):
+    raise ValueError(f"{sorted(tables)} are for anyres models (LLaVA-NeXT / OneVision) and "
+                     "Qwen2-VL only")
+  if (anyres or qwen) and pixel_values is not None:
+    need = set(PACK_TABLES) | ({"positions", "vision_segment_ids", "vision_pos_hw"} if qwen
+                               else set())
+    if qwen and model.config.vision.windowed:
+      need.add("vision_window_ids")
+    if need - set(tables):
+      raise ValueError(f"{model.config.model_type}: pixel_values need {sorted(need)}; "
+                       "mt.hf_inputs builds them from a processor's output")
+  global_ids = {k: tables.pop(k) for k in VISION_IDS if k in tables}
+  if "positions" in tables:  # (3, B, T) -> (B, T, 3) to move with the tokens
+    if np.ndim(tables["positions"]) != 3 or np.shape(tables["positions"])[0] != 3:
+      raise ValueError(f"positions of shape {np.shape(tables['positions'])}: expected the "
+                       "(3, B, T) M-RoPE ids")
+    tables["positions"] = np.moveaxis(np.asarray(tables["positions"]), 0, -1)
   for k, v in tables.items():
     if np.shape(v)[:2] != ids.shape:
       raise ValueError(f"{k} of shape {np.shape(v)} does not match input_ids {ids.shape}")
-  ids, mask, *moved = left_pad(ids, mask, *(tables[k] for k in PACK_TABLES if k in tables))
-  tables = dict(zip([k for k in PACK_TABLES if k in tables], moved))
-  if isinstance(model, Llava):
+  names = sorted(tables)
+  ids, mask, *moved = left_pad(ids, mask, *(tables[k] for k in names))
+  tables = dict(zip(names, moved))
+  if isinstance(model, (Llava, QwenVL)):
     c = model.config
-    if not anyres:
+    if not (anyres or qwen):
       check_image_token_count(ids, pixel_values, c.image_token_id, c.image_seq_len)
     fill = next(f for f in (pad_token_id, 0, 1) if f != c.image_token_id)  # never an image
   elif pixel_values is not None:
@@ -120,9 +140,14 @@ def prepare_prompts(model, input_ids, attention_mask, pixel_values, max_new_toke
   ids = np.pad(ids, ((0, 0), (extra, 0)), constant_values=fill).astype(np.int32)
   mask = np.pad(mask, ((0, 0), (extra, 0))).astype(np.int32)
   px = None if pixel_values is None else jnp.asarray(pixel_values)
-  if px is not None and anyres:
-    px = {"pixel_values": px, **{k: jnp.asarray(np.pad(
-        v, ((0, 0), (extra, 0)) + ((0, 0),) * (v.ndim - 2))) for k, v in tables.items()}}
+  padded = {k: jnp.asarray(np.pad(v, ((0, 0), (extra, 0)) + ((0, 0),) * (v.ndim - 2)))
+            for k, v in tables.items()}
+  if "positions" in padded:
+    padded["positions"] = jnp.moveaxis(padded["positions"], -1, 0).astype(jnp.int32)
+  if px is not None and (anyres or qwen):
+    px = {"pixel_values": px, **padded, **{k: jnp.asarray(v) for k, v in global_ids.items()}}
+  elif "positions" in padded:  # text only, explicit positions
+    px = {"positions": padded["positions"]}
   return Prompts(ids, mask, px, next_bucket(int(max_new_tokens), bucket_floor))
 
 
@@ -163,16 +188,24 @@ def prefill(model, variables, ids_BP, mask_BP, px, num_new: int):
   """Run the prompt through the model into a fresh cache of S = P + num_new slots.
 
   Returns (last-token logits (B, V) float32, cache, cache mask (B, S), last positions (B, 1)).
+  `px` may carry explicit M-RoPE `positions` (3, B, P); the last position is then the largest
+  over the real tokens and the three axes.
   """
   b, p = ids_BP.shape
   llm_cfg = model.config.llm
   cache = init_kv_cache(llm_cfg, b, p + num_new, jnp.dtype(llm_cfg.dtype))
   cache_mask_BS = jnp.concatenate([mask_BP, jnp.ones((b, num_new), mask_BP.dtype)], axis=1)
-  pos_BP = jnp.maximum(jnp.cumsum(mask_BP, axis=-1) - 1, 0)
-  kwargs = px if isinstance(px, dict) else {"pixel_values": px} if px is not None else {}
-  logits_B1V, cache = model.apply(variables, ids_BP, cache_mask_BS, pos_BP, kv_cache=cache,
+  kwargs = dict(px) if isinstance(px, dict) else {"pixel_values": px} if px is not None else {}
+  pos = kwargs.pop("positions", None)
+  if pos is None:
+    pos = jnp.maximum(jnp.cumsum(mask_BP, axis=-1) - 1, 0)
+    last_B1 = pos[:, -1:]
+  else:
+    real = mask_BP.astype(bool)[None]
+    last_B1 = jnp.max(jnp.where(real, pos, 0), axis=(0, 2))[:, None]
+  logits_B1V, cache = model.apply(variables, ids_BP, cache_mask_BS, pos, kv_cache=cache,
                                   cache_index=0, last_logits_only=True, **kwargs)
-  return logits_B1V[:, -1], cache, cache_mask_BS, pos_BP[:, -1:]
+  return logits_B1V[:, -1], cache, cache_mask_BS, last_B1
 
 
 def decode_step(model, variables, tok_B, cache, cache_mask_BS, last_pos_B1, prompt_len: int, t):

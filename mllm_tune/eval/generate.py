@@ -144,6 +144,8 @@ def generate(model, params, input_ids, attention_mask=None, pixel_values=None,
   Anyres models (LLaVA-NeXT / OneVision) take their crops as `pixel_values` and the pack tables
   as `image_tables` keywords (`pack_index`, `pack_weight`, `pack_newline`): pass
   `**mt.hf_inputs(model, processor_output)`. Rows may hold several images of different sizes.
+  Qwen2-VL / 2.5-VL take their patch rows, vision ids, pack tables and (3, B, T) M-RoPE
+  `positions` the same way (`mt.hf_inputs`).
 
   Greedy by default. `do_sample=True` draws each token from `softmax(logits / temperature)`
   restricted to the top-k (`top_k=0`: off) and the nucleus (`top_p=1`: off), `temperature=0`

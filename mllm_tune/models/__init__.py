@@ -1,4 +1,5 @@
-"""Pure-functional Flax models: LLaVA (vision tower + projector + LLM) and bare decoder LLMs."""
+"""Pure-functional Flax models: LLaVA (vision tower + projector + LLM), Qwen2-VL / Qwen2.5-VL and
+bare decoder LLMs."""
 from __future__ import annotations
 
 import functools
@@ -11,10 +12,13 @@ from mllm_tune.models.config import (CausalLMConfig, LLMConfig, LlavaConfig, Rop
 from mllm_tune.models.llava import Llava
 from mllm_tune.models.kv_cache import KVCache, init_kv_cache
 from mllm_tune.models.llm import LLM, CausalLM
+from mllm_tune.models.qwen_vl import QwenVL
+from mllm_tune.models.qwen_vl_config import QwenVisionConfig, QwenVLConfig
 
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "positions", "segment_ids", "pixel_values",
-                "pack_index", "pack_weight", "pack_newline")
+                "pack_index", "pack_weight", "pack_newline", "vision_segment_ids",
+                "vision_pos_hw", "vision_window_ids")
 
 
 def model_kwargs(batch: dict) -> dict:
@@ -23,10 +27,12 @@ def model_kwargs(batch: dict) -> dict:
   return kw
 
 
-def build_model(cfg: LlavaConfig | CausalLMConfig):
+def build_model(cfg: LlavaConfig | CausalLMConfig | QwenVLConfig):
   """Config -> the (stateless) Flax module."""
   if isinstance(cfg, LlavaConfig):
     return Llava(cfg)
+  if isinstance(cfg, QwenVLConfig):
+    return QwenVL(cfg)
   if isinstance(cfg, CausalLMConfig):
     return CausalLM(cfg)
   raise TypeError(f"unknown model config type {type(cfg).__name__}")
@@ -81,6 +87,6 @@ def _call_head(module, h_BTD):
 
 
 __all__ = ["MODEL_INPUTS", "model_kwargs", "build_model", "init_params", "param_shapes",
-           "head_variables", "apply_head", "Llava",
+           "head_variables", "apply_head", "Llava", "QwenVL", "QwenVLConfig", "QwenVisionConfig",
            "LLM", "CausalLM", "KVCache", "init_kv_cache", "LlavaConfig", "CausalLMConfig",
            "LLMConfig", "VisionConfig", "RopeConfig"]

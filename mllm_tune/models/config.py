@@ -1,9 +1,11 @@
 """Model configurations: frozen (hashable) dataclasses, parsed from and written to HF `config.json`.
 
 Three parts, mirroring a LLaVA checkpoint: `VisionConfig` (CLIP or SigLIP ViT), `LLMConfig`
-(Llama / Qwen2 / Mistral decoder) and `LlavaConfig` (the composition and its projector). A bare
-LLM checkpoint gives a `CausalLMConfig`. Configs are hashable so a model can be a static `jit`
-argument; the original HF dict is kept (as JSON text) so unknown fields survive a round trip.
+(Llama / Qwen2 / Mistral decoder, `llm_config.py`) and `LlavaConfig` (the composition and its
+projector). A bare LLM checkpoint gives a `CausalLMConfig`; Qwen2-VL / Qwen2.5-VL give a
+`QwenVLConfig` (`qwen_vl_config.py`); `config_from_hf` / `config_to_hf` dispatch on `model_type`.
+Configs are hashable so a model can be a static `jit` argument; the original HF dict is kept (as
+JSON text) so unknown fields survive a round trip.
 """
 from __future__ import annotations
 
@@ -11,11 +13,14 @@ import dataclasses
 import json
 from typing import Any
 
-LLM_TYPES = ("llama", "qwen2", "mistral")
+from mllm_tune.models.llm_config import (LLM_ARCHITECTURES, LLM_TYPES, ROPE_TYPES, ConfigError,
+                                         LLMConfig, RopeConfig, _need, _rope_from_hf,
+                                         _rope_to_hf, llm_config_from_hf, llm_config_to_hf)
+from mllm_tune.models.qwen_vl_config import (QWEN_VL_TYPES, QwenVisionConfig, QwenVLConfig,
+                                             qwen_vl_config_from_dict, qwen_vl_config_from_hf,
+                                             qwen_vl_config_to_hf)
+
 VISION_TYPES = ("clip_vision_model", "siglip_vision_model")
-LLM_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                     "mistral": "MistralForCausalLM"}
-ROPE_TYPES = ("default", "linear", "llama3")
 # models.attention: auto (cuDNN where the backend takes the call, lse elsewhere; the default),
 # lse (our custom-VJP attention), xla / cudnn (jax.nn.dot_product_attention's implementations)
 ATTENTION_IMPLS = ("auto", "lse", "xla", "cudnn")
@@ -24,58 +29,6 @@ RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy", "attention_impl", "sca
                   "decode_per_layer")
 # fields that change neither the architecture nor the numbers (left out of Fisher hashes)
 NON_ARCH_FIELDS = RUNTIME_FIELDS + ("scan_layers",)
-
-
-class ConfigError(ValueError):
-  """A config.json field is missing, unsupported or inconsistent."""
-
-
-@dataclasses.dataclass(frozen=True)
-class RopeConfig:
-  """RoPE frequencies: HF `rope_parameters` (v5) or `rope_theta` + `rope_scaling` (v4)."""
-  theta: float = 10000.0
-  rope_type: str = "default"  # default | linear | llama3
-  factor: float = 1.0
-  low_freq_factor: float = 1.0
-  high_freq_factor: float = 4.0
-  original_max_position_embeddings: int = 8192
-
-
-@dataclasses.dataclass(frozen=True)
-class LLMConfig:
-  model_type: str = "llama"
-  vocab_size: int = 32000
-  hidden_size: int = 4096
-  intermediate_size: int = 11008
-  num_layers: int = 32
-  num_heads: int = 32
-  num_kv_heads: int = 32
-  head_dim: int = 128
-  rms_norm_eps: float = 1e-6
-  rope: RopeConfig = RopeConfig()
-  max_position_embeddings: int = 4096
-  qkv_bias: bool = False      # Qwen2: True; Llama `attention_bias` also biases o_proj
-  o_bias: bool = False
-  mlp_bias: bool = False
-  tie_word_embeddings: bool = False
-  sliding_window: int | None = None  # Mistral
-  hidden_act: str = "silu"
-  dtype: str = "float32"        # compute dtype of activations
-  param_dtype: str = "float32"  # dtype params are created/loaded in
-  remat_policy: str = "none"    # none | full | dots_saveable | dots_with_no_batch_dims_saveable
-  attention_impl: str = "auto"  # ATTENTION_IMPLS (models.attention)
-  scan_unroll: int = 1          # decoder layers per scan iteration (lax.scan unroll)
-  # decoding copies each layer's weights into its own buffer for the call (no per-token slicing
-  # of the stacked arrays; costs one more copy of the LLM weights while generating); False:
-  # decode through the scanned stack
-  decode_per_layer: bool = True
-  # False: one module per layer (params llm/layers_0.., models.kv_cache.unstack_layers); decoding
-  # uses it internally (eval/decoding.py). Checkpoints, tuning and training use the stacked form.
-  scan_layers: bool = True
-
-  @property
-  def kv_groups(self) -> int:
-    return self.num_heads // self.num_kv_heads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,69 +140,6 @@ class CausalLMConfig:
 
 
 # ----------------------------------------------------------------------------- HF -> ours
-def _need(d: dict, key: str, where: str) -> Any:
-  if key not in d or d[key] is None:
-    raise ConfigError(f"{where}: required field '{key}' is missing")
-  return d[key]
-
-
-def _rope_from_hf(d: dict, where: str) -> RopeConfig:
-  params = d.get("rope_parameters") or {}
-  if isinstance(params, dict) and params and all(isinstance(v, dict) for v in params.values()):
-    raise ConfigError(f"{where}: per-layer-type 'rope_parameters' are not supported")
-  legacy = d.get("rope_scaling") or {}
-  merged = {**legacy, **params}
-  theta = merged.get("rope_theta", d.get("rope_theta", 10000.0))
-  rope_type = merged.get("rope_type", merged.get("type", "default"))
-  if rope_type not in ROPE_TYPES:
-    raise ConfigError(f"{where}: rope type '{rope_type}' is not supported "
-                      f"(supported: {ROPE_TYPES})")
-  if merged.get("partial_rotary_factor", 1.0) != 1.0:
-    raise ConfigError(f"{where}: 'partial_rotary_factor' != 1 is not supported")
-  return RopeConfig(
-      theta=float(theta), rope_type=rope_type, factor=float(merged.get("factor", 1.0)),
-      low_freq_factor=float(merged.get("low_freq_factor", 1.0)),
-      high_freq_factor=float(merged.get("high_freq_factor", 4.0)),
-      original_max_position_embeddings=int(merged.get(
-          "original_max_position_embeddings", d.get("max_position_embeddings", 8192))))
-
-
-def llm_config_from_hf(d: dict, where: str = "config.json", **overrides) -> LLMConfig:
-  """Parse a Llama / Qwen2 / Mistral `config.json` dict (or a Llava `text_config`)."""
-  mt = d.get("model_type", "llama")
-  if mt not in LLM_TYPES:
-    raise ConfigError(f"{where}: model_type '{mt}' is not supported (supported: {LLM_TYPES})")
-  act = d.get("hidden_act", "silu")
-  if act != "silu":
-    raise ConfigError(f"{where}: hidden_act '{act}' is not supported (only 'silu')")
-  hidden = int(_need(d, "hidden_size", where))
-  heads = int(_need(d, "num_attention_heads", where))
-  kv = int(d.get("num_key_value_heads") or heads)
-  if heads % kv:
-    raise ConfigError(f"{where}: num_attention_heads={heads} is not a multiple of "
-                      f"num_key_value_heads={kv}")
-  sliding = None
-  if mt == "mistral":
-    sliding = d.get("sliding_window")
-  elif mt == "qwen2":
-    layer_types = d.get("layer_types") or []
-    if d.get("use_sliding_window") or "sliding_attention" in layer_types:
-      raise ConfigError(f"{where}: Qwen2 sliding-window attention is not supported")
-  attn_bias = bool(d.get("attention_bias", False))
-  cfg = LLMConfig(
-      model_type=mt, vocab_size=int(_need(d, "vocab_size", where)), hidden_size=hidden,
-      intermediate_size=int(_need(d, "intermediate_size", where)),
-      num_layers=int(_need(d, "num_hidden_layers", where)), num_heads=heads, num_kv_heads=kv,
-      head_dim=int(d.get("head_dim") or hidden // heads),
-      rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)), rope=_rope_from_hf(d, where),
-      max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
-      qkv_bias=True if mt == "qwen2" else attn_bias, o_bias=attn_bias and mt == "llama",
-      mlp_bias=bool(d.get("mlp_bias", False)) and mt == "llama",
-      tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-      sliding_window=int(sliding) if sliding else None)
-  return dataclasses.replace(cfg, **overrides)
-
-
 def vision_config_from_hf(d: dict, where: str = "config.json:vision_config",
                           **overrides) -> VisionConfig:
   mt = d.get("model_type", "clip_vision_model")
@@ -271,12 +161,14 @@ def vision_config_from_hf(d: dict, where: str = "config.json:vision_config",
 
 
 def config_from_hf(d: dict, where: str = "config.json", dtype: str = "float32",
-                   param_dtype: str = "float32") -> LlavaConfig | CausalLMConfig:
+                   param_dtype: str = "float32") -> LlavaConfig | CausalLMConfig | QwenVLConfig:
   """Parse a full HF `config.json` dict into our config; errors name the file and field."""
   archs = d.get("architectures") or []
   mt = d.get("model_type")
   if mt in LLAVA_TYPES:
     return _llava_config_from_hf(d, mt, where, dtype, param_dtype)
+  if mt in QWEN_VL_TYPES:
+    return qwen_vl_config_from_hf(d, where, dtype, param_dtype)
   if mt in LLM_TYPES:
     if archs and archs[0] != LLM_ARCHITECTURES[mt]:
       raise ConfigError(f"{where}: architectures {archs} not supported for model_type '{mt}' "
@@ -284,7 +176,8 @@ def config_from_hf(d: dict, where: str = "config.json", dtype: str = "float32",
     return CausalLMConfig(llm=llm_config_from_hf(d, where, dtype=dtype, param_dtype=param_dtype),
                           hf_json=json.dumps(d, sort_keys=True))
   raise ConfigError(f"{where}: model_type '{mt}' (architectures {archs}) is not supported; "
-                    f"supported: {', '.join(repr(t) for t in LLAVA_TYPES + LLM_TYPES)}")
+                    "supported: "
+                    f"{', '.join(repr(t) for t in LLAVA_TYPES + LLM_TYPES + QWEN_VL_TYPES)}")
 
 
 def _llava_config_from_hf(d: dict, mt: str, where: str, dtype: str,
@@ -360,34 +253,6 @@ def with_runtime(cfg: LlavaConfig | CausalLMConfig, **fields) -> LlavaConfig | C
 
 
 # ----------------------------------------------------------------------------- ours -> HF
-def _rope_to_hf(r: RopeConfig) -> dict:
-  out: dict[str, Any] = {"rope_type": r.rope_type, "rope_theta": r.theta}
-  if r.rope_type in ("linear", "llama3"):
-    out["factor"] = r.factor
-  if r.rope_type == "llama3":
-    out.update(low_freq_factor=r.low_freq_factor, high_freq_factor=r.high_freq_factor,
-               original_max_position_embeddings=r.original_max_position_embeddings)
-  return out
-
-
-def llm_config_to_hf(c: LLMConfig) -> dict:
-  d = {"model_type": c.model_type, "vocab_size": c.vocab_size, "hidden_size": c.hidden_size,
-       "intermediate_size": c.intermediate_size, "num_hidden_layers": c.num_layers,
-       "num_attention_heads": c.num_heads, "num_key_value_heads": c.num_kv_heads,
-       "head_dim": c.head_dim, "rms_norm_eps": c.rms_norm_eps, "hidden_act": c.hidden_act,
-       "max_position_embeddings": c.max_position_embeddings,
-       "tie_word_embeddings": c.tie_word_embeddings, "rope_parameters": _rope_to_hf(c.rope)}
-  if c.model_type == "llama":
-    if c.qkv_bias != c.o_bias:
-      raise ConfigError("a Llama config.json cannot express qkv_bias != o_bias")
-    d.update(attention_bias=c.qkv_bias, mlp_bias=c.mlp_bias)
-  elif c.qkv_bias is False and c.model_type == "qwen2":
-    raise ConfigError("Qwen2 always has q/k/v biases; qkv_bias=False cannot be exported")
-  if c.model_type == "mistral":
-    d["sliding_window"] = c.sliding_window
-  return d
-
-
 def vision_config_to_hf(c: VisionConfig) -> dict:
   d = {"model_type": c.model_type, "hidden_size": c.hidden_size,
        "intermediate_size": c.intermediate_size, "num_hidden_layers": c.num_layers,
@@ -401,6 +266,8 @@ def vision_config_to_hf(c: VisionConfig) -> dict:
 
 def config_to_hf(cfg: LlavaConfig | CausalLMConfig, dtype: str) -> dict:
   """Our config -> HF `config.json` dict, over the original dict when there is one."""
+  if isinstance(cfg, QwenVLConfig):
+    return qwen_vl_config_to_hf(cfg, dtype)
   base = json.loads(cfg.hf_json) if cfg.hf_json else {}
   if isinstance(cfg, CausalLMConfig):
     d = {**base, **llm_config_to_hf(cfg.llm)}
@@ -436,7 +303,8 @@ def config_to_hf(cfg: LlavaConfig | CausalLMConfig, dtype: str) -> dict:
 def config_to_dict(cfg: LlavaConfig | CausalLMConfig) -> dict:
   """Plain-JSON form of our config (for native checkpoints and run directories)."""
   d = dataclasses.asdict(cfg)
-  d["kind"] = "llava" if isinstance(cfg, LlavaConfig) else "causal_lm"
+  d["kind"] = ("llava" if isinstance(cfg, LlavaConfig) else
+               "qwen_vl" if isinstance(cfg, QwenVLConfig) else "causal_lm")
   return d
 
 
@@ -465,4 +333,6 @@ def config_from_dict(d: dict) -> LlavaConfig | CausalLMConfig:
   if kind == "causal_lm":
     d["llm"] = llm(d["llm"])
     return build(CausalLMConfig, d, "config")
-  raise ConfigError(f"config 'kind' must be 'llava' or 'causal_lm', got {kind!r}")
+  if kind == "qwen_vl":
+    return qwen_vl_config_from_dict(d, llm(d["llm"]), build)
+  raise ConfigError(f"config 'kind' must be 'llava', 'qwen_vl' or 'causal_lm', got {kind!r}")

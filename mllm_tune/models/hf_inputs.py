@@ -14,6 +14,11 @@ Layouts (numpy or torch in, numpy out):
   real crops only, (sum of crops, S, S, 3), and the position-aligned pack tables (`pack_index`,
   `pack_weight`, `pack_newline`, see `models.anyres` and `models.llava`). A 4-D HF
   `pixel_values` (crops already concatenated) is accepted too.
+- Qwen2-VL / Qwen2.5-VL: HF `pixel_values` (sum of patches, C*T*p*p) and `image_grid_thw`
+  (N_images, 3), `mm_token_type_ids` (B, T) (derived from the ids when absent) -> ours: the
+  patch rows zero-padded to a multiple of `patch_multiple` rows, `vision_segment_ids`,
+  `vision_pos_hw`, `vision_window_ids` (2.5), the pack tables (one merged token per image
+  token) and the (3, B, T) M-RoPE `positions` (`models.qwen_vl_host`). Videos: not yet.
 Images are matched to image-token runs in order over the batch (row-major), as transformers does.
 """
 from __future__ import annotations
@@ -22,8 +27,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from mllm_tune.models import anyres
+from mllm_tune.models import anyres, qwen_vl_host
 from mllm_tune.models.config import LlavaConfig
+from mllm_tune.models.qwen_vl_config import QwenVLConfig
 
 
 def _np(x) -> np.ndarray:
@@ -74,8 +80,11 @@ def scatter_tables(input_ids_BT: np.ndarray, image_token_id: int,
   return {"pack_index": index, "pack_weight": weight, "pack_newline": newline}
 
 
-def hf_inputs(model_or_config, processor_output: Mapping[str, Any]) -> dict[str, np.ndarray]:
-  """See the module docstring. Unknown keys (e.g. `token_type_ids`) are dropped."""
+def hf_inputs(model_or_config, processor_output: Mapping[str, Any], *,
+              patch_multiple: int | None = qwen_vl_host.PATCH_MULTIPLE) -> dict[str, np.ndarray]:
+  """See the module docstring. Unknown keys (e.g. `token_type_ids`) are dropped.
+  `patch_multiple`: Qwen2-VL patch buffers are padded to a multiple of it (fewer compiled
+  shapes; None: no padding)."""
   cfg = getattr(model_or_config, "config", model_or_config)
   out = {k: _np(v) for k, v in processor_output.items() if v is not None}
   if "input_ids" not in out:
@@ -86,6 +95,8 @@ def hf_inputs(model_or_config, processor_output: Mapping[str, Any]) -> dict[str,
   kw = {"input_ids": ids}
   if "attention_mask" in out:
     kw["attention_mask"] = out["attention_mask"].astype(np.int32).reshape(ids.shape)
+  if isinstance(cfg, QwenVLConfig):
+    return _qwen_vl_inputs(cfg, out, kw, patch_multiple)
   if "pixel_values" not in out:
     return kw
   if not isinstance(cfg, LlavaConfig):
@@ -116,4 +127,42 @@ def hf_inputs(model_or_config, processor_output: Mapping[str, Any]) -> dict[str,
   tables = image_tables(cfg, sizes, crops)
   kw.update(scatter_tables(ids, cfg.image_token_id,
                            anyres.concat_tables(tables, crops, cfg.crop_side)))
+  return kw
+
+
+def _qwen_vl_inputs(cfg: QwenVLConfig, out: dict, kw: dict, patch_multiple: int | None) -> dict:
+  videos = [k for k in ("pixel_values_videos", "video_grid_thw") if k in out]
+  if videos:
+    raise ValueError(f"{cfg.model_type}: {videos} given; videos are not supported yet")
+  ids, v = kw["input_ids"], cfg.vision
+  grids = out.get("image_grid_thw")
+  if "pixel_values" not in out:
+    if grids is not None:
+      raise ValueError("image_grid_thw given without pixel_values")
+    return kw  # text only: positions default to cumsum(attention_mask) - 1 on all axes
+  if grids is None:
+    raise ValueError(f"{cfg.model_type}: the processor output needs 'image_grid_thw' (the "
+                     "(t, h, w) patch grid of every image) beside pixel_values")
+  grids = np.asarray(grids, np.int64).reshape(-1, 3)
+  px = out["pixel_values"].astype(np.float32)
+  n = int(grids.prod(-1).sum())
+  if px.ndim != 2 or px.shape != (n, v.patch_dim):
+    raise ValueError(f"pixel_values of shape {px.shape}: the grids {grids.tolist()} need "
+                     f"({n}, {v.patch_dim}) patch rows")
+  types = out.get("mm_token_type_ids")
+  is_img = ids == cfg.image_token_id
+  if types is None:
+    types = qwen_vl_host.mm_token_types(ids, cfg.image_token_id)
+  types = np.asarray(types, np.int32).reshape(ids.shape)
+  if not np.array_equal(types == 1, is_img):
+    raise ValueError(f"mm_token_type_ids mark {int((types == 1).sum())} image tokens but "
+                     f"input_ids hold {int(is_img.sum())} (id {cfg.image_token_id})")
+  m = v.spatial_merge_size
+  rows = qwen_vl_host.patch_bucket(n, patch_multiple, m)
+  kw["pixel_values"] = qwen_vl_host.pad_patches(px, rows)
+  kw.update(qwen_vl_host.vision_metadata(grids, m, v.window_merge if v.windowed else None, rows))
+  kw.update(qwen_vl_host.pack_tables(ids, cfg.image_token_id,
+                                     sum(qwen_vl_host.merged_tokens(grids, m))))
+  kw["positions"], _ = qwen_vl_host.get_rope_index(ids, types, grids, m,
+                                                   kw.get("attention_mask"))
   return kw

@@ -6,8 +6,9 @@ Param tree (storage, leading axis L on `layers`):
   final_norm/scale (D,); lm_head/kernel (D, V) unless embeddings are tied.
 
 Positions default to `cumsum(attention_mask) - 1`, so a sample's logits do not depend on how much
-padding (left or right) surrounds it. The caller threads a KV cache (`kv_cache.KVCache`, arrays
-(L, B, K, S, H)) through `__call__`; keys are stored after RoPE.
+padding (left or right) surrounds it. With `rope.mrope_section` (Qwen2-VL's M-RoPE) positions may
+also be (3, B, T) (t, h, w) ids (`rope_sin_cos`). The caller threads a KV cache
+(`kv_cache.KVCache`, arrays (L, B, K, S, H)) through `__call__`; keys are stored after RoPE.
 """
 from __future__ import annotations
 
@@ -53,8 +54,23 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> np.ndarray:
   return inv
 
 
-def rope_sin_cos(positions_BT: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
-  freqs_BTh = positions_BT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None]
+def rope_sin_cos(positions: jax.Array, inv_freq: np.ndarray,
+                 mrope_section: tuple[int, ...] = ()) -> tuple[jax.Array, jax.Array]:
+  """sin, cos (B, T, H) of positions (B, T), or of M-RoPE positions (3, B, T) with
+  `mrope_section`: frequency chunk i takes its angle from position axis i % 3 (transformers'
+  `Qwen2VLRotaryEmbedding.recomposition_frequencies`, chunked sections). Three equal position
+  rows give exactly the 1D result."""
+  inv = jnp.asarray(inv_freq)
+  if positions.ndim == 3:
+    if positions.shape[0] != 3 or not mrope_section:
+      raise ValueError(f"positions of shape {positions.shape}: (3, B, T) M-RoPE positions need a "
+                       "model with an mrope_section (Qwen2-VL); others take (B, T)")
+    freqs_3BTh = positions.astype(jnp.float32)[..., None] * inv
+    bounds = np.cumsum((0,) + tuple(mrope_section))
+    freqs_BTh = jnp.concatenate([freqs_3BTh[i % 3, :, :, bounds[i]:bounds[i + 1]]
+                                 for i in range(len(mrope_section))], axis=-1)
+  else:
+    freqs_BTh = positions.astype(jnp.float32)[..., None] * inv[None, None]
   emb_BTH = jnp.concatenate([freqs_BTh, freqs_BTh], axis=-1)
   return jnp.sin(emb_BTH), jnp.cos(emb_BTH)
 
@@ -353,6 +369,9 @@ class LLM(nn.Module):
     `return_hidden`: the final-normed hidden states (B, T, D) instead of logits; `head` maps
     them to logits (the training loss applies it chunk by chunk, `losses.chunked`).
 
+    `positions` are (B, T), or (3, B, T) M-RoPE ids (t, h, w) for a config with
+    `rope.mrope_section` (Qwen2-VL; `models.qwen_vl_host.get_rope_index`).
+
     Without a cache, `attention_mask` is (B, T). With a cache of capacity S, the T new tokens are
     written at slots [cache_index, cache_index + T) and `attention_mask` is (B, S): which cache
     slots hold real tokens; `positions` must then be given. Positions count real tokens only;
@@ -374,7 +393,7 @@ class LLM(nn.Module):
       positions = positions + virtual[0].shape[2]
     query_slots = cache_index + jnp.broadcast_to(jnp.arange(t), (b, t))
     mask = causal_mask(query_slots, attention_mask, c.sliding_window, segment_ids)
-    sin_cos = rope_sin_cos(positions, rope_inv_freq(c.rope, c.head_dim))
+    sin_cos = rope_sin_cos(positions, rope_inv_freq(c.rope, c.head_dim), c.rope.mrope_section)
     layer_caches = None if kv_cache is None else (kv_cache.k_LBKSH, kv_cache.v_LBKSH)
     h, layer_caches = self.run_layers(h, sin_cos, mask, cache_index, layer_caches, virtual)
     if last_logits_only:

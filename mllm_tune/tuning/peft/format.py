@@ -5,8 +5,9 @@ Keys are `base_model.model.<HF module path>.<peft tensor>`, where the module pat
 name inside the transformers model (`model.language_model.layers.3.self_attn.q_proj`). Export
 writes contiguous float32 tensors with metadata `{"format": "pt"}` and a `target_modules` regex
 that peft full-matches on exactly the modules we adapted. Import accepts module paths of every
-LLaVA key layout. Per-method tensor mappings live beside this module (`lora.py`, `vera.py`,
-`ln_tuning.py`, `additive.py`); the tables and entry points are in `tuning/peft/__init__.py`.
+key layout of the model's family (LLaVA, Qwen2-VL: `checkpoints.hf.key_layouts`). Per-method
+tensor mappings live beside this module (`lora.py`, `vera.py`, `ln_tuning.py`, `additive.py`);
+the tables and entry points are in `tuning/peft/__init__.py`.
 """
 from __future__ import annotations
 
@@ -18,16 +19,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mllm_tune.checkpoints.hf import LLAVA_LAYOUTS, checkpoint_rules
+from mllm_tune.checkpoints.hf import checkpoint_rules, key_layouts, memory_layout
 from mllm_tune.checkpoints.safetensors_io import CheckpointError, SafetensorsFile, write_safetensors
-from mllm_tune.models.config import LlavaConfig
 from mllm_tune import pytree
 from mllm_tune.tuning.api import MethodError
 
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
-EXPORT_LAYOUT = "v5_flat"  # module names of LlavaForConditionalGeneration in transformers 5
+
+
+def _layouts(cfg) -> list[str | None]:
+  table = key_layouts(cfg)
+  return [None] if table is None else list(table)
 
 
 def _module_patterns(cfg, layout: str | None) -> dict[str, str]:
@@ -40,14 +44,14 @@ def _module_patterns(cfg, layout: str | None) -> dict[str, str]:
 
 
 def hf_module_name(cfg, kernel_path: str, layer: int | None) -> str:
-  layout = EXPORT_LAYOUT if isinstance(cfg, LlavaConfig) else None
+  layout = memory_layout(cfg)
   pattern = _module_patterns(cfg, layout)[kernel_path]
   return pattern.format(i=layer) if layer is not None else pattern
 
 
 def module_lookup(cfg) -> dict[str, tuple[str, int | None]]:
   """{HF module name in any supported layout: (our kernel path, layer)}."""
-  layouts = list(LLAVA_LAYOUTS) if isinstance(cfg, LlavaConfig) else [None]
+  layouts = _layouts(cfg)
   out = {}
   for layout in layouts:
     for path, pattern in _module_patterns(cfg, layout).items():
@@ -73,12 +77,13 @@ def tensor_rules(cfg, layout: str | None):
 
 
 def export_layout(cfg) -> str | None:
-  return EXPORT_LAYOUT if isinstance(cfg, LlavaConfig) else None
+  """The key layout of module names inside the transformers 5 model (what peft writes)."""
+  return memory_layout(cfg)
 
 
 def tensor_lookup(cfg) -> dict[str, tuple[str, int | None, str]]:
   """{HF tensor name in any supported layout: (our storage path, layer, kind)}."""
-  layouts = list(LLAVA_LAYOUTS) if isinstance(cfg, LlavaConfig) else [None]
+  layouts = _layouts(cfg)
   out = {}
   for layout in layouts:
     out.update({hf: (path, layer, kind) for hf, path, layer, kind in tensor_rules(cfg, layout)})

@@ -1,0 +1,160 @@
+"""The Qwen2-VL / Qwen2.5-VL vision tower and its patch merger (Flax linen, blocks scanned).
+
+Mirrors transformers 5.25 `Qwen2VisionTransformerPretrainedModel` and
+`Qwen2_5_VisionTransformerPretrainedModel` (`modeling_qwen2_vl.py`, `modeling_qwen2_5_vl.py`) on
+a batch-global buffer of patch rows (see `models.qwen_vl_host`):
+- `PatchEmbed` (a Conv3d whose kernel equals its stride) is `x @ W.reshape(D, -1).T`: a Linear
+  `patch_embed` with kernel (C*T*p*p, D), no bias;
+- 2D RoPE (`Qwen2VLVisionRotaryEmbedding`, "axial"): inverse frequencies over head_dim / 2,
+  angles `cat(row * inv, col * inv)` duplicated, `rotate_half` applied in float32
+  (`apply_rotary_pos_emb_vision`);
+- blocks: pre-norm (LayerNorm for 2-VL, RMSNorm for 2.5, eps 1e-6), fused `attn.qkv` + `attn.proj`
+  (biases), MLP `fc1 -> act -> fc2` (2-VL) or `down(act(gate) * up)` with biases (2.5);
+  attention only within an image (the `cu_seqlens` split) and, in Qwen2.5-VL's window layers,
+  within a window (`vision_window_ids`): a boolean mask from the host ids, padding rows masked;
+- the merger (`PatchMerger`; params under the logical `projector/` path of the composed model,
+  so projector presets apply): `ln_q` per patch, m^2 consecutive rows viewed as one, `linear_1`
+  (HF `mlp.0`), exact GELU, `linear_2` (HF `mlp.2`).
+
+Param tree (storage, leading axis L on `layers`): patch_embed/kernel (C*T*p*p, D);
+layers/{norm1,norm2}/{scale[,bias]}; layers/attn/{qkv,proj}/{kernel,bias};
+layers/mlp/{fc1,fc2 | gate_proj,up_proj,down_proj}/{kernel,bias}.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from mllm_tune.models.attention import attention
+from mllm_tune.models.fused_ops import GATED_ACTS, gated_act
+from mllm_tune.models.layers import LayerNorm, Linear, RMSNorm, activation
+from mllm_tune.models.llm import scanned
+from mllm_tune.models.qwen_vl_config import QwenVisionConfig
+
+
+def vision_inv_freq(cfg: QwenVisionConfig) -> np.ndarray:
+  """(head_dim / 4,) float32: `1 / theta^(arange(0, d, 2) / d)` with d = head_dim / 2."""
+  d = cfg.hidden_size // cfg.num_heads // 2
+  return (1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.float32) / d))).astype(
+      np.float32)
+
+
+def vision_sin_cos(pos_hw_P2: jax.Array, cfg: QwenVisionConfig) -> tuple[jax.Array, jax.Array]:
+  """float32 sin, cos (P, head_dim): angles `cat(row * inv, col * inv)`, duplicated."""
+  freqs = pos_hw_P2.astype(jnp.float32)[..., None] * jnp.asarray(vision_inv_freq(cfg))
+  half = freqs.reshape(freqs.shape[0], -1)  # (P, 2 * d/2): rows' angles, then columns'
+  emb = jnp.concatenate([half, half], axis=-1)
+  return jnp.sin(emb), jnp.cos(emb)
+
+
+def rope_float32(x_PNH: jax.Array, sin_PH: jax.Array, cos_PH: jax.Array) -> jax.Array:
+  """`rotate_half` RoPE computed in float32, cast back to x's dtype."""
+  x = x_PNH.astype(jnp.float32)
+  half = x.shape[-1] // 2
+  rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  out = x * cos_PH[:, None, :] + rot * sin_PH[:, None, :]
+  return out.astype(x_PNH.dtype)
+
+
+def attention_masks(segment_ids_P: jax.Array, window_ids_P: jax.Array | None):
+  """(full (P, P), window (P, P) or None) bool: same image (and frame), padding keys masked;
+  window also needs the same window (None without window ids)."""
+  valid = segment_ids_P > 0
+  full = (segment_ids_P[:, None] == segment_ids_P[None, :]) & valid[None, :]
+  if window_ids_P is None:
+    return full, None
+  return full, full & (window_ids_P[:, None] == window_ids_P[None, :])
+
+
+class QwenVisionAttention(nn.Module):
+  cfg: QwenVisionConfig
+
+  @nn.compact
+  def __call__(self, x_PD, sin_cos, mask_PP):
+    c = self.cfg
+    p, d = x_PD.shape
+    n = c.num_heads
+    qkv = Linear(3 * d, True, c.dtype, c.param_dtype, name="qkv")(x_PD).reshape(p, 3, n, d // n)
+    q = rope_float32(qkv[:, 0], *sin_cos)
+    k = rope_float32(qkv[:, 1], *sin_cos)
+    out = attention(q[None], k[None], qkv[None, :, 2], mask_PP[None], c.attention_impl,
+                    site=c.model_type + "_vision")
+    return Linear(d, True, c.dtype, c.param_dtype, name="proj")(out.reshape(p, d))
+
+
+class QwenVisionMLP(nn.Module):
+  cfg: QwenVisionConfig
+
+  @nn.compact
+  def __call__(self, x_PD):
+    c = self.cfg
+    lin = lambda f, name: Linear(f, True, c.dtype, c.param_dtype, name=name)
+    if not c.windowed:  # Qwen2-VL VisionMlp
+      return lin(c.hidden_size, "fc2")(activation(c.hidden_act)(lin(c.intermediate_size, "fc1")(
+          x_PD)))
+    gate = lin(c.intermediate_size, "gate_proj")(x_PD)  # Qwen2_5_VLMLP(bias=True)
+    up = lin(c.intermediate_size, "up_proj")(x_PD)
+    h = (gated_act(gate, up, c.hidden_act) if c.hidden_act in GATED_ACTS
+         else activation(c.hidden_act)(gate) * up)
+    return lin(c.hidden_size, "down_proj")(h)
+
+
+def _norm(c: QwenVisionConfig, name: str):
+  if c.windowed:
+    return RMSNorm(c.layer_norm_eps, c.dtype, c.param_dtype, name=name)
+  return LayerNorm(c.layer_norm_eps, c.dtype, c.param_dtype, name=name)
+
+
+class QwenVisionBlock(nn.Module):
+  """Pre-norm block in the nn.scan convention: `(h, sin_cos, masks, is_full)`; the scanned
+  input `is_full` picks the full or the window mask for this layer."""
+  cfg: QwenVisionConfig
+
+  @nn.compact
+  def __call__(self, h_PD, sin_cos, masks, is_full):
+    c = self.cfg
+    full, window = masks
+    mask = full if window is None else jnp.where(is_full, full, window)
+    h_PD = h_PD + QwenVisionAttention(c, name="attn")(_norm(c, "norm1")(h_PD), sin_cos, mask)
+    h_PD = h_PD + QwenVisionMLP(c, name="mlp")(_norm(c, "norm2")(h_PD))
+    return h_PD, None
+
+
+class QwenVisionTower(nn.Module):
+  """Patch rows (P, C*T*p*p) -> last hidden states (P, D) (before the merger)."""
+  cfg: QwenVisionConfig
+
+  @nn.compact
+  def __call__(self, px_PX, segment_ids_P, pos_hw_P2, window_ids_P=None):
+    c = self.cfg
+    if px_PX.ndim != 2 or px_PX.shape[-1] != c.patch_dim:
+      raise ValueError(f"pixel_values of shape {px_PX.shape}: this vision tower takes patch rows "
+                       f"(P, C*T*p*p) = (P, {c.patch_dim})")
+    if px_PX.shape[0] % c.merge_unit:
+      raise ValueError(f"{px_PX.shape[0]} patch rows are not a multiple of the merge unit "
+                       f"{c.merge_unit}")
+    if c.windowed and window_ids_P is None:
+      raise ValueError(f"{c.model_type}: the window layers need vision_window_ids (P,) "
+                       "(models.qwen_vl_host.vision_metadata, mt.hf_inputs)")
+    h = Linear(c.hidden_size, False, c.dtype, c.param_dtype, name="patch_embed")(px_PX)
+    sin_cos = vision_sin_cos(pos_hw_P2, c)
+    masks = attention_masks(segment_ids_P, window_ids_P if c.windowed else None)
+    layers = scanned(QwenVisionBlock, c.num_layers, "none", 2)(c, name="layers")
+    h, _ = layers(h, sin_cos, masks, jnp.asarray(c.full_attention_layers))
+    return h
+
+
+class QwenMerger(nn.Module):
+  """(P, D) -> (P / m^2, out_hidden_size): `ln_q`, m^2 consecutive rows as one, linear_1, GELU,
+  linear_2 (HF `PatchMerger` / `Qwen2_5_VLPatchMerger`)."""
+  cfg: QwenVisionConfig
+
+  @nn.compact
+  def __call__(self, h_PD):
+    c = self.cfg
+    x = _norm(c, "ln_q")(h_PD).reshape(-1, c.merge_unit * h_PD.shape[-1])
+    lin = lambda f, name: Linear(f, True, c.dtype, c.param_dtype, name=name)
+    x = activation("gelu")(lin(x.shape[-1], "linear_1")(x))
+    return lin(c.out_hidden_size, "linear_2")(x)
