@@ -205,7 +205,10 @@ def read_config(path: str, dtype: str = "float32", param_dtype: str = "float32")
   """Our config of an HF directory: `config.json`, with `generation_config.json` attached."""
   d, cfg_file = read_config_json(path)
   cfg = config_from_hf(d, cfg_file, dtype=dtype, param_dtype=param_dtype)
-  return dataclasses.replace(cfg, generation_json=read_generation_config(path))
+  gen = read_generation_config(path)
+  if gen and "generation_json" in {f.name for f in dataclasses.fields(cfg)}:
+    cfg = dataclasses.replace(cfg, generation_json=gen)
+  return cfg
 
 
 def open_checkpoint(path: str) -> dict[str, SafetensorsFile]:
