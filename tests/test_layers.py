@@ -21,6 +21,7 @@ LAYERS = {
     "train": 8,
     "benchmark": 9,
     "cli": 10, "demo": 10, "__init__": 10,
+    "configs": 10,  # the shipped training configs (they name benchmark presets)
 }
 # Modules whose layer differs from their package's.
 MODULE_LAYERS = {

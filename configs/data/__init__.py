@@ -1,1 +1,1 @@
-"""Data pipeline configs (`get_config()` -> the `data` section of an experiment)."""
+"""Thin copies of `mllm_tune/configs/data/` (the configs ship with the package)."""

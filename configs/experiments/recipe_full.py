@@ -1,7 +1,3 @@
-"""Baseline: full fine-tuning on the offline benchmark, forgetting tracked as it goes
-(configs/experiments/offline_recipe.py)."""
-from configs.experiments import offline_recipe
-
-
-def get_config():
-  return offline_recipe.get_config("full")
+"""Thin copy: the config ships with the package, in
+mllm_tune/configs/experiments/recipe_full.py."""
+from mllm_tune.configs.experiments.recipe_full import *  # noqa: F401,F403

@@ -1,7 +1,3 @@
-"""Baseline: LoRA (r=8 on every linear layer of LLM, tower and projector) on the offline
-benchmark, forgetting tracked as it goes (configs/experiments/offline_recipe.py)."""
-from configs.experiments import offline_recipe
-
-
-def get_config():
-  return offline_recipe.get_config("lora")
+"""Thin copy: the config ships with the package, in
+mllm_tune/configs/experiments/recipe_lora.py."""
+from mllm_tune.configs.experiments.recipe_lora import *  # noqa: F401,F403

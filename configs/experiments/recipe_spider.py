@@ -1,7 +1,3 @@
-"""SPIDER (docs/methods.md §2.5: importance-masked full fine-tuning) on the offline benchmark,
-forgetting tracked as it goes (configs/experiments/offline_recipe.py)."""
-from configs.experiments import offline_recipe
-
-
-def get_config():
-  return offline_recipe.get_config("spider")
+"""Thin copy: the config ships with the package, in
+mllm_tune/configs/experiments/recipe_spider.py."""
+from mllm_tune.configs.experiments.recipe_spider import *  # noqa: F401,F403

@@ -1,11 +1,3 @@
-"""Smoke experiment: full fine-tuning of a tiny random model over the synthetic token stream."""
-from configs import base
-
-
-def get_config():
-  c = base.get_config()
-  c.run_dir = "runs/tiny_full"
-  c.optimizer.learning_rate = 1e-3
-  c.train.steps = 40
-  c.train.save_every = 20
-  return c
+"""Thin copy: the config ships with the package, in
+mllm_tune/configs/experiments/tiny_full.py."""
+from mllm_tune.configs.experiments.tiny_full import *  # noqa: F401,F403

@@ -1,0 +1,1 @@
+"""Thin copies of `mllm_tune/configs/methods/` (the configs ship with the package)."""

@@ -1,12 +1,3 @@
-"""rsLoRA (docs/methods.md §4.2): LoRA with scale alpha / sqrt(r)."""
-import ml_collections
-
-
-def get_config():
-  c = ml_collections.ConfigDict()
-  c.name = "rslora"
-  c.rank = 16
-  c.alpha = 16.0
-  c.dropout = 0.0
-  c.targets = r"llm/layers_\d+/attn/(q|v)_proj"
-  return c
+"""Thin copy: the config ships with the package, in
+mllm_tune/configs/methods/rslora.py."""
+from mllm_tune.configs.methods.rslora import *  # noqa: F401,F403

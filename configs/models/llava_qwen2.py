@@ -1,12 +1,3 @@
-"""LLaVA with a SigLIP tower and a Qwen2 LLM (qkv bias, often tied embeddings), e.g.
-llava-interleave-qwen style checkpoints in the HF Llava layout."""
-from configs import base
-
-
-def get_config():
-  m = base.get_config().model
-  m.source = "hf"
-  m.dtype = "bfloat16"
-  m.frozen_dtype = "bfloat16"
-  m.remat_policy = "dots_with_no_batch_dims_saveable"
-  return m
+"""Thin copy: the config ships with the package, in
+mllm_tune/configs/models/llava_qwen2.py."""
+from mllm_tune.configs.models.llava_qwen2 import *  # noqa: F401,F403

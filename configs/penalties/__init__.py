@@ -1,2 +1,1 @@
-"""Forgetting-penalty presets: `c.penalty = penalties.ewc.get_config()` in an experiment, or
-`--config.penalty.name=ewc --config.penalty.weight=1e3` on the command line (docs/methods.md §5)."""
+"""Thin copies of `mllm_tune/configs/penalties/` (the configs ship with the package)."""

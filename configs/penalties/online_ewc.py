@@ -1,13 +1,3 @@
-"""Online EWC (docs/methods.md §5.2): F~_k = gamma F~_{k-1} + F_k, anchored at this stage's base.
-Stage k+1: `--config.penalty.prev_fisher_path=<stage k run_dir>/importance/online_ewc` (the
-running sum each stage writes); stage 1 leaves it empty."""
-from configs import base
-
-
-def get_config():
-  c = base.get_config().penalty
-  c.name = "online_ewc"
-  c.weight = 1e3
-  c.gamma = 1.0
-  c.prev_fisher_path = ""
-  return c
+"""Thin copy: the config ships with the package, in
+mllm_tune/configs/penalties/online_ewc.py."""
+from mllm_tune.configs.penalties.online_ewc import *  # noqa: F401,F403

@@ -93,7 +93,8 @@ def ensure_base(cfg, progress_factory=None) -> str:
   else:
     spec = ImageSpec.clip(cfg.model.image_size)
     prep = SamplePreparer(chat, spec, MAX_LEN)
-  data = arrays_lib.prepare(general_source(cfg, "train", p.num_records), prep, name="general")
+  data = arrays_lib.prepare(general_source(cfg, "train", p.num_records), prep, name="general",
+                            prompts=False)
   bar = progress_factory(p.steps, "pre-train on the general mix") if progress_factory else None
   result = fit(model, tuning.get("freeze", preset="full"), params, data, spec, steps=p.steps,
                batch_size=p.batch_size, learning_rate=p.learning_rate, seed=p.seed,

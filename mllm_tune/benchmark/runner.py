@@ -54,11 +54,13 @@ class Base:
 
 
 def load_base(path: str) -> Base:
-  """The cached base through the regular loaders (HF weights, tokenizer, image processor)."""
-  from mllm_tune.checkpoints.hf import load_pretrained
+  """The cached base through the regular loaders (tokenizer and image processor first, then the
+  HF weights)."""
+  from mllm_tune.checkpoints.hf import load_pretrained, read_config
   from mllm_tune.data.pipeline import SamplePreparer
+  prep = SamplePreparer.from_pretrained(path, read_config(path), pretrain.MAX_LEN,
+                                        pretrain.TEMPLATE)
   model, params = load_pretrained(path)
-  prep = SamplePreparer.from_pretrained(path, model.config, pretrain.MAX_LEN, pretrain.TEMPLATE)
   return Base(path, model, params, prep.chat.tokenizer, prep.image_spec, prep)
 
 
@@ -85,7 +87,7 @@ def prepare_sets(cfg, base: Base) -> Sets:
   gen = arrays_lib.prepare(pretrain.general_source(cfg, "eval", n_general), base.preparer,
                            name="general")
   train = arrays_lib.prepare(downstream_source(cfg, "train", cfg.tune.num_records),
-                             base.preparer, cfg.tune.num_records)
+                             base.preparer, cfg.tune.num_records, prompts=False)
   ev = arrays_lib.prepare(downstream_source(cfg, "eval", e.downstream), base.preparer,
                           e.downstream)
   return Sets(gen, train, ev)
@@ -108,7 +110,7 @@ def general_batches(cfg, base: Base, batch_size: int = 32):
   """General-mix *train* batches (in order), the data a Fisher / MAS importance is taken on."""
   n = int(cfg.tune.importance_records)
   data = arrays_lib.prepare(pretrain.general_source(cfg, "train", n), base.preparer,
-                            name="general")
+                            name="general", prompts=False)
   return (data.batch(np.arange(i, min(i + batch_size, n)), base.spec)
           for i in range(0, n, batch_size))
 

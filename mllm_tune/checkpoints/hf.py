@@ -246,9 +246,41 @@ def read_config_json(path: str) -> tuple[dict, str]:
   return d, cfg_file
 
 
+GENERATION_FILE = "generation_config.json"
+
+
+def read_generation_config(path: str) -> str:
+  """The directory's `generation_config.json` as sorted JSON text ("" when absent): the
+  defaults HF `generate` reads (eos / pad ids), carried on the model config so `mt.generate`
+  uses them too. Malformed JSON names the file, line and column."""
+  gen_file = os.path.join(path, GENERATION_FILE)
+  if not os.path.isfile(gen_file):
+    return ""
+  try:
+    with open(gen_file) as f:
+      d = json.load(f)
+  except json.JSONDecodeError as e:
+    raise ConfigError(f"{gen_file}: malformed JSON at line {e.lineno} column {e.colno}: "
+                      f"{e.msg}") from e
+  if not isinstance(d, dict):
+    raise ConfigError(f"{gen_file}: expected a JSON object, got {type(d).__name__}")
+  for key in ("eos_token_id", "pad_token_id"):
+    v = d.get(key)
+    ok = v is None or (isinstance(v, int) and v >= 0) or (
+        isinstance(v, list) and all(isinstance(i, int) and i >= 0 for i in v))
+    if not ok:
+      raise ConfigError(f"{gen_file}: '{key}' must be a token id or a list of them, got {v!r}")
+  return json.dumps(d, sort_keys=True)
+
+
 def read_config(path: str, dtype: str = "float32", param_dtype: str = "float32"):
+  """Our config of an HF directory: `config.json`, with `generation_config.json` attached."""
   d, cfg_file = read_config_json(path)
-  return config_from_hf(d, cfg_file, dtype=dtype, param_dtype=param_dtype)
+  cfg = config_from_hf(d, cfg_file, dtype=dtype, param_dtype=param_dtype)
+  gen = read_generation_config(path)
+  if gen and "generation_json" in {f.name for f in dataclasses.fields(cfg)}:
+    cfg = dataclasses.replace(cfg, generation_json=gen)
+  return cfg
 
 
 def open_checkpoint(path: str) -> dict[str, SafetensorsFile]:
@@ -443,6 +475,9 @@ def save_pretrained(out_dir: str, model, params: dict, dtype: str | None = None,
       json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
   with open(os.path.join(out_dir, "config.json"), "w") as f:
     json.dump(config_to_hf(cfg, dtype), f, indent=2, sort_keys=True)
+  if getattr(cfg, "generation_json", ""):
+    with open(os.path.join(out_dir, GENERATION_FILE), "w") as f:
+      json.dump(json.loads(cfg.generation_json), f, indent=2, sort_keys=True)
   if source_dir:
     for fn in os.listdir(source_dir):
       if AUX_FILES.fullmatch(fn) and os.path.isfile(os.path.join(source_dir, fn)):

@@ -29,12 +29,11 @@ Outputs are NHWC (transformers': NCHW and zero-padded to the batch's largest cro
 are the crops of all images laid one after another, with the count per image).
 `AnyresImageSpec.from_pretrained(model_dir)` reads `preprocessor_config.json`, or the
 `image_processor` section of `processor_config.json` (where transformers 5 `save_pretrained`
-writes it).
+writes it), through `images.image_processor_config` (shared with `ImageSpec`).
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -44,8 +43,9 @@ import numpy as np
 from PIL import Image
 
 from mllm_tune.data.errors import DataError
-from mllm_tune.data.images import (CLIP_MEAN, CLIP_STD, ImageSpec, center_crop, normalize,
-                                   pad_to_square, resize_hw, to_rgb)
+from mllm_tune.data.images import (CLIP_MEAN, CLIP_STD, PROCESSOR_FILE, ImageSpec, center_crop,
+                                   image_processor_config, normalize, pad_to_square, resize_hw,
+                                   to_rgb)
 from mllm_tune.models import anyres as geom
 
 # The processor classes' defaults (transformers 5, `LlavaNextImageProcessorPil` and
@@ -187,19 +187,8 @@ class AnyresImageSpec:
     processor keys of `processor_config.json`, when present, give the token-count settings
     unless passed: NeXT `patch_size` (feature_side = crop side // patch_size), OneVision
     `num_image_tokens` (feature_side = its square root) and `vision_aspect_ratio`."""
-    pre = os.path.join(model_dir, "preprocessor_config.json")
-    proc = os.path.join(model_dir, "processor_config.json")
-    proc_d = _read_json(proc) if os.path.exists(proc) else None
-    if os.path.exists(pre):
-      d, where = _read_json(pre), pre
-    elif proc_d is not None:
-      d, where = proc_d.get("image_processor"), f"{proc}: image_processor"
-      if not isinstance(d, dict):
-        raise ValueError(f"{proc}: no 'image_processor' section (and no "
-                         "preprocessor_config.json in the directory)")
-    else:
-      raise FileNotFoundError(f"{model_dir}: neither preprocessor_config.json nor "
-                              "processor_config.json (no image processor config)")
+    d, where, proc_d = image_processor_config(model_dir)
+    proc = os.path.join(model_dir, PROCESSOR_FILE)
     spec = cls.from_hf(d, where, vision_aspect_ratio=vision_aspect_ratio)
     proc_d = proc_d or {}
     if vision_aspect_ratio is None and proc_d.get("vision_aspect_ratio"):
@@ -230,17 +219,6 @@ class AnyresImageSpec:
     return len(geom.pack_table(hw, self.num_crops(hw, anyres), self.feature_side,
                                self.grid_pinpoints, self.tile, self.family,
                                self.vision_aspect_ratio))
-
-
-def _read_json(path: str) -> dict:
-  try:
-    with open(path) as f:
-      d = json.load(f)
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{path}:{e.lineno}:{e.colno}: malformed JSON: {e.msg}") from None
-  if not isinstance(d, dict):
-    raise ValueError(f"{path}: expected a JSON object, got {type(d).__name__}")
-  return d
 
 
 def _feature_side(proc_d: dict, spec: AnyresImageSpec, where: str) -> int | None:

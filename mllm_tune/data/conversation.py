@@ -8,6 +8,15 @@ tokenizer's own `chat_template`, or a built-in one when it has none (`"vicuna_v1
 tokenized in one call (no special tokens added: templates write their own BOS), exactly as
 `apply_chat_template(tokenize=True)` does, so the ids are the tokenizer's ids bit for bit.
 
+Templates that expect list-style contents (`{"type": "image"}`, `{"type": "text", ...}` items:
+llava-hf, LLaVA-OneVision) get them (`templates.content_style` detects the style once per
+template; `templates.to_list_contents` converts); a template that renders neither style is
+refused naming it, why, and what to set instead (`data.template`).
+
+Generation prompts (`encode_prompt`): the conversation before the last assistant turn rendered
+with the template's generation prompt (`add_generation_prompt=True`), i.e. what a user sends at
+inference; it never depends on how the answer tokenizes.
+
 Loss mask (which tokens are *targets*): the assistant turns, i.e. each assistant message's
 content plus the end-of-turn special token that directly follows it (`</s>`, `<|im_end|>`, ...).
 - Templates with `{% generation %}` blocks: transformers' own `assistant_masks` are used.
@@ -34,32 +43,13 @@ from collections.abc import Sequence
 import numpy as np
 
 from mllm_tune.data.errors import DataError, log
+from mllm_tune.data.templates import (BUILTIN_TEMPLATES, CHATML, FIX, GENERATION_TAG,  # noqa: F401
+                                      VICUNA_SYSTEM, VICUNA_V1, content_style, load_tokenizer,
+                                      resolve_template, to_list_contents)
 
 IMAGE_PLACEHOLDER = "<image>"
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
          "system": "system"}
-
-VICUNA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
-                 "The assistant gives helpful, detailed, and polite answers to the human's "
-                 "questions.")
-# LLaVA-1.5 `conv_vicuna_v1` (SeparatorStyle.TWO, sep " ", sep2 "</s>") with BOS first:
-# "<s>SYSTEM USER: q ASSISTANT: a</s>USER: q2 ASSISTANT: a2</s>"; generation prompt "ASSISTANT:".
-VICUNA_V1 = (
-    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + ' ' }}"
-    "{% set loop_messages = messages[1:] %}{% else %}{{ '" + VICUNA_SYSTEM.replace("'", "\\'")
-    + " ' }}{% set loop_messages = messages %}{% endif %}"
-    "{% for message in loop_messages %}{% if message['role'] == 'user' %}"
-    "{{ 'USER: ' + message['content'] + ' ' }}{% elif message['role'] == 'assistant' %}"
-    "{{ 'ASSISTANT: ' + message['content'] + eos_token }}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
-# Qwen2-Instruct's template (ChatML, default system prompt), without tool calls.
-CHATML = (
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
-BUILTIN_TEMPLATES = {"vicuna_v1": VICUNA_V1, "chatml": CHATML, "qwen2": CHATML}
-_GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,22 +106,6 @@ def count_placeholders(messages: Sequence[dict], placeholder: str = IMAGE_PLACEH
   return sum(m["content"].count(placeholder) for m in messages)
 
 
-def resolve_template(tokenizer, template: str | None) -> str:
-  """None -> the tokenizer's `chat_template`; a built-in name -> its Jinja; else Jinja as is."""
-  if template is None:
-    own = getattr(tokenizer, "chat_template", None)
-    if not own:
-      raise ValueError("the tokenizer has no chat_template: pass template= one of "
-                       f"{sorted(BUILTIN_TEMPLATES)} or a Jinja string")
-    if isinstance(own, dict):
-      if "default" not in own:
-        raise ValueError(f"the tokenizer has named chat templates {sorted(own)} but no "
-                         "'default': pass template= explicitly")
-      own = own["default"]
-    return own
-  return BUILTIN_TEMPLATES.get(template, template)
-
-
 def overlap_mask(offsets: Sequence[tuple[int, int]],
                  spans: Sequence[tuple[int, int]]) -> np.ndarray:
   """(T,) int32: 1 for tokens whose character range overlaps one of the sorted spans."""
@@ -151,10 +125,12 @@ class ChatTokenizer:
   """Renders and tokenizes conversations for one tokenizer, template and vision tower.
 
   tokenizer: a fast transformers tokenizer (offsets are needed); template: see
-  `resolve_template`; image_token_id / image_seq_len: the model's (`LlavaConfig`); use
-  `image_seq_len=0` for a text-only model. Anyres models (LLaVA-NeXT / OneVision) pass their
-  per-image counts to `encode(..., image_tokens=...)`; `image_seq_len` is then only the count
-  used when none are given (it must be > 0 for a model with images).
+  `templates.resolve_template` (`template_source` says which one it is); `content_style`:
+  "string" or "list" (detected, see the module docstring); image_token_id / image_seq_len: the
+  model's (`LlavaConfig`); use `image_seq_len=0` for a text-only model. Anyres models
+  (LLaVA-NeXT / OneVision) pass their per-image counts to `encode(..., image_tokens=...)`;
+  `image_seq_len` is then only the count used when none are given (it must be > 0 for a model
+  with images).
   """
 
   def __init__(self, tokenizer, image_token_id: int, image_seq_len: int,
@@ -163,12 +139,16 @@ class ChatTokenizer:
       raise ValueError("a fast (Rust) tokenizer is required for character offsets; load it "
                        "with AutoTokenizer.from_pretrained(..., use_fast=True)")
     self.tokenizer = tokenizer
-    self.template = resolve_template(tokenizer, template)
+    self.template, self.template_source = resolve_template(tokenizer, template)
     self.image_token_id = int(image_token_id)
     self.image_seq_len = int(image_seq_len)
     self.placeholder = image_placeholder
     self.placeholder_id = self._placeholder_token_id()
-    self.uses_generation_tags = bool(_GENERATION_TAG.search(self.template))
+    self.uses_generation_tags = bool(GENERATION_TAG.search(self.template))
+    self.content_style = content_style(
+        lambda msgs: self.tokenizer.apply_chat_template(msgs, chat_template=self.template,
+                                                        tokenize=False),
+        image_placeholder, self.image_seq_len > 0, self.template_source)
     specials = {str(t) for t in tokenizer.all_special_tokens}
     specials |= {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
     specials.discard(image_placeholder)
@@ -199,12 +179,16 @@ class ChatTokenizer:
                        add_generation_prompt=add_generation_prompt)
 
   def _apply(self, messages: Sequence[dict], where: str, **kw):
+    """`apply_chat_template` on string-content `messages`, in the template's content style."""
+    msgs = list(messages)
+    if self.content_style == "list":
+      msgs = to_list_contents(msgs, self.placeholder)
     try:
-      return self.tokenizer.apply_chat_template(list(messages), chat_template=self.template,
-                                                **kw)
+      return self.tokenizer.apply_chat_template(msgs, chat_template=self.template, **kw)
     except Exception as e:  # jinja2 TemplateError, raise_exception(...) in the template
-      raise DataError(f"{where}: the chat template rejects the conversation "
-                      f"({type(e).__name__}: {e})", "template") from None
+      raise DataError(f"{where}: the chat template ({self.template_source}) rejects the "
+                      f"conversation ({type(e).__name__}: {e}); if the template is at fault, "
+                      f"{FIX}", "template") from None
 
   def assistant_spans(self, messages: Sequence[dict], full: str, where: str
                       ) -> list[tuple[int, int]]:
@@ -272,6 +256,28 @@ class ChatTokenizer:
     return self.encode_messages(to_messages(conversations, where), num_images, where,
                                 image_tokens)
 
+  def encode_prompt(self, conversations: Sequence[dict], num_images: int,
+                    where: str = "record", image_tokens: Sequence[int] | None = None
+                    ) -> np.ndarray:
+    """The generation prompt for a record's last assistant turn (its reference answer):
+    the turns before it rendered with the template's generation prompt
+    (`add_generation_prompt=True`) and tokenized as `encode` does, each placeholder expanded
+    to its image tokens (`image_tokens` as in `encode`). int32 (P,). Independent of the answer.
+    """
+    messages = to_messages(conversations, where)
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    head = messages[:last]
+    in_head = count_placeholders(head, self.placeholder)
+    if in_head != num_images:
+      raise DataError(f"{where}: the prompt before the last assistant turn holds {in_head} "
+                      f"{self.placeholder} placeholder(s) for {num_images} image(s)",
+                      "image_count")
+    per_image = self._per_image_counts(num_images, image_tokens, where)
+    text = self.render(head, add_generation_prompt=True, where=where)
+    ids = np.asarray(self.tokenizer(text, add_special_tokens=False)["input_ids"], np.int64)
+    return self._expand_images(ids, np.zeros(ids.shape, np.int32), num_images, where,
+                               per_image).input_ids
+
   def _per_image_counts(self, num_images: int, image_tokens: Sequence[int] | None,
                         where: str) -> np.ndarray:
     """(num_images,) int64 tokens per image: `image_tokens` checked, or `image_seq_len`."""
@@ -306,9 +312,3 @@ class ChatTokenizer:
     starts = (np.cumsum(repeats) - repeats)[is_ph].astype(np.int32)
     return TokenizedConversation(out_ids, out_mask, np.arange(len(out_ids), dtype=np.int32),
                                  starts)
-
-
-def load_tokenizer(model_dir: str):
-  """The fast tokenizer stored in a model directory (offline)."""
-  from transformers import AutoTokenizer
-  return AutoTokenizer.from_pretrained(model_dir, use_fast=True)

@@ -8,7 +8,9 @@ LLaVA's `expand2square`) -> resize (`shortest_edge`: short side to that size, lo
 Per batch (vectorized numpy): rescale (float64 multiply, cast to float32) -> normalize
 `(x - mean) / std` in float32. Output pixel values are NHWC float32 (transformers' are NCHW).
 
-`ImageSpec.from_pretrained(model_dir)` reads `preprocessor_config.json`.
+`ImageSpec.from_pretrained(model_dir)` reads the image processor from every layout transformers
+writes (`image_processor_config`): `preprocessor_config.json` (transformers 4) or the
+`image_processor` section of `processor_config.json` (transformers 5 `save_pretrained`).
 """
 from __future__ import annotations
 
@@ -110,15 +112,9 @@ class ImageSpec:
 
   @classmethod
   def from_pretrained(cls, model_dir: str, aspect: str | None = None) -> ImageSpec:
-    path = os.path.join(model_dir, "preprocessor_config.json")
-    try:
-      with open(path) as f:
-        d = json.load(f)
-    except FileNotFoundError:
-      raise FileNotFoundError(f"{path}: no image processor config in the model directory")
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path}:{e.lineno}:{e.colno}: malformed JSON: {e.msg}") from None
-    return cls.from_hf(d, path, aspect)
+    """The image processor of a model directory (`image_processor_config`: either layout)."""
+    d, where, _ = image_processor_config(model_dir)
+    return cls.from_hf(d, where, aspect)
 
   @property
   def output_hw(self) -> tuple[int, int]:
@@ -128,6 +124,44 @@ class ImageSpec:
     if self.do_resize and self.height and self.width:
       return (self.height, self.width)
     raise ValueError("images have no fixed size: enable do_center_crop or give height/width")
+
+
+PREPROCESSOR_FILE = "preprocessor_config.json"  # transformers 4: the image processor alone
+PROCESSOR_FILE = "processor_config.json"  # processor keys; transformers 5: + "image_processor"
+
+
+def read_json(path: str) -> dict:
+  """A JSON object from `path`; malformed JSON names the line and column."""
+  try:
+    with open(path) as f:
+      d = json.load(f)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}:{e.lineno}:{e.colno}: malformed JSON: {e.msg}") from None
+  if not isinstance(d, dict):
+    raise ValueError(f"{path}: expected a JSON object, got {type(d).__name__}")
+  return d
+
+
+def image_processor_config(model_dir: str) -> tuple[dict, str, dict | None]:
+  """(image processor dict, where it was read, `processor_config.json` dict or None) of a
+  model directory, in either layout transformers writes: `preprocessor_config.json`
+  (transformers 4, and `ImageProcessor.save_pretrained`), else the `image_processor` section of
+  `processor_config.json` (transformers 5 `Processor.save_pretrained`, which writes no
+  preprocessor_config.json). Errors name the directory and the files looked for."""
+  pre = os.path.join(model_dir, PREPROCESSOR_FILE)
+  proc = os.path.join(model_dir, PROCESSOR_FILE)
+  proc_d = read_json(proc) if os.path.isfile(proc) else None
+  if os.path.isfile(pre):
+    return read_json(pre), pre, proc_d
+  if proc_d is not None:
+    d = proc_d.get("image_processor")
+    if not isinstance(d, dict):
+      raise ValueError(f"{proc}: no 'image_processor' section (and no {PREPROCESSOR_FILE} in "
+                       "the directory): the model directory has no image processor config")
+    return d, f"{proc}: image_processor", proc_d
+  raise FileNotFoundError(f"{model_dir}: no image processor config: neither "
+                          f"{PREPROCESSOR_FILE} (transformers 4) nor {PROCESSOR_FILE} with an "
+                          "'image_processor' section (transformers 5)")
 
 
 def decode_image(data: bytes, where: str = "image") -> Image.Image:

@@ -39,6 +39,7 @@ class Sample:
   where: str = ""
   truncated_from: int = 0  # original length when truncated, else 0
   table: anyres.PackTable | None = None
+  image_tokens: tuple[int, ...] = ()  # anyres: image tokens of each kept image, in order
 
   @property
   def length(self) -> int:
@@ -170,7 +171,17 @@ class SamplePreparer:
     table = anyres.concat_tables(tables[:kept], [c.shape[0] for c in crops], spec.feature_side,
                                  k=4 if spec.family == "llava_onevision" else 1)
     return Sample(tokens, pixels, str(record.get("id", "")), where,
-                  original if len(tokens) < original else 0, table)
+                  original if len(tokens) < original else 0, table, tuple(counts[:kept]))
+
+  def prompt_ids(self, record: dict, sample: Sample) -> np.ndarray:
+    """The generation prompt of `record` (`ChatTokenizer.encode_prompt`: the turns before its
+    last assistant turn + the template's generation prompt), with the images of `sample` (its
+    prepared form) expanded to the same token counts. int32 (P,)."""
+    anyres_model = self.anyres_spec is not None
+    n = len(sample.image_tokens) if anyres_model else sample.num_images
+    with self._tokenizer_lock:
+      return self.chat.encode_prompt(record.get("conversations"), n, sample.where,
+                                     list(sample.image_tokens) if anyres_model else None)
 
 
 def anyres_spec_for(model_dir: str, model_config) -> ai.AnyresImageSpec:

@@ -164,6 +164,26 @@ def stop_id_tuple(*groups: int | Iterable[int] | None) -> tuple[int, ...]:
   return tuple(sorted(ids))
 
 
+def special_ids(model, eos_token_id=None, pad_token_id=None
+                ) -> tuple[int | Iterable[int] | None, int]:
+  """(eos ids, pad id) for a decoding call: the explicit arguments win; None takes the
+  checkpoint's `generation_config.json` (carried as `model.config.generation_json` by
+  `load_pretrained`), as HF `generate` does: its `eos_token_id` (int or list), its
+  `pad_token_id`, else its first eos id (HF's rule), else 0."""
+  import json
+  text = getattr(model.config, "generation_json", "") or ""
+  gen = json.loads(text) if text else {}
+  if eos_token_id is None:
+    eos_token_id = gen.get("eos_token_id")
+  if pad_token_id is None:
+    pad_token_id = gen.get("pad_token_id")
+    if pad_token_id is None:
+      eos = gen.get("eos_token_id")
+      first = eos[0] if isinstance(eos, list) and eos else eos
+      pad_token_id = 0 if first is None else first
+  return eos_token_id, int(pad_token_id)
+
+
 def first_token_bias_of(model, bias) -> jax.Array:
   """The (V,) float32 step-0 logit bias to trace into a decoding loop: zeros for None (so a bias
   never recompiles). Raises ValueError unless its shape is (vocab_size,) and it holds no NaN or

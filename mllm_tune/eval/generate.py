@@ -10,7 +10,9 @@ value) or once every row has produced an end token, and the result is cropped to
 not change results: positions count real tokens (`cumsum(attention_mask) - 1`, as HF `generate`).
 
 End tokens: `eos_token_id` and `stop_token_ids` are one set; a row stops after emitting any of
-them (the token is kept in the output, the rest of the row is `pad_token_id`). Stop *strings* are
+them (the token is kept in the output, the rest of the row is `pad_token_id`). `eos_token_id` /
+`pad_token_id` left at None take the checkpoint's `generation_config.json`, as HF `generate`
+does (`decoding.special_ids`); explicit arguments win. Stop *strings* are
 applied host-side after generation, on decoded text (`generate_text`, `truncate_at_stop_strings`):
 they do not stop the compiled loop early, they only cut the returned text.
 
@@ -32,7 +34,7 @@ import numpy as np
 from mllm_tune.eval import beam as beam_lib
 from mllm_tune.eval.decoding import (DEFAULT_BUCKET_FLOOR, decode_step, first_token_bias_of,
                                      left_pad, next_bucket, prefill, prepare_prompts,
-                                     stop_id_tuple, variables_of)
+                                     special_ids, stop_id_tuple, variables_of)
 from mllm_tune.eval.sampling import check_sampling_args, sample_tokens
 from mllm_tune.models.kv_cache import unstack_layers
 from mllm_tune.eval.sampling import entropy_from_logits
@@ -101,7 +103,7 @@ def _check_beam_args(num_beams, length_penalty, early_stopping):
 
 def beam_search(model, params, input_ids, attention_mask=None, pixel_values=None,
                 max_new_tokens: int = 20, eos_token_id: int | Sequence[int] | None = None,
-                pad_token_id: int = 0, adapters=None, *, num_beams: int = 4,
+                pad_token_id: int | None = None, adapters=None, *, num_beams: int = 4,
                 length_penalty: float = 1.0, early_stopping: bool | str = True,
                 stop_token_ids: Iterable[int] | None = None,
                 bucket_floor: int | None = DEFAULT_BUCKET_FLOOR,
@@ -118,6 +120,7 @@ def beam_search(model, params, input_ids, attention_mask=None, pixel_values=None
   `generate`); the scores include the biased step-0 log-probs.
   """
   _check_beam_args(num_beams, length_penalty, early_stopping)
+  eos_token_id, pad_token_id = special_ids(model, eos_token_id, pad_token_id)
   bias_V = first_token_bias_of(model, first_token_logit_bias)
   pr = prepare_prompts(model, input_ids, attention_mask, pixel_values, max_new_tokens,
                        pad_token_id, bucket_floor, image_tables)
@@ -132,7 +135,7 @@ def beam_search(model, params, input_ids, attention_mask=None, pixel_values=None
 
 def generate(model, params, input_ids, attention_mask=None, pixel_values=None,
              max_new_tokens: int = 20, eos_token_id: int | Sequence[int] | None = None,
-             pad_token_id: int = 0, adapters=None, *, do_sample: bool = False,
+             pad_token_id: int | None = None, adapters=None, *, do_sample: bool = False,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              rng: jax.Array | None = None, num_beams: int = 1, length_penalty: float = 1.0,
              early_stopping: bool | str = True, stop_token_ids: Iterable[int] | None = None,
@@ -153,7 +156,9 @@ def generate(model, params, input_ids, attention_mask=None, pixel_values=None,
   output. `num_beams > 1` runs `beam_search` (`length_penalty`, `early_stopping` as there; note
   the default early_stopping=True, where HF's default is False) and returns its best hypothesis;
   `num_beams=1` is greedy, as in HF. After a row emits an end token (`eos_token_id` or any of
-  `stop_token_ids`) the rest of it is `pad_token_id`. `bucket_floor`: see the module docstring.
+  `stop_token_ids`) the rest of it is `pad_token_id`. `eos_token_id` / `pad_token_id` default
+  to the checkpoint's generation_config.json (its eos; its pad, else its first eos, else 0);
+  explicit values win. `bucket_floor`: see the module docstring.
 
   `first_token_logit_bias` (V,) float32: added to the logits of decoding step 0 only (greedy,
   sampling and beam search), e.g. `calibration.first_token_bias` (docs/methods.md §6.4 (b)); traced,
@@ -168,6 +173,7 @@ def generate(model, params, input_ids, attention_mask=None, pixel_values=None,
   `decoding.prepare_prompts`).
   """
   _check_beam_args(num_beams, length_penalty, early_stopping)
+  eos_token_id, pad_token_id = special_ids(model, eos_token_id, pad_token_id)
   if return_entropy and num_beams > 1:
     raise ValueError("return_entropy=True is for greedy / sampling only, not beam search "
                      f"(num_beams={num_beams})")
@@ -244,6 +250,8 @@ def generate_text(model, params, input_ids, attention_mask=None, pixel_values=No
   if generate_kwargs.get("return_entropy"):
     raise ValueError("generate_text returns strings only; call generate(return_entropy=True)")
   generate_kwargs.pop("return_entropy", None)
+  eos_token_id, generate_kwargs["pad_token_id"] = special_ids(
+      model, eos_token_id, generate_kwargs.get("pad_token_id"))
   new_BT = generate(model, params, input_ids, attention_mask, pixel_values,
                     eos_token_id=eos_token_id, stop_token_ids=stop_token_ids,
                     first_token_logit_bias=first_token_logit_bias, **generate_kwargs)

@@ -2,7 +2,8 @@
 
 Every set is prepared once into fixed-shape arrays (`bench.arrays.VqaArrays`, the same
 preparation the benchmark uses) and scored two ways:
-- task metric `vqa`: greedy generation from the prompt (the record cut before its answer), VQA
+- task metric `vqa`: greedy generation from the record's generation prompt (the turns before
+  its answer + the chat template's generation prompt, `VqaArrays.prompts`), VQA
   accuracy against the reference (percent; `bench.evaluate`, so the numbers equal the
   benchmark's after-the-fact evaluation of the same weights). With several families in a set
   (the general mix), the set score is the mean of the per-family scores (docs/methods.md §8: Ā_up);

@@ -1,9 +1,11 @@
 """Accuracy of a (tuned) model on a prepared VQA set: greedy generation + VQA accuracy.
 
-Each prompt is its record cut before the answer; the model answers greedily (KV cache, stops at
-`<|im_end|>`), the reply is decoded and scored with the official VQA normalization against ten
-copies of the single reference answer, i.e. normalized exact match (docs/methods.md §8: "VQA
-accuracy with one reference"). Scores are per family and over the whole set, in percent.
+Each prompt is the record's generation prompt (`VqaArrays.prompts`: the turns before the answer
+rendered with the chat template's generation prompt, as a user sends it); the model answers
+greedily (KV cache, stops at `<|im_end|>`), the reply is decoded and scored with the official
+VQA normalization against ten copies of the single reference answer, i.e. normalized exact
+match (docs/methods.md §8: "VQA accuracy with one reference"). Scores are per family and over
+the whole set, in percent.
 """
 from __future__ import annotations
 

@@ -4,6 +4,13 @@ Every record goes through `SamplePreparer` (chat template, assistant-only loss m
 expansion, CLIP preprocessing), exactly as `mllm-tune train` would see it; the benchmark then
 keeps the prepared tokens and pixels in memory so tuning steps and evaluations cost no data
 work. One image and one question per record, rows right-padded to the set's longest record.
+
+Generation prompts (`prompts`) are prepared apart from the training rows: the record's turns
+before its answer rendered with the chat template's generation prompt
+(`SamplePreparer.prompt_ids`), what a user sends the model at inference. They are never the
+training row cut before its first answer token: that cut carries whatever the answer's
+tokenization puts before it (e.g. a lone space token when the answer's first word has no
+space-prefixed token), which tells the model how the answer starts.
 Anyres models (LLaVA-NeXT / OneVision): `pixels` holds each record's crops (N, C, H, W, 3),
 padded with zero crops to the set's most, and `pack` its position-aligned token tables; a batch
 lays its rows' crops out one after another (fixed shapes: one compile per batch size).
@@ -20,8 +27,10 @@ from mllm_tune.data.pipeline import SamplePreparer
 
 @dataclasses.dataclass(frozen=True)
 class VqaArrays:
-  """A prepared set: `input_ids`, `loss_mask`, `attention_mask` (N, T) int32, `pixels` (N, H, W,
-  3) uint8, `prompt_len` (N,) tokens before the answer, `answers` and `families` (N,) str."""
+  """A prepared set: `input_ids`, `loss_mask`, `attention_mask` (N, T) int32 (the training rows),
+  `pixels` (N, H, W, 3) uint8, `prompt_len` (N,) tokens of each generation prompt (0: prepared
+  without prompts), `answers` and `families` (N,) str, `prompt_ids` (N, P) int32 the generation
+  prompts, right-padded with 0 (None without prompts)."""
   name: str
   input_ids: np.ndarray
   loss_mask: np.ndarray
@@ -34,16 +43,21 @@ class VqaArrays:
   # the row's own crops; crop_features = features per crop
   pack: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
   crop_features: int = 0
+  prompt_ids: np.ndarray | None = None
+  prompt_pack: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # anyres: of prompt_ids
 
   def __len__(self) -> int:
     return len(self.input_ids)
 
-  def images(self, idx: np.ndarray, spec: ImageSpec, width: int | None = None) -> dict:
-    """The image inputs of rows `idx` (model keyword arguments), tables cut to `width`."""
+  def images(self, idx: np.ndarray, spec: ImageSpec, width: int | None = None,
+             pack: tuple | None = None) -> dict:
+    """The image inputs of rows `idx` (model keyword arguments), tables (`pack`, default the
+    training rows') cut to `width`."""
     px = normalize(self.pixels[idx], spec).astype(np.float32)
-    if self.pack is None:
+    pack = self.pack if pack is None else pack
+    if pack is None:
       return {"pixel_values": px}
-    index, weight, newline = (a[idx, :width] for a in self.pack)
+    index, weight, newline = (a[idx, :width] for a in pack)
     crops = self.pixels.shape[1]  # padding crops (no table row reads them) stay as they are
     offset = (np.arange(len(idx)) * crops * self.crop_features)[:, None, None]
     return {"pixel_values": px.reshape((-1,) + px.shape[2:]),
@@ -56,22 +70,27 @@ class VqaArrays:
             "attention_mask": self.attention_mask[idx], **self.images(idx, spec)}
 
   def prompts(self, idx: np.ndarray, spec: ImageSpec) -> tuple[np.ndarray, np.ndarray, dict]:
-    """(ids, mask, image inputs) of the prompts of rows `idx`: each row cut before its answer
-    (`<|im_start|>assistant\\n` is the last prompt token), right-padded."""
+    """(ids, mask, image inputs) of the generation prompts of rows `idx` (the turns before the
+    answer + the template's generation prompt, e.g. ending `<|im_start|>assistant\\n`),
+    right-padded; anyres tables are those of the prompts' image-token positions."""
+    if self.prompt_ids is None:
+      raise ValueError(f"set {self.name!r} was prepared without generation prompts "
+                       "(prepare(..., prompts=True))")
     width = int(self.prompt_len[idx].max())
-    ids = self.input_ids[idx, :width].copy()
+    ids = self.prompt_ids[idx, :width].copy()
     mask = (np.arange(width)[None] < self.prompt_len[idx, None]).astype(np.int32)
     ids[mask == 0] = 0
-    return ids, mask, self.images(idx, spec, width)
+    return ids, mask, self.images(idx, spec, width, self.prompt_pack)
 
 
 def prepare(source, preparer: SamplePreparer, num: int | None = None,
-            name: str | None = None) -> VqaArrays:
-  """The first `num` records of `source` (all by default) as `VqaArrays`."""
+            name: str | None = None, prompts: bool = True) -> VqaArrays:
+  """The first `num` records of `source` (all by default) as `VqaArrays`; `prompts=False` skips
+  the generation prompts (sets only trained on)."""
   n = len(source) if num is None else min(int(num), len(source))
   if n < 1:
     raise ValueError(f"set {name or source!r} is empty")
-  rows, pixels, prompt_len, answers, families, tables = [], [], [], [], [], []
+  rows, pixels, prompt_rows, answers, families, tables, wheres = [], [], [], [], [], [], []
   for i in range(n):
     rec = source[i]
     sample = preparer(rec)
@@ -81,44 +100,70 @@ def prepare(source, preparer: SamplePreparer, num: int | None = None,
       raise ValueError(f"{rec.get('where', i)}: the benchmark expects one image per record, "
                        f"got {sample.num_images}")
     t = sample.tokens
-    target = np.flatnonzero(t.loss_mask)
-    if not len(target):
+    if not t.loss_mask.any():
       raise ValueError(f"{rec.get('where', i)}: no answer token after preparation")
     rows.append((t.input_ids, t.loss_mask))
+    if prompts:
+      prompt_rows.append((preparer.prompt_ids(rec, sample), None))
     pixels.append(sample.pixels if sample.table is not None else sample.pixels[0])
-    prompt_len.append(int(target[0]))
+    wheres.append(str(rec.get("where", f"record {i}")))
     answers.append(_answer(rec))
     families.append(rec.get("family", name or getattr(source, "name", "set")))
-  width = max(len(ids) for ids, _ in rows)
-  ids = np.zeros((n, width), np.int32)
-  loss = np.zeros((n, width), np.int32)
-  attn = np.zeros((n, width), np.int32)
-  for k, (a, m) in enumerate(rows):
-    ids[k, :len(a)], loss[k, :len(a)], attn[k, :len(a)] = a, m, 1
-  pack, crop_features = None, 0
+  ids, loss, attn = _pad(rows)
+  prompt_ids, prompt_len = None, np.zeros((n,), np.int32)
+  if prompts:
+    prompt_ids, _, prompt_mask = _pad(prompt_rows)
+    prompt_len = prompt_mask.sum(1).astype(np.int32)
+  pack = prompt_pack = None
+  crop_features = 0
   if tables:
-    pack, pixels, crop_features = _anyres_arrays(ids, tables, pixels, preparer)
+    image_id = preparer.chat.image_token_id
+    pack = _pack_tables(ids, tables, image_id, wheres)
+    if prompts:
+      prompt_pack = _pack_tables(prompt_ids, tables, image_id, wheres, "generation prompt")
+    pixels, crop_features = _pad_crops(pixels, preparer)
   return VqaArrays(name or getattr(source, "name", "set"), ids, loss, attn, np.stack(pixels),
-                   np.asarray(prompt_len, np.int32), np.asarray(answers), np.asarray(families),
-                   pack, crop_features)
+                   prompt_len, np.asarray(answers), np.asarray(families),
+                   pack, crop_features, prompt_ids, prompt_pack)
 
 
-def _anyres_arrays(ids: np.ndarray, tables: list, pixels: list, preparer: SamplePreparer):
-  """Position-aligned tables (N, T, K) and crops padded to the most of a record."""
+def _pad(rows: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(ids, loss mask, attention mask) (N, T) int32 of (ids, loss mask or None) rows,
+  right-padded with 0 to the longest."""
+  width = max(len(a) for a, _ in rows)
+  ids, loss, attn = (np.zeros((len(rows), width), np.int32) for _ in range(3))
+  for k, (a, m) in enumerate(rows):
+    ids[k, :len(a)], attn[k, :len(a)] = a, 1
+    if m is not None:
+      loss[k, :len(a)] = m
+  return ids, loss, attn
+
+
+def _pack_tables(ids: np.ndarray, tables: list, image_id: int, wheres: list,
+                 what: str = "row"):
+  """Position-aligned tables (N, T, K) of the rows `ids`: row r's image tokens take the rows of
+  its sample's table in order (a count mismatch names the record, `wheres[r]`)."""
   n, t = ids.shape
   k = max(tb.index.shape[1] for tb in tables)
   index, weight = np.zeros((n, t, k), np.int32), np.zeros((n, t, k), np.float32)
   newline = np.zeros((n, t), bool)
-  image_id = preparer.chat.image_token_id
   for r, tb in enumerate(tables):
     pos = np.flatnonzero(ids[r] == image_id)
+    if len(pos) != len(tb.index):
+      raise ValueError(f"{wheres[r]}: its {what} holds {len(pos)} image tokens but its images "
+                       f"give {len(tb.index)}")
     kk = tb.index.shape[1]
     index[r, pos, :kk], weight[r, pos, :kk], newline[r, pos] = tb.index, tb.weight, tb.newline
+  return index, weight, newline
+
+
+def _pad_crops(pixels: list, preparer: SamplePreparer) -> tuple[list, int]:
+  """Crops padded with zero crops to the most of a record; features per crop."""
   most = max(p.shape[0] for p in pixels)
   padded = [np.concatenate([p, np.zeros((most - len(p),) + p.shape[1:], p.dtype)])
             for p in pixels]
   side = preparer.anyres_spec.feature_side
-  return (index, weight, newline), padded, side * side
+  return padded, side * side
 
 
 def _answer(rec: dict) -> str:

@@ -28,7 +28,7 @@ ATTENTION_IMPLS = ("auto", "lse", "xla", "cudnn")
 RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy", "attention_impl", "scan_unroll",
                   "decode_per_layer")
 # fields that change neither the architecture nor the numbers (left out of Fisher hashes)
-NON_ARCH_FIELDS = RUNTIME_FIELDS + ("scan_layers",)
+NON_ARCH_FIELDS = RUNTIME_FIELDS + ("scan_layers", "generation_json")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +92,7 @@ class LlavaConfig:
   vision_aspect_ratio: str = "anyres_max_9"  # llava_onevision: cap on the grid's feature area
   hf_json: str = ""  # original HF config.json text, for round trips
   hf_layout: str = ""  # checkpoint key layout read (checkpoints.hf.LLAVA_LAYOUTS), written back
+  generation_json: str = ""  # the checkpoint's generation_config.json text (generation defaults)
 
   def __post_init__(self):
     if self.model_type not in LLAVA_TYPES:
@@ -137,6 +138,7 @@ class LlavaConfig:
 class CausalLMConfig:
   llm: LLMConfig = LLMConfig()
   hf_json: str = ""
+  generation_json: str = ""  # the checkpoint's generation_config.json text
 
 
 # ----------------------------------------------------------------------------- HF -> ours

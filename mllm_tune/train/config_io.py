@@ -4,7 +4,16 @@
     apply_overrides(cfg, ["config.method.rank=8", "config.train.steps=100"])
 
 Unknown keys and values of the wrong type are rejected with the key named (and the closest
-existing key suggested)."""
+existing key suggested). One exception: eval sets are added on the command line, field by field
+(`--config.eval.target.NAME.kind=llava_json --config.eval.target.NAME.json_path=...`): a new
+name under `eval.target` / `eval.retention` starts from `eval_set()`'s defaults.
+
+Config files live anywhere. The configs shipped with the package (`mllm_tune/configs/`) import
+as `mllm_tune.configs...` everywhere, and as `configs...` in a file `load_config` runs: from a
+clone (its `configs/` folder of thin copies, found above the file) or, when no `configs` package
+is importable, from the package's own files. A path `configs/...` that does not exist in the
+working directory is read from the package (`mllm-tune train --config
+configs/experiments/llava_lora.py` works from any directory)."""
 from __future__ import annotations
 
 import ast
@@ -20,6 +29,25 @@ class ConfigError(ValueError):
   """Bad config file, unknown key or ill-typed value."""
 
 
+# where the package's configs are (mllm_tune/configs; a location, not an import: the configs
+# sit above this layer)
+PACKAGE_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                               "configs")
+EVAL_SET_DEFAULTS = dict(kind="offline", source="", num=0, metric="vqa", split="eval",
+                         json_path="", image_folder="", seed=0)
+EVAL_ROLES = ("target", "retention")
+
+
+def eval_set(kind: str = "offline", source: str = "", num: int = 0, metric: str = "vqa",
+             split: str = "eval", json_path: str = "", image_folder: str = "", seed: int = 0):
+  """One target / retention set: `offline` (an `offline_vqa` source: digits, general, a family
+  name; `split`, `seed`) or `llava_json` / `tfds` (json_path, image_folder; the reference answer
+  is each record's last gpt turn); the first `num` records (0 = all)."""
+  return ml_collections.ConfigDict(dict(kind=kind, source=source, num=num, metric=metric,
+                                        split=split, json_path=json_path,
+                                        image_folder=image_folder, seed=seed))
+
+
 def _add_repo_root(path: str) -> None:
   d = os.path.dirname(os.path.abspath(path))
   while d != os.path.dirname(d):
@@ -31,11 +59,36 @@ def _add_repo_root(path: str) -> None:
     d = os.path.dirname(d)
 
 
+def _packaged(path: str) -> str | None:
+  """`configs/...` -> the package's file of that name, if it exists."""
+  parts = os.path.normpath(path).split(os.sep)
+  if parts[0] != "configs" or len(parts) < 2:
+    return None
+  candidate = os.path.join(PACKAGE_CONFIGS, *parts[1:])
+  return candidate if os.path.isfile(candidate) else None
+
+
+def _configs_importable() -> None:
+  """Make `import configs...` work in a config file outside a clone: when no `configs` package
+  can be found, `configs` is the package's config folder (the same files as mllm_tune.configs)."""
+  if "configs" in sys.modules or importlib.util.find_spec("configs") is not None:
+    return
+  spec = importlib.util.spec_from_file_location(
+      "configs", os.path.join(PACKAGE_CONFIGS, "__init__.py"),
+      submodule_search_locations=[PACKAGE_CONFIGS])
+  module = importlib.util.module_from_spec(spec)
+  sys.modules["configs"] = module
+  spec.loader.exec_module(module)
+
+
 def load_config(spec: str) -> ml_collections.ConfigDict:
   path, _, arg = spec.partition(":")
   if not os.path.isfile(path):
+    path = _packaged(path) or path
+  if not os.path.isfile(path):
     raise ConfigError(f"config file '{path}' does not exist")
   _add_repo_root(path)
+  _configs_importable()
   mod_spec = importlib.util.spec_from_file_location(f"_mllm_cfg_{abs(hash(path))}", path)
   module = importlib.util.module_from_spec(mod_spec)
   mod_spec.loader.exec_module(module)
@@ -77,6 +130,7 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: list[str]) -> Non
     if parts[0] == "config":
       parts = parts[1:]
     node = cfg
+    _add_eval_set(cfg, parts)
     for i, part in enumerate(parts):
       keys = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
       if part not in keys:
@@ -100,6 +154,20 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: list[str]) -> Non
     except (TypeError, ValueError) as e:
       raise ConfigError(f"config key '{'.'.join(parts)}': cannot set {raw!r} on a field of type "
                         f"{type(current).__name__} ({e})") from e
+
+
+def _add_eval_set(cfg: ml_collections.ConfigDict, parts: list[str]) -> None:
+  """`eval.target.NAME.FIELD` / `eval.retention.NAME.FIELD` with a new NAME: add the set with
+  `eval_set()`'s defaults (its fields then type-check as usual)."""
+  if len(parts) != 4 or parts[0] != "eval" or parts[1] not in EVAL_ROLES:
+    return
+  e = cfg.get("eval")
+  if e is None:
+    return
+  if e.get(parts[1]) is None:
+    e[parts[1]] = ml_collections.ConfigDict()
+  if parts[2] not in e[parts[1]]:
+    e[parts[1]][parts[2]] = eval_set()
 
 
 def validate(cfg: ml_collections.ConfigDict) -> None:

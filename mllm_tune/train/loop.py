@@ -68,6 +68,7 @@ class Trainer:
           "resolve it first with mllm_tune.benchmark.pretrain.resolve_model_source(cfg.model) "
           "(mllm-tune train does), which builds or finds the base and sets source='hf'")
     sfn = shard_lib.sharding_fn(self.mesh)
+    setup.check_model_files(cfg)  # tokenizer / image processor errors before the weights load
     self.model, params, self.base_path = setup.load_model(cfg.model, sharding_fn=sfn)
     self.base_fingerprint = params_fingerprint(params)
     self.method = setup.method_from(cfg.method)
@@ -270,18 +271,15 @@ class Trainer:
     return tuning.combine(state.trainable, self.frozen)
 
   def _best_step(self) -> int | None:
-    """The kept checkpoint that is best by train.best_metric on the logged evals (ties: the
-    earliest, as the run report says), else orbax's best."""
-    if self.tracker is None or not self.cfg.train.best_metric:
+    """The run's selected step, the one its report names (`run_report.selected`): with eval
+    sets, the best eval step by train.best_metric (empty: the tracker's default, the trade-off
+    score O) among the checkpointed ones, ties to the earliest; without eval sets, orbax's best
+    checkpoint by train.best_metric, else the latest."""
+    if self.tracker is None:
       return self.ckpt.best_step()
-    from mllm_tune.eval import selection
-    with open(os.path.join(self.run_dir, "metrics.jsonl")) as f:
-      records = [json.loads(line) for line in f if line.strip()]
-    try:
-      return selection.select_step(records, self.cfg.train.best_metric, self.cfg.train.best_mode,
-                                   steps=self.ckpt.all_steps())[0]
-    except selection.SelectionError:
-      return self.ckpt.best_step()
+    from mllm_tune.eval import run_report
+    sel = run_report.selected(run_report.load_run(self.run_dir))
+    return sel.step if sel.step is not None else self.ckpt.best_step()
 
   def _check_finite(self, step: int, metrics: dict, batch: dict) -> None:
     if np.isfinite(float(metrics["loss"])):

@@ -47,6 +47,43 @@ def tiny_model_config(c) -> LlavaConfig | CausalLMConfig:
                       attention_impl=_attention_impl(c))
 
 
+def reads_model_files(cfg) -> bool:
+  """Does the run read the model directory's tokenizer / image processor (LLaVA-format data,
+  target or retention sets, GIFT's synthetic captions)?"""
+  e, p = cfg.get("eval"), cfg.get("penalty")
+  sets = e is not None and any(len(e.get(r) or {}) for r in ("target", "retention"))
+  return (cfg.data.kind != "synthetic" or sets
+          or (p is not None and p.get("name", "none") == "gift"))
+
+
+def check_model_files(cfg) -> None:
+  """Before any weight is read (`mllm-tune train`, `Trainer`): an HF model directory's
+  config.json and weight files and, when the run reads them (`reads_model_files`), its
+  tokenizer, chat template and image processor, loaded as the data pipeline will load them
+  (`SamplePreparer.from_pretrained`, either image-processor layout). Errors name the file and
+  field, so a bad directory fails in seconds instead of after loading the weights."""
+  c = cfg.model
+  if c.source != "hf" or not c.path:
+    return
+  import os
+  from mllm_tune.checkpoints.hf import INDEX_FILE, SINGLE_FILE, read_config
+  from mllm_tune.checkpoints.safetensors_io import CheckpointError
+  model_config = read_config(c.path)
+  if not any(os.path.isfile(os.path.join(c.path, f)) for f in (SINGLE_FILE, INDEX_FILE)):
+    raise CheckpointError(f"{c.path}: no {SINGLE_FILE} or {INDEX_FILE} found")
+  if not reads_model_files(cfg):
+    return
+  from mllm_tune.data.conversation import ChatTokenizer
+  from mllm_tune.data.pipeline import SamplePreparer
+  from mllm_tune.data.templates import load_tokenizer
+  d = cfg.data
+  if isinstance(model_config, LlavaConfig):
+    SamplePreparer.from_pretrained(c.path, model_config, int(d.get("seq_len", 2048)),
+                                   d.get("template"), aspect=d.get("aspect"))
+  else:
+    ChatTokenizer(load_tokenizer(c.path), -1, 0, d.get("template"))
+
+
 def load_model(c, sharding_fn=None):
   """-> (model, params, base_path) from the `model` config section."""
   from mllm_tune.checkpoints.hf import load_pretrained

@@ -145,7 +145,9 @@ def test_a_template_that_rejects_the_conversation_is_a_data_error():
             "{{ raise_exception('Conversation roles must alternate user/assistant') }}"
             "{% endif %}{{ m['content'] + eos_token }}{% endfor %}")
   chat = ChatTokenizer(chatml_tokenizer(), IMAGE_ID, PER_IMAGE, strict)
-  with pytest.raises(DataError, match=r"rec 9: the chat template rejects the conversation "
-                                      r"\(.*Conversation roles must alternate") as e:
+  with pytest.raises(DataError, match=r"rec 9: the chat template \(the Jinja template given as "
+                                      r"data.template\) rejects the conversation "
+                                      r"\(.*Conversation roles must alternate.*"
+                                      r"--config.data.template=vicuna_v1") as e:
     chat.encode(turns("hi", "hello", "more") + turns("again", "ok")[:1], 0, "rec 9")
   assert e.value.reason == "template"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 
 import numpy as np
 import pytest
@@ -62,6 +63,34 @@ def test_spec_read_from_a_saved_preprocessor_config(tmp_path, name):
   loaded = ImageSpec.from_pretrained(str(tmp_path))
   assert loaded == spec
   np.testing.assert_array_equal(preprocess(_images(), loaded), preprocess(_images(), spec))
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_spec_read_from_a_transformers5_processor_directory(tmp_path, name):
+  """transformers 5 `LlavaProcessor.save_pretrained` writes the image processor into
+  processor_config.json ("image_processor") and no preprocessor_config.json."""
+  from transformers import LlavaProcessor
+  from tests.helpers.data import chatml_tokenizer
+  processor, spec = CASES[name]
+  LlavaProcessor(processor, chatml_tokenizer(), patch_size=14,
+                 vision_feature_select_strategy="default").save_pretrained(tmp_path)
+  files = os.listdir(tmp_path)
+  assert "processor_config.json" in files and "preprocessor_config.json" not in files
+  loaded = ImageSpec.from_pretrained(str(tmp_path))
+  assert loaded == spec
+  np.testing.assert_array_equal(preprocess(_images(), loaded), _hf_nhwc(processor, _images()))
+
+
+def test_directory_without_an_image_processor_names_both_layouts(tmp_path):
+  with pytest.raises(FileNotFoundError, match=r"preprocessor_config.json \(transformers 4\) "
+                     r"nor processor_config.json with an 'image_processor' section"):
+    ImageSpec.from_pretrained(str(tmp_path))
+  (tmp_path / "processor_config.json").write_text(json.dumps({"patch_size": 14}))
+  with pytest.raises(ValueError, match=r"processor_config.json: no 'image_processor' section"):
+    ImageSpec.from_pretrained(str(tmp_path))
+  (tmp_path / "processor_config.json").write_text('{"image_processor": {,}}')
+  with pytest.raises(ValueError, match=r"processor_config.json:1:\d+: malformed JSON"):
+    ImageSpec.from_pretrained(str(tmp_path))
 
 
 def test_pad_mode_fills_with_the_mean_colour_like_llava_expand2square():

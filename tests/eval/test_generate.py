@@ -2,6 +2,8 @@
 shape buckets, stop tokens and stop strings, bad input."""
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -284,3 +286,45 @@ def test_llava_beam_search_with_images_matches_hf(tmp_path):
     n = next((i + 1 for i, tok in enumerate(theirs) if tok == 2), len(theirs))
     np.testing.assert_array_equal(ours[:n], theirs[:n])
   assert len({tuple(r) for r in seqs}) > 3  # a non-degenerate case: rows and beams differ
+
+
+def test_eos_and_pad_default_to_the_checkpoints_generation_config(tmp_path):
+  """A generation_config.json with its own eos (two ids, no pad): `mt.generate` without eos /
+  pad arguments stops and pads as HF `generate` does reading that file (pad = first eos);
+  explicit arguments win; save_pretrained writes the file back."""
+  threads = torch.get_num_threads()
+  torch.set_num_threads(1)
+  try:
+    hf_model = hf_tiny.llama()
+    ids, mask = hf_tiny.padded_batch(ROWS, "left")
+    with torch.no_grad():
+      free = hf_model.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                               max_new_tokens=NEW, do_sample=False, eos_token_id=None,
+                               pad_token_id=0)[:, ids.shape[1]:].numpy()
+    eos = [int(free[0, 2]), int(free[1, 4])]  # tokens rows 0 and 1 emit early
+    assert eos[0] not in free[0, :2] and 2 not in free
+    hf_model.generation_config.eos_token_id = eos
+    hf_model.generation_config.pad_token_id = None
+    hf_model.save_pretrained(str(tmp_path))
+    with torch.no_grad():
+      ref = hf_model.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                              max_new_tokens=NEW, do_sample=False)[:, ids.shape[1]:].numpy()
+  finally:
+    torch.set_num_threads(threads)
+  model, params = mt.load_pretrained(str(tmp_path))
+  ours = np.asarray(mt.generate(model, params, ids, mask, max_new_tokens=NEW))
+  assert ref.shape[1] < NEW  # HF stopped early: every row hit an end token
+  np.testing.assert_array_equal(ours[:, :ref.shape[1]], ref)
+  assert (ours[:, ref.shape[1]:] == eos[0]).all()
+  assert (ours[0, 3:] == eos[0]).all()  # row 0 ended at its third token, padded with eos[0]
+  texts = gen.generate_text(model, params, ids, mask, decode=lambda t: ",".join(map(str, t)),
+                            max_new_tokens=NEW)
+  assert texts[0] == ",".join(map(str, free[0, :2]))
+  # explicit arguments win over the file (99: a token the model never emits here)
+  assert 99 not in free
+  np.testing.assert_array_equal(
+      mt.generate(model, params, ids, mask, max_new_tokens=NEW, eos_token_id=99,
+                  pad_token_id=0), free)
+  out = tmp_path / "written"
+  mt.save_pretrained(str(out), model, params)
+  assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == eos

@@ -6,6 +6,7 @@
                 and the masking assertions of the selective-method tests
 - `data`        local tokenizers (trained in-process), images and LLaVA-format records
 - `train`       tiny trainer configs, `mllm-tune` subprocess runs, metrics.jsonl losses
+- `configs`     the shipped config modules of a folder, loaded from the package and the thin copy
 
 `ROOT` is the repository root (tests that run scripts or subprocesses use it as cwd).
 """

@@ -55,6 +55,19 @@ LLAMA2_GEN = LLAMA2.replace(
     "{{ ' ' }}{% generation %}{{ message['content'].strip() + ' ' + eos_token }}"
     "{% endgeneration %}")
 
+# llava-hf/llava-1.5-7b-hf's chat template, verbatim (generation tags, no end token).
+LLAVA15_HF = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}"
+    "{{ message['role'].upper() + ': '}}{% endif %}{# Render all images first #}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}{# Render all text next #}"
+    "{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' '}}{% endfor %}{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+
 
 def chatml_tokenizer(chat_template: str | None = None):
   """Byte-level BPE (Qwen2-like): <|endoftext|>=0 <|im_start|>=1 <|im_end|>=2 <image>=3."""

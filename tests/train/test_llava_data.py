@@ -35,3 +35,29 @@ def test_train_lora_on_llava_json_with_packing(tmp_path, capsys):
     rows = [json.loads(line) for line in f]
   evals = [r for r in rows if "eval/loss" in r]
   assert [r["step"] for r in evals] == [4, 8] and all(r["eval/tokens"] > 0 for r in evals)
+
+
+def test_model_directory_files_are_checked_before_the_weights_load(tmp_path, capsys,
+                                                                    monkeypatch):
+  """No image processor config (nor a broken chat template): `mllm-tune train` stops naming the
+  file before reading a single weight."""
+  from mllm_tune.train import setup
+  model_dir = llava_model_dir(str(tmp_path))
+  records, images = mixed_records(3)
+  data = write_llava_dataset(str(tmp_path / "data"), records, images)
+  loads = []
+  monkeypatch.setattr(setup, "load_model", lambda *a, **k: loads.append(a) or 1 / 0)
+  args = ["train", "--config=configs/experiments/llava_lora.py", "--no-progress",
+          f"--config.model.path={model_dir}", f"--config.data.json_path={data}",
+          f"--config.run_dir={tmp_path}/run", "--config.data.template=chatml"]
+  os.remove(os.path.join(model_dir, "preprocessor_config.json"))
+  assert main(args) == 2
+  err = capsys.readouterr().err
+  assert "no image processor config: neither preprocessor_config.json" in err and model_dir in err
+  from transformers import CLIPImageProcessor
+  CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}
+                     ).save_pretrained(model_dir)
+  assert main(args + ["--config.data.template={{ 'no messages here' }}"]) == 2
+  err = capsys.readouterr().err
+  assert "chat template: the Jinja template given as data.template cannot render" in err
+  assert not loads

@@ -143,6 +143,22 @@ def test_in_run_scores_equal_the_benchmark_evaluation_of_the_checkpoints(full_ru
   assert checked >= 3
 
 
+def test_without_a_selection_metric_the_printed_best_step_is_the_reports(cache, tmp_path):
+  """train.best_metric unset: the tracker selects by the default O, and so must the summary's
+  best_step (it used to be the latest checkpoint). A learning rate of 1e-9 leaves every score
+  at step 0's, so O ties at 0 and the earliest checkpointed eval step (2) wins, not the last."""
+  from mllm_tune.eval import run_report
+  c = small(offline_recipe.get_config("lora"), tmp_path / "run", steps=4, eval_every=2)
+  c.train.update(dict(best_metric="", save_every=2))
+  c.optimizer.update(dict(learning_rate=1e-9, warmup_steps=0))
+  summary = trainer_for(c).run()
+  evals = selection.eval_records(read_jsonl(os.path.join(c.run_dir, "metrics.jsonl")))
+  assert [r["tradeoff/O"] for r in evals] == [0.0, 0.0, 0.0]
+  sel = run_report.selected(run_report.load_run(c.run_dir))
+  assert sel.step == 2 and summary["best_step"] == 2
+  assert "**Step 2** wins" in open(os.path.join(c.run_dir, "report.md")).read()
+
+
 def test_tensorboard_has_the_eval_scalars(full_run):
   from mllm_tune.train.logs import read_records
   tr, _, _ = full_run

@@ -1,0 +1,1 @@
+"""Data pipeline configs (`get_config()` -> the `data` section of an experiment)."""

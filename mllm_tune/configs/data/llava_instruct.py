@@ -1,0 +1,29 @@
+"""Data settings for LLaVA-format instruction tuning (`mllm_tune.data.loader.make_batches`).
+
+Use as `cfg.data` of an experiment: `c.data = llava_instruct.get_config()`, then override
+`--config.data.json_path=... --config.data.image_folder=...`. See `mllm_tune/data/loader.py`.
+"""
+import ml_collections
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+  c.kind = "llava_json"           # llava_json | tfds (converted once into tfds_dir)
+  c.json_path = ""                # LLaVA .json list or .jsonl
+  c.image_folder = ""             # image paths in the records are relative to it
+  c.tfds_dir = ""
+  c.template = ml_collections.FieldReference(None, field_type=str)  # None: the tokenizer's
+  c.seq_len = 2048                # row length; longer samples follow `overflow`
+  c.batch_size = 8                # rows per host
+  c.packing = True
+  c.bucket_lengths = ()           # padding mode: allowed row lengths (last = seq_len)
+  c.max_images = 0                # image slots per batch; 0: suggested from the data
+  c.overflow = "truncate"         # truncate | drop | fail
+  c.on_error = "skip"             # skip (count and report) | raise
+  c.aspect = ml_collections.FieldReference(None, field_type=str)  # None: processor's; pad
+  c.seed = 0
+  c.shuffle = True
+  c.num_epochs = ml_collections.FieldReference(None, field_type=int)  # None: endless
+  c.num_workers = 2               # threads decoding / resizing images
+  c.prefetch = 2                  # batches prepared ahead in a background thread
+  return c
