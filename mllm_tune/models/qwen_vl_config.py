@@ -120,6 +120,7 @@ class QwenVLConfig:
   vision_end_token_id: int = 151653
   hf_json: str = ""    # original HF config.json text, for round trips
   hf_layout: str = ""  # checkpoint key layout read (checkpoints.hf.QWEN_VL_LAYOUTS), written back
+  generation_json: str = ""  # the checkpoint's generation_config.json text
 
   def __post_init__(self):
     if self.model_type not in QWEN_VL_TYPES:

@@ -112,7 +112,10 @@ def test_placeholder_mismatch_raises_eagerly_and_poisons_under_jit(tmp_path):
 def test_greedy_generation_matches_hf_generate(family, tmp_path):
   hf_model, _, model, params = _load(family, tmp_path)
   enc = qt.batch(SIDES)  # ours: rows 0 and 2 right-padded (moved left by generate)
-  ours = np.asarray(mt.generate(model, params, **mt.hf_inputs(model, enc), max_new_tokens=20))
+  # eos_token_id=[]: no end token, as HF's explicit eos_token_id=None (ours: None = the
+  # checkpoint's generation_config.json)
+  ours = np.asarray(mt.generate(model, params, **mt.hf_inputs(model, enc), max_new_tokens=20,
+                                eos_token_id=[]))
   left = qt.batch("left")
   with torch.no_grad():
     ref = hf_model.generate(**qt.torch_inputs(left), max_new_tokens=20, do_sample=False,
@@ -184,8 +187,8 @@ def test_flat_hub_config_in_memory_layout_and_tied_head(family, tmp_path):
     json.dump(_flat_config(nested), f)
   model2, params2 = mt.load_pretrained(mem)
   assert model2.config.hf_layout == "v5"
-  assert dataclasses.replace(model2.config, hf_json="", hf_layout="") == dataclasses.replace(
-      model.config, hf_json="", hf_layout="")
+  same = dict(hf_json="", hf_layout="", generation_json="")  # mem has no generation_config
+  assert dataclasses.replace(model2.config, **same) == dataclasses.replace(model.config, **same)
   jax.tree.map(np.testing.assert_array_equal, params2, params)
   dst = str(tmp_path / "dst")
   mt.save_pretrained(dst, model2, params2)
