@@ -189,9 +189,9 @@ class AnyresImageSpec:
     `num_image_tokens` (feature_side = its square root) and `vision_aspect_ratio`."""
     pre = os.path.join(model_dir, "preprocessor_config.json")
     proc = os.path.join(model_dir, "processor_config.json")
-    proc_d = _read_json(proc) if os.path.exists(proc) else None
+    proc_d = read_json(proc) if os.path.exists(proc) else None
     if os.path.exists(pre):
-      d, where = _read_json(pre), pre
+      d, where = read_json(pre), pre
     elif proc_d is not None:
       d, where = proc_d.get("image_processor"), f"{proc}: image_processor"
       if not isinstance(d, dict):
@@ -232,7 +232,9 @@ class AnyresImageSpec:
                                self.vision_aspect_ratio))
 
 
-def _read_json(path: str) -> dict:
+def read_json(path: str) -> dict:
+  """A JSON object from `path`; malformed JSON or another type raises naming the file (and line
+  and column)."""
   try:
     with open(path) as f:
       d = json.load(f)
