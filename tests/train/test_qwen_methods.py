@@ -275,11 +275,17 @@ def test_penalties_with_lora_on_qwen_batches(qw, importance, name):
 
 
 # ----------------------------------------------------------------------------- post-hoc
-def test_merges_of_a_tuned_model_give_finite_logits_on_qwen_batches(qw):
+@pytest.fixture(scope="module")
+def tuned(qw):
+  """theta0 and theta_ft: LoRA on q/v + the merger, 2 steps, merged."""
   method = mt.tuning.compose(mt.tuning.get("lora", rank=2, targets=LORA_QV),
                              mt.tuning.get("freeze", preset="projector"))
   method, _, _, afters, _ = _train(qw, method, steps=2)
-  theta0, theta_ft = qw.params, method.merge(afters[-1])
+  return qw.params, method.merge(afters[-1])
+
+
+def test_merges_of_a_tuned_model_give_finite_logits_on_qwen_batches(qw, tuned):
+  theta0, theta_ft = tuned
   real = np.asarray(qw.batch["attention_mask"]).astype(bool)
   logits = lambda p: np.asarray(qw.logits(p, qw.batch))[real]
   z0, zft = logits(theta0), logits(theta_ft)
@@ -301,3 +307,16 @@ def test_merges_of_a_tuned_model_give_finite_logits_on_qwen_batches(qw):
                              atol=1e-6)
   np.testing.assert_array_equal(logits(merging.wise_ft(theta0, theta_ft, 1.0)), zft)
   np.testing.assert_array_equal(logits(merging.wise_ft(theta0, theta_ft, 0.0)), z0)
+
+
+def test_model_tailor_on_qwen_calibration_batches(qw, tuned):
+  theta0, theta_ft = tuned
+  out = mt.tuning.get("model_tailor").tailor(qw.model, theta0, theta_ft, [qw.batch])
+  flat0, flat_ft, flat = (pytree.flatten(t) for t in (theta0, theta_ft, out))
+  for p in ("llm/layers/attn/q_proj/kernel", "llm/layers/attn/v_proj/kernel"):
+    assert not np.array_equal(flat[p], flat_ft[p]) and not np.array_equal(flat[p], flat0[p])
+  for p in flat:
+    if p.startswith("projector/"):  # reset to theta0, as the released code
+      np.testing.assert_array_equal(flat[p], flat0[p])
+  z = np.asarray(qw.logits(out, qw.batch))
+  assert np.isfinite(z).all() and np.abs(z - np.asarray(qw.logits(theta_ft, qw.batch))).max() > 0
