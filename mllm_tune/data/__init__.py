@@ -17,7 +17,8 @@ or piece by piece:
                                                  seed=0, on_error="skip", num_workers=2))
 
 Modules: `conversation` (chat templates, tokens, loss masks), `images` (CLIP / SigLIP / LLaVA
-preprocessing), `sources` (JSON / JSONL / tfds), `pipeline` (record -> sample, length policy),
+preprocessing), `anyres_images` (LLaVA-NeXT / OneVision), `qwen_images` (Qwen2-VL / 2.5-VL),
+`qwen_batch` (Qwen patch-buffer batches), `sources` (JSON / JSONL / tfds), `pipeline` (record -> sample, length policy),
 `packing` (batch layout, image slots, packing), `batching` (iterator, resume, prefetch),
 `targets` (the loss-mask convention and the reference next-token loss), `loader` (config ->
 iterator).
@@ -30,7 +31,9 @@ from mllm_tune.data.images import ImageSpec, normalize, preprocess, resize_and_c
 from mllm_tune.data.loader import make_batches
 from mllm_tune.data.packing import (BatchSpec, Item, Planner, assemble, batch_density, pack_rows,
                                     suggest_max_images)
-from mllm_tune.data.pipeline import Sample, SamplePreparer, fit_length
+from mllm_tune.data.pipeline import Sample, SamplePreparer, fit_length, qwen_preparer
+from mllm_tune.data.qwen_batch import assemble_qwen
+from mllm_tune.data.qwen_images import QwenImageSpec, preprocess_qwen, smart_resize
 from mllm_tune.data.sources import LlavaJsonSource, Source, TfdsSource, build_tfds
 from mllm_tune.data.targets import next_token_nll, segment_losses
 
@@ -39,5 +42,6 @@ __all__ = [
     "TokenizedConversation", "load_tokenizer", "to_messages", "DataError", "SkipReport",
     "ImageSpec", "normalize", "preprocess", "resize_and_crop", "BatchSpec", "Item", "Planner",
     "assemble", "batch_density", "pack_rows", "suggest_max_images", "Sample", "SamplePreparer",
-    "fit_length", "LlavaJsonSource", "Source", "TfdsSource", "build_tfds", "next_token_nll",
+    "fit_length", "qwen_preparer", "assemble_qwen", "QwenImageSpec", "preprocess_qwen",
+    "smart_resize", "LlavaJsonSource", "Source", "TfdsSource", "build_tfds", "next_token_nll",
     "segment_losses", "make_batches"]

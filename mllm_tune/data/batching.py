@@ -32,6 +32,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 
 from mllm_tune.data import images as img_lib
+from mllm_tune.data import qwen_batch, qwen_images
 from mllm_tune.data.errors import DataError, SkipReport, check_on_error, log
 from mllm_tune.data.packing import BatchSpec, Item, Planner, assemble
 from mllm_tune.data.pipeline import Sample, SampleDropped
@@ -53,7 +54,10 @@ class BatchIterator:
                shard_index: int = 0, shard_count: int = 1, num_workers: int = 0):
     if spec.max_images and image_spec is None:
       raise ValueError("max_images > 0 needs an image_spec to normalize pixels")
-    if image_spec is not None and spec.max_images and spec.image_hw != image_spec.output_hw:
+    if spec.qwen and not isinstance(image_spec, qwen_images.QwenImageSpec):
+      raise ValueError("a Qwen2-VL BatchSpec needs a QwenImageSpec to lay out patch rows")
+    if (image_spec is not None and spec.max_images and not spec.qwen
+        and spec.image_hw != image_spec.output_hw):
       raise ValueError(f"BatchSpec.image_hw {spec.image_hw} != the image processor's output "
                        f"{image_spec.output_hw}")
     self.source, self.prepare, self.spec, self.image_spec = source, prepare, spec, image_spec
@@ -100,7 +104,8 @@ class BatchIterator:
   def _load(self, key: int) -> Sample:
     sample = self.prepare(self.source[key])
     if sample.num_images > self.spec.max_images:
-      what = "crop(s) of its images" if self.spec.anyres else "image(s)"
+      what = ("patches of its images" if self.spec.qwen else
+              "crop(s) of its images" if self.spec.anyres else "image(s)")
       raise DataError(f"{sample.where}: {sample.num_images} {what} but a batch holds at "
                       f"most max_images={self.spec.max_images}", "too_many_images")
     return sample
@@ -150,9 +155,13 @@ class BatchIterator:
         for s in (s for row in samples for s in row if s.truncated_from):
           self.report.add("truncated", f"{s.where}: truncated from {s.truncated_from} to "
                           f"{s.length} tokens")
+        self._batches_in_epoch += 1
+        if self.spec.qwen:
+          return qwen_batch.assemble_qwen(
+              samples, self.spec, functools.partial(qwen_images.patch_rows,
+                                                    spec=self.image_spec))
         normalize = functools.partial(img_lib.normalize, spec=self.image_spec) \
             if self.image_spec is not None else None
-        self._batches_in_epoch += 1
         return assemble(samples, self.spec, normalize)
       if not self.order().size:
         raise StopIteration  # an empty source (or shard)

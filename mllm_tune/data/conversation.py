@@ -33,6 +33,10 @@ otherwise it is added as a special token). Each placeholder id becomes `image_se
 the model's `image_token_id`, as transformers' `LlavaProcessor` does; or, with per-image counts
 (`encode(..., image_tokens=[n_0, n_1, ...])`, anyres models whose count depends on the image
 size), placeholder i becomes n_i copies, as `LlavaNextProcessor` / `LlavaOnevisionProcessor` do.
+Checkpoints whose chat template writes images in their own form (Qwen2-VL / 2.5-VL:
+`<|vision_start|><|image_pad|><|vision_end|>`, `image_text=`) get each `<image>` of the text
+replaced by that form before rendering, and its one image token (`<|image_pad|>`, the model's
+`image_token_id`) repeated n_i times, as `Qwen2VLProcessor` repeats `<|image_pad|>`.
 """
 from __future__ import annotations
 
@@ -130,11 +134,14 @@ class ChatTokenizer:
   model's (`LlavaConfig`); use `image_seq_len=0` for a text-only model. Anyres models
   (LLaVA-NeXT / OneVision) pass their per-image counts to `encode(..., image_tokens=...)`;
   `image_seq_len` is then only the count used when none are given (it must be > 0 for a model
-  with images).
+  with images). `image_text`: the checkpoint's own text for one image, holding the image token
+  once (Qwen2-VL: `<|vision_start|><|image_pad|><|vision_end|>`); every placeholder becomes it
+  (see the module docstring), and the image token may not appear in the records' text.
   """
 
   def __init__(self, tokenizer, image_token_id: int, image_seq_len: int,
-               template: str | None = None, image_placeholder: str = IMAGE_PLACEHOLDER):
+               template: str | None = None, image_placeholder: str = IMAGE_PLACEHOLDER,
+               image_text: str | None = None):
     if not getattr(tokenizer, "is_fast", False):
       raise ValueError("a fast (Rust) tokenizer is required for character offsets; load it "
                        "with AutoTokenizer.from_pretrained(..., use_fast=True)")
@@ -143,6 +150,7 @@ class ChatTokenizer:
     self.image_token_id = int(image_token_id)
     self.image_seq_len = int(image_seq_len)
     self.placeholder = image_placeholder
+    self.image_text = image_text
     self.placeholder_id = self._placeholder_token_id()
     self.uses_generation_tags = bool(GENERATION_TAG.search(self.template))
     self.content_style = content_style(
@@ -163,6 +171,13 @@ class ChatTokenizer:
     if self.image_seq_len == 0:
       return -1
     tok = self.tokenizer
+    if self.image_text is not None:  # the checkpoint's form: its image token is the placeholder
+      ids = tok.encode(self.image_text, add_special_tokens=False)
+      if ids.count(self.image_token_id) != 1:
+        raise ValueError(f"the image text {self.image_text!r} tokenizes to {ids}, which must "
+                         f"hold the image token id {self.image_token_id} exactly once (is the "
+                         "image token a special token of the tokenizer?)")
+      return self.image_token_id
     ids = tok.encode(self.placeholder, add_special_tokens=False)
     if len(ids) != 1:
       from tokenizers import AddedToken
@@ -236,6 +251,8 @@ class ChatTokenizer:
     if n_placeholders != num_images:
       raise DataError(f"{where}: {n_placeholders} {self.placeholder} placeholder(s) in the "
                       f"conversation but {num_images} image(s)", "image_count")
+    if self.image_text is not None:
+      messages = self._image_text_messages(messages, where)
     tok = self.tokenizer
     if self.uses_generation_tags:
       out = self._apply(messages, where, tokenize=True, return_dict=True,
@@ -248,6 +265,17 @@ class ChatTokenizer:
       ids = np.asarray(enc["input_ids"], np.int64)
       mask = overlap_mask(enc["offset_mapping"], self.assistant_spans(messages, full, where))
     return self._expand_images(ids, mask, num_images, where, per_image)
+
+  def _image_text_messages(self, messages: Sequence[dict], where: str) -> list[dict]:
+    """Each placeholder -> `image_text`; the image token written in the text is refused."""
+    token = self.tokenizer.convert_ids_to_tokens(self.image_token_id)
+    out = []
+    for i, m in enumerate(messages):
+      if token and token in m["content"]:
+        raise DataError(f"{where}: conversations[{i}].value holds the image token {token!r} "
+                        f"as text; mark images with {self.placeholder}", "image_count")
+      out.append({**m, "content": m["content"].replace(self.placeholder, self.image_text)})
+    return out
 
   def encode(self, conversations: Sequence[dict], num_images: int, where: str = "record",
              image_tokens: Sequence[int] | None = None) -> TokenizedConversation:

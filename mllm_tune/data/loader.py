@@ -14,6 +14,12 @@ Anyres models (LLaVA-NeXT / OneVision): max_images is the crop budget per batch 
 first 512 records' image sizes, and at least the most crops one of them needs), crop_buckets the
 allowed crop counts (default: the budget's quarters, so at most 4 compiled shapes per row
 length), max_image_tokens refuses images that would yield more tokens (0 = no limit).
+Qwen2-VL / 2.5-VL: max_images is the *patch* budget per batch (0 = from the first 512 records'
+image sizes, at least the most patches one of them needs; rounded up to a multiple of 64 for
+m = 2), crop_buckets the allowed patch counts (default: the budget's quarters, multiples of 64),
+min_pixels / max_pixels override the image processor's (0 = the checkpoint's), out_of_budget
+"resize" (transformers' rule) or "refuse" (images outside [min_pixels, max_pixels] are bad
+records), max_image_tokens as above.
 Hosts read disjoint shards (`jax.process_index()` of `jax.process_count()`). With kind "tfds"
 on several hosts, convert once beforehand (`sources.build_tfds`): hosts must not build it at
 the same time.
@@ -28,13 +34,14 @@ from mllm_tune.data.errors import DataError
 from mllm_tune.data.packing import BatchSpec, quarter_buckets, suggest_max_images
 from mllm_tune.data.pipeline import SamplePreparer
 from mllm_tune.data.sources import LlavaJsonSource, TfdsSource, build_tfds
+from mllm_tune.models.qwen_vl_config import QwenVLConfig
 
 DEFAULTS = dict(kind="llava_json", json_path="", image_folder=None, tfds_dir="", template=None,
                 seq_len=2048, batch_size=8, packing=True, bucket_lengths=(), max_images=0,
                 overflow="truncate", on_error="skip", aspect=None, seed=0, shuffle=True,
                 num_epochs=None, num_workers=0, prefetch=2, source="", split="train",
                 num_records=0, image_size=32, source_seed=0, crop_buckets=(),
-                max_image_tokens=0)
+                max_image_tokens=0, min_pixels=0, max_pixels=0, out_of_budget="resize")
 
 
 def _options(cfg) -> dict:
@@ -113,6 +120,8 @@ def make_batches(cfg, model_dir: str, model_config):
   o = _options(cfg)
   source = make_source(o)
   multimodal = hasattr(model_config, "image_token_id")
+  if isinstance(model_config, QwenVLConfig):
+    return _qwen_batches(o, source, model_dir, model_config)
   if multimodal and model_config.anyres:
     return _anyres_batches(o, source, model_dir, model_config)
   if multimodal:
@@ -152,6 +161,65 @@ def _anyres_batches(o: dict, source, model_dir: str, model_config):
                    image_token_id=model_config.image_token_id, image_hw=prepare.image_hw,
                    pad_id=pad_id, crop_features=model_config.crop_side ** 2,
                    crop_buckets=buckets)
+  it = BatchIterator(source, prepare, spec, prepare.image_spec, seed=o["seed"],
+                     shuffle=o["shuffle"], num_epochs=o["num_epochs"], on_error=o["on_error"],
+                     shard_index=jax.process_index(), shard_count=jax.process_count(),
+                     num_workers=o["num_workers"])
+  return Prefetcher(it, o["prefetch"]) if o["prefetch"] else it
+
+
+def _probe_patches(source, prepare, o: dict, n: int = 512) -> tuple[int, int]:
+  """(suggested patch budget, most patches of one sample) from the first n records, reading
+  only image headers."""
+  import io
+  from PIL import Image
+  spec = prepare.qwen_spec
+  lengths, patches, most = [], [], 1
+  for i in range(min(len(source), n)):
+    try:
+      rec = source[i]
+      sizes = [Image.open(io.BytesIO(b)).size[::-1] for b in rec["images"]]
+      grids = [spec.grid(hw) for hw in sizes]
+      tokens = prepare.chat.encode(rec["conversations"], len(sizes), rec["where"],
+                                   image_tokens=[gh * gw // spec.merge_unit for gh, gw in grids])
+    except (DataError, OSError, ValueError):
+      continue  # reported when the iterator reaches it
+    c = sum(gh * gw for gh, gw in grids)
+    lengths.append(min(len(tokens), o["seq_len"]))
+    patches.append(c)
+    most = max(most, c)
+  if not o["packing"]:
+    return max(o["batch_size"] * most, 1), most
+  want = int(round(o["batch_size"] * o["seq_len"] * sum(patches) / max(sum(lengths), 1)))
+  return max(want, most, 1), most
+
+
+def _qwen_batches(o: dict, source, model_dir: str, model_config):
+  from mllm_tune.data.pipeline import qwen_preparer
+  from mllm_tune.data.qwen_batch import patch_buckets, round_budget
+  if o["out_of_budget"] not in ("resize", "refuse"):
+    raise ValueError(f"data config: out_of_budget={o['out_of_budget']!r}: choose resize or "
+                     "refuse")
+  prepare = qwen_preparer(model_dir, model_config, o["seq_len"], o["template"], o["overflow"],
+                          min_pixels=o["min_pixels"] or None,
+                          max_pixels=o["max_pixels"] or None, out_of_budget=o["out_of_budget"],
+                          max_image_tokens=o["max_image_tokens"] or None)
+  mu = model_config.vision.merge_unit
+  given = tuple(int(c) for c in o["crop_buckets"])
+  if given and not o["max_images"]:
+    budget = max(given)
+  else:
+    budget = round_budget(o["max_images"] or _probe_patches(source, prepare, o)[0], mu)
+  buckets = given or patch_buckets(budget, mu)
+  if jax.process_count() > 1:  # hosts' patches are gathered: every host must use one shape
+    buckets = (budget,)
+  pad_id = getattr(prepare.chat.tokenizer, "pad_token_id", None) or 0
+  v = model_config.vision
+  spec = BatchSpec(batch_size=o["batch_size"], max_len=o["seq_len"], packing=o["packing"],
+                   bucket_lengths=tuple(o["bucket_lengths"]), max_images=budget,
+                   image_token_id=model_config.image_token_id, image_hw=prepare.image_hw,
+                   pad_id=pad_id, crop_buckets=buckets, merge_unit=mu,
+                   window_merge=v.window_merge if v.windowed else 0)
   it = BatchIterator(source, prepare, spec, prepare.image_spec, seed=o["seed"],
                      shuffle=o["shuffle"], num_epochs=o["num_epochs"], on_error=o["on_error"],
                      shard_index=jax.process_index(), shard_count=jax.process_count(),

@@ -27,6 +27,11 @@ no dummy runs are needed, and three position-aligned tables say what each positi
   pack_newline (B, T) bool      the position takes `image_newline`
 (`models.anyres`, `models.llava`). Distinct compiled shapes: bucket lengths x crop buckets.
 
+Qwen2-VL / 2.5-VL (`BatchSpec.merge_unit > 0`, layout in `data/qwen_batch.py`): M counts image
+*patches*; `pixel_values` (P, C*T*p*p) are the batch's patch rows (P the smallest of
+`crop_buckets`, here patch counts, that holds them) with the host-built vision ids, pack tables
+with one merged token per image token, and M-RoPE `positions` (3, B, T) restarting per sample.
+
 Packing: rows are filled one after another, each with the subset of the buffered items whose
 total length fills it best (subset-sum by dynamic programming; ties: more images, then older
 items), within the image budget M and keeping room for the dummy runs still needed. The oldest
@@ -58,14 +63,34 @@ class BatchSpec:
   pad_id: int = 0
   buffer_factor: float = 2.0
   crop_features: int = 0  # anyres: features per crop (> 0 turns the anyres layout on)
-  crop_buckets: tuple[int, ...] = ()  # anyres: allowed crop counts C (last = max_images)
+  crop_buckets: tuple[int, ...] = ()  # anyres / Qwen: allowed crop / patch counts (last = max)
+  merge_unit: int = 0  # Qwen2-VL: patches per merged token, m^2 (> 0 turns the patch layout on)
+  window_merge: int = 0  # Qwen2.5-VL: merged tokens per window side (0: no window ids)
 
   @property
   def anyres(self) -> bool:
     return self.crop_features > 0
 
+  @property
+  def qwen(self) -> bool:
+    return self.merge_unit > 0
+
+  @property
+  def tables(self) -> bool:
+    """Images reach their tokens through pack tables (anyres, Qwen): a variable count per
+    image, no dummy image runs."""
+    return self.anyres or self.qwen
+
+  @property
+  def image_unit(self) -> int:
+    """Images (crops, patches) per unit of the planner's subset search: budgets above 512
+    are searched in coarser units (items rounded up), so its table stays small."""
+    return max(1, -(-self.max_images // 512)) if self.tables else 1
+
   def __post_init__(self):
-    if self.anyres:
+    if self.anyres and self.qwen:
+      raise ValueError("crop_features (anyres) and merge_unit (Qwen2-VL) exclude each other")
+    if self.tables:
       self._check_anyres()
       return
     buckets = tuple(sorted(self.bucket_lengths)) or (self.max_len,)
@@ -95,13 +120,18 @@ class BatchSpec:
     object.__setattr__(self, "bucket_lengths", buckets)
     if self.batch_size < 1 or self.max_len < 2:
       raise ValueError(f"batch_size={self.batch_size}, max_len={self.max_len}: too small")
+    what = "patches" if self.qwen else "crops"
     if self.max_images < 1 or self.image_token_id < 0 or min(self.image_hw) < 1:
-      raise ValueError("an anyres BatchSpec needs max_images (crops per batch) >= 1, "
-                       "image_token_id and image_hw (the crop size)")
+      raise ValueError(f"an {'Qwen2-VL' if self.qwen else 'anyres'} BatchSpec needs max_images "
+                       f"({what} per batch) >= 1, image_token_id and image_hw (the "
+                       f"{'patch' if self.qwen else 'crop'} size)")
     crops = tuple(sorted(set(self.crop_buckets))) or (self.max_images,)
     if crops[-1] != self.max_images or crops[0] < 1:
       raise ValueError(f"crop_buckets {crops}: the largest must equal max_images "
-                       f"({self.max_images}), all >= 1")
+                       f"({self.max_images}, {what} per batch), all >= 1")
+    if self.qwen and any(c % self.merge_unit for c in crops):
+      raise ValueError(f"patch buckets {crops} must be multiples of merge_unit "
+                       f"{self.merge_unit}, so padding never shares a merge block")
     object.__setattr__(self, "crop_buckets", crops)
 
   @property
@@ -128,7 +158,7 @@ def _slots(free: int, seq_len: int) -> int:
 
 def _dummy_room_ok(spec: BatchSpec, slots: int, n_images: int) -> bool:
   """Can `slots` whole padding runs hold a dummy run for every unused image slot?"""
-  return not spec.max_images or spec.anyres or slots >= spec.max_images - n_images
+  return not spec.max_images or spec.tables or slots >= spec.max_images - n_images
 
 
 def one_per_row(items: Sequence[Item], spec: BatchSpec) -> list[list[int]]:
@@ -199,10 +229,11 @@ def pack_rows(items: Sequence[Item], spec: BatchSpec, carried: int = 0) -> list[
     def feasible(k, s, room=room, placed=n_img, done=slots, rest=rest):
       return _dummy_room_ok(spec, done + _slots(room - s, seq) + rest, placed + k)
 
-    image_room = m - n_img if spec.anyres else min(m - n_img, t // seq) if seq else 0
+    u = spec.image_unit  # images counted in units of u (rounded up: never over budget)
+    image_room = (m - n_img) // u if spec.tables else min(m - n_img, t // seq) if seq else 0
     picked = best_subset(np.array([items[j].length for j in left], np.int64),
-                         np.array([items[j].images for j in left], np.int64), room, image_room,
-                         feasible)
+                         -(-np.array([items[j].images for j in left], np.int64) // u),
+                         room, image_room, feasible)
     row += [left[j] for j in picked]
     taken = set(row)
     left = [j for j in left if j not in taken]
@@ -214,7 +245,7 @@ def pack_rows(items: Sequence[Item], spec: BatchSpec, carried: int = 0) -> list[
 
 def row_length(fills: Sequence[int], n_images: int, spec: BatchSpec) -> int:
   """Smallest bucket length holding every row and the dummy image runs."""
-  need = 0 if spec.anyres else spec.max_images - n_images
+  need = 0 if spec.tables else spec.max_images - n_images
   for t in spec.bucket_lengths:
     if t >= max(fills) and (need <= 0 or sum(_slots(t - f, spec.image_seq_len)
                                              for f in fills) >= need):
@@ -283,7 +314,10 @@ def batch_density(rows: Sequence[Sequence[Item]], spec: BatchSpec) -> tuple[int,
 def assemble(rows: Sequence[Sequence], spec: BatchSpec, normalize=None) -> dict[str, np.ndarray]:
   """Rows of samples (objects with `tokens` (TokenizedConversation) and `pixels` (N, H, W, 3)
   uint8) -> the batch dict described in the module docstring. `normalize(uint8 NHWC) -> float32`
-  turns pixels into model inputs (`images.normalize`)."""
+  turns pixels into model inputs (`images.normalize`). Qwen2-VL batches are assembled by
+  `qwen_batch.assemble_qwen`."""
+  if spec.qwen:
+    raise ValueError("a Qwen2-VL BatchSpec: assemble with data.qwen_batch.assemble_qwen")
   if spec.anyres:
     return assemble_anyres(rows, spec, normalize)
   b, seq, m = spec.batch_size, spec.image_seq_len, spec.max_images
@@ -325,11 +359,12 @@ def quarter_buckets(budget: int) -> tuple[int, ...]:
 
 
 def crop_bucket(n: int, spec: BatchSpec) -> int:
-  """Smallest allowed crop count >= n."""
+  """Smallest allowed crop (Qwen: patch) count >= n."""
   for c in spec.crop_buckets:
     if c >= n:
       return c
-  raise ValueError(f"{n} crops exceed the batch's crop budget max_images={spec.max_images}")
+  what = "patches" if spec.qwen else "crops"
+  raise ValueError(f"{n} {what} exceed the batch's budget max_images={spec.max_images}")
 
 
 def assemble_anyres(rows: Sequence[Sequence], spec: BatchSpec, normalize=None

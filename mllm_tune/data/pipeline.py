@@ -21,7 +21,9 @@ import numpy as np
 
 from mllm_tune.data import anyres_images as ai
 from mllm_tune.data import images as img_lib
-from mllm_tune.models import anyres
+from mllm_tune.data import qwen_images as qi
+from mllm_tune.models import anyres, qwen_vl_host
+from mllm_tune.models.qwen_vl_config import QwenVLConfig
 from mllm_tune.data.conversation import ChatTokenizer, TokenizedConversation, load_tokenizer
 from mllm_tune.data.errors import DataError
 
@@ -32,7 +34,11 @@ OVERFLOW = ("truncate", "drop", "fail")
 class Sample:
   """One prepared sample: tokens, resized images uint8 (N, H, W, 3) (normalized per batch).
   Anyres models: `pixels` holds the crops of all the sample's images (N = crops) and `table` says
-  which crop features each image token takes (`models.anyres`; indices local to these crops)."""
+  which crop features each image token takes (`models.anyres`; indices local to these crops).
+  Qwen2-VL / 2.5-VL: `pixels` holds the patches of all the sample's images, uint8 (N, p, p, 3)
+  in the processor's row order (N = patches, `qwen_images.to_patches`), `grids` their
+  (n_images, 3) (t, h, w) grids and `mrope_positions` the sample's own (3, T) M-RoPE ids
+  (`models.qwen_vl_host.get_rope_index`)."""
   tokens: TokenizedConversation
   pixels: np.ndarray
   id: str = ""
@@ -40,6 +46,8 @@ class Sample:
   truncated_from: int = 0  # original length when truncated, else 0
   table: anyres.PackTable | None = None
   image_tokens: tuple[int, ...] = ()  # anyres: image tokens of each kept image, in order
+  grids: np.ndarray | None = None  # Qwen2-VL: (t, gh, gw) of each kept image
+  mrope_positions: np.ndarray | None = None  # Qwen2-VL: (3, T) M-RoPE positions
 
   @property
   def length(self) -> int:
@@ -89,12 +97,16 @@ class SamplePreparer:
   """
 
   def __init__(self, chat: ChatTokenizer, image_spec: img_lib.ImageSpec | None, max_len: int,
-               overflow: str = "truncate", anyres_spec: ai.AnyresImageSpec | None = None):
+               overflow: str = "truncate", anyres_spec: ai.AnyresImageSpec | None = None,
+               qwen_spec: qi.QwenImageSpec | None = None):
     if overflow not in OVERFLOW:
       raise ValueError(f"overflow={overflow!r}: choose one of {OVERFLOW}")
     self.chat, self.image_spec, self.max_len, self.overflow = chat, image_spec, max_len, overflow
-    self.anyres_spec = anyres_spec
-    if anyres_spec is not None:
+    self.anyres_spec, self.qwen_spec = anyres_spec, qwen_spec
+    if qwen_spec is not None:  # patches of p x p pixels, normalized per batch
+      self.image_spec = qwen_spec
+      self.image_hw = (qwen_spec.patch_size,) * 2
+    elif anyres_spec is not None:
       if anyres_spec.feature_side is None:
         raise ValueError("anyres_spec.feature_side is needed to count image tokens")
       self.image_spec = anyres_spec.crop  # per-crop rescale / normalize
@@ -110,7 +122,10 @@ class SamplePreparer:
                       template: str | None = None, overflow: str = "truncate",
                       aspect: str | None = None) -> SamplePreparer:
     """Tokenizer and `preprocessor_config.json` from `model_dir`; image token id, tokens per
-    image and image size from `model_config` (a `LlavaConfig`)."""
+    image and image size from `model_config` (a `LlavaConfig`, or a `QwenVLConfig`: see
+    `qwen_preparer`)."""
+    if isinstance(model_config, QwenVLConfig):
+      return qwen_preparer(model_dir, model_config, max_len, template, overflow)
     chat = ChatTokenizer(load_tokenizer(model_dir), model_config.image_token_id,
                          model_config.crop_tokens, template)
     if model_config.anyres:
@@ -124,6 +139,8 @@ class SamplePreparer:
 
   def __call__(self, record: dict) -> Sample:
     where = record.get("where", f"record (id={record.get('id')})")
+    if self.qwen_spec is not None:
+      return self._prepare_qwen(record, where)
     if self.anyres_spec is not None:
       return self._prepare_anyres(record, where)
     raw_images = record.get("images", [])
@@ -182,6 +199,67 @@ class SamplePreparer:
     with self._tokenizer_lock:
       return self.chat.encode_prompt(record.get("conversations"), n, sample.where,
                                      list(sample.image_tokens) if anyres_model else None)
+
+
+  def _prepare_qwen(self, record: dict, where: str) -> Sample:
+    """Qwen2-VL / 2.5-VL: image sizes decide token counts (gh * gw / m^2 after
+    `smart_resize`), so images are decoded before tokenizing; the M-RoPE ids are computed on
+    the tokens kept."""
+    spec, raw = self.qwen_spec, record.get("images", [])
+    names = record.get("image_names") or [f"#{i}" for i in range(len(raw))]
+    wheres = [f"{where}: image {name}" for name in names]
+    imgs = [img_lib.decode_image(data, w) for data, w in zip(raw, wheres)]
+    counts = [spec.image_tokens((img.height, img.width), w) for img, w in zip(imgs, wheres)]
+    with self._tokenizer_lock:
+      tokens = self.chat.encode(record.get("conversations"), len(raw), where,
+                                image_tokens=counts)
+    original = len(tokens)
+    tokens, kept = fit_length(tokens, self.max_len, counts, self.overflow, where)
+    done = [qi.to_patches(img, spec, w) for img, w in zip(imgs[:kept], wheres[:kept])]
+    p = spec.patch_size
+    pixels = (np.concatenate([d[0] for d in done]) if done
+              else np.zeros((0, p, p, 3), np.uint8))
+    grids = np.asarray([d[1] for d in done], np.int64).reshape(-1, 3)
+    ids = tokens.input_ids[None]
+    try:
+      positions, _ = qwen_vl_host.get_rope_index(
+          ids, (ids == self.chat.image_token_id).astype(np.int32), grids, spec.merge_size)
+    except ValueError as e:  # e.g. two images with no text between their token runs
+      raise DataError(f"{where}: conversations: the image tokens do not form one run per "
+                      f"image ({e})", "image_count") from None
+    return Sample(tokens, pixels, str(record.get("id", "")), where,
+                  original if len(tokens) < original else 0, grids=grids,
+                  mrope_positions=positions[:, 0])
+
+
+def qwen_image_text(tokenizer, model_config: QwenVLConfig) -> str:
+  """The text of one image in Qwen's chat templates: `<|vision_start|><|image_pad|>
+  <|vision_end|>` (the tokens of the config's ids)."""
+  c = model_config
+  return "".join(tokenizer.convert_ids_to_tokens(
+      [c.vision_start_token_id, c.image_token_id, c.vision_end_token_id]))
+
+
+def qwen_preparer(model_dir: str, model_config: QwenVLConfig, max_len: int,
+                  template: str | None = None, overflow: str = "truncate",
+                  **image_options) -> SamplePreparer:
+  """The Qwen2-VL / 2.5-VL preparer of `model_dir`: its tokenizer (each `<image>` becomes
+  `qwen_image_text`), its image processor (`QwenImageSpec.from_pretrained`, with
+  `image_options` such as min_pixels, max_pixels, out_of_budget, max_image_tokens), checked
+  against the model's vision config."""
+  tok = load_tokenizer(model_dir)
+  chat = ChatTokenizer(tok, model_config.image_token_id, 1, template,
+                       image_text=qwen_image_text(tok, model_config))
+  spec = qi.QwenImageSpec.from_pretrained(model_dir, **image_options)
+  v = model_config.vision
+  problems = [f"{name} {got} != the vision config's {want}" for name, got, want in (
+      ("patch_size", spec.patch_size, v.patch_size),
+      ("merge_size", spec.merge_size, v.spatial_merge_size),
+      ("temporal_patch_size", spec.temporal_patch_size, v.temporal_patch_size)) if got != want]
+  if problems:
+    raise ValueError(f"{model_dir}: the image processor does not fit the model: "
+                     + "; ".join(problems))
+  return SamplePreparer(chat, None, max_len, overflow, qwen_spec=spec)
 
 
 def anyres_spec_for(model_dir: str, model_config) -> ai.AnyresImageSpec:

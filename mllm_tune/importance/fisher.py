@@ -15,7 +15,10 @@ on the mesh's (data, fsdp) axes, the leaves keep their own shardings.
 An example is one sample. `split_examples` cuts a training batch (packed rows, image slots shared
 across the batch in row-major order) into one row per sample holding its own images; rows are
 padded to a common length and image count with dummy image runs in the padding (attention 0, loss
-0), the convention of data/packing.py, so each sample's gradient is exactly its own.
+0), the convention of data/packing.py, so each sample's gradient is exactly its own. Anyres
+batches keep each sample's crops and pack-table rows; Qwen2-VL / 2.5-VL batches each sample's
+patch rows with their vision ids (image segments numbered from 1), its pack-table rows re-based
+to them and its (3, L) M-RoPE positions (`data/qwen_batch.py`).
 
 Files (`store.py`): `save_importance` / `load_importance`.
 """
@@ -30,8 +33,10 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mllm_tune import pytree
+from mllm_tune.models.qwen_vl_config import QwenVLConfig
 
 KINDS = ("empirical", "true", "mas")
+VISION_IDS = ("vision_segment_ids", "vision_pos_hw", "vision_window_ids")  # Qwen, per patch
 META_FILE = "importance.json"
 FORMAT = "mllm_tune.importance/1"
 TOKEN_FIELDS = ("input_ids", "attention_mask", "positions", "segment_ids", "loss_mask")
@@ -144,11 +149,14 @@ def lm_logits_fn(model) -> LogitsFn:
   weights = loss_mask[1:]): token t is a target predicted from t-1 (step.token_ce)."""
   def fn(variables, ex):
     kw = {k: ex[k][None] for k in ("attention_mask", "positions", "segment_ids") if k in ex}
+    if "positions" in ex and ex["positions"].ndim == 2:  # Qwen's M-RoPE ids (3, T)
+      kw["positions"] = ex["positions"][:, None]
     if "pixel_values" in ex:
       kw["pixel_values"] = ex["pixel_values"]
     for k in ("pack_index", "pack_weight", "pack_newline"):  # anyres: position-aligned
       if k in ex:
         kw[k] = ex[k][None]
+    kw.update({k: ex[k] for k in VISION_IDS if k in ex})  # Qwen: the example's patch ids
     logits = model.apply(variables, ex["input_ids"][None], **kw)[0]
     return logits[:-1], ex["input_ids"][1:], ex["loss_mask"][1:]
   return fn
@@ -156,10 +164,13 @@ def lm_logits_fn(model) -> LogitsFn:
 
 def image_spec(model) -> tuple[int | None, int]:
   """(image token id, tokens per image) of a LLaVA model, (None, 0) for a text-only one; for
-  anyres models (whose batches carry pack tables) the second number is the features per crop."""
+  anyres models (whose batches carry pack tables) the second number is the features per crop,
+  for Qwen2-VL / 2.5-VL the patches per merged token (m^2)."""
   cfg = getattr(model, "config", None)
   if cfg is None or not hasattr(cfg, "image_token_id"):
     return None, 0
+  if isinstance(cfg, QwenVLConfig):
+    return int(cfg.image_token_id), int(cfg.vision.merge_unit)
   return int(cfg.image_token_id), int(cfg.crop_tokens if cfg.anyres else cfg.image_seq_len)
 
 
@@ -169,7 +180,9 @@ def split_examples(batch: dict, image_token_id: int | None = None,
   input_ids, positions, loss_mask (L,) and its own images (n, H, W, C) from the shared slots.
   Batches with a leading grad-accumulation axis (A, B, T) are split per micro-batch. Anyres
   batches (with pack tables; `image_seq_len` = features per crop): each sample keeps its own
-  crops and its table rows, re-based to them."""
+  crops and its table rows, re-based to them. Qwen2-VL batches (with vision ids;
+  `image_seq_len` = m^2): its patch rows and their ids, table rows re-based to them, and its
+  (3, L) positions."""
   b = {k: np.asarray(v) for k, v in batch.items()}
   ids = b["input_ids"]
   if ids.ndim == 3:
@@ -188,8 +201,10 @@ def split_examples(batch: dict, image_token_id: int | None = None,
   loss = b["loss_mask"] if "loss_mask" in b else mask
   px = b.get("pixel_values")
   with_images = px is not None and image_token_id is not None and image_seq_len > 0
-  anyres = with_images and "pack_index" in b
-  if with_images and not anyres:
+  qwen = with_images and "vision_segment_ids" in b
+  anyres = with_images and "pack_index" in b and not qwen
+  pos3 = pos is not None and pos.ndim == ids.ndim + 1  # M-RoPE (3, B, T)
+  if with_images and not (anyres or qwen):
     is_img = ids == image_token_id
     slot = ((np.cumsum(is_img.reshape(-1)) - 1) // image_seq_len).reshape(ids.shape)
   out = []
@@ -201,9 +216,12 @@ def split_examples(batch: dict, image_token_id: int | None = None,
       if not loss[r, idx[1:]].any():
         continue
       ex = {"input_ids": ids[r, idx], "loss_mask": loss[r, idx].copy(),
-            "positions": pos[r, idx] if pos is not None else np.arange(len(idx))}
+            "positions": (pos[:, r, idx] if pos3 else pos[r, idx]) if pos is not None
+            else np.arange(len(idx))}
       ex["loss_mask"][0] = 0
-      if anyres:
+      if qwen:
+        ex.update(_own_patches(b, r, idx, image_seq_len))
+      elif anyres:
         ex.update(_own_crops(b, r, idx, image_seq_len))
       elif with_images:
         slots = np.unique(slot[r, idx][is_img[r, idx]])
@@ -230,18 +248,50 @@ def _own_crops(b: dict, r: int, idx: np.ndarray, crop_features: int) -> dict:
   return out
 
 
+def _own_patches(b: dict, r: int, idx: np.ndarray, merge_unit: int) -> dict:
+  """A Qwen sample's patch rows, their vision ids (segments renumbered from 1) and its pack
+  table re-based to them."""
+  index, weight = b["pack_index"][r, idx], b["pack_weight"][r, idx]
+  used = index[weight != 0]
+  out = {"pack_weight": weight, "pack_newline": b["pack_newline"][r, idx]}
+  if not used.size:
+    out.update(images=b["pixel_values"][:0], pack_index=np.zeros_like(index),
+               **{k: b[k][:0] for k in VISION_IDS if k in b})
+    return out
+  m0, m1 = int(used.min()), int(used.max()) + 1
+  rows = slice(m0 * merge_unit, m1 * merge_unit)
+  seg = b["vision_segment_ids"][rows]
+  if len(used) != m1 - m0 or (seg <= 0).any():
+    raise ImportanceError(f"row {r}: a sample's image tokens do not take one block of real "
+                          "patch rows of the batch")
+  out.update(images=b["pixel_values"][rows],
+             pack_index=np.where(weight != 0, index - m0, 0).astype(np.int32),
+             **{k: b[k][rows] for k in VISION_IDS if k in b})
+  out["vision_segment_ids"] = (seg - seg.min() + 1).astype(np.int32)
+  return out
+
+
 def stack_examples(examples: list[dict], image_token_id: int | None = None,
                    image_seq_len: int = 0) -> dict[str, np.ndarray]:
   """Pad per-sample dicts to one (N, T) batch; with images, pixel_values (N, K, H, W, C), K the
-  most images of a sample, fewer images filled by dummy runs in the row's padding."""
+  most images of a sample, fewer images filled by dummy runs in the row's padding. Qwen
+  examples: pixel_values (N, K, C*T*p*p) with K the most patch rows of a sample (zero rows with
+  vision segment id 0 after a sample's own), vision ids (N, K, ...), positions (N, 3, T)."""
   if not examples:
     raise ImportanceError("no sample with answer tokens to compute the importance from")
   k = max((len(e["images"]) for e in examples if "images" in e), default=0)
   anyres = any("pack_index" in e for e in examples)
+  qwen = any("vision_segment_ids" in e for e in examples)
   need = [len(e["input_ids"]) + (0 if anyres else (k - len(e.get("images", ()))) * image_seq_len)
           for e in examples]
   n, t = len(examples), max(need)
   out = {f: np.zeros((n, t), np.int32) for f in TOKEN_FIELDS}
+  if qwen:
+    out["positions"] = np.zeros((n, 3, t), np.int32)
+    for key in VISION_IDS:
+      shaped = [e[key] for e in examples if key in e]
+      if shaped:
+        out[key] = np.zeros((n, k) + shaped[0].shape[1:], np.int32)
   if k:
     hwc = next(e["images"].shape[1:] for e in examples if "images" in e and len(e["images"]))
     out["pixel_values"] = np.zeros((n, k) + hwc, np.float32)
@@ -253,7 +303,7 @@ def stack_examples(examples: list[dict], image_token_id: int | None = None,
   for i, e in enumerate(examples):
     m = len(e["input_ids"])
     out["input_ids"][i, :m] = e["input_ids"]
-    out["positions"][i, :m] = e["positions"]
+    out["positions"][i, ..., :m] = e["positions"]
     out["loss_mask"][i, :m] = e["loss_mask"]
     out["attention_mask"][i, :m] = 1
     out["segment_ids"][i, :m] = 1
@@ -261,6 +311,9 @@ def stack_examples(examples: list[dict], image_token_id: int | None = None,
       n_img = len(e.get("images", ()))
       if n_img:
         out["pixel_values"][i, :n_img] = e["images"]
+        for key in VISION_IDS:
+          if key in e:
+            out[key][i, :n_img] = e[key]
       if anyres:
         if "pack_index" in e:
           kk = e["pack_index"].shape[-1]
@@ -276,8 +329,12 @@ def examples_batch(examples: dict, crop_features: int = 0) -> dict:
   """Stacked examples (`stack_examples`, each row's own images `pixel_values` (N, K, H, W, C))
   -> the model's inputs: the images in the batch's shared slots (N * K, H, W, C), row by row,
   and anyres `pack_index` re-based from each row's own crops to those slots (`crop_features`:
-  features per crop, `image_spec`). Traceable; a batch without a per-row image axis is returned
-  as it is."""
+  features per crop, `image_spec`). Qwen examples (pixel_values (N, K, C*T*p*p);
+  `crop_features` = m^2): one patch buffer (N * K, ...), segment ids kept apart per row,
+  `pack_index` re-based, positions (3, N, T). Traceable; a batch without a per-row image axis is
+  returned as it is."""
+  if "vision_segment_ids" in examples and examples["vision_segment_ids"].ndim == 2:
+    return _qwen_examples_batch(examples, crop_features)
   px = examples.get("pixel_values")
   if px is None or px.ndim != 5:
     return examples
@@ -287,6 +344,21 @@ def examples_batch(examples: dict, crop_features: int = 0) -> dict:
     shift = (jnp.arange(n, dtype=jnp.int32) * (k * crop_features))[:, None, None]
     out["pack_index"] = jnp.where(examples["pack_weight"] != 0, examples["pack_index"] + shift,
                                   0)
+  return out
+
+
+def _qwen_examples_batch(examples: dict, merge_unit: int) -> dict:
+  n, k = examples["vision_segment_ids"].shape
+  seg = examples["vision_segment_ids"]
+  rows = jnp.arange(n, dtype=jnp.int32)[:, None]
+  out = dict(examples, vision_segment_ids=jnp.where(seg > 0, seg + rows * k, 0).reshape(-1),
+             positions=jnp.moveaxis(examples["positions"], 1, 0))
+  for key in ("pixel_values", "vision_pos_hw", "vision_window_ids"):
+    if key in examples:
+      x = examples[key]
+      out[key] = x.reshape((n * k,) + tuple(x.shape[2:]))
+  shift = (jnp.arange(n, dtype=jnp.int32) * (k // merge_unit))[:, None, None]
+  out["pack_index"] = jnp.where(examples["pack_weight"] != 0, examples["pack_index"] + shift, 0)
   return out
 
 

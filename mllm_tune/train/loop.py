@@ -196,17 +196,18 @@ class Trainer:
     return tuning.combine(self.state.trainable, self.frozen)
 
   def put_batch(self, batch: dict, sharding=None) -> dict:
-    """Host batch (this process's slice) -> global arrays sharded over (data, fsdp)."""
+    """Host batch (this process's slice) -> global arrays sharded over (data, fsdp) on the row
+    axis: axis 0 of (B, ...) fields, axis 1 of Qwen2-VL's (3, B, T) M-RoPE `positions`
+    (after the micro-batch axis with grad accumulation). Image buffers (pixel values, patch
+    ids) are replicated, every host's joined in process order."""
     sh = sharding or self.batch_sharding
     out = {}
+    ids_ndim = np.ndim(batch["input_ids"]) if "input_ids" in batch else None
     for k, v in batch.items():
       v = np.asarray(v)
-      if k == "pack_index" and jax.process_count() > 1:
-        # anyres: indices point into this host's crops; they follow the hosts before it once
-        # the crops are gathered (every host uses the same crop count, data/loader.py)
-        v = v + jax.process_index() * batch["pixel_values"].shape[0] * (
-            self.model.config.crop_side ** 2)
-      if k in ("pixel_values", "image_valid"):
+      if jax.process_count() > 1:
+        v = setup.rebase_for_host(self.model.config, k, v, batch, jax.process_index())
+      if k in setup.REPLICATED_FIELDS:
         # image slots are not split by rows: every device sees all images of the global batch,
         # hosts' slots joined in process order (= the global row-major token order)
         if jax.process_count() > 1:
@@ -214,10 +215,12 @@ class Trainer:
           v = np.asarray(multihost_utils.process_allgather(v, tiled=True))
         out[k] = jax.device_put(v, jax.sharding.NamedSharding(self.mesh, jax.sharding.
                                                               PartitionSpec()))
-      elif jax.process_count() > 1:
-        out[k] = jax.make_array_from_process_local_data(sh, v)
+        continue
+      k_sh = setup.field_sharding(sh, k, v.ndim, ids_ndim)
+      if jax.process_count() > 1:
+        out[k] = jax.make_array_from_process_local_data(k_sh, v)
       else:
-        out[k] = jax.device_put(v, sh)
+        out[k] = jax.device_put(v, k_sh)
     return out
 
   def evaluate(self, batches) -> dict:

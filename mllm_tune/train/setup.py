@@ -8,6 +8,7 @@ import logging
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -186,6 +187,38 @@ def cast_tree(tree: dict, dtype) -> dict:
 def batch_sharding(mesh, grad_accum: int) -> NamedSharding:
   axis = ("data", "fsdp")
   return NamedSharding(mesh, P(None, axis) if grad_accum > 1 else P(axis))
+
+
+# batch fields that are not split by rows (image buffers and their per-patch ids): replicated
+REPLICATED_FIELDS = ("pixel_values", "image_valid", "vision_segment_ids", "vision_pos_hw",
+                     "vision_window_ids")
+
+
+def field_sharding(sh: NamedSharding, key: str, ndim: int, ids_ndim: int | None
+                   ) -> NamedSharding:
+  """The row sharding `sh` of a batch field: Qwen2-VL's M-RoPE `positions` (3, B, T) (one
+  axis more than `input_ids`) put the row axis second, after any micro-batch axis."""
+  if key == "positions" and ids_ndim is not None and ndim == ids_ndim + 1:
+    spec = tuple(sh.spec)  # (rows,) or (None, rows) with a micro-batch axis
+    return NamedSharding(sh.mesh, P(*spec[:-1], None, spec[-1]))
+  return sh
+
+
+def rebase_for_host(model_config, key: str, v: np.ndarray, batch: dict, rank: int
+                    ) -> np.ndarray:
+  """Indices into one host's image buffer -> into the gathered buffer, where the hosts before
+  `rank` come first (every host uses the same buffer size, data/loader.py): `pack_index` rows
+  of the image features (anyres: crops x features per crop; Qwen2-VL: patches / m^2) and
+  Qwen's per-image `vision_segment_ids` (kept apart from other hosts' images)."""
+  if key == "pack_index":
+    rows = batch["pixel_values"].shape[0]
+    vision = model_config.vision
+    per_host = (rows // vision.merge_unit if hasattr(vision, "merge_unit")
+                else rows * model_config.crop_side ** 2)
+    return v + rank * per_host
+  if key == "vision_segment_ids":
+    return np.where(v > 0, v + rank * v.shape[0], 0).astype(v.dtype)
+  return v
 
 
 def method_from(c) -> tuning.Method:

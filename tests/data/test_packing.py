@@ -207,3 +207,36 @@ def test_image_slots_are_bounded_so_every_sample_fits_an_empty_batch():
   assert suggest_max_images([767] * 10, [1] * 10, 8, 2048, 576) == 21  # 8*2048/767 = 21.4
   assert suggest_max_images([300] * 10, [1] * 10, 8, 2048, 576) == 21  # capped
   assert suggest_max_images([300] * 10, [0, 2] * 5, 8, 2048, 576, packing=False) == 16
+
+
+def test_qwen_patch_budget_planner_counts_patches_in_coarse_units_never_over_budget():
+  """A Qwen2-VL patch budget above 512 is searched in units (image_unit), items rounded up:
+  no batch exceeds the budget, every item is emitted once, and batches still fill most of it."""
+  common = dict(batch_size=4, max_len=512, image_token_id=1, image_hw=(14, 14), merge_unit=4)
+  spec = BatchSpec(max_images=4096, crop_buckets=(1024, 2048, 3072, 4096), **common)
+  assert spec.qwen and spec.tables and spec.image_unit == 8
+  rng = np.random.default_rng(1)
+  items = [Item(i, int(rng.integers(40, 500)), 4 * int(rng.integers(0, 300)))
+           for i in range(400)]
+  planner, emitted, used = Planner(spec), set(), []
+  k = 0
+  while True:
+    while planner.wants_more() and k < len(items):
+      planner.add(items[k])
+      k += 1
+    rows = planner.next_batch()
+    if not rows:
+      break
+    patches = sum(i.images for row in rows for i in row)
+    assert patches <= spec.max_images
+    used.append(patches / spec.max_images)
+    for row in rows:
+      assert sum(i.length for i in row) <= spec.max_len
+      emitted.update(i.key for i in row)
+  assert emitted == set(range(len(items)))
+  assert np.mean(used[:-3]) > 0.6
+  with pytest.raises(ValueError, match=r"patch buckets \(64, 130\) must be multiples of "
+                                       "merge_unit 4"):
+    BatchSpec(max_images=130, crop_buckets=(64, 130), **common)
+  with pytest.raises(ValueError, match="exclude each other"):
+    BatchSpec(max_images=64, crop_features=4, **common)

@@ -18,6 +18,12 @@ def get_config():
   c.packing = True
   c.bucket_lengths = ()           # padding mode: allowed row lengths (last = seq_len)
   c.max_images = 0                # image slots per batch; 0: suggested from the data
+  #                                 (anyres: crops, Qwen2-VL: patches per batch)
+  c.crop_buckets = ()             # anyres / Qwen2-VL: allowed crop / patch counts (): quarters
+  c.max_image_tokens = 0          # anyres / Qwen2-VL: refuse larger images (0: no limit)
+  c.min_pixels = 0                # Qwen2-VL: smart_resize budget (0: the image processor's)
+  c.max_pixels = 0
+  c.out_of_budget = "resize"      # Qwen2-VL: resize (transformers) | refuse images outside
   c.overflow = "truncate"         # truncate | drop | fail
   c.on_error = "skip"             # skip (count and report) | raise
   c.aspect = ml_collections.FieldReference(None, field_type=str)  # None: processor's; pad
