@@ -11,7 +11,8 @@ transformers and saved; both workers load it. The batch: `--batch` rows, each on
 different size (tall, wide, square, small) plus text up to `--seq` tokens; transformers gets
 its own layout (pixel_values (N, max crops, 3, S, S) + image_sizes), we get `mt.hf_inputs` of
 the same arrays. LoRA r=16 (alpha 32) on every LLM linear, AdamW, float32 on CPU; each worker is
-its own process and the driver alternates them `--repeats` times (median step time).
+its own process and the driver alternates them `--repeats` times (median step time); both run
+with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` as in perf/throughput.py.
 
 Compiled programs: `--programs_steps` batches of the regular data pipeline (packing, crop
 buckets) over LLaVA-format JSON records whose images take 8 sizes, fed to the jitted LoRA step of
@@ -276,7 +277,9 @@ def main():
              "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
              "--programs_steps", str(args.programs_steps if (w, rep) == ("jax", 0) else 0),
              "--out", out]
-      subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": ROOT})
+      # as perf/throughput.py: transparent huge pages for large blocks, the same for both
+      subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": ROOT,
+                                           "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"})
       with open(out) as f:
         res = json.load(f)
       runs[w] += res["times"]
