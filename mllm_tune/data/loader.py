@@ -67,32 +67,41 @@ def _probe_max_images(source, prepare, o: dict, n: int = 512) -> int:
                             prepare.chat.image_seq_len, o["packing"])
 
 
-def _probe_crops(source, prepare, o: dict, n: int = 512) -> tuple[int, int]:
-  """(suggested crop budget, most crops of one sample) from the first n records, reading only
-  image headers."""
+def _probe_budget(source, prepare, o: dict, measure, n: int = 512) -> tuple[int, int]:
+  """(suggested image budget per batch, most units of one sample) from the first n records,
+  reading only image headers. `measure(sizes_hw) -> (image tokens per image, units)`: units
+  are what the batch budget counts (anyres crops, Qwen2-VL patches)."""
   import io
   from PIL import Image
-  from mllm_tune.data import anyres_images as ai
-  spec = prepare.anyres_spec
-  lengths, crops, most = [], [], 1
+  lengths, units, most = [], [], 1
   for i in range(min(len(source), n)):
     try:
       rec = source[i]
       sizes = [Image.open(io.BytesIO(b)).size[::-1] for b in rec["images"]]
-      flags = ai.anyres_flags(spec.family, [len(sizes)])
-      counts = [spec.image_tokens(hw, f) for hw, f in zip(sizes, flags)]
+      counts, u = measure(sizes)
       tokens = prepare.chat.encode(rec["conversations"], len(sizes), rec["where"],
                                    image_tokens=counts)
     except (DataError, OSError, ValueError):
       continue  # reported when the iterator reaches it
-    c = sum(spec.num_crops(hw, f) for hw, f in zip(sizes, flags))
     lengths.append(min(len(tokens), o["seq_len"]))
-    crops.append(c)
-    most = max(most, c)
+    units.append(u)
+    most = max(most, u)
   if not o["packing"]:
     return max(o["batch_size"] * most, 1), most
-  want = int(round(o["batch_size"] * o["seq_len"] * sum(crops) / max(sum(lengths), 1)))
+  want = int(round(o["batch_size"] * o["seq_len"] * sum(units) / max(sum(lengths), 1)))
   return max(want, most, 1), most
+
+
+def _probe_crops(source, prepare, o: dict) -> tuple[int, int]:
+  """`_probe_budget` in anyres crops."""
+  from mllm_tune.data import anyres_images as ai
+  spec = prepare.anyres_spec
+
+  def measure(sizes):
+    flags = ai.anyres_flags(spec.family, [len(sizes)])
+    return ([spec.image_tokens(hw, f) for hw, f in zip(sizes, flags)],
+            sum(spec.num_crops(hw, f) for hw, f in zip(sizes, flags)))
+  return _probe_budget(source, prepare, o, measure)
 
 
 def make_source(o: dict):
@@ -168,30 +177,14 @@ def _anyres_batches(o: dict, source, model_dir: str, model_config):
   return Prefetcher(it, o["prefetch"]) if o["prefetch"] else it
 
 
-def _probe_patches(source, prepare, o: dict, n: int = 512) -> tuple[int, int]:
-  """(suggested patch budget, most patches of one sample) from the first n records, reading
-  only image headers."""
-  import io
-  from PIL import Image
+def _probe_patches(source, prepare, o: dict) -> tuple[int, int]:
+  """`_probe_budget` in Qwen2-VL patches."""
   spec = prepare.qwen_spec
-  lengths, patches, most = [], [], 1
-  for i in range(min(len(source), n)):
-    try:
-      rec = source[i]
-      sizes = [Image.open(io.BytesIO(b)).size[::-1] for b in rec["images"]]
-      grids = [spec.grid(hw) for hw in sizes]
-      tokens = prepare.chat.encode(rec["conversations"], len(sizes), rec["where"],
-                                   image_tokens=[gh * gw // spec.merge_unit for gh, gw in grids])
-    except (DataError, OSError, ValueError):
-      continue  # reported when the iterator reaches it
-    c = sum(gh * gw for gh, gw in grids)
-    lengths.append(min(len(tokens), o["seq_len"]))
-    patches.append(c)
-    most = max(most, c)
-  if not o["packing"]:
-    return max(o["batch_size"] * most, 1), most
-  want = int(round(o["batch_size"] * o["seq_len"] * sum(patches) / max(sum(lengths), 1)))
-  return max(want, most, 1), most
+
+  def measure(sizes):
+    grids = [spec.grid(hw) for hw in sizes]
+    return [gh * gw // spec.merge_unit for gh, gw in grids], sum(gh * gw for gh, gw in grids)
+  return _probe_budget(source, prepare, o, measure)
 
 
 def _qwen_batches(o: dict, source, model_dir: str, model_config):

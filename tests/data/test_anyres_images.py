@@ -1,6 +1,6 @@
 """Anyres preprocessing and token expansion equal transformers' LLaVA-NeXT / OneVision processors.
 
-Tiny processors as in docs VLM_FAMILIES.md section 4 (PIL backend; the processors with a video
+Tiny processors built like those of tests/helpers/anyres_tiny.py (PIL backend; the processors with a video
 slot are built with `check_argument_for_proper_class` skipping None arguments, in-process).
 """
 from __future__ import annotations
@@ -205,7 +205,7 @@ def test_token_ids_equal_processor(hf, specs, family):
                                         family, spec.vision_aspect_ratio))
     got.append(count)
     _check_tokens(chat, tok, proc, [img], None, _conversation(1), [count])
-  assert got[:5] == expected  # VLM_FAMILIES.md section 4 (NeXT: "default" drops the CLS)
+  assert got[:5] == expected  # NeXT: "default" drops the CLS
   if family == "llava_next":  # several anyres images in one sample
     pair = [images[0], images[3]]
     _check_tokens(chat, tok, proc, pair, None, _conversation(2),

@@ -1,6 +1,6 @@
 """Qwen2-VL / 2.5-VL preprocessing and placeholder expansion equal transformers'
 `Qwen2VLImageProcessorPil` and `Qwen2VLProcessor` (PIL backend; the processor's None video slot
-is built as in docs VLM_FAMILIES.md section 4), and the data pipeline's Qwen samples."""
+is built as in tests/helpers (anyres_tiny.py, qwen_vl_tiny.py)), and the data pipeline's Qwen samples."""
 from __future__ import annotations
 
 import io
