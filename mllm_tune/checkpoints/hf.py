@@ -5,7 +5,9 @@ Supports `LlavaForConditionalGeneration`, `LlavaNextForConditionalGeneration` an
 `language_model.model.*` layout of llava-hf checkpoints, mapped as in Llava's
 `_checkpoint_conversion_mapping`; the anyres models add `image_newline`),
 `Qwen2VLForConditionalGeneration` / `Qwen2_5_VLForConditionalGeneration` (the hub layout, which
-transformers 5 also writes, and its in-memory names: `QWEN_VL_LAYOUTS`) and bare
+transformers 5 also writes, and its in-memory names: `QWEN_VL_LAYOUTS`),
+`Qwen3VLForConditionalGeneration` (dense; its hub files and transformers 5 use the in-memory
+names, `QWEN3_VL_LAYOUTS`) and bare
 `LlamaForCausalLM` / `Qwen2ForCausalLM` / `MistralForCausalLM`. Loading streams tensor by tensor
 from memory-mapped files and builds each parameter with `jax.make_array_from_callback`, so every
 device reads only its own shard and no second host copy of the model is made. Writing streams the
@@ -61,6 +63,7 @@ QWEN_VL_LAYOUTS = {
     "v5": ("model.language_model.", "lm_head", "model.visual."),
 }
 DEFAULT_QWEN_VL_LAYOUT = "hub"
+QWEN3_VL_LAYOUTS = {"v5": QWEN_VL_LAYOUTS["v5"]}  # Qwen3-VL's hub files and transformers 5
 # module names inside the transformers 5 model (what peft adapter files name)
 MEMORY_LAYOUTS = {LlavaConfig: "v5_flat", QwenVLConfig: "v5"}
 AUX_FILES = re.compile(r"(tokenizer.*|special_tokens_map\.json|vocab\.json|merges\.txt|"
@@ -130,6 +133,9 @@ def llm_rules(c, prefix: str, head: str = "lm_head") -> list[Rule]:
                   c.o_bias if n == "o" else c.qkv_bias, s)
   for n in ("gate", "up", "down"):
     rules += _lin(f"{p}layers.{{i}}.mlp.{n}_proj", lp + ("mlp", f"{n}_proj"), c.mlp_bias, s)
+  if c.qk_norm:  # Qwen3
+    for n in "qk":
+      rules += _norm(f"{p}layers.{{i}}.self_attn.{n}_norm", lp + ("attn", f"{n}_norm"), s, False)
   rules += _norm(f"{p}layers.{{i}}.input_layernorm", lp + ("input_norm",), s, False)
   rules += _norm(f"{p}layers.{{i}}.post_attention_layernorm", lp + ("post_attn_norm",), s, False)
   rules += _norm(f"{p}norm", ("llm", "final_norm"), False, False)
@@ -168,29 +174,43 @@ def vision_rules(c, prefix: str) -> list[Rule]:
 
 
 def qwen_vision_rules(c, prefix: str) -> list[Rule]:
-  """The Qwen2-VL / 2.5-VL tower under `vision/` and its merger under `projector/`."""
+  """The Qwen2-VL / 2.5-VL / 3-VL tower under `vision/` and its merger(s) under `projector/`."""
   vp, s = ("vision", "layers"), True
   rules = [Rule(f"{prefix}patch_embed.proj.weight", ("vision", "patch_embed", "kernel"),
                 conv3d_kind(c.num_channels, c.temporal_patch_size, c.patch_size))]
+  if c.qwen3:
+    rules += [Rule(f"{prefix}patch_embed.proj.bias", ("vision", "patch_embed", "bias")),
+              Rule(f"{prefix}pos_embed.weight", ("vision", "pos_embed"))]
   blk = f"{prefix}blocks.{{i}}."
   for n in ("1", "2"):
     rules += _norm(f"{blk}norm{n}", vp + (f"norm{n}",), s, not c.windowed)
   rules += _lin(f"{blk}attn.qkv", vp + ("attn", "qkv"), True, s)
   rules += _lin(f"{blk}attn.proj", vp + ("attn", "proj"), True, s)
   for n in ("gate_proj", "up_proj", "down_proj") if c.windowed else ("fc1", "fc2"):
-    rules += _lin(f"{blk}mlp.{n}", vp + ("mlp", n), True, s)
-  m, mp = f"{prefix}merger.", ("projector",)
-  rules += _norm(f"{m}ln_q", mp + ("ln_q",), False, not c.windowed)
-  rules += _lin(f"{m}mlp.0", mp + ("linear_1",), True, False)
-  rules += _lin(f"{m}mlp.2", mp + ("linear_2",), True, False)
+    rules += _lin(f"{blk}mlp.{'linear_' if c.qwen3 else ''}{n}", vp + ("mlp", n), True, s)
+  mergers = [(f"{prefix}merger.", ("projector",))] + [
+      (f"{prefix}deepstack_merger_list.{i}.", ("projector", f"deepstack_{i}"))
+      for i in range(len(c.deepstack_visual_indexes))]
+  for m, mp in mergers:  # Qwen3-VL: norm, linear_fc1, linear_fc2; else ln_q, mlp.0, mlp.2
+    names = ("norm", "linear_fc1", "linear_fc2") if c.qwen3 else ("ln_q", "mlp.0", "mlp.2")
+    rules += _norm(f"{m}{names[0]}", mp + ("ln_q",), False, not c.windowed)
+    rules += _lin(f"{m}{names[1]}", mp + ("linear_1",), True, False)
+    rules += _lin(f"{m}{names[2]}", mp + ("linear_2",), True, False)
   return rules
 
 
 def key_layouts(cfg) -> dict | None:
   """The key layouts a config's checkpoints come in (None: a bare LLM's single layout)."""
   if isinstance(cfg, QwenVLConfig):
-    return QWEN_VL_LAYOUTS
+    return QWEN3_VL_LAYOUTS if cfg.vision.qwen3 else QWEN_VL_LAYOUTS
   return LLAVA_LAYOUTS if isinstance(cfg, LlavaConfig) else None
+
+
+def default_layout(cfg) -> str:
+  """The key layout written when none was read: 'v5' (LLaVA, Qwen3-VL), 'hub' (Qwen2-VL)."""
+  if isinstance(cfg, QwenVLConfig):
+    return "v5" if cfg.vision.qwen3 else DEFAULT_QWEN_VL_LAYOUT
+  return DEFAULT_LLAVA_LAYOUT
 
 
 def memory_layout(cfg) -> str | None:
@@ -203,7 +223,7 @@ def checkpoint_rules(cfg, layout: str | None = None) -> list[Rule]:
   if isinstance(cfg, CausalLMConfig):
     return llm_rules(cfg.llm, "model.")
   if isinstance(cfg, QwenVLConfig):
-    llm_p, head, vis_p = QWEN_VL_LAYOUTS[layout or DEFAULT_QWEN_VL_LAYOUT]
+    llm_p, head, vis_p = QWEN_VL_LAYOUTS[layout or default_layout(cfg)]
     return llm_rules(cfg.llm, llm_p, head) + qwen_vision_rules(cfg.vision, vis_p)
   llm_p, head, vis_p, proj_p = LLAVA_LAYOUTS[layout or DEFAULT_LLAVA_LAYOUT]
   rules = llm_rules(cfg.llm, llm_p, head)
@@ -423,14 +443,13 @@ def save_pretrained(out_dir: str, model, params: dict, dtype: str | None = None,
 
   `dtype` of the written tensors defaults to the original checkpoint's dtype (config.json
   `dtype`/`torch_dtype`), else float32. The key `layout` (LLaVA, Qwen2-VL) defaults to the one
-  the model was read in, else 'v5' (LLaVA) / 'hub' (Qwen2-VL). `source_dir` copies
+  the model was read in, else `default_layout`. `source_dir` copies
   tokenizer/processor files across.
   """
   cfg = model.config
   table = key_layouts(cfg)
   if table is not None:
-    default = DEFAULT_QWEN_VL_LAYOUT if isinstance(cfg, QwenVLConfig) else DEFAULT_LLAVA_LAYOUT
-    layout = layout or cfg.hf_layout or default
+    layout = layout or cfg.hf_layout or default_layout(cfg)
     if layout not in table:
       raise ValueError(f"layout '{layout}' unknown; choose from {sorted(table)}")
   orig = json.loads(cfg.hf_json) if cfg.hf_json else {}

@@ -29,6 +29,10 @@ RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy", "attention_impl", "sca
                   "decode_per_layer")
 # fields that change neither the architecture nor the numbers (left out of Fisher hashes)
 NON_ARCH_FIELDS = RUNTIME_FIELDS + ("scan_layers", "generation_json")
+# fields added after architecture hashes were first stored, with the value every earlier config
+# had: left out of the hash at that value, so stored hashes stay valid (importance.store)
+LATER_FIELDS = {"qk_norm": False, "mrope_interleaved": False, "num_position_embeddings": 0,
+                "deepstack_visual_indexes": ()}
 
 
 @dataclasses.dataclass(frozen=True)

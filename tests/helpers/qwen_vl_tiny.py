@@ -51,9 +51,9 @@ def image_run(grid) -> list[int]:
   return [VSTART] + [IMAGE] * (t * h * w // 4) + [VEND]
 
 
-def batch(side="right", grids=GRIDS, seed=0) -> dict:
+def batch(side="right", grids=GRIDS, seed=0, patch_dim=PATCH_DIM) -> dict:
   """Row 0: two images of different grids; row 1: one image; row 2: text only. Processor-like
-  numpy output: input_ids, attention_mask, pixel_values (patches, 1176), image_grid_thw,
+  numpy output: input_ids, attention_mask, pixel_values (patches, patch_dim), image_grid_thw,
   mm_token_type_ids."""
   rows = [[1, 5] + image_run(grids[0]) + [7, 8] + image_run(grids[1]) + [9],
           [1, 3] + image_run(grids[2]) + [4, 6, 11, 12],
@@ -62,7 +62,7 @@ def batch(side="right", grids=GRIDS, seed=0) -> dict:
   rng = np.random.RandomState(seed)
   n = sum(t * h * w for t, h, w in grids)
   return {"input_ids": ids, "attention_mask": mask,
-          "pixel_values": rng.randn(n, PATCH_DIM).astype(np.float32),
+          "pixel_values": rng.randn(n, patch_dim).astype(np.float32),
           "image_grid_thw": np.asarray(grids, np.int64),
           "mm_token_type_ids": (ids == IMAGE).astype(np.int64)}
 
