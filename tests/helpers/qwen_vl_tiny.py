@@ -161,16 +161,23 @@ def save_processor(proc, path: str) -> None:
 def model_dir(root: str, family: str = "qwen2_5_vl"):
   """A checkpoint directory as a user has it: the tiny model (vocabulary and special ids of the
   tokenizer), the tokenizer with Qwen's chat template and the processor, all saved by
-  transformers. Returns (dir, hf_model, processor)."""
+  transformers. Returns (dir, hf_model, processor). Qwen3-VL gets Qwen2-VL's processor with
+  16-pixel patches (for images Qwen3VLProcessor expands the same placeholders with the same
+  image processor; its video processor needs torchvision)."""
   import os
   tok = qwen_tokenizer()
   kw = dict(vocab_size=len(tok), pad_token_id=0, bos_token_id=None, eos_token_id=2)
-  build = qwen2_5_vl if family == "qwen2_5_vl" else qwen2_vl
+  image_kw = {}
+  if family == "qwen3_vl":  # 16-pixel patches: budgets of the same merged-token counts
+    from tests.helpers.qwen3_vl_tiny import qwen3_vl as build
+    image_kw = dict(patch_size=16, min_pixels=32 * 32, max_pixels=32 * 32 * 24)
+  else:
+    build = qwen2_5_vl if family == "qwen2_5_vl" else qwen2_vl
   hf = build(tokens=token_ids(tok), **kw)
   d = os.path.join(root, family)
   hf.save_pretrained(d)
   tok.save_pretrained(d)
-  proc = processor(tok)
+  proc = processor(tok, **image_kw)
   save_processor(proc, d)
   return d, hf, proc
 
