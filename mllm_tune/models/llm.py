@@ -30,7 +30,7 @@ from mllm_tune.models.adapters import (ADAPTERS, ADAPTION_GATE, ADAPTION_GATE_TA
                                        PREFIX_MLP_LEAVES, PREFIX_V, PROMPT_EMBEDDINGS,
                                        parallel_adapter)
 from mllm_tune.models.layers import Linear, RMSNorm, activation, dtype_of
-from mllm_tune.models.rope import apply_rope, rope_inv_freq, rope_sin_cos  # noqa: F401 (re-exported)
+from mllm_tune.models.rope import apply_rope, rope_inv_freq, rope_sin_cos
 
 
 def causal_mask(query_slots_BT: jax.Array, key_valid_BS: jax.Array,

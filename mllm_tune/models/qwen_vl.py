@@ -4,8 +4,9 @@
 Mirrors transformers 5.25 `Qwen2VLForConditionalGeneration` / `Qwen2_5_VLForConditionalGeneration`
 / `Qwen3VLForConditionalGeneration` for images. Qwen3-VL's deepstack features (one merger per
 kept vision layer) are placed at the same image-token positions, zero elsewhere, and added to the
-hidden states after the LLM's first n layers (`llm.add_deepstack`). Inputs (host-built by `mt.hf_inputs` / `models.qwen_vl_host`; fixed shapes, so a
-batch recompiles only when a bucket changes):
+hidden states after the LLM's first n layers (`llm.add_deepstack`). Inputs (host-built by
+`mt.hf_inputs` / `models.qwen_vl_host`; fixed shapes, so a batch recompiles only when a bucket
+changes):
   input_ids (B, T)           `image_token_id` at every image position (t*h*w/m^2 per image)
   attention_mask (B, T)
   positions (3, B, T) int32  M-RoPE ids (`qwen_vl_host.get_rope_index`); required with images,

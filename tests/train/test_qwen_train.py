@@ -1,7 +1,7 @@
-"""Qwen2-VL / Qwen2.5-VL (and Qwen3-VL's batches) end to end: a checkpoint directory saved by transformers (model, a
-tokenizer with Qwen's chat template, the processor) + LLaVA-format JSON with images of many sizes
--> our packed batches (equal to what transformers' processor and model compute per record) ->
-`mllm-tune train` with LoRA on two devices."""
+"""Qwen2-VL / Qwen2.5-VL (and Qwen3-VL's batches) end to end: a checkpoint directory saved by
+transformers (model, a tokenizer with Qwen's chat template, the processor) + LLaVA-format JSON
+with images of many sizes -> our packed batches (equal to what transformers' processor and model
+compute per record) -> `mllm-tune train` with LoRA on two devices."""
 from __future__ import annotations
 
 import io
