@@ -67,6 +67,25 @@ def batch(side="right", grids=GRIDS, seed=0, patch_dim=PATCH_DIM) -> dict:
           "mm_token_type_ids": (ids == IMAGE).astype(np.int64)}
 
 
+def safetensors_of(d: str) -> dict:
+  """Every tensor of a model directory's safetensors files (torch)."""
+  import os
+  from safetensors import safe_open
+  out = {}
+  for fn in sorted(f for f in os.listdir(d) if f.endswith(".safetensors")):
+    with safe_open(os.path.join(d, fn), "pt") as f:
+      out.update({k: f.get_tensor(k) for k in f.keys()})
+  return out
+
+
+def assert_same_tensors(a: dict, b: dict):
+  """Same keys, dtypes and bytes."""
+  assert sorted(a) == sorted(b)
+  for k in a:
+    assert a[k].dtype == b[k].dtype and torch.equal(a[k].view(torch.uint8),
+                                                    b[k].view(torch.uint8)), k
+
+
 def torch_inputs(enc: dict) -> dict:
   return {k: torch.tensor(v) for k, v in enc.items()}
 
