@@ -7,7 +7,7 @@ fed at slot P + t with position `last_prompt_position + t + 1` (positions count 
 only, `cumsum(attention_mask) - 1`, as HF `generate`). Cache slots of future tokens are marked
 valid up front: the causal mask keeps them invisible until written.
 
-M-RoPE models (Qwen2-VL / Qwen2.5-VL) take explicit prompt positions (3, B, P) (`mt.hf_inputs`;
+M-RoPE models (Qwen2-VL / 2.5-VL / 3-VL) take explicit prompt positions (3, B, P) (`mt.hf_inputs`;
 moved and padded with the tokens); new token t then sits at `max prompt position + t + 1` on all
 three axes, which is transformers' `real tokens + t + rope_deltas` (`Qwen2VLModel.
 compute_3d_position_ids` while decoding).

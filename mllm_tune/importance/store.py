@@ -18,12 +18,18 @@ from mllm_tune.importance.fisher import FORMAT, META_FILE, ImportanceError
 
 def model_config_hash(config) -> str:
   """Hash of the architecture (runtime fields such as dtypes, remat policy and attention
-  implementation left out): a Fisher fits a model iff the hashes agree."""
-  from mllm_tune.models.config import NON_ARCH_FIELDS, config_to_dict
+  implementation left out, and `LATER_FIELDS` at their old value): a Fisher fits a model iff
+  the hashes agree."""
+  from mllm_tune.models.config import LATER_FIELDS, NON_ARCH_FIELDS, config_to_dict
+
+  def later_default(k, v) -> bool:
+    return k in LATER_FIELDS and (list(v) == list(LATER_FIELDS[k])
+                                  if isinstance(v, (list, tuple)) else v == LATER_FIELDS[k])
 
   def strip(d):
     if isinstance(d, dict):
-      return {k: strip(v) for k, v in d.items() if k not in NON_ARCH_FIELDS}
+      return {k: strip(v) for k, v in d.items()
+              if k not in NON_ARCH_FIELDS and not later_default(k, v)}
     return d
   blob = json.dumps(strip(config_to_dict(config)), sort_keys=True, default=str)
   return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -1,4 +1,4 @@
-"""Pure-functional Flax models: LLaVA (vision tower + projector + LLM), Qwen2-VL / Qwen2.5-VL and
+"""Pure-functional Flax models: LLaVA (vision tower + projector + LLM), Qwen2-VL / 2.5-VL / 3-VL and
 bare decoder LLMs."""
 from __future__ import annotations
 

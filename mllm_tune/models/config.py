@@ -2,7 +2,7 @@
 
 Three parts, mirroring a LLaVA checkpoint: `VisionConfig` (CLIP or SigLIP ViT), `LLMConfig`
 (Llama / Qwen2 / Mistral decoder, `llm_config.py`) and `LlavaConfig` (the composition and its
-projector). A bare LLM checkpoint gives a `CausalLMConfig`; Qwen2-VL / Qwen2.5-VL give a
+projector). A bare LLM checkpoint gives a `CausalLMConfig`; Qwen2-VL / 2.5-VL / 3-VL give a
 `QwenVLConfig` (`qwen_vl_config.py`); `config_from_hf` / `config_to_hf` dispatch on `model_type`.
 Configs are hashable so a model can be a static `jit` argument; the original HF dict is kept (as
 JSON text) so unknown fields survive a round trip.
@@ -29,6 +29,10 @@ RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy", "attention_impl", "sca
                   "decode_per_layer")
 # fields that change neither the architecture nor the numbers (left out of Fisher hashes)
 NON_ARCH_FIELDS = RUNTIME_FIELDS + ("scan_layers", "generation_json")
+# fields added after architecture hashes were first stored, with the value every earlier config
+# had: left out of the hash at that value, so stored hashes stay valid (importance.store)
+LATER_FIELDS = {"qk_norm": False, "mrope_interleaved": False, "num_position_embeddings": 0,
+                "deepstack_visual_indexes": ()}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,7 +14,7 @@ Layouts (numpy or torch in, numpy out):
   real crops only, (sum of crops, S, S, 3), and the position-aligned pack tables (`pack_index`,
   `pack_weight`, `pack_newline`, see `models.anyres` and `models.llava`). A 4-D HF
   `pixel_values` (crops already concatenated) is accepted too.
-- Qwen2-VL / Qwen2.5-VL: HF `pixel_values` (sum of patches, C*T*p*p) and `image_grid_thw`
+- Qwen2-VL / Qwen2.5-VL / Qwen3-VL: HF `pixel_values` (sum of patches, C*T*p*p) and `image_grid_thw`
   (N_images, 3), `mm_token_type_ids` (B, T) (derived from the ids when absent) -> ours: the
   patch rows zero-padded to a multiple of `patch_multiple` rows, `vision_segment_ids`,
   `vision_pos_hw`, `vision_window_ids` (2.5), the pack tables (one merged token per image

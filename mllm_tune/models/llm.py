@@ -1,19 +1,20 @@
-"""Decoder LLM for the Llama / Qwen2 / Mistral family (Flax linen, layers scanned).
+"""Decoder LLM for the Llama / Qwen2 / Mistral family and Qwen3-VL's Qwen3 text model (Flax
+linen, layers scanned).
 
 Param tree (storage, leading axis L on `layers`):
   embed/embedding (V, D); layers/{input_norm,post_attn_norm}/scale (L, D);
-  layers/attn/{q,k,v,o}_proj/{kernel,bias} (L, D_in, D_out); layers/mlp/{gate,up,down}_proj/kernel;
-  final_norm/scale (D,); lm_head/kernel (D, V) unless embeddings are tied.
+  layers/attn/{q,k,v,o}_proj/{kernel,bias} (L, D_in, D_out); layers/attn/{q,k}_norm/scale (L, H)
+  (Qwen3); layers/mlp/{gate,up,down}_proj/kernel; final_norm/scale (D,); lm_head/kernel (D, V)
+  unless embeddings are tied.
 
 Positions default to `cumsum(attention_mask) - 1`, so a sample's logits do not depend on how much
 padding (left or right) surrounds it. With `rope.mrope_section` (Qwen2-VL's M-RoPE) positions may
-also be (3, B, T) (t, h, w) ids (`rope_sin_cos`). The caller threads a KV cache
+also be (3, B, T) (t, h, w) ids (`rope.rope_sin_cos`). The caller threads a KV cache
 (`kv_cache.KVCache`, arrays (L, B, K, S, H)) through `__call__`; keys are stored after RoPE.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +22,7 @@ import numpy as np
 from flax import linen as nn
 
 from mllm_tune.models.attention import attention
-from mllm_tune.models.config import LLMConfig, RopeConfig
+from mllm_tune.models.config import LLMConfig
 from mllm_tune.models.fused_ops import GATED_ACTS, gated_act
 from mllm_tune.models.kv_cache import KVCache, init_kv_cache, kv_cache_slots
 from mllm_tune.models.adapters import (ADAPTERS, ADAPTION_GATE, ADAPTION_GATE_TANH,
@@ -29,59 +30,7 @@ from mllm_tune.models.adapters import (ADAPTERS, ADAPTION_GATE, ADAPTION_GATE_TA
                                        PREFIX_MLP_LEAVES, PREFIX_V, PROMPT_EMBEDDINGS,
                                        parallel_adapter)
 from mllm_tune.models.layers import Linear, RMSNorm, activation, dtype_of
-
-
-def rope_inv_freq(rope: RopeConfig, head_dim: int) -> np.ndarray:
-  """Inverse frequencies (H/2,) in float32, with HF's `linear` and `llama3` scaling."""
-  inv = 1.0 / (rope.theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32)
-                              / head_dim))
-  inv = inv.astype(np.float32)
-  if rope.rope_type == "linear":
-    inv = inv / np.float32(rope.factor)
-  elif rope.rope_type == "llama3":
-    old = rope.original_max_position_embeddings
-    low_wavelen = old / rope.low_freq_factor
-    high_wavelen = old / rope.high_freq_factor
-    wavelen = 2 * math.pi / inv
-    scaled = np.where(wavelen > low_wavelen, inv / rope.factor, inv)
-    smooth = (old / wavelen - rope.low_freq_factor) / (rope.high_freq_factor
-                                                       - rope.low_freq_factor)
-    smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
-    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
-    inv = np.where(medium, smoothed, scaled).astype(np.float32)
-  elif rope.rope_type != "default":
-    raise ValueError(f"rope type '{rope.rope_type}' is not supported")
-  return inv
-
-
-def rope_sin_cos(positions: jax.Array, inv_freq: np.ndarray,
-                 mrope_section: tuple[int, ...] = ()) -> tuple[jax.Array, jax.Array]:
-  """sin, cos (B, T, H) of positions (B, T), or of M-RoPE positions (3, B, T) with
-  `mrope_section`: frequency chunk i takes its angle from position axis i % 3 (transformers'
-  `Qwen2VLRotaryEmbedding.recomposition_frequencies`, chunked sections). Three equal position
-  rows give exactly the 1D result."""
-  inv = jnp.asarray(inv_freq)
-  if positions.ndim == 3:
-    if positions.shape[0] != 3 or not mrope_section:
-      raise ValueError(f"positions of shape {positions.shape}: (3, B, T) M-RoPE positions need a "
-                       "model with an mrope_section (Qwen2-VL); others take (B, T)")
-    freqs_3BTh = positions.astype(jnp.float32)[..., None] * inv
-    bounds = np.cumsum((0,) + tuple(mrope_section))
-    freqs_BTh = jnp.concatenate([freqs_3BTh[i % 3, :, :, bounds[i]:bounds[i + 1]]
-                                 for i in range(len(mrope_section))], axis=-1)
-  else:
-    freqs_BTh = positions.astype(jnp.float32)[..., None] * inv[None, None]
-  emb_BTH = jnp.concatenate([freqs_BTh, freqs_BTh], axis=-1)
-  return jnp.sin(emb_BTH), jnp.cos(emb_BTH)
-
-
-def apply_rope(x_BTNH: jax.Array, sin_BTH: jax.Array, cos_BTH: jax.Array) -> jax.Array:
-  """HF `rotate_half` RoPE (non-interleaved halves)."""
-  half = x_BTNH.shape[-1] // 2
-  rot = jnp.concatenate([-x_BTNH[..., half:], x_BTNH[..., :half]], axis=-1)
-  sin = sin_BTH[:, :, None, :].astype(x_BTNH.dtype)
-  cos = cos_BTH[:, :, None, :].astype(x_BTNH.dtype)
-  return x_BTNH * cos + rot * sin
+from mllm_tune.models.rope import apply_rope, rope_inv_freq, rope_sin_cos
 
 
 def causal_mask(query_slots_BT: jax.Array, key_valid_BS: jax.Array,
@@ -131,8 +80,12 @@ class Attention(nn.Module):
     x_ND = x_BTD.reshape(b * t, -1)
     q = lin(c.num_heads * c.head_dim, c.qkv_bias, "q_proj")(x_ND)
     k, v = k_proj(x_ND), v_proj(x_ND)
-    q = apply_rope(q.reshape(b, t, c.num_heads, c.head_dim), *sin_cos)
-    k = apply_rope(k.reshape(b, t, c.num_kv_heads, c.head_dim), *sin_cos)
+    q = q.reshape(b, t, c.num_heads, c.head_dim)
+    k = k.reshape(b, t, c.num_kv_heads, c.head_dim)
+    if c.qk_norm:  # Qwen3: RMSNorm over each head before RoPE
+      q = RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, name="q_norm")(q)
+      k = RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, name="k_norm")(k)
+    q, k = apply_rope(q, *sin_cos), apply_rope(k, *sin_cos)
     v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
     if cache is not None:
       ck, cv = cache  # (B, K, S, H)
@@ -190,22 +143,35 @@ class MLP(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-  """Pre-norm block; `__call__(carry, *broadcast, scanned)` in the nn.scan calling convention.
-  The scanned input is `(layer_cache, layer_prefix)`: this layer's KV cache and virtual
-  key/values (each None or a (k, v) pair)."""
+  """Pre-norm block; `__call__(carry, *broadcast, scanned, deepstack)` in the nn.scan calling
+  convention. The scanned input is `(layer_cache, layer_prefix[, layer_index])`: this layer's KV
+  cache and virtual key/values (each None or a (k, v) pair) and its index. `deepstack` (broadcast,
+  Qwen3-VL) is None or (n, B, T, D) inputs added to the output of layers 0..n-1 (zero away from
+  the image tokens); it needs `layer_index`."""
   cfg: LLMConfig
 
   @nn.compact
-  def __call__(self, h_BTD, sin_cos, mask_BTS, cache_index, layer_xs):
+  def __call__(self, h_BTD, sin_cos, mask_BTS, cache_index, layer_xs, deepstack=None):
     c = self.cfg
-    layer_cache, layer_prefix = layer_xs
+    layer_cache, layer_prefix = layer_xs[:2]
     norm = lambda name: RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, name=name)
     attn_out, layer_cache = Attention(c, name="attn")(norm("input_norm")(h_BTD), sin_cos,
                                                       mask_BTS, layer_cache, cache_index,
                                                       layer_prefix)
     h_BTD = h_BTD + attn_out
     h_BTD = h_BTD + MLP(c, name="mlp")(norm("post_attn_norm")(h_BTD))
+    if deepstack is not None:
+      h_BTD = add_deepstack(h_BTD, deepstack, layer_xs[2])
     return h_BTD, layer_cache
+
+
+def add_deepstack(h_BTD: jax.Array, deepstack_nBTD: jax.Array, layer_index) -> jax.Array:
+  """`h + deepstack[layer_index]` for layer_index < n, else h (Qwen3-VL's `_deepstack_process`;
+  the inputs are zero away from the image tokens, and x + 0 == x)."""
+  n = deepstack_nBTD.shape[0]
+  add = jax.lax.dynamic_index_in_dim(deepstack_nBTD, jnp.minimum(layer_index, n - 1),
+                                     keepdims=False)
+  return jnp.where(layer_index < n, h_BTD + add.astype(h_BTD.dtype), h_BTD)
 
 
 REMAT_POLICIES = {
@@ -225,13 +191,16 @@ def rematted(block_cls, remat_policy: str):
   return nn.remat(block_cls, policy=REMAT_POLICIES[remat_policy], prevent_cse=False)
 
 
-def scanned(block_cls, num_layers: int, remat_policy: str, n_broadcast: int, unroll: int = 1):
-  """Stack `block_cls` along a leading axis and run it with `nn.scan` (optionally rematted).
+def scanned(block_cls, num_layers: int, remat_policy: str, n_broadcast: int, unroll: int = 1,
+            n_trailing: int = 0):
+  """Stack `block_cls` along a leading axis and run it with `nn.scan` (optionally rematted):
+  `n_broadcast` broadcast arguments, the scanned one, then `n_trailing` broadcast arguments.
   `unroll` layers run per loop iteration (`lax.scan`'s unroll). The parameter layout is the
   same for every `unroll`."""
   return nn.scan(rematted(block_cls, remat_policy), variable_axes={"params": 0, ADAPTERS: 0},
                  split_rngs={"params": True, "dropout": True},
-                 in_axes=(nn.broadcast,) * n_broadcast + (0,), length=num_layers,
+                 in_axes=(nn.broadcast,) * n_broadcast + (0,) + (nn.broadcast,) * n_trailing,
+                 length=num_layers,
                  unroll=max(1, min(unroll, num_layers)))
 
 
@@ -282,7 +251,7 @@ class LLM(nn.Module):
                           param_dtype=dtype_of(c.param_dtype),
                           embedding_init=nn.initializers.normal(0.02))
     if c.scan_layers:
-      self.layers = scanned(DecoderBlock, c.num_layers, c.remat_policy, 3, c.scan_unroll)(c)
+      self.layers = scanned(DecoderBlock, c.num_layers, c.remat_policy, 3, c.scan_unroll, 1)(c)
     else:  # layers_0 .. layers_{L-1} (`unstack_layers` converts the parameters)
       block = rematted(DecoderBlock, c.remat_policy)
       self.layers = [block(c) for _ in range(c.num_layers)]
@@ -335,15 +304,19 @@ class LLM(nn.Module):
       k, v = jnp.stack(k), jnp.stack(v)
     return k.swapaxes(2, 3), v.swapaxes(2, 3)  # (L, 1, n, K, H) as prefix key/values
 
-  def run_layers(self, h_BTD, sin_cos, mask_BTS, cache_index, layer_caches, virtual):
-    """The decoder stack: (h, updated caches or None); caches stacked or per layer (KVCache)."""
+  def run_layers(self, h_BTD, sin_cos, mask_BTS, cache_index, layer_caches, virtual,
+                 deepstack=None):
+    """The decoder stack: (h, updated caches or None); caches stacked or per layer (KVCache).
+    `deepstack`: None or (n, B, T, D), added after layers 0..n-1 (`add_deepstack`)."""
     if self.cfg.scan_layers:
-      return self.layers(h_BTD, sin_cos, mask_BTS, cache_index, (layer_caches, virtual))
+      return self.layers(h_BTD, sin_cos, mask_BTS, cache_index,
+                         (layer_caches, virtual, jnp.arange(self.cfg.num_layers)), deepstack)
     ks, vs = [], []
     for i, block in enumerate(self.layers):
       cache_i = None if layer_caches is None else (layer_caches[0][i], layer_caches[1][i])
       virtual_i = None if virtual is None else (virtual[0][i], virtual[1][i])
-      h_BTD, cache_i = block(h_BTD, sin_cos, mask_BTS, cache_index, (cache_i, virtual_i))
+      h_BTD, cache_i = block(h_BTD, sin_cos, mask_BTS, cache_index, (cache_i, virtual_i, i),
+                             deepstack if deepstack is not None and i < len(deepstack) else None)
       if cache_i is not None:
         ks.append(cache_i[0])
         vs.append(cache_i[1])
@@ -362,7 +335,7 @@ class LLM(nn.Module):
 
   def __call__(self, input_ids=None, attention_mask=None, positions=None, segment_ids=None,
                inputs_embeds=None, kv_cache: KVCache | None = None, cache_index=0,
-               last_logits_only: bool = False, return_hidden: bool = False):
+               last_logits_only: bool = False, return_hidden: bool = False, deepstack=None):
     """Returns float32 logits (B, T, V), and the updated cache when `kv_cache` is given.
     `last_logits_only`: logits (B, 1, V) of the last position only (a decoding prefill needs no
     more, and the vocabulary projection of a long prompt is most of its FLOPs).
@@ -370,7 +343,8 @@ class LLM(nn.Module):
     them to logits (the training loss applies it chunk by chunk, `losses.chunked`).
 
     `positions` are (B, T), or (3, B, T) M-RoPE ids (t, h, w) for a config with
-    `rope.mrope_section` (Qwen2-VL; `models.qwen_vl_host.get_rope_index`).
+    `rope.mrope_section` (Qwen2-VL; `models.qwen_vl_host.get_rope_index`). `deepstack`
+    (Qwen3-VL): None or (n, B, T, D) visual features added after each of the first n layers.
 
     Without a cache, `attention_mask` is (B, T). With a cache of capacity S, the T new tokens are
     written at slots [cache_index, cache_index + T) and `attention_mask` is (B, S): which cache
@@ -393,9 +367,11 @@ class LLM(nn.Module):
       positions = positions + virtual[0].shape[2]
     query_slots = cache_index + jnp.broadcast_to(jnp.arange(t), (b, t))
     mask = causal_mask(query_slots, attention_mask, c.sliding_window, segment_ids)
-    sin_cos = rope_sin_cos(positions, rope_inv_freq(c.rope, c.head_dim), c.rope.mrope_section)
+    sin_cos = rope_sin_cos(positions, rope_inv_freq(c.rope, c.head_dim), c.rope.mrope_section,
+                           c.rope.mrope_interleaved)
     layer_caches = None if kv_cache is None else (kv_cache.k_LBKSH, kv_cache.v_LBKSH)
-    h, layer_caches = self.run_layers(h, sin_cos, mask, cache_index, layer_caches, virtual)
+    h, layer_caches = self.run_layers(h, sin_cos, mask, cache_index, layer_caches, virtual,
+                                      deepstack)
     if last_logits_only:
       h = h[:, -1:]
     h = self.final_norm(h)

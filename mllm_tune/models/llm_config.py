@@ -1,11 +1,14 @@
-"""Decoder configuration: `RopeConfig` and `LLMConfig` (Llama / Qwen2 / Mistral), parsed from
-and written to HF `config.json` dicts, and `ConfigError`. `models.config` re-exports all of it; the
-multimodal configs (`config.py`, `qwen_vl_config.py`) build on it.
+"""Decoder configuration: `RopeConfig` and `LLMConfig` (Llama / Qwen2 / Mistral, and Qwen3 as
+Qwen3-VL's text model), parsed from and written to HF `config.json` dicts, and `ConfigError`.
+`models.config` re-exports all of it; the multimodal configs (`config.py`, `qwen_vl_config.py`)
+build on it.
 
 M-RoPE (Qwen2-VL / Qwen2.5-VL, `RopeConfig.mrope_section`): transformers'
 `Qwen2VLRotaryEmbedding.recomposition_frequencies` rule, read from `rope_parameters` (v5) or
 `rope_scaling={"type": "mrope", ...}` (hub configs); `mrope` is plain RoPE with per-frequency
-position axes, so its rope type is "default" (as 5.x normalises it).
+position axes, so its rope type is "default" (as 5.x normalises it). Qwen3-VL interleaves the
+axes over the slots (`mrope_interleaved`; `qwen_vl_config` sets it for that family whatever the
+config's flag says, as transformers' Qwen3-VL rotary embedding ignores it).
 """
 from __future__ import annotations
 
@@ -15,6 +18,8 @@ from typing import Any
 LLM_TYPES = ("llama", "qwen2", "mistral")
 LLM_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
                      "mistral": "MistralForCausalLM"}
+# the Qwen3 decoder (q/k norms, head_dim of its own, no biases): only as Qwen3-VL's text model
+TEXT_TYPES = LLM_TYPES + ("qwen3",)
 ROPE_TYPES = ("default", "linear", "llama3")
 DEFAULT_MROPE_SECTION = (16, 24, 24)  # transformers' Qwen2VLRotaryEmbedding default
 
@@ -35,6 +40,8 @@ class RopeConfig:
   # M-RoPE (Qwen2-VL): frequency chunk i (of these sizes, summing to head_dim / 2) takes its
   # angle from position axis i % 3 (t, h, w) of (3, B, T) positions; () = 1D RoPE
   mrope_section: tuple[int, ...] = ()
+  # Qwen3-VL: the t / h / w axes interleave over the frequency slots (`rope.mrope_axes`)
+  mrope_interleaved: bool = False
 
   def __post_init__(self):
     object.__setattr__(self, "mrope_section", tuple(int(s) for s in self.mrope_section))
@@ -55,6 +62,7 @@ class LLMConfig:
   max_position_embeddings: int = 4096
   qkv_bias: bool = False      # Qwen2: True; Llama `attention_bias` also biases o_proj
   o_bias: bool = False
+  qk_norm: bool = False       # Qwen3: RMSNorm over each head of q and k, before RoPE
   mlp_bias: bool = False
   tie_word_embeddings: bool = False
   sliding_window: int | None = None  # Mistral
@@ -124,7 +132,7 @@ def llm_config_from_hf(d: dict, where: str = "config.json", mrope: bool = False,
   """Parse a Llama / Qwen2 / Mistral `config.json` dict (or a Llava `text_config`). `mrope`:
   the dict is a Qwen2-VL text config (M-RoPE sections expected, default [16, 24, 24])."""
   mt = d.get("model_type", "llama")
-  if mt not in LLM_TYPES:
+  if mt not in (TEXT_TYPES if mrope else LLM_TYPES):
     raise ConfigError(f"{where}: model_type '{mt}' is not supported (supported: {LLM_TYPES})")
   act = d.get("hidden_act", "silu")
   if act != "silu":
@@ -150,7 +158,8 @@ def llm_config_from_hf(d: dict, where: str = "config.json", mrope: bool = False,
       head_dim=int(d.get("head_dim") or hidden // heads),
       rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)), rope=_rope_from_hf(d, where, mrope),
       max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
-      qkv_bias=True if mt == "qwen2" else attn_bias, o_bias=attn_bias and mt == "llama",
+      qkv_bias=True if mt == "qwen2" else attn_bias,
+      o_bias=attn_bias and mt in ("llama", "qwen3"), qk_norm=mt == "qwen3",
       mlp_bias=bool(d.get("mlp_bias", False)) and mt == "llama",
       tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
       sliding_window=int(sliding) if sliding else None)
@@ -169,6 +178,8 @@ def _rope_to_hf(r: RopeConfig) -> dict:
     out["factor"] = r.factor
   if r.mrope_section:
     out["mrope_section"] = list(r.mrope_section)
+  if r.mrope_interleaved:
+    out["mrope_interleaved"] = True
   if r.rope_type == "llama3":
     out.update(low_freq_factor=r.low_freq_factor, high_freq_factor=r.high_freq_factor,
                original_max_position_embeddings=r.original_max_position_embeddings)
@@ -182,10 +193,12 @@ def llm_config_to_hf(c: LLMConfig) -> dict:
        "head_dim": c.head_dim, "rms_norm_eps": c.rms_norm_eps, "hidden_act": c.hidden_act,
        "max_position_embeddings": c.max_position_embeddings,
        "tie_word_embeddings": c.tie_word_embeddings, "rope_parameters": _rope_to_hf(c.rope)}
-  if c.model_type == "llama":
+  if c.model_type in ("llama", "qwen3"):
     if c.qkv_bias != c.o_bias:
-      raise ConfigError("a Llama config.json cannot express qkv_bias != o_bias")
-    d.update(attention_bias=c.qkv_bias, mlp_bias=c.mlp_bias)
+      raise ConfigError(f"a {c.model_type} config.json cannot express qkv_bias != o_bias")
+    d["attention_bias"] = c.qkv_bias
+    if c.model_type == "llama":
+      d["mlp_bias"] = c.mlp_bias
   elif c.qkv_bias is False and c.model_type == "qwen2":
     raise ConfigError("Qwen2 always has q/k/v biases; qkv_bias=False cannot be exported")
   if c.model_type == "mistral":

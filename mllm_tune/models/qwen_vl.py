@@ -1,9 +1,12 @@
-"""Qwen2-VL / Qwen2.5-VL: vision tower on a batch-global patch buffer -> patch merger -> merged
-tokens placed at the image-token positions -> Qwen2 LLM with M-RoPE.
+"""Qwen2-VL / Qwen2.5-VL / Qwen3-VL: vision tower on a batch-global patch buffer -> patch merger
+-> merged tokens placed at the image-token positions -> Qwen2 (Qwen3) LLM with M-RoPE.
 
 Mirrors transformers 5.25 `Qwen2VLForConditionalGeneration` / `Qwen2_5_VLForConditionalGeneration`
-for images. Inputs (host-built by `mt.hf_inputs` / `models.qwen_vl_host`; fixed shapes, so a
-batch recompiles only when a bucket changes):
+/ `Qwen3VLForConditionalGeneration` for images. Qwen3-VL's deepstack features (one merger per
+kept vision layer) are placed at the same image-token positions, zero elsewhere, and added to the
+hidden states after the LLM's first n layers (`llm.add_deepstack`). Inputs (host-built by
+`mt.hf_inputs` / `models.qwen_vl_host`; fixed shapes, so a batch recompiles only when a bucket
+changes):
   input_ids (B, T)           `image_token_id` at every image position (t*h*w/m^2 per image)
   attention_mask (B, T)
   positions (3, B, T) int32  M-RoPE ids (`qwen_vl_host.get_rope_index`); required with images,
@@ -15,7 +18,8 @@ batch recompiles only when a bucket changes):
                              position receives (`llava.gather_packed`, shared with anyres)
 Image positions must be exactly the table's filled rows, and there must be as many as real merged
 tokens (transformers' `get_placeholder_mask` check): eagerly a ValueError, under jit NaN logits.
-Params: `vision/` (the tower), `projector/` (the merger: ln_q, linear_1, linear_2), `llm/`.
+Params: `vision/` (the tower), `projector/` (the merger: ln_q, linear_1, linear_2; Qwen3-VL also
+deepstack_{i}/ with the same three), `llm/`.
 """
 from __future__ import annotations
 
@@ -55,7 +59,14 @@ class QwenVL(nn.Module):
 
   def image_features(self, px_PX, segment_ids_P, pos_hw_P2, window_ids_P=None) -> jax.Array:
     """Patch rows -> merged tokens (P / m^2, D_llm), in patch order."""
-    return self.projector(self.vision(px_PX, segment_ids_P, pos_hw_P2, window_ids_P))
+    return self.all_image_features(px_PX, segment_ids_P, pos_hw_P2, window_ids_P)[0]
+
+  def all_image_features(self, px_PX, segment_ids_P, pos_hw_P2, window_ids_P=None):
+    """(merged tokens (P / m^2, D_llm), deepstack tokens (n, P / m^2, D_llm) or None)."""
+    out = self.vision(px_PX, segment_ids_P, pos_hw_P2, window_ids_P)
+    if isinstance(out, tuple):
+      return self.projector(*out)
+    return self.projector(out), None
 
   def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None,
                pixel_values=None, vision_segment_ids=None, vision_pos_hw=None,
@@ -68,15 +79,17 @@ class QwenVL(nn.Module):
       n = v.merge_unit
       self.image_features(jnp.zeros((n, v.patch_dim)), jnp.ones((n,), jnp.int32),
                           jnp.zeros((n, 2), jnp.int32), jnp.zeros((n,), jnp.int32))
+    deepstack = None
     if pixel_values is None:  # as HF: without images an image-token id is a plain token
       embeds = self.llm.embed_tokens(input_ids)
     else:
-      embeds = self._image_embeds(input_ids, positions, pixel_values, vision_segment_ids,
-                                  vision_pos_hw, vision_window_ids, pack_index, pack_weight,
-                                  pack_newline)
+      embeds, deepstack = self._image_embeds(
+          input_ids, positions, pixel_values, vision_segment_ids, vision_pos_hw,
+          vision_window_ids, pack_index, pack_weight, pack_newline)
     return self.llm(attention_mask=attention_mask, positions=positions, segment_ids=segment_ids,
                     inputs_embeds=embeds, kv_cache=kv_cache, cache_index=cache_index,
-                    last_logits_only=last_logits_only, return_hidden=return_hidden)
+                    last_logits_only=last_logits_only, return_hidden=return_hidden,
+                    deepstack=deepstack)
 
   def _image_embeds(self, input_ids, positions, pixel_values, seg, pos_hw, window, pack_index,
                     pack_weight, pack_newline):
@@ -94,12 +107,15 @@ class QwenVL(nn.Module):
     check_merged_count(input_ids, seg, c.image_token_id, c.vision.merge_unit)
     is_img = input_ids == c.image_token_id
     embeds = self.llm.embed_tokens(jnp.where(is_img, 0, input_ids))
-    feats = self.image_features(pixel_values, seg, pos_hw, window)
-    img = gather_packed(feats, pack_index, pack_weight, pack_newline,
-                        jnp.zeros(feats.shape[-1], feats.dtype))
-    embeds = jnp.where(is_img[..., None], img.astype(embeds.dtype), embeds)
+    feats, deep = self.all_image_features(pixel_values, seg, pos_hw, window)
+    place = lambda f: gather_packed(f, pack_index, pack_weight, pack_newline,
+                                    jnp.zeros(f.shape[-1], f.dtype))
+    embeds = jnp.where(is_img[..., None], place(feats).astype(embeds.dtype), embeds)
+    if deep is not None:  # (n, B, T, D), zero away from the image tokens
+      deep = jnp.stack([jnp.where(is_img[..., None], place(f).astype(embeds.dtype), 0)
+                        for f in deep])
     # Under jit a mismatch poisons the output with NaN (the trainer's NaN guard names it)
     filled = (pack_weight.sum(-1) != 0) | pack_newline.astype(bool)
     ok = jnp.all(filled == is_img) & (
         jnp.sum(is_img) * c.vision.merge_unit == jnp.sum(seg > 0))
-    return jnp.where(ok, embeds, jnp.nan)
+    return jnp.where(ok, embeds, jnp.nan), deep

@@ -1,20 +1,29 @@
-"""Qwen2-VL / Qwen2.5-VL configurations, parsed from and written to HF `config.json` dicts.
+"""Qwen2-VL / Qwen2.5-VL / Qwen3-VL configurations, parsed from and written to HF `config.json`
+dicts.
 
-`QwenVLConfig` = `QwenVisionConfig` (the ViT and its 2x2 patch merger) + our Qwen2 `LLMConfig`
-with M-RoPE (`rope.mrope_section`) + the special token ids. Two `config.json` forms are read:
-- the hub's **flat** form: text fields at the top level, `rope_scaling={"type": "mrope",
-  "mrope_section": [...]}` + `rope_theta`, and a `vision_config`;
-- the **nested** form transformers 5 `save_pretrained` writes: `text_config` (with
-  `rope_parameters`) and `vision_config` (with `rope_parameters={"rope_type": "axial"}`).
+`QwenVLConfig` = `QwenVisionConfig` (the ViT and its 2x2 patch merger) + our Qwen2 (Qwen3 for
+Qwen3-VL) `LLMConfig` with M-RoPE (`rope.mrope_section`) + the special token ids. Two
+`config.json` forms are read:
+- the hub's **flat** form (Qwen2-VL / 2.5-VL): text fields at the top level,
+  `rope_scaling={"type": "mrope", "mrope_section": [...]}` + `rope_theta`, and a `vision_config`;
+- the **nested** form transformers 5 `save_pretrained` writes (and the Qwen3-VL hub configs, whose
+  `text_config` has `rope_scaling` + `rope_theta`): `text_config` (with `rope_parameters`) and
+  `vision_config` (with `rope_parameters={"rope_type": "axial"}`).
 A config is written back in the form it was read (nested for configs built from scratch), over
 the original dict so unknown fields survive. Absent fields take transformers 5.25's class
-defaults (`configuration_qwen2_vl.py`, `configuration_qwen2_5_vl.py`).
+defaults (`configuration_qwen2_vl.py`, `configuration_qwen2_5_vl.py`, `configuration_qwen3_vl.py`).
 
 Vision fields, family by family (HF name -> ours):
   qwen2_vl:   embed_dim -> hidden_size, embed_dim * mlp_ratio -> intermediate_size,
               hidden_size (the LLM width) -> out_hidden_size; LayerNorm, fc1 -> act -> fc2
   qwen2_5_vl: hidden_size, intermediate_size, out_hidden_size as named; RMSNorm, gated MLP with
               biases, window attention except in `fullatt_block_indexes`
+  qwen3_vl:   hidden_size, intermediate_size, out_hidden_size as named; LayerNorm, fc1 -> act ->
+              fc2 (HF `linear_fc1` / `linear_fc2`), a biased patch embedding, a learned position
+              table of `num_position_embeddings` (a square grid, resampled to each image), and
+              `deepstack_visual_indexes`: layers whose outputs feed the LLM's first layers
+Qwen3-VL's text model is Qwen3 (`head_dim` of its own, q/k RMSNorm, `attention_bias`) with
+interleaved M-RoPE (default sections [24, 20, 20], `rope.mrope_axes`).
 """
 from __future__ import annotations
 
@@ -25,9 +34,10 @@ from typing import Any
 from mllm_tune.models.llm_config import (ConfigError, LLMConfig, _need, llm_config_from_hf,
                                          llm_config_to_hf)
 
-QWEN_VL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+QWEN_VL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 QWEN_VL_ARCHITECTURES = {"qwen2_vl": "Qwen2VLForConditionalGeneration",
-                         "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
+                         "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+                         "qwen3_vl": "Qwen3VLForConditionalGeneration"}
 VISION_DEFAULTS = {  # transformers 5.25 Qwen2VLVisionConfig / Qwen2_5_VLVisionConfig defaults
     "qwen2_vl": dict(depth=32, embed_dim=1280, hidden_size=3584, hidden_act="quick_gelu",
                      mlp_ratio=4, num_heads=16, in_channels=3, patch_size=14,
@@ -36,17 +46,25 @@ VISION_DEFAULTS = {  # transformers 5.25 Qwen2VLVisionConfig / Qwen2_5_VLVisionC
                        num_heads=16, in_channels=3, patch_size=14, spatial_merge_size=2,
                        temporal_patch_size=2, tokens_per_second=4, window_size=112,
                        out_hidden_size=3584, fullatt_block_indexes=[7, 15, 23, 31]),
+    "qwen3_vl": dict(depth=27, hidden_size=1152, hidden_act="gelu_pytorch_tanh",
+                     intermediate_size=4304, num_heads=16, in_channels=3, patch_size=16,
+                     spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=3584,
+                     num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24]),
 }
 VISION_ALIASES = {"in_channels": "in_chans", "patch_size": "spatial_patch_size"}  # hub names
-TEXT_DEFAULTS = dict(rms_norm_eps=1e-5, max_position_embeddings=32768, num_key_value_heads=8)
-DEFAULT_THETA = 1e6  # Qwen2VLTextConfig.default_theta
+TEXT_DEFAULTS = {  # transformers 5.25 Qwen2VLTextConfig / Qwen3VLTextConfig defaults
+    "qwen2": dict(rms_norm_eps=1e-5, max_position_embeddings=32768, num_key_value_heads=8),
+    "qwen3": dict(rms_norm_eps=1e-6, max_position_embeddings=128000, num_key_value_heads=32,
+                  head_dim=128, attention_bias=False)}
+DEFAULT_THETA = {"qwen2": 1e6, "qwen3": 5e5}  # the text configs' default_theta
+QWEN3_MROPE_SECTION = (24, 20, 20)  # Qwen3VLTextRotaryEmbedding's default
 TOKEN_DEFAULTS = dict(image_token_id=151655, video_token_id=151656,
                       vision_start_token_id=151652, vision_end_token_id=151653)
 
 
 @dataclasses.dataclass(frozen=True)
 class QwenVisionConfig:
-  """The Qwen2-VL / Qwen2.5-VL vision tower (`model_type` names the family)."""
+  """The Qwen2-VL / Qwen2.5-VL / Qwen3-VL vision tower (`model_type` names the family)."""
   model_type: str = "qwen2_vl"  # QWEN_VL_TYPES
   hidden_size: int = 1280       # ViT width
   intermediate_size: int = 5120
@@ -61,6 +79,8 @@ class QwenVisionConfig:
   window_size: int = 0          # qwen2_5_vl: window side in pixels (112: 4x4 merged tokens)
   fullatt_block_indexes: tuple[int, ...] = ()  # qwen2_5_vl: layers with full attention
   tokens_per_second: int = 4    # qwen2_5_vl videos (carried for round trips)
+  num_position_embeddings: int = 0  # qwen3_vl: learned position table (side^2 rows)
+  deepstack_visual_indexes: tuple[int, ...] = ()  # qwen3_vl: layers feeding the LLM's first ones
   rope_theta: float = 10000.0   # 2D ("axial") vision RoPE
   layer_norm_eps: float = 1e-6
   dtype: str = "float32"
@@ -70,6 +90,8 @@ class QwenVisionConfig:
   def __post_init__(self):
     object.__setattr__(self, "fullatt_block_indexes",
                        tuple(int(i) for i in self.fullatt_block_indexes))
+    object.__setattr__(self, "deepstack_visual_indexes",
+                       tuple(int(i) for i in self.deepstack_visual_indexes))
     if self.model_type not in QWEN_VL_TYPES:
       raise ConfigError(f"QwenVisionConfig.model_type {self.model_type!r}: expected one of "
                         f"{QWEN_VL_TYPES}")
@@ -79,6 +101,27 @@ class QwenVisionConfig:
     if self.windowed and self.window_merge < 1:
       raise ConfigError(f"vision window_size {self.window_size} is smaller than one merged "
                         f"token ({self.spatial_merge_size} x {self.patch_size} pixels)")
+    if self.qwen3:
+      if self.pos_grid_side < 1:
+        raise ConfigError(f"vision num_position_embeddings {self.num_position_embeddings}: a "
+                          "qwen3_vl tower needs a learned position table (>= 1 rows)")
+      ds = self.deepstack_visual_indexes
+      if list(ds) != sorted(set(ds)) or (ds and not 0 <= ds[0] <= ds[-1] < self.num_layers):
+        raise ConfigError(f"vision deepstack_visual_indexes {list(ds)} must be increasing "
+                          f"layer indexes below depth {self.num_layers}")
+    elif self.deepstack_visual_indexes or self.num_position_embeddings:
+      raise ConfigError(f"{self.model_type}: deepstack_visual_indexes / num_position_embeddings "
+                        "are Qwen3-VL fields")
+
+  @property
+  def qwen3(self) -> bool:
+    """Qwen3-VL: biased patch embedding, learned position table, deepstack mergers."""
+    return self.model_type == "qwen3_vl"
+
+  @property
+  def pos_grid_side(self) -> int:
+    """Side of the square learned position grid (transformers' `num_grid_per_side`)."""
+    return int(self.num_position_embeddings ** 0.5)
 
   @property
   def windowed(self) -> bool:
@@ -110,7 +153,8 @@ class QwenVisionConfig:
 
 @dataclasses.dataclass(frozen=True)
 class QwenVLConfig:
-  """Qwen2-VL (`model_type` "qwen2_vl") or Qwen2.5-VL ("qwen2_5_vl")."""
+  """Qwen2-VL (`model_type` "qwen2_vl"), Qwen2.5-VL ("qwen2_5_vl") or Qwen3-VL ("qwen3_vl",
+  dense)."""
   vision: QwenVisionConfig = QwenVisionConfig()
   llm: LLMConfig = LLMConfig()
   model_type: str = "qwen2_vl"
@@ -151,6 +195,11 @@ def _vision_from_hf(v: dict, mt: str, where: str, dtype: str, param_dtype: str):
   if mt == "qwen2_vl":
     width, out, act = int(get("embed_dim")), int(get("hidden_size")), get("hidden_act")
     inter, extra = int(width * get("mlp_ratio")), {}
+  elif mt == "qwen3_vl":
+    width, out, act = int(get("hidden_size")), int(get("out_hidden_size")), get("hidden_act")
+    inter = int(get("intermediate_size"))
+    extra = dict(num_position_embeddings=int(get("num_position_embeddings")),
+                 deepstack_visual_indexes=tuple(get("deepstack_visual_indexes")))
   else:
     width, out, act = int(get("hidden_size")), int(get("out_hidden_size")), get("hidden_act")
     inter = int(get("intermediate_size"))
@@ -172,7 +221,8 @@ def _vision_from_hf(v: dict, mt: str, where: str, dtype: str, param_dtype: str):
 
 def qwen_vl_config_from_hf(d: dict, where: str = "config.json", dtype: str = "float32",
                            param_dtype: str = "float32") -> QwenVLConfig:
-  """A `qwen2_vl` / `qwen2_5_vl` config.json dict (flat or nested) -> `QwenVLConfig`."""
+  """A `qwen2_vl` / `qwen2_5_vl` / `qwen3_vl` config.json dict (flat or nested) ->
+  `QwenVLConfig`."""
   mt = d.get("model_type")
   if mt not in QWEN_VL_TYPES:
     raise ConfigError(f"{where}: model_type {mt!r} is not one of {QWEN_VL_TYPES}")
@@ -184,18 +234,25 @@ def qwen_vl_config_from_hf(d: dict, where: str = "config.json", dtype: str = "fl
   nested = isinstance(d.get("text_config"), dict)
   text = dict(d["text_config"]) if nested else dict(d)
   twhere = f"{where}:text_config" if nested else where
-  for k, val in TEXT_DEFAULTS.items():
+  # the Qwen2 decoder (q/k/v bias, head_dim = hidden / heads); Qwen3-VL: Qwen3
+  decoder = "qwen3" if mt == "qwen3_vl" else "qwen2"
+  for k, val in TEXT_DEFAULTS[decoder].items():
     if text.get(k) is None:
       text[k] = val
   params = text.get("rope_parameters") or {}
   if "rope_theta" not in params and text.get("rope_theta") is None:
-    text["rope_theta"] = DEFAULT_THETA
-  text["model_type"] = "qwen2"  # the Qwen2 decoder (q/k/v bias), head_dim = hidden / heads
-  text["head_dim"] = int(_need(text, "hidden_size", twhere)) // int(
-      _need(text, "num_attention_heads", twhere))
+    text["rope_theta"] = DEFAULT_THETA[decoder]
+  text["model_type"] = decoder
+  if decoder == "qwen2":
+    text["head_dim"] = int(_need(text, "hidden_size", twhere)) // int(
+        _need(text, "num_attention_heads", twhere))
+  elif "mrope_section" not in {**(text.get("rope_scaling") or {}), **params}:
+    text["rope_parameters"] = {**params, "mrope_section": list(QWEN3_MROPE_SECTION)}
   text["tie_word_embeddings"] = bool(d.get("tie_word_embeddings")
                                      or text.get("tie_word_embeddings"))
   llm = llm_config_from_hf(text, twhere, mrope=True, dtype=dtype, param_dtype=param_dtype)
+  if decoder == "qwen3":  # always interleaved (transformers ignores `mrope_interleaved`)
+    llm = dataclasses.replace(llm, rope=dataclasses.replace(llm.rope, mrope_interleaved=True))
   vision = _vision_from_hf(dict(d.get("vision_config") or {}), mt, f"{where}:vision_config",
                            dtype, param_dtype)
   tokens = {k: int(d.get(k, val)) for k, val in TOKEN_DEFAULTS.items()}
@@ -215,6 +272,11 @@ def _vision_to_hf(c: QwenVisionConfig, base: dict) -> dict:
                         f"{c.intermediate_size} is not a multiple of {c.hidden_size}")
     v.update(embed_dim=c.hidden_size, hidden_size=c.out_hidden_size,
              mlp_ratio=c.intermediate_size // c.hidden_size)
+  elif c.qwen3:
+    v.update(hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+             out_hidden_size=c.out_hidden_size,
+             num_position_embeddings=c.num_position_embeddings,
+             deepstack_visual_indexes=list(c.deepstack_visual_indexes))
   else:
     v.update(hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
              out_hidden_size=c.out_hidden_size, window_size=c.window_size,
@@ -233,7 +295,8 @@ def _vision_to_hf(c: QwenVisionConfig, base: dict) -> dict:
 
 def _text_to_hf(c: LLMConfig, base: dict, mt: str, nested: bool) -> dict:
   text = llm_config_to_hf(c)
-  text.pop("head_dim")  # Qwen2-VL's text model derives it (hidden_size / heads)
+  if c.model_type == "qwen2":
+    text.pop("head_dim")  # Qwen2-VL's text model derives it (hidden_size / heads)
   rope = text.pop("rope_parameters")
   out = {**base, **text}
   if nested:

@@ -1,5 +1,5 @@
-"""Qwen2-VL / Qwen2.5-VL host-side index work (numpy): everything data-dependent about images is
-computed here, so the jitted model sees only fixed-shape arrays.
+"""Qwen2-VL / Qwen2.5-VL / Qwen3-VL host-side index work (numpy): everything data-dependent
+about images is computed here, so the jitted model sees only fixed-shape arrays.
 
 For a batch of images with patch grids `grid_thw` (n, 3) (t, h, w in patches; h and w multiples
 of the merge size m), all images' patches are one buffer of P rows in transformers' order
@@ -137,7 +137,8 @@ def pack_tables(input_ids_BT: np.ndarray, image_token_id: int,
 def get_rope_index(input_ids_BT, mm_token_type_ids_BT, image_grid_thw, merge: int,
                    attention_mask_BT=None) -> tuple[np.ndarray, np.ndarray]:
   """M-RoPE positions (3, B, T) int32 and `rope_deltas` (B,) int32 (images only), as
-  transformers 5.25 `Qwen2VLModel.get_rope_index` (Qwen2.5-VL's is the same for images): over
+  transformers 5.25 `Qwen2VLModel.get_rope_index` (Qwen2.5-VL's and Qwen3-VL's are the same for
+  images; Qwen3-VL splits videos into one-frame grids between timestamp tokens): over
   each row's real tokens, a text run advances all three axes by 1 per token; an image run (one
   image per run of `mm_token_type_ids == 1`) starting at `cur` with a merged grid (t, h', w')
   gets (t_idx + cur, row + cur, col + cur) in raster order, then `cur += max(h', w')`. Padding

@@ -51,9 +51,9 @@ def image_run(grid) -> list[int]:
   return [VSTART] + [IMAGE] * (t * h * w // 4) + [VEND]
 
 
-def batch(side="right", grids=GRIDS, seed=0) -> dict:
+def batch(side="right", grids=GRIDS, seed=0, patch_dim=PATCH_DIM) -> dict:
   """Row 0: two images of different grids; row 1: one image; row 2: text only. Processor-like
-  numpy output: input_ids, attention_mask, pixel_values (patches, 1176), image_grid_thw,
+  numpy output: input_ids, attention_mask, pixel_values (patches, patch_dim), image_grid_thw,
   mm_token_type_ids."""
   rows = [[1, 5] + image_run(grids[0]) + [7, 8] + image_run(grids[1]) + [9],
           [1, 3] + image_run(grids[2]) + [4, 6, 11, 12],
@@ -62,9 +62,28 @@ def batch(side="right", grids=GRIDS, seed=0) -> dict:
   rng = np.random.RandomState(seed)
   n = sum(t * h * w for t, h, w in grids)
   return {"input_ids": ids, "attention_mask": mask,
-          "pixel_values": rng.randn(n, PATCH_DIM).astype(np.float32),
+          "pixel_values": rng.randn(n, patch_dim).astype(np.float32),
           "image_grid_thw": np.asarray(grids, np.int64),
           "mm_token_type_ids": (ids == IMAGE).astype(np.int64)}
+
+
+def safetensors_of(d: str) -> dict:
+  """Every tensor of a model directory's safetensors files (torch)."""
+  import os
+  from safetensors import safe_open
+  out = {}
+  for fn in sorted(f for f in os.listdir(d) if f.endswith(".safetensors")):
+    with safe_open(os.path.join(d, fn), "pt") as f:
+      out.update({k: f.get_tensor(k) for k in f.keys()})
+  return out
+
+
+def assert_same_tensors(a: dict, b: dict):
+  """Same keys, dtypes and bytes."""
+  assert sorted(a) == sorted(b)
+  for k in a:
+    assert a[k].dtype == b[k].dtype and torch.equal(a[k].view(torch.uint8),
+                                                    b[k].view(torch.uint8)), k
 
 
 def torch_inputs(enc: dict) -> dict:
@@ -161,16 +180,23 @@ def save_processor(proc, path: str) -> None:
 def model_dir(root: str, family: str = "qwen2_5_vl"):
   """A checkpoint directory as a user has it: the tiny model (vocabulary and special ids of the
   tokenizer), the tokenizer with Qwen's chat template and the processor, all saved by
-  transformers. Returns (dir, hf_model, processor)."""
+  transformers. Returns (dir, hf_model, processor). Qwen3-VL gets Qwen2-VL's processor with
+  16-pixel patches (for images Qwen3VLProcessor expands the same placeholders with the same
+  image processor; its video processor needs torchvision)."""
   import os
   tok = qwen_tokenizer()
   kw = dict(vocab_size=len(tok), pad_token_id=0, bos_token_id=None, eos_token_id=2)
-  build = qwen2_5_vl if family == "qwen2_5_vl" else qwen2_vl
+  image_kw = {}
+  if family == "qwen3_vl":  # 16-pixel patches: budgets of the same merged-token counts
+    from tests.helpers.qwen3_vl_tiny import qwen3_vl as build
+    image_kw = dict(patch_size=16, min_pixels=32 * 32, max_pixels=32 * 32 * 24)
+  else:
+    build = qwen2_5_vl if family == "qwen2_5_vl" else qwen2_vl
   hf = build(tokens=token_ids(tok), **kw)
   d = os.path.join(root, family)
   hf.save_pretrained(d)
   tok.save_pretrained(d)
-  proc = processor(tok)
+  proc = processor(tok, **image_kw)
   save_processor(proc, d)
   return d, hf, proc
 

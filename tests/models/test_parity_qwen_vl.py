@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import vision_utils
 
@@ -124,21 +123,6 @@ def test_greedy_generation_matches_hf_generate(family, tmp_path):
   assert all(len(set(row)) > 2 for row in ours.tolist())
 
 
-def _tensors(d: str) -> dict:
-  out = {}
-  for fn in sorted(f for f in os.listdir(d) if f.endswith(".safetensors")):
-    with safe_open(os.path.join(d, fn), "pt") as f:
-      out.update({k: f.get_tensor(k) for k in f.keys()})
-  return out
-
-
-def _assert_same_tensors(a: dict, b: dict):
-  assert sorted(a) == sorted(b)
-  for k in a:
-    assert a[k].dtype == b[k].dtype and torch.equal(a[k].view(torch.uint8),
-                                                    b[k].view(torch.uint8)), k
-
-
 def _flat_config(nested: dict) -> dict:
   """The hub's flat config.json form of a transformers 5 (nested) one."""
   d = {k: v for k, v in nested.items() if k != "text_config"}
@@ -160,7 +144,7 @@ def test_hf_ours_hf_is_bit_exact_and_loads_in_transformers(family, dtype, tmp_pa
   dst = str(tmp_path / "dst")
   mt.save_pretrained(dst, model, params, max_shard_size="40KB")
   assert os.path.exists(os.path.join(dst, "model.safetensors.index.json"))
-  _assert_same_tensors(_tensors(src), _tensors(dst))
+  qt.assert_same_tensors(qt.safetensors_of(src), qt.safetensors_of(dst))
   with open(os.path.join(dst, "config.json")) as f:
     written = json.load(f)
   assert written["model_type"] == family and "text_config" in written
@@ -192,7 +176,7 @@ def test_flat_hub_config_in_memory_layout_and_tied_head(family, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, params2, params)
   dst = str(tmp_path / "dst")
   mt.save_pretrained(dst, model2, params2)
-  _assert_same_tensors(_tensors(mem), _tensors(dst))
+  qt.assert_same_tensors(qt.safetensors_of(mem), qt.safetensors_of(dst))
   with open(os.path.join(dst, "config.json")) as f:
     written = json.load(f)
   assert "text_config" not in written and written["rope_scaling"]["mrope_section"] == [2, 1, 1]
@@ -240,5 +224,5 @@ def test_config_errors_and_native_round_trip():
   rope = dict(d["text_config"]["rope_parameters"], mrope_section=[2, 2, 1])
   with pytest.raises(ConfigError, match=r"mrope_section \[2, 2, 1\] .* head_dim / 2 = 4"):
     config_from_hf(dict(d, text_config=dict(d["text_config"], rope_parameters=rope)))
-  with pytest.raises(ConfigError, match="'qwen2_vl', 'qwen2_5_vl'"):
-    config_from_hf({"model_type": "qwen3_vl"})
+  with pytest.raises(ConfigError, match="'qwen2_vl', 'qwen2_5_vl', 'qwen3_vl'"):
+    config_from_hf({"model_type": "qwen3_vl_moe"})

@@ -1,7 +1,7 @@
-"""Qwen2-VL / Qwen2.5-VL end to end: a checkpoint directory saved by transformers (model, a
-tokenizer with Qwen's chat template, the processor) + LLaVA-format JSON with images of many sizes
--> our packed batches (equal to what transformers' processor and model compute per record) ->
-`mllm-tune train` with LoRA on two devices."""
+"""Qwen2-VL / Qwen2.5-VL (and Qwen3-VL's batches) end to end: a checkpoint directory saved by
+transformers (model, a tokenizer with Qwen's chat template, the processor) + LLaVA-format JSON
+with images of many sizes -> our packed batches (equal to what transformers' processor and model
+compute per record) -> `mllm-tune train` with LoRA on two devices."""
 from __future__ import annotations
 
 import io
@@ -61,7 +61,7 @@ def _hf_per_record(records, images, proc):
   return out
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_packed_batches_give_transformers_logits_per_record(family, tmp_path):
   d, hf_model, proc = qt.model_dir(str(tmp_path), family)
   model, params = mt.load_pretrained(d)

@@ -250,6 +250,9 @@ class ModelTailor(Method):
     batches = list(batches)
     if not batches:
       raise MethodError("model_tailor: no calibration batches")
+    if getattr(getattr(model.config, "vision", None), "deepstack_visual_indexes", ()):
+      raise MethodError("model_tailor: Qwen3-VL's deepstack inputs (added after the first LLM "
+                        "layers) are not threaded through the per-block pass yet")
     cfg = model.config.llm
     params = jax.tree.map(lambda x: x, params_ft)
     if self.reset_projector and "projector" in params:
