@@ -212,13 +212,12 @@ def build_model_dir(preset: str) -> str:
   """Random-weight HF model + tokenizer + processor files in a temp directory."""
   import torch
   from transformers import LlavaOnevisionForConditionalGeneration
-  from mllm_tune.data.conversation import CHATML
-  from tests.helpers.data import chatml_tokenizer
+  from mllm_tune.benchmark.assets import train_tokenizer
   p = PRESETS[preset]
   torch.manual_seed(0)
   d = tempfile.mkdtemp(prefix="anyres_perf_")
   cfg = hf_config(p)
-  tok = chatml_tokenizer(CHATML)
+  tok = train_tokenizer()  # byte-level BPE, ChatML template, `<image>` special
   cfg.image_token_id = tok.convert_tokens_to_ids("<image>")
   global IMAGE_TOKEN
   IMAGE_TOKEN = cfg.image_token_id
