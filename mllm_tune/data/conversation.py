@@ -33,10 +33,13 @@ otherwise it is added as a special token). Each placeholder id becomes `image_se
 the model's `image_token_id`, as transformers' `LlavaProcessor` does; or, with per-image counts
 (`encode(..., image_tokens=[n_0, n_1, ...])`, anyres models whose count depends on the image
 size), placeholder i becomes n_i copies, as `LlavaNextProcessor` / `LlavaOnevisionProcessor` do.
-Checkpoints whose chat template writes images in their own form (Qwen2-VL / 2.5-VL:
-`<|vision_start|><|image_pad|><|vision_end|>`, `image_text=`) get each `<image>` of the text
-replaced by that form before rendering, and its one image token (`<|image_pad|>`, the model's
-`image_token_id`) repeated n_i times, as `Qwen2VLProcessor` repeats `<|image_pad|>`.
+Checkpoints whose chat template writes images in their own form (Qwen2-VL / 2.5-VL / 3-VL:
+`<|vision_start|><|image_pad|><|vision_end|>`, `image_text=`) get list-style contents when their
+template renders an image item as that form (Qwen's own templates do: the messages transformers'
+processor takes, the whitespace beside `<image>` dropped); a string-only template (e.g.
+`"chatml"`) gets each `<image>` of the text replaced by the form. Its one image token
+(`<|image_pad|>`, the model's `image_token_id`) is then repeated n_i times, as
+`Qwen2VLProcessor` repeats `<|image_pad|>`.
 """
 from __future__ import annotations
 
@@ -156,7 +159,7 @@ class ChatTokenizer:
     self.content_style = content_style(
         lambda msgs: self.tokenizer.apply_chat_template(msgs, chat_template=self.template,
                                                         tokenize=False),
-        image_placeholder, self.image_seq_len > 0, self.template_source)
+        image_placeholder, self.image_seq_len > 0, self.template_source, image_text)
     specials = {str(t) for t in tokenizer.all_special_tokens}
     specials |= {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
     specials.discard(image_placeholder)
@@ -251,8 +254,7 @@ class ChatTokenizer:
     if n_placeholders != num_images:
       raise DataError(f"{where}: {n_placeholders} {self.placeholder} placeholder(s) in the "
                       f"conversation but {num_images} image(s)", "image_count")
-    if self.image_text is not None:
-      messages = self._image_text_messages(messages, where)
+    messages = self._image_text_messages(messages, where)
     tok = self.tokenizer
     if self.uses_generation_tags:
       out = self._apply(messages, where, tokenize=True, return_dict=True,
@@ -267,15 +269,20 @@ class ChatTokenizer:
     return self._expand_images(ids, mask, num_images, where, per_image)
 
   def _image_text_messages(self, messages: Sequence[dict], where: str) -> list[dict]:
-    """Each placeholder -> `image_text`; the image token written in the text is refused."""
+    """With `image_text`: the image token written in the text is refused, and string-style
+    templates get each placeholder replaced by `image_text` (list-style ones render image items
+    themselves). Without it: `messages` unchanged."""
+    if self.image_text is None:
+      return list(messages)
     token = self.tokenizer.convert_ids_to_tokens(self.image_token_id)
-    out = []
     for i, m in enumerate(messages):
       if token and token in m["content"]:
         raise DataError(f"{where}: conversations[{i}].value holds the image token {token!r} "
                         f"as text; mark images with {self.placeholder}", "image_count")
-      out.append({**m, "content": m["content"].replace(self.placeholder, self.image_text)})
-    return out
+    if self.content_style == "list":
+      return list(messages)
+    return [{**m, "content": m["content"].replace(self.placeholder, self.image_text)}
+            for m in messages]
 
   def encode(self, conversations: Sequence[dict], num_images: int, where: str = "record",
              image_tokens: Sequence[int] | None = None) -> TokenizedConversation:
@@ -301,7 +308,8 @@ class ChatTokenizer:
                       f"{self.placeholder} placeholder(s) for {num_images} image(s)",
                       "image_count")
     per_image = self._per_image_counts(num_images, image_tokens, where)
-    text = self.render(head, add_generation_prompt=True, where=where)
+    text = self.render(self._image_text_messages(head, where), add_generation_prompt=True,
+                       where=where)
     ids = np.asarray(self.tokenizer(text, add_special_tokens=False)["input_ids"], np.int64)
     return self._expand_images(ids, np.zeros(ids.shape, np.int32), num_images, where,
                                per_image).input_ids

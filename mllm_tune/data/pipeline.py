@@ -193,13 +193,16 @@ class SamplePreparer:
   def prompt_ids(self, record: dict, sample: Sample) -> np.ndarray:
     """The generation prompt of `record` (`ChatTokenizer.encode_prompt`: the turns before its
     last assistant turn + the template's generation prompt), with the images of `sample` (its
-    prepared form) expanded to the same token counts. int32 (P,)."""
-    anyres_model = self.anyres_spec is not None
-    n = len(sample.image_tokens) if anyres_model else sample.num_images
+    prepared form) expanded to the same token counts. int32 (P,). Qwen2-VL / 2.5-VL / 3-VL:
+    the counts of its grids (gh * gw / m^2 per image)."""
+    counts = None
+    if self.qwen_spec is not None:
+      counts = [int(g[1] * g[2]) // self.qwen_spec.merge_unit for g in sample.grids]
+    elif self.anyres_spec is not None:
+      counts = list(sample.image_tokens)
+    n = sample.num_images if counts is None else len(counts)
     with self._tokenizer_lock:
-      return self.chat.encode_prompt(record.get("conversations"), n, sample.where,
-                                     list(sample.image_tokens) if anyres_model else None)
-
+      return self.chat.encode_prompt(record.get("conversations"), n, sample.where, counts)
 
   def _prepare_qwen(self, record: dict, where: str) -> Sample:
     """Qwen2-VL / 2.5-VL: image sizes decide token counts (gh * gw / m^2 after
@@ -243,8 +246,9 @@ def qwen_image_text(tokenizer, model_config: QwenVLConfig) -> str:
 def qwen_preparer(model_dir: str, model_config: QwenVLConfig, max_len: int,
                   template: str | None = None, overflow: str = "truncate",
                   **image_options) -> SamplePreparer:
-  """The Qwen2-VL / 2.5-VL preparer of `model_dir`: its tokenizer (each `<image>` becomes
-  `qwen_image_text`), its image processor (`QwenImageSpec.from_pretrained`, with
+  """The Qwen2-VL / 2.5-VL / 3-VL preparer of `model_dir`: its tokenizer and template (each
+  `<image>` an image item the template writes as `qwen_image_text`, or that text inline for a
+  string-only template: `ChatTokenizer`), its image processor (`QwenImageSpec.from_pretrained`, with
   `image_options` such as min_pixels, max_pixels, out_of_budget, max_image_tokens), checked
   against the model's vision config."""
   tok = load_tokenizer(model_dir)

@@ -9,6 +9,11 @@ Templates come in two content styles:
 `content_style` finds the one a template renders a probe conversation with (its text kept and
 one `<image>` per image); `to_list_contents` turns LLaVA messages into list-style ones, an image
 item per placeholder, in order, the whitespace beside a placeholder left to the template.
+Checkpoints with their own text for an image (Qwen2-VL / 2.5-VL / 3-VL: an image item renders as
+`<|vision_start|><|image_pad|><|vision_end|>`) try list style first: their templates accept both
+styles, and list contents are what transformers' processor is given and what Qwen's own
+fine-tuning code builds from LLaVA records (`<image>\nWhat?` -> image item, text "What?"), so
+training sees the prompts of inference.
 
 `load_tokenizer` reads a model directory's tokenizer and, when its config holds no chat
 template, the processor's (`chat_template.jinja`, or `chat_template.json` as older transformers
@@ -94,16 +99,23 @@ def to_list_contents(messages: Sequence[dict], placeholder: str) -> list[dict]:
 
 
 def content_style(render: Callable[[list[dict]], str], placeholder: str, with_image: bool,
-                  source: str) -> str:
+                  source: str, image_text: str | None = None) -> str:
   """"string" or "list": the first style in which the template (`render(messages) -> text`)
-  keeps a probe conversation's text and writes one `placeholder` per image. Raises `DataError`
+  keeps a probe conversation's text and writes one image per image. `image_text`: the
+  checkpoint's own text for one image (see the module docstring): list style is tried first and
+  each image must render as it (string contents then hold it in place of the placeholder);
+  without it, string style first and one `placeholder` per image. Raises `DataError`
   ("template", fatal) naming `source`, why each style failed, and what to set instead."""
-  user = (placeholder + "\n" if with_image else "") + _PROBE_USER
-  probe = [{"role": "user", "content": user}, {"role": "assistant", "content": _PROBE_ANSWER}]
+  mark = image_text or placeholder
+  probe = [{"role": "user", "content": (placeholder + "\n" if with_image else "") + _PROBE_USER},
+           {"role": "assistant", "content": _PROBE_ANSWER}]
   want = 1 if with_image else 0
   reasons = []
-  for style in STYLES:
-    msgs = probe if style == "string" else to_list_contents(probe, placeholder)
+  for style in (STYLES[::-1] if image_text else STYLES):
+    if style == "list":
+      msgs = to_list_contents(probe, placeholder)
+    else:
+      msgs = [{**m, "content": m["content"].replace(placeholder, mark)} for m in probe]
     try:
       text = render(msgs)
     except Exception as e:  # jinja2 errors, raise_exception(...) in the template
@@ -111,12 +123,12 @@ def content_style(render: Callable[[list[dict]], str], placeholder: str, with_im
       continue
     lost = [turn for w, turn in ((_PROBE_USER, "user"), (_PROBE_ANSWER, "assistant"))
             if w not in text]
-    n = text.count(placeholder)
+    n = text.count(mark)
     if lost:
       reasons.append(f"with {style} contents it drops the text of the {' and '.join(lost)} "
                      "turn")
     elif n != want:
-      reasons.append(f"with {style} contents it writes {n} {placeholder} for {want} image(s)")
+      reasons.append(f"with {style} contents it writes {n} {mark} for {want} image(s)")
     else:
       return style
   raise DataError(f"chat template: {source} cannot render LLaVA conversations ("

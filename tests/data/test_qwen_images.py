@@ -1,6 +1,8 @@
 """Qwen2-VL / 2.5-VL preprocessing and placeholder expansion equal transformers'
 `Qwen2VLImageProcessorPil` and `Qwen2VLProcessor` (PIL backend; the processor's None video slot
-is built as in tests/helpers (anyres_tiny.py, qwen_vl_tiny.py)), and the data pipeline's Qwen samples."""
+is built as in tests/helpers (anyres_tiny.py, qwen_vl_tiny.py)), and the data pipeline's Qwen
+samples: LLaVA JSON records through Qwen2-VL-Instruct's own (list-style) chat template give the
+processor's ids, the assistant replies as targets and the template's generation prompts."""
 from __future__ import annotations
 
 import io
@@ -15,7 +17,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_res
 from mllm_tune.data import qwen_images as qi
 from mllm_tune.data.errors import DataError
 from tests.helpers import qwen_vl_tiny as qt
-from tests.helpers.data import image_bytes
+from tests.helpers.data import image_bytes, write_llava_dataset
 
 SIZES_WH = [(70, 40), (30, 30), (50, 90), (300, 200), (1000, 20), (13, 7), (112, 84),
             (40, 120), (29, 57)]
@@ -228,3 +230,100 @@ def test_truncation_keeps_whole_images_and_their_positions(qwen):
   assert s.truncated_from == len(full.tokens) and len(s.tokens) == int(starts[2])
   assert len(s.grids) == 2 and s.pixels.shape[0] == int(np.prod(s.grids, -1).sum())
   np.testing.assert_array_equal(s.mrope_positions, full.mrope_positions[:, :len(s.tokens)])
+
+
+# ----------------------------------------------------------------------------- chat template
+JSON_RECORDS = [  # LLaVA records: one image; two images over two turns; text only with system
+    ({"id": "one", "conversations": [
+        {"from": "human", "value": "<image>\nWhat is in the picture?"},
+        {"from": "gpt", "value": "A red cat."}]}, [(70, 40)]),
+    ({"id": "two", "conversations": [
+        {"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A dog."},
+        {"from": "human", "value": "And this one? <image>"},
+        {"from": "gpt", "value": "A blue square, smaller."}]}, [(50, 90), (112, 84)]),
+    ({"id": "text", "conversations": [
+        {"from": "system", "value": "Be brief."}, {"from": "human", "value": "Tell me a joke."},
+        {"from": "gpt", "value": "7 8 9."}, {"from": "human", "value": "Another?"},
+        {"from": "gpt", "value": "No."}]}, []),
+]
+
+
+def _hf_encode(proc, turns, images, generation_prompt=False):
+  """transformers: Qwen2VLProcessor(images, text=the tokenizer's template on list-style
+  messages)."""
+  text = proc.tokenizer.apply_chat_template(qt.hf_messages(turns), tokenize=False,
+                                            add_generation_prompt=generation_prompt)
+  enc = proc(images=images or None, text=[text], return_tensors="np")
+  return enc["input_ids"][0], text
+
+
+def _answer_mask(tok, ids):
+  """Independent of mllm_tune: 1 from after each `<|im_start|>assistant\\n` through the next
+  `<|im_end|>`."""
+  head = tok.encode("<|im_start|>assistant\n", add_special_tokens=False)
+  end = tok.convert_tokens_to_ids("<|im_end|>")
+  mask = np.zeros(len(ids), np.int32)
+  for p in range(len(ids) - len(head)):
+    if list(ids[p:p + len(head)]) == head:
+      start = p + len(head)
+      stop = start + list(ids[start:]).index(end)
+      mask[start:stop + 1] = 1
+  return mask
+
+
+def test_llava_json_through_qwens_list_template_equals_the_processor(qwen, tmp_path):
+  """Qwen2-VL-Instruct's hub template renders list-style contents (an image item as
+  <|vision_start|><|image_pad|><|vision_end|>), so LLaVA records take that path: ids (image pads
+  expanded) equal the processor's on the template's own rendering of list-style messages, the
+  default system prompt included; targets are exactly the assistant replies + <|im_end|>; the
+  generation prompt is the template's with add_generation_prompt=True."""
+  from mllm_tune.data.sources import LlavaJsonSource
+  _, _, proc, _, prepare = qwen
+  assert prepare.chat.content_style == "list"
+  records, files = [], {}
+  for rec, sizes in JSON_RECORDS:
+    names = [f"{rec['id']}{k}.png" for k in range(len(sizes))]
+    files.update({n: image_bytes(w, h, seed=k) for k, (n, (w, h)) in enumerate(zip(names, sizes))})
+    records.append({**rec, "image": names if len(names) > 1 else names[0]} if names else rec)
+  root = str(tmp_path / "data")
+  source = LlavaJsonSource(write_llava_dataset(root, records, files), f"{root}/images")
+  tok = proc.tokenizer
+  for i in range(len(records)):
+    rec = source[i]
+    imgs = [Image.open(io.BytesIO(b)) for b in rec["images"]]
+    sample = prepare(rec)
+    ref_ids, text = _hf_encode(proc, rec["conversations"], imgs)
+    assert ("Be brief." in text) != ("You are a helpful assistant." in text)
+    np.testing.assert_array_equal(sample.tokens.input_ids, ref_ids)
+    np.testing.assert_array_equal(sample.tokens.loss_mask, _answer_mask(tok, ref_ids))
+    replies = [t["value"] for t in rec["conversations"] if t["from"] == "gpt"]
+    assert tok.decode(ref_ids[_answer_mask(tok, ref_ids).astype(bool)]) == "".join(
+        r + "<|im_end|>" for r in replies)
+    head = rec["conversations"][:-1]
+    ref_prompt, _ = _hf_encode(proc, head, imgs, generation_prompt=True)
+    np.testing.assert_array_equal(prepare.prompt_ids(rec, sample), ref_prompt)
+    assert len(ref_prompt) < len(ref_ids) and list(ref_prompt[-3:]) == tok.encode(
+        "<|im_start|>assistant\n", add_special_tokens=False)[-3:]
+
+
+def test_a_string_only_template_gets_the_image_text_inline(qwen):
+  """`data.template=chatml` (string contents only): each `<image>` becomes the checkpoint's
+  image text in place; ids and the generation prompt equal the processor on that rendering."""
+  from mllm_tune.data.conversation import CHATML, ChatTokenizer
+  _, _, proc, model, prepare = qwen
+  c = prepare.chat
+  chat = ChatTokenizer(c.tokenizer, c.image_token_id, 1, "chatml", image_text=c.image_text)
+  assert chat.content_style == "string"
+  rec, sizes = JSON_RECORDS[1]
+  imgs = [Image.open(io.BytesIO(image_bytes(w, h, seed=k))) for k, (w, h) in enumerate(sizes)]
+  counts = [int(g[1] * g[2]) // 4 for g in proc.image_processor(images=imgs)["image_grid_thw"]]
+  turns = rec["conversations"]
+  for head, gen in ((turns, False), (turns[:-1], True)):
+    msgs = [{"role": {"human": "user", "gpt": "assistant"}[t["from"]],
+             "content": t["value"].replace("<image>", c.image_text)} for t in head]
+    text = proc.tokenizer.apply_chat_template(msgs, chat_template=CHATML, tokenize=False,
+                                              add_generation_prompt=gen)
+    ref = proc(images=imgs, text=[text], return_tensors="np")["input_ids"][0]
+    ours = (chat.encode_prompt(turns, 2, image_tokens=counts) if gen
+            else chat.encode(turns, 2, image_tokens=counts).input_ids)
+    np.testing.assert_array_equal(ours, ref)

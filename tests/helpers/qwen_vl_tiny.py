@@ -202,17 +202,22 @@ def model_dir(root: str, family: str = "qwen2_5_vl"):
 
 
 def hf_messages(conversations) -> list[dict]:
-  """LLaVA turns -> chat messages with structured content: the text split at each `<image>`
-  into {"type": "image"} and {"type": "text"} parts (what Qwen's template renders as the
-  vision tokens)."""
-  from mllm_tune.data.conversation import to_messages
+  """LLaVA turns -> the list-style messages transformers' processor takes, built as Qwen's own
+  fine-tuning code builds them from LLaVA records: a user turn split at each `<image>` into
+  {"type": "image"} items and its text pieces stripped (empty ones dropped); other turns one
+  text item, verbatim. Written here, apart from mllm_tune, as the reference."""
+  roles = {"human": "user", "gpt": "assistant", "system": "system"}
   out = []
-  for m in to_messages(conversations):
-    parts = m["content"].split("<image>")
-    content = [{"type": "text", "text": parts[0]}] if parts[0] else []
-    for text in parts[1:]:
-      content.append({"type": "image"})
-      if text:
-        content.append({"type": "text", "text": text})
-    out.append({"role": m["role"], "content": content})
+  for turn in conversations:
+    role, text = roles[turn["from"]], turn["value"]
+    if role != "user":
+      out.append({"role": role, "content": [{"type": "text", "text": text}]})
+      continue
+    content = []
+    for k, piece in enumerate(text.split("<image>")):
+      if k:
+        content.append({"type": "image"})
+      if piece.strip():
+        content.append({"type": "text", "text": piece.strip()})
+    out.append({"role": role, "content": content})
   return out

@@ -200,11 +200,3 @@ def test_peft_lora_both_ways_with_logit_parity(loaded, tmp_path):
   export_peft(out, model, method, variables, base_model_name_or_path=base_dir)
   again = PeftModel.from_pretrained(q3.qwen3_vl(), out).eval()
   np.testing.assert_allclose(qt.hf_logits(again, enc)[real], ref[real], atol=ATOL)
-
-
-def test_model_tailor_refuses_deepstack(loaded):
-  from mllm_tune.tuning.api import MethodError
-  from mllm_tune.tuning.selective.model_tailor import ModelTailor
-  _, _, model, params = loaded
-  with pytest.raises(MethodError, match="deepstack"):
-    ModelTailor().tailor(model, params, params, [mt.hf_inputs(model, q3.batch())])

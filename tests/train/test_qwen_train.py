@@ -1,13 +1,15 @@
-"""Qwen2-VL / Qwen2.5-VL (and Qwen3-VL's batches) end to end: a checkpoint directory saved by
-transformers (model, a tokenizer with Qwen's chat template, the processor) + LLaVA-format JSON
-with images of many sizes -> our packed batches (equal to what transformers' processor and model
-compute per record) -> `mllm-tune train` with LoRA on two devices."""
+"""Qwen2-VL / Qwen2.5-VL / Qwen3-VL end to end: a checkpoint directory saved by transformers
+(model, a tokenizer with Qwen's chat template, the processor) + LLaVA-format JSON with images of
+many sizes -> our packed batches (equal to what transformers' processor and model compute per
+record) -> `mllm-tune train` with LoRA (Qwen2.5-VL on two devices; Qwen3-VL then exported as a
+PEFT adapter that transformers + peft load with our logits)."""
 from __future__ import annotations
 
 import io
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -153,6 +155,51 @@ def test_mllm_tune_train_lora_on_tiny_qwen2_5_vl_on_two_devices(tmp_path):
     programs = [json.loads(line)["step_programs"] for line in f if "step_programs" in line]
   # images of six sizes, 8 steps: patch buckets keep the compiled shapes to a handful
   assert summary["step_programs"] == programs[-1] and 1 <= programs[-1] <= 4
+
+
+def test_mllm_tune_train_lora_on_tiny_qwen3_vl_and_export_peft(tmp_path):
+  """Qwen3-VL (deepstack, 16-pixel patches): `mllm-tune train` with the LoRA recipe on LLaVA
+  JSON, loss down, checkpoint saved; `mllm-tune export --peft` loads in transformers + peft with
+  our trained logits on one record (processor output through `mt.hf_inputs`). The directory has
+  Qwen2-VL's processor set to 16-pixel patches: Qwen3VLProcessor expands images the same way,
+  but transformers builds its video processor only with torchvision."""
+  from peft import PeftModel
+  from transformers import Qwen3VLForConditionalGeneration
+  from mllm_tune.cli import main
+  d, _, proc = qt.model_dir(str(tmp_path), "qwen3_vl")
+  records, images = _records(16, seed=2)
+  path = write_llava_dataset(str(tmp_path / "data"), records, images)
+  run = str(tmp_path / "run")
+  res = run_cli(["train", "--config=configs/experiments/llava_lora.py", "--no-progress",
+                 f"--config.model.path={d}", f"--config.data.json_path={path}",
+                 f"--config.data.image_folder={tmp_path}/data/images",
+                 "--config.data.seq_len=160", "--config.data.batch_size=4",
+                 "--config.data.num_workers=0", "--config.data.max_pixels=12288",
+                 "--config.train.steps=4", "--config.train.log_every=1",
+                 "--config.train.save_every=4", f"--config.run_dir={run}",
+                 "--config.optimizer.learning_rate=1e-2"])
+  assert res.returncode == 0, res.stderr[-3000:]
+  curve = losses(run)
+  assert len(curve) == 4 and all(np.isfinite(v) for v in curve.values())
+  assert curve[4] < curve[3] < curve[1]
+  out = str(tmp_path / "peft")
+  assert main(["export", run, "--peft", out]) == 0
+  trained = mt.load_run(run)
+  assert trained.step == 4 and trained.model.config.model_type == "qwen3_vl"
+  rec = next(r for r in records if isinstance(r.get("image"), list))  # two images
+  enc = _hf_per_record([rec], images, proc).popitem()[1]
+  kw = mt.hf_inputs(trained.model, enc)
+  apply = jax.jit(trained.model.apply)  # op by op, the tiny model takes 4x longer on CPU
+  ours = np.asarray(apply(trained.variables, **kw))[0]
+  assert set(trained.variables) == {"params", "adapters"}
+  base = {**trained.variables,
+          "adapters": jax.tree.map(np.zeros_like, trained.variables["adapters"])}
+  assert np.abs(ours - np.asarray(apply(base, **kw))[0]).max() > 1e-3  # it trained
+  peft_model = PeftModel.from_pretrained(Qwen3VLForConditionalGeneration.from_pretrained(d),
+                                         out).eval()
+  with torch.no_grad():
+    ref = peft_model(**enc).logits[0].float().numpy()
+  np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
 
 
 def test_two_hosts_batches_joined_as_put_batch_does_give_each_hosts_logits(tmp_path):

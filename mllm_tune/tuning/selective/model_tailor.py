@@ -20,7 +20,9 @@ Model level (`tailor`): blocks in order, each fed by the already-tailored blocks
 the H of every Linear of block l comes from one forward pass of block l (fine-tuned weights) on
 those inputs; the tailored block's outputs feed block l+1. Tailored blocks: those where theta_ft
 differs from theta0 (or `layers`); [choice] their norms keep theta_ft; the projector is reset to
-theta0 (as the code); every other leaf keeps theta_ft.
+theta0 (as the code); every other leaf keeps theta_ft. [choice] Qwen3-VL: the deepstack visual
+features the model adds to the output of its first blocks travel with the per-block state and
+are added by the same blocks, so block l sees what it sees in the model.
 """
 from __future__ import annotations
 
@@ -123,11 +125,13 @@ def _model_inputs(batch: dict) -> dict:
 
 @functools.lru_cache(maxsize=8)
 def block_inputs_fn(model):
-  """Jitted `(params, batch) -> (h_BTD, (sin, cos), mask_BTS)`: what enters LLM block 0.
+  """Jitted `(params, batch) -> (h_BTD, (sin, cos), mask_BTS, deepstack)`: what enters LLM
+  block 0 and what every block shares (`deepstack`: Qwen3-VL's (n, B, T, D) visual features
+  added after blocks 0..n-1, else None).
 
   With `intercept_methods`, every decoder block acts as the identity (so the stack's output,
   read at the input of `final_norm`, is block 0's input) and hands over its broadcast inputs
-  (RoPE tables and attention mask)."""
+  (RoPE tables, attention mask, deepstack features)."""
   def fn(params, batch):
     captured = {}
 
@@ -135,6 +139,9 @@ def block_inputs_fn(model):
       mod = context.module
       if isinstance(mod, DecoderBlock) and context.method_name == "__call__":
         captured["sin_cos"], captured["mask"] = args[1], args[2]
+        deepstack = args[5] if len(args) > 5 else kwargs.get("deepstack")
+        if deepstack is not None:  # layer 0 gets it (unscanned stacks pass None after n)
+          captured["deepstack"] = deepstack
         return args[0], None
       if (mod.name == "final_norm" and isinstance(mod.parent, LLM)
           and context.method_name == "__call__"):
@@ -143,17 +150,19 @@ def block_inputs_fn(model):
 
     with nn.intercept_methods(grab):
       model.apply({"params": params}, batch["input_ids"], **_model_inputs(batch))
-    return captured["h"], captured["sin_cos"], captured["mask"]
+    return captured["h"], captured["sin_cos"], captured["mask"], captured.get("deepstack")
   return jax.jit(fn)
 
 
 @functools.lru_cache(maxsize=8)
 def block_pass_fn(cfg):
-  """Jitted `(layer_params, state, token_mask_BT) -> (h_out, {linear: (sum 2 x x^T, n_tok)})`:
-  one decoder block on `state = (h, sin_cos, mask_BTS)`, with the Gram sums of every Linear's
-  input over the real tokens."""
-  def fn(layer_params, state, token_mask_BT):
-    h, sin_cos, mask_BTS = state
+  """Jitted `(layer_params, state, token_mask_BT, layer) -> (h_out, {linear: (sum 2 x x^T,
+  n_tok)})`: decoder block `layer` on `state = (h, sin_cos, mask_BTS, deepstack)` (deepstack
+  None, or added to the output as the model's block `layer` adds it), with the Gram sums of
+  every Linear's input over the real tokens."""
+  def fn(layer_params, state, token_mask_BT, layer):
+    h, sin_cos, mask_BTS, deepstack = state
+    layer_xs = (None, None) if deepstack is None else (None, None, layer)
     captured = {}
 
     def grab(next_fun, args, kwargs, context):
@@ -163,7 +172,7 @@ def block_pass_fn(cfg):
 
     with nn.intercept_methods(grab):
       out, _ = DecoderBlock(cfg).apply({"params": layer_params}, h, sin_cos, mask_BTS, 0,
-                                       (None, None))  # (layer KV cache, layer prefix)
+                                       layer_xs, deepstack)  # (KV cache, prefix[, index])
     w_N = token_mask_BT.reshape(-1).astype(jnp.float32)
     grams = {}
     for name, x in captured.items():
@@ -250,9 +259,6 @@ class ModelTailor(Method):
     batches = list(batches)
     if not batches:
       raise MethodError("model_tailor: no calibration batches")
-    if getattr(getattr(model.config, "vision", None), "deepstack_visual_indexes", ()):
-      raise MethodError("model_tailor: Qwen3-VL's deepstack inputs (added after the first LLM "
-                        "layers) are not threaded through the per-block pass yet")
     cfg = model.config.llm
     params = jax.tree.map(lambda x: x, params_ft)
     if self.reset_projector and "projector" in params:
@@ -273,10 +279,11 @@ class ModelTailor(Method):
       if layer in layers:  # H from the fine-tuned block on the already-tailored inputs
         grams = None
         for state, tm in zip(states, token_masks):
-          _, g = block_pass(p_l, state, tm)
+          _, g = block_pass(p_l, state, tm, jnp.int32(layer))
           grams = g if grams is None else jax.tree.map(jnp.add, grams, g)
         p_l = self.tailor_linears(p_l, layer_slice(params_pre["llm"]["layers"], layer), grams)
         stacked = _set_layer(stacked, layer, p_l)
-      states = [(block_pass(p_l, s, tm)[0], s[1], s[2]) for s, tm in zip(states, token_masks)]
+      states = [(block_pass(p_l, s, tm, jnp.int32(layer))[0], *s[1:])
+                for s, tm in zip(states, token_masks)]
     params["llm"] = {**params["llm"], "layers": stacked}
     return params

@@ -111,13 +111,13 @@ def test_driver_tailors_changed_blocks_in_order_with_tailored_inputs():
   state = block_inputs_fn(model)(reset_proj, batch)
   block_pass = block_pass_fn(model.config.llm)
   tm = np.ones(batch["input_ids"].shape, bool)
-  h1 = block_pass(layer_slice(ft["llm"]["layers"], 0), state, tm)[0]
-  state1 = (h1, state[1], state[2])
+  h1 = block_pass(layer_slice(ft["llm"]["layers"], 0), state, tm, 0)[0]
+  state1 = (h1, *state[1:])
   tailored1 = layer_slice(out["llm"]["layers"], 1)
   for inputs_from, expect_equal in ((tailored1, True), (layer_slice(ft["llm"]["layers"], 1),
                                                         False)):
-    h2 = block_pass(inputs_from, state1, tm)[0]
-    _, grams = block_pass(layer_slice(ft["llm"]["layers"], 2), (h2, state[1], state[2]), tm)
+    h2 = block_pass(inputs_from, state1, tm, 1)[0]
+    _, grams = block_pass(layer_slice(ft["llm"]["layers"], 2), (h2, *state[1:]), tm, 2)
     p2 = method.tailor_linears(layer_slice(ft["llm"]["layers"], 2),
                                layer_slice(params["llm"]["layers"], 2), grams)
     same = all(np.allclose(np.asarray(select.flatten(p2)[f"{n}/kernel"]),
