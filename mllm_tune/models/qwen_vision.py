@@ -2,7 +2,8 @@
 
 Mirrors transformers 5.25 `Qwen2VisionTransformerPretrainedModel` and
 `Qwen2_5_VisionTransformerPretrainedModel` (`modeling_qwen2_vl.py`, `modeling_qwen2_5_vl.py`) on
-a batch-global buffer of patch rows (see `models.qwen_vl_host`):
+a batch-global buffer of patch rows (see `models.qwen_vl_host`), or on blocks of it that no image
+crosses (`QwenVisionTower`):
 - `PatchEmbed` (a Conv3d whose kernel equals its stride) is `x @ W.reshape(D, -1).T`: a Linear
   `patch_embed` with kernel (C*T*p*p, D), no bias;
 - 2D RoPE (`Qwen2VLVisionRotaryEmbedding`, "axial"): inverse frequencies over head_dim / 2,
@@ -42,9 +43,9 @@ def vision_inv_freq(cfg: QwenVisionConfig) -> np.ndarray:
 
 
 def vision_sin_cos(pos_hw_P2: jax.Array, cfg: QwenVisionConfig) -> tuple[jax.Array, jax.Array]:
-  """float32 sin, cos (P, head_dim): angles `cat(row * inv, col * inv)`, duplicated."""
+  """float32 sin, cos (..., P, head_dim): angles `cat(row * inv, col * inv)`, duplicated."""
   freqs = pos_hw_P2.astype(jnp.float32)[..., None] * jnp.asarray(vision_inv_freq(cfg))
-  half = freqs.reshape(freqs.shape[0], -1)  # (P, 2 * d/2): rows' angles, then columns'
+  half = freqs.reshape(freqs.shape[:-2] + (-1,))  # (.., P, 2 * d/2): rows' angles, then columns'
   emb = jnp.concatenate([half, half], axis=-1)
   return jnp.sin(emb), jnp.cos(emb)
 
@@ -54,34 +55,36 @@ def rope_float32(x_PNH: jax.Array, sin_PH: jax.Array, cos_PH: jax.Array) -> jax.
   x = x_PNH.astype(jnp.float32)
   half = x.shape[-1] // 2
   rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-  out = x * cos_PH[:, None, :] + rot * sin_PH[:, None, :]
+  out = x * cos_PH[..., None, :] + rot * sin_PH[..., None, :]
   return out.astype(x_PNH.dtype)
 
 
 def attention_masks(segment_ids_P: jax.Array, window_ids_P: jax.Array | None):
-  """(full (P, P), window (P, P) or None) bool: same image (and frame), padding keys masked;
-  window also needs the same window (None without window ids)."""
-  valid = segment_ids_P > 0
-  full = (segment_ids_P[:, None] == segment_ids_P[None, :]) & valid[None, :]
+  """(full (..., P, P), window (..., P, P) or None) bool: same image (and frame), padding keys
+  masked; window also needs the same window (None without window ids)."""
+  seg = segment_ids_P
+  full = (seg[..., :, None] == seg[..., None, :]) & (seg > 0)[..., None, :]
   if window_ids_P is None:
     return full, None
-  return full, full & (window_ids_P[:, None] == window_ids_P[None, :])
+  return full, full & (window_ids_P[..., :, None] == window_ids_P[..., None, :])
 
 
 class QwenVisionAttention(nn.Module):
   cfg: QwenVisionConfig
 
   @nn.compact
-  def __call__(self, x_PD, sin_cos, mask_PP):
+  def __call__(self, x_BPD, sin_cos, mask_BPP):
+    """Blocks (B, P, D) of patch rows, each attending within itself (masked)."""
     c = self.cfg
-    p, d = x_PD.shape
+    b, p, d = x_BPD.shape
     n = c.num_heads
-    qkv = Linear(3 * d, True, c.dtype, c.param_dtype, name="qkv")(x_PD).reshape(p, 3, n, d // n)
-    q = rope_float32(qkv[:, 0], *sin_cos)
-    k = rope_float32(qkv[:, 1], *sin_cos)
-    out = attention(q[None], k[None], qkv[None, :, 2], mask_PP[None], c.attention_impl,
+    qkv = Linear(3 * d, True, c.dtype, c.param_dtype, name="qkv")(x_BPD).reshape(
+        b, p, 3, n, d // n)
+    q = rope_float32(qkv[:, :, 0], *sin_cos)
+    k = rope_float32(qkv[:, :, 1], *sin_cos)
+    out = attention(q, k, qkv[:, :, 2], mask_BPP, c.attention_impl,
                     site=c.model_type + "_vision")
-    return Linear(d, True, c.dtype, c.param_dtype, name="proj")(out.reshape(p, d))
+    return Linear(d, True, c.dtype, c.param_dtype, name="proj")(out.reshape(b, p, d))
 
 
 class QwenVisionMLP(nn.Module):
@@ -113,28 +116,37 @@ class QwenVisionBlock(nn.Module):
   cfg: QwenVisionConfig
 
   @nn.compact
-  def __call__(self, h_PD, sin_cos, masks, is_full):
+  def __call__(self, h_BPD, sin_cos, masks, is_full):
     c = self.cfg
     full, window = masks
     mask = full if window is None else jnp.where(is_full, full, window)
-    h_PD = h_PD + QwenVisionAttention(c, name="attn")(_norm(c, "norm1")(h_PD), sin_cos, mask)
-    h_PD = h_PD + QwenVisionMLP(c, name="mlp")(_norm(c, "norm2")(h_PD))
-    return h_PD, None
+    h_BPD = h_BPD + QwenVisionAttention(c, name="attn")(_norm(c, "norm1")(h_BPD), sin_cos, mask)
+    h_BPD = h_BPD + QwenVisionMLP(c, name="mlp")(_norm(c, "norm2")(h_BPD))
+    return h_BPD, None
 
 
 class QwenVisionTower(nn.Module):
-  """Patch rows (P, C*T*p*p) -> last hidden states (P, D) (before the merger)."""
+  """Patch rows (P, C*T*p*p) -> last hidden states (P, D) (before the merger).
+
+  Blocked buffers: rows (N, K, C*T*p*p) with ids (N, K, ...) are the buffer of N * K rows
+  flattened, under the promise that no image crosses a block of K rows; attention is computed
+  per block (N blocks of K x K instead of one (N K)^2 mask), the result is that of the flat
+  buffer, returned flat (N * K, D). K must be a multiple of m^2."""
   cfg: QwenVisionConfig
 
   @nn.compact
   def __call__(self, px_PX, segment_ids_P, pos_hw_P2, window_ids_P=None):
     c = self.cfg
-    if px_PX.ndim != 2 or px_PX.shape[-1] != c.patch_dim:
+    if px_PX.ndim not in (2, 3) or px_PX.shape[-1] != c.patch_dim:
       raise ValueError(f"pixel_values of shape {px_PX.shape}: this vision tower takes patch rows "
-                       f"(P, C*T*p*p) = (P, {c.patch_dim})")
-    if px_PX.shape[0] % c.merge_unit:
-      raise ValueError(f"{px_PX.shape[0]} patch rows are not a multiple of the merge unit "
-                       f"{c.merge_unit}")
+                       f"(P, C*T*p*p) = (P, {c.patch_dim}), or blocks of them (N, K, "
+                       f"{c.patch_dim})")
+    if px_PX.shape[-2] % c.merge_unit:
+      raise ValueError(f"{px_PX.shape[-2]} patch rows (per block) are not a multiple of the "
+                       f"merge unit {c.merge_unit}")
+    if px_PX.ndim == 2:  # one block
+      px_PX, segment_ids_P, pos_hw_P2 = px_PX[None], segment_ids_P[None], pos_hw_P2[None]
+      window_ids_P = None if window_ids_P is None else window_ids_P[None]
     if c.windowed and window_ids_P is None:
       raise ValueError(f"{c.model_type}: the window layers need vision_window_ids (P,) "
                        "(models.qwen_vl_host.vision_metadata, mt.hf_inputs)")
@@ -143,7 +155,7 @@ class QwenVisionTower(nn.Module):
     masks = attention_masks(segment_ids_P, window_ids_P if c.windowed else None)
     layers = scanned(QwenVisionBlock, c.num_layers, "none", 2)(c, name="layers")
     h, _ = layers(h, sin_cos, masks, jnp.asarray(c.full_attention_layers))
-    return h
+    return h.reshape(-1, h.shape[-1])
 
 
 class QwenMerger(nn.Module):
