@@ -1,8 +1,9 @@
 """The offline specialization-vs-retention benchmark (`mllm-tune bench`, issue 8).
 
-A tiny LLaVA (CLIP-style ViT + Llama-style LLM, BPE tokenizer trained on the fly) is pre-trained
-once on the general mix (cached), then each method tunes it on the downstream task and both sides
-are measured (docs/methods.md §8). `methods` holds every method the bench knows, each a
+A tiny LLaVA (CLIP-style ViT + Llama-style LLM, BPE tokenizer trained on the fly; `model.family`
+picks a OneVision- or Qwen2.5-VL-shaped base instead) is pre-trained once on the general mix
+(cached), then each method tunes it on the downstream task and both sides are measured
+(docs/methods.md §8). `methods` holds every method the bench knows, each a
 `configs/methods/<name>.py`-style config plus its learning rate `lr`; `run` picks which run.
 Targets are anchored at `llm/` (docs/methods.md §1.2). Learning rates come from a small sweep on
 seed 0 (results/tradeoff.md says which), the same data order and step budget for every method.
@@ -11,9 +12,11 @@ import ml_collections
 
 LLM_LINEARS = r"llm/layers_\d+/(attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)"
 # The tiny tower was pre-trained on shapes and colours only, so the downstream task needs it to
-# adapt: LoRA-family methods here wrap every linear layer (LLM, vision tower, projector).
+# adapt: LoRA-family methods here wrap every linear layer (LLM, vision tower, projector). Vision
+# names: CLIP / SigLIP (q|k|v|out_proj, fc1|2) and Qwen2.5-VL (fused qkv, proj, gated MLP).
 ALL_LINEARS = (r"llm/layers_\d+/(attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)"
-               r"|vision/layers_\d+/(attn/(q|k|v|out)_proj|mlp/fc(1|2))|projector/linear_(1|2)")
+               r"|vision/layers_\d+/(attn/(q|k|v|out)_proj|mlp/fc(1|2)"
+               r"|attn/(qkv|proj)|mlp/(gate|up|down)_proj)|projector/linear_(1|2)")
 
 
 def methods() -> dict:
@@ -53,10 +56,13 @@ def get_config(arg: str | None = None):
   c.data_seed = 0
   c.general = ("color", "shape", "count", "position")   # upstream sets (one per family)
   c.downstream = "digits"     # digits (sklearn handwritten digits) | letter (rendered letters)
-  # family: "llava" (CLIP + Llama, one 32 px crop per image) or "llava_onevision" (SigLIP +
+  # family: "llava" (CLIP + Llama, one 32 px crop per image), "llava_onevision" (SigLIP +
   # Qwen2, anyres: a base crop + up to 2 x 2 crops of crop_size (0 = image_size / 2) per image)
+  # or "qwen2_5_vl" (Qwen2.5-VL tower, windows of window_size px but full attention in its last
+  # block, 2 x 2 patch merger, Qwen2 with M-RoPE: a 32 px image = 8 x 8 patches, 16 tokens)
   c.model = ml_collections.ConfigDict(dict(
-      family="llava", crop_size=0, vision_aspect_ratio="anyres_max_4", image_size=32, patch_size=4, vision_hidden=96, vision_mlp=192, vision_layers=3,
+      family="llava", crop_size=0, vision_aspect_ratio="anyres_max_4", window_size=16,
+      image_size=32, patch_size=4, vision_hidden=96, vision_mlp=192, vision_layers=3,
       vision_heads=3, vision_feature_layer=-1, hidden=128, mlp=256, layers=2, heads=4,
       kv_heads=4, vocab_size=512, max_positions=256))
   c.pretrain = ml_collections.ConfigDict(dict(

@@ -1,8 +1,9 @@
-"""Stage 0 of the benchmark: a tiny LLaVA pre-trained on the general mix, cached on disk.
+"""Stage 0 of the benchmark: a tiny LLaVA (or Qwen2.5-VL) pre-trained on the general mix, cached
+on disk.
 
 The cache key hashes the `model` and `pretrain` config sections and `DATA_VERSION`, so any
 change to them builds a new base; an existing base is reused (`ensure_base`). The base is an HF
-LLaVA directory with its tokenizer and image processor: everything after this stage loads it
+model directory with its tokenizer and image processor: everything after this stage loads it
 through the regular loading code.
 """
 from __future__ import annotations
@@ -18,9 +19,6 @@ from mllm_tune.eval import vqa_sets as arrays_lib
 from mllm_tune.benchmark import assets
 from mllm_tune.benchmark.fit import fit
 from mllm_tune.data import offline_vqa as ov
-from mllm_tune.data.conversation import ChatTokenizer
-from mllm_tune.data.images import ImageSpec
-from mllm_tune.data.pipeline import SamplePreparer
 
 log = logging.getLogger(__name__)
 DATA_VERSION = "offline_vqa-1"  # bump when the generator's records change
@@ -47,11 +45,21 @@ def resolve_model_source(model_cfg) -> None:
   log.info("model.source=bench (%s): the pre-trained base %s", spec, model_cfg.path)
 
 
+# `model` keys that only one family reads; the other families' keys leave them out, so bases
+# built before a family's keys existed keep their key (and "llava" also leaves out `family`)
+FAMILY_KEYS = {"llava_onevision": ("crop_size", "vision_aspect_ratio"),
+               "qwen2_5_vl": ("window_size",)}
+
+
 def cache_key(cfg) -> str:
   model = cfg.model.to_dict()
-  if model.get("family", "llava") == "llava":  # keys of the anyres family only: bases built
-    for k in ("family", "crop_size", "vision_aspect_ratio"):  # before they existed stay valid
-      model.pop(k, None)
+  family = assets.family_of(cfg.model)
+  for other, keys in FAMILY_KEYS.items():
+    if other != family:
+      for k in keys:
+        model.pop(k, None)
+  if family == "llava":
+    model.pop("family", None)
   blob = json.dumps({"model": model, "pretrain": cfg.pretrain.to_dict(),
                      "data": DATA_VERSION}, sort_keys=True)
   return hashlib.sha256(blob.encode()).hexdigest()[:12]
@@ -82,17 +90,12 @@ def ensure_base(cfg, progress_factory=None) -> str:
   from mllm_tune import tuning
   import jax
   p = cfg.pretrain
-  tok = assets.train_tokenizer(cfg.model.vocab_size)
-  mcfg = assets.model_config(cfg.model, len(tok), assets.image_token_id(tok))
+  tok = assets.train_tokenizer(cfg.model.vocab_size, assets.family_of(cfg.model))
+  mcfg = assets.model_config(cfg.model, tok)
   model = build_model(mcfg)
   params = init_params(model, jax.random.key(p.seed))
-  chat = ChatTokenizer(tok, mcfg.image_token_id, mcfg.crop_tokens, TEMPLATE)
-  if mcfg.anyres:
-    prep = SamplePreparer(chat, None, MAX_LEN, anyres_spec=assets.anyres_spec(mcfg))
-    spec = prep.image_spec
-  else:
-    spec = ImageSpec.clip(cfg.model.image_size)
-    prep = SamplePreparer(chat, spec, MAX_LEN)
+  prep = assets.preparer(cfg.model, tok, mcfg, MAX_LEN, TEMPLATE)
+  spec = prep.image_spec
   data = arrays_lib.prepare(general_source(cfg, "train", p.num_records), prep, name="general",
                             prompts=False)
   bar = progress_factory(p.steps, "pre-train on the general mix") if progress_factory else None
@@ -104,7 +107,7 @@ def ensure_base(cfg, progress_factory=None) -> str:
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=".base-", dir=os.path.dirname(path))
   try:
-    assets.write_model_dir(tmp, model, result.variables["params"], tok)
+    assets.write_model_dir(tmp, model, result.variables["params"], tok, cfg.model.image_size)
     with open(os.path.join(tmp, "pretrain.json"), "w") as f:
       json.dump({"config": {"model": cfg.model.to_dict(), "pretrain": p.to_dict()},
                  "final_loss": result.losses[-1], "step_time_s": result.step_time_s,

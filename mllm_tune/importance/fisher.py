@@ -181,8 +181,8 @@ def split_examples(batch: dict, image_token_id: int | None = None,
   Batches with a leading grad-accumulation axis (A, B, T) are split per micro-batch. Anyres
   batches (with pack tables; `image_seq_len` = features per crop): each sample keeps its own
   crops and its table rows, re-based to them. Qwen2-VL batches (with vision ids;
-  `image_seq_len` = m^2): its patch rows and their ids, table rows re-based to them, and its
-  (3, L) positions."""
+  `image_seq_len` = m^2; blocked patch rows (N, K, ...) are read flat): its patch rows and their
+  ids, table rows re-based to them, and its (3, L) positions."""
   b = {k: np.asarray(v) for k, v in batch.items()}
   ids = b["input_ids"]
   if ids.ndim == 3:
@@ -194,6 +194,9 @@ def split_examples(batch: dict, image_token_id: int | None = None,
         sub["pixel_values"] = px[a] if px.ndim == 5 else px
       out += split_examples(sub, image_token_id, image_seq_len)
     return out
+  if "vision_segment_ids" in b and b["vision_segment_ids"].ndim == 2:  # Qwen blocks: flat
+    b.update({k: b[k].reshape((-1,) + b[k].shape[2:]) for k in ("pixel_values",) + VISION_IDS
+              if k in b})
   rows, length = ids.shape
   mask = b.get("attention_mask", np.ones_like(ids))
   seg = b.get("segment_ids", (mask > 0).astype(np.int32))

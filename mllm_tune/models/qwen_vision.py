@@ -4,7 +4,7 @@ scanned).
 Mirrors transformers 5.25 `Qwen2VisionTransformerPretrainedModel`,
 `Qwen2_5_VisionTransformerPretrainedModel` and `Qwen3VLVisionModel` (`modeling_qwen2_vl.py`,
 `modeling_qwen2_5_vl.py`, `modeling_qwen3_vl.py`) on a batch-global buffer of patch rows (see
-`models.qwen_vl_host`):
+`models.qwen_vl_host`), or on blocks of it that no image crosses (`QwenVisionTower`):
 - `PatchEmbed` (a Conv3d whose kernel equals its stride) is `x @ W.reshape(D, -1).T`: a Linear
   `patch_embed` with kernel (C*T*p*p, D), no bias (Qwen3-VL: with a bias);
 - Qwen3-VL adds a learned position table `pos_embed` (side^2, D), resampled bilinearly
@@ -54,9 +54,9 @@ def vision_inv_freq(cfg: QwenVisionConfig) -> np.ndarray:
 
 
 def vision_sin_cos(pos_hw_P2: jax.Array, cfg: QwenVisionConfig) -> tuple[jax.Array, jax.Array]:
-  """float32 sin, cos (P, head_dim): angles `cat(row * inv, col * inv)`, duplicated."""
+  """float32 sin, cos (..., P, head_dim): angles `cat(row * inv, col * inv)`, duplicated."""
   freqs = pos_hw_P2.astype(jnp.float32)[..., None] * jnp.asarray(vision_inv_freq(cfg))
-  half = freqs.reshape(freqs.shape[0], -1)  # (P, 2 * d/2): rows' angles, then columns'
+  half = freqs.reshape(freqs.shape[:-2] + (-1,))  # (.., P, 2 * d/2): rows' angles, then columns'
   emb = jnp.concatenate([half, half], axis=-1)
   return jnp.sin(emb), jnp.cos(emb)
 
@@ -66,7 +66,7 @@ def rope_float32(x_PNH: jax.Array, sin_PH: jax.Array, cos_PH: jax.Array) -> jax.
   x = x_PNH.astype(jnp.float32)
   half = x.shape[-1] // 2
   rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-  out = x * cos_PH[:, None, :] + rot * sin_PH[:, None, :]
+  out = x * cos_PH[..., None, :] + rot * sin_PH[..., None, :]
   return out.astype(x_PNH.dtype)
 
 
@@ -93,29 +93,31 @@ def pos_embed_taps(pos_hw_P2: jax.Array, segment_ids_P: jax.Array,
 
 
 def attention_masks(segment_ids_P: jax.Array, window_ids_P: jax.Array | None):
-  """(full (P, P), window (P, P) or None) bool: same image (and frame), padding keys masked;
-  window also needs the same window (None without window ids)."""
-  valid = segment_ids_P > 0
-  full = (segment_ids_P[:, None] == segment_ids_P[None, :]) & valid[None, :]
+  """(full (..., P, P), window (..., P, P) or None) bool: same image (and frame), padding keys
+  masked; window also needs the same window (None without window ids)."""
+  seg = segment_ids_P
+  full = (seg[..., :, None] == seg[..., None, :]) & (seg > 0)[..., None, :]
   if window_ids_P is None:
     return full, None
-  return full, full & (window_ids_P[:, None] == window_ids_P[None, :])
+  return full, full & (window_ids_P[..., :, None] == window_ids_P[..., None, :])
 
 
 class QwenVisionAttention(nn.Module):
   cfg: QwenVisionConfig
 
   @nn.compact
-  def __call__(self, x_PD, sin_cos, mask_PP):
+  def __call__(self, x_BPD, sin_cos, mask_BPP):
+    """Blocks (B, P, D) of patch rows, each attending within itself (masked)."""
     c = self.cfg
-    p, d = x_PD.shape
+    b, p, d = x_BPD.shape
     n = c.num_heads
-    qkv = Linear(3 * d, True, c.dtype, c.param_dtype, name="qkv")(x_PD).reshape(p, 3, n, d // n)
-    q = rope_float32(qkv[:, 0], *sin_cos)
-    k = rope_float32(qkv[:, 1], *sin_cos)
-    out = attention(q[None], k[None], qkv[None, :, 2], mask_PP[None], c.attention_impl,
+    qkv = Linear(3 * d, True, c.dtype, c.param_dtype, name="qkv")(x_BPD).reshape(
+        b, p, 3, n, d // n)
+    q = rope_float32(qkv[:, :, 0], *sin_cos)
+    k = rope_float32(qkv[:, :, 1], *sin_cos)
+    out = attention(q, k, qkv[:, :, 2], mask_BPP, c.attention_impl,
                     site=c.model_type + "_vision")
-    return Linear(d, True, c.dtype, c.param_dtype, name="proj")(out.reshape(p, d))
+    return Linear(d, True, c.dtype, c.param_dtype, name="proj")(out.reshape(b, p, d))
 
 
 class QwenVisionMLP(nn.Module):
@@ -143,8 +145,8 @@ def _norm(c: QwenVisionConfig, name: str):
 
 class QwenVisionBlock(nn.Module):
   """Pre-norm block in the nn.scan convention: `(carry, sin_cos, masks, (is_full, slot))`; the
-  scanned `is_full` picks the full or the window mask for this layer. The carry is h (P, D), or
-  (h, kept (n, P, D)) with deepstack: the block's output is stored at `kept[slot]` when
+  scanned `is_full` picks the full or the window mask for this layer. The carry is h (B, P, D),
+  or (h, kept (n, B, P, D)) with deepstack: the block's output is stored at `kept[slot]` when
   slot >= 0."""
   cfg: QwenVisionConfig
 
@@ -152,32 +154,41 @@ class QwenVisionBlock(nn.Module):
   def __call__(self, carry, sin_cos, masks, layer_xs):
     c = self.cfg
     is_full, slot = layer_xs
-    h_PD, kept = carry if isinstance(carry, tuple) else (carry, None)
+    h_BPD, kept = carry if isinstance(carry, tuple) else (carry, None)
     full, window = masks
     mask = full if window is None else jnp.where(is_full, full, window)
-    h_PD = h_PD + QwenVisionAttention(c, name="attn")(_norm(c, "norm1")(h_PD), sin_cos, mask)
-    h_PD = h_PD + QwenVisionMLP(c, name="mlp")(_norm(c, "norm2")(h_PD))
+    h_BPD = h_BPD + QwenVisionAttention(c, name="attn")(_norm(c, "norm1")(h_BPD), sin_cos, mask)
+    h_BPD = h_BPD + QwenVisionMLP(c, name="mlp")(_norm(c, "norm2")(h_BPD))
     if kept is None:
-      return h_PD, None
-    stored = jax.lax.dynamic_update_index_in_dim(kept, h_PD.astype(kept.dtype),
+      return h_BPD, None
+    stored = jax.lax.dynamic_update_index_in_dim(kept, h_BPD.astype(kept.dtype),
                                                  jnp.maximum(slot, 0), 0)
-    return (h_PD, jnp.where(slot >= 0, stored, kept)), None
+    return (h_BPD, jnp.where(slot >= 0, stored, kept)), None
 
 
 class QwenVisionTower(nn.Module):
   """Patch rows (P, C*T*p*p) -> last hidden states (P, D) (before the merger); with deepstack
-  layers (Qwen3-VL) also their outputs (n, P, D)."""
+  layers (Qwen3-VL) also their outputs (n, P, D).
+
+  Blocked buffers: rows (N, K, C*T*p*p) with ids (N, K, ...) are the buffer of N * K rows
+  flattened, under the promise that no image crosses a block of K rows; attention is computed
+  per block (N blocks of K x K instead of one (N K)^2 mask), the result is that of the flat
+  buffer, returned flat (N * K, D). K must be a multiple of m^2."""
   cfg: QwenVisionConfig
 
   @nn.compact
   def __call__(self, px_PX, segment_ids_P, pos_hw_P2, window_ids_P=None):
     c = self.cfg
-    if px_PX.ndim != 2 or px_PX.shape[-1] != c.patch_dim:
+    if px_PX.ndim not in (2, 3) or px_PX.shape[-1] != c.patch_dim:
       raise ValueError(f"pixel_values of shape {px_PX.shape}: this vision tower takes patch rows "
-                       f"(P, C*T*p*p) = (P, {c.patch_dim})")
-    if px_PX.shape[0] % c.merge_unit:
-      raise ValueError(f"{px_PX.shape[0]} patch rows are not a multiple of the merge unit "
-                       f"{c.merge_unit}")
+                       f"(P, C*T*p*p) = (P, {c.patch_dim}), or blocks of them (N, K, "
+                       f"{c.patch_dim})")
+    if px_PX.shape[-2] % c.merge_unit:
+      raise ValueError(f"{px_PX.shape[-2]} patch rows (per block) are not a multiple of the "
+                       f"merge unit {c.merge_unit}")
+    if px_PX.ndim == 2:  # one block
+      px_PX, segment_ids_P, pos_hw_P2 = px_PX[None], segment_ids_P[None], pos_hw_P2[None]
+      window_ids_P = None if window_ids_P is None else window_ids_P[None]
     if c.windowed and window_ids_P is None:
       raise ValueError(f"{c.model_type}: the window layers need vision_window_ids (P,) "
                        "(models.qwen_vl_host.vision_metadata, mt.hf_inputs)")
@@ -185,8 +196,11 @@ class QwenVisionTower(nn.Module):
     if c.qwen3:
       table = self.param("pos_embed", nn.initializers.normal(0.02),
                          (c.num_position_embeddings, c.hidden_size), dtype_of(c.param_dtype))
-      index, weight = pos_embed_taps(pos_hw_P2, segment_ids_P, c.pos_grid_side)
-      pos = sum(table[index[:, k]].astype(jnp.float32) * weight[:, k, None] for k in range(4))
+      # per block (no image crosses one, so each image's grid is read within its block)
+      index, weight = jax.vmap(pos_embed_taps, in_axes=(0, 0, None))(
+          pos_hw_P2, segment_ids_P, c.pos_grid_side)
+      pos = sum(table[index[..., k]].astype(jnp.float32) * weight[..., k, None]
+                for k in range(4))
       h = h + pos.astype(h.dtype)
     sin_cos = vision_sin_cos(pos_hw_P2, c)
     masks = attention_masks(segment_ids_P, window_ids_P if c.windowed else None)
@@ -197,7 +211,10 @@ class QwenVisionTower(nn.Module):
     carry = (h, jnp.zeros((len(deep),) + h.shape, h.dtype)) if deep else h
     carry, _ = layers(carry, sin_cos, masks, (jnp.asarray(c.full_attention_layers),
                                               jnp.asarray(slots)))
-    return carry
+    if not deep:
+      return carry.reshape(-1, carry.shape[-1])
+    h, kept = carry
+    return h.reshape(-1, h.shape[-1]), kept.reshape(len(deep), -1, kept.shape[-1])
 
 
 class QwenMerger(nn.Module):

@@ -11,7 +11,9 @@ changes):
   attention_mask (B, T)
   positions (3, B, T) int32  M-RoPE ids (`qwen_vl_host.get_rope_index`); required with images,
                              else (B, T) or None (`cumsum(attention_mask) - 1` on all axes)
-  pixel_values (P, C*T*p*p)  every image's patch rows in transformers' order, zero-padded
+  pixel_values (P, C*T*p*p)  every image's patch rows in transformers' order, zero-padded; or
+                             blocks (N, K, C*T*p*p) (ids (N, K, ...)) no image crosses, each
+                             attended alone (`QwenVisionTower`), merged tokens numbered flat
   vision_segment_ids (P,), vision_pos_hw (P, 2), vision_window_ids (P,) (Qwen2.5-VL)
   pack_index (B, T, 1), pack_weight (B, T, 1), pack_newline (B, T)
                              which merged token (row of the P / m^2 merger outputs) each input

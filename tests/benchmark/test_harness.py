@@ -3,6 +3,7 @@ the run loop and its report, and bad input. The benchmark's *numbers* live in
 results/tradeoff.md (a real run); here the tiny config only checks the plumbing."""
 from __future__ import annotations
 
+import io
 import json
 import os
 
@@ -140,6 +141,11 @@ def test_bad_bench_config(tmp_path):
   assert method.name == "freeze" and lr > 0 and penalty["name"] == "ewc"
   with pytest.raises(ValueError, match="empty"):
     arrays_lib.prepare(ov.make_source("color", "eval", 24, num_samples=1), None, 0)
+  cfg = tiny_cfg(tmp_path)
+  cfg.model.family = "qwen2_vl"
+  with pytest.raises(ValueError, match="'qwen2_vl' must be one of 'llava', 'llava_onevision', "
+                     "'qwen2_5_vl'"):
+    runner.run_bench(cfg, progress=False)
 
 
 def test_onevision_base_runs_the_benchmark_and_reloads_as_hf(tmp_path):
@@ -176,3 +182,92 @@ def test_onevision_base_runs_the_benchmark_and_reloads_as_hf(tmp_path):
   p = lambda bs: evaluate.predict(base.model, base.params, None, arrays, base.spec,
                                   base.tokenizer, batch_size=bs, max_new_tokens=3)
   assert p(2) == p(5)
+
+
+def _model_inputs(batch: dict) -> dict:
+  return {k: v for k, v in batch.items() if k not in ("input_ids", "loss_mask")}
+
+
+def test_qwen2_5_vl_base_runs_the_benchmark_and_matches_transformers(tmp_path):
+  """`model.family=qwen2_5_vl`: a Qwen2.5-VL base (window attention + a full-attention block,
+  2 x 2 patch merger, Qwen2 with M-RoPE) is pre-trained, written as an HF directory, read back
+  by the regular loaders, tuned and scored. Its training rows (`<|vision_start|><|image_pad|>*9
+  <|vision_end|>`, (3, B, T) M-RoPE ids, blocked patch rows) give transformers' logits for the
+  same directory; generation prompts carry the rows' positions; full fine-tuning moves the
+  downstream replies to the digits; the bench's LoRA wraps Qwen's vision linears too."""
+  import torch
+  from PIL import Image
+  from transformers import Qwen2_5_VLForConditionalGeneration
+  from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+      Qwen2VLImageProcessorPil)
+  import jax
+  from mllm_tune.benchmark.fit import fit
+  from mllm_tune.train import build
+  cfg = tiny_cfg(tmp_path)
+  cfg.cache_dir = str(tmp_path / "cache")
+  cfg.model.update(dict(family="qwen2_5_vl", patch_size=4, vision_layers=2))
+  cfg.run = ("full",)
+  cfg.methods.full.lr = 1e-2
+  cfg.tune.update(dict(steps=40, batch_size=8))
+  runs = runner.run_bench(cfg, progress=False)
+  assert len(runs) == 1 and set(runs[0].tuned_acc) == {*cfg.general, cfg.downstream}
+  path = pretrain.ensure_base(cfg)
+  base = runner.load_base(path)
+  c, m = base.model.config, cfg.model
+  assert c.model_type == "qwen2_5_vl" and c.llm.model_type == "qwen2" and c.llm.qkv_bias
+  assert c.vision.full_attention_layers == (False, True) and c.vision.window_merge == 2
+  assert c.llm.rope.mrope_section == (2, 3, 3)  # head_dim 16: Qwen's (16, 24, 24) scaled
+  per_linear = lambda d_in, d_out: 8 * (d_in + d_out)  # LoRA rank 8
+  d, f, kv = m.hidden, m.mlp, m.kv_heads * m.hidden // m.heads
+  dv, fv = m.vision_hidden, m.vision_mlp
+  llm = 2 * per_linear(d, d) + 2 * per_linear(d, kv) + 2 * per_linear(d, f) + per_linear(f, d)
+  vision = per_linear(dv, 3 * dv) + per_linear(dv, dv) + 2 * per_linear(dv, fv) + per_linear(fv, dv)
+  merger = per_linear(4 * dv, 4 * dv) + per_linear(4 * dv, d)
+  lora = runner.method_of(cfg, "lora")[0]
+  adapters = lora.init_variables(jax.random.key(0), base.params)
+  assert build.trainable_mask(lora, adapters, log=False)[1] == (
+      m.layers * llm + m.vision_layers * vision + merger)
+  sets = runner.prepare_sets(cfg, base)
+  arrays, idx = sets.general_eval, np.arange(3)
+  b = arrays.batch(idx, base.spec)
+  assert b["pixel_values"].shape == (3, 36, 96)  # 24 px: 6 x 6 patches of 3 * 2 * 4 * 4
+  assert b["positions"].shape == (3,) + b["input_ids"].shape
+  ids = b["input_ids"][0]
+  token_id = base.tokenizer.convert_tokens_to_ids
+  start = int(np.flatnonzero(ids == token_id("<|vision_start|>"))[0])
+  np.testing.assert_array_equal(ids[start + 1:start + 11], [c.image_token_id] * 9
+                                + [token_id("<|vision_end|>")])
+  t, h, w = b["positions"][:, 0, start + 1:start + 10] - start - 1  # a 3 x 3 merged grid
+  assert not t.any() and h.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2] and w.tolist() == [0, 1, 2] * 3
+  ours = np.asarray(base.model.apply({"params": base.params}, b["input_ids"], **_model_inputs(b)))
+  hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(path).eval()
+  proc = Qwen2VLImageProcessorPil.from_pretrained(path)
+  records = pretrain.general_source(cfg, "eval", len(arrays))
+  for r in idx:
+    enc = proc(images=[Image.open(io.BytesIO(records[r]["images"][0]))], return_tensors="np")
+    np.testing.assert_allclose(b["pixel_values"][r], enc["pixel_values"], atol=1e-6)
+    n = int(b["attention_mask"][r].sum())
+    row = torch.tensor(b["input_ids"][r:r + 1, :n], dtype=torch.long)
+    with torch.no_grad():
+      theirs = hf(input_ids=row, attention_mask=torch.ones_like(row),
+                  pixel_values=torch.tensor(enc["pixel_values"]),
+                  image_grid_thw=torch.tensor(enc["image_grid_thw"]),
+                  mm_token_type_ids=(row == c.image_token_id).long()).logits[0].numpy()
+    np.testing.assert_allclose(ours[r, :n], theirs, atol=1e-5)
+  p_ids, p_mask, p_img = arrays.prompts(idx, base.spec)
+  for r in idx:  # the prompt is the row before its answer, positions included
+    k = int(p_mask[r].sum())
+    np.testing.assert_array_equal(p_ids[r, :k], b["input_ids"][r, :k])
+    np.testing.assert_array_equal(p_img["positions"][:, r, :k], b["positions"][:, r, :k])
+  predict = lambda params, rows, bs: evaluate.predict(base.model, params, None, rows, base.spec,
+                                                      base.tokenizer, batch_size=bs,
+                                                      max_new_tokens=3)
+  assert predict(base.params, arrays, 2) == predict(base.params, arrays, 5)
+  method, lr, _ = runner.method_of(cfg, "full")  # the bench's run again (compile cached)
+  tuned = fit(base.model, method, base.params, sets.down_train, base.spec, steps=40,
+              batch_size=8, learning_rate=lr, seed=0).variables["params"]
+  digits = set("0123456789")
+  assert not set(predict(base.params, sets.down_eval, 4)) <= digits
+  replies = predict(tuned, sets.down_eval, 4)
+  assert set(replies) <= digits
+  assert evaluate.score(replies, sets.down_eval)["all"] == runs[0].tuned_acc[cfg.downstream]

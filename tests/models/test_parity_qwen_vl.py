@@ -17,6 +17,7 @@ from transformers import vision_utils
 
 import mllm_tune as mt
 from mllm_tune.models import qwen_vl_host
+from mllm_tune.models.qwen_vl import VISION_IDS
 from mllm_tune.models.config import ConfigError, config_from_dict, config_from_hf, config_to_dict
 from mllm_tune.tuning.peft import export_peft, import_peft
 from tests.helpers import qwen_vl_tiny as qt
@@ -48,6 +49,35 @@ def test_logits_match_transformers(family, tmp_path):
   if family == "qwen2_5_vl":  # the windows matter: all-full attention gives other logits
     full = dict(kw, vision_window_ids=np.zeros_like(kw["vision_window_ids"]))
     assert np.abs(np.asarray(model.apply({"params": params}, **full)) - ours)[real].max() > 1e-3
+
+
+def _blocked(kw: dict, grids, k: int) -> dict:
+  """The flat patch buffer of `kw` as one block of `k` rows per image (zero rows after its
+  own), the pack tables' merged-token rows re-numbered to the blocks."""
+  counts = [t * h * w for t, h, w in grids]
+  starts = np.cumsum([0] + counts[:-1])
+  out = dict(kw)
+  for key in ("pixel_values",) + VISION_IDS:
+    if key in kw:
+      x = np.zeros((len(grids), k) + kw[key].shape[1:], kw[key].dtype)
+      for i, (s, c) in enumerate(zip(starts, counts)):
+        x[i, :c] = kw[key][s:s + c]
+      out[key] = x
+  to_block = np.concatenate([i * k // 4 + np.arange(c // 4) for i, c in enumerate(counts)])
+  out["pack_index"] = np.where(kw["pack_weight"] != 0, to_block[kw["pack_index"]], 0)
+  return out
+
+
+@pytest.mark.parametrize("family", sorted(BUILDERS))
+def test_blocked_patch_rows_give_the_flat_buffer_logits(family, tmp_path):
+  """Patch rows as (N, K, ...) blocks no image crosses: attention per block, same logits."""
+  _, _, model, params = _load(family, tmp_path)
+  kw = mt.hf_inputs(model, qt.batch(SIDES))
+  flat = np.asarray(model.apply({"params": params}, **kw))
+  blocked = _blocked(kw, qt.GRIDS, 48)  # the largest image has 48 patches
+  assert blocked["pixel_values"].shape == (3, 48, qt.PATCH_DIM)
+  np.testing.assert_allclose(np.asarray(model.apply({"params": params}, **blocked)), flat,
+                             atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
