@@ -16,6 +16,8 @@
 #            (perf/gpu_checks.py)          -> $OUT/gpu_checks.txt
 #   generate7b_xla  the generation run, ours only, with `--attention_impl xla` (decode A/B)
 #                                          -> $OUT/gpu_generate7b_xla.json
+#   suite    the whole test suite on the GPU, 8 workers (T_SUITE seconds, default 400)
+#                                          -> $OUT/gpu_suite.log
 #   qwen7b   Qwen2.5-VL-7B shape, LoRA r=128, 4 x 2048, bf16, vs transformers + peft
 #            (perf/qwen_step.py)           -> $OUT/gpu_qwen7b.md (+ _runs.json)
 # e.g.  STAGES="qwen7b checks tests full1p5b generate7b" bash perf/gpu_targets.sh
@@ -103,6 +105,11 @@ run_stage() {
           ${COMMON[*]} --preset $P7 --batch $B7 --steps 4 --attention_impl xla \
           --out '$OUT/gpu_generate7b_xla.json' && cat '$OUT/gpu_generate7b_xla.json'; \
         rc=\$?; rm -rf '$OUT/.gen_xla_model'; exit \$rc" ;;
+    suite)  # the whole suite on the GPU (each result line in the log, so a cut run still counts)
+      stage suite "${T_SUITE:-400}" env XLA_PYTHON_CLIENT_PREALLOCATE=false \
+        bash -c "python3 -m pytest -q -rfE -p no:cacheprovider tests -n 8 --dist loadfile \
+                 -o console_output_style=count > '$OUT/gpu_suite.log' 2>&1; rc=\$?; \
+                 tail -15 '$OUT/gpu_suite.log'; exit \$rc" ;;
     *) echo "unknown stage $1"; status=1 ;;
   esac
 }
