@@ -11,16 +11,15 @@ import jax
 import numpy as np
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
-from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import vision_utils
 
 import mllm_tune as mt
 from mllm_tune.models import qwen_vl_host
 from mllm_tune.models.config import ConfigError, config_from_dict, config_from_hf, config_to_dict
-from mllm_tune.tuning.peft import export_peft, import_peft
 from tests.helpers import qwen_vl_tiny as qt
+from tests.helpers.hf_parity import (assert_same_tensors, check_peft_lora_both_ways,
+                                     safetensors_tensors)
 
 ATOL = 1e-4
 BUILDERS = {"qwen2_vl": qt.qwen2_vl, "qwen2_5_vl": qt.qwen2_5_vl}
@@ -124,21 +123,6 @@ def test_greedy_generation_matches_hf_generate(family, tmp_path):
   assert all(len(set(row)) > 2 for row in ours.tolist())
 
 
-def _tensors(d: str) -> dict:
-  out = {}
-  for fn in sorted(f for f in os.listdir(d) if f.endswith(".safetensors")):
-    with safe_open(os.path.join(d, fn), "pt") as f:
-      out.update({k: f.get_tensor(k) for k in f.keys()})
-  return out
-
-
-def _assert_same_tensors(a: dict, b: dict):
-  assert sorted(a) == sorted(b)
-  for k in a:
-    assert a[k].dtype == b[k].dtype and torch.equal(a[k].view(torch.uint8),
-                                                    b[k].view(torch.uint8)), k
-
-
 def _flat_config(nested: dict) -> dict:
   """The hub's flat config.json form of a transformers 5 (nested) one."""
   d = {k: v for k, v in nested.items() if k != "text_config"}
@@ -160,7 +144,7 @@ def test_hf_ours_hf_is_bit_exact_and_loads_in_transformers(family, dtype, tmp_pa
   dst = str(tmp_path / "dst")
   mt.save_pretrained(dst, model, params, max_shard_size="40KB")
   assert os.path.exists(os.path.join(dst, "model.safetensors.index.json"))
-  _assert_same_tensors(_tensors(src), _tensors(dst))
+  assert_same_tensors(safetensors_tensors(src), safetensors_tensors(dst))
   with open(os.path.join(dst, "config.json")) as f:
     written = json.load(f)
   assert written["model_type"] == family and "text_config" in written
@@ -192,7 +176,7 @@ def test_flat_hub_config_in_memory_layout_and_tied_head(family, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, params2, params)
   dst = str(tmp_path / "dst")
   mt.save_pretrained(dst, model2, params2)
-  _assert_same_tensors(_tensors(mem), _tensors(dst))
+  assert_same_tensors(safetensors_tensors(mem), safetensors_tensors(dst))
   with open(os.path.join(dst, "config.json")) as f:
     written = json.load(f)
   assert "text_config" not in written and written["rope_scaling"]["mrope_section"] == [2, 1, 1]
@@ -204,27 +188,8 @@ def test_flat_hub_config_in_memory_layout_and_tied_head(family, tmp_path):
 @pytest.mark.parametrize("family", sorted(BUILDERS))
 def test_peft_lora_both_ways_with_logit_parity(family, tmp_path):
   hf_model, base_dir, model, params = _load(family, tmp_path)
-  enc = qt.batch(SIDES)
-  real = enc["attention_mask"].astype(bool)
-  torch.manual_seed(0)
-  peft_model = get_peft_model(hf_model, LoraConfig(
-      r=4, lora_alpha=8, target_modules=r".*language_model.*\.(q_proj|v_proj|down_proj)"))
-  with torch.no_grad():
-    for n, p in peft_model.named_parameters():
-      if "lora_B" in n:
-        p.normal_(0, 0.2)
-  peft_dir = str(tmp_path / "peft")
-  peft_model.save_pretrained(peft_dir)
-  method, variables = import_peft(peft_dir, model, params)
-  kw = mt.hf_inputs(model, enc)
-  ours = np.asarray(model.apply(variables, **kw))
-  ref = qt.hf_logits(peft_model.eval(), enc)
-  np.testing.assert_allclose(ours[real], ref[real], atol=ATOL)
-  assert np.abs(ours - np.asarray(model.apply({"params": params}, **kw))).max() > 1e-2
-  out = str(tmp_path / "again")  # ours -> peft: loads on a fresh transformers model
-  export_peft(out, model, method, variables, base_model_name_or_path=base_dir)
-  again = PeftModel.from_pretrained(BUILDERS[family](), out).eval()
-  np.testing.assert_allclose(qt.hf_logits(again, enc)[real], ref[real], atol=ATOL)
+  check_peft_lora_both_ways(hf_model, base_dir, model, params, qt.batch(SIDES), qt.hf_logits,
+                            BUILDERS[family], tmp_path)
 
 
 def test_config_errors_and_native_round_trip():
