@@ -301,6 +301,8 @@ class ChatTokenizer:
                       f"{self.placeholder} placeholder(s) for {num_images} image(s)",
                       "image_count")
     per_image = self._per_image_counts(num_images, image_tokens, where)
+    if self.image_text is not None:  # as in `encode_messages` (Qwen2-VL's vision tokens)
+      head = self._image_text_messages(head, where)
     text = self.render(head, add_generation_prompt=True, where=where)
     ids = np.asarray(self.tokenizer(text, add_special_tokens=False)["input_ids"], np.int64)
     return self._expand_images(ids, np.zeros(ids.shape, np.int32), num_images, where,

@@ -14,6 +14,11 @@ space-prefixed token), which tells the model how the answer starts.
 Anyres models (LLaVA-NeXT / OneVision): `pixels` holds each record's crops (N, C, H, W, 3),
 padded with zero crops to the set's most, and `pack` its position-aligned token tables; a batch
 lays its rows' crops out one after another (fixed shapes: one compile per batch size).
+Qwen2-VL / 2.5-VL: `pixels` holds each record's patches (N, P, p, p, 3), padded with zero
+patches to the set's most, `grids` its images' patch grids and `positions` / `prompt_positions`
+the M-RoPE ids of its training row / generation prompt; a batch puts its rows' real patches one
+after another in a buffer of B * P rows with their vision ids and pack tables (`data/qwen_batch.py`
+layout; fixed shapes: one compile per batch size). Records may hold any number of images.
 """
 from __future__ import annotations
 
@@ -23,6 +28,8 @@ import numpy as np
 
 from mllm_tune.data.images import ImageSpec, normalize
 from mllm_tune.data.pipeline import SamplePreparer
+from mllm_tune.data.qwen_images import patch_rows
+from mllm_tune.models import qwen_vl_host
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,14 +52,25 @@ class VqaArrays:
   crop_features: int = 0
   prompt_ids: np.ndarray | None = None
   prompt_pack: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # anyres: of prompt_ids
+  # Qwen2-VL: (t, h, w) patch grids (N, G, 3) (zero rows after a record's images), M-RoPE ids
+  # (N, 3, T) of the training rows and (N, 3, P) of the prompts, merge size m, window side
+  grids: np.ndarray | None = None
+  positions: np.ndarray | None = None
+  prompt_positions: np.ndarray | None = None
+  merge_size: int = 0
+  window_merge: int = 0
+  image_token_id: int = -1
 
   def __len__(self) -> int:
     return len(self.input_ids)
 
   def images(self, idx: np.ndarray, spec: ImageSpec, width: int | None = None,
-             pack: tuple | None = None) -> dict:
+             pack: tuple | None = None, prompt: bool = False) -> dict:
     """The image inputs of rows `idx` (model keyword arguments), tables (`pack`, default the
-    training rows') cut to `width`."""
+    training rows') cut to `width`; Qwen2-VL: those of the training rows, or of the generation
+    prompts (`prompt`)."""
+    if self.grids is not None:
+      return self._qwen_images(idx, spec, width, prompt)
     px = normalize(self.pixels[idx], spec).astype(np.float32)
     pack = self.pack if pack is None else pack
     if pack is None:
@@ -63,6 +81,24 @@ class VqaArrays:
     return {"pixel_values": px.reshape((-1,) + px.shape[2:]),
             "pack_index": np.where(weight != 0, index + offset, 0).astype(np.int32),
             "pack_weight": weight, "pack_newline": newline}
+
+  def _qwen_images(self, idx: np.ndarray, spec, width: int | None, prompt: bool) -> dict:
+    """Patch rows of rows `idx` one after another in B * P rows, vision ids, pack tables of the
+    rows' image tokens and their (3, B, width) M-RoPE positions."""
+    grids = [g[g.any(-1)] for g in self.grids[idx]]
+    counts = [int(g.prod(-1).sum()) for g in grids]
+    patches = np.concatenate([self.pixels[i, :n] for i, n in zip(idx, counts)])
+    rows = len(idx) * self.pixels.shape[1]
+    px = np.zeros((rows, spec.patch_dim), np.float32)
+    px[:len(patches)] = patch_rows(patches, spec)
+    grid_thw = np.concatenate(grids)
+    ids = (self.prompt_ids if prompt else self.input_ids)[idx, :width]
+    positions = (self.prompt_positions if prompt else self.positions)[idx, :, :width]
+    m = self.merge_size
+    return {"pixel_values": px, "positions": np.ascontiguousarray(positions.transpose(1, 0, 2)),
+            **qwen_vl_host.vision_metadata(grid_thw, m, self.window_merge or None, rows),
+            **qwen_vl_host.pack_tables(ids, self.image_token_id,
+                                       sum(qwen_vl_host.merged_tokens(grid_thw, m)))}
 
   def batch(self, idx: np.ndarray, spec: ImageSpec) -> dict:
     """Training batch (the trainer's field names) of rows `idx`; pixels normalized NHWC."""
@@ -80,7 +116,7 @@ class VqaArrays:
     ids = self.prompt_ids[idx, :width].copy()
     mask = (np.arange(width)[None] < self.prompt_len[idx, None]).astype(np.int32)
     ids[mask == 0] = 0
-    return ids, mask, self.images(idx, spec, width, self.prompt_pack)
+    return ids, mask, self.images(idx, spec, width, self.prompt_pack, prompt=True)
 
 
 def prepare(source, preparer: SamplePreparer, num: int | None = None,
@@ -91,11 +127,14 @@ def prepare(source, preparer: SamplePreparer, num: int | None = None,
   if n < 1:
     raise ValueError(f"set {name or source!r} is empty")
   rows, pixels, prompt_rows, answers, families, tables, wheres = [], [], [], [], [], [], []
+  qwen = []
   for i in range(n):
     rec = source[i]
     sample = preparer(rec)
     if sample.table is not None:
       tables.append(sample.table)
+    elif sample.grids is not None:
+      qwen.append(sample)
     elif sample.num_images != 1:
       raise ValueError(f"{rec.get('where', i)}: the benchmark expects one image per record, "
                        f"got {sample.num_images}")
@@ -105,7 +144,8 @@ def prepare(source, preparer: SamplePreparer, num: int | None = None,
     rows.append((t.input_ids, t.loss_mask))
     if prompts:
       prompt_rows.append((preparer.prompt_ids(rec, sample), None))
-    pixels.append(sample.pixels if sample.table is not None else sample.pixels[0])
+    whole = sample.table is not None or sample.grids is not None  # crops / patches
+    pixels.append(sample.pixels if whole else sample.pixels[0])
     wheres.append(str(rec.get("where", f"record {i}")))
     answers.append(_answer(rec))
     families.append(rec.get("family", name or getattr(source, "name", "set")))
@@ -122,9 +162,41 @@ def prepare(source, preparer: SamplePreparer, num: int | None = None,
     if prompts:
       prompt_pack = _pack_tables(prompt_ids, tables, image_id, wheres, "generation prompt")
     pixels, crop_features = _pad_crops(pixels, preparer)
+  extra = _qwen_fields(qwen, ids, prompt_ids, prompt_len, preparer) if qwen else {}
+  if qwen:
+    pixels = _pad_images(pixels)
   return VqaArrays(name or getattr(source, "name", "set"), ids, loss, attn, np.stack(pixels),
                    prompt_len, np.asarray(answers), np.asarray(families),
-                   pack, crop_features, prompt_ids, prompt_pack)
+                   pack, crop_features, prompt_ids, prompt_pack, **extra)
+
+
+def _qwen_fields(samples: list, ids: np.ndarray, prompt_ids: np.ndarray | None,
+                 prompt_len: np.ndarray, preparer: SamplePreparer) -> dict:
+  """Qwen2-VL `VqaArrays` fields: grids (N, G, 3), the training rows' M-RoPE positions
+  (N, 3, T) and those of the prompts (N, 3, P), computed on their own tokens."""
+  m, image_id = preparer.qwen_spec.merge_size, preparer.chat.image_token_id
+  most = max(len(s.grids) for s in samples)
+  grids = np.zeros((len(samples), most, 3), np.int64)
+  positions = np.zeros((len(samples), 3, ids.shape[1]), np.int32)
+  prompt_positions = None if prompt_ids is None else np.zeros(
+      (len(samples), 3, prompt_ids.shape[1]), np.int32)
+  for r, s in enumerate(samples):
+    grids[r, :len(s.grids)] = s.grids
+    positions[r, :, :s.mrope_positions.shape[1]] = s.mrope_positions
+    if prompt_ids is not None:
+      row = prompt_ids[r:r + 1]
+      real = (np.arange(row.shape[1]) < prompt_len[r])[None].astype(np.int32)
+      prompt_positions[r] = qwen_vl_host.get_rope_index(
+          row, (row == image_id).astype(np.int32), s.grids, m, real)[0][:, 0]
+  return dict(grids=grids, positions=positions, prompt_positions=prompt_positions,
+              merge_size=m, window_merge=preparer.window_merge, image_token_id=image_id)
+
+
+def _pad_images(pixels: list) -> list:
+  """Images (crops, patches) of each record padded with zero ones to the most of a record."""
+  most = max(p.shape[0] for p in pixels)
+  return [np.concatenate([p, np.zeros((most - len(p),) + p.shape[1:], p.dtype)])
+          for p in pixels]
 
 
 def _pad(rows: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -159,11 +231,8 @@ def _pack_tables(ids: np.ndarray, tables: list, image_id: int, wheres: list,
 
 def _pad_crops(pixels: list, preparer: SamplePreparer) -> tuple[list, int]:
   """Crops padded with zero crops to the most of a record; features per crop."""
-  most = max(p.shape[0] for p in pixels)
-  padded = [np.concatenate([p, np.zeros((most - len(p),) + p.shape[1:], p.dtype)])
-            for p in pixels]
   side = preparer.anyres_spec.feature_side
-  return padded, side * side
+  return _pad_images(pixels), side * side
 
 
 def _answer(rec: dict) -> str:

@@ -20,6 +20,7 @@ from mllm_tune.data.loader import make_batches
 from mllm_tune.importance import fisher
 from mllm_tune.losses.token import token_ce
 from mllm_tune.models import model_kwargs
+from mllm_tune.penalties import gift
 from mllm_tune.posthoc import merging
 from mllm_tune.train import build, penalty_setup
 from mllm_tune.train.step import TrainState, train_step
@@ -279,6 +280,27 @@ def check_penalty(env, importances: dict, name: str):
     np.testing.assert_allclose(terms[1], want, rtol=1e-4)
   assert not changed(variables["params"], afters[-1]["params"])  # LoRA: the base stays
   return lora, afters, terms
+
+
+def check_gift(env, cap: dict):
+  """GIFT (KD 1, ITA 0.5, AWC 1e3) with LoRA on q/v, 2 steps on caption batch `cap` as the
+  penalty batch: loss = ce + its three terms; at step 1 (theta0 = theta_ref) no KD, no AWC and
+  ITA = 0.5 x the model's caption NLL on `cap`; both grow at step 2; the base stays."""
+  lora = lora_qv()
+  variables = lora.init_variables(jax.random.key(1), env.params)
+  penalty = penalties.get("gift", weight=1e3, kd_weight=1.0, ita_weight=0.5)
+  bound, consts = penalties.bind(penalty, lora, variables, env.params, model=env.model)
+  _, _, _, afters, metrics = train(env, lora, steps=2, penalty=bound, consts=consts,
+                                   penalty_batch=cap)
+  first, second = metrics
+  for m in metrics:
+    terms = sum(m[f"loss_terms/gift_{k}"] for k in ("kd", "ita", "awc"))
+    assert np.isfinite(m["loss"]) and np.isclose(m["loss"], m["ce"] + terms, rtol=1e-5)
+  ita = gift.caption_nll(env.logits(env.params, cap), cap["input_ids"], cap["loss_mask"])
+  np.testing.assert_allclose(first["loss_terms/gift_ita"], 0.5 * float(ita), rtol=1e-4)
+  assert first["loss_terms/gift_awc"] == 0.0 and abs(first["loss_terms/gift_kd"]) < 1e-5
+  assert second["loss_terms/gift_awc"] > 0 and second["loss_terms/gift_kd"] > 0
+  assert not changed(variables["params"], afters[-1]["params"])
 
 
 # ----------------------------------------------------------------------------- post-hoc

@@ -190,3 +190,12 @@ def hf_messages(conversations) -> list[dict]:
         content.append({"type": "text", "text": text})
     out.append({"role": m["role"], "content": content})
   return out
+
+
+def encode_record(proc):
+  """`(LLaVA record, its PIL images) -> transformers' processor output` (torch): the record's
+  turns as Qwen's chat template renders them (`hf_messages`), with its images."""
+  def encode(rec, imgs):
+    text = proc.apply_chat_template(hf_messages(rec["conversations"]), tokenize=False)
+    return proc(images=imgs or None, text=[text], return_tensors="pt")
+  return encode

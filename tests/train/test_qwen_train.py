@@ -20,15 +20,6 @@ from tests.helpers.hf_parity import check_packed_samples, hf_per_record
 from tests.helpers.train import losses, run_cli
 
 
-def _hf_per_record(records, images, proc):
-  """{token ids: transformers' processor output} of each record (images as structured content
-  of Qwen's chat template)."""
-  def encode(rec, imgs):
-    text = proc.apply_chat_template(qt.hf_messages(rec["conversations"]), tokenize=False)
-    return proc(images=imgs or None, text=[text], return_tensors="pt")
-  return hf_per_record(records, images, encode)
-
-
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
 def test_packed_batches_give_transformers_logits_per_record(family, tmp_path):
   d, hf_model, proc = qt.model_dir(str(tmp_path), family)
@@ -45,8 +36,8 @@ def test_packed_batches_give_transformers_logits_per_record(family, tmp_path):
   n_patches = int((batch["vision_segment_ids"] > 0).sum())
   assert n_patches < batch["pixel_values"].shape[0]  # padded to its bucket with zero rows
   assert not batch["pixel_values"][n_patches:].any()
-  checked, with_images = check_packed_samples(model, params, batch,
-                                              _hf_per_record(records, images, proc), hf_model)
+  refs = hf_per_record(records, images, qt.encode_record(proc))
+  checked, with_images = check_packed_samples(model, params, batch, refs, hf_model)
   assert checked >= 6 and with_images >= 4
   assert max(int(batch["segment_ids"][r].max()) for r in range(ids.shape[0])) >= 2  # packed
 
