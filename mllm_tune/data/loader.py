@@ -207,12 +207,11 @@ def _qwen_batches(o: dict, source, model_dir: str, model_config):
   if jax.process_count() > 1:  # hosts' patches are gathered: every host must use one shape
     buckets = (budget,)
   pad_id = getattr(prepare.chat.tokenizer, "pad_token_id", None) or 0
-  v = model_config.vision
   spec = BatchSpec(batch_size=o["batch_size"], max_len=o["seq_len"], packing=o["packing"],
                    bucket_lengths=tuple(o["bucket_lengths"]), max_images=budget,
                    image_token_id=model_config.image_token_id, image_hw=prepare.image_hw,
                    pad_id=pad_id, crop_buckets=buckets, merge_unit=mu,
-                   window_merge=v.window_merge if v.windowed else 0)
+                   window_merge=prepare.window_merge)
   it = BatchIterator(source, prepare, spec, prepare.image_spec, seed=o["seed"],
                      shuffle=o["shuffle"], num_epochs=o["num_epochs"], on_error=o["on_error"],
                      shard_index=jax.process_index(), shard_count=jax.process_count(),

@@ -93,16 +93,18 @@ class SamplePreparer:
   """Callable record -> `Sample` for one tokenizer / template / image processor / model.
 
   chat: the `ChatTokenizer`; image_spec: `ImageSpec` (None for text-only models);
-  max_len: longest sample in tokens; overflow: see the module docstring.
+  max_len: longest sample in tokens; overflow: see the module docstring. Qwen2.5-VL:
+  `window_merge` = merged tokens per vision window side (the batches' `vision_window_ids`;
+  0 for Qwen2-VL).
   """
 
   def __init__(self, chat: ChatTokenizer, image_spec: img_lib.ImageSpec | None, max_len: int,
                overflow: str = "truncate", anyres_spec: ai.AnyresImageSpec | None = None,
-               qwen_spec: qi.QwenImageSpec | None = None):
+               qwen_spec: qi.QwenImageSpec | None = None, window_merge: int = 0):
     if overflow not in OVERFLOW:
       raise ValueError(f"overflow={overflow!r}: choose one of {OVERFLOW}")
     self.chat, self.image_spec, self.max_len, self.overflow = chat, image_spec, max_len, overflow
-    self.anyres_spec, self.qwen_spec = anyres_spec, qwen_spec
+    self.anyres_spec, self.qwen_spec, self.window_merge = anyres_spec, qwen_spec, window_merge
     if qwen_spec is not None:  # patches of p x p pixels, normalized per batch
       self.image_spec = qwen_spec
       self.image_hw = (qwen_spec.patch_size,) * 2
@@ -263,7 +265,8 @@ def qwen_preparer(model_dir: str, model_config: QwenVLConfig, max_len: int,
   if problems:
     raise ValueError(f"{model_dir}: the image processor does not fit the model: "
                      + "; ".join(problems))
-  return SamplePreparer(chat, None, max_len, overflow, qwen_spec=spec)
+  return SamplePreparer(chat, None, max_len, overflow, qwen_spec=spec,
+                        window_merge=v.window_merge if v.windowed else 0)
 
 
 def anyres_spec_for(model_dir: str, model_config) -> ai.AnyresImageSpec:

@@ -35,6 +35,8 @@ from mllm_tune.data.offline_render import COLORS, SHAPES, Shape
 from mllm_tune.data.offline_tasks import make_example
 from mllm_tune.data.packing import BatchSpec, assemble, quarter_buckets
 from mllm_tune.data.pipeline import SamplePreparer, SampleDropped
+from mllm_tune.data.qwen_batch import assemble_qwen, patch_buckets, round_budget
+from mllm_tune.data.qwen_images import patch_rows
 from mllm_tune.data.sources import read_llava_json
 
 CAPTIONS_FILE = "captions.jsonl"
@@ -226,7 +228,9 @@ class PairBatches:
   shard_count rows (this host's slice of the global batch). Anyres models (LLaVA-NeXT /
   OneVision): pixel_values (C, H, W, 3) holds the rows' crops and the batch has the pack tables
   (`data.packing`); the crop budget is b times the most crops one image can yield, in quarter
-  buckets."""
+  buckets. Qwen2-VL / 2.5-VL: the rows' patch rows with their vision ids, pack tables and
+  (3, b, T) M-RoPE positions (`data.qwen_batch`); the patch budget is b times the most patches
+  an image of the source yields (`max_image_patches`), in quarter buckets."""
 
   def __init__(self, source: PairSource, prepare: SamplePreparer, batch_size: int, seed: int = 0,
                prompt: str = DEFAULT_PROMPT, pad_id: int = 0, shard_index: int = 0,
@@ -241,7 +245,19 @@ class PairBatches:
     self.source, self.prepare, self.seed, self.prompt = source, prepare, seed, prompt
     self.batch_size, self.shard_index, self.shard_count = batch_size, shard_index, shard_count
     rows = batch_size // shard_count
-    anyres = prepare.anyres_spec
+    anyres, qwen = prepare.anyres_spec, prepare.qwen_spec
+    self._assemble = assemble
+    if qwen is not None:
+      mu = qwen.merge_unit
+      budget = round_budget(rows * max_image_patches(source, qwen), mu)
+      self.spec = BatchSpec(batch_size=rows, max_len=prepare.max_len, packing=False,
+                            max_images=budget, image_token_id=prepare.chat.image_token_id,
+                            image_hw=prepare.image_hw, pad_id=pad_id,
+                            crop_buckets=patch_buckets(budget, mu), merge_unit=mu,
+                            window_merge=prepare.window_merge)
+      self._assemble = assemble_qwen
+      self._normalize = functools.partial(patch_rows, spec=qwen)
+      return
     if anyres is None:
       self.spec = BatchSpec(batch_size=rows, max_len=prepare.max_len, packing=False,
                             max_images=rows, image_seq_len=prepare.chat.image_seq_len,
@@ -266,4 +282,23 @@ class PairBatches:
       except SampleDropped as e:
         raise DataError(f"{e}: a synthetic caption must fit; raise the caption batch's seq_len",
                         "too_long", fatal=True) from None
-    return assemble(samples, self.spec, self._normalize)
+    return self._assemble(samples, self.spec, self._normalize)
+
+
+def max_image_patches(source: PairSource, spec) -> int:
+  """The most Qwen2-VL patches (after `smart_resize`) an image of `source` yields: from the
+  image size of a procedural source, the image files' headers of a directory, else every pair's
+  image."""
+  if isinstance(source, ProceduralPairs):
+    sizes = [(source.image_size, source.image_size)]
+  elif isinstance(source, PairDirectory):
+    sizes = []
+    for where, full, *_ in source.records:
+      try:
+        with Image.open(full) as img:
+          sizes.append((img.height, img.width))
+      except OSError as e:
+        raise DataError(f"{where}: cannot read image file {full} ({e})", "bad_image") from None
+  else:
+    sizes = [source[i].pixels.shape[:2] for i in range(len(source))]
+  return max(gh * gw for gh, gw in (spec.grid(hw, "synthetic pair image") for hw in set(sizes)))

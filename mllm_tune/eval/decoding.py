@@ -25,6 +25,9 @@ from mllm_tune.models.qwen_vl import PACK_TABLES, VISION_IDS, QwenVL
 from mllm_tune.models.kv_cache import init_kv_cache
 
 DEFAULT_BUCKET_FLOOR = 16
+# the prompt inputs beside ids, mask and pixel_values (`mt.hf_inputs`): anyres pack tables;
+# Qwen2-VL also its vision ids and (3, B, T) M-RoPE positions
+IMAGE_TABLES = PACK_TABLES + VISION_IDS + ("positions",)
 
 
 def left_pad(input_ids: np.ndarray, attention_mask: np.ndarray, *aligned: np.ndarray):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 from typing import Callable
 
@@ -72,6 +73,18 @@ def _source(spec, key: str, image_size: int):
       return TfdsSource(data_dir)
     return LlavaJsonSource(spec.json_path, spec.image_folder or None, "raise")
   raise EvalSetError(f"config key '{key}.kind': {spec.kind!r} is not one of {KINDS}")
+
+
+def offline_image_size(model_config, preparer) -> int:
+  """Side in pixels of the images offline sets render: the vision tower's input size; for
+  Qwen2-VL / 2.5-VL (any image size) 224 px, within the image processor's pixel budget and a
+  multiple of its patch factor (patch size x merge size)."""
+  spec = getattr(preparer, "qwen_spec", None)
+  if spec is None:
+    return int(model_config.vision.image_size)
+  f = spec.factor
+  side = min(max(224, math.isqrt(spec.min_pixels)), math.isqrt(spec.max_pixels))
+  return max(f, side // f * f)
 
 
 def build_sets(eval_cfg, preparer, image_size: int) -> list[EvalSet]:

@@ -14,12 +14,12 @@ space-prefixed token), which tells the model how the answer starts.
 Anyres models (LLaVA-NeXT / OneVision): `pixels` holds each record's crops (N, C, H, W, 3),
 padded with zero crops to the set's most, and `pack` its position-aligned token tables; a batch
 lays its rows' crops out one after another (fixed shapes: one compile per batch size).
-Qwen2-VL / 2.5-VL: `pixels` holds each record's uint8 patches (N, K, p, p, 3) (processor order,
-zero patches after a record's own up to the set's most) and `qwen` their vision ids and the
-(3, T) M-RoPE positions of the rows and prompts; a batch gives the model blocked patch rows
-(B, K, C*T*p*p), one block per row (`QwenVisionTower`: attention per block, B K^2 instead of
-(B K)^2), segment ids 1..B, and pack tables that number merged tokens flat (row b's image tokens
-take rows b K / m^2 on).
+Qwen2-VL / 2.5-VL: `pixels` holds each record's patches (N, P, p, p, 3), padded with zero
+patches to the set's most, `grids` its images' patch grids and `positions` / `prompt_positions`
+the M-RoPE ids of its training row / generation prompt; a batch gives the model blocked patch
+rows (B, P, C*T*p*p), one block per row, with their vision ids and pack tables numbering merged
+tokens flat (`QwenVisionTower`: attention per block; fixed shapes: one compile per batch size).
+Records may hold any number of images.
 """
 from __future__ import annotations
 
@@ -34,25 +34,9 @@ from mllm_tune.models import qwen_vl_host
 
 
 @dataclasses.dataclass(frozen=True)
-class QwenRows:
-  """The Qwen2-VL part of a prepared set: the M-RoPE positions (3, N, T) of the training rows
-  and (3, N, P) of the generation prompts (None without prompts), 0 on padding; each record's
-  vision ids over its K patch rows (`qwen_vl_host.vision_metadata`): segment (N, K) (1 on its
-  patches, 0 on padding), (row, column) (N, K, 2), window (N, K) (None: Qwen2-VL, no windows);
-  the image token id."""
-  positions: np.ndarray
-  prompt_positions: np.ndarray | None
-  segment_ids: np.ndarray
-  pos_hw: np.ndarray
-  window_ids: np.ndarray | None
-  image_token_id: int
-
-
-@dataclasses.dataclass(frozen=True)
 class VqaArrays:
   """A prepared set: `input_ids`, `loss_mask`, `attention_mask` (N, T) int32 (the training rows),
-  `pixels` (N, H, W, 3) uint8 (anyres: crops, Qwen: patches, see the module docstring),
-  `prompt_len` (N,) tokens of each generation prompt (0: prepared
+  `pixels` (N, H, W, 3) uint8, `prompt_len` (N,) tokens of each generation prompt (0: prepared
   without prompts), `answers` and `families` (N,) str, `prompt_ids` (N, P) int32 the generation
   prompts, right-padded with 0 (None without prompts)."""
   name: str
@@ -69,15 +53,25 @@ class VqaArrays:
   crop_features: int = 0
   prompt_ids: np.ndarray | None = None
   prompt_pack: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # anyres: of prompt_ids
-  qwen: QwenRows | None = None
+  # Qwen2-VL: (t, h, w) patch grids (N, G, 3) (zero rows after a record's images), M-RoPE ids
+  # (N, 3, T) of the training rows and (N, 3, P) of the prompts, merge size m, window side
+  grids: np.ndarray | None = None
+  positions: np.ndarray | None = None
+  prompt_positions: np.ndarray | None = None
+  merge_size: int = 0
+  window_merge: int = 0
+  image_token_id: int = -1
 
   def __len__(self) -> int:
     return len(self.input_ids)
 
   def images(self, idx: np.ndarray, spec: ImageSpec, width: int | None = None,
-             pack: tuple | None = None) -> dict:
+             pack: tuple | None = None, prompt: bool = False) -> dict:
     """The image inputs of rows `idx` (model keyword arguments), tables (`pack`, default the
-    training rows') cut to `width`."""
+    training rows') cut to `width`; Qwen2-VL: those of the training rows, or of the generation
+    prompts (`prompt`)."""
+    if self.grids is not None:
+      return self._qwen_images(idx, spec, width, prompt)
     px = normalize(self.pixels[idx], spec).astype(np.float32)
     pack = self.pack if pack is None else pack
     if pack is None:
@@ -89,37 +83,39 @@ class VqaArrays:
             "pack_index": np.where(weight != 0, index + offset, 0).astype(np.int32),
             "pack_weight": weight, "pack_newline": newline}
 
-  def qwen_images(self, idx: np.ndarray, spec, ids: np.ndarray, positions: np.ndarray) -> dict:
-    """The Qwen2-VL image inputs of rows `idx` whose tokens are `ids` (B, T): blocked patch rows
-    (B, K, C*T*p*p), zero on padding, their vision ids (segments 1..B), pack tables (row b's
-    image tokens take merged rows b K / m^2, b K / m^2 + 1, ...) and the given (3, B, T)
-    `positions`."""
-    q = self.qwen
-    b, k = len(idx), self.pixels.shape[1]
-    real = q.segment_ids[idx] > 0
-    rows = patch_rows(self.pixels[idx].reshape((b * k,) + self.pixels.shape[2:]), spec)
-    rows[~real.reshape(-1)] = 0.0
-    is_img = ids == q.image_token_id
-    first = (np.arange(b) * (k // spec.merge_unit))[:, None]
-    out = {"pixel_values": rows.reshape(b, k, -1), "positions": positions,
-           "vision_segment_ids": np.where(real, np.arange(1, b + 1)[:, None], 0).astype(np.int32),
-           "vision_pos_hw": q.pos_hw[idx],
-           "pack_index": np.where(is_img, np.cumsum(is_img, 1) - 1 + first, 0)[..., None]
-           .astype(np.int32),
-           "pack_weight": is_img[..., None].astype(np.float32),
-           "pack_newline": np.zeros(ids.shape, bool)}
-    if q.window_ids is not None:
-      out["vision_window_ids"] = q.window_ids[idx]
-    return out
+  def _qwen_images(self, idx: np.ndarray, spec, width: int | None, prompt: bool) -> dict:
+    """Rows `idx` as blocked patch rows (B, K, C*T*p*p): block b holds row b's images' patches
+    (zero after them), so the tower attends per block (`QwenVisionTower`: B K^2 instead of
+    (B K)^2); their vision ids (segments numbered over the batch), pack tables numbering merged
+    tokens flat (row b's image tokens take merged rows b K / m^2 on) and the rows' (3, B, width)
+    M-RoPE positions."""
+    b, k, m = len(idx), self.pixels.shape[1], self.merge_size
+    ids = (self.prompt_ids if prompt else self.input_ids)[idx, :width]
+    positions = (self.prompt_positions if prompt else self.positions)[idx, :, :width]
+    px = np.zeros((b, k, spec.patch_dim), np.float32)
+    metas, segments = [], 0
+    for r, i in enumerate(idx):
+      grids = self.grids[i][self.grids[i].any(-1)]
+      n = int(grids.prod(-1).sum())
+      px[r, :n] = patch_rows(self.pixels[i, :n], spec)
+      meta = qwen_vl_host.vision_metadata(grids, m, self.window_merge or None, k)
+      seg = meta["vision_segment_ids"]
+      meta["vision_segment_ids"] = np.where(seg > 0, seg + segments, 0).astype(np.int32)
+      segments += len(grids)
+      metas.append(meta)
+    is_img = ids == self.image_token_id
+    first = (np.arange(b) * (k // (m * m)))[:, None]
+    return {"pixel_values": px, "positions": np.ascontiguousarray(positions.transpose(1, 0, 2)),
+            **{key: np.stack([meta[key] for meta in metas]) for key in metas[0]},
+            "pack_index": np.where(is_img, np.cumsum(is_img, 1) - 1 + first, 0)[..., None]
+            .astype(np.int32),
+            "pack_weight": is_img[..., None].astype(np.float32),
+            "pack_newline": np.zeros(ids.shape, bool)}
 
   def batch(self, idx: np.ndarray, spec: ImageSpec) -> dict:
-    """Training batch (the trainer's field names) of rows `idx`; pixels normalized NHWC (Qwen:
-    patch rows)."""
-    ids = self.input_ids[idx]
-    images = (self.qwen_images(idx, spec, ids, self.qwen.positions[:, idx]) if self.qwen
-              else self.images(idx, spec))
-    return {"input_ids": ids, "loss_mask": self.loss_mask[idx],
-            "attention_mask": self.attention_mask[idx], **images}
+    """Training batch (the trainer's field names) of rows `idx`; pixels normalized NHWC."""
+    return {"input_ids": self.input_ids[idx], "loss_mask": self.loss_mask[idx],
+            "attention_mask": self.attention_mask[idx], **self.images(idx, spec)}
 
   def prompts(self, idx: np.ndarray, spec: ImageSpec) -> tuple[np.ndarray, np.ndarray, dict]:
     """(ids, mask, image inputs) of the generation prompts of rows `idx` (the turns before the
@@ -132,10 +128,7 @@ class VqaArrays:
     ids = self.prompt_ids[idx, :width].copy()
     mask = (np.arange(width)[None] < self.prompt_len[idx, None]).astype(np.int32)
     ids[mask == 0] = 0
-    if self.qwen:
-      return ids, mask, self.qwen_images(idx, spec, ids,
-                                         self.qwen.prompt_positions[:, idx, :width])
-    return ids, mask, self.images(idx, spec, width, self.prompt_pack)
+    return ids, mask, self.images(idx, spec, width, self.prompt_pack, prompt=True)
 
 
 def prepare(source, preparer: SamplePreparer, num: int | None = None,
@@ -146,29 +139,25 @@ def prepare(source, preparer: SamplePreparer, num: int | None = None,
   if n < 1:
     raise ValueError(f"set {name or source!r} is empty")
   rows, pixels, prompt_rows, answers, families, tables, wheres = [], [], [], [], [], [], []
-  qwen = preparer.qwen_spec is not None
-  grids, positions, prompt_positions = [], [], []  # Qwen2-VL
+  qwen = []
   for i in range(n):
     rec = source[i]
     sample = preparer(rec)
-    n_images = len(sample.image_tokens) if qwen else sample.num_images
     if sample.table is not None:
       tables.append(sample.table)
-    elif n_images != 1:
+    elif sample.grids is not None:
+      qwen.append(sample)
+    elif sample.num_images != 1:
       raise ValueError(f"{rec.get('where', i)}: the benchmark expects one image per record, "
-                       f"got {n_images}")
+                       f"got {sample.num_images}")
     t = sample.tokens
     if not t.loss_mask.any():
       raise ValueError(f"{rec.get('where', i)}: no answer token after preparation")
     rows.append((t.input_ids, t.loss_mask))
     if prompts:
       prompt_rows.append((preparer.prompt_ids(rec, sample), None))
-    if qwen:
-      grids.append(sample.grids[0])
-      positions.append(sample.mrope_positions)
-      if prompts:
-        prompt_positions.append(_mrope(prompt_rows[-1][0], sample.grids, preparer))
-    pixels.append(sample.pixels if sample.table is not None or qwen else sample.pixels[0])
+    whole = sample.table is not None or sample.grids is not None  # crops / patches
+    pixels.append(sample.pixels if whole else sample.pixels[0])
     wheres.append(str(rec.get("where", f"record {i}")))
     answers.append(_answer(rec))
     families.append(rec.get("family", name or getattr(source, "name", "set")))
@@ -185,49 +174,41 @@ def prepare(source, preparer: SamplePreparer, num: int | None = None,
     if prompts:
       prompt_pack = _pack_tables(prompt_ids, tables, image_id, wheres, "generation prompt")
     pixels, crop_features = _pad_crops(pixels, preparer)
-  qwen_rows = None
+  extra = _qwen_fields(qwen, ids, prompt_ids, prompt_len, preparer) if qwen else {}
   if qwen:
-    pixels = _pad_first_axis(pixels)
-    qwen_rows = QwenRows(_pad_positions(positions, ids.shape[1]),
-                         _pad_positions(prompt_positions, prompt_ids.shape[1]) if prompts
-                         else None, *_vision_ids(grids, len(pixels[0]), preparer),
-                         preparer.chat.image_token_id)
+    pixels = _pad_images(pixels)
   return VqaArrays(name or getattr(source, "name", "set"), ids, loss, attn, np.stack(pixels),
                    prompt_len, np.asarray(answers), np.asarray(families),
-                   pack, crop_features, prompt_ids, prompt_pack, qwen_rows)
+                   pack, crop_features, prompt_ids, prompt_pack, **extra)
 
 
-def _mrope(ids: np.ndarray, grids: np.ndarray, preparer: SamplePreparer) -> np.ndarray:
-  """(3, P) M-RoPE positions of one generation prompt (its images' `grids`)."""
-  image_id = preparer.chat.image_token_id
-  pos, _ = qwen_vl_host.get_rope_index(ids[None], (ids[None] == image_id).astype(np.int32),
-                                       grids, preparer.qwen_spec.merge_size)
-  return pos[:, 0]
+def _qwen_fields(samples: list, ids: np.ndarray, prompt_ids: np.ndarray | None,
+                 prompt_len: np.ndarray, preparer: SamplePreparer) -> dict:
+  """Qwen2-VL `VqaArrays` fields: grids (N, G, 3), the training rows' M-RoPE positions
+  (N, 3, T) and those of the prompts (N, 3, P), computed on their own tokens."""
+  m, image_id = preparer.qwen_spec.merge_size, preparer.chat.image_token_id
+  most = max(len(s.grids) for s in samples)
+  grids = np.zeros((len(samples), most, 3), np.int64)
+  positions = np.zeros((len(samples), 3, ids.shape[1]), np.int32)
+  prompt_positions = None if prompt_ids is None else np.zeros(
+      (len(samples), 3, prompt_ids.shape[1]), np.int32)
+  for r, s in enumerate(samples):
+    grids[r, :len(s.grids)] = s.grids
+    positions[r, :, :s.mrope_positions.shape[1]] = s.mrope_positions
+    if prompt_ids is not None:
+      row = prompt_ids[r:r + 1]
+      real = (np.arange(row.shape[1]) < prompt_len[r])[None].astype(np.int32)
+      prompt_positions[r] = qwen_vl_host.get_rope_index(
+          row, (row == image_id).astype(np.int32), s.grids, m, real)[0][:, 0]
+  return dict(grids=grids, positions=positions, prompt_positions=prompt_positions,
+              merge_size=m, window_merge=preparer.window_merge, image_token_id=image_id)
 
 
-def _vision_ids(grids: list, rows: int, preparer: SamplePreparer) -> tuple:
-  """(segment (N, K), (row, column) (N, K, 2), window (N, K) or None) of each record's image
-  over its own K = `rows` patch rows."""
-  metas = [qwen_vl_host.vision_metadata(g[None], preparer.qwen_spec.merge_size,
-                                        preparer.window_merge or None, rows=rows)
-           for g in grids]
-  stack = lambda k: np.stack([m[k] for m in metas]) if k in metas[0] else None
-  return stack("vision_segment_ids"), stack("vision_pos_hw"), stack("vision_window_ids")
-
-
-def _pad_positions(positions: list, width: int) -> np.ndarray:
-  """(3, T_i) positions -> (3, N, width) int32, zero-padded on the right."""
-  out = np.zeros((3, len(positions), width), np.int32)
-  for k, p in enumerate(positions):
-    out[:, k, :p.shape[1]] = p
-  return out
-
-
-def _pad_first_axis(arrays: list) -> list:
-  """Arrays (K_i, ...) zero-padded along their first axis to the largest K_i."""
-  most = max(a.shape[0] for a in arrays)
-  return [np.concatenate([a, np.zeros((most - len(a),) + a.shape[1:], a.dtype)])
-          for a in arrays]
+def _pad_images(pixels: list) -> list:
+  """Images (crops, patches) of each record padded with zero ones to the most of a record."""
+  most = max(p.shape[0] for p in pixels)
+  return [np.concatenate([p, np.zeros((most - len(p),) + p.shape[1:], p.dtype)])
+          for p in pixels]
 
 
 def _pad(rows: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -263,7 +244,7 @@ def _pack_tables(ids: np.ndarray, tables: list, image_id: int, wheres: list,
 def _pad_crops(pixels: list, preparer: SamplePreparer) -> tuple[list, int]:
   """Crops padded with zero crops to the most of a record; features per crop."""
   side = preparer.anyres_spec.feature_side
-  return _pad_first_axis(pixels), side * side
+  return _pad_images(pixels), side * side
 
 
 def _answer(rec: dict) -> str:

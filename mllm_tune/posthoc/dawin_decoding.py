@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mllm_tune.eval.decoding import DEFAULT_BUCKET_FLOOR, PACK_TABLES, stop_id_tuple
+from mllm_tune.eval.decoding import (DEFAULT_BUCKET_FLOOR, IMAGE_TABLES, special_ids,
+                                    stop_id_tuple)
 from mllm_tune.eval.generate import generate
 from mllm_tune.posthoc import dawin
 from mllm_tune.posthoc.merging import AlphaRules, Params
@@ -42,7 +43,9 @@ def answer_entropy(model, params: Params, input_ids, attention_mask=None, pixel_
                    **image_tables) -> jax.Array:
   """(B,) float32 DaWin H(x): the mean predictive entropy (nats) of the model over its own greedy
   answer, averaged over the generated tokens up to and including the end token (all
-  `max_new_tokens` when none is emitted). Entropies are `generate(..., return_entropy=True)`'s."""
+  `max_new_tokens` when none is emitted). Entropies are `generate(..., return_entropy=True)`'s;
+  `eos_token_id=None` is the checkpoint's end token, as in `generate`."""
+  eos_token_id, _ = special_ids(model, eos_token_id, pad_token_id)
   tokens_BT, ent_BT = generate(model, params, input_ids, attention_mask, pixel_values,
                                max_new_tokens, eos_token_id, pad_token_id, adapters,
                                stop_token_ids=stop_token_ids, bucket_floor=bucket_floor,
@@ -106,8 +109,9 @@ def dawin_generate(model, theta0: Params, theta_ft: Params, input_ids, attention
   """
   shared = dict(eos_token_id=eos_token_id, stop_token_ids=stop_token_ids,
                 pad_token_id=pad_token_id, bucket_floor=bucket_floor)
-  # anyres models' pack tables (mt.hf_inputs) go to every decode
-  shared.update({k: generate_kwargs.pop(k) for k in PACK_TABLES if k in generate_kwargs})
+  # every image / position input of the prompts (mt.hf_inputs: anyres pack tables; Qwen2-VL's
+  # vision ids and M-RoPE positions too) goes to every decode, the entropy passes included
+  shared.update({k: generate_kwargs.pop(k) for k in IMAGE_TABLES if k in generate_kwargs})
   b = np.shape(input_ids)[0]
   if entropies is None:
     h0_B, hft_B = (answer_entropy(model, theta, input_ids, attention_mask, pixel_values,

@@ -90,7 +90,7 @@ class Tracker:
     prep = SamplePreparer.from_pretrained(
         cfg.model.path, run.model.config, max(int(d.get("seq_len", 256)), 256),
         d.get("template"), "truncate", d.get("aspect"))
-    sets = ret.build_sets(e, prep, run.model.config.vision.image_size)
+    sets = ret.build_sets(e, prep, ret.offline_image_size(run.model.config, prep))
     evaluator = ret.Evaluator(run.model, sets, prep.chat.tokenizer, prep.image_spec,
                               batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
                               kl_tokens=e.kl_tokens, put=run.put_batch)

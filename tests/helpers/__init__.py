@@ -7,6 +7,8 @@
 - `data`        local tokenizers (trained in-process), images and LLaVA-format records
 - `train`       tiny trainer configs, `mllm-tune` subprocess runs, metrics.jsonl losses
 - `configs`     the shipped config modules of a folder, loaded from the package and the thin copy
+- `method_steps` every method / penalty / merge on one packed anyres or Qwen batch (shared checks)
+- `hf_parity`   safetensors, PEFT LoRA both ways and per-record comparisons against transformers
 
 `ROOT` is the repository root (tests that run scripts or subprocesses use it as cwd).
 """

@@ -171,6 +171,39 @@ def mixed_records(n: int, seed: int = 0) -> tuple[list[dict], dict[str, bytes]]:
   return records, images
 
 
+SIZES_WH = [(70, 40), (30, 30), (50, 90), (100, 60), (112, 84), (40, 120)]
+
+
+def sized_records(n: int = 8, seed: int | None = None) -> tuple[list[dict], dict[str, bytes]]:
+  """n LLaVA records cycling one image, one image, two images, text only, with images of the six
+  `SIZES_WH` sizes (the anyres / Qwen batches: token counts per image differ); answers of 2-5
+  words, cycled through a word list (`seed=None`) or drawn with `RandomState(seed)`."""
+  rng = None if seed is None else np.random.RandomState(seed)
+  words = ["a", "cat", "dog", "blue", "red", "square"]
+  records, images = [], {}
+  for i in range(n):
+    names = []
+    for j in range((1, 1, 2, 0)[i % 4]):
+      w, h = SIZES_WH[(i + j) % len(SIZES_WH)]
+      names.append(f"im{i}_{j}.png")
+      images[names[-1]] = image_bytes(w, h, seed=i * 7 + j)
+    q = " ".join(["<image>"] * len(names) + ["what", "is", "this"][:1 + i % 3])
+    a = " ".join(rng.choice(words, 2 + i % 4) if rng is not None
+                 else [words[(i + k) % len(words)] for k in range(2 + i % 4)])
+    rec = {"id": str(i), "conversations": [{"from": "human", "value": q},
+                                           {"from": "gpt", "value": a}]}
+    if names:
+      rec["image"] = names[0] if len(names) == 1 else names
+    records.append(rec)
+  return records, images
+
+
+def packed_cfg(json_path: str, image_folder: str, **kw) -> dict:
+  """A `make_batches` data config: packed rows of 160 tokens, 3 a batch, in file order."""
+  return {**dict(kind="llava_json", json_path=json_path, image_folder=image_folder, seq_len=160,
+                 batch_size=3, packing=True, shuffle=False, prefetch=0, on_error="raise"), **kw}
+
+
 def llava_model_dir(root: str, chat_template: str | None = None) -> str:
   """A tiny random CLIP + Llama LLaVA saved as an HF directory under root/model, with a ChatML
   tokenizer (vocabulary = the LLM's, `<image>` = the image token) and a 28 px CLIP processor."""

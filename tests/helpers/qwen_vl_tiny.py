@@ -67,25 +67,6 @@ def batch(side="right", grids=GRIDS, seed=0, patch_dim=PATCH_DIM) -> dict:
           "mm_token_type_ids": (ids == IMAGE).astype(np.int64)}
 
 
-def safetensors_of(d: str) -> dict:
-  """Every tensor of a model directory's safetensors files (torch)."""
-  import os
-  from safetensors import safe_open
-  out = {}
-  for fn in sorted(f for f in os.listdir(d) if f.endswith(".safetensors")):
-    with safe_open(os.path.join(d, fn), "pt") as f:
-      out.update({k: f.get_tensor(k) for k in f.keys()})
-  return out
-
-
-def assert_same_tensors(a: dict, b: dict):
-  """Same keys, dtypes and bytes."""
-  assert sorted(a) == sorted(b)
-  for k in a:
-    assert a[k].dtype == b[k].dtype and torch.equal(a[k].view(torch.uint8),
-                                                    b[k].view(torch.uint8)), k
-
-
 def torch_inputs(enc: dict) -> dict:
   return {k: torch.tensor(v) for k, v in enc.items()}
 
@@ -221,3 +202,12 @@ def hf_messages(conversations) -> list[dict]:
         content.append({"type": "text", "text": piece.strip()})
     out.append({"role": role, "content": content})
   return out
+
+
+def encode_record(proc):
+  """`(LLaVA record, its PIL images) -> transformers' processor output` (torch): the record's
+  turns as Qwen's chat template renders them (`hf_messages`), with its images."""
+  def encode(rec, imgs):
+    text = proc.apply_chat_template(hf_messages(rec["conversations"]), tokenize=False)
+    return proc(images=imgs or None, text=[text], return_tensors="pt")
+  return encode

@@ -8,13 +8,12 @@ import os
 import numpy as np
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
-from safetensors import safe_open
 
 import mllm_tune as mt
 from mllm_tune.models.config import ConfigError
-from mllm_tune.tuning.peft import export_peft, import_peft
 from tests.helpers import anyres_tiny as at, hf_tiny
+from tests.helpers.hf_parity import (assert_same_tensors, check_peft_lora_both_ways,
+                                     safetensors_tensors)
 
 ATOL = 1e-4
 SIZES = [(60, 100), (30, 30), (90, 50)]  # (H, W): wide, square, tall
@@ -88,14 +87,6 @@ def test_greedy_generation_matches_hf_generate(case, tmp_path):
   assert len(set(ours[0].tolist())) > 1
 
 
-def _tensors(d: str) -> dict:
-  out = {}
-  for fn in sorted(f for f in os.listdir(d) if f.endswith(".safetensors")):
-    with safe_open(os.path.join(d, fn), "pt") as f:
-      out.update({k: f.get_tensor(k) for k in f.keys()})
-  return out
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", ["next", "onevision_anyres"])
 def test_hf_ours_hf_is_bit_exact_and_loads_in_transformers(case, dtype, tmp_path):
@@ -105,11 +96,9 @@ def test_hf_ours_hf_is_bit_exact_and_loads_in_transformers(case, dtype, tmp_path
   dst = str(tmp_path / "dst")
   mt.save_pretrained(dst, model, params, max_shard_size="40KB")
   assert os.path.exists(os.path.join(dst, "model.safetensors.index.json"))
-  a, b = _tensors(src), _tensors(dst)
-  assert sorted(a) == sorted(b) and any(k.endswith("image_newline") for k in a)
-  for k in a:
-    assert a[k].dtype == b[k].dtype and torch.equal(a[k].view(torch.uint8),
-                                                    b[k].view(torch.uint8)), k
+  a, b = safetensors_tensors(src), safetensors_tensors(dst)
+  assert any(k.endswith("image_newline") for k in a)
+  assert_same_tensors(a, b)
   with open(os.path.join(dst, "config.json")) as f:
     written = json.load(f)
   assert written["model_type"] == model.config.model_type
@@ -125,26 +114,7 @@ def test_peft_lora_both_ways_with_logit_parity(case, tmp_path):
   build, bni = CASES[case]
   hf_model, base_dir, model, params = _load(build, tmp_path)
   enc, _, _ = _batch(model, bni, "right")
-  real = enc["attention_mask"].astype(bool)
-  torch.manual_seed(0)
-  peft_model = get_peft_model(hf_model, LoraConfig(
-      r=4, lora_alpha=8, target_modules=r".*language_model.*\.(q_proj|v_proj|down_proj)"))
-  with torch.no_grad():
-    for n, p in peft_model.named_parameters():
-      if "lora_B" in n:
-        p.normal_(0, 0.2)
-  peft_dir = str(tmp_path / "peft")
-  peft_model.save_pretrained(peft_dir)
-  method, variables = import_peft(peft_dir, model, params)
-  kw = mt.hf_inputs(model, enc)
-  ours = np.asarray(model.apply(variables, **kw))
-  ref = _hf_logits(peft_model.eval(), enc)
-  np.testing.assert_allclose(ours[real], ref[real], atol=ATOL)
-  assert np.abs(ours - np.asarray(model.apply({"params": params}, **kw))).max() > 1e-2
-  out = str(tmp_path / "again")  # ours -> peft: loads on a fresh transformers model
-  export_peft(out, model, method, variables, base_model_name_or_path=base_dir)
-  again = PeftModel.from_pretrained(build(), out).eval()
-  np.testing.assert_allclose(_hf_logits(again, enc)[real], ref[real], atol=ATOL)
+  check_peft_lora_both_ways(hf_model, base_dir, model, params, enc, _hf_logits, build, tmp_path)
 
 
 def test_placeholder_count_mismatch_names_both_counts(tmp_path):

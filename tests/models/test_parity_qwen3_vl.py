@@ -20,6 +20,7 @@ from mllm_tune.models.qwen_vision import pos_embed_taps
 from mllm_tune.models.rope import mrope_axes
 from tests.helpers import qwen3_vl_tiny as q3
 from tests.helpers import qwen_vl_tiny as qt
+from tests.helpers.hf_parity import assert_same_tensors, safetensors_tensors
 
 ATOL = 1e-4
 SIDES = ["right", "left", "right"]
@@ -128,7 +129,7 @@ def test_hf_ours_hf_is_bit_exact_and_loads_in_transformers(loaded, tmp_path):
   assert params["llm"]["layers"]["attn"]["q_norm"]["scale"].shape == (3, 16)
   dst = str(tmp_path / "dst")
   mt.save_pretrained(dst, model, params, max_shard_size="40KB")
-  qt.assert_same_tensors(qt.safetensors_of(src), qt.safetensors_of(dst))
+  assert_same_tensors(safetensors_tensors(src), safetensors_tensors(dst))
   with open(os.path.join(dst, "config.json")) as f:
     written = json.load(f)
   assert written["text_config"]["rope_parameters"]["mrope_interleaved"] is True

@@ -11,7 +11,6 @@ import jax
 import numpy as np
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import save_file
 from transformers import vision_utils
 
@@ -19,8 +18,9 @@ import mllm_tune as mt
 from mllm_tune.models import qwen_vl_host
 from mllm_tune.models.qwen_vl import VISION_IDS
 from mllm_tune.models.config import ConfigError, config_from_dict, config_from_hf, config_to_dict
-from mllm_tune.tuning.peft import export_peft, import_peft
 from tests.helpers import qwen_vl_tiny as qt
+from tests.helpers.hf_parity import (assert_same_tensors, check_peft_lora_both_ways,
+                                     safetensors_tensors)
 
 ATOL = 1e-4
 BUILDERS = {"qwen2_vl": qt.qwen2_vl, "qwen2_5_vl": qt.qwen2_5_vl}
@@ -174,7 +174,7 @@ def test_hf_ours_hf_is_bit_exact_and_loads_in_transformers(family, dtype, tmp_pa
   dst = str(tmp_path / "dst")
   mt.save_pretrained(dst, model, params, max_shard_size="40KB")
   assert os.path.exists(os.path.join(dst, "model.safetensors.index.json"))
-  qt.assert_same_tensors(qt.safetensors_of(src), qt.safetensors_of(dst))
+  assert_same_tensors(safetensors_tensors(src), safetensors_tensors(dst))
   with open(os.path.join(dst, "config.json")) as f:
     written = json.load(f)
   assert written["model_type"] == family and "text_config" in written
@@ -206,7 +206,7 @@ def test_flat_hub_config_in_memory_layout_and_tied_head(family, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, params2, params)
   dst = str(tmp_path / "dst")
   mt.save_pretrained(dst, model2, params2)
-  qt.assert_same_tensors(qt.safetensors_of(mem), qt.safetensors_of(dst))
+  assert_same_tensors(safetensors_tensors(mem), safetensors_tensors(dst))
   with open(os.path.join(dst, "config.json")) as f:
     written = json.load(f)
   assert "text_config" not in written and written["rope_scaling"]["mrope_section"] == [2, 1, 1]
@@ -218,27 +218,8 @@ def test_flat_hub_config_in_memory_layout_and_tied_head(family, tmp_path):
 @pytest.mark.parametrize("family", sorted(BUILDERS))
 def test_peft_lora_both_ways_with_logit_parity(family, tmp_path):
   hf_model, base_dir, model, params = _load(family, tmp_path)
-  enc = qt.batch(SIDES)
-  real = enc["attention_mask"].astype(bool)
-  torch.manual_seed(0)
-  peft_model = get_peft_model(hf_model, LoraConfig(
-      r=4, lora_alpha=8, target_modules=r".*language_model.*\.(q_proj|v_proj|down_proj)"))
-  with torch.no_grad():
-    for n, p in peft_model.named_parameters():
-      if "lora_B" in n:
-        p.normal_(0, 0.2)
-  peft_dir = str(tmp_path / "peft")
-  peft_model.save_pretrained(peft_dir)
-  method, variables = import_peft(peft_dir, model, params)
-  kw = mt.hf_inputs(model, enc)
-  ours = np.asarray(model.apply(variables, **kw))
-  ref = qt.hf_logits(peft_model.eval(), enc)
-  np.testing.assert_allclose(ours[real], ref[real], atol=ATOL)
-  assert np.abs(ours - np.asarray(model.apply({"params": params}, **kw))).max() > 1e-2
-  out = str(tmp_path / "again")  # ours -> peft: loads on a fresh transformers model
-  export_peft(out, model, method, variables, base_model_name_or_path=base_dir)
-  again = PeftModel.from_pretrained(BUILDERS[family](), out).eval()
-  np.testing.assert_allclose(qt.hf_logits(again, enc)[real], ref[real], atol=ATOL)
+  check_peft_lora_both_ways(hf_model, base_dir, model, params, qt.batch(SIDES), qt.hf_logits,
+                            BUILDERS[family], tmp_path)
 
 
 def test_config_errors_and_native_round_trip():

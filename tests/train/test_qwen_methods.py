@@ -6,113 +6,37 @@ masked ones never do), penalties with importance computed from that batch (whose
 gives the packed logits), and WiSE-FT / DARE / TIES of a tuned model."""
 from __future__ import annotations
 
-import functools
-import types
+import io
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
+import torch
+from PIL import Image
 
 import mllm_tune as mt
-from mllm_tune import penalties, pytree
-from mllm_tune.data.loader import make_batches
+from mllm_tune.data.pipeline import SamplePreparer
+from mllm_tune.data.synthetic_pairs import (PairBatches, batch_indices, llava_record,
+                                            make_pair_source)
 from mllm_tune.importance import fisher
-from mllm_tune.losses.token import token_ce
 from mllm_tune.models import model_kwargs
-from mllm_tune.posthoc import merging
-from mllm_tune.train import build, penalty_setup
-from mllm_tune.train.step import TrainState, train_step
+from mllm_tune.posthoc import dawin, dawin_decoding
+from tests.helpers import method_steps as ms
 from tests.helpers import qwen_vl_tiny as qt
-from tests.helpers.data import image_bytes, write_llava_dataset
-from tests.helpers.tiny_models import assert_masked_entries_fixed
+from tests.helpers.data import image_bytes, sized_records
+from tests.helpers.hf_parity import check_packed_samples, hf_per_record
 
-# Compile time is most of this file's time on CPU: steps are compiled without LLVM's expensive
-# optimisation passes (the same program, just less optimised machine code).
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
-SIZES_WH = [(70, 40), (30, 30), (50, 90), (100, 60), (112, 84), (40, 120)]
-LORA_QV = r"llm/layers_\d+/attn/(q|v)_proj"
-CONNECTOR = ("params/projector/linear_1/kernel", "params/projector/linear_2/kernel")
-
-
-def _records(n: int = 8):
-  """One image, one image, two images, text only, ... (images of six sizes)."""
-  records, images = [], {}
-  words = ["a", "cat", "dog", "blue", "red", "square"]
-  for i in range(n):
-    names = []
-    for j in range((1, 1, 2, 0)[i % 4]):
-      w, h = SIZES_WH[(i + j) % len(SIZES_WH)]
-      names.append(f"im{i}_{j}.png")
-      images[names[-1]] = image_bytes(w, h, seed=i * 7 + j)
-    q = " ".join(["<image>"] * len(names) + ["what", "is", "this"][:1 + i % 3])
-    a = " ".join(words[(i + k) % len(words)] for k in range(2 + i % 4))
-    rec = {"id": str(i), "conversations": [{"from": "human", "value": q},
-                                           {"from": "gpt", "value": a}]}
-    if names:
-      rec["image"] = names[0] if len(names) == 1 else names
-    records.append(rec)
-  return records, images
-
-
-def _answered_samples(batch: dict) -> list[tuple[int, np.ndarray]]:
-  """(row, columns) of every packed sample with answer tokens, in row-major order."""
-  seg, loss = np.asarray(batch["segment_ids"]), np.asarray(batch["loss_mask"])
-  out = []
-  for r in range(seg.shape[0]):
-    for s in range(1, int(seg[r].max()) + 1):
-      cols = np.flatnonzero(seg[r] == s)
-      if loss[r, cols[1:]].any():
-        out.append((r, cols))
-  return out
+CONNECTOR = ms.PROJECTOR
 
 
 @pytest.fixture(scope="module")
 def qw(tmp_path_factory):
   """The tiny Qwen2.5-VL (model, params, its directory) and one packed batch."""
   root = tmp_path_factory.mktemp("qwen")
-  d, _, _ = qt.model_dir(str(root), "qwen2_5_vl")
-  model, params = mt.load_pretrained(d)
-  records, images = _records()
-  path = write_llava_dataset(str(root / "data"), records, images)
-  cfg = dict(kind="llava_json", json_path=path, image_folder=str(root / "data" / "images"),
-             seq_len=160, batch_size=3, packing=True, shuffle=False, prefetch=0,
-             on_error="raise")
-  batch = {k: jnp.asarray(v) for k, v in next(make_batches(cfg, d, model.config)).items()}
-  logits = jax.jit(lambda p, b: model.apply({"params": p}, b["input_ids"], **model_kwargs(b)))
-  return types.SimpleNamespace(model=model, params=params, dir=d, batch=batch, logits=logits)
-
-
-def _compiled_step(run, batch, consts=None):
-  state = TrainState(jnp.int32(0), run.trainable, run.optimizer.init(run.trainable),
-                     jax.random.key(2))
-  fn = lambda frozen, st, b, c: train_step(run.fns, frozen, st, b, penalty_consts=c)
-  step = jax.jit(fn).lower(run.frozen, state, batch, consts).compile(FAST_COMPILE)
-  return functools.partial(step, run.frozen), state
-
-
-def _train(qw, method, steps: int = 1, lr: float = 1e-2, penalty=None, consts=None):
-  """prepare (when needed) + `steps` jitted train steps of `method` on the Qwen batch ->
-  (prepared method, variables before, mask, [variables after each step], [metrics per step])."""
-  variables = method.init_variables(jax.random.key(1), qw.params)
-  method = build.prepare_method(method, qw.model, variables, [qw.batch])
-  mask, n = build.trainable_mask(method, variables, log=False)
-  assert n > 0
-  run = build.assemble(qw.model, method, variables, mask, optax.adam(lr), penalty=penalty)
-  step, state = _compiled_step(run, qw.batch, consts)
-  afters, metrics = [], []
-  for _ in range(steps):
-    state, m = step(state, qw.batch, consts)
-    afters.append(mt.tuning.combine(state.trainable, run.frozen))
-    metrics.append({k: float(v) for k, v in m.items()})
-  return method, variables, mask, afters, metrics
-
-
-def _changed(before: dict, after: dict) -> set[str]:
-  fa = pytree.flatten(after)
-  return {p for p, x in pytree.flatten(before).items()
-          if not np.array_equal(np.asarray(x), np.asarray(fa[p]))}
+  d, hf, proc = qt.model_dir(str(root), "qwen2_5_vl")
+  return ms.packed_env(root, d, hf=hf, proc=proc)
 
 
 def test_the_batch_packs_samples_with_images_of_different_sizes_and_a_two_image_sample(qw):
@@ -128,195 +52,214 @@ def test_the_batch_packs_samples_with_images_of_different_sizes_and_a_two_image_
 
 
 # ----------------------------------------------------------------------------- every method
-def _get(name, **kw):
-  return lambda: mt.tuning.get(name, **kw)
-
-
-METHODS = {  # case: (method factory, leaves that must move in the step)
-    "adapter": (_get("adapter", bottleneck=4), ()),
-    "bitfit": (_get("bitfit"), ("params/projector/linear_1/bias",)),
-    "dora": (_get("dora", rank=2), ()),
-    "freeze": (_get("freeze"), CONNECTOR + ("params/vision/patch_embed/kernel",)),
-    "freeze-projector": (_get("freeze", preset="projector"), CONNECTOR),
-    "grad_topk": (_get("grad_topk", density=0.02, targets=r"llm/.*|projector/.*"), ()),
-    "hft-projector-full": (_get("hft", seed=1, projector="full"), CONNECTOR),
-    "ia3": (_get("ia3"), ()),
-    "llama_adapter": (_get("llama_adapter", adapter_len=2, adapter_layers=1), ()),
-    "ln_tuning": (_get("ln_tuning", preset="ln_paper"), CONNECTOR),
-    "lora": (_get("lora", rank=2, targets=LORA_QV), ()),
-    "lora+connector": (lambda: mt.tuning.compose(mt.tuning.get("lora", rank=2, targets=LORA_QV),
-                                                 mt.tuning.get("freeze", preset="projector")),
-                       CONNECTOR),
-    "lorasculpt": (_get("lorasculpt", rank=2, alpha=4.0, dropout=0.0, t0=1), ()),
-    "model_tailor": (_get("model_tailor"), ()),  # post-hoc: trains nothing
-    "parallel_adapter": (_get("parallel_adapter", bottleneck=4), ()),
-    "pissa": (_get("pissa", rank=2), ()),
-    "prefix_tuning": (_get("prefix_tuning", num_virtual_tokens=3, encoder_hidden_size=8), ()),
-    "prompt_tuning": (_get("prompt_tuning", num_virtual_tokens=3), ()),
-    "rslora": (_get("rslora", rank=2), ()),
-    "spider": (_get("spider", targets=r"llm/layers_1/.*|projector/.*"), CONNECTOR),
-    "vera": (_get("vera", rank=4), ()),
-    "vpt": (_get("vpt", num_tokens=2), ()),  # CLIP-style towers only: refused on Qwen
-}
+METHODS = ms.method_cases(CONNECTOR, "params/vision/patch_embed/kernel", "", ())
 
 
 def test_the_cases_cover_every_registered_method():
-  assert {c.split("-")[0].split("+")[0] for c in METHODS} == set(mt.tuning.names())
+  ms.assert_cases_cover_every_method(METHODS)
 
 
 @pytest.mark.parametrize("case", sorted(METHODS))
 def test_every_method_prepares_and_steps_on_qwen_batches(qw, case):
-  make, must_move = METHODS[case]
-  method = make()
   if case == "model_tailor":  # trains nothing; tailoring a tuned model is tested below
-    with pytest.raises(mt.tuning.MethodError, match="trains nothing"):
-      build.trainable_mask(method, {"params": qw.params, "adapters": {}}, log=False)
+    ms.refuses_model_tailor_training(qw)
     return
   if case == "vpt":  # prompt tokens need a CLIP / SigLIP tower's token sequence
     with pytest.raises(mt.tuning.MethodError, match="needs a vision tower.*LLaVA models only"):
-      method.init_variables(jax.random.key(1), qw.params)
+      METHODS[case][0]().init_variables(jax.random.key(1), qw.params)
     return
-  method, before, mask, (after,), (metrics,) = _train(qw, method)
-  assert np.isfinite(metrics["loss"]) and metrics["loss"] > 0
-  assert_masked_entries_fixed(before, after, mask)  # frozen entries bit-identical, some moved
-  changed = _changed(before, after)
-  assert set(must_move) <= changed, sorted(set(must_move) - changed)
-  trained = {p for p, m in pytree.flatten(mask).items() if pytree.mask_any(m)}
-  assert changed <= trained
-  if case in ("freeze-projector", "lora+connector"):  # the merger and nothing else of the base
-    assert {p for p in trained if p.startswith("params/")} == {
-        p for p in pytree.flatten(before) if p.startswith("params/projector/")}
-  if case == "grad_topk":  # the mask was scored on the batch cut into its samples
-    kept = sum(int(np.sum(m)) for m in jax.tree.leaves(mask))
-    candidates = sum(int(np.size(x)) for p, x in pytree.flatten(before).items()
-                     if p.startswith(("params/llm/", "params/projector/")))
-    assert kept == round(0.02 * candidates)
+  ms.check_method_step(qw, METHODS, case, ("params/projector/",),
+                       ("params/llm/", "params/projector/"))
 
 
 # ----------------------------------------------------------------------------- sample split
 def test_samples_cut_from_the_packed_batch_give_its_logits(qw):
-  """Fisher / MAS (`lm_logits_fn` on one sample) and grad_topk (`sample_batches` ->
-  `nll_loss`, several samples with their own patch rows at once) see each sample as the packed
-  batch does: same logits at its positions (1e-5), same summed NLL."""
-  model, params, batch = qw.model, qw.params, qw.batch
-  packed = np.asarray(qw.logits(params, batch))
-  tok, seq = fisher.image_spec(model)
-  assert (tok, seq) == (model.config.image_token_id, 4)
-  examples = fisher.split_examples(batch, tok, seq)
-  stacked = fisher.stack_examples(examples, tok, seq)
-  one = jax.jit(lambda p, ex: fisher.lm_logits_fn(model)({"params": p}, ex)[0])
-  together = np.asarray(qw.logits(params, fisher.examples_batch(stacked, seq)))
-  samples = _answered_samples(batch)
-  assert len(samples) >= 6 and stacked["pixel_values"].shape[0] == len(samples)
-  assert stacked["positions"].shape[:2] == (len(samples), 3)
+  """Each sample keeps its own patch rows with their vision ids, its pack-table rows re-based to
+  them and its (3, L) M-RoPE positions."""
+  batch = qw.batch
+  tok, seq = fisher.image_spec(qw.model)
+  assert (tok, seq) == (qw.model.config.image_token_id, 4)
+  examples, stacked = ms.check_sample_split(qw, seq)
+  assert stacked["positions"].shape[:2] == (len(ms.answered_samples(batch)), 3)
   assert sum(len(e["images"]) for e in examples) == int((batch["vision_segment_ids"] > 0).sum())
-  for i, (r, cols) in enumerate(samples):
-    ex = {k: v[i] for k, v in stacked.items()}
-    assert len(cols) == int(ex["attention_mask"].sum())
-    want = packed[r, cols]
-    np.testing.assert_allclose(np.asarray(one(params, ex))[:len(cols) - 1], want[:-1],
-                               atol=1e-5, rtol=0)
-    np.testing.assert_allclose(together[i, :len(cols)], want, atol=1e-5, rtol=0)
-  nll_packed = float(token_ce(jnp.asarray(packed), batch["input_ids"], batch["loss_mask"])[0])
-  nll_samples = float(jax.jit(build.nll_loss(model, per_token=False))({"params": params},
-                                                                        stacked))
-  np.testing.assert_allclose(nll_samples, nll_packed, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------- penalties
 @pytest.fixture(scope="module")
 def importance(qw):
-  """Empirical Fisher of the leaves LoRA on q/v changes, from the Qwen batch."""
-  lora = mt.tuning.get("lora", rank=2, targets=LORA_QV)
-  variables = lora.init_variables(jax.random.key(1), qw.params)
-  leaves, changed = penalty_setup.changed_leaves(lora, variables, qw.params)
-  assert sorted(changed) == ["params/llm/layers/attn/q_proj/kernel",
-                             "params/llm/layers/attn/v_proj/kernel"]
-  base = {"params": qw.params, "adapters": {}}
-  return fisher.fisher_from_batches(qw.model, base, leaves, [qw.batch], "empirical",
-                                    num_examples=16, chunk=3)
+  return ms.importance(qw, ("empirical", "mas"))
 
 
-PENALTIES = {"ewc": (dict(weight=1e3), True), "l2sp": (dict(weight=10.0), False),
-             "lwf": (dict(), False)}
+def _torch_importance(qw) -> dict:
+  """{kind: {leaf: (L, in, out) float64}}: the empirical Fisher (mean of squared gradients of
+  the answer log-likelihood) and MAS (mean of absolute gradients of the answer tokens' mean
+  squared logit norm) of the q / v kernels, from transformers' model run on each sample's record
+  alone, one backward pass per sample."""
+  batch, hf = qw.batch, qw.hf
+  refs = hf_per_record(*sized_records(), qt.encode_record(qw.proc))
+  weights = {}
+  for n, p in hf.named_parameters():
+    m = re.fullmatch(r".*language_model\.layers\.(\d+)\.self_attn\.(q|v)_proj\.weight", n)
+    if m:
+      weights[(f"params/llm/layers/attn/{m[2]}_proj/kernel", int(m[1]))] = p
+  sums = {kind: {key: 0.0 for key in weights} for kind in ("empirical", "mas")}
+  samples = ms.answered_samples(batch)
+  for r, cols in samples:
+    ids = np.asarray(batch["input_ids"])[r, cols]
+    w = torch.tensor(np.asarray(batch["loss_mask"])[r, cols][1:], dtype=torch.float32)
+    logits = hf(**refs[tuple(ids.tolist())]).logits[0, :-1].float()
+    target = torch.tensor(ids[1:], dtype=torch.long)[:, None]
+    logp = torch.log_softmax(logits, -1).gather(-1, target)[:, 0]
+    objectives = {"empirical": (w * logp).sum(),
+                  "mas": (w * logits.square().sum(-1)).sum() / w.sum().clamp(min=1.0)}
+    for kind, obj in objectives.items():
+      for key, g in zip(weights, torch.autograd.grad(obj, list(weights.values()),
+                                                      retain_graph=kind == "empirical")):
+        g = g.double().numpy().T  # torch (out, in) -> our kernel (in, out)
+        sums[kind][key] = sums[kind][key] + (g * g if kind == "empirical" else np.abs(g))
+  layers = 1 + max(i for _, i in weights)
+  return {kind: {leaf: np.stack([v[(leaf, i)] for i in range(layers)]) / len(samples)
+                 for leaf in ms.QV_KERNELS} for kind, v in sums.items()}
 
 
-@pytest.mark.parametrize("name", sorted(PENALTIES))
+def test_fisher_online_ewc_and_mas_equal_per_sample_gradients_of_transformers(qw, importance):
+  """The importance the penalties use on a packed Qwen batch (each sample cut out with its own
+  patches, vision ids and M-RoPE positions) equals the same sums from transformers' gradients of
+  each record alone; online EWC's F~ = gamma F_prev + F with the previous stage's Fisher."""
+  ref = _torch_importance(qw)
+  for kind in ("empirical", "mas"):
+    imp, n = importance[kind]
+    assert n == len(ms.answered_samples(qw.batch)) >= 6
+    for leaf in ms.QV_KERNELS:
+      got, want = np.asarray(imp[leaf], np.float64), ref[kind][leaf]
+      assert got.shape == want.shape and want.max() > 0
+      np.testing.assert_allclose(got, want, rtol=2e-3, atol=1e-5 * want.max(), err_msg=kind)
+  prev = {p: 0.25 * x for p, x in importance["empirical"][0].items()}
+  online = fisher.online_update(prev, importance["empirical"][0], 0.5)
+  for leaf in ms.QV_KERNELS:
+    np.testing.assert_allclose(online[leaf], 1.125 * ref["empirical"][leaf], rtol=2e-3,
+                               atol=1e-5 * ref["empirical"][leaf].max())
+
+
+@pytest.mark.parametrize("name", sorted(ms.PENALTIES))
 def test_penalties_with_lora_on_qwen_batches(qw, importance, name):
-  opts, uses_fisher = PENALTIES[name]
-  imp = None
-  if uses_fisher:
-    imp, n = importance
-    assert n == len(_answered_samples(qw.batch))  # every sample of the batch
-    for x in imp.values():
-      assert np.isfinite(np.asarray(x)).all() and float(np.sum(x)) > 0
-  lora = mt.tuning.get("lora", rank=2, targets=LORA_QV)
-  variables = lora.init_variables(jax.random.key(1), qw.params)
-  penalty = penalties.get(name, **opts)
-  bound, consts = penalties.bind(penalty, lora, variables, qw.params, imp)
-  _, _, _, afters, metrics = _train(qw, lora, steps=2, penalty=bound, consts=consts)
-  terms = [m[f"loss_terms/{name}"] for m in metrics]
-  for m, t in zip(metrics, terms):
-    assert np.isfinite(m["loss"])
-    np.testing.assert_allclose(m["loss"], m["ce"] + t, rtol=1e-5)
-  if name == "lwf":  # at theta0: the teacher's cross-entropy with itself at T = 2
-    assert terms[0] > 0.5 and terms[1] > 0.5
-  else:  # 0 at theta0 (LoRA B = 0), then it grows
-    assert abs(terms[0]) < 1e-6 < terms[1]
-  if penalty.family == "quadratic":  # step 2 logs the term at step 1's merged weights
-    w, w0 = pytree.flatten(lora.merge(afters[0])), pytree.flatten(qw.params)
-    want = 0.0
-    for p in bound.weighted:
-      f = 1.0 if imp is None else np.asarray(imp[p], np.float64)
-      d = np.asarray(w[p[len("params/"):]], np.float64) - np.asarray(w0[p[len("params/"):]])
-      want += penalty.coef * float(np.sum(f * d * d))
-    np.testing.assert_allclose(terms[1], want, rtol=1e-4)
-  assert not _changed(variables["params"], afters[-1]["params"])  # LoRA: the base stays
+  lora, afters, terms = ms.check_penalty(qw, importance, name)
+  if name == "kl":  # step 2: KL(p_theta0 || p_theta1) per supervised position, float64
+    apply = jax.jit(lambda v, b: qw.model.apply(v, b["input_ids"], **model_kwargs(b)))
+    log_softmax = lambda z: z - z.max(-1, keepdims=True) - np.log(
+        np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True))
+    lq = log_softmax(np.asarray(qw.logits(qw.params, qw.batch), np.float64)[:, :-1])
+    lp = log_softmax(np.asarray(apply(afters[0], qw.batch), np.float64)[:, :-1])
+    w = np.asarray(qw.batch["loss_mask"], np.float64)[:, 1:]
+    kl = (w * (np.exp(lq) * (lq - lp)).sum(-1)).sum() / w.sum()
+    np.testing.assert_allclose(terms[1], kl, rtol=1e-3)
+
+
+def test_gift_with_lora_distils_on_qwen_caption_batches(qw):
+  """GIFT's caption pairs prepared by Qwen's preparer are Qwen batches (patch rows, vision ids,
+  pack tables, M-RoPE positions) whose rows give transformers' logits of each pair alone; GIFT
+  trains on them as on OneVision's."""
+  prepare = SamplePreparer.from_pretrained(qw.dir, qw.model.config, 96)
+  source = make_pair_source("procedural", num=8, image_size=60)
+  pairs = PairBatches(source, prepare, 2)
+  cap = pairs.batch(0)
+  assert pairs.spec.qwen and cap["positions"].shape == (3,) + cap["input_ids"].shape
+  assert cap["pixel_values"].shape[0] in pairs.spec.crop_buckets
+  assert set(np.unique(cap["vision_segment_ids"]).tolist()) == {0, 1, 2}  # 2 images, padding
+  assert "vision_window_ids" in cap
+  records = [llava_record(source, int(i)) for i in batch_indices(len(source), 2, 0, 0)]
+  encode = qt.encode_record(qw.proc)
+  refs = hf_per_record(records, {}, lambda rec, _: encode(
+      rec, [Image.open(io.BytesIO(b)) for b in rec["images"]]))
+  assert check_packed_samples(qw.model, qw.params, cap, refs, qw.hf) == (2, 2)
+  ms.check_gift(qw, {k: jnp.asarray(v) for k, v in cap.items()})
 
 
 # ----------------------------------------------------------------------------- post-hoc
 @pytest.fixture(scope="module")
 def tuned(qw):
-  """theta0 and theta_ft: LoRA on q/v + the merger, 2 steps, merged."""
-  method = mt.tuning.compose(mt.tuning.get("lora", rank=2, targets=LORA_QV),
-                             mt.tuning.get("freeze", preset="projector"))
-  method, _, _, afters, _ = _train(qw, method, steps=2)
-  return qw.params, method.merge(afters[-1])
+  """theta0 and theta_ft: LoRA on q/v + the merger, 2 steps, merged (the method case's run)."""
+  return ms.tuned(qw, METHODS[ms.TUNED][0])
 
 
 def test_merges_of_a_tuned_model_give_finite_logits_on_qwen_batches(qw, tuned):
-  theta0, theta_ft = tuned
-  real = np.asarray(qw.batch["attention_mask"]).astype(bool)
-  logits = lambda p: np.asarray(qw.logits(p, qw.batch))[real]
-  z0, zft = logits(theta0), logits(theta_ft)
-  assert np.abs(zft - z0).max() > 1e-3
-  tau = merging.task_vectors(theta0, [theta_ft])[0]
-  merged = {
-      "wise_ft": merging.wise_ft(theta0, theta_ft, 0.5),
-      "dare": merging.dare_merge(theta0, [tau], p=0.5, key=jax.random.key(3)),
-      "ties": merging.ties_merge(theta0, [tau, merging.dare(tau, 0.5, jax.random.key(4))],
-                                 k=0.5),
-  }
-  for name, params in merged.items():
-    z = logits(params)
-    assert np.isfinite(z).all(), name
-    assert np.abs(z - z0).max() > 1e-4 and np.abs(z - zft).max() > 1e-4, name
-  k = "projector/linear_1/kernel"
-  np.testing.assert_allclose(pytree.flatten(merged["wise_ft"])[k],
-                             (pytree.flatten(theta0)[k] + pytree.flatten(theta_ft)[k]) / 2,
-                             atol=1e-6)
-  np.testing.assert_array_equal(logits(merging.wise_ft(theta0, theta_ft, 1.0)), zft)
-  np.testing.assert_array_equal(logits(merging.wise_ft(theta0, theta_ft, 0.0)), z0)
+  ms.check_merges(qw, *tuned)
 
 
 def test_model_tailor_on_qwen_calibration_batches(qw, tuned):
+  ms.check_model_tailor(qw, *tuned)
+
+
+# ----------------------------------------------------------------------------- DaWin decoding
+QUESTIONS = [((100, 40), "what is this"), ((40, 120), "red")]  # a wide and a tall image
+
+
+def _prompt(qw, q: str) -> str:
+  messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}]
+  return qw.proc.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def _images():
+  return [Image.open(io.BytesIO(image_bytes(w, h, seed=i)))
+          for i, ((w, h), _) in enumerate(QUESTIONS)]
+
+
+def _hf_greedy_entropy(hf, enc, steps: int, eos: int) -> tuple[list[int], float]:
+  """transformers' greedy answer of one prompt by full forwards (no cache: positions recomputed
+  from the whole sequence each step) and its DaWin H: the mean entropy (float64) of the
+  distributions that chose the tokens, up to and including the first end token."""
+  ids, tokens, ents = enc["input_ids"], [], []
+  for _ in range(steps):
+    kw = dict(enc, input_ids=ids, attention_mask=torch.ones_like(ids),
+              mm_token_type_ids=(ids == hf.config.image_token_id).long())
+    with torch.no_grad():
+      logp = torch.log_softmax(hf(**kw).logits[0, -1].double(), -1)
+    ents.append(float(-(logp.exp() * logp).sum()))
+    tokens.append(int(logp.argmax()))
+    ids = torch.cat([ids, torch.tensor([[tokens[-1]]])], 1)
+  n = tokens.index(eos) + 1 if eos in tokens else steps
+  return tokens, float(np.mean(ents[:n]))
+
+
+def test_dawin_generate_on_qwen_prompts_uses_their_positions_and_vision_inputs(qw, tuned,
+                                                                               tmp_path):
+  """`dawin_generate` on `mt.hf_inputs` of two Qwen prompts (left-padded, images of two sizes):
+  the per-sample coefficients are DaWin's offset formula on the entropies of transformers' own
+  greedy answers of each prompt alone (theta0 and theta_ft loaded in transformers), and each
+  row is decoded by its merged model."""
   theta0, theta_ft = tuned
-  out = mt.tuning.get("model_tailor").tailor(qw.model, theta0, theta_ft, [qw.batch])
-  flat0, flat_ft, flat = (pytree.flatten(t) for t in (theta0, theta_ft, out))
-  for p in ("llm/layers/attn/q_proj/kernel", "llm/layers/attn/v_proj/kernel"):
-    assert not np.array_equal(flat[p], flat_ft[p]) and not np.array_equal(flat[p], flat0[p])
-  for p in flat:
-    if p.startswith("projector/"):  # reset to theta0, as the released code
-      np.testing.assert_array_equal(flat[p], flat0[p])
-  z = np.asarray(qw.logits(out, qw.batch))
-  assert np.isfinite(z).all() and np.abs(z - np.asarray(qw.logits(theta_ft, qw.batch))).max() > 0
+  proc, model = qw.proc, qw.model
+  proc.tokenizer.padding_side = "left"
+  enc = proc(images=_images(), text=[_prompt(qw, q) for _, q in QUESTIONS], return_tensors="np",
+             padding=True)
+  prompts = mt.hf_inputs(model, enc)
+  assert set(prompts) >= {"positions", "vision_segment_ids", "vision_pos_hw",
+                          "vision_window_ids", "pack_index"}
+  toks, lam, mixture = dawin_decoding.dawin_generate(model, theta0, theta_ft, **prompts,
+                                                     max_new_tokens=4, num_components=None)
+  assert mixture is None and lam.shape == (2,)
+  ft_dir = str(tmp_path / "ft")
+  mt.save_pretrained(ft_dir, model, theta_ft)
+  hf_ft = type(qw.hf).from_pretrained(ft_dir).eval()
+  eos = qw.hf.generation_config.eos_token_id
+  ours0 = np.asarray(mt.generate(model, theta0, **prompts, max_new_tokens=4))
+  h, stopped = {}, 0
+  for name, hf in (("0", qw.hf), ("ft", hf_ft)):
+    for b, (img, (_, q)) in enumerate(zip(_images(), QUESTIONS)):
+      one = proc(images=[img], text=[_prompt(qw, q)], return_tensors="pt")
+      tokens, h[name, b] = _hf_greedy_entropy(hf, dict(one), 4, eos)
+      stopped += eos in tokens[:-1]
+      if name == "0":  # our batched greedy answer is transformers' answer of the prompt alone
+        n = tokens.index(eos) + 1 if eos in tokens else 4
+        np.testing.assert_array_equal(ours0[b, :n], tokens[:n])
+  h0, hft = (np.array([h[name, b] for b in range(2)]) for name in ("0", "ft"))
+  assert stopped  # an answer ends early: H averages up to its end token, not the padding after
+  assert np.abs(h0 - hft).max() > 1e-4  # the two models are unsure to different degrees
+  cv = lambda x: x.std(ddof=1) / x.mean()
+  b_, w_ = (cv(h0) + cv(hft)) / 2, (h0.mean() + hft.mean()) / h0.mean()
+  want = (np.exp(-hft) + b_ / w_) / (np.exp(-h0) + np.exp(-hft) + b_)
+  np.testing.assert_allclose(lam, want, rtol=1e-4)
+  for b in range(2):  # row b is decoded by its own merged model
+    merged = dawin.dawin_interpolate(theta0, theta_ft, lam[b])
+    want_b = mt.generate(model, merged, **prompts, max_new_tokens=4)
+    np.testing.assert_array_equal(np.asarray(toks)[b], np.asarray(want_b)[b])

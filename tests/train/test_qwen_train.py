@@ -12,64 +12,23 @@ import os
 import jax
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import mllm_tune as mt
 from mllm_tune.data.loader import make_batches
 from tests.helpers import qwen_vl_tiny as qt
-from tests.helpers.data import image_bytes, write_llava_dataset
+from tests.helpers.data import packed_cfg, sized_records, write_llava_dataset
+from tests.helpers.hf_parity import check_packed_samples, hf_per_record
 from tests.helpers.train import losses, run_cli
-
-SIZES_WH = [(70, 40), (30, 30), (50, 90), (100, 60), (112, 84), (40, 120)]
-
-
-def _records(n: int, seed: int = 0):
-  """One image, one image, two images or text only, images of six sizes."""
-  rng = np.random.RandomState(seed)
-  records, images = [], {}
-  for i in range(n):
-    names = []
-    for j in range((1, 1, 2, 0)[i % 4]):
-      w, h = SIZES_WH[(i + j) % len(SIZES_WH)]
-      names.append(f"im{i}_{j}.png")
-      images[names[-1]] = image_bytes(w, h, seed=i * 7 + j)
-    q = " ".join(["<image>"] * len(names) + ["what", "is", "this"][:1 + i % 3])
-    a = " ".join(rng.choice(["a", "cat", "dog", "blue", "red", "square"], 2 + i % 4))
-    rec = {"id": str(i), "conversations": [{"from": "human", "value": q},
-                                           {"from": "gpt", "value": a}]}
-    if names:
-      rec["image"] = names[0] if len(names) == 1 else names
-    records.append(rec)
-  return records, images
-
-
-def _data_cfg(json_path, image_folder, **kw):
-  return {**dict(kind="llava_json", json_path=json_path, image_folder=image_folder, seq_len=160,
-                 batch_size=3, packing=True, shuffle=False, prefetch=0, on_error="raise"), **kw}
-
-
-def _hf_per_record(records, images, proc):
-  """{token ids: transformers' processor output} of each record (images as structured content
-  of Qwen's chat template)."""
-  out = {}
-  for rec in records:
-    names = rec.get("image") or []
-    names = [names] if isinstance(names, str) else names
-    text = proc.apply_chat_template(qt.hf_messages(rec["conversations"]), tokenize=False)
-    imgs = [Image.open(io.BytesIO(images[n])) for n in names]
-    enc = proc(images=imgs or None, text=[text], return_tensors="pt")
-    out[tuple(enc["input_ids"][0].tolist())] = enc
-  return out
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_packed_batches_give_transformers_logits_per_record(family, tmp_path):
   d, hf_model, proc = qt.model_dir(str(tmp_path), family)
   model, params = mt.load_pretrained(d)
-  records, images = _records(8)
+  records, images = sized_records(8, seed=0)
   path = write_llava_dataset(str(tmp_path / "data"), records, images)
-  it = make_batches(_data_cfg(path, str(tmp_path / "data" / "images")), d, model.config)
+  it = make_batches(packed_cfg(path, str(tmp_path / "data" / "images")), d, model.config)
   batch = next(it)
   ids = batch["input_ids"]
   assert batch["positions"].shape == (3,) + ids.shape
@@ -79,19 +38,8 @@ def test_packed_batches_give_transformers_logits_per_record(family, tmp_path):
   n_patches = int((batch["vision_segment_ids"] > 0).sum())
   assert n_patches < batch["pixel_values"].shape[0]  # padded to its bucket with zero rows
   assert not batch["pixel_values"][n_patches:].any()
-  ours = np.asarray(model.apply({"params": params}, ids, **mt.models.model_kwargs(batch)))
-  ref_by_ids = _hf_per_record(records, images, proc)
-  checked, with_images = 0, 0
-  for r in range(ids.shape[0]):
-    for seg in range(1, int(batch["segment_ids"][r].max()) + 1):
-      cols = np.flatnonzero(batch["segment_ids"][r] == seg)
-      key = tuple(ids[r, cols].tolist())
-      assert key in ref_by_ids, "a packed sample's tokens differ from the HF processor's"
-      with torch.no_grad():
-        ref = hf_model(**ref_by_ids[key]).logits[0].float().numpy()
-      np.testing.assert_allclose(ours[r, cols], ref, atol=1e-4, rtol=0)
-      checked += 1
-      with_images += model.config.image_token_id in key
+  refs = hf_per_record(records, images, qt.encode_record(proc))
+  checked, with_images = check_packed_samples(model, params, batch, refs, hf_model)
   assert checked >= 6 and with_images >= 4
   assert max(int(batch["segment_ids"][r].max()) for r in range(ids.shape[0])) >= 2  # packed
 
@@ -100,12 +48,12 @@ def test_patch_budget_errors_and_pixel_overrides(tmp_path):
   from mllm_tune.data.errors import DataError
   d, _, _ = qt.model_dir(str(tmp_path))
   model, _ = mt.load_pretrained(d)
-  records, images = _records(4)
+  records, images = sized_records(4, seed=0)
   path = write_llava_dataset(str(tmp_path / "data"), records, images)
   folder = str(tmp_path / "data" / "images")
   # data.min_pixels / max_pixels: the image-token runs of a processor built with them
   budget = dict(min_pixels=28 * 28 * 8, max_pixels=28 * 28 * 8)
-  batch = next(make_batches(_data_cfg(path, folder, **budget), d, model.config))
+  batch = next(make_batches(packed_cfg(path, folder, **budget), d, model.config))
   is_img = np.concatenate([[0], batch["input_ids"].reshape(-1) == model.config.image_token_id,
                            [0]])
   runs = np.diff(np.flatnonzero(np.diff(is_img)))[::2]
@@ -119,22 +67,22 @@ def test_patch_budget_errors_and_pixel_overrides(tmp_path):
                   for name in np.atleast_1d(rec.get("image", []))
                   for g in default(images=[Image.open(io.BytesIO(images[name]))],
                                    return_tensors="np")["image_grid_thw"]]
-  cfg = _data_cfg(path, folder, max_pixels=28 * 28 * 2, out_of_budget="refuse")
+  cfg = packed_cfg(path, folder, max_pixels=28 * 28 * 2, out_of_budget="refuse")
   with pytest.raises(DataError, match=r"data\.json.*image im0_0\.png: a 70x40 \(WxH\) image has "
                                       r"2800 pixels, outside the budget \[min_pixels=784, "
                                       r"max_pixels=1568\]"):
     next(make_batches(cfg, d, model.config))
-  cfg = _data_cfg(path, folder, max_image_tokens=2)
+  cfg = packed_cfg(path, folder, max_image_tokens=2)
   with pytest.raises(DataError, match=r"data\.json.*image im2_0\.png: a 50x90 \(WxH\) image "
                                       r"yields 6 image tokens .*max_image_tokens=2"):
     next(make_batches(cfg, d, model.config))
-  cfg = _data_cfg(path, folder, max_images=64, crop_buckets=(64,))
+  cfg = packed_cfg(path, folder, max_images=64, crop_buckets=(64,))
   assert next(make_batches(cfg, d, model.config))["pixel_values"].shape[0] == 64
 
 
 def test_mllm_tune_train_lora_on_tiny_qwen2_5_vl_on_two_devices(tmp_path):
   d, _, _ = qt.model_dir(str(tmp_path), "qwen2_5_vl")
-  records, images = _records(32, seed=1)
+  records, images = sized_records(32, seed=1)
   path = write_llava_dataset(str(tmp_path / "data"), records, images)
   run = str(tmp_path / "run")
   res = run_cli(["train", "--config=configs/experiments/llava_lora.py", "--no-progress",
@@ -209,9 +157,9 @@ def test_two_hosts_batches_joined_as_put_batch_does_give_each_hosts_logits(tmp_p
   from mllm_tune.train import setup
   d, _, _ = qt.model_dir(str(tmp_path), "qwen2_5_vl")
   model, params = mt.load_pretrained(d)
-  records, images = _records(8)
+  records, images = sized_records(8, seed=0)
   path = write_llava_dataset(str(tmp_path / "data"), records, images)
-  cfg = _data_cfg(path, str(tmp_path / "data" / "images"), max_images=256,
+  cfg = packed_cfg(path, str(tmp_path / "data" / "images"), max_images=256,
                   crop_buckets=(256,), batch_size=2)
   it = make_batches(cfg, d, model.config)
   hosts = [next(it), next(it)]  # what two hosts would each read (same shapes)

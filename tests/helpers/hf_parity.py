@@ -1,0 +1,95 @@
+"""Comparisons against transformers shared by the LLaVA-NeXT / OneVision and Qwen2-VL / 2.5-VL
+tests: safetensors files tensor by tensor, a PEFT LoRA both ways (peft -> ours -> peft) with logit
+parity, and packed samples against transformers' forward of each record alone."""
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors import safe_open
+
+import mllm_tune as mt
+from mllm_tune.tuning.peft import export_peft, import_peft
+
+ATOL = 1e-4
+
+
+def safetensors_tensors(d: str) -> dict:
+  """{name: torch tensor} of every `*.safetensors` file in a directory."""
+  out = {}
+  for fn in sorted(f for f in os.listdir(d) if f.endswith(".safetensors")):
+    with safe_open(os.path.join(d, fn), "pt") as f:
+      out.update({k: f.get_tensor(k) for k in f.keys()})
+  return out
+
+
+def assert_same_tensors(a: dict, b: dict):
+  """Same names, dtypes and bytes."""
+  assert sorted(a) == sorted(b)
+  for k in a:
+    assert a[k].dtype == b[k].dtype and torch.equal(a[k].view(torch.uint8),
+                                                    b[k].view(torch.uint8)), k
+
+
+def check_peft_lora_both_ways(hf_model, base_dir: str, model, params, enc: dict, hf_logits,
+                              fresh_hf_model, tmp_path):
+  """A peft LoRA (r 4 on the language model's q / v / down projections, random B) saved by peft
+  -> `import_peft`: our logits on `mt.hf_inputs(enc)` equal peft's (`hf_logits(module, enc)`)
+  and differ from the base's; `export_peft` -> `PeftModel.from_pretrained` on
+  `fresh_hf_model()` gives peft's logits again."""
+  real = enc["attention_mask"].astype(bool)
+  torch.manual_seed(0)
+  peft_model = get_peft_model(hf_model, LoraConfig(
+      r=4, lora_alpha=8, target_modules=r".*language_model.*\.(q_proj|v_proj|down_proj)"))
+  with torch.no_grad():
+    for n, p in peft_model.named_parameters():
+      if "lora_B" in n:
+        p.normal_(0, 0.2)
+  peft_dir = str(tmp_path / "peft")
+  peft_model.save_pretrained(peft_dir)
+  method, variables = import_peft(peft_dir, model, params)
+  kw = mt.hf_inputs(model, enc)
+  ours = np.asarray(model.apply(variables, **kw))
+  ref = hf_logits(peft_model.eval(), enc)
+  np.testing.assert_allclose(ours[real], ref[real], atol=ATOL)
+  assert np.abs(ours - np.asarray(model.apply({"params": params}, **kw))).max() > 1e-2
+  out = str(tmp_path / "again")  # ours -> peft: loads on a fresh transformers model
+  export_peft(out, model, method, variables, base_model_name_or_path=base_dir)
+  again = PeftModel.from_pretrained(fresh_hf_model(), out).eval()
+  np.testing.assert_allclose(hf_logits(again, enc)[real], ref[real], atol=ATOL)
+
+
+def hf_per_record(records: list[dict], images: dict[str, bytes], encode) -> dict:
+  """{token ids: `encode(record, its PIL images)`} (a transformers processor's output with
+  `input_ids` (1, T)) of each LLaVA record."""
+  out = {}
+  for rec in records:
+    names = rec.get("image") or []
+    names = [names] if isinstance(names, str) else names
+    enc = encode(rec, [Image.open(io.BytesIO(images[n])) for n in names])
+    out[tuple(enc["input_ids"][0].tolist())] = enc
+  return out
+
+
+def check_packed_samples(model, params, batch: dict, ref_by_ids: dict, hf_model,
+                         atol: float = ATOL) -> tuple[int, int]:
+  """Every packed sample of `batch` is a record of `ref_by_ids` (`hf_per_record`) and our packed logits at its columns equal transformers' forward of the
+  record alone. Returns (samples checked, samples with images)."""
+  ids = batch["input_ids"]
+  ours = np.asarray(model.apply({"params": params}, ids, **mt.models.model_kwargs(batch)))
+  checked, with_images = 0, 0
+  for r in range(ids.shape[0]):
+    for seg in range(1, int(batch["segment_ids"][r].max()) + 1):
+      cols = np.flatnonzero(batch["segment_ids"][r] == seg)
+      key = tuple(ids[r, cols].tolist())
+      assert key in ref_by_ids, "a packed sample's tokens differ from the HF processor's"
+      with torch.no_grad():
+        ref = hf_model(**ref_by_ids[key]).logits[0].float().numpy()
+      np.testing.assert_allclose(ours[r, cols], ref, atol=atol, rtol=0)
+      checked += 1
+      with_images += model.config.image_token_id in key
+  return checked, with_images
