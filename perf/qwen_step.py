@@ -245,6 +245,7 @@ def main():
   if args.preset == "tiny":
     args.seq, args.steps, args.repeats = min(args.seq, 128), 4, 1
   model_dir = build_model_dir(args.preset, args.init)
+  args.load_before = os.getloadavg()[0]
   runs = {"jax": [], "torch": []}
   for rep in range(args.repeats):
     for w in ("jax", "torch"):
@@ -281,7 +282,10 @@ def report(runs, args):
       f"{p['kv']}, vocab {p['vocab']}); grids {p['grids']}; {args.init} weights, {args.dtype}; "
       f"LoRA r={args.lora_rank} on every LLM linear. Median step over {args.repeats} "
       f"alternating process runs x {args.steps - 2} timed steps; MFU against {peak:.0f} "
-      f"GFLOP/s ({fl / 1e12:.2f} TFLOP per step).", "",
+      f"GFLOP/s ({fl / 1e12:.2f} TFLOP per step). Host load average (1 min) before / after: "
+      f"{getattr(args, 'load_before', float('nan')):.1f} / {os.getloadavg()[0]:.1f} (other "
+      "work on the cores slows both sides, transformers more; only a quiet host's ratio "
+      "counts).", "",
       f"| preset | batch x seq | mllm_tune step | transformers + peft | speed-up | MFU ours / "
       f"theirs | peak {kind} MB ours / theirs |", "|---|---|---|---|---|---|---|",
       f"| {args.preset} | {args.batch} x {args.seq} | {1e3 * med['jax']:.0f} ms | "

@@ -45,7 +45,7 @@ class Sample:
   where: str = ""
   truncated_from: int = 0  # original length when truncated, else 0
   table: anyres.PackTable | None = None
-  image_tokens: tuple[int, ...] = ()  # anyres: image tokens of each kept image, in order
+  image_tokens: tuple[int, ...] = ()  # anyres, Qwen: image tokens of each kept image, in order
   grids: np.ndarray | None = None  # Qwen2-VL: (t, gh, gw) of each kept image
   mrope_positions: np.ndarray | None = None  # Qwen2-VL: (3, T) M-RoPE positions
 
@@ -233,7 +233,8 @@ class SamplePreparer:
       raise DataError(f"{where}: conversations: the image tokens do not form one run per "
                       f"image ({e})", "image_count") from None
     return Sample(tokens, pixels, str(record.get("id", "")), where,
-                  original if len(tokens) < original else 0, grids=grids,
+                  original if len(tokens) < original else 0,
+                  image_tokens=tuple(counts[:kept]), grids=grids,
                   mrope_positions=positions[:, 0])
 
 
