@@ -12,6 +12,7 @@ import os
 import jax
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import mllm_tune as mt
@@ -115,7 +116,7 @@ def test_mllm_tune_train_lora_on_tiny_qwen3_vl_and_export_peft(tmp_path):
   from transformers import Qwen3VLForConditionalGeneration
   from mllm_tune.cli import main
   d, _, proc = qt.model_dir(str(tmp_path), "qwen3_vl")
-  records, images = _records(16, seed=2)
+  records, images = sized_records(16, seed=2)
   path = write_llava_dataset(str(tmp_path / "data"), records, images)
   run = str(tmp_path / "run")
   res = run_cli(["train", "--config=configs/experiments/llava_lora.py", "--no-progress",
@@ -135,7 +136,7 @@ def test_mllm_tune_train_lora_on_tiny_qwen3_vl_and_export_peft(tmp_path):
   trained = mt.load_run(run)
   assert trained.step == 4 and trained.model.config.model_type == "qwen3_vl"
   rec = next(r for r in records if isinstance(r.get("image"), list))  # two images
-  enc = _hf_per_record([rec], images, proc).popitem()[1]
+  enc = hf_per_record([rec], images, qt.encode_record(proc)).popitem()[1]
   kw = mt.hf_inputs(trained.model, enc)
   apply = jax.jit(trained.model.apply)  # op by op, the tiny model takes 4x longer on CPU
   ours = np.asarray(apply(trained.variables, **kw))[0]
