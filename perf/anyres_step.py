@@ -12,7 +12,8 @@ different size (tall, wide, square, small) plus text up to `--seq` tokens; trans
 its own layout (pixel_values (N, max crops, 3, S, S) + image_sizes), we get `mt.hf_inputs` of
 the same arrays. LoRA r=16 (alpha 32) on every LLM linear, AdamW, float32 on CPU; each worker is
 its own process and the driver alternates them `--repeats` times (median step time); both run
-with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` as in perf/throughput.py.
+in the same environment, the default one unless `--glibc_tunables` sets `GLIBC_TUNABLES` for
+both (e.g. `glibc.malloc.hugetlb=1`; see results/qwen_cpu.md for what it does to each side).
 
 Compiled programs: `--programs_steps` batches of the regular data pipeline (packing, crop
 buckets) over LLaVA-format JSON records whose images take 8 sizes, fed to the jitted LoRA step of
@@ -252,6 +253,8 @@ def main():
   ap.add_argument("--steps", type=int, default=8)
   ap.add_argument("--repeats", type=int, default=2)
   ap.add_argument("--programs_steps", type=int, default=200)
+  ap.add_argument("--glibc_tunables", default="",
+                  help="GLIBC_TUNABLES for both workers, e.g. glibc.malloc.hugetlb=1")
   ap.add_argument("--out", default="")
   ap.add_argument("--results", default=os.path.join(ROOT, "results", "anyres_cpu.md"))
   args = ap.parse_args()
@@ -276,9 +279,8 @@ def main():
              "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
              "--programs_steps", str(args.programs_steps if (w, rep) == ("jax", 0) else 0),
              "--out", out]
-      # as perf/throughput.py: transparent huge pages for large blocks, the same for both
       subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": ROOT,
-                                           "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"})
+                                           "GLIBC_TUNABLES": args.glibc_tunables})
       with open(out) as f:
         res = json.load(f)
       runs[w] += res["times"]
@@ -292,11 +294,12 @@ def report(runs, extra, args):
   import transformers
   import peft
   jt, tt = statistics.median(runs["jax"]), statistics.median(runs["torch"])
+  tunables = f" --glibc_tunables {args.glibc_tunables}" if args.glibc_tunables else ""
   lines = [
       f"# LLaVA-OneVision-shaped LoRA step, CPU ({time.strftime('%Y-%m-%d')})", "",
       f"`python perf/anyres_step.py --preset {args.preset} --batch {args.batch} "
-      f"--seq {args.seq}` (jax {jax.__version__}, torch {torch.__version__}, transformers "
-      f"{transformers.__version__}, peft {peft.__version__}; {os.cpu_count()} CPUs).", "",
+      f"--seq {args.seq}{tunables}` (jax {jax.__version__}, torch {torch.__version__}, "
+      f"transformers {transformers.__version__}, peft {peft.__version__}; {os.cpu_count()} CPUs).", "",
       "| preset | batch x seq | mllm_tune step (ms) | transformers + peft (ms) | speed-up |",
       "|---|---|---|---|---|",
       f"| {args.preset} | {args.batch} x {args.seq} | {1e3 * jt:.0f} | {1e3 * tt:.0f} | "

@@ -15,7 +15,9 @@ square, small), processor-layout arrays (`pixel_values` (patches, 1176), `image_
 transformers gets them as they are, we get `mt.hf_inputs` of the same arrays (host M-RoPE
 positions, vision segment/window ids). LoRA (alpha = 2 r) on every LLM linear, vision tower and
 merger frozen, AdamW; each worker is its own process, alternated `--repeats` times (median step
-time); both run with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` as in perf/throughput.py.
+time); both run in the same environment, the default one unless `--glibc_tunables` sets
+`GLIBC_TUNABLES` for both (`glibc.malloc.hugetlb=1`, transparent huge pages, speeds up both on
+some steps but makes transformers' step times erratic: see results/qwen_cpu.md).
 
 MFU counts model FLOPs analytically (`flops_per_step`, the rules of perf/throughput.py): the
 frozen vision tower forward only (windowed layers attend within their window, full layers within
@@ -232,6 +234,8 @@ def main():
   ap.add_argument("--lora_rank", type=int, default=16)
   ap.add_argument("--peak_gflops", type=float, default=0.0,
                   help="peak FLOP/s for MFU in GFLOP/s (default: 200 on CPU, 989000 on GPU)")
+  ap.add_argument("--glibc_tunables", default="",
+                  help="GLIBC_TUNABLES for both workers, e.g. glibc.malloc.hugetlb=1")
   ap.add_argument("--out", default="")
   ap.add_argument("--results", default=os.path.join(ROOT, "results", "qwen_cpu.md"))
   args = ap.parse_args()
@@ -254,7 +258,7 @@ def main():
              args.preset, "--platform", args.platform, "--dtype", args.dtype, "--init",
              args.init, "--batch", str(args.batch), "--seq", str(args.seq), "--steps",
              str(args.steps), "--lora_rank", str(args.lora_rank), "--out", out]
-      env = {**os.environ, "PYTHONPATH": ROOT, "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+      env = {**os.environ, "PYTHONPATH": ROOT, "GLIBC_TUNABLES": args.glibc_tunables}
       if args.platform == "cpu":
         env["JAX_PLATFORMS"] = "cpu"
       subprocess.run(cmd, check=True, env=env)
@@ -282,7 +286,8 @@ def report(runs, args):
       f"{p['kv']}, vocab {p['vocab']}); grids {p['grids']}; {args.init} weights, {args.dtype}; "
       f"LoRA r={args.lora_rank} on every LLM linear. Median step over {args.repeats} "
       f"alternating process runs x {args.steps - 2} timed steps; MFU against {peak:.0f} "
-      f"GFLOP/s ({fl / 1e12:.2f} TFLOP per step). Host load average (1 min) before / after: "
+      f"GFLOP/s ({fl / 1e12:.2f} TFLOP per step). Environment for both: "
+      f"{'GLIBC_TUNABLES=' + args.glibc_tunables if args.glibc_tunables else 'default'}. Host load average (1 min) before / after: "
       f"{getattr(args, 'load_before', float('nan')):.1f} / {os.getloadavg()[0]:.1f} (other "
       "work on the cores slows both sides, transformers more; only a quiet host's ratio "
       "counts).", "",

@@ -35,16 +35,19 @@ def assert_same_tensors(a: dict, b: dict):
                                                     b[k].view(torch.uint8)), k
 
 
+LLM_QVD = r".*language_model.*\.(q_proj|v_proj|down_proj)"
+
+
 def check_peft_lora_both_ways(hf_model, base_dir: str, model, params, enc: dict, hf_logits,
-                              fresh_hf_model, tmp_path):
-  """A peft LoRA (r 4 on the language model's q / v / down projections, random B) saved by peft
-  -> `import_peft`: our logits on `mt.hf_inputs(enc)` equal peft's (`hf_logits(module, enc)`)
-  and differ from the base's; `export_peft` -> `PeftModel.from_pretrained` on
+                              fresh_hf_model, tmp_path, target_modules: str = LLM_QVD):
+  """A peft LoRA (r 4 on `target_modules`, by default the language model's q / v / down
+  projections; random B) saved by peft -> `import_peft`: our logits on `mt.hf_inputs(enc)`
+  equal peft's (`hf_logits(module, enc)`) and differ from the base's; `export_peft` -> `PeftModel.from_pretrained` on
   `fresh_hf_model()` gives peft's logits again."""
   real = enc["attention_mask"].astype(bool)
   torch.manual_seed(0)
   peft_model = get_peft_model(hf_model, LoraConfig(
-      r=4, lora_alpha=8, target_modules=r".*language_model.*\.(q_proj|v_proj|down_proj)"))
+      r=4, lora_alpha=8, target_modules=target_modules))
   with torch.no_grad():
     for n, p in peft_model.named_parameters():
       if "lora_B" in n:

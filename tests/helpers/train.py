@@ -29,6 +29,22 @@ def tiny_cfg(run_dir: str, method: str = "full", steps: int = 5, **train):
   return c
 
 
+def lora_train_args(model_dir: str, data_dir: str, run_dir: str, steps: int, batch_size: int,
+                    *extra: str, seq_len: int = 160, learning_rate: float = 1e-2) -> list[str]:
+  """`mllm-tune train` arguments: the LoRA recipe on `model_dir`, LLaVA JSON data written by
+  `write_llava_dataset(data_dir, ...)`, a loss line every step and one checkpoint at the end;
+  `extra` adds or overrides `--config.*` flags."""
+  return ["train", "--config=configs/experiments/llava_lora.py", "--no-progress",
+          f"--config.model.path={model_dir}",
+          f"--config.data.json_path={os.path.join(data_dir, 'data.json')}",
+          f"--config.data.image_folder={os.path.join(data_dir, 'images')}",
+          f"--config.data.seq_len={seq_len}", f"--config.data.batch_size={batch_size}",
+          "--config.data.num_workers=0", f"--config.train.steps={steps}",
+          "--config.train.log_every=1", f"--config.train.save_every={steps}",
+          f"--config.run_dir={run_dir}", f"--config.optimizer.learning_rate={learning_rate}",
+          *extra]
+
+
 def run_cli(args: list[str], env_extra: dict | None = None, devices: int = 1, timeout=600):
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **(env_extra or {}))

@@ -250,3 +250,49 @@ def test_causal_flag_gives_the_same_result_for_a_causal_mask():
   rows = mask.any(-1)
   np.testing.assert_allclose(got[rows], want[rows], atol=1e-5)
   np.testing.assert_array_equal(got, np.asarray(attention(q, k, v, mask, "xla")))
+
+
+def test_causal_blocks_cover_the_queries_and_shrink_the_work():
+  from mllm_tune.models.attention import causal_blocks
+  assert causal_blocks(100) == [(0, 100)]
+  assert causal_blocks(256) == [(0, 128), (128, 256)]
+  assert causal_blocks(512) == [(0, 128), (128, 256), (256, 384), (384, 512)]
+  assert causal_blocks(2048) == [(0, 512), (512, 1024), (1024, 1536), (1536, 2048)]
+  assert causal_blocks(7, rows=2) == [(0, 3), (3, 6), (6, 7)]
+
+
+def test_causal_lse_attention_in_blocks_equals_float64_numpy(monkeypatch):
+  """`causal=True` runs "lse" in query blocks (forced to 3 blocks of a 7-token row here): the
+  output and the q/k/v gradients equal the float64 reference on a causal mask with left padding
+  and a packed second segment, i.e. the keys each block leaves out are exactly the masked ones."""
+  from mllm_tune.models import attention as att
+  calls = []
+  real = att._causal_attention
+
+  def spy(q, k, v, mask, blocks):
+    calls.append(blocks)
+    return real(q, k, v, mask, att.causal_blocks(q.shape[3], rows=2))
+  monkeypatch.setattr(att, "_causal_attention", spy)
+  rng = np.random.default_rng(5)
+  b, t, n, kh, h = 2, 7, 4, 2, 8
+  q = rng.normal(size=(b, t, n, h)).astype(np.float32)
+  k, v = (rng.normal(size=(b, t, kh, h)).astype(np.float32) for _ in range(2))
+  mask = np.tril(np.ones((t, t), bool))[None].repeat(b, 0)
+  mask[0, :, :2] = False  # row 0: two left-padding keys ...
+  mask[0, :2] = False     # ... and their queries see nothing
+  seg = np.array([0, 0, 0, 1, 1, 1, 1])  # row 1: two packed records
+  mask[1] &= seg[:, None] == seg[None, :]
+  rows = mask.any(-1)
+  do = rng.normal(size=q.shape).astype(np.float32) * rows[..., None, None]
+  got = np.asarray(attention(q, k, v, mask, "lse", causal=True))
+  assert calls and len(att.causal_blocks(t, rows=2)) == 3
+  f64 = lambda x: x.astype(np.float64)
+  with np.errstate(invalid="ignore"):
+    want = _numpy_attention(f64(q), f64(k), f64(v), mask)
+  np.testing.assert_allclose(got[rows], want[rows], rtol=1e-5, atol=1e-6)
+  assert np.isfinite(got).all()
+  loss = lambda q_, k_, v_: (attention(q_, k_, v_, mask, "lse", causal=True) * do).sum()
+  grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+  for name, g, w in zip("qkv", grads, _numpy_attention_grads(f64(q), f64(k), f64(v), mask,
+                                                               f64(do))):
+    np.testing.assert_allclose(np.asarray(g), w, rtol=1e-4, atol=1e-5, err_msg=f"d{name}")

@@ -20,7 +20,8 @@ from mllm_tune.models.qwen_vision import pos_embed_taps
 from mllm_tune.models.rope import mrope_axes
 from tests.helpers import qwen3_vl_tiny as q3
 from tests.helpers import qwen_vl_tiny as qt
-from tests.helpers.hf_parity import assert_same_tensors, safetensors_tensors
+from tests.helpers.hf_parity import (assert_same_tensors, check_peft_lora_both_ways,
+                                     safetensors_tensors)
 
 ATOL = 1e-4
 SIDES = ["right", "left", "right"]
@@ -177,27 +178,8 @@ def test_configs_hub_form_native_round_trip_and_errors(loaded):
 
 
 def test_peft_lora_both_ways_with_logit_parity(loaded, tmp_path):
-  from peft import LoraConfig, PeftModel, get_peft_model
-  from mllm_tune.tuning.peft import export_peft, import_peft
+  """PEFT LoRA on the LLM's q / v and the vision blocks' fused qkv, both ways."""
   _, base_dir, model, params = loaded
-  enc = q3.batch(SIDES)
-  real = enc["attention_mask"].astype(bool)
-  torch.manual_seed(0)
-  peft_model = get_peft_model(q3.qwen3_vl(), LoraConfig(
-      r=4, lora_alpha=8, target_modules=r".*(language_model.*\.(q_proj|v_proj)|visual.*\.qkv)"))
-  with torch.no_grad():
-    for n, p in peft_model.named_parameters():
-      if "lora_B" in n:
-        p.normal_(0, 0.2)
-  peft_dir = str(tmp_path / "peft")
-  peft_model.save_pretrained(peft_dir)
-  method, variables = import_peft(peft_dir, model, params)
-  kw = mt.hf_inputs(model, enc)
-  ours = np.asarray(model.apply(variables, **kw))
-  ref = qt.hf_logits(peft_model.eval(), enc)
-  np.testing.assert_allclose(ours[real], ref[real], atol=ATOL)
-  assert np.abs(ours - _logits(model, params, kw))[real].max() > 1e-2
-  out = str(tmp_path / "again")  # ours -> peft: loads on a fresh transformers model
-  export_peft(out, model, method, variables, base_model_name_or_path=base_dir)
-  again = PeftModel.from_pretrained(q3.qwen3_vl(), out).eval()
-  np.testing.assert_allclose(qt.hf_logits(again, enc)[real], ref[real], atol=ATOL)
+  check_peft_lora_both_ways(q3.qwen3_vl(), base_dir, model, params, q3.batch(SIDES),
+                            qt.hf_logits, q3.qwen3_vl, tmp_path,
+                            target_modules=r".*(language_model.*\.(q_proj|v_proj)|visual.*\.qkv)")

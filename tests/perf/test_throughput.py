@@ -23,7 +23,7 @@ def test_tiny_bf16_random_init_run_reports_every_mode(tmp_path):
   cmd = [sys.executable, os.path.join(ROOT, "perf", "throughput.py"), "--preset", "tiny",
          "--init", "random", "--dtype", "bfloat16", "--modes", "lora,full,generate",
          "--steps", "4", "--repeats", "1", "--batch", "2", "--seq", "40", "--new_tokens", "3",
-         "--lora_rank", "4", "--no_hugetlb", "--results", str(out)]
+         "--lora_rank", "4", "--results", str(out)]
   r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
                      env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert r.returncode == 0, r.stderr[-3000:]

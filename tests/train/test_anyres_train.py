@@ -15,7 +15,7 @@ from mllm_tune.data.loader import make_batches
 from tests.helpers import anyres_tiny as at
 from tests.helpers.data import packed_cfg, sized_records, write_llava_dataset
 from tests.helpers.hf_parity import check_packed_samples, hf_per_record
-from tests.helpers.train import losses
+from tests.helpers.train import lora_train_args, losses
 
 
 def _hf_per_record(records, images, proc):
@@ -46,15 +46,9 @@ def test_packed_batches_give_transformers_logits_per_record(family, tmp_path):
 def test_mllm_tune_train_lora_on_tiny_onevision(tmp_path, capsys):
   d, _, _ = at.model_dir(str(tmp_path), "llava_onevision")
   records, images = sized_records(24, seed=1)
-  path = write_llava_dataset(str(tmp_path / "data"), records, images)
+  write_llava_dataset(str(tmp_path / "data"), records, images)
   run = str(tmp_path / "run")
-  code = main(["train", "--config=configs/experiments/llava_lora.py", "--no-progress",
-               f"--config.model.path={d}", f"--config.data.json_path={path}",
-               f"--config.data.image_folder={tmp_path}/data/images",
-               "--config.data.seq_len=160", "--config.data.batch_size=3",
-               "--config.data.num_workers=0", "--config.train.steps=8",
-               "--config.train.log_every=1", "--config.train.save_every=8",
-               f"--config.run_dir={run}", "--config.optimizer.learning_rate=1e-2"])
+  code = main(lora_train_args(d, str(tmp_path / "data"), run, 8, 3))
   out, err = capsys.readouterr()
   assert code == 0, err[-3000:]
   curve = losses(run)

@@ -20,7 +20,7 @@ from mllm_tune.data.loader import make_batches
 from tests.helpers import qwen_vl_tiny as qt
 from tests.helpers.data import packed_cfg, sized_records, write_llava_dataset
 from tests.helpers.hf_parity import check_packed_samples, hf_per_record
-from tests.helpers.train import losses, run_cli
+from tests.helpers.train import lora_train_args, losses, run_cli
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
@@ -84,16 +84,10 @@ def test_patch_budget_errors_and_pixel_overrides(tmp_path):
 def test_mllm_tune_train_lora_on_tiny_qwen2_5_vl_on_two_devices(tmp_path):
   d, _, _ = qt.model_dir(str(tmp_path), "qwen2_5_vl")
   records, images = sized_records(32, seed=1)
-  path = write_llava_dataset(str(tmp_path / "data"), records, images)
+  write_llava_dataset(str(tmp_path / "data"), records, images)
   run = str(tmp_path / "run")
-  res = run_cli(["train", "--config=configs/experiments/llava_lora.py", "--no-progress",
-                 f"--config.model.path={d}", f"--config.data.json_path={path}",
-                 f"--config.data.image_folder={tmp_path}/data/images",
-                 "--config.data.seq_len=160", "--config.data.batch_size=4",
-                 "--config.data.num_workers=0", "--config.data.max_pixels=9408",
-                 "--config.mesh.data=2", "--config.train.steps=8",
-                 "--config.train.log_every=1", "--config.train.save_every=8",
-                 f"--config.run_dir={run}", "--config.optimizer.learning_rate=1e-2"],
+  res = run_cli(lora_train_args(d, str(tmp_path / "data"), run, 8, 4,
+                                "--config.data.max_pixels=9408", "--config.mesh.data=2"),
                 devices=2)
   assert res.returncode == 0, res.stderr[-3000:]
   curve = losses(run)
@@ -117,16 +111,10 @@ def test_mllm_tune_train_lora_on_tiny_qwen3_vl_and_export_peft(tmp_path):
   from mllm_tune.cli import main
   d, _, proc = qt.model_dir(str(tmp_path), "qwen3_vl")
   records, images = sized_records(16, seed=2)
-  path = write_llava_dataset(str(tmp_path / "data"), records, images)
+  write_llava_dataset(str(tmp_path / "data"), records, images)
   run = str(tmp_path / "run")
-  res = run_cli(["train", "--config=configs/experiments/llava_lora.py", "--no-progress",
-                 f"--config.model.path={d}", f"--config.data.json_path={path}",
-                 f"--config.data.image_folder={tmp_path}/data/images",
-                 "--config.data.seq_len=160", "--config.data.batch_size=4",
-                 "--config.data.num_workers=0", "--config.data.max_pixels=12288",
-                 "--config.train.steps=4", "--config.train.log_every=1",
-                 "--config.train.save_every=4", f"--config.run_dir={run}",
-                 "--config.optimizer.learning_rate=1e-2"])
+  res = run_cli(lora_train_args(d, str(tmp_path / "data"), run, 4, 4,
+                                "--config.data.max_pixels=12288"))
   assert res.returncode == 0, res.stderr[-3000:]
   curve = losses(run)
   assert len(curve) == 4 and all(np.isfinite(v) for v in curve.values())
