@@ -30,7 +30,8 @@ from flax import linen as nn
 
 from mllm_tune.models.config import VisionConfig
 from mllm_tune.models.layers import LayerNorm, Linear, dtype_of
-from mllm_tune.models.llm import causal_mask, scanned
+from mllm_tune.models.llm import causal_mask
+from mllm_tune.models.stacking import scanned
 from mllm_tune.models.vision import VisionAttention, VisionMLP, VisionTower
 
 LEGACY_EOS_TOKEN_ID = 2  # transformers: "eos_token_id == 2" means pool at argmax(input_ids)

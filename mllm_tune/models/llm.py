@@ -18,7 +18,6 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import linen as nn
 
 from mllm_tune.models.attention import attention
@@ -30,7 +29,9 @@ from mllm_tune.models.adapters import (ADAPTERS, ADAPTION_GATE, ADAPTION_GATE_TA
                                        PREFIX_MLP_LEAVES, PREFIX_V, PROMPT_EMBEDDINGS,
                                        parallel_adapter)
 from mllm_tune.models.layers import Linear, RMSNorm, activation, dtype_of
+from mllm_tune.models.prefix import prepend_prefix, prefix_mlp, split_prefix
 from mllm_tune.models.rope import apply_rope, rope_inv_freq, rope_sin_cos
+from mllm_tune.models.stacking import rematted, scanned
 
 
 def causal_mask(query_slots_BT: jax.Array, key_valid_BS: jax.Array,
@@ -46,18 +47,6 @@ def causal_mask(query_slots_BT: jax.Array, key_valid_BS: jax.Array,
   if segment_ids_BT is not None:
     mask &= segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
   return mask
-
-
-def prepend_prefix(k_BSKH: jax.Array, v_BSKH: jax.Array, mask_BTS: jax.Array,
-                   prefix_k_NnKH: jax.Array, prefix_v_NnKH: jax.Array):
-  """Always-visible virtual key/values (N = B or 1, no RoPE) before the sequence's (docs/methods.md
-  §3.4)."""
-  b, t = mask_BTS.shape[:2]
-  n = prefix_k_NnKH.shape[1]
-  grow = lambda p, x: jnp.concatenate(
-      [jnp.broadcast_to(p.astype(x.dtype), (b,) + p.shape[1:]), x], axis=1)
-  mask = jnp.concatenate([jnp.ones((b, t, n), bool), mask_BTS.astype(bool)], axis=-1)
-  return grow(prefix_k_NnKH, k_BSKH), grow(prefix_v_NnKH, v_BSKH), mask
 
 
 class Attention(nn.Module):
@@ -172,59 +161,6 @@ def add_deepstack(h_BTD: jax.Array, deepstack_nBTD: jax.Array, layer_index) -> j
   add = jax.lax.dynamic_index_in_dim(deepstack_nBTD, jnp.minimum(layer_index, n - 1),
                                      keepdims=False)
   return jnp.where(layer_index < n, h_BTD + add.astype(h_BTD.dtype), h_BTD)
-
-
-REMAT_POLICIES = {
-    "full": None,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
-    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
-}
-
-
-def rematted(block_cls, remat_policy: str):
-  if remat_policy == "none":
-    return block_cls
-  if remat_policy not in REMAT_POLICIES:
-    raise ValueError(f"remat_policy '{remat_policy}' unknown; choose from none, "
-                     f"{', '.join(REMAT_POLICIES)}")
-  return nn.remat(block_cls, policy=REMAT_POLICIES[remat_policy], prevent_cse=False)
-
-
-def scanned(block_cls, num_layers: int, remat_policy: str, n_broadcast: int, unroll: int = 1,
-            n_trailing: int = 0):
-  """Stack `block_cls` along a leading axis and run it with `nn.scan` (optionally rematted):
-  `n_broadcast` broadcast arguments, the scanned one, then `n_trailing` broadcast arguments.
-  `unroll` layers run per loop iteration (`lax.scan`'s unroll). The parameter layout is the
-  same for every `unroll`."""
-  return nn.scan(rematted(block_cls, remat_policy), variable_axes={"params": 0, ADAPTERS: 0},
-                 split_rngs={"params": True, "dropout": True},
-                 in_axes=(nn.broadcast,) * n_broadcast + (0,) + (nn.broadcast,) * n_trailing,
-                 length=num_layers,
-                 unroll=max(1, min(unroll, num_layers)))
-
-
-def split_prefix(prefix_nX: jax.Array, num_layers: int) -> tuple[jax.Array, jax.Array]:
-  """peft's flat prefix (n, 2 L t) -> per-layer keys, values (L, n, t) each.
-
-  peft views it as [n, 2L, K, H]: index 2l holds the keys of layer l, 2l+1 its values
-  (docs/methods.md §3.4).
-  """
-  n = prefix_nX.shape[0]
-  p = prefix_nX.reshape(n, num_layers, 2, -1).transpose(1, 2, 0, 3)  # (L, 2, n, t)
-  return p[:, 0], p[:, 1]
-
-
-def join_prefix(k_LnT: jax.Array, v_LnT: jax.Array) -> jax.Array:
-  """Inverse of `split_prefix`: (L, n, t) keys and values -> peft's (n, 2 L t)."""
-  num_layers, n = k_LnT.shape[:2]
-  kv = jnp.stack([k_LnT.reshape(num_layers, n, -1), v_LnT.reshape(num_layers, n, -1)], axis=1)
-  return kv.transpose(2, 0, 1, 3).reshape(n, -1)
-
-
-def prefix_mlp(embedding_nT, w1_TH, b1_H, w2_HX, b2_X) -> jax.Array:
-  """Prefix reparameterization `P = tanh(E W1 + b1) W2 + b2` (n, 2 L t) (docs/methods.md §3.4)."""
-  return jnp.matmul(jnp.tanh(jnp.matmul(embedding_nT, w1_TH) + b1_H), w2_HX) + b2_X
 
 
 class LLM(nn.Module):

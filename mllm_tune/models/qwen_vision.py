@@ -42,7 +42,7 @@ from flax import linen as nn
 from mllm_tune.models.attention import attention
 from mllm_tune.models.fused_ops import GATED_ACTS, gated_act
 from mllm_tune.models.layers import LayerNorm, Linear, RMSNorm, activation, dtype_of
-from mllm_tune.models.llm import scanned
+from mllm_tune.models.stacking import scanned
 from mllm_tune.models.qwen_vl_config import QwenVisionConfig
 
 

@@ -29,7 +29,7 @@ from mllm_tune.models import adapters
 from mllm_tune.models.adapters import (DEEP_PROMPT_TOKENS, PROMPT_DROPOUT, PROMPT_TOKENS,
                                        parallel_adapter)
 from mllm_tune.models.layers import Linear, LayerNorm, activation, dtype_of
-from mllm_tune.models.llm import scanned
+from mllm_tune.models.stacking import scanned
 
 
 class VisionEmbed(nn.Module):

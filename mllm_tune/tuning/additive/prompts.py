@@ -30,7 +30,7 @@ from mllm_tune.models.adapters import (ADAPTION_GATE, ADAPTION_GATE_TANH, ADAPTI
                                        PREFIX_EMBEDDING, PREFIX_K, PREFIX_MLP_B1, PREFIX_MLP_B2,
                                        PREFIX_MLP_LEAVES, PREFIX_MLP_W1, PREFIX_MLP_W2, PREFIX_V,
                                        PROMPT_EMBEDDINGS)
-from mllm_tune.models.llm import join_prefix, prefix_mlp, split_prefix
+from mllm_tune.models.prefix import join_prefix, prefix_mlp, split_prefix
 from mllm_tune import pytree
 from mllm_tune.tuning.additive.bottleneck import set_masks
 from mllm_tune.tuning.api import Method, MethodError, register

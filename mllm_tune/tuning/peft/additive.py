@@ -22,7 +22,7 @@ import numpy as np
 from mllm_tune.models.adapters import (ADAPTION_GATE, ADAPTION_PROMPT, IA3_IN, IA3_OUT, PREFIX_K,
                                        PREFIX_V, PROMPT_EMBEDDINGS)
 from mllm_tune.tuning.peft import format as peft_io
-from mllm_tune.models.llm import split_prefix
+from mllm_tune.models.prefix import split_prefix
 from mllm_tune import pytree
 from mllm_tune.tuning.additive.ia3 import IA3
 from mllm_tune.tuning.additive.prompts import (ATTN, LlamaAdapter, PrefixTuning, PromptTuning,
