@@ -32,6 +32,9 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "perf"))
+
+from bench_models import jax_step, time_steps  # noqa: E402
 
 PRESETS = {  # vision: hidden, layers, crop, patch; llm: hidden, inter, layers, heads, kv
     "cpu": dict(v_hidden=128, v_inter=512, v_layers=4, v_heads=4, crop=112, patch=14,
@@ -41,7 +44,6 @@ PRESETS = {  # vision: hidden, layers, crop, patch; llm: hidden, inter, layers, 
 }
 SIZES_HW = [(300, 200), (180, 420), (224, 224), (90, 120), (512, 256), (150, 600), (64, 64),
             (333, 250)]
-LORA_TARGETS = r"llm/layers_\d+/(attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)"
 HF_TARGETS = (r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|"
               r"mlp\.(gate|up|down)_proj)")
 IMAGE_TOKEN = 5
@@ -86,33 +88,13 @@ def make_batch(cfg, batch: int, seq: int, seed: int = 0):
 
 
 def jax_worker(args):
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-  import optax
   import mllm_tune as mt
-  from mllm_tune.train.step import StepFns, TrainState, train_step
   model, params = mt.load_pretrained(args.model_dir)
   ids, px, sizes = make_batch(model.config, args.batch, args.seq)
   kw = mt.hf_inputs(model, {"input_ids": ids, "pixel_values": px, "image_sizes": sizes})
-  method = mt.tuning.get("lora", rank=16, alpha=32, targets=LORA_TARGETS)
-  variables = method.init_variables(jax.random.key(0), params)
-  mask = method.trainable(variables)
-  trainable, frozen = mt.tuning.partition(variables, mask)
-  opt = mt.tuning.build_optimizer(method, variables, mask, trainable, optax.adamw(1e-5))
-  fns = StepFns(model, method, opt)
-  state = TrainState(jnp.zeros((), jnp.int32), trainable, opt.init(trainable), jax.random.key(0))
-  batch = {k: jnp.asarray(v) for k, v in kw.items()}
-  batch.update(attention_mask=jnp.ones_like(batch["input_ids"]),
-               loss_mask=jnp.ones_like(batch["input_ids"]))
-  step = jax.jit(lambda f, s, b: train_step(fns, f, s, b), donate_argnums=(1,))
-  times = []
-  for _ in range(args.steps):
-    t = time.perf_counter()
-    state, metrics = step(frozen, state, batch)
-    jax.block_until_ready(metrics["loss"])
-    times.append(time.perf_counter() - t)
-  out = {"times": times[2:], "loss": float(metrics["loss"])}
+  step, frozen, state, batch = jax_step(model, params, kw, "lora", 16)
+  times, loss = time_steps(step, frozen, state, batch, args.steps)
+  out = {"times": times, "loss": loss}
   if args.programs_steps:
     out.update(count_programs(model, params, args))
   return out
@@ -121,32 +103,22 @@ def jax_worker(args):
 def count_programs(model, params, args) -> dict:
   """Run the LoRA step over `programs_steps` batches of the data pipeline (mixed image sizes)."""
   import jax
-  import jax.numpy as jnp
-  import optax
-  import mllm_tune as mt
   from mllm_tune.data.loader import make_batches
-  from mllm_tune.train.step import StepFns, TrainState, train_step
   data_json = write_records(args.model_dir, n=400)
   it = make_batches(dict(kind="llava_json", json_path=data_json,
                          image_folder=os.path.join(args.model_dir, "images"), seq_len=args.seq,
                          batch_size=args.batch, packing=True, prefetch=0, num_workers=0,
                          on_error="raise"), args.model_dir, model.config)
-  method = mt.tuning.get("lora", rank=16, alpha=32, targets=LORA_TARGETS)
-  variables = method.init_variables(jax.random.key(0), params)
-  mask = method.trainable(variables)
-  trainable, frozen = mt.tuning.partition(variables, mask)
-  opt = mt.tuning.build_optimizer(method, variables, mask, trainable, optax.adamw(1e-5))
-  fns = StepFns(model, method, opt)
-  state = TrainState(jnp.zeros((), jnp.int32), trainable, opt.init(trainable), jax.random.key(0))
-  step = jax.jit(lambda f, s, b: train_step(fns, f, s, b), donate_argnums=(1,))
+  first = dict(next(it))
+  step, frozen, state, _ = jax_step(model, params, first, "lora", 16)
   # the step's outputs are committed to the device: so are its inputs from the first call on
   dev = jax.devices()[0]
   state, frozen = jax.device_put((state, frozen), dev)
   shapes, t0 = set(), time.perf_counter()
-  for _ in range(args.programs_steps):
-    b = next(it)
+  for i in range(args.programs_steps):
+    b = first if i == 0 else dict(next(it))
     shapes.add((b["input_ids"].shape, b["pixel_values"].shape))
-    state, metrics = step(frozen, state, jax.device_put(dict(b), dev))
+    state, metrics = step(frozen, state, jax.device_put(b, dev))
   jax.block_until_ready(metrics["loss"])
   return {"programs": int(step._cache_size()), "batch_shapes": sorted(map(str, shapes)),
           "crop_buckets": list(it.spec.crop_buckets), "programs_run_s": time.perf_counter() - t0}

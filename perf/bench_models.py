@@ -1,10 +1,13 @@
-"""Model presets, batches and analytic FLOPs shared by perf/throughput.py and profile_step.py.
+"""Model presets, batches and analytic FLOPs shared by perf/throughput.py and profile_step.py,
+and the jitted training step every perf script times (`jax_step`, `time_steps`).
 
 Sizes (`PRESETS`): `cpu` (the ~70M LLaVA of results/cpu.md), `llava7b` (CLIP ViT-L/14-336
 + Llama-2-7B dims), `llava1p5b` (CLIP ViT-B/16 + a 24x2048 Llama, ~1.5B), `tiny` (smoke tests).
 FLOPs are counted analytically (see `flops_per_step`).
 """
 from __future__ import annotations
+
+import time
 
 LORA_TARGETS = r"llm/layers_\d+/(attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)"
 SIZES = dict(vocab=32000, hidden=512, inter=1376, layers=8, heads=8, kv=8,
@@ -79,3 +82,45 @@ def param_count(s) -> int:
   from transformers import LlavaForConditionalGeneration
   with torch.device("meta"):
     return sum(p.numel() for p in LlavaForConditionalGeneration(hf_config(s)).parameters())
+
+
+def jax_step(model, params, batch: dict, mode: str = "lora", lora_rank: int = 16,
+             loss_chunk: int = 256, targets: str = LORA_TARGETS):
+  """(jitted step, frozen, state, device batch): `mode` "full" (AdamW on everything) or "lora"
+  (rank `lora_rank`, alpha 2 * rank, on `targets`, AdamW); `loss_chunk` positions per chunk of
+  the fused head + CE (0: full logits). `batch` holds model keyword arrays (numpy or jax);
+  `attention_mask` and `loss_mask` default to ones. The state is donated to each call."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+  import mllm_tune as mt
+  from mllm_tune.train.step import StepFns, TrainState, train_step
+  if mode == "full":
+    method = mt.tuning.get("freeze", preset="full")
+  else:
+    method = mt.tuning.get("lora", rank=lora_rank, alpha=2 * lora_rank, targets=targets)
+  variables = method.init_variables(jax.random.key(0), params)
+  mask = method.trainable(variables)
+  trainable, frozen = mt.tuning.partition(variables, mask)
+  opt = mt.tuning.build_optimizer(method, variables, mask, trainable, optax.adamw(1e-5))
+  fns = StepFns(model, method, opt, loss_chunk=loss_chunk)
+  state = TrainState(jnp.zeros((), jnp.int32), trainable, opt.init(trainable),
+                     jax.random.key(0))
+  batch = {k: jnp.asarray(v) for k, v in batch.items()}
+  for k in ("attention_mask", "loss_mask"):
+    batch.setdefault(k, jnp.ones_like(batch["input_ids"]))
+  step = jax.jit(lambda f, s, b: train_step(fns, f, s, b), donate_argnums=(1,))
+  return step, frozen, state, batch
+
+
+def time_steps(step, frozen, state, batch, steps: int) -> tuple[list[float], float]:
+  """Wall time of `steps` calls of `step` (each waited for), without the first 2 (compile and
+  warm-up), and the last loss."""
+  import jax
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    state, metrics = step(frozen, state, batch)
+    jax.block_until_ready(metrics["loss"])
+    times.append(time.perf_counter() - t)
+  return times[2:], float(metrics["loss"])

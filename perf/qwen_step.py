@@ -38,6 +38,9 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "perf"))
+
+from bench_models import jax_step, time_steps  # noqa: E402
 
 TOKENS = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
               vision_end_token_id=151653)
@@ -54,7 +57,6 @@ PRESETS = {  # vision: depth, hidden, inter, heads, out, window (px), full block
                  theta=1e4, grids=[(1, 8, 8), (1, 4, 12), (1, 12, 4), (1, 4, 4)]),
 }
 PATCH, MERGE, TEMPORAL = 14, 2, 2
-LORA_TARGETS = r"llm/layers_\d+/(attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)"
 HF_TARGETS = (r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|"
               r"mlp\.(gate|up|down)_proj)")
 
@@ -124,9 +126,7 @@ def flops_per_step(p: dict, batch: int, seq: int, rank: int) -> float:
 def jax_worker(args):
   import jax
   import jax.numpy as jnp
-  import optax
   import mllm_tune as mt
-  from mllm_tune.train.step import StepFns, TrainState, train_step
   p = PRESETS[args.preset]
   if args.init == "checkpoint":
     model, params = mt.load_pretrained(args.model_dir, dtype=args.dtype, param_dtype=args.dtype)
@@ -137,28 +137,12 @@ def jax_worker(args):
     params = init_params(model, jax.random.key(0))
   with open(os.path.join(args.model_dir, "config.json")) as f:
     enc = make_batch(json.load(f), p, args.batch, args.seq)
-  kw = mt.hf_inputs(model, enc)
-  method = mt.tuning.get("lora", rank=args.lora_rank, alpha=2 * args.lora_rank,
-                         targets=LORA_TARGETS)
-  variables = method.init_variables(jax.random.key(0), params)
+  kw = dict(mt.hf_inputs(model, enc))
+  kw["pixel_values"] = jnp.asarray(kw["pixel_values"], args.dtype)
+  step, frozen, state, batch = jax_step(model, params, kw, "lora", args.lora_rank)
   del params
-  mask = method.trainable(variables)
-  trainable, frozen = mt.tuning.partition(variables, mask)
-  opt = mt.tuning.build_optimizer(method, variables, mask, trainable, optax.adamw(1e-5))
-  del variables
-  fns = StepFns(model, method, opt)
-  state = TrainState(jnp.zeros((), jnp.int32), trainable, opt.init(trainable), jax.random.key(0))
-  batch = {k: jnp.asarray(v) for k, v in kw.items()}
-  batch["pixel_values"] = batch["pixel_values"].astype(args.dtype)
-  batch["loss_mask"] = jnp.ones_like(batch["input_ids"])
-  step = jax.jit(lambda f, s, b: train_step(fns, f, s, b), donate_argnums=(1,))
-  times = []
-  for _ in range(args.steps):
-    t = time.perf_counter()
-    state, metrics = step(frozen, state, batch)
-    jax.block_until_ready(metrics["loss"])
-    times.append(time.perf_counter() - t)
-  out = {"times": times[2:], "loss": float(metrics["loss"])}
+  times, loss = time_steps(step, frozen, state, batch, args.steps)
+  out = {"times": times, "loss": loss}
   if jax.devices()[0].platform == "gpu":
     out["peak_device_mb"] = jax.devices()[0].memory_stats()["peak_bytes_in_use"] / 2**20
   return out

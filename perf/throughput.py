@@ -49,7 +49,7 @@ sys.path.insert(0, ROOT)
 
 # presets, batches and FLOPs (profile_step.py and tests use them through this module)
 from bench_models import (LORA_TARGETS, PRESETS, flops_per_step, hf_config,  # noqa: E402
-                          hf_model, make_batch, param_count)
+                          hf_model, jax_step, make_batch, param_count, time_steps)
 
 
 # ----------------------------------------------------------------------------- workers
@@ -96,13 +96,7 @@ def jax_worker(args):
   step, frozen, state, b = jax_train_step(mode, model, params, ids, px,
                                           lora_rank=args.lora_rank)
   del params
-  times = []
-  for _ in range(steps):
-    t = time.perf_counter()
-    state, metrics = step(frozen, state, b)
-    jax.block_until_ready(metrics["loss"])
-    times.append(time.perf_counter() - t)
-  out["times"] = times[2:]
+  out["times"], _ = time_steps(step, frozen, state, b, steps)
   if on_gpu:
     out["peak_device_mb"] = jax.devices()[0].memory_stats()["peak_bytes_in_use"] / 2**20
   return out
@@ -123,29 +117,10 @@ def jax_model(model_dir: str, init: str, dtype: str, **runtime):
 
 
 def jax_train_step(mode, model, params, ids, px, loss_chunk: int = 256, lora_rank: int = 16):
-  """(jitted step, frozen, state, batch) for `mode` "full" (AdamW on everything) or "lora"
-  (alpha = 2 * rank); `loss_chunk`: positions per chunk of the fused head + CE (0: full
-  logits)."""
-  import jax
-  import jax.numpy as jnp
-  import optax
-  import mllm_tune as mt
-  from mllm_tune.train.step import StepFns, TrainState, train_step
-  if mode == "full":
-    method = mt.tuning.get("freeze", preset="full")
-  else:
-    method = mt.tuning.get("lora", rank=lora_rank, alpha=2 * lora_rank, targets=LORA_TARGETS)
-  variables = method.init_variables(jax.random.key(0), params)
-  mask = method.trainable(variables)
-  trainable, frozen = mt.tuning.partition(variables, mask)
-  opt = mt.tuning.build_optimizer(method, variables, mask, trainable, optax.adamw(1e-5))
-  fns = StepFns(model, method, opt, loss_chunk=loss_chunk)
-  state = TrainState(jnp.zeros((), jnp.int32), trainable, opt.init(trainable),
-                     jax.random.key(0))
-  batch = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.ones_like(ids),
-           "loss_mask": jnp.ones_like(ids), "pixel_values": jnp.asarray(px)}
-  step = jax.jit(lambda f, s, b: train_step(fns, f, s, b), donate_argnums=(1,))
-  return step, frozen, state, batch
+  """(jitted step, frozen, state, batch) for `mode` "full" or "lora" on token ids and images
+  (`bench_models.jax_step`)."""
+  return jax_step(model, params, {"input_ids": ids, "pixel_values": px}, mode, lora_rank,
+                  loss_chunk)
 
 
 def torch_worker(args):
