@@ -296,3 +296,33 @@ def test_causal_lse_attention_in_blocks_equals_float64_numpy(monkeypatch):
   for name, g, w in zip("qkv", grads, _numpy_attention_grads(f64(q), f64(k), f64(v), mask,
                                                                f64(do))):
     np.testing.assert_allclose(np.asarray(g), w, rtol=1e-4, atol=1e-5, err_msg=f"d{name}")
+
+
+def _f32_outputs(hlo: str, op: str) -> list[int]:
+  """Element counts of the f32 results of `op` instructions (also inside fusions) in HLO text."""
+  import re
+  sizes = []
+  for m in re.finditer(r"= f32\[([\d,]*)\]\{[^}]*\} " + op + r"\(", hlo):
+    dims = [int(d) for d in m.group(1).split(",") if d]
+    sizes.append(int(np.prod(dims)) if dims else 1)
+  return sizes
+
+
+def test_lse_causal_gradient_program_has_no_full_or_transposed_score_blocks():
+  """The compiled CPU program of the causal "lse" gradient (T = 512, so 4 query blocks) holds no
+  f32 (T, S) score block of a whole row range (each block has T/4 query rows), and no copy or
+  transpose of a score block (dV, dK are computed transposed): the two properties that made the
+  training step faster, checked on the optimized HLO."""
+  b, t, n, kh, h = 1, 512, 4, 2, 16
+  q = jax.ShapeDtypeStruct((b, t, n, h), np.float32)
+  kv = jax.ShapeDtypeStruct((b, t, kh, h), np.float32)
+  mask = jax.ShapeDtypeStruct((b, t, t), np.bool_)
+  loss = lambda q_, k_, v_, m_: attention(q_, k_, v_, m_, "lse", causal=True).sum()
+  hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, kv, kv, mask).compile().as_text()
+  full = b * n * t * t  # every head's (T, S) scores at once
+  block = b * n * (t // 4) * t  # the largest query block's
+  produced = [s for op in ("dot", "exponential", "select", "multiply") for s in
+              _f32_outputs(hlo, op)]
+  assert produced and max(produced) <= block < full, sorted(set(produced))[-3:]
+  moved = _f32_outputs(hlo, "copy") + _f32_outputs(hlo, "transpose")
+  assert not moved or max(moved) < block // 4, sorted(set(moved))[-3:]
