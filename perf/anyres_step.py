@@ -271,7 +271,8 @@ def report(runs, extra, args):
       f"# LLaVA-OneVision-shaped LoRA step, CPU ({time.strftime('%Y-%m-%d')})", "",
       f"`python perf/anyres_step.py --preset {args.preset} --batch {args.batch} "
       f"--seq {args.seq}{tunables}` (jax {jax.__version__}, torch {torch.__version__}, "
-      f"transformers {transformers.__version__}, peft {peft.__version__}; {os.cpu_count()} CPUs).", "",
+      f"transformers {transformers.__version__}, peft {peft.__version__}; "
+      f"{os.cpu_count()} CPUs).", "",
       "| preset | batch x seq | mllm_tune step (ms) | transformers + peft (ms) | speed-up |",
       "|---|---|---|---|---|",
       f"| {args.preset} | {args.batch} x {args.seq} | {1e3 * jt:.0f} | {1e3 * tt:.0f} | "

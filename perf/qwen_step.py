@@ -271,7 +271,8 @@ def report(runs, args):
       f"LoRA r={args.lora_rank} on every LLM linear. Median step over {args.repeats} "
       f"alternating process runs x {args.steps - 2} timed steps; MFU against {peak:.0f} "
       f"GFLOP/s ({fl / 1e12:.2f} TFLOP per step). Environment for both: "
-      f"{'GLIBC_TUNABLES=' + args.glibc_tunables if args.glibc_tunables else 'default'}. Host load average (1 min) before / after: "
+      f"{'GLIBC_TUNABLES=' + args.glibc_tunables if args.glibc_tunables else 'default'}. "
+      "Host load average (1 min) before / after: "
       f"{getattr(args, 'load_before', float('nan')):.1f} / {os.getloadavg()[0]:.1f} (other "
       "work on the cores slows both sides, transformers more; only a quiet host's ratio "
       "counts).", "",

@@ -24,7 +24,8 @@ and a rule that picks one per call site ("auto", the default):
 All three take `q (B, T, N, H)`, `k, v (B, S, K, H)` with N = K * groups, and a boolean mask
 (B, T, S) (True = attend), scale 1/sqrt(H), logits and softmax in float32, keys and values cast
 to the query's dtype. A fully masked query row (padding) attends uniformly to all keys, or to
-its causal block's keys (finite garbage, never NaN) and sends no gradient to q or k, as in `jax.nn.dot_product_attention`.
+its causal block's keys (finite garbage, never NaN), and sends no gradient to q or k, as in
+`jax.nn.dot_product_attention`.
 """
 from __future__ import annotations
 

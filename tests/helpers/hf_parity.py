@@ -42,8 +42,8 @@ def check_peft_lora_both_ways(hf_model, base_dir: str, model, params, enc: dict,
                               fresh_hf_model, tmp_path, target_modules: str = LLM_QVD):
   """A peft LoRA (r 4 on `target_modules`, by default the language model's q / v / down
   projections; random B) saved by peft -> `import_peft`: our logits on `mt.hf_inputs(enc)`
-  equal peft's (`hf_logits(module, enc)`) and differ from the base's; `export_peft` -> `PeftModel.from_pretrained` on
-  `fresh_hf_model()` gives peft's logits again."""
+  equal peft's (`hf_logits(module, enc)`) and differ from the base's; `export_peft` ->
+  `PeftModel.from_pretrained` on `fresh_hf_model()` gives peft's logits again."""
   real = enc["attention_mask"].astype(bool)
   torch.manual_seed(0)
   peft_model = get_peft_model(hf_model, LoraConfig(
@@ -80,8 +80,8 @@ def hf_per_record(records: list[dict], images: dict[str, bytes], encode) -> dict
 
 def check_packed_samples(model, params, batch: dict, ref_by_ids: dict, hf_model,
                          atol: float = ATOL) -> tuple[int, int]:
-  """Every packed sample of `batch` is a record of `ref_by_ids` (`hf_per_record`) and our packed logits at its columns equal transformers' forward of the
-  record alone. Returns (samples checked, samples with images)."""
+  """Every packed sample of `batch` is a record of `ref_by_ids` (`hf_per_record`) and our
+  packed logits at its columns equal transformers' forward of the record alone. Returns (samples checked, samples with images)."""
   ids = batch["input_ids"]
   ours = np.asarray(model.apply({"params": params}, ids, **mt.models.model_kwargs(batch)))
   checked, with_images = 0, 0
