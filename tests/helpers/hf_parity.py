@@ -81,7 +81,8 @@ def hf_per_record(records: list[dict], images: dict[str, bytes], encode) -> dict
 def check_packed_samples(model, params, batch: dict, ref_by_ids: dict, hf_model,
                          atol: float = ATOL) -> tuple[int, int]:
   """Every packed sample of `batch` is a record of `ref_by_ids` (`hf_per_record`) and our
-  packed logits at its columns equal transformers' forward of the record alone. Returns (samples checked, samples with images)."""
+  packed logits at its columns equal transformers' forward of the record alone. Returns
+  (samples checked, samples with images)."""
   ids = batch["input_ids"]
   ours = np.asarray(model.apply({"params": params}, ids, **mt.models.model_kwargs(batch)))
   checked, with_images = 0, 0
