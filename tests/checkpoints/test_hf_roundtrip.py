@@ -7,30 +7,12 @@ import os
 import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
 from transformers import AutoModelForCausalLM, LlavaForConditionalGeneration
 
 import mllm_tune as mt
 from mllm_tune.checkpoints import hf as hf_io
 from tests.helpers import hf_tiny
-
-
-def _tensors(d: str) -> dict[str, torch.Tensor]:
-  files = [f for f in os.listdir(d) if f.endswith(".safetensors")]
-  out = {}
-  for fn in files:
-    with safe_open(os.path.join(d, fn), "pt") as f:
-      out.update({k: f.get_tensor(k) for k in f.keys()})
-  return out
-
-
-def _assert_bit_exact(a: dict, b: dict):
-  assert sorted(a) == sorted(b)
-  for k in a:
-    assert a[k].dtype == b[k].dtype, k
-    assert a[k].shape == b[k].shape, k
-    assert torch.equal(a[k].view(torch.uint8) if a[k].dtype != torch.bool else a[k],
-                       b[k].view(torch.uint8) if b[k].dtype != torch.bool else b[k]), k
+from tests.helpers.hf_parity import assert_same_tensors, safetensors_tensors
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -41,7 +23,7 @@ def test_roundtrip_is_bit_exact(build, dtype, tmp_path):
   build().to(dtype).save_pretrained(src)
   model, params = mt.load_pretrained(src)
   mt.save_pretrained(dst, model, params)
-  _assert_bit_exact(_tensors(src), _tensors(dst))
+  assert_same_tensors(safetensors_tensors(src), safetensors_tensors(dst))
   with open(os.path.join(dst, "config.json")) as f:
     assert json.load(f)["dtype"] == str(dtype).split(".")[-1]
 
@@ -70,7 +52,7 @@ def test_every_llava_key_layout_reads_and_writes(layout, tmp_path):
   model, params = mt.load_pretrained(src)
   out = str(tmp_path / layout)
   mt.save_pretrained(out, model, params, layout=layout)
-  keys = set(_tensors(out))
+  keys = set(safetensors_tensors(out))
   llm_prefix, head, vision_prefix, _ = hf_io.LLAVA_LAYOUTS[layout]
   assert f"{head}.weight" in keys and any(k.startswith(vision_prefix) for k in keys)
   back, info = LlavaForConditionalGeneration.from_pretrained(out, output_loading_info=True)
@@ -97,7 +79,7 @@ def test_bare_llm_roundtrip(build, tmp_path):
   hf_model.save_pretrained(src)
   model, params = mt.load_pretrained(src)
   mt.save_pretrained(dst, model, params)
-  _assert_bit_exact(_tensors(src), _tensors(dst))
+  assert_same_tensors(safetensors_tensors(src), safetensors_tensors(dst))
   back = AutoModelForCausalLM.from_pretrained(dst).eval()
   assert type(back) is type(hf_model)
   ids, mask = hf_tiny.padded_batch([[1, 4, 5, 6, 7]], "right")

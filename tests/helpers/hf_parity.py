@@ -9,11 +9,12 @@ import os
 import numpy as np
 import torch
 from PIL import Image
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel
 from safetensors import safe_open
 
 import mllm_tune as mt
 from mllm_tune.tuning.peft import export_peft, import_peft
+from tests.helpers.peft_ref import saved_peft
 
 ATOL = 1e-4
 
@@ -28,11 +29,12 @@ def safetensors_tensors(d: str) -> dict:
 
 
 def assert_same_tensors(a: dict, b: dict):
-  """Same names, dtypes and bytes."""
+  """Same names, dtypes, shapes and bytes."""
   assert sorted(a) == sorted(b)
+  raw = lambda x: x if x.dtype == torch.bool else x.view(torch.uint8)
   for k in a:
-    assert a[k].dtype == b[k].dtype and torch.equal(a[k].view(torch.uint8),
-                                                    b[k].view(torch.uint8)), k
+    assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+    assert torch.equal(raw(a[k]), raw(b[k])), k
 
 
 LLM_QVD = r".*language_model.*\.(q_proj|v_proj|down_proj)"
@@ -45,15 +47,9 @@ def check_peft_lora_both_ways(hf_model, base_dir: str, model, params, enc: dict,
   equal peft's (`hf_logits(module, enc)`) and differ from the base's; `export_peft` ->
   `PeftModel.from_pretrained` on `fresh_hf_model()` gives peft's logits again."""
   real = enc["attention_mask"].astype(bool)
-  torch.manual_seed(0)
-  peft_model = get_peft_model(hf_model, LoraConfig(
-      r=4, lora_alpha=8, target_modules=target_modules))
-  with torch.no_grad():
-    for n, p in peft_model.named_parameters():
-      if "lora_B" in n:
-        p.normal_(0, 0.2)
   peft_dir = str(tmp_path / "peft")
-  peft_model.save_pretrained(peft_dir)
+  peft_model = saved_peft(hf_model, LoraConfig(r=4, lora_alpha=8, target_modules=target_modules),
+                          peft_dir)
   method, variables = import_peft(peft_dir, model, params)
   kw = mt.hf_inputs(model, enc)
   ours = np.asarray(model.apply(variables, **kw))

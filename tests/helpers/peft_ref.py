@@ -23,6 +23,20 @@ def tiny_llava(tmp_path):
   return hf_model, model, params, (ids, mask, px), d
 
 
+def saved_peft(hf_model, peft_config, out_dir: str, leaf: str = "lora_B", std: float = 0.2):
+  """`get_peft_model(hf_model, peft_config)` with its `leaf` parameters (zero at init) drawn from
+  N(0, std) under seed 0, saved to `out_dir` by peft; returns the peft model."""
+  from peft import get_peft_model
+  torch.manual_seed(0)
+  peft_model = get_peft_model(hf_model, peft_config)
+  with torch.no_grad():
+    for n, p in peft_model.named_parameters():
+      if leaf in n:
+        p.normal_(0, std)
+  peft_model.save_pretrained(out_dir)
+  return peft_model
+
+
 def randomize(tree: dict, names: tuple[str, ...], seed: int = 0, scale: float = 0.3) -> dict:
   """Replace the leaves called `names` by random values (so deltas are not zero)."""
   rng = np.random.RandomState(seed)

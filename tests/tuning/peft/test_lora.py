@@ -19,7 +19,7 @@ from mllm_tune.tuning.peft import export_peft, import_peft
 from mllm_tune import pytree as select
 from tests.helpers import hf_tiny
 from tests.helpers.peft_ref import (ce_loss_jax, ce_loss_torch, hf_px, ours_logits, randomize,
-                                    tiny_llava, torch_logits)
+                                    saved_peft, tiny_llava, torch_logits)
 
 TARGETS = r"llm/layers_\d+/(attn/(q|v|o)_proj|mlp/down_proj)"
 HF_TARGETS = r"model\.language_model\.layers\.\d+\.(self_attn\.(q|v|o)_proj|mlp\.down_proj)"
@@ -57,15 +57,9 @@ def test_export_loads_in_peft_with_same_logits(name, tmp_path):
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_peft_saved_adapter_imports_with_same_logits_and_bytes(name, tmp_path):
   hf_model, model, params, batch, _ = tiny_llava(tmp_path)
-  torch.manual_seed(0)
-  peft_cfg = LoraConfig(r=4, lora_alpha=6, target_modules=HF_TARGETS, **VARIANTS[name])
-  peft_model = get_peft_model(hf_model, peft_cfg)
-  with torch.no_grad():
-    for n, p in peft_model.named_parameters():
-      if "lora_B" in n:
-        p.normal_(0, 0.2)
   peft_dir = str(tmp_path / "peft")
-  peft_model.save_pretrained(peft_dir)
+  peft_model = saved_peft(hf_model, LoraConfig(r=4, lora_alpha=6, target_modules=HF_TARGETS,
+                                               **VARIANTS[name]), peft_dir)
   method, variables = import_peft(peft_dir, model, params)
   assert method.rank == 4 and method.use_dora == (name == "dora")
   ours = ours_logits(model, variables, batch)
@@ -227,16 +221,10 @@ def test_rank_and_alpha_patterns_import_and_export_with_peft_logits(tmp_path):
   """peft's per-module rank_pattern / alpha_pattern (resolved with peft's own suffix rule) both
   ways; the layer with the larger rank shares a stacked leaf with rank-4 layers (zero padded)."""
   hf_model, model, params, batch, base_dir = tiny_llava(tmp_path)
-  torch.manual_seed(0)
-  peft_model = get_peft_model(hf_model, LoraConfig(
-      r=4, lora_alpha=6, target_modules=HF_TARGETS,
-      rank_pattern={"layers.1.self_attn.q_proj": 8}, alpha_pattern={"v_proj": 3}))
-  with torch.no_grad():
-    for n, p in peft_model.named_parameters():
-      if "lora_B" in n:
-        p.normal_(0, 0.2)
   peft_dir = str(tmp_path / "peft")
-  peft_model.save_pretrained(peft_dir)
+  peft_model = saved_peft(hf_model, LoraConfig(
+      r=4, lora_alpha=6, target_modules=HF_TARGETS,
+      rank_pattern={"layers.1.self_attn.q_proj": 8}, alpha_pattern={"v_proj": 3}), peft_dir)
   method, variables = import_peft(peft_dir, model, params)
   q = variables["adapters"]["llm"]["layers"]["attn"]["q_proj"]
   assert q["lora_a"].shape[-1] == 8 and not np.asarray(q["lora_a"][0, :, 4:]).any()

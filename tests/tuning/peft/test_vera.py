@@ -7,14 +7,14 @@ import jax
 import numpy as np
 import optax
 import torch
-from peft import PeftModel, VeraConfig, get_peft_model
+from peft import PeftModel, VeraConfig
 from safetensors import safe_open
 
 import mllm_tune as mt
 from mllm_tune.tuning.peft import export_peft, import_peft
 from tests.helpers import hf_tiny
 from tests.helpers.peft_ref import (ce_loss_jax, ce_loss_torch, hf_px, ours_logits, randomize,
-                                    tiny_llava, torch_logits)
+                                    saved_peft, tiny_llava, torch_logits)
 
 TARGETS = r"llm/layers_\d+/(attn/(q|v)_proj|mlp/(up|down)_proj)"  # mixed in/out widths
 HF_TARGETS = r"model\.language_model\.layers\.\d+\.(self_attn\.(q|v)_proj|mlp\.(up|down)_proj)"
@@ -47,15 +47,9 @@ def test_vera_export_loads_in_peft_and_merges(tmp_path):
 def test_peft_saved_vera_imports_and_one_sgd_step_matches(tmp_path):
   hf_model, model, params, batch, _ = tiny_llava(tmp_path)
   ids, mask, px = batch
-  torch.manual_seed(0)
-  peft_model = get_peft_model(hf_model, VeraConfig(r=8, target_modules=HF_TARGETS,
-                                                   save_projection=True))
-  with torch.no_grad():
-    for n, p in peft_model.named_parameters():
-      if "vera_lambda_b" in n:
-        p.normal_(0, 0.5)
   d = str(tmp_path / "peft")
-  peft_model.save_pretrained(d)
+  peft_model = saved_peft(hf_model, VeraConfig(r=8, target_modules=HF_TARGETS,
+                                               save_projection=True), d, "vera_lambda_b", 0.5)
   method, v = import_peft(d, model, params)
   real = mask.astype(bool)
   np.testing.assert_allclose(ours_logits(model, v, batch)[real],
