@@ -75,9 +75,23 @@ def build_data(cfg, model):
       raise ConfigError(f"data.batch_size={d.batch_size} is not divisible by the "
                         f"{jax.process_count()} processes")
     per_host["batch_size"] //= jax.process_count()
+    if not per_host.get("image_groups"):  # one patch block per data-parallel shard of the rows
+      per_host["image_groups"] = _row_shards_per_host(cfg, per_host["batch_size"])
     return make_batches(per_host, cfg.model.path, model.config)
   raise ConfigError(f"config key 'data.kind': unknown data kind {d.kind!r} "
                     "(synthetic | llava_json | tfds | offline)")
+
+
+def _row_shards_per_host(cfg, rows: int) -> int:
+  """The data-parallel shards (data x fsdp) of one host's `rows`, 1 when they do not split."""
+  import jax
+  from mllm_tune.train.sharding import make_mesh
+  m = cfg.mesh
+  devices = jax.devices()[:m.devices] if m.get("devices") else None
+  mesh = make_mesh(m.data, m.fsdp, m.tensor, devices)
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  per_host = max(1, shards // jax.process_count())
+  return per_host if rows % per_host == 0 and shards % jax.process_count() == 0 else 1
 
 
 def _train(args) -> int:

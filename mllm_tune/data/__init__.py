@@ -18,8 +18,9 @@ or piece by piece:
 
 Modules: `conversation` (chat templates, tokens, loss masks), `images` (CLIP / SigLIP / LLaVA
 preprocessing), `anyres_images` (LLaVA-NeXT / OneVision), `qwen_images` (Qwen2-VL / 2.5-VL),
-`qwen_batch` (Qwen patch-buffer batches), `sources` (JSON / JSONL / tfds), `pipeline` (record -> sample, length policy),
-`packing` (batch layout, image slots, packing), `batching` (iterator, resume, prefetch),
+`qwen_batch` (Qwen patch-buffer batches), `anyres_batch` (anyres crop batches), `sources` (JSON /
+JSONL / tfds), `pipeline` (record -> sample, length policy), `packing` (batch layout, image slots,
+packing), `batching` (iterator, resume, prefetch),
 `targets` (the loss-mask convention and the reference next-token loss), `loader` (config ->
 iterator).
 """

@@ -20,6 +20,11 @@ m = 2), crop_buckets the allowed patch counts (default: the budget's quarters, m
 min_pixels / max_pixels override the image processor's (0 = the checkpoint's), out_of_budget
 "resize" (transformers' rule) or "refuse" (images outside [min_pixels, max_pixels] are bad
 records), max_image_tokens as above.
+image_groups G: the data-parallel shards of this host's rows (`mllm-tune train` sets it when left
+0), so each device encodes only its rows' images (`Trainer.put_batch`). Qwen2-VL: the rows form G
+groups with max_images / G patches and a patch block each (`data/qwen_batch.py`); anyres: probed
+crop budgets and default buckets are multiples of G; LLaVA-1.5: a probed slot count is rounded
+down to a multiple of G.
 Hosts read disjoint shards (`jax.process_index()` of `jax.process_count()`). With kind "tfds"
 on several hosts, convert once beforehand (`sources.build_tfds`): hosts must not build it at
 the same time.
@@ -31,7 +36,8 @@ import jax
 from mllm_tune.data.batching import BatchIterator, Prefetcher
 from mllm_tune.data.conversation import ChatTokenizer, load_tokenizer
 from mllm_tune.data.errors import DataError
-from mllm_tune.data.packing import BatchSpec, quarter_buckets, suggest_max_images
+from mllm_tune.data.anyres_batch import quarter_buckets
+from mllm_tune.data.packing import BatchSpec, suggest_max_images
 from mllm_tune.data.pipeline import SamplePreparer
 from mllm_tune.data.sources import LlavaJsonSource, TfdsSource, build_tfds
 from mllm_tune.models.qwen_vl_config import QwenVLConfig
@@ -41,7 +47,8 @@ DEFAULTS = dict(kind="llava_json", json_path="", image_folder=None, tfds_dir="",
                 overflow="truncate", on_error="skip", aspect=None, seed=0, shuffle=True,
                 num_epochs=None, num_workers=0, prefetch=2, source="", split="train",
                 num_records=0, image_size=32, source_seed=0, crop_buckets=(),
-                max_image_tokens=0, min_pixels=0, max_pixels=0, out_of_budget="resize")
+                max_image_tokens=0, min_pixels=0, max_pixels=0, out_of_budget="resize",
+                image_groups=0)
 
 
 def _options(cfg) -> dict:
@@ -140,7 +147,12 @@ def make_batches(cfg, model_dir: str, model_config):
   else:
     chat = ChatTokenizer(load_tokenizer(model_dir), -1, 0, o["template"])
     prepare, seq, image_id = SamplePreparer(chat, None, o["seq_len"], o["overflow"]), 0, -1
-  max_images = o["max_images"] or (_probe_max_images(source, prepare, o) if multimodal else 0)
+  max_images = o["max_images"]
+  if multimodal and not max_images:
+    max_images = _probe_max_images(source, prepare, o)
+    g = max(1, int(o["image_groups"] or 1))
+    if max_images >= g:  # slots split evenly over the row shards (rounded down: the bound on
+      max_images -= max_images % g  # slots of `packing.max_image_slots` stays met)
   pad_id = getattr(prepare.chat.tokenizer, "pad_token_id", None) or 0
   spec = BatchSpec(batch_size=o["batch_size"], max_len=o["seq_len"], packing=o["packing"],
                    bucket_lengths=tuple(o["bucket_lengths"]), max_images=max_images,
@@ -160,8 +172,10 @@ def _anyres_batches(o: dict, source, model_dir: str, model_config):
     import dataclasses
     prepare.anyres_spec = dataclasses.replace(prepare.anyres_spec,
                                               max_image_tokens=int(o["max_image_tokens"]))
-  budget = o["max_images"] or _probe_crops(source, prepare, o)[0]
-  buckets = tuple(o["crop_buckets"]) or quarter_buckets(budget)
+  g = max(1, int(o["image_groups"] or 1))  # crop counts split evenly over the row shards
+  budget = o["max_images"] or -(-_probe_crops(source, prepare, o)[0] // g) * g
+  buckets = tuple(o["crop_buckets"]) or tuple(sorted({min(budget, -(-c // g) * g)
+                                                      for c in quarter_buckets(budget)}))
   if jax.process_count() > 1:  # hosts' crops are gathered: every host must use one shape
     buckets = (budget,)
   pad_id = getattr(prepare.chat.tokenizer, "pad_token_id", None) or 0
@@ -197,13 +211,19 @@ def _qwen_batches(o: dict, source, model_dir: str, model_config):
                           min_pixels=o["min_pixels"] or None,
                           max_pixels=o["max_pixels"] or None, out_of_budget=o["out_of_budget"],
                           max_image_tokens=o["max_image_tokens"] or None)
-  mu = model_config.vision.merge_unit
+  mu, groups = model_config.vision.merge_unit, max(1, int(o["image_groups"] or 1))
+  if o["batch_size"] % groups:
+    raise ValueError(f"data config: image_groups={groups} does not divide batch_size="
+                     f"{o['batch_size']} (rows per host)")
   given = tuple(int(c) for c in o["crop_buckets"])
   if given and not o["max_images"]:
     budget = max(given)
-  else:
-    budget = round_budget(o["max_images"] or _probe_patches(source, prepare, o)[0], mu)
-  buckets = given or patch_buckets(budget, mu)
+  elif o["max_images"]:
+    budget = round_budget(o["max_images"], mu * groups)
+  else:  # every group must hold the largest sample
+    want, most = _probe_patches(source, prepare, o)
+    budget = round_budget(max(want, groups * most), mu * groups)
+  buckets = given or patch_buckets(budget, mu * groups)
   if jax.process_count() > 1:  # hosts' patches are gathered: every host must use one shape
     buckets = (budget,)
   pad_id = getattr(prepare.chat.tokenizer, "pad_token_id", None) or 0
@@ -211,7 +231,7 @@ def _qwen_batches(o: dict, source, model_dir: str, model_config):
                    bucket_lengths=tuple(o["bucket_lengths"]), max_images=budget,
                    image_token_id=model_config.image_token_id, image_hw=prepare.image_hw,
                    pad_id=pad_id, crop_buckets=buckets, merge_unit=mu,
-                   window_merge=prepare.window_merge)
+                   window_merge=prepare.window_merge, image_groups=groups)
   it = BatchIterator(source, prepare, spec, prepare.image_spec, seed=o["seed"],
                      shuffle=o["shuffle"], num_epochs=o["num_epochs"], on_error=o["on_error"],
                      shard_index=jax.process_index(), shard_count=jax.process_count(),

@@ -17,15 +17,8 @@ tokens of some row: attention_mask 0 and segment 0 (no real token attends to the
 listed in flat token order, so real images keep their place. The planner only admits a sample
 when the padding left can still hold whole runs for every unused slot, so this always fits.
 
-Anyres models (LLaVA-NeXT / OneVision, `BatchSpec.crop_features > 0`): an image is a variable
-number of crops and tokens. M counts *crops*: `pixel_values` (C, H, W, 3) holds the batch's crops
-(C = the smallest of `crop_buckets` that holds them; padding crops are zeros, `image_valid` 0),
-no dummy runs are needed, and three position-aligned tables say what each position receives:
-  pack_index (B, T, K) int32    rows of the batch's flat crop features (crop c, feature f ->
-                                c * crop_features + f)
-  pack_weight (B, T, K) float32 their weights (0 off image tokens)
-  pack_newline (B, T) bool      the position takes `image_newline`
-(`models.anyres`, `models.llava`). Distinct compiled shapes: bucket lengths x crop buckets.
+Anyres models (LLaVA-NeXT / OneVision, `BatchSpec.crop_features > 0`, layout in
+`data/anyres_batch.py`): M counts *crops*; images reach their tokens through pack tables.
 
 Qwen2-VL / 2.5-VL (`BatchSpec.merge_unit > 0`, layout in `data/qwen_batch.py`): M counts image
 *patches*; `pixel_values` (P, C*T*p*p) are the batch's patch rows (P the smallest of
@@ -66,6 +59,7 @@ class BatchSpec:
   crop_buckets: tuple[int, ...] = ()  # anyres / Qwen: allowed crop / patch counts (last = max)
   merge_unit: int = 0  # Qwen2-VL: patches per merged token, m^2 (> 0 turns the patch layout on)
   window_merge: int = 0  # Qwen2.5-VL: merged tokens per window side (0: no window ids)
+  image_groups: int = 1  # Qwen2-VL: rows in G groups, each with max_images / G patches
 
   @property
   def anyres(self) -> bool:
@@ -132,11 +126,22 @@ class BatchSpec:
     if self.qwen and any(c % self.merge_unit for c in crops):
       raise ValueError(f"patch buckets {crops} must be multiples of merge_unit "
                        f"{self.merge_unit}, so padding never shares a merge block")
+    g = self.image_groups
+    if g != 1 and (not self.qwen or g < 1 or self.batch_size % g
+                   or any(c % (g * self.merge_unit) for c in crops)):
+      raise ValueError(f"image_groups={g}: needs a Qwen2-VL spec whose batch_size "
+                       f"({self.batch_size}) and patch buckets {crops} divide into {g} groups "
+                       f"(buckets multiples of {g} * merge_unit)")
     object.__setattr__(self, "crop_buckets", crops)
 
   @property
   def capacity(self) -> int:
     return self.batch_size * self.max_len
+
+  @property
+  def group_rows(self) -> int:
+    """Rows per image group (`image_groups`): rows r // group_rows share one patch block."""
+    return self.batch_size // self.image_groups
 
 
 def max_image_slots(batch_size: int, max_len: int, image_seq_len: int) -> int:
@@ -167,14 +172,17 @@ def one_per_row(items: Sequence[Item], spec: BatchSpec) -> list[list[int]]:
   t, seq = spec.max_len, spec.image_seq_len
   rows: list[list[int]] = []
   n_img, slots = 0, spec.batch_size * _slots(t, seq)
+  group = [0] * spec.image_groups  # images per row group
   for j, it in enumerate(items):
     if len(rows) == spec.batch_size:
       break
+    g = len(rows) // spec.group_rows
     new_slots = slots - _slots(t, seq) + _slots(t - it.length, seq)
-    if n_img + it.images <= spec.max_images and _dummy_room_ok(spec, new_slots,
-                                                               n_img + it.images):
+    if (n_img + it.images <= spec.max_images and _dummy_room_ok(spec, new_slots,
+                                                                n_img + it.images)
+        and group[g] + it.images <= spec.max_images // spec.image_groups):
       rows.append([j])
-      n_img, slots = n_img + it.images, new_slots
+      n_img, slots, group[g] = n_img + it.images, new_slots, group[g] + it.images
   return rows + [[] for _ in range(spec.batch_size - len(rows))]
 
 
@@ -215,13 +223,17 @@ def pack_rows(items: Sequence[Item], spec: BatchSpec, carried: int = 0) -> list[
   rows: list[list[int]] = []
   left = list(range(len(items)))
   n_img, slots = 0, 0  # images placed, dummy runs that fit in the padding of finished rows
+  m_g = m // spec.image_groups  # images per row group (Qwen `image_groups`)
   for r in range(b):
     row, room = [], t
+    if r % spec.group_rows == 0:
+      g_img = 0
     if r == 0 and carried:
       row, room, n_img = [0], t - items[0].length, items[0].images
+      g_img = n_img
       left.remove(0)
-      if n_img > m or not _dummy_room_ok(spec, _slots(room, seq) + (b - 1) * _slots(t, seq),
-                                         n_img):
+      if n_img > m_g or not _dummy_room_ok(spec, _slots(room, seq) + (b - 1) * _slots(t, seq),
+                                           n_img):
         raise ValueError(f"item {items[0].key} ({items[0].length} tokens, {items[0].images} "
                          f"images) does not fit an empty batch of {spec}")
     rest = (b - r - 1) * _slots(t, seq)
@@ -230,14 +242,16 @@ def pack_rows(items: Sequence[Item], spec: BatchSpec, carried: int = 0) -> list[
       return _dummy_room_ok(spec, done + _slots(room - s, seq) + rest, placed + k)
 
     u = spec.image_unit  # images counted in units of u (rounded up: never over budget)
-    image_room = (m - n_img) // u if spec.tables else min(m - n_img, t // seq) if seq else 0
+    image_room = (min(m - n_img, m_g - g_img) // u if spec.tables
+                  else min(m - n_img, t // seq) if seq else 0)
     picked = best_subset(np.array([items[j].length for j in left], np.int64),
                          -(-np.array([items[j].images for j in left], np.int64) // u),
                          room, image_room, feasible)
     row += [left[j] for j in picked]
     taken = set(row)
     left = [j for j in left if j not in taken]
-    n_img += sum(items[j].images for j in row[1 if r == 0 and carried else 0:])
+    added = sum(items[j].images for j in row[1 if r == 0 and carried else 0:])
+    n_img, g_img = n_img + added, g_img + added
     slots += _slots(t - sum(items[j].length for j in row), seq)
     rows.append(row)
   return rows
@@ -319,6 +333,7 @@ def assemble(rows: Sequence[Sequence], spec: BatchSpec, normalize=None) -> dict[
   if spec.qwen:
     raise ValueError("a Qwen2-VL BatchSpec: assemble with data.qwen_batch.assemble_qwen")
   if spec.anyres:
+    from mllm_tune.data.anyres_batch import assemble_anyres
     return assemble_anyres(rows, spec, normalize)
   b, seq, m = spec.batch_size, spec.image_seq_len, spec.max_images
   fills = [sum(len(s.tokens) for s in row) for row in rows] + [0] * (b - len(rows))
@@ -353,11 +368,6 @@ def assemble(rows: Sequence[Sequence], spec: BatchSpec, normalize=None) -> dict[
   return batch
 
 
-def quarter_buckets(budget: int) -> tuple[int, ...]:
-  """Crop buckets: the budget's quarters (rounded up), e.g. 64 -> (16, 32, 48, 64)."""
-  return tuple(sorted({max(1, -(-budget * q // 4)) for q in (1, 2, 3, 4)}))
-
-
 def crop_bucket(n: int, spec: BatchSpec) -> int:
   """Smallest allowed crop (Qwen: patch) count >= n."""
   for c in spec.crop_buckets:
@@ -365,44 +375,3 @@ def crop_bucket(n: int, spec: BatchSpec) -> int:
       return c
   what = "patches" if spec.qwen else "crops"
   raise ValueError(f"{n} {what} exceed the batch's budget max_images={spec.max_images}")
-
-
-def assemble_anyres(rows: Sequence[Sequence], spec: BatchSpec, normalize=None
-                    ) -> dict[str, np.ndarray]:
-  """`assemble` for anyres samples (`pipeline.Sample` with `table`); see the module docstring."""
-  b = spec.batch_size
-  fills = [sum(len(s.tokens) for s in row) for row in rows] + [0] * (b - len(rows))
-  n_real = sum(int(s.pixels.shape[0]) for row in rows for s in row)
-  t = row_length(fills, n_real, spec)
-  c_b = crop_bucket(n_real, spec)
-  k = max([s.table.index.shape[1] for row in rows for s in row if s.table is not None] or [1])
-  ids = np.full((b, t), spec.pad_id, np.int32)
-  seg, pos, loss = (np.zeros((b, t), np.int32) for _ in range(3))
-  index, weight = np.zeros((b, t, k), np.int32), np.zeros((b, t, k), np.float32)
-  newline = np.zeros((b, t), bool)
-  px = np.zeros((c_b,) + tuple(spec.image_hw) + (3,), np.uint8)
-  valid = np.zeros((c_b,), np.int32)
-  slot = 0
-  for r, row in enumerate(rows):
-    c = 0
-    for j, s in enumerate(row, 1):
-      n, n_crops = len(s.tokens), int(s.pixels.shape[0])
-      ids[r, c:c + n], pos[r, c:c + n] = s.tokens.input_ids, s.tokens.positions
-      loss[r, c:c + n], seg[r, c:c + n] = s.tokens.loss_mask, j
-      loss[r, c] = 0  # a segment's first token is never predicted from the previous sample
-      is_img = np.flatnonzero(s.tokens.input_ids == spec.image_token_id) + c
-      n_tab = 0 if s.table is None else len(s.table)
-      if len(is_img) != n_tab:
-        raise AssertionError(f"{s.where}: {len(is_img)} image tokens, table of {n_tab}")
-      if n_tab:
-        kk = s.table.index.shape[1]
-        index[r, is_img, :kk] = s.table.index + slot * spec.crop_features
-        weight[r, is_img, :kk] = s.table.weight
-        newline[r, is_img] = s.table.newline
-      px[slot:slot + n_crops], valid[slot:slot + n_crops] = s.pixels, 1
-      slot, c = slot + n_crops, c + n
-  pixels = normalize(px) if normalize is not None else px.astype(np.float32)
-  pixels[valid == 0] = 0.0
-  return {"input_ids": ids, "attention_mask": (seg > 0).astype(np.int32), "positions": pos,
-          "segment_ids": seg, "loss_mask": loss, "pixel_values": pixels, "image_valid": valid,
-          "pack_index": index, "pack_weight": weight, "pack_newline": newline}

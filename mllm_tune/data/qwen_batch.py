@@ -18,6 +18,15 @@ patch counts, each a multiple of m^2):
 Samples attend only within their segment, their image patches only within their image, so every
 packed sample computes what transformers computes for the record alone. Distinct compiled shapes:
 bucket lengths x patch buckets.
+
+With `BatchSpec.image_groups` = G > 1 the rows form G groups of B / G consecutive rows, each with
+at most max_images / G patches (the planner's bound), and the patch buffer is blocked per group:
+pixel_values (G, K, C*T*p*p) and vision ids (G, K, ...), block g holding group g's images (K =
+the bucket / G). Block g's images are those of the rows a data-parallel shard holds when the
+trainer shards rows G ways (`Trainer.put_batch` then shards the blocks the same way): every device
+runs the vision tower on its own rows' images only, and attention is computed per block
+(`QwenVisionTower`). Merged tokens are numbered flat over the blocks (block g starts at
+g * K / m^2); vision_segment_ids stay 1.. per image over the batch.
 """
 from __future__ import annotations
 
@@ -52,18 +61,22 @@ def assemble_qwen(rows: Sequence[Sequence], spec: BatchSpec, patch_rows
   (`qwen_images.patch_rows`)."""
   if not spec.qwen:
     raise ValueError("assemble_qwen needs a Qwen2-VL BatchSpec (merge_unit > 0)")
-  b, mu = spec.batch_size, spec.merge_unit
+  b, mu, n_g, g_rows = spec.batch_size, spec.merge_unit, spec.image_groups, spec.group_rows
   fills = [sum(len(s.tokens) for s in row) for row in rows] + [0] * (b - len(rows))
-  n_real = sum(int(s.pixels.shape[0]) for row in rows for s in row)
-  t = row_length(fills, n_real, spec)
-  p_b = crop_bucket(n_real, spec)
+  per_group = [sum(int(s.pixels.shape[0]) for row in rows[g * g_rows:(g + 1) * g_rows]
+                   for s in row) for g in range(n_g)]
+  t = row_length(fills, sum(per_group), spec)
+  p_b = crop_bucket(max(per_group) * n_g, spec)
+  k = p_b // n_g  # rows per block (p_b itself without groups)
   ids = np.full((b, t), spec.pad_id, np.int32)
   seg, loss = np.zeros((b, t), np.int32), np.zeros((b, t), np.int32)
   pos = np.zeros((3, b, t), np.int32)
   index, weight = np.zeros((b, t, 1), np.int32), np.zeros((b, t, 1), np.float32)
   px = np.zeros((p_b,) + tuple(spec.image_hw) + (3,), np.uint8)
-  grids, slot = [], 0
+  grids, slot, metas = [], 0, []
   for r, row in enumerate(rows):
+    if r % g_rows == 0:
+      slot = r // g_rows * k
     c = 0
     for j, s in enumerate(row, 1):
       n, n_patch = len(s.tokens), int(s.pixels.shape[0])
@@ -77,13 +90,24 @@ def assemble_qwen(rows: Sequence[Sequence], spec: BatchSpec, patch_rows
       weight[r, is_img, 0] = 1.0
       px[slot:slot + n_patch] = s.pixels
       if s.grids is not None and len(s.grids):
-        grids.append(np.asarray(s.grids, np.int64).reshape(-1, 3))
+        grids.append((r // g_rows, np.asarray(s.grids, np.int64).reshape(-1, 3)))
       slot, c = slot + n_patch, c + n
-  grid_thw = np.concatenate(grids) if grids else np.zeros((0, 3), np.int64)
-  m = math.isqrt(mu)
-  meta = qwen_vl_host.vision_metadata(grid_thw, m, spec.window_merge or None, rows=p_b)
+  m, images = math.isqrt(mu), 0
+  for g in range(n_g):
+    grid = [x for gg, x in grids if gg == g]
+    grid = np.concatenate(grid) if grid else np.zeros((0, 3), np.int64)
+    meta = qwen_vl_host.vision_metadata(grid, m, spec.window_merge or None, rows=k)
+    v_seg = meta["vision_segment_ids"]  # 1.. per image of the group -> of the batch
+    meta["vision_segment_ids"] = np.where(v_seg > 0, v_seg + images, 0).astype(np.int32)
+    images += int(v_seg.max(initial=0))
+    metas.append(meta)
+  meta = {key: np.concatenate([x[key] for x in metas]) for key in metas[0]}
   pixels = patch_rows(px)
-  pixels[slot:] = 0.0
+  real = meta["vision_segment_ids"] > 0
+  pixels[~real] = 0.0
+  if n_g > 1:
+    pixels = pixels.reshape(n_g, k, -1)
+    meta = {key: v.reshape((n_g, k) + v.shape[1:]) for key, v in meta.items()}
   return {"input_ids": ids, "attention_mask": (seg > 0).astype(np.int32), "positions": pos,
           "segment_ids": seg, "loss_mask": loss, "pixel_values": pixels, **meta,
           "pack_index": index, "pack_weight": weight, "pack_newline": np.zeros((b, t), bool)}

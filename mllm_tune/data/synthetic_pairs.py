@@ -33,7 +33,8 @@ from mllm_tune.data.errors import DataError
 from mllm_tune.data.images import decode_image, to_rgb
 from mllm_tune.data.offline_render import COLORS, SHAPES, Shape
 from mllm_tune.data.offline_tasks import make_example
-from mllm_tune.data.packing import BatchSpec, assemble, quarter_buckets
+from mllm_tune.data.anyres_batch import quarter_buckets
+from mllm_tune.data.packing import BatchSpec, assemble
 from mllm_tune.data.pipeline import SamplePreparer, SampleDropped
 from mllm_tune.data.qwen_batch import assemble_qwen, patch_buckets, round_budget
 from mllm_tune.data.qwen_images import patch_rows

@@ -196,31 +196,17 @@ class Trainer:
     return tuning.combine(self.state.trainable, self.frozen)
 
   def put_batch(self, batch: dict, sharding=None) -> dict:
-    """Host batch (this process's slice) -> global arrays sharded over (data, fsdp) on the row
-    axis: axis 0 of (B, ...) fields, axis 1 of Qwen2-VL's (3, B, T) M-RoPE `positions`
-    (after the micro-batch axis with grad accumulation). Image buffers (pixel values, patch
-    ids) are replicated, every host's joined in process order."""
-    sh = sharding or self.batch_sharding
-    out = {}
-    ids_ndim = np.ndim(batch["input_ids"]) if "input_ids" in batch else None
-    for k, v in batch.items():
-      v = np.asarray(v)
-      if jax.process_count() > 1:
-        v = setup.rebase_for_host(self.model.config, k, v, batch, jax.process_index())
-      if k in setup.REPLICATED_FIELDS:
-        # image slots are not split by rows: every device sees all images of the global batch,
-        # hosts' slots joined in process order (= the global row-major token order)
-        if jax.process_count() > 1:
-          from jax.experimental import multihost_utils
-          v = np.asarray(multihost_utils.process_allgather(v, tiled=True))
-        out[k] = jax.device_put(v, jax.sharding.NamedSharding(self.mesh, jax.sharding.
-                                                              PartitionSpec()))
-        continue
-      k_sh = setup.field_sharding(sh, k, v.ndim, ids_ndim)
-      if jax.process_count() > 1:
-        out[k] = jax.make_array_from_process_local_data(k_sh, v)
-      else:
-        out[k] = jax.device_put(v, k_sh)
+    """Host batch (this process's slice) -> global arrays on the mesh (`setup.place_batch`);
+    warns once when the image buffer ends up replicated over several data-parallel shards."""
+    out, replicated = setup.place_batch(batch, sharding or self.batch_sharding,
+                                        self.model.config)
+    shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+    if replicated and shards > 1 and not getattr(self, "_warned_images", False):
+      self._warned_images = True
+      log.warning("image buffer %s is replicated over the %d data-parallel shards: every device "
+                  "runs the vision tower on all the batch's images (Qwen: set data.image_groups "
+                  "to the shards of a host's rows; LLaVA / anyres: make the image slots / crop "
+                  "buckets multiples of %d)", replicated, shards, shards)
     return out
 
   def evaluate(self, batches) -> dict:

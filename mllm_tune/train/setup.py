@@ -5,6 +5,7 @@ Everything here is construction; the step is in `step.py` and the loop in `loop.
 from __future__ import annotations
 
 import logging
+import math
 
 import jax
 import jax.numpy as jnp
@@ -189,9 +190,25 @@ def batch_sharding(mesh, grad_accum: int) -> NamedSharding:
   return NamedSharding(mesh, P(None, axis) if grad_accum > 1 else P(axis))
 
 
-# batch fields that are not split by rows (image buffers and their per-patch ids): replicated
-REPLICATED_FIELDS = ("pixel_values", "image_valid", "vision_segment_ids", "vision_pos_hw",
-                     "vision_window_ids")
+# batch fields indexed by image slot (LLaVA images, anyres crops, Qwen patches), not by row
+IMAGE_FIELDS = ("pixel_values", "image_valid", "vision_segment_ids", "vision_pos_hw",
+                "vision_window_ids")
+
+
+def image_sharding(sh: NamedSharding, batch: dict, key: str, model_config, processes: int
+                   ) -> NamedSharding:
+  """The sharding of an image-buffer field: its slot axis (after any micro-batch axis) split
+  like the rows, so each device runs the vision tower on its part of the images (LLaVA image
+  slots and anyres crops are encoded one by one; Qwen patch blocks, `data.image_groups`, hold
+  the images of one shard's rows). Replicated: a flat Qwen patch buffer (its images attend
+  across the whole axis) and slot counts the shards do not divide (`sharding.fit_spec`)."""
+  lead = len(tuple(sh.spec)) - 1  # 1 with a micro-batch axis
+  qwen = hasattr(getattr(model_config, "vision", None), "merge_unit")
+  if qwen and np.ndim(batch["pixel_values"]) == 2 + lead:
+    return NamedSharding(sh.mesh, P())
+  shape = list(np.shape(batch[key]))
+  shape[lead] *= processes  # the global buffer: the hosts' buffers joined in process order
+  return NamedSharding(sh.mesh, shard_lib.fit_spec(sh.spec, tuple(shape), sh.mesh))
 
 
 def field_sharding(sh: NamedSharding, key: str, ndim: int, ids_ndim: int | None
@@ -204,6 +221,36 @@ def field_sharding(sh: NamedSharding, key: str, ndim: int, ids_ndim: int | None
   return sh
 
 
+def place_batch(batch: dict, sh: NamedSharding, model_config) -> tuple[dict, tuple | None]:
+  """Host batch (this process's slice) -> (global arrays, the image buffer's shape when it is
+  replicated, else None). Rows are sharded by `sh` over (data, fsdp): axis 0 of (B, ...)
+  fields, axis 1 of Qwen2-VL's (3, B, T) M-RoPE `positions` (after the micro-batch axis with
+  grad accumulation). Image buffers (pixel values, patch ids) are split the same way on their
+  slot axis (`image_sharding`), else replicated, every host's joined in process order."""
+  out, replicated = {}, None
+  ids_ndim = np.ndim(batch["input_ids"]) if "input_ids" in batch else None
+  hosts = jax.process_count()
+  for k, v in batch.items():
+    v = np.asarray(v)
+    if hosts > 1:
+      v = rebase_for_host(model_config, k, v, batch, jax.process_index())
+    if k in IMAGE_FIELDS:
+      k_sh = image_sharding(sh, batch, k, model_config, hosts)
+      if not any(tuple(k_sh.spec)):
+        if k == "pixel_values":
+          replicated = v.shape
+        if hosts > 1:
+          from jax.experimental import multihost_utils
+          v = np.asarray(multihost_utils.process_allgather(v, tiled=True))
+        out[k] = jax.device_put(v, k_sh)
+        continue
+    else:
+      k_sh = field_sharding(sh, k, v.ndim, ids_ndim)
+    out[k] = (jax.make_array_from_process_local_data(k_sh, v) if hosts > 1
+              else jax.device_put(v, k_sh))
+  return out, replicated
+
+
 def rebase_for_host(model_config, key: str, v: np.ndarray, batch: dict, rank: int
                     ) -> np.ndarray:
   """Indices into one host's image buffer -> into the gathered buffer, where the hosts before
@@ -211,13 +258,12 @@ def rebase_for_host(model_config, key: str, v: np.ndarray, batch: dict, rank: in
   of the image features (anyres: crops x features per crop; Qwen2-VL: patches / m^2) and
   Qwen's per-image `vision_segment_ids` (kept apart from other hosts' images)."""
   if key == "pack_index":
-    rows = batch["pixel_values"].shape[0]
-    vision = model_config.vision
-    per_host = (rows // vision.merge_unit if hasattr(vision, "merge_unit")
-                else rows * model_config.crop_side ** 2)
+    vision, shape = model_config.vision, np.shape(batch["pixel_values"])
+    per_host = (math.prod(shape[:-1]) // vision.merge_unit if hasattr(vision, "merge_unit")
+                else shape[0] * model_config.crop_side ** 2)  # Qwen: (P, X) or blocks (G, K, X)
     return v + rank * per_host
   if key == "vision_segment_ids":
-    return np.where(v > 0, v + rank * v.shape[0], 0).astype(v.dtype)
+    return np.where(v > 0, v + rank * v.size, 0).astype(v.dtype)
   return v
 
 

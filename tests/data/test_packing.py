@@ -240,3 +240,40 @@ def test_qwen_patch_budget_planner_counts_patches_in_coarse_units_never_over_bud
     BatchSpec(max_images=130, crop_buckets=(64, 130), **common)
   with pytest.raises(ValueError, match="exclude each other"):
     BatchSpec(max_images=64, crop_features=4, **common)
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_qwen_image_groups_bound_each_row_groups_patches(packing):
+  """`image_groups=2`: rows 0-1 and 2-3 each hold at most max_images / 2 patches (their patch
+  block), the batch total stays within max_images, every item is emitted once; without groups
+  the same items put more than half the budget into one group."""
+  common = dict(batch_size=4, max_len=512, image_token_id=1, image_hw=(14, 14), merge_unit=4,
+                max_images=1024, crop_buckets=(512, 1024), packing=packing)
+  rng = np.random.default_rng(2)
+  items = [Item(i, int(rng.integers(40, 300)), 4 * int(rng.integers(0, 100)))
+           for i in range(300)]
+
+  def group_loads(spec):
+    planner, emitted, loads, k = Planner(spec), set(), [], 0
+    while True:
+      while planner.wants_more() and k < len(items):
+        planner.add(items[k])
+        k += 1
+      rows = planner.next_batch()
+      if not rows:
+        return emitted, loads
+      rows += [[] for _ in range(4 - len(rows))]
+      loads.append([sum(i.images for row in rows[g:g + 2] for i in row) for g in (0, 2)])
+      emitted.update(i.key for row in rows for i in row)
+
+  grouped = BatchSpec(image_groups=2, **common)
+  emitted, loads = group_loads(grouped)
+  assert emitted == set(range(len(items)))
+  assert max(max(load) for load in loads) <= 512
+  _, free = group_loads(BatchSpec(**common))
+  assert max(max(load) for load in free) > 512
+  with pytest.raises(ValueError, match=r"image_groups=2: needs a Qwen2-VL spec whose "
+                                       r"batch_size \(3\)"):
+    BatchSpec(image_groups=2, **{**common, "batch_size": 3})
+  with pytest.raises(ValueError, match=r"buckets multiples of 2 \* merge_unit"):
+    BatchSpec(image_groups=2, **{**common, "crop_buckets": (36, 1024)})

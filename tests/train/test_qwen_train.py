@@ -45,6 +45,40 @@ def test_packed_batches_give_transformers_logits_per_record(family, tmp_path):
   assert max(int(batch["segment_ids"][r].max()) for r in range(ids.shape[0])) >= 2  # packed
 
 
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_image_groups_block_the_patch_buffer_per_row_group_with_transformers_logits(family,
+                                                                                   tmp_path):
+  """`data.image_groups=2`: 4 rows in 2 groups, each group's images in its own patch block
+  (G, K, ...), at most max_images / 2 patches a group; every packed sample still gives
+  transformers' logits for its record (window layers, deepstack and position taps per block)."""
+  d, hf_model, proc = qt.model_dir(str(tmp_path), family)
+  model, params = mt.load_pretrained(d)
+  records, images = sized_records(12, seed=3)
+  path = write_llava_dataset(str(tmp_path / "data"), records, images)
+  it = make_batches(packed_cfg(path, str(tmp_path / "data" / "images"), batch_size=4,
+                               image_groups=2), d, model.config)
+  assert it.spec.image_groups == 2 and all(c % 128 == 0 for c in it.spec.crop_buckets)
+  refs = hf_per_record(records, images, qt.encode_record(proc))
+  checked = with_images = 0
+  for _ in range(2):
+    batch = next(it)
+    g, k = batch["pixel_values"].shape[:2]
+    assert g == 2 and batch["vision_segment_ids"].shape == (2, k) and g * k in it.spec.crop_buckets
+    seg = batch["vision_segment_ids"]
+    for grp in range(2):  # a group's tokens read only its own block's merged tokens
+      rows = slice(2 * grp, 2 * grp + 2)
+      taken = batch["pack_index"][rows][batch["pack_weight"][rows] > 0]
+      assert ((taken >= grp * k // 4) & (taken < (grp + 1) * k // 4)).all()
+      real = seg[grp] > 0
+      assert not batch["pixel_values"][grp][~real].any()
+      assert (seg[grp][real] > 0).all() and int(real.sum()) <= it.spec.max_images // 2
+    ids = seg[seg > 0]
+    assert len(set(ids.tolist())) == ids.max()  # 1.. per image over the batch
+    c, w = check_packed_samples(model, params, batch, refs, hf_model)
+    checked, with_images = checked + c, with_images + w
+  assert checked >= 6 and with_images >= 4
+
+
 def test_patch_budget_errors_and_pixel_overrides(tmp_path):
   from mllm_tune.data.errors import DataError
   d, _, _ = qt.model_dir(str(tmp_path))
@@ -98,6 +132,13 @@ def test_mllm_tune_train_lora_on_tiny_qwen2_5_vl_on_two_devices(tmp_path):
     programs = [json.loads(line)["step_programs"] for line in f if "step_programs" in line]
   # images of six sizes, 8 steps: patch buckets keep the compiled shapes to a handful
   assert summary["step_programs"] == programs[-1] and 1 <= programs[-1] <= 4
+  # data.image_groups defaults to the 2 row shards: each device encodes its rows' images only
+  assert "replicated over the 2 data-parallel shards" not in res.stderr
+  res = run_cli(lora_train_args(d, str(tmp_path / "data"), str(tmp_path / "flat"), 1, 4,
+                                "--config.data.max_pixels=9408", "--config.mesh.data=2",
+                                "--config.data.image_groups=1"), devices=2)
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert "replicated over the 2 data-parallel shards: every device runs the vision" in res.stderr
 
 
 def test_mllm_tune_train_lora_on_tiny_qwen3_vl_and_export_peft(tmp_path):
@@ -139,7 +180,8 @@ def test_mllm_tune_train_lora_on_tiny_qwen3_vl_and_export_peft(tmp_path):
   np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
 
 
-def test_two_hosts_batches_joined_as_put_batch_does_give_each_hosts_logits(tmp_path):
+@pytest.mark.parametrize("groups", [1, 2])
+def test_two_hosts_batches_joined_as_put_batch_does_give_each_hosts_logits(groups, tmp_path):
   """Multi-host `Trainer.put_batch`: rows are split across hosts, image buffers gathered in
   process order; `setup.rebase_for_host` moves each host's pack_index and vision segment ids
   into the joined buffer, so the global batch computes every host's own logits."""
@@ -149,7 +191,7 @@ def test_two_hosts_batches_joined_as_put_batch_does_give_each_hosts_logits(tmp_p
   records, images = sized_records(8, seed=0)
   path = write_llava_dataset(str(tmp_path / "data"), records, images)
   cfg = packed_cfg(path, str(tmp_path / "data" / "images"), max_images=256,
-                  crop_buckets=(256,), batch_size=2)
+                  crop_buckets=(256,), batch_size=2, image_groups=groups)
   it = make_batches(cfg, d, model.config)
   hosts = [next(it), next(it)]  # what two hosts would each read (same shapes)
   rebased = [{k: setup.rebase_for_host(model.config, k, v, b, rank) for k, v in b.items()}

@@ -24,6 +24,8 @@ def get_config():
   c.min_pixels = 0                # Qwen2-VL: smart_resize budget (0: the image processor's)
   c.max_pixels = 0
   c.out_of_budget = "resize"      # Qwen2-VL: resize (transformers) | refuse images outside
+  c.image_groups = 0              # data-parallel shards of a host's rows (0: from the mesh); image
+  #                                 buffers split over them (Qwen2-VL: one patch block each)
   c.overflow = "truncate"         # truncate | drop | fail
   c.on_error = "skip"             # skip (count and report) | raise
   c.aspect = ml_collections.FieldReference(None, field_type=str)  # None: processor's; pad

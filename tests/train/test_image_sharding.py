@@ -1,0 +1,81 @@
+"""Data parallelism splits the image buffers like the rows (`setup.place_batch`, which
+`Trainer.put_batch` uses, and `data.image_groups`): on two CPU devices each device's compiled forward runs the vision tower on
+half of the batch's images (its FLOPs drop by half the vision tower's) and the logits are the
+one-device logits, for LLaVA-1.5 image slots, OneVision crops and Qwen2.5-VL patch blocks."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import ROOT
+
+SCRIPT = """
+import json, sys
+import jax, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+sys.path.insert(0, sys.argv[3])
+import mllm_tune as mt
+from mllm_tune.data.loader import make_batches
+from mllm_tune.train import setup, sharding
+from tests.helpers import anyres_tiny, qwen_vl_tiny
+from tests.helpers.data import llava_model_dir, packed_cfg, sized_records, write_llava_dataset
+family, tmp = sys.argv[1], sys.argv[2]
+if family == "qwen2_5_vl":
+  d = qwen_vl_tiny.model_dir(tmp, family)[0]
+elif family == "llava_onevision":
+  d = anyres_tiny.model_dir(tmp, family)[0]
+else:
+  d = llava_model_dir(tmp)
+model, params = mt.load_pretrained(d)
+records, images = sized_records(12, seed=3)
+path = write_llava_dataset(tmp + "/data", records, images)
+it = make_batches(packed_cfg(path, tmp + "/data/images", batch_size=4, image_groups=2,
+                             template="chatml" if family == "llava" else None), d,
+                  model.config)
+batch = next(it)
+one = np.asarray(model.apply({"params": params}, batch["input_ids"],
+                             **mt.models.model_kwargs(batch)))
+mesh = sharding.make_mesh(2, 1, 1)
+params = jax.device_put(params, NamedSharding(mesh, P()))
+rows = setup.batch_sharding(mesh, 1)
+split, replicated_shape = setup.place_batch(batch, rows, model.config)  # Trainer.put_batch's
+repl = {k: jax.device_put(v, NamedSharding(mesh, P()) if k in setup.IMAGE_FIELDS
+                          else split[k].sharding) for k, v in batch.items()}
+fwd = jax.jit(lambda p, b: model.apply({"params": p}, b["input_ids"],
+                                       **mt.models.model_kwargs(b)))
+flops = lambda f, *a: f.lower(*a).compile().cost_analysis()["flops"]
+ids = [k for k in ("vision_segment_ids", "vision_pos_hw", "vision_window_ids") if k in batch]
+vision = jax.jit(lambda p, b: model.apply({"params": p}, b["pixel_values"], *[b[k] for k in ids],
+                                          method="image_features"))
+print("RESULT" + json.dumps(dict(
+    shape=list(batch["pixel_values"].shape),
+    spec=[str(a) for a in split["pixel_values"].sharding.spec],
+    shards=len({str(s.index) for s in split["pixel_values"].addressable_shards}),
+    replicated_shape=replicated_shape,
+    split=flops(fwd, params, split), replicated=flops(fwd, params, repl),
+    vision=flops(vision, params, repl),
+    err=float(np.abs(np.asarray(fwd(params, split)) - one).max()))))
+"""
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_onevision", "qwen2_5_vl"])
+def test_image_buffers_are_split_over_data_parallel_devices(family, tmp_path):
+  res = subprocess.run([sys.executable, "-c", SCRIPT, family, str(tmp_path), ROOT], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu",
+                                XLA_FLAGS="--xla_force_host_platform_device_count=2"))
+  assert res.returncode == 0, res.stderr[-3000:]
+  out = json.loads(res.stdout.split("RESULT")[1])
+  assert out["spec"][0] == "('data', 'fsdp')" and out["shards"] == 2, out
+  assert out["replicated_shape"] is None
+  if family == "qwen2_5_vl":  # (blocks, K, C*T*p*p): one patch block per row shard
+    assert len(out["shape"]) == 3 and out["shape"][0] == 2
+  else:  # image slots / crops: an even count
+    assert out["shape"][0] % 2 == 0
+  saved = out["replicated"] - out["split"]
+  assert 0.4 * out["vision"] < saved < 0.6 * out["vision"], out
+  assert out["err"] < 1e-5
