@@ -153,20 +153,27 @@ def test_padding_mode_pads_each_sample_to_the_smallest_bucket(pipeline):
   assert len(used) >= 2
 
 
-def test_planner_emits_every_item_once_and_never_starves_one():
-  rng = np.random.default_rng(0)
-  spec = BatchSpec(batch_size=4, max_len=512, max_images=10, image_seq_len=64,
-                   image_token_id=1, image_hw=(1, 1))
-  items = [Item(i, int(rng.integers(70, 500)), int(rng.random() < 0.7)) for i in range(600)]
-  items = [Item(i.key, max(i.length, 64 * i.images + 1), i.images) for i in items]
-  planner, emitted, k, step = Planner(spec), {}, 0, 0
+def planned(spec: BatchSpec, items: list[Item]):
+  """Feeds `items` in order to a Planner as it asks for more; yields each batch's rows."""
+  planner, k = Planner(spec), 0
   while True:
     while planner.wants_more() and k < len(items):
       planner.add(items[k])
       k += 1
     rows = planner.next_batch()
     if not rows:
-      break
+      return
+    yield rows
+
+
+def test_planner_emits_every_item_once_and_never_starves_one():
+  rng = np.random.default_rng(0)
+  spec = BatchSpec(batch_size=4, max_len=512, max_images=10, image_seq_len=64,
+                   image_token_id=1, image_hw=(1, 1))
+  items = [Item(i, int(rng.integers(70, 500)), int(rng.random() < 0.7)) for i in range(600)]
+  items = [Item(i.key, max(i.length, 64 * i.images + 1), i.images) for i in items]
+  emitted, step = {}, 0
+  for rows in planned(spec, items):
     assert sum(i.images for row in rows for i in row) <= spec.max_images
     for row in rows:
       assert sum(i.length for i in row) <= spec.max_len
@@ -218,15 +225,8 @@ def test_qwen_patch_budget_planner_counts_patches_in_coarse_units_never_over_bud
   rng = np.random.default_rng(1)
   items = [Item(i, int(rng.integers(40, 500)), 4 * int(rng.integers(0, 300)))
            for i in range(400)]
-  planner, emitted, used = Planner(spec), set(), []
-  k = 0
-  while True:
-    while planner.wants_more() and k < len(items):
-      planner.add(items[k])
-      k += 1
-    rows = planner.next_batch()
-    if not rows:
-      break
+  emitted, used = set(), []
+  for rows in planned(spec, items):
     patches = sum(i.images for row in rows for i in row)
     assert patches <= spec.max_images
     used.append(patches / spec.max_images)
@@ -254,17 +254,11 @@ def test_qwen_image_groups_bound_each_row_groups_patches(packing):
            for i in range(300)]
 
   def group_loads(spec):
-    planner, emitted, loads, k = Planner(spec), set(), [], 0
-    while True:
-      while planner.wants_more() and k < len(items):
-        planner.add(items[k])
-        k += 1
-      rows = planner.next_batch()
-      if not rows:
-        return emitted, loads
-      rows += [[] for _ in range(4 - len(rows))]
+    emitted, loads = set(), []
+    for rows in planned(spec, items):
       loads.append([sum(i.images for row in rows[g:g + 2] for i in row) for g in (0, 2)])
       emitted.update(i.key for row in rows for i in row)
+    return emitted, loads
 
   grouped = BatchSpec(image_groups=2, **common)
   emitted, loads = group_loads(grouped)
