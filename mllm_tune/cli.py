@@ -83,15 +83,13 @@ def build_data(cfg, model):
 
 
 def _row_shards_per_host(cfg, rows: int) -> int:
-  """The data-parallel shards (data x fsdp) of one host's `rows`, 1 when they do not split."""
+  """`setup.row_groups` of the run's mesh (built here as the Trainer builds it)."""
   import jax
+  from mllm_tune.train.setup import row_groups
   from mllm_tune.train.sharding import make_mesh
   m = cfg.mesh
   devices = jax.devices()[:m.devices] if m.get("devices") else None
-  mesh = make_mesh(m.data, m.fsdp, m.tensor, devices)
-  shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  per_host = max(1, shards // jax.process_count())
-  return per_host if rows % per_host == 0 and shards % jax.process_count() == 0 else 1
+  return row_groups(make_mesh(m.data, m.fsdp, m.tensor, devices), rows)
 
 
 def _train(args) -> int:

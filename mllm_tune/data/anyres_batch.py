@@ -19,9 +19,11 @@ import numpy as np
 from mllm_tune.data.packing import BatchSpec, crop_bucket, row_length
 
 
-def quarter_buckets(budget: int) -> tuple[int, ...]:
-  """Crop buckets: the budget's quarters (rounded up), e.g. 64 -> (16, 32, 48, 64)."""
-  return tuple(sorted({max(1, -(-budget * q // 4)) for q in (1, 2, 3, 4)}))
+def quarter_buckets(budget: int, multiple: int = 1) -> tuple[int, ...]:
+  """Crop buckets: the budget's quarters rounded up (to a multiple of `multiple`, at most the
+  budget), e.g. 64 -> (16, 32, 48, 64); 60 with multiple 8 -> (16, 32, 48, 60)."""
+  quarters = (max(1, -(-budget * q // 4)) for q in (1, 2, 3, 4))
+  return tuple(sorted({min(budget, -(-c // multiple) * multiple) for c in quarters}))
 
 
 def assemble_anyres(rows: Sequence[Sequence], spec: BatchSpec, normalize=None

@@ -174,8 +174,7 @@ def _anyres_batches(o: dict, source, model_dir: str, model_config):
                                               max_image_tokens=int(o["max_image_tokens"]))
   g = max(1, int(o["image_groups"] or 1))  # crop counts split evenly over the row shards
   budget = o["max_images"] or -(-_probe_crops(source, prepare, o)[0] // g) * g
-  buckets = tuple(o["crop_buckets"]) or tuple(sorted({min(budget, -(-c // g) * g)
-                                                      for c in quarter_buckets(budget)}))
+  buckets = tuple(o["crop_buckets"]) or quarter_buckets(budget, g)
   if jax.process_count() > 1:  # hosts' crops are gathered: every host must use one shape
     buckets = (budget,)
   pad_id = getattr(prepare.chat.tokenizer, "pad_token_id", None) or 0

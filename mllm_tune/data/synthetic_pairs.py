@@ -231,11 +231,13 @@ class PairBatches:
   (`data.packing`); the crop budget is b times the most crops one image can yield, in quarter
   buckets. Qwen2-VL / 2.5-VL: the rows' patch rows with their vision ids, pack tables and
   (3, b, T) M-RoPE positions (`data.qwen_batch`); the patch budget is b times the most patches
-  an image of the source yields (`max_image_patches`), in quarter buckets."""
+  an image of the source yields (`max_image_patches`), in quarter buckets. `image_groups` G:
+  the rows' image buffer splits over G data-parallel shards (Qwen: G patch blocks, each with
+  b / G times the most patches; anyres: crop buckets multiples of G)."""
 
   def __init__(self, source: PairSource, prepare: SamplePreparer, batch_size: int, seed: int = 0,
                prompt: str = DEFAULT_PROMPT, pad_id: int = 0, shard_index: int = 0,
-               shard_count: int = 1):
+               shard_count: int = 1, image_groups: int = 1):
     if prepare.image_spec is None or prepare.chat.image_seq_len < 1:
       raise ValueError("caption batches need an image processor and a model with image tokens")
     if batch_size % shard_count:
@@ -249,13 +251,13 @@ class PairBatches:
     anyres, qwen = prepare.anyres_spec, prepare.qwen_spec
     self._assemble = assemble
     if qwen is not None:
-      mu = qwen.merge_unit
-      budget = round_budget(rows * max_image_patches(source, qwen), mu)
+      mu, g = qwen.merge_unit, image_groups
+      budget = round_budget(rows * max_image_patches(source, qwen), mu * g)
       self.spec = BatchSpec(batch_size=rows, max_len=prepare.max_len, packing=False,
                             max_images=budget, image_token_id=prepare.chat.image_token_id,
                             image_hw=prepare.image_hw, pad_id=pad_id,
-                            crop_buckets=patch_buckets(budget, mu), merge_unit=mu,
-                            window_merge=prepare.window_merge)
+                            crop_buckets=patch_buckets(budget, mu * g), merge_unit=mu,
+                            window_merge=prepare.window_merge, image_groups=g)
       self._assemble = assemble_qwen
       self._normalize = functools.partial(patch_rows, spec=qwen)
       return
@@ -270,7 +272,7 @@ class PairBatches:
                             max_images=budget, image_token_id=prepare.chat.image_token_id,
                             image_hw=prepare.image_hw, pad_id=pad_id,
                             crop_features=anyres.feature_side ** 2,
-                            crop_buckets=quarter_buckets(budget))
+                            crop_buckets=quarter_buckets(budget, image_groups))
     self._normalize = functools.partial(img_lib.normalize, spec=prepare.image_spec)
 
   def batch(self, step: int) -> dict[str, np.ndarray]:

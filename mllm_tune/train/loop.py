@@ -82,7 +82,8 @@ class Trainer:
         cfg, self.model, self.method, params, variables, base_path=self.base_path,
         base_fingerprint=self.base_fingerprint, fisher_data=fisher_data, train_data=self.data,
         mesh=self.mesh)
-    self.penalty_data = penalty_setup.setup_penalty_data(cfg, self.model, self.penalty)
+    self.penalty_data = penalty_setup.setup_penalty_data(cfg, self.model, self.penalty,
+                                                         self.mesh)
     self.param_sharding = sfn
     trainable = self._assemble(variables)
     self.penalty_consts = self._place_penalty_consts(consts)
@@ -195,13 +196,14 @@ class Trainer:
   def variables(self) -> dict:
     return tuning.combine(self.state.trainable, self.frozen)
 
-  def put_batch(self, batch: dict, sharding=None) -> dict:
+  def put_batch(self, batch: dict, sharding=None, training: bool = False) -> dict:
     """Host batch (this process's slice) -> global arrays on the mesh (`setup.place_batch`);
-    warns once when the image buffer ends up replicated over several data-parallel shards."""
+    for training batches, warns once when the image buffer ends up replicated over several
+    data-parallel shards."""
     out, replicated = setup.place_batch(batch, sharding or self.batch_sharding,
                                         self.model.config)
     shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-    if replicated and shards > 1 and not getattr(self, "_warned_images", False):
+    if training and replicated and shards > 1 and not getattr(self, "_warned_images", False):
       self._warned_images = True
       log.warning("image buffer %s is replicated over the %d data-parallel shards: every device "
                   "runs the vision tower on all the batch's images (Qwen: set data.image_groups "
@@ -311,7 +313,8 @@ class Trainer:
         if self.penalty_data is not None:  # gift: this step's synthetic captions (no A axis)
           pb = self.put_batch(self.penalty_data.batch(step), setup.batch_sharding(self.mesh, 1))
         self._note_shapes(host_batch, step + 1)
-        self.state, metrics = self._step(self.frozen, self.state, self.put_batch(host_batch), pb)
+        batch = self.put_batch(host_batch, training=True)
+        self.state, metrics = self._step(self.frozen, self.state, batch, pb)
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         metrics["step_programs"] = float(len(self.step_shapes))
         if t.nan_guard:

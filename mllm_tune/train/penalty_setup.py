@@ -71,11 +71,12 @@ def setup_penalty(cfg, model, method, params: dict, variables: dict, *, base_pat
   return penalty_lib.bind(penalty, method, variables, base_params=params,
                           importance=scores, where=where, model=model)
 
-def setup_penalty_data(cfg, model, penalty):
+def setup_penalty_data(cfg, model, penalty, mesh=None):
   """GIFT's synthetic caption batches (`data.synthetic_pairs.PairBatches`) or None. They are
   prepared like the training data, from the tokenizer and image processor in `model.path`
   (model.source=hf); the tiny random model has none, so gift refuses it here [choice: no
-  made-up token fallback] rather than train on captions it cannot tokenize."""
+  made-up token fallback] rather than train on captions it cannot tokenize. With `mesh`, their
+  image buffers split over its data-parallel shards (`setup.row_groups`)."""
   if penalty is None or penalty.name != "gift" or not penalty.active:
     return None
   from mllm_tune.data.pipeline import SamplePreparer
@@ -93,8 +94,10 @@ def setup_penalty_data(cfg, model, penalty):
       c.model.path, model.config, s.seq_len or c.data.seq_len, c.data.get("template"),
       "truncate", c.data.get("aspect"))
   pad_id = getattr(prepare.chat.tokenizer, "pad_token_id", None) or 0
-  batches = PairBatches(source, prepare, s.batch_size or c.data.batch_size, s.seed, s.prompt,
-                        pad_id, jax.process_index(), jax.process_count())
+  size = s.batch_size or c.data.batch_size
+  groups = 1 if mesh is None else setup.row_groups(mesh, size // jax.process_count())
+  batches = PairBatches(source, prepare, size, s.seed, s.prompt, pad_id, jax.process_index(),
+                        jax.process_count(), image_groups=groups)
   log.info("penalty gift: %d synthetic pairs (%s), %d per step, rows of %d tokens",
            len(source), s.kind, batches.batch_size, batches.spec.max_len)
   return batches

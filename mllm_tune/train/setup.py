@@ -221,6 +221,14 @@ def field_sharding(sh: NamedSharding, key: str, ndim: int, ids_ndim: int | None
   return sh
 
 
+def row_groups(mesh, rows: int) -> int:
+  """The data-parallel shards (data x fsdp) of one host's `rows`, 1 when they do not split
+  evenly: as `data.image_groups`, each device then encodes only its rows' images."""
+  shards, hosts = mesh.shape["data"] * mesh.shape["fsdp"], jax.process_count()
+  per_host = shards // hosts if shards % hosts == 0 else 1
+  return per_host if rows % per_host == 0 else 1
+
+
 def place_batch(batch: dict, sh: NamedSharding, model_config) -> tuple[dict, tuple | None]:
   """Host batch (this process's slice) -> (global arrays, the image buffer's shape when it is
   replicated, else None). Rows are sharded by `sh` over (data, fsdp): axis 0 of (B, ...)

@@ -155,16 +155,20 @@ def test_penalties_with_lora_on_qwen_batches(qw, importance, name):
     np.testing.assert_allclose(terms[1], kl, rtol=1e-3)
 
 
-def test_gift_with_lora_distils_on_qwen_caption_batches(qw):
+@pytest.mark.parametrize("groups", [1, 2])
+def test_gift_with_lora_distils_on_qwen_caption_batches(qw, groups):
   """GIFT's caption pairs prepared by Qwen's preparer are Qwen batches (patch rows, vision ids,
   pack tables, M-RoPE positions) whose rows give transformers' logits of each pair alone; GIFT
-  trains on them as on OneVision's."""
+  trains on them as on OneVision's. With 2 image groups (two data-parallel shards) each row's
+  image has its own patch block."""
   prepare = SamplePreparer.from_pretrained(qw.dir, qw.model.config, 96)
   source = make_pair_source("procedural", num=8, image_size=60)
-  pairs = PairBatches(source, prepare, 2)
+  pairs = PairBatches(source, prepare, 2, image_groups=groups)
   cap = pairs.batch(0)
   assert pairs.spec.qwen and cap["positions"].shape == (3,) + cap["input_ids"].shape
-  assert cap["pixel_values"].shape[0] in pairs.spec.crop_buckets
+  px = cap["pixel_values"]
+  assert (px.shape[0] if groups == 1 else px.shape[0] * px.shape[1]) in pairs.spec.crop_buckets
+  assert px.ndim == (2 if groups == 1 else 3)
   assert set(np.unique(cap["vision_segment_ids"]).tolist()) == {0, 1, 2}  # 2 images, padding
   assert "vision_window_ids" in cap
   records = [llava_record(source, int(i)) for i in batch_indices(len(source), 2, 0, 0)]
