@@ -195,6 +195,10 @@ IMAGE_FIELDS = ("pixel_values", "image_valid", "vision_segment_ids", "vision_pos
                 "vision_window_ids")
 
 
+def _is_qwen(model_config) -> bool:
+  return hasattr(getattr(model_config, "vision", None), "merge_unit")
+
+
 def image_sharding(sh: NamedSharding, batch: dict, key: str, model_config, processes: int
                    ) -> NamedSharding:
   """The sharding of an image-buffer field: its slot axis (after any micro-batch axis) split
@@ -203,8 +207,7 @@ def image_sharding(sh: NamedSharding, batch: dict, key: str, model_config, proce
   the images of one shard's rows). Replicated: a flat Qwen patch buffer (its images attend
   across the whole axis) and slot counts the shards do not divide (`sharding.fit_spec`)."""
   lead = len(tuple(sh.spec)) - 1  # 1 with a micro-batch axis
-  qwen = hasattr(getattr(model_config, "vision", None), "merge_unit")
-  if qwen and np.ndim(batch["pixel_values"]) == 2 + lead:
+  if _is_qwen(model_config) and np.ndim(batch["pixel_values"]) == 2 + lead:
     return NamedSharding(sh.mesh, P())
   shape = list(np.shape(batch[key]))
   shape[lead] *= processes  # the global buffer: the hosts' buffers joined in process order
@@ -238,6 +241,10 @@ def place_batch(batch: dict, sh: NamedSharding, model_config) -> tuple[dict, tup
   out, replicated = {}, None
   ids_ndim = np.ndim(batch["input_ids"]) if "input_ids" in batch else None
   hosts = jax.process_count()
+  lead = len(tuple(sh.spec)) - 1
+  if hosts > 1 and _is_qwen(model_config) and np.ndim(batch["pixel_values"]) == 2 + lead:
+    # a host's flat patch buffer is one block of the global batch (no image crosses hosts)
+    batch = {k: np.expand_dims(v, lead) if k in IMAGE_FIELDS else v for k, v in batch.items()}
   for k, v in batch.items():
     v = np.asarray(v)
     if hosts > 1:

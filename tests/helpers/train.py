@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -50,6 +51,24 @@ def run_cli(args: list[str], env_extra: dict | None = None, devices: int = 1, ti
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **(env_extra or {}))
   return subprocess.run([sys.executable, "-m", "mllm_tune.cli", *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=timeout)
+
+
+def run_processes(n: int, args: list[str], cwd: str, devices_per_proc: int = 1,
+                  timeout: int = 600) -> tuple[subprocess.CompletedProcess, list[str]]:
+  """`launch/local_multiprocess.sh n` (n local processes forming one jax.distributed job) with
+  `mllm-tune train` arguments; returns the result and each process's log (written in cwd)."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, PYTHON=sys.executable, DEVICES_PER_PROC=str(devices_per_proc),
+             PORT=str(port))
+  res = subprocess.run(["bash", f"{ROOT}/launch/local_multiprocess.sh", str(n), *args],
+                       cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+  logs = []
+  for i in range(n):
+    with open(os.path.join(cwd, f"proc_{i}.log")) as f:
+      logs.append(f.read())
+  return res, logs
 
 
 def losses(run_dir: str) -> dict[int, float]:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -11,7 +10,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from tests.helpers.train import ROOT, losses, run_cli
+from tests.helpers.train import ROOT, losses, run_cli, run_processes
 
 MESH_SCRIPT = textwrap.dedent("""
     import json, sys
@@ -54,21 +53,12 @@ def test_data_fsdp_and_tensor_meshes_give_the_one_device_loss_curve(tmp_path):
   assert out["data"]["n_shards"] == 1  # data parallel: replicated parameters
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def test_two_processes_with_jax_distributed_agree_on_the_loss(tmp_path):
   """Runs launch/local_multiprocess.sh: two processes, 2 CPU devices each, one JAX job."""
   args = [f"--config={ROOT}/configs/experiments/tiny_full.py", "--no-progress",
           f"--config.run_dir={tmp_path}/run", "--config.train.steps=4",
           "--config.train.log_every=1", "--config.train.save_every=2"]
-  env = dict(os.environ, PYTHON=sys.executable, DEVICES_PER_PROC="2", PORT=str(_free_port()))
-  res = subprocess.run(["bash", f"{ROOT}/launch/local_multiprocess.sh", "2", *args],
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-  logs = [open(tmp_path / f"proc_{i}.log").read() for i in range(2)]
+  res, logs = run_processes(2, args, str(tmp_path), devices_per_proc=2)
   assert res.returncode == 0, logs[0][-2000:] + logs[1][-2000:]
   assert all("process %d of 2, 4 global devices" % i in logs[i] for i in range(2))
   finals = [json.loads(log.strip().splitlines()[-1]) for log in logs]
