@@ -77,6 +77,10 @@ def test_image_groups_block_the_patch_buffer_per_row_group_with_transformers_log
     c, w = check_packed_samples(model, params, batch, refs, hf_model)
     checked, with_images = checked + c, with_images + w
   assert checked >= 6 and with_images >= 4
+  with pytest.raises(ValueError, match=r"data config: image_groups=3 does not divide "
+                                       r"batch_size=4 \(rows per host\)"):
+    make_batches(packed_cfg(path, str(tmp_path / "data" / "images"), batch_size=4,
+                            image_groups=3), d, model.config)
 
 
 def test_patch_budget_errors_and_pixel_overrides(tmp_path):
