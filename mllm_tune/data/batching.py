@@ -103,11 +103,15 @@ class BatchIterator:
 
   def _load(self, key: int) -> Sample:
     sample = self.prepare(self.source[key])
-    if sample.num_images > self.spec.max_images:
+    g = self.spec.image_groups  # Qwen row groups: each holds max_images / g patches
+    if sample.num_images > self.spec.max_images // g:
       what = ("patches of its images" if self.spec.qwen else
               "crop(s) of its images" if self.spec.anyres else "image(s)")
-      raise DataError(f"{sample.where}: {sample.num_images} {what} but a batch holds at "
-                      f"most max_images={self.spec.max_images}", "too_many_images")
+      where = (f"a row group holds at most max_images / image_groups = "
+               f"{self.spec.max_images} / {g}" if g > 1
+               else f"a batch holds at most max_images={self.spec.max_images}")
+      raise DataError(f"{sample.where}: {sample.num_images} {what} but {where}",
+                      "too_many_images")
     return sample
 
   def _prepare(self, key: int, future: Future | None = None) -> Sample | None:

@@ -21,10 +21,11 @@ min_pixels / max_pixels override the image processor's (0 = the checkpoint's), o
 "resize" (transformers' rule) or "refuse" (images outside [min_pixels, max_pixels] are bad
 records), max_image_tokens as above.
 image_groups G: the data-parallel shards of this host's rows (`mllm-tune train` sets it when left
-0), so each device encodes only its rows' images (`Trainer.put_batch`). Qwen2-VL: the rows form G
-groups with max_images / G patches and a patch block each (`data/qwen_batch.py`); anyres: probed
-crop budgets and default buckets are multiples of G; LLaVA-1.5: a probed slot count is rounded
-down to a multiple of G.
+0), over which `Trainer.put_batch` splits the image buffer. Qwen2-VL: the rows form G groups with
+max_images / G patches and a patch block each (`data/qwen_batch.py`), so each device encodes its
+own rows' images (a sample with more patches than a group holds is a skipped record); anyres:
+probed crop budgets and default buckets are multiples of G; LLaVA-1.5: a probed slot count is
+rounded down to a multiple of G (each device encodes an equal share of the slots).
 Hosts read disjoint shards (`jax.process_index()` of `jax.process_count()`). With kind "tfds"
 on several hosts, convert once beforehand (`sources.build_tfds`): hosts must not build it at
 the same time.
@@ -59,8 +60,9 @@ def _options(cfg) -> dict:
   return {**DEFAULTS, **given}
 
 
-def _probe_max_images(source, prepare, o: dict, n: int = 512) -> int:
-  """`suggest_max_images` from the token lengths and image counts of the first n records."""
+def _probe_max_images(source, prepare, o: dict, n: int = 512) -> tuple[int, int]:
+  """(`suggest_max_images`, the most images of one record) from the token lengths and image
+  counts of the first n records."""
   lengths, images = [], []
   for i in range(min(len(source), n)):
     try:
@@ -71,7 +73,7 @@ def _probe_max_images(source, prepare, o: dict, n: int = 512) -> int:
     lengths.append(min(len(tokens), o["seq_len"]))
     images.append(len(rec["images"]))
   return suggest_max_images(lengths, images, o["batch_size"], o["seq_len"],
-                            prepare.chat.image_seq_len, o["packing"])
+                            prepare.chat.image_seq_len, o["packing"]), max(images, default=0)
 
 
 def _probe_budget(source, prepare, o: dict, measure, n: int = 512) -> tuple[int, int]:
@@ -149,10 +151,10 @@ def make_batches(cfg, model_dir: str, model_config):
     prepare, seq, image_id = SamplePreparer(chat, None, o["seq_len"], o["overflow"]), 0, -1
   max_images = o["max_images"]
   if multimodal and not max_images:
-    max_images = _probe_max_images(source, prepare, o)
+    max_images, most = _probe_max_images(source, prepare, o)
     g = max(1, int(o["image_groups"] or 1))
-    if max_images >= g:  # slots split evenly over the row shards (rounded down: the bound on
-      max_images -= max_images % g  # slots of `packing.max_image_slots` stays met)
+    if max_images - max_images % g >= max(most, 1):  # slots split evenly over the row shards
+      max_images -= max_images % g  # (rounded down: `packing.max_image_slots` stays met)
   pad_id = getattr(prepare.chat.tokenizer, "pad_token_id", None) or 0
   spec = BatchSpec(batch_size=o["batch_size"], max_len=o["seq_len"], packing=o["packing"],
                    bucket_lengths=tuple(o["bucket_lengths"]), max_images=max_images,

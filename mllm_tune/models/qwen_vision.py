@@ -77,9 +77,12 @@ def pos_embed_taps(pos_hw_P2: jax.Array, segment_ids_P: jax.Array,
   `src = i * (side - 1) / max(n - 1, 1)`, taps floor(src) and floor(src) + 1 (clamped), weights
   `max(1 - |src - tap|, 0)`; the 2D taps are the outer product (h-major). The grid (n_h, n_w)
   of a patch is its segment's largest (row, column) + 1; padding rows (segment 0) get some taps,
-  their outputs are never read."""
+  their outputs are never read. Ids are counted from the block's smallest one (a block's images
+  are numbered consecutively, from any base: ids run over the whole batch)."""
   num = segment_ids_P.shape[0] + 1
   seg = segment_ids_P.astype(jnp.int32)
+  real = seg > 0
+  seg = jnp.where(real, seg - jnp.min(jnp.where(real, seg, jnp.iinfo(jnp.int32).max)) + 1, 0)
   size_P2 = jax.ops.segment_max(pos_hw_P2.astype(jnp.int32), seg, num_segments=num)[seg] + 1
   src = pos_hw_P2.astype(jnp.float32) * (side - 1) / jnp.maximum(size_P2 - 1, 1).astype(
       jnp.float32)

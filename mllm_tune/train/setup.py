@@ -211,7 +211,16 @@ def image_sharding(sh: NamedSharding, batch: dict, key: str, model_config, proce
     return NamedSharding(sh.mesh, P())
   shape = list(np.shape(batch[key]))
   shape[lead] *= processes  # the global buffer: the hosts' buffers joined in process order
-  return NamedSharding(sh.mesh, shard_lib.fit_spec(sh.spec, tuple(shape), sh.mesh))
+  out = NamedSharding(sh.mesh, shard_lib.fit_spec(sh.spec, tuple(shape), sh.mesh))
+  if processes > 1 and any(tuple(out.spec)):
+    # pack_index counts this host's slots from rank * n (`rebase_for_host`): its devices must
+    # hold exactly that span, else the buffer is gathered in process order instead
+    n, r = shape[lead] // processes, jax.process_index()
+    spans = [idx[lead].indices(shape[lead])[:2]
+             for idx in out.addressable_devices_indices_map(tuple(shape)).values()]
+    if (min(a for a, _ in spans), max(b for _, b in spans)) != (r * n, (r + 1) * n):
+      return NamedSharding(sh.mesh, P())
+  return out
 
 
 def field_sharding(sh: NamedSharding, key: str, ndim: int, ids_ndim: int | None
@@ -241,14 +250,10 @@ def place_batch(batch: dict, sh: NamedSharding, model_config) -> tuple[dict, tup
   out, replicated = {}, None
   ids_ndim = np.ndim(batch["input_ids"]) if "input_ids" in batch else None
   hosts = jax.process_count()
-  lead = len(tuple(sh.spec)) - 1
-  if hosts > 1 and _is_qwen(model_config) and np.ndim(batch["pixel_values"]) == 2 + lead:
-    # a host's flat patch buffer is one block of the global batch (no image crosses hosts)
-    batch = {k: np.expand_dims(v, lead) if k in IMAGE_FIELDS else v for k, v in batch.items()}
+  if hosts > 1:
+    batch = global_part(batch, model_config, jax.process_index(), len(tuple(sh.spec)) - 1)
   for k, v in batch.items():
     v = np.asarray(v)
-    if hosts > 1:
-      v = rebase_for_host(model_config, k, v, batch, jax.process_index())
     if k in IMAGE_FIELDS:
       k_sh = image_sharding(sh, batch, k, model_config, hosts)
       if not any(tuple(k_sh.spec)):
@@ -266,14 +271,27 @@ def place_batch(batch: dict, sh: NamedSharding, model_config) -> tuple[dict, tup
   return out, replicated
 
 
+def global_part(batch: dict, model_config, rank: int, lead: int = 0) -> dict:
+  """Host `rank`'s batch as its part of the global batch, where the hosts' image buffers are
+  joined in process order: a flat Qwen patch buffer becomes one block (no image crosses hosts)
+  and indices into the image buffer are rebased (`rebase_for_host`). `lead`: 1 with a
+  micro-batch axis."""
+  if (_is_qwen(model_config) and "pixel_values" in batch
+      and np.ndim(batch["pixel_values"]) == 2 + lead):
+    batch = {k: np.expand_dims(v, lead) if k in IMAGE_FIELDS else v for k, v in batch.items()}
+  return {k: rebase_for_host(model_config, k, np.asarray(v), batch, rank)
+          for k, v in batch.items()}
+
+
 def rebase_for_host(model_config, key: str, v: np.ndarray, batch: dict, rank: int
                     ) -> np.ndarray:
   """Indices into one host's image buffer -> into the gathered buffer, where the hosts before
   `rank` come first (every host uses the same buffer size, data/loader.py): `pack_index` rows
   of the image features (anyres: crops x features per crop; Qwen2-VL: patches / m^2) and
   Qwen's per-image `vision_segment_ids` (kept apart from other hosts' images)."""
-  if key == "pack_index":
-    vision, shape = model_config.vision, np.shape(batch["pixel_values"])
+  if key == "pack_index":  # (B, T, K), or (A, B, T, K) with a micro-batch axis
+    vision, lead = model_config.vision, v.ndim - 3
+    shape = np.shape(batch["pixel_values"])[lead:]  # one micro-batch's buffer
     per_host = (math.prod(shape[:-1]) // vision.merge_unit if hasattr(vision, "merge_unit")
                 else shape[0] * model_config.crop_side ** 2)  # Qwen: (P, X) or blocks (G, K, X)
     return v + rank * per_host

@@ -77,6 +77,12 @@ def test_image_groups_block_the_patch_buffer_per_row_group_with_transformers_log
     c, w = check_packed_samples(model, params, batch, refs, hf_model)
     checked, with_images = checked + c, with_images + w
   assert checked >= 6 and with_images >= 4
+  from mllm_tune.data.errors import DataError
+  with pytest.raises(DataError, match=r"data\.json.*: \d+ patches of its images but a row group "
+                                      r"holds at most max_images / image_groups = 64 / 2"):
+    next(make_batches(packed_cfg(path, str(tmp_path / "data" / "images"), batch_size=4,
+                                 image_groups=2, crop_buckets=(64,)), d,
+                      model.config))
   with pytest.raises(ValueError, match=r"data config: image_groups=3 does not divide "
                                        r"batch_size=4 \(rows per host\)"):
     make_batches(packed_cfg(path, str(tmp_path / "data" / "images"), batch_size=4,
@@ -184,13 +190,16 @@ def test_mllm_tune_train_lora_on_tiny_qwen3_vl_and_export_peft(tmp_path):
   np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("groups", [1, 2])
-def test_two_hosts_batches_joined_as_put_batch_does_give_each_hosts_logits(groups, tmp_path):
-  """Multi-host `Trainer.put_batch`: rows are split across hosts, image buffers gathered in
-  process order; `setup.rebase_for_host` moves each host's pack_index and vision segment ids
-  into the joined buffer, so the global batch computes every host's own logits."""
+@pytest.mark.parametrize("family,groups", [("qwen2_5_vl", 1), ("qwen2_5_vl", 2),
+                                           ("qwen3_vl", 2)])
+def test_two_hosts_batches_joined_as_put_batch_does_give_each_hosts_logits(family, groups,
+                                                                          tmp_path):
+  """Multi-host `Trainer.put_batch`: rows are split across hosts, image buffers joined in
+  process order as blocks (`setup.global_part`: a flat buffer is one block; pack_index and
+  vision segment ids rebased), so the global batch computes every host's own logits (Qwen3-VL:
+  its position-embedding taps read each image's grid within a block whatever the ids' base)."""
   from mllm_tune.train import setup
-  d, _, _ = qt.model_dir(str(tmp_path), "qwen2_5_vl")
+  d, _, _ = qt.model_dir(str(tmp_path), family)
   model, params = mt.load_pretrained(d)
   records, images = sized_records(8, seed=0)
   path = write_llava_dataset(str(tmp_path / "data"), records, images)
@@ -198,8 +207,8 @@ def test_two_hosts_batches_joined_as_put_batch_does_give_each_hosts_logits(group
                   crop_buckets=(256,), batch_size=2, image_groups=groups)
   it = make_batches(cfg, d, model.config)
   hosts = [next(it), next(it)]  # what two hosts would each read (same shapes)
-  rebased = [{k: setup.rebase_for_host(model.config, k, v, b, rank) for k, v in b.items()}
-             for rank, b in enumerate(hosts)]
+  rebased = [setup.global_part(b, model.config, rank) for rank, b in enumerate(hosts)]
+  assert rebased[0]["pixel_values"].shape[0] == groups and rebased[0]["pixel_values"].ndim == 3
   joined = {k: np.concatenate([b[k] for b in rebased],
                               axis=1 if k == "positions" else 0) for k in hosts[0]}
   apply = lambda b: np.asarray(model.apply({"params": params}, b["input_ids"],
