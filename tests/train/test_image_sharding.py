@@ -82,14 +82,46 @@ def test_image_buffers_are_split_over_data_parallel_devices(family, tmp_path):
   assert out["err"] < 1e-5
 
 
+def _host_batches(args: list[str], model, hosts: int) -> list[dict]:
+  """The first batch each of `hosts` processes reads with these `mllm-tune train` arguments
+  (`cli.build_data` with the process index and count it would see)."""
+  from unittest import mock
+  import jax
+  from mllm_tune import cli
+  from mllm_tune.train.config_io import apply_overrides, load_config
+  cfg = load_config(args[0].split("=", 1)[1])
+  apply_overrides(cfg, [a[2:] for a in args if a.startswith("--config.")])
+  out = []
+  for rank in range(hosts):
+    with mock.patch.object(jax, "process_index", lambda: rank), \
+         mock.patch.object(jax, "process_count", lambda: hosts):
+      out.append(next(cli.build_data(cfg, model)))
+  return out
+
+
+def _token_nll(model, params, batch: dict) -> tuple[float, int]:
+  """(sum, count) of the next-token negative log-likelihoods over the loss mask (float64)."""
+  import mllm_tune as mt
+  logits = np.asarray(model.apply({"params": params}, batch["input_ids"],
+                                  **mt.models.model_kwargs(batch)), np.float64)[:, :-1]
+  logp = logits - logits.max(-1, keepdims=True)
+  logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+  nll = -np.take_along_axis(logp, batch["input_ids"][:, 1:, None], -1)[..., 0]
+  mask = batch["loss_mask"][:, 1:].astype(bool)
+  return float(nll[mask].sum()), int(mask.sum())
+
+
 @pytest.mark.parametrize("devices_per_proc", [1, 2])
 def test_two_processes_train_qwen_with_image_buffers_split_over_hosts(devices_per_proc,
                                                                       tmp_path):
   """`mllm-tune train` (LoRA, Qwen2.5-VL, LLaVA JSON) as two jax.distributed processes: each
   host's patch buffer becomes its blocks of the global batch (one block per host with one device
-  each; two per host with two devices, `data.image_groups` from the mesh), sharded over the
-  hosts' devices instead of gathered everywhere. Both processes see the same finite losses, the
-  loss goes down and no image buffer is replicated (the trainer would warn)."""
+  each; two per host with two devices), sharded over the hosts' devices instead of gathered
+  everywhere, and no image buffer is replicated (the trainer would warn). The first step's loss
+  (LoRA B = 0: the base model) equals the base model's token cross-entropy over the two hosts'
+  first batches, each computed alone, so every host's tokens met their own images in the joined
+  buffer; both processes log the same losses, and the loss goes down."""
+  import mllm_tune as mt
   from tests.helpers import qwen_vl_tiny as qt
   from tests.helpers.data import sized_records, write_llava_dataset
   from tests.helpers.train import lora_train_args, losses, run_processes
@@ -98,7 +130,8 @@ def test_two_processes_train_qwen_with_image_buffers_split_over_hosts(devices_pe
   write_llava_dataset(str(tmp_path / "data"), records, images)
   run = str(tmp_path / "run")
   args = lora_train_args(d, str(tmp_path / "data"), run, 4, 4, "--config.data.max_pixels=9408",
-                         f"--config.mesh.data={2 * devices_per_proc}")[1:]  # without "train"
+                         f"--config.mesh.data={2 * devices_per_proc}",
+                         f"--config.data.image_groups={devices_per_proc}")[1:]  # no "train"
   res, logs = run_processes(2, args, str(tmp_path), devices_per_proc=devices_per_proc)
   assert res.returncode == 0, logs[0][-3000:] + logs[1][-3000:]
   finals = [json.loads(log.strip().splitlines()[-1]) for log in logs]
@@ -106,3 +139,8 @@ def test_two_processes_train_qwen_with_image_buffers_split_over_hosts(devices_pe
   curve = losses(run)
   assert all(np.isfinite(v) for v in curve.values()) and curve[4] < curve[1]
   assert not any("replicated over" in log for log in logs)
+  model, params = mt.load_pretrained(d)
+  hosts = _host_batches(args, model, 2)
+  assert all(h["pixel_values"].ndim == (2 if devices_per_proc == 1 else 3) for h in hosts)
+  sums, counts = zip(*(_token_nll(model, params, h) for h in hosts))
+  np.testing.assert_allclose(curve[1], sum(sums) / sum(counts), rtol=2e-5)
