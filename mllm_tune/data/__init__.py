@@ -33,6 +33,7 @@ from mllm_tune.data.loader import make_batches
 from mllm_tune.data.packing import (BatchSpec, Item, Planner, assemble, batch_density, pack_rows,
                                     suggest_max_images)
 from mllm_tune.data.pipeline import Sample, SamplePreparer, fit_length, qwen_preparer
+from mllm_tune.data.anyres_batch import assemble_anyres
 from mllm_tune.data.qwen_batch import assemble_qwen
 from mllm_tune.data.qwen_images import QwenImageSpec, preprocess_qwen, smart_resize
 from mllm_tune.data.sources import LlavaJsonSource, Source, TfdsSource, build_tfds
@@ -43,6 +44,7 @@ __all__ = [
     "TokenizedConversation", "load_tokenizer", "to_messages", "DataError", "SkipReport",
     "ImageSpec", "normalize", "preprocess", "resize_and_crop", "BatchSpec", "Item", "Planner",
     "assemble", "batch_density", "pack_rows", "suggest_max_images", "Sample", "SamplePreparer",
-    "fit_length", "qwen_preparer", "assemble_qwen", "QwenImageSpec", "preprocess_qwen",
+    "fit_length", "qwen_preparer", "assemble_anyres", "assemble_qwen", "QwenImageSpec",
+    "preprocess_qwen",
     "smart_resize", "LlavaJsonSource", "Source", "TfdsSource", "build_tfds", "next_token_nll",
     "segment_losses", "make_batches"]

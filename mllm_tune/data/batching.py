@@ -32,6 +32,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 
 from mllm_tune.data import images as img_lib
+from mllm_tune.data.anyres_batch import assemble_anyres
 from mllm_tune.data import qwen_batch, qwen_images
 from mllm_tune.data.errors import DataError, SkipReport, check_on_error, log
 from mllm_tune.data.packing import BatchSpec, Item, Planner, assemble
@@ -166,7 +167,7 @@ class BatchIterator:
                                                     spec=self.image_spec))
         normalize = functools.partial(img_lib.normalize, spec=self.image_spec) \
             if self.image_spec is not None else None
-        return assemble(samples, self.spec, normalize)
+        return (assemble_anyres if self.spec.anyres else assemble)(samples, self.spec, normalize)
       if not self.order().size:
         raise StopIteration  # an empty source (or shard)
       if self._batches_in_epoch == 0:

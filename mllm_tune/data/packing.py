@@ -328,13 +328,12 @@ def batch_density(rows: Sequence[Sequence[Item]], spec: BatchSpec) -> tuple[int,
 def assemble(rows: Sequence[Sequence], spec: BatchSpec, normalize=None) -> dict[str, np.ndarray]:
   """Rows of samples (objects with `tokens` (TokenizedConversation) and `pixels` (N, H, W, 3)
   uint8) -> the batch dict described in the module docstring. `normalize(uint8 NHWC) -> float32`
-  turns pixels into model inputs (`images.normalize`). Qwen2-VL batches are assembled by
-  `qwen_batch.assemble_qwen`."""
+  turns pixels into model inputs (`images.normalize`). Anyres and Qwen2-VL batches are assembled
+  by `anyres_batch.assemble_anyres` and `qwen_batch.assemble_qwen`."""
   if spec.qwen:
     raise ValueError("a Qwen2-VL BatchSpec: assemble with data.qwen_batch.assemble_qwen")
   if spec.anyres:
-    from mllm_tune.data.anyres_batch import assemble_anyres
-    return assemble_anyres(rows, spec, normalize)
+    raise ValueError("an anyres BatchSpec: assemble with data.anyres_batch.assemble_anyres")
   b, seq, m = spec.batch_size, spec.image_seq_len, spec.max_images
   fills = [sum(len(s.tokens) for s in row) for row in rows] + [0] * (b - len(rows))
   n_real = sum(int(s.pixels.shape[0]) for row in rows for s in row)

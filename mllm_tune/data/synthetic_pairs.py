@@ -33,7 +33,7 @@ from mllm_tune.data.errors import DataError
 from mllm_tune.data.images import decode_image, to_rgb
 from mllm_tune.data.offline_render import COLORS, SHAPES, Shape
 from mllm_tune.data.offline_tasks import make_example
-from mllm_tune.data.anyres_batch import quarter_buckets
+from mllm_tune.data.anyres_batch import assemble_anyres, quarter_buckets
 from mllm_tune.data.packing import BatchSpec, assemble
 from mllm_tune.data.pipeline import SamplePreparer, SampleDropped
 from mllm_tune.data.qwen_batch import assemble_qwen, patch_buckets, round_budget
@@ -273,6 +273,7 @@ class PairBatches:
                             image_hw=prepare.image_hw, pad_id=pad_id,
                             crop_features=anyres.feature_side ** 2,
                             crop_buckets=quarter_buckets(budget, image_groups))
+      self._assemble = assemble_anyres
     self._normalize = functools.partial(img_lib.normalize, spec=prepare.image_spec)
 
   def batch(self, step: int) -> dict[str, np.ndarray]:

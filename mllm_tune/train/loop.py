@@ -159,7 +159,7 @@ class Trainer:
     from mllm_tune.train import posthoc_step, tracking
     try:
       run = tracking.RunView(self.model, self.method, self.frozen, lambda: self.variables,
-                             self.run_dir, self.put_batch, self.param_sharding)
+                             self.run_dir, self.put_single_batch, self.param_sharding)
       tracker = tracking.Tracker.create(self.cfg, run, params, variables, self.mask)
     except (EvalSetError, SelectionError) as e:
       raise setup.ConfigValueError(str(e)) from e
@@ -211,10 +211,15 @@ class Trainer:
                   "buckets multiples of %d)", replicated, shards, shards)
     return out
 
+  def put_single_batch(self, batch: dict) -> dict:
+    """`put_batch` for batches without a micro-batch axis (eval sets, GIFT captions), whatever
+    train.grad_accum is."""
+    return self.put_batch(batch, setup.batch_sharding(self.mesh, 1))
+
   def evaluate(self, batches) -> dict:
     tot = {"nll": 0.0, "tokens": 0.0, "correct": 0.0}
     for b in batches:
-      r = jax.device_get(self._eval(self.frozen, self.state.trainable, self.put_batch(b)))
+      r = jax.device_get(self._eval(self.frozen, self.state.trainable, self.put_single_batch(b)))
       tot = {k: tot[k] + float(r[k]) for k in tot}
     n = max(tot["tokens"], 1.0)
     return {"loss": tot["nll"] / n, "accuracy": tot["correct"] / n,
@@ -311,7 +316,7 @@ class Trainer:
         host_batch = next(self.data)
         pb = None
         if self.penalty_data is not None:  # gift: this step's synthetic captions (no A axis)
-          pb = self.put_batch(self.penalty_data.batch(step), setup.batch_sharding(self.mesh, 1))
+          pb = self.put_single_batch(self.penalty_data.batch(step))
         self._note_shapes(host_batch, step + 1)
         batch = self.put_batch(host_batch, training=True)
         self.state, metrics = self._step(self.frozen, self.state, batch, pb)

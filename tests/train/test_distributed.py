@@ -32,6 +32,13 @@ MESH_SCRIPT = textwrap.dedent("""
                       "n_shards": len({{str(s.index) for s in q.addressable_shards}})}}
         tr.run()
         out[name]["losses"] = [losses(cfg.run_dir)[s] for s in range(1, 6)]
+    cfg = tiny_cfg(sys.argv[1] + "/accum", steps=1, grad_accum=2)
+    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.mesh.devices = 8, 1, 1, 0
+    tr = Trainer(cfg, SyntheticBatches(8, 16, 128, grad_accum=2), progress=False)
+    ids = np.zeros((8, 16), np.int32)  # an eval / caption batch: no micro-batch axis
+    out["single_spec"] = str(tr.put_single_batch({{"input_ids": ids}})["input_ids"].sharding.spec)
+    out["accum_spec"] = str(tr.put_batch({{"input_ids": ids[None].repeat(2, 0)}})["input_ids"]
+                            .sharding.spec)
     print("RESULT" + json.dumps(out))
 """)
 
@@ -51,6 +58,9 @@ def test_data_fsdp_and_tensor_meshes_give_the_one_device_loss_curve(tmp_path):
   assert out["fsdp_tensor"]["spec"] == ["None", "fsdp", "tensor"]
   assert out["fsdp_tensor"]["n_shards"] == 8
   assert out["data"]["n_shards"] == 1  # data parallel: replicated parameters
+  # with grad_accum, train batches split rows on axis 1; eval / caption batches on axis 0
+  assert out["accum_spec"] == "P(None, ('data', 'fsdp'))"
+  assert out["single_spec"] == "P(('data', 'fsdp'),)"
 
 
 def test_two_processes_with_jax_distributed_agree_on_the_loss(tmp_path):
