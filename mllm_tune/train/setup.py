@@ -213,12 +213,15 @@ def image_sharding(sh: NamedSharding, batch: dict, key: str, model_config, proce
   shape[lead] *= processes  # the global buffer: the hosts' buffers joined in process order
   out = NamedSharding(sh.mesh, shard_lib.fit_spec(sh.spec, tuple(shape), sh.mesh))
   if processes > 1 and any(tuple(out.spec)):
-    # pack_index counts this host's slots from rank * n (`rebase_for_host`): its devices must
-    # hold exactly that span, else the buffer is gathered in process order instead
-    n, r = shape[lead] // processes, jax.process_index()
-    spans = [idx[lead].indices(shape[lead])[:2]
-             for idx in out.addressable_devices_indices_map(tuple(shape)).values()]
-    if (min(a for a, _ in spans), max(b for _, b in spans)) != (r * n, (r + 1) * n):
+    # pack_index counts host r's slots from r * n (`rebase_for_host`): every host's devices
+    # must hold exactly its span, else (the same answer on every host) the buffer is gathered
+    # in process order instead
+    n, spans = shape[lead] // processes, {}
+    for device, idx in out.devices_indices_map(tuple(shape)).items():
+      a, b = idx[lead].indices(shape[lead])[:2]
+      lo, hi = spans.get(device.process_index, (a, b))
+      spans[device.process_index] = (min(lo, a), max(hi, b))
+    if any(span != (r * n, (r + 1) * n) for r, span in spans.items()):
       return NamedSharding(sh.mesh, P())
   return out
 
