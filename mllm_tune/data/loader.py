@@ -177,7 +177,7 @@ def _anyres_batches(o: dict, source, model_dir: str, model_config):
   g = max(1, int(o["image_groups"] or 1))  # crop counts split evenly over the row shards
   budget = o["max_images"] or -(-_probe_crops(source, prepare, o)[0] // g) * g
   buckets = tuple(o["crop_buckets"]) or quarter_buckets(budget, g)
-  if jax.process_count() > 1:  # hosts' crops are gathered: every host must use one shape
+  if jax.process_count() > 1:  # hosts' crops are parts of one global buffer: one shape
     buckets = (budget,)
   pad_id = getattr(prepare.chat.tokenizer, "pad_token_id", None) or 0
   spec = BatchSpec(batch_size=o["batch_size"], max_len=o["seq_len"], packing=o["packing"],
@@ -225,7 +225,7 @@ def _qwen_batches(o: dict, source, model_dir: str, model_config):
     want, most = _probe_patches(source, prepare, o)
     budget = round_budget(max(want, groups * most), mu * groups)
   buckets = given or patch_buckets(budget, mu * groups)
-  if jax.process_count() > 1:  # hosts' patches are gathered: every host must use one shape
+  if jax.process_count() > 1:  # hosts' patches are parts of one global buffer: one shape
     buckets = (budget,)
   pad_id = getattr(prepare.chat.tokenizer, "pad_token_id", None) or 0
   spec = BatchSpec(batch_size=o["batch_size"], max_len=o["seq_len"], packing=o["packing"],
