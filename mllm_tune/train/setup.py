@@ -293,9 +293,9 @@ def rebase_for_host(model_config, key: str, v: np.ndarray, batch: dict, rank: in
   of the image features (anyres: crops x features per crop; Qwen2-VL: patches / m^2) and
   Qwen's per-image `vision_segment_ids` (kept apart from other hosts' images)."""
   if key == "pack_index":  # (B, T, K), or (A, B, T, K) with a micro-batch axis
-    vision, lead = model_config.vision, v.ndim - 3
+    lead = v.ndim - 3
     shape = np.shape(batch["pixel_values"])[lead:]  # one micro-batch's buffer
-    per_host = (math.prod(shape[:-1]) // vision.merge_unit if hasattr(vision, "merge_unit")
+    per_host = (math.prod(shape[:-1]) // model_config.vision.merge_unit if _is_qwen(model_config)
                 else shape[0] * model_config.crop_side ** 2)  # Qwen: (P, X) or blocks (G, K, X)
     return v + rank * per_host
   if key == "vision_segment_ids":
