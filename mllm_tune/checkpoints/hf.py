@@ -31,7 +31,7 @@ import numpy as np
 from mllm_tune.checkpoints.hf_rules import (  # noqa: F401 (re-exported)
     LLAVA_LAYOUTS, DEFAULT_LLAVA_LAYOUT, QWEN_VL_LAYOUTS, DEFAULT_QWEN_VL_LAYOUT,
     QWEN3_VL_LAYOUTS, MEMORY_LAYOUTS, TO_OURS, TO_HF, Rule, conv3d_kind, _lin, _norm, llm_rules,
-    vision_rules, qwen_vision_rules, key_layouts, default_layout, memory_layout,
+    vision_rules, qwen_vision_rules, key_layouts, default_layout, memory_layout, layout_shapes,
     checkpoint_rules, expected_keys, _expand, _layers_of)
 from mllm_tune.checkpoints.safetensors_io import (FLOAT_DTYPES, CheckpointError, SafetensorsFile,
                                                   write_safetensors)
@@ -136,8 +136,11 @@ def detect_layout(path: str, cfg, names: set[str],
     head = "lm_head.weight" if layout is None else table[layout][1] + ".weight"
     ignorable = {head} if cfg.llm.tie_word_embeddings else set()
     missing, unexpected = sorted(want - names), sorted(names - want - ignorable)
-    if not missing and not unexpected:
-      return layout
+    shapes_fit = files is None or all(
+        k in files and tuple(files[k].info(k)[0]) == shape
+        for k, shape in layout_shapes(cfg, layout).items())
+    if not missing and not unexpected and (shapes_fit or layout == layouts[-1]):
+      return layout  # (the last candidate's tensor shapes are checked as they are read)
     if best is None or len(missing) + len(unexpected) < len(best[1]) + len(best[2]):
       best = (layout, missing, unexpected)
   layout, missing, unexpected = best

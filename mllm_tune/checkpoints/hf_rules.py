@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple
 
+import numpy as np
+
 from mllm_tune.models.config import CausalLMConfig, LlavaConfig, QwenVLConfig
 
 # Key layouts of LlavaForConditionalGeneration checkpoints seen in the wild:
@@ -35,6 +37,10 @@ QWEN_VL_LAYOUTS = {
 }
 DEFAULT_QWEN_VL_LAYOUT = "hub"
 QWEN3_VL_LAYOUTS = {"v5": QWEN_VL_LAYOUTS["v5"]}  # Qwen3-VL's hub files and transformers 5
+# Qwen3-VL-MoE: the same names, and the expert tensors in two orientations:
+#   v5:          what transformers 5 holds and writes, gate_up_proj (E, 2F, D), down_proj (E, D, F)
+#   hub_experts: the hub's files (transformers 4.57's layout), (E, D, 2F) and (E, F, D)
+QWEN3_VL_MOE_LAYOUTS = {"v5": QWEN_VL_LAYOUTS["v5"], "hub_experts": QWEN_VL_LAYOUTS["v5"]}
 # module names inside the transformers 5 model (what peft adapter files name)
 MEMORY_LAYOUTS = {LlavaConfig: "v5_flat", QwenVLConfig: "v5"}
 
@@ -62,9 +68,11 @@ def conv3d_kind(channels: int, temporal: int, patch: int) -> str:
 
 # Layout transforms, HF tensor -> ours (and back).
 TO_OURS = _Transforms({"copy": lambda x: x, "linear": lambda x: x.T,
+                       "experts_t": lambda x: x.swapaxes(-1, -2),
                        "patch": lambda x: x.transpose(2, 3, 1, 0)},  # (D, C, P, P) -> (P, P, C, D)
                       lambda dims: lambda x: x.reshape(x.shape[0], -1).T)
 TO_HF = _Transforms({"copy": lambda x: x, "linear": lambda x: x.T,
+                     "experts_t": lambda x: x.swapaxes(-1, -2),
                      "patch": lambda x: x.transpose(3, 2, 0, 1)},
                     lambda dims: lambda x: x.T.reshape((x.shape[1],) + dims))
 
@@ -91,15 +99,22 @@ def _norm(hf: str, path: tuple, stacked: bool, bias: bool) -> list[Rule]:
   return out
 
 
-def llm_rules(c, prefix: str, head: str = "lm_head") -> list[Rule]:
-  """Rules for the decoder under `prefix` (e.g. `model.language_model.`), LM head at `head`."""
+def llm_rules(c, prefix: str, head: str = "lm_head", experts: str = "experts_t") -> list[Rule]:
+  """Rules for the decoder under `prefix` (e.g. `model.language_model.`), LM head at `head`;
+  `experts` is the transform kind of mixture-of-experts tensors ("experts_t": transformers 5's
+  orientation, "copy": the hub's, which is ours)."""
   p, lp, s = prefix, ("llm", "layers"), True
   rules = [Rule(f"{p}embed_tokens.weight", ("llm", "embed", "embedding"))]
   for n in "qkvo":
     rules += _lin(f"{p}layers.{{i}}.self_attn.{n}_proj", lp + ("attn", f"{n}_proj"),
                   c.o_bias if n == "o" else c.qkv_bias, s)
-  for n in ("gate", "up", "down"):
-    rules += _lin(f"{p}layers.{{i}}.mlp.{n}_proj", lp + ("mlp", f"{n}_proj"), c.mlp_bias, s)
+  if c.num_experts:
+    rules += _lin(f"{p}layers.{{i}}.mlp.gate", lp + ("mlp", "router"), False, s)
+    rules += [Rule(f"{p}layers.{{i}}.mlp.experts.{n}_proj", lp + ("mlp", f"experts_{n}"),
+                   experts, s) for n in ("gate_up", "down")]
+  else:
+    for n in ("gate", "up", "down"):
+      rules += _lin(f"{p}layers.{{i}}.mlp.{n}_proj", lp + ("mlp", f"{n}_proj"), c.mlp_bias, s)
   if c.qk_norm:  # Qwen3
     for n in "qk":
       rules += _norm(f"{p}layers.{{i}}.self_attn.{n}_norm", lp + ("attn", f"{n}_norm"), s, False)
@@ -169,6 +184,8 @@ def qwen_vision_rules(c, prefix: str) -> list[Rule]:
 def key_layouts(cfg) -> dict | None:
   """The key layouts a config's checkpoints come in (None: a bare LLM's single layout)."""
   if isinstance(cfg, QwenVLConfig):
+    if cfg.llm.num_experts:
+      return QWEN3_VL_MOE_LAYOUTS
     return QWEN3_VL_LAYOUTS if cfg.vision.qwen3 else QWEN_VL_LAYOUTS
   return LLAVA_LAYOUTS if isinstance(cfg, LlavaConfig) else None
 
@@ -190,8 +207,10 @@ def checkpoint_rules(cfg, layout: str | None = None) -> list[Rule]:
   if isinstance(cfg, CausalLMConfig):
     return llm_rules(cfg.llm, "model.")
   if isinstance(cfg, QwenVLConfig):
-    llm_p, head, vis_p = QWEN_VL_LAYOUTS[layout or default_layout(cfg)]
-    return llm_rules(cfg.llm, llm_p, head) + qwen_vision_rules(cfg.vision, vis_p)
+    layout = layout or default_layout(cfg)
+    llm_p, head, vis_p = key_layouts(cfg)[layout]
+    experts = "copy" if layout == "hub_experts" else "experts_t"
+    return llm_rules(cfg.llm, llm_p, head, experts) + qwen_vision_rules(cfg.vision, vis_p)
   llm_p, head, vis_p, proj_p = LLAVA_LAYOUTS[layout or DEFAULT_LLAVA_LAYOUT]
   rules = llm_rules(cfg.llm, llm_p, head)
   rules += vision_rules(cfg.vision, vis_p)
@@ -201,6 +220,22 @@ def checkpoint_rules(cfg, layout: str | None = None) -> list[Rule]:
     rules.append(Rule(f"{proj_p[:-len('multi_modal_projector.')]}image_newline",
                       ("image_newline",)))
   return rules
+
+
+def layout_shapes(cfg, layout: str | None) -> dict[str, tuple[int, ...]]:
+  """HF tensor name -> shape for the tensors whose orientation tells layouts with the same
+  names apart (layer 0's mixture-of-experts tensors; {} elsewhere)."""
+  c = cfg.llm
+  if not c.num_experts or not isinstance(cfg, QwenVLConfig):
+    return {}
+  e, d, f = c.num_experts, c.hidden_size, c.moe_intermediate_size
+  ours = {"gate_up": (e, d, 2 * f), "down": (e, f, d)}
+  out = {}
+  for r in checkpoint_rules(cfg, layout):
+    name = r.path[-1].removeprefix("experts_")
+    if r.path[-2:-1] == ("mlp",) and name in ours:
+      out[r.hf.format(i=0)] = TO_HF[r.kind](np.empty(ours[name], np.bool_)).shape
+  return out
 
 
 def expected_keys(cfg, layout: str | None) -> set[str]:

@@ -29,6 +29,7 @@ from mllm_tune.models.adapters import (ADAPTERS, ADAPTION_GATE, ADAPTION_GATE_TA
                                        PREFIX_MLP_LEAVES, PREFIX_V, PROMPT_EMBEDDINGS,
                                        parallel_adapter)
 from mllm_tune.models.layers import Linear, RMSNorm, activation, dtype_of
+from mllm_tune.models.moe import MoEMLP
 from mllm_tune.models.prefix import prepend_prefix, prefix_mlp, split_prefix
 from mllm_tune.models.rope import apply_rope, rope_inv_freq, rope_sin_cos
 from mllm_tune.models.stacking import rematted, scanned
@@ -148,7 +149,8 @@ class DecoderBlock(nn.Module):
                                                       mask_BTS, layer_cache, cache_index,
                                                       layer_prefix)
     h_BTD = h_BTD + attn_out
-    h_BTD = h_BTD + MLP(c, name="mlp")(norm("post_attn_norm")(h_BTD))
+    mlp = MoEMLP(c, name="mlp") if c.num_experts else MLP(c, name="mlp")
+    h_BTD = h_BTD + mlp(norm("post_attn_norm")(h_BTD))
     if deepstack is not None:
       h_BTD = add_deepstack(h_BTD, deepstack, layer_xs[2])
     return h_BTD, layer_cache

@@ -79,6 +79,19 @@ class LLMConfig:
   # False: one module per layer (params llm/layers_0.., models.kv_cache.unstack_layers); decoding
   # uses it internally (eval/decoding.py). Checkpoints, tuning and training use the stacked form.
   scan_layers: bool = True
+  # mixture of experts (Qwen3-VL-MoE's text model): every layer's MLP is `num_experts` gated
+  # MLPs of width `moe_intermediate_size`, each token routed to its `num_experts_per_tok` best
+  # (softmax router, top-k weights renormalised to sum to 1); 0 = the dense MLP
+  num_experts: int = 0
+  num_experts_per_tok: int = 0
+  moe_intermediate_size: int = 0
+
+  def __post_init__(self):
+    if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
+      raise ConfigError(f"num_experts_per_tok {self.num_experts_per_tok} must be in 1.."
+                        f"{self.num_experts} (num_experts)")
+    if self.num_experts and self.moe_intermediate_size < 1:
+      raise ConfigError("a mixture-of-experts LLM needs moe_intermediate_size >= 1")
 
   @property
   def kv_groups(self) -> int:
@@ -162,13 +175,38 @@ def llm_config_from_hf(d: dict, where: str = "config.json", mrope: bool = False,
       o_bias=attn_bias and mt in ("llama", "qwen3"), qk_norm=mt == "qwen3",
       mlp_bias=bool(d.get("mlp_bias", False)) and mt == "llama",
       tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-      sliding_window=int(sliding) if sliding else None)
+      sliding_window=int(sliding) if sliding else None, **_moe_from_hf(d, where, mt))
   half = cfg.head_dim // 2
   if cfg.rope.mrope_section and (len(cfg.rope.mrope_section) != 3
                                  or sum(cfg.rope.mrope_section) != half):
     raise ConfigError(f"{where}: mrope_section {list(cfg.rope.mrope_section)} must be 3 sizes "
                       f"summing to head_dim / 2 = {half}")
   return dataclasses.replace(cfg, **overrides)
+
+
+def _moe_from_hf(d: dict, where: str, mt: str) -> dict:
+  """Mixture-of-experts fields of a Qwen3-MoE-style text config ({} for a dense one). Only
+  configs whose every layer is sparse are supported (`decoder_sparse_step` 1, no
+  `mlp_only_layers`), as in the released Qwen3-VL-MoE checkpoints."""
+  experts = d.get("num_experts", d.get("num_local_experts")) or 0
+  if not experts:
+    return {}
+  if mt != "qwen3":
+    raise ConfigError(f"{where}: mixture-of-experts layers are supported in Qwen3-VL-MoE's text "
+                      f"model only, not model_type '{mt}'")
+  if int(d.get("decoder_sparse_step", 1)) != 1 or d.get("mlp_only_layers"):
+    raise ConfigError(f"{where}: decoder_sparse_step {d.get('decoder_sparse_step')} / "
+                      f"mlp_only_layers {d.get('mlp_only_layers')}: only configs whose every "
+                      "layer is a mixture of experts are supported (step 1, no dense layers)")
+  if d.get("norm_topk_prob") is False:
+    raise ConfigError(f"{where}: norm_topk_prob false is not supported (Qwen3-VL-MoE "
+                      "renormalises the top-k router weights)")
+  try:
+    return dict(num_experts=int(experts),
+                num_experts_per_tok=int(_need(d, "num_experts_per_tok", where)),
+                moe_intermediate_size=int(_need(d, "moe_intermediate_size", where)))
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"{where}: {e}") from None
 
 
 # ----------------------------------------------------------------------------- ours -> HF
@@ -203,5 +241,9 @@ def llm_config_to_hf(c: LLMConfig) -> dict:
     raise ConfigError("Qwen2 always has q/k/v biases; qkv_bias=False cannot be exported")
   if c.model_type == "mistral":
     d["sliding_window"] = c.sliding_window
+  if c.num_experts:
+    d.update(num_experts=c.num_experts, num_experts_per_tok=c.num_experts_per_tok,
+             moe_intermediate_size=c.moe_intermediate_size, decoder_sparse_step=1,
+             mlp_only_layers=[])
   return d
 

@@ -34,10 +34,12 @@ from typing import Any
 from mllm_tune.models.llm_config import (ConfigError, LLMConfig, _need, llm_config_from_hf,
                                          llm_config_to_hf)
 
-QWEN_VL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+QWEN_VL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+QWEN3_VL_TYPES = ("qwen3_vl", "qwen3_vl_moe")  # the Qwen3-VL tower and a Qwen3 text model
 QWEN_VL_ARCHITECTURES = {"qwen2_vl": "Qwen2VLForConditionalGeneration",
                          "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-                         "qwen3_vl": "Qwen3VLForConditionalGeneration"}
+                         "qwen3_vl": "Qwen3VLForConditionalGeneration",
+                         "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration"}
 VISION_DEFAULTS = {  # transformers 5.25 Qwen2VLVisionConfig / Qwen2_5_VLVisionConfig defaults
     "qwen2_vl": dict(depth=32, embed_dim=1280, hidden_size=3584, hidden_act="quick_gelu",
                      mlp_ratio=4, num_heads=16, in_channels=3, patch_size=14,
@@ -51,11 +53,14 @@ VISION_DEFAULTS = {  # transformers 5.25 Qwen2VLVisionConfig / Qwen2_5_VLVisionC
                      spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=3584,
                      num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24]),
 }
+VISION_DEFAULTS["qwen3_vl_moe"] = VISION_DEFAULTS["qwen3_vl"]
 VISION_ALIASES = {"in_channels": "in_chans", "patch_size": "spatial_patch_size"}  # hub names
 TEXT_DEFAULTS = {  # transformers 5.25 Qwen2VLTextConfig / Qwen3VLTextConfig defaults
     "qwen2": dict(rms_norm_eps=1e-5, max_position_embeddings=32768, num_key_value_heads=8),
     "qwen3": dict(rms_norm_eps=1e-6, max_position_embeddings=128000, num_key_value_heads=32,
                   head_dim=128, attention_bias=False)}
+MOE_TEXT_DEFAULTS = dict(  # transformers 5.25 Qwen3VLMoeTextConfig
+    num_key_value_heads=16, num_experts=60, num_experts_per_tok=4, moe_intermediate_size=1408)
 DEFAULT_THETA = {"qwen2": 1e6, "qwen3": 5e5}  # the text configs' default_theta
 QWEN3_MROPE_SECTION = (24, 20, 20)  # Qwen3VLTextRotaryEmbedding's default
 TOKEN_DEFAULTS = dict(image_token_id=151655, video_token_id=151656,
@@ -116,7 +121,7 @@ class QwenVisionConfig:
   @property
   def qwen3(self) -> bool:
     """Qwen3-VL: biased patch embedding, learned position table, deepstack mergers."""
-    return self.model_type == "qwen3_vl"
+    return self.model_type in QWEN3_VL_TYPES
 
   @property
   def pos_grid_side(self) -> int:
@@ -153,8 +158,8 @@ class QwenVisionConfig:
 
 @dataclasses.dataclass(frozen=True)
 class QwenVLConfig:
-  """Qwen2-VL (`model_type` "qwen2_vl"), Qwen2.5-VL ("qwen2_5_vl") or Qwen3-VL ("qwen3_vl",
-  dense)."""
+  """Qwen2-VL (`model_type` "qwen2_vl"), Qwen2.5-VL ("qwen2_5_vl"), Qwen3-VL ("qwen3_vl") or
+  Qwen3-VL-MoE ("qwen3_vl_moe": the Qwen3-VL tower and a mixture-of-experts Qwen3 text model)."""
   vision: QwenVisionConfig = QwenVisionConfig()
   llm: LLMConfig = LLMConfig()
   model_type: str = "qwen2_vl"
@@ -195,7 +200,7 @@ def _vision_from_hf(v: dict, mt: str, where: str, dtype: str, param_dtype: str):
   if mt == "qwen2_vl":
     width, out, act = int(get("embed_dim")), int(get("hidden_size")), get("hidden_act")
     inter, extra = int(width * get("mlp_ratio")), {}
-  elif mt == "qwen3_vl":
+  elif mt in QWEN3_VL_TYPES:
     width, out, act = int(get("hidden_size")), int(get("out_hidden_size")), get("hidden_act")
     inter = int(get("intermediate_size"))
     extra = dict(num_position_embeddings=int(get("num_position_embeddings")),
@@ -221,8 +226,8 @@ def _vision_from_hf(v: dict, mt: str, where: str, dtype: str, param_dtype: str):
 
 def qwen_vl_config_from_hf(d: dict, where: str = "config.json", dtype: str = "float32",
                            param_dtype: str = "float32") -> QwenVLConfig:
-  """A `qwen2_vl` / `qwen2_5_vl` / `qwen3_vl` config.json dict (flat or nested) ->
-  `QwenVLConfig`."""
+  """A `qwen2_vl` / `qwen2_5_vl` / `qwen3_vl` / `qwen3_vl_moe` config.json dict (flat or
+  nested) -> `QwenVLConfig`."""
   mt = d.get("model_type")
   if mt not in QWEN_VL_TYPES:
     raise ConfigError(f"{where}: model_type {mt!r} is not one of {QWEN_VL_TYPES}")
@@ -235,8 +240,16 @@ def qwen_vl_config_from_hf(d: dict, where: str = "config.json", dtype: str = "fl
   text = dict(d["text_config"]) if nested else dict(d)
   twhere = f"{where}:text_config" if nested else where
   # the Qwen2 decoder (q/k/v bias, head_dim = hidden / heads); Qwen3-VL: Qwen3
-  decoder = "qwen3" if mt == "qwen3_vl" else "qwen2"
-  for k, val in TEXT_DEFAULTS[decoder].items():
+  decoder = "qwen3" if mt in QWEN3_VL_TYPES else "qwen2"
+  defaults = TEXT_DEFAULTS[decoder]
+  if mt == "qwen3_vl_moe":
+    defaults = {**defaults, **MOE_TEXT_DEFAULTS}
+    if text.get("num_local_experts") is not None:
+      text.setdefault("num_experts", text["num_local_experts"])
+  elif text.get("num_experts") or text.get("num_local_experts"):
+    raise ConfigError(f"{twhere}: num_experts is set but model_type '{mt}' is dense (a "
+                      "mixture-of-experts Qwen3-VL is 'qwen3_vl_moe')")
+  for k, val in defaults.items():
     if text.get(k) is None:
       text[k] = val
   params = text.get("rope_parameters") or {}
@@ -299,6 +312,8 @@ def _text_to_hf(c: LLMConfig, base: dict, mt: str, nested: bool) -> dict:
     text.pop("head_dim")  # Qwen2-VL's text model derives it (hidden_size / heads)
   rope = text.pop("rope_parameters")
   out = {**base, **text}
+  if "num_local_experts" in base:  # transformers' name for num_experts: keep both consistent
+    out["num_local_experts"] = c.num_experts
   if nested:
     out["model_type"] = f"{mt}_text"
   else:

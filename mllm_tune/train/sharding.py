@@ -27,6 +27,10 @@ DEFAULT_RULES: list[tuple[str, P]] = [
     (r"llm/layers/attn/o_proj/kernel", P(None, "tensor", "fsdp")),
     (r"llm/layers/mlp/(gate|up)_proj/kernel", P(None, "fsdp", "tensor")),
     (r"llm/layers/mlp/down_proj/kernel", P(None, "tensor", "fsdp")),
+    # mixture of experts (L, E, D, 2F) / (L, E, F, D): FSDP over the model width (the fused
+    # gate/up columns stay whole; no expert-parallel axis)
+    (r"llm/layers/mlp/experts_gate_up", P(None, None, "fsdp", None)),
+    (r"llm/layers/mlp/experts_down", P(None, None, None, "fsdp")),
     (r"llm/embed/embedding", P("tensor", "fsdp")),
     (r"llm/lm_head/kernel", P("fsdp", "tensor")),
     (r"vision/layers/(attn|mlp)/\w+/kernel", P(None, "fsdp", None)),

@@ -168,8 +168,9 @@ def model_dir(root: str, family: str = "qwen2_5_vl"):
   tok = qwen_tokenizer()
   kw = dict(vocab_size=len(tok), pad_token_id=0, bos_token_id=None, eos_token_id=2)
   image_kw = {}
-  if family == "qwen3_vl":  # 16-pixel patches: budgets of the same merged-token counts
-    from tests.helpers.qwen3_vl_tiny import qwen3_vl as build
+  if family in ("qwen3_vl", "qwen3_vl_moe"):  # 16-pixel patches: the same merged-token budgets
+    from tests.helpers import qwen3_vl_tiny
+    build = getattr(qwen3_vl_tiny, family)
     image_kw = dict(patch_size=16, min_pixels=32 * 32, max_pixels=32 * 32 * 24)
   else:
     build = qwen2_5_vl if family == "qwen2_5_vl" else qwen2_vl

@@ -174,7 +174,7 @@ def test_configs_hub_form_native_round_trip_and_errors(loaded):
   with pytest.raises(ConfigError, match="deepstack_visual_indexes"):
     config_from_hf(bad)
   with pytest.raises(ConfigError, match="'qwen3_vl'"):
-    config_from_hf({"model_type": "qwen3_vl_moe"})
+    config_from_hf({"model_type": "qwen3_omni_moe"})
 
 
 def test_peft_lora_both_ways_with_logit_parity(loaded, tmp_path):

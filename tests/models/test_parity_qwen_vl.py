@@ -235,5 +235,5 @@ def test_config_errors_and_native_round_trip():
   rope = dict(d["text_config"]["rope_parameters"], mrope_section=[2, 2, 1])
   with pytest.raises(ConfigError, match=r"mrope_section \[2, 2, 1\] .* head_dim / 2 = 4"):
     config_from_hf(dict(d, text_config=dict(d["text_config"], rope_parameters=rope)))
-  with pytest.raises(ConfigError, match="'qwen2_vl', 'qwen2_5_vl', 'qwen3_vl'"):
-    config_from_hf({"model_type": "qwen3_vl_moe"})
+  with pytest.raises(ConfigError, match="'qwen2_vl', 'qwen2_5_vl', 'qwen3_vl', 'qwen3_vl_moe'"):
+    config_from_hf({"model_type": "qwen3_omni_moe"})

@@ -151,16 +151,17 @@ def test_mllm_tune_train_lora_on_tiny_qwen2_5_vl_on_two_devices(tmp_path):
   assert "replicated over the 2 data-parallel shards: every device runs the vision" in res.stderr
 
 
-def test_mllm_tune_train_lora_on_tiny_qwen3_vl_and_export_peft(tmp_path):
-  """Qwen3-VL (deepstack, 16-pixel patches): `mllm-tune train` with the LoRA recipe on LLaVA
-  JSON, loss down, checkpoint saved; `mllm-tune export --peft` loads in transformers + peft with
-  our trained logits on one record (processor output through `mt.hf_inputs`). The directory has
-  Qwen2-VL's processor set to 16-pixel patches: Qwen3VLProcessor expands images the same way,
-  but transformers builds its video processor only with torchvision."""
+def test_mllm_tune_train_lora_on_tiny_qwen3_vl_moe_and_export_peft(tmp_path):
+  """Qwen3-VL-MoE (deepstack, 16-pixel patches, mixture-of-experts MLPs): `mllm-tune train` with
+  the LoRA recipe on LLaVA JSON, loss down, checkpoint saved; `mllm-tune export --peft` loads in
+  transformers + peft with our trained logits on one record (processor output through
+  `mt.hf_inputs`). The directory has Qwen2-VL's processor set to 16-pixel patches:
+  Qwen3VLProcessor expands images the same way, but transformers builds its video processor
+  only with torchvision. (Dense Qwen3-VL trains in test_qwen3_methods.py; the CLI is the same.)"""
   from peft import PeftModel
-  from transformers import Qwen3VLForConditionalGeneration
+  from transformers import Qwen3VLMoeForConditionalGeneration
   from mllm_tune.cli import main
-  d, _, proc = qt.model_dir(str(tmp_path), "qwen3_vl")
+  d, _, proc = qt.model_dir(str(tmp_path), "qwen3_vl_moe")
   records, images = sized_records(16, seed=2)
   write_llava_dataset(str(tmp_path / "data"), records, images)
   run = str(tmp_path / "run")
@@ -173,7 +174,7 @@ def test_mllm_tune_train_lora_on_tiny_qwen3_vl_and_export_peft(tmp_path):
   out = str(tmp_path / "peft")
   assert main(["export", run, "--peft", out]) == 0
   trained = mt.load_run(run)
-  assert trained.step == 4 and trained.model.config.model_type == "qwen3_vl"
+  assert trained.step == 4 and trained.model.config.model_type == "qwen3_vl_moe"
   rec = next(r for r in records if isinstance(r.get("image"), list))  # two images
   enc = hf_per_record([rec], images, qt.encode_record(proc)).popitem()[1]
   kw = mt.hf_inputs(trained.model, enc)
@@ -183,7 +184,7 @@ def test_mllm_tune_train_lora_on_tiny_qwen3_vl_and_export_peft(tmp_path):
   base = {**trained.variables,
           "adapters": jax.tree.map(np.zeros_like, trained.variables["adapters"])}
   assert np.abs(ours - np.asarray(apply(base, **kw))[0]).max() > 1e-3  # it trained
-  peft_model = PeftModel.from_pretrained(Qwen3VLForConditionalGeneration.from_pretrained(d),
+  peft_model = PeftModel.from_pretrained(Qwen3VLMoeForConditionalGeneration.from_pretrained(d),
                                          out).eval()
   with torch.no_grad():
     ref = peft_model(**enc).logits[0].float().numpy()

@@ -1,0 +1,76 @@
+"""Mixture-of-experts MLP (Qwen3-VL-MoE's text model; transformers'
+`Qwen3VLMoeTextSparseMoeBlock`).
+
+Each token's router logits (a bias-free Linear, D -> E) go through a float32 softmax; the token
+takes its `num_experts_per_tok` (k) most probable experts, with those k probabilities
+renormalised to sum to 1 (cast back to the compute dtype, as transformers does). Expert e is a
+gated MLP: `down_e(act(x gate_e) * (x up_e))`; the block returns the weighted sum of the k
+expert outputs.
+
+Params (one layer; stacked with a leading L in the scanned LLM):
+  router/kernel       (D, E)        a `Linear`, so LoRA and the other Linear methods can reach it
+  experts_gate_up     (E, D, 2F)    gate columns [0, F), up columns [F, 2F) (the hub's layout)
+  experts_down        (E, F, D)
+
+Dispatch is dropless: the N*k (token, expert) pairs are sorted by expert and run through
+`jax.lax.ragged_dot` (grouped matmuls over contiguous row groups), then scattered back and
+summed. No token is dropped and no capacity factor is involved, so the result equals
+transformers' per-expert loop. How fast `ragged_dot` runs is the backend's business: XLA:CPU
+lowers it densely (every row against every expert, E times the work, which tests can afford),
+GPU and TPU backends have grouped-matmul kernels. Router load-balancing losses are not added
+(transformers adds one only with `output_router_logits=True`).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from mllm_tune.models.adapters import parallel_adapter
+from mllm_tune.models.layers import Linear, activation, default_kernel_init, dtype_of
+from mllm_tune.models.llm_config import LLMConfig
+
+
+def route(logits_NE: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """(weights (N, k) in the logits' dtype, expert ids (N, k)): the k most probable experts of
+  each row of a float32 softmax, their probabilities renormalised to sum to 1."""
+  probs_NE = jax.nn.softmax(logits_NE.astype(jnp.float32), axis=-1)
+  top_NK, idx_NK = jax.lax.top_k(probs_NE, k)
+  top_NK = top_NK / jnp.sum(top_NK, axis=-1, keepdims=True)
+  return top_NK.astype(logits_NE.dtype), idx_NK
+
+
+def routed_experts(x_ND: jax.Array, weights_NK: jax.Array, idx_NK: jax.Array,
+                   gate_up_EDF2: jax.Array, down_EFD: jax.Array, act: str) -> jax.Array:
+  """sum_j weights[n, j] * expert_{idx[n, j]}(x[n]) for every row n, (N, D), dropless."""
+  n, k = idx_NK.shape
+  num_experts, f = down_EFD.shape[0], down_EFD.shape[1]
+  flat_M = idx_NK.reshape(-1)                          # M = N * k (token, expert) pairs
+  order_M = jnp.argsort(flat_M, stable=True)           # grouped by expert
+  token_M = order_M // k
+  sizes_E = jnp.bincount(flat_M, length=num_experts).astype(jnp.int32)
+  xs_MD = x_ND[token_M]
+  h_MF2 = jax.lax.ragged_dot(xs_MD, gate_up_EDF2.astype(x_ND.dtype), sizes_E)
+  h_MF = activation(act)(h_MF2[:, :f]) * h_MF2[:, f:]
+  y_MD = jax.lax.ragged_dot(h_MF, down_EFD.astype(x_ND.dtype), sizes_E)
+  y_MD = y_MD * weights_NK.reshape(-1)[order_M][:, None].astype(y_MD.dtype)
+  return jnp.zeros_like(x_ND).at[token_M].add(y_MD)
+
+
+class MoEMLP(nn.Module):
+  """The sparse MLP of one decoder layer (`LLMConfig.num_experts` > 0)."""
+  cfg: LLMConfig
+
+  @nn.compact
+  def __call__(self, x_BTD: jax.Array) -> jax.Array:
+    c = self.cfg
+    d, e, f = c.hidden_size, c.num_experts, c.moe_intermediate_size
+    x_ND = x_BTD.reshape(-1, d)
+    logits_NE = Linear(e, False, c.dtype, c.param_dtype, name="router")(x_ND)
+    weights_NK, idx_NK = route(logits_NE, c.num_experts_per_tok)
+    pdt = dtype_of(c.param_dtype)
+    gate_up = self.param("experts_gate_up", default_kernel_init(), (e, d, 2 * f), pdt)
+    down = self.param("experts_down", default_kernel_init(), (e, f, d), pdt)
+    y_ND = routed_experts(x_ND.astype(dtype_of(c.dtype)), weights_NK, idx_NK, gate_up, down,
+                          c.hidden_act)
+    return parallel_adapter(self, x_BTD, y_ND.reshape(x_BTD.shape))

@@ -1,0 +1,212 @@
+"""Qwen3-VL-MoE against transformers: the router, logits, gradients of every weight kind,
+greedy generation, checkpoints both ways in both expert orientations (transformers 5's and the
+hub's) and PEFT, on the padded three-row batch of `tests/helpers/qwen3_vl_tiny.py` (a row of two
+images of different grids, a one-image row, a text-only row)."""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import mllm_tune as mt
+from mllm_tune.checkpoints.safetensors_io import CheckpointError
+from mllm_tune.models.config import ConfigError, config_from_dict, config_from_hf, config_to_dict
+from mllm_tune.models.moe import route, routed_experts
+from tests.helpers import qwen3_vl_tiny as q3
+from tests.helpers import qwen_vl_tiny as qt
+from tests.helpers.hf_parity import (assert_same_tensors, check_peft_lora_both_ways,
+                                     safetensors_tensors)
+
+ATOL = 1e-4
+SIDES = ["right", "left", "right"]
+MLP0 = "model.language_model.layers.0.mlp."
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory):
+  """(transformers model, its saved directory, our model, params)."""
+  hf_model = q3.qwen3_vl_moe()
+  d = str(tmp_path_factory.mktemp("qwen3_vl_moe") / "hf")
+  hf_model.save_pretrained(d)
+  return hf_model, d, *mt.load_pretrained(d)
+
+
+def _logits(model, params, kw):
+  return np.asarray(model.apply({"params": params}, **kw))
+
+
+def test_router_and_experts_match_transformers_block(loaded):
+  """`route` + `routed_experts` on 64 random rows equal transformers' sparse MoE block (its
+  router's top-k ids and renormalised weights, and the per-expert loop's output)."""
+  hf_model, _, model, params = loaded
+  block = hf_model.model.language_model.layers[1].mlp
+  x = np.random.RandomState(0).randn(64, 32).astype(np.float32)
+  with torch.no_grad():
+    _, ref_w, ref_i = block.gate(torch.tensor(x))
+    ref_y = block(torch.tensor(x)[None])[0].numpy()
+  mlp = jax.tree.map(lambda a: a[1], params["llm"]["layers"]["mlp"])
+  w, i = route(jnp.asarray(x) @ mlp["router"]["kernel"], 2)
+  np.testing.assert_array_equal(np.asarray(i), ref_i.numpy())
+  np.testing.assert_allclose(np.asarray(w), ref_w.numpy(), atol=1e-6)
+  np.testing.assert_allclose(np.asarray(w).sum(-1), 1.0, atol=1e-6)
+  y = routed_experts(jnp.asarray(x), w, i, mlp["experts_gate_up"], mlp["experts_down"], "silu")
+  np.testing.assert_allclose(np.asarray(y), ref_y, atol=1e-5)
+  assert len(np.unique(np.asarray(i))) == 6  # every expert is used by some row
+
+
+def test_logits_and_gradients_match_transformers(loaded):
+  hf_model, _, model, params = loaded
+  c = model.config
+  assert c.model_type == "qwen3_vl_moe" and c.hf_layout == "v5"
+  assert (c.llm.num_experts, c.llm.num_experts_per_tok, c.llm.moe_intermediate_size) == (6, 2, 24)
+  mlp = params["llm"]["layers"]["mlp"]
+  assert mlp["experts_gate_up"].shape == (3, 6, 32, 48) and mlp["experts_down"].shape == (3, 6, 24,
+                                                                                         32)
+  enc = q3.batch(SIDES)
+  kw = mt.hf_inputs(model, enc)
+  real = enc["attention_mask"].astype(bool)
+  ours = _logits(model, params, kw)
+  np.testing.assert_allclose(ours[real], qt.hf_logits(hf_model, enc)[real], atol=ATOL, rtol=0)
+  # the routing matters: the same experts in another order give other logits
+  perm = {**mlp, "experts_down": mlp["experts_down"][:, ::-1]}
+  other = _logits(model, {**params, "llm": {**params["llm"], "layers": {
+      **params["llm"]["layers"], "mlp": perm}}}, kw)
+  assert np.abs(other - ours)[real].max() > 1e-3
+
+  # gradients of a next-token loss at the real tokens: router, experts, attention, vision
+  labels = np.where(real, np.roll(enc["input_ids"], -1, axis=1), -100)
+  labels[:, -1] = -100
+
+  def loss(p):
+    logp = jax.nn.log_softmax(model.apply({"params": p}, **kw), axis=-1)
+    picked = jnp.take_along_axis(logp, jnp.asarray(np.maximum(labels, 0))[..., None], -1)[..., 0]
+    return -jnp.sum(jnp.where(labels >= 0, picked, 0.0)) / np.sum(labels >= 0)
+
+  grads = jax.jit(jax.grad(loss))(params)
+  hf_model.zero_grad()
+  logits = hf_model(**qt.torch_inputs(enc)).logits
+  torch.nn.functional.cross_entropy(logits.flatten(0, 1), torch.tensor(labels).flatten(),
+                                    ignore_index=-100).backward()
+  lm = hf_model.model.language_model.layers[2]
+  g = jax.tree.map(lambda a: np.asarray(a[2]), grads["llm"]["layers"])
+  pairs = [(g["mlp"]["router"]["kernel"], lm.mlp.gate.weight.grad.numpy().T),
+           (g["mlp"]["experts_gate_up"], lm.mlp.experts.gate_up_proj.grad.numpy().swapaxes(1, 2)),
+           (g["mlp"]["experts_down"], lm.mlp.experts.down_proj.grad.numpy().swapaxes(1, 2)),
+           (g["attn"]["q_proj"]["kernel"], lm.self_attn.q_proj.weight.grad.numpy().T),
+           (np.asarray(grads["vision"]["patch_embed"]["bias"]),
+            hf_model.model.visual.patch_embed.proj.bias.grad.numpy())]
+  for ours_g, ref_g in pairs:
+    assert np.abs(ref_g).max() > 1e-4
+    np.testing.assert_allclose(ours_g, ref_g, atol=2e-5 * max(1.0, np.abs(ref_g).max()))
+
+
+def test_greedy_generation_matches_hf_generate(loaded):
+  hf_model, _, model, params = loaded
+  enc = q3.batch(SIDES)
+  ours = np.asarray(mt.generate(model, params, **mt.hf_inputs(model, enc), max_new_tokens=20,
+                                eos_token_id=[]))
+  left = q3.batch("left")
+  with torch.no_grad():
+    ref = hf_model.generate(**qt.torch_inputs(left), max_new_tokens=20, do_sample=False,
+                            num_beams=1, pad_token_id=0, eos_token_id=None)
+  np.testing.assert_array_equal(ours, ref[:, left["input_ids"].shape[1]:].numpy())
+  assert all(len(set(row)) > 2 for row in ours.tolist())
+
+
+def _hub_files(src: str, dst: str) -> None:
+  """`src` with its expert tensors in the hub's orientation ((E, D, 2F), (E, F, D))."""
+  os.makedirs(dst)
+  tensors = load_file(os.path.join(src, "model.safetensors"))
+  save_file({k: v.transpose(1, 2).contiguous() if ".mlp.experts." in k else v
+             for k, v in tensors.items()}, os.path.join(dst, "model.safetensors"),
+            metadata={"format": "pt"})
+  for name in os.listdir(src):
+    if name.endswith(".json"):
+      with open(os.path.join(src, name)) as f, open(os.path.join(dst, name), "w") as g:
+        g.write(f.read())
+
+
+def test_checkpoints_both_ways_in_both_expert_layouts(loaded, tmp_path):
+  hf_model, src, model, params = loaded
+  dst = str(tmp_path / "dst")
+  mt.save_pretrained(dst, model, params, max_shard_size="40KB")
+  assert_same_tensors(safetensors_tensors(src), safetensors_tensors(dst))
+  with open(os.path.join(dst, "config.json")) as f:
+    text = json.load(f)["text_config"]
+  assert (text["num_local_experts"], text["num_experts"], text["moe_intermediate_size"]) == (
+      6, 6, 24)
+  back, info = type(hf_model).from_pretrained(dst, output_loading_info=True)
+  assert not info["missing_keys"] and not info["unexpected_keys"], info
+  enc = q3.batch("right")
+  ref = qt.hf_logits(type(hf_model).from_pretrained(src).eval(), enc)
+  np.testing.assert_array_equal(qt.hf_logits(back.eval(), enc), ref)
+  # the hub's orientation: read as such (transformers transposes it too), written back as such
+  hub = str(tmp_path / "hub")
+  _hub_files(src, hub)
+  assert safetensors_tensors(hub)[MLP0 + "experts.gate_up_proj"].shape == (6, 32, 48)
+  model_h, params_h = mt.load_pretrained(hub)
+  assert model_h.config.hf_layout == "hub_experts"
+  kw = mt.hf_inputs(model, enc)
+  np.testing.assert_array_equal(_logits(model_h, params_h, kw), _logits(model, params, kw))
+  np.testing.assert_allclose(qt.hf_logits(type(hf_model).from_pretrained(hub).eval(), enc), ref,
+                             atol=1e-6)
+  again = str(tmp_path / "hub_again")
+  mt.save_pretrained(again, model_h, params_h)
+  assert_same_tensors(safetensors_tensors(hub), safetensors_tensors(again))
+  # an expert tensor of the wrong shape names the file and tensor
+  bad = str(tmp_path / "bad")
+  _hub_files(src, bad)
+  tensors = load_file(os.path.join(bad, "model.safetensors"))
+  tensors[MLP0 + "experts.down_proj"] = tensors[MLP0 + "experts.down_proj"][:, :, :20].contiguous()
+  save_file(tensors, os.path.join(bad, "model.safetensors"), metadata={"format": "pt"})
+  with pytest.raises(CheckpointError, match=r"model.safetensors: tensor '.*experts.down_proj'"):
+    mt.load_pretrained(bad)
+
+
+def test_configs_round_trip_and_errors(loaded):
+  hf_model = loaded[0]
+  saved = hf_model.config.to_dict()
+  cfg = config_from_hf(saved)
+  assert config_from_dict(json.loads(json.dumps(config_to_dict(cfg)))) == cfg
+  hub_text = {k: v for k, v in saved["text_config"].items() if k != "num_local_experts"}
+  hub = config_from_hf(dict(saved, text_config=dict(hub_text, num_experts=6)))
+  assert hub.llm == cfg.llm
+  bare = dict(saved, text_config={k: v for k, v in saved["text_config"].items()
+                                  if k not in ("num_local_experts", "num_experts_per_tok",
+                                               "moe_intermediate_size")})
+  llm = config_from_hf(bare).llm  # transformers' Qwen3VLMoeTextConfig defaults
+  assert (llm.num_experts, llm.num_experts_per_tok, llm.moe_intermediate_size) == (60, 4, 1408)
+  for field, value in (("decoder_sparse_step", 2), ("mlp_only_layers", [1])):
+    with pytest.raises(ConfigError, match=f"text_config.*{field}"):
+      config_from_hf(dict(saved, text_config=dict(saved["text_config"], **{field: value})))
+  with pytest.raises(ConfigError, match="num_experts_per_tok 7"):
+    config_from_hf(dict(saved, text_config=dict(saved["text_config"], num_experts_per_tok=7)))
+  dense = dict(saved, model_type="qwen3_vl", architectures=["Qwen3VLForConditionalGeneration"])
+  with pytest.raises(ConfigError, match="'qwen3_vl_moe'"):
+    config_from_hf(dense)
+
+
+def test_peft_lora_both_ways_with_logit_parity(loaded, tmp_path):
+  """PEFT LoRA on the LLM's q / v and the vision blocks' fused qkv, both ways (the experts are
+  3D parameters, which PEFT targets with `target_parameters`, not supported here)."""
+  _, base_dir, model, params = loaded
+  check_peft_lora_both_ways(q3.qwen3_vl_moe(), base_dir, model, params, q3.batch(SIDES),
+                            qt.hf_logits, q3.qwen3_vl_moe, tmp_path,
+                            target_modules=r".*(language_model.*\.(q_proj|v_proj)|visual.*\.qkv)")
+
+
+def test_expert_tensors_are_fsdp_sharded_over_the_model_width(loaded):
+  """The sharding rules place the stacked experts' D axis on `fsdp` (gate/up columns whole)."""
+  from mllm_tune.train.sharding import make_mesh, spec_for
+  mesh = make_mesh(data=1, fsdp=1, tensor=1)
+  mlp = loaded[3]["llm"]["layers"]["mlp"]
+  assert tuple(spec_for("llm/layers/mlp/experts_gate_up", mlp["experts_gate_up"].shape,
+                        mesh)) == (None, None, "fsdp", None)
+  assert tuple(spec_for("llm/layers/mlp/experts_down", mlp["experts_down"].shape,
+                        mesh)) == (None, None, None, "fsdp")
