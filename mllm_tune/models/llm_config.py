@@ -164,7 +164,7 @@ def llm_config_from_hf(d: dict, where: str = "config.json", mrope: bool = False,
     if d.get("use_sliding_window") or "sliding_attention" in layer_types:
       raise ConfigError(f"{where}: Qwen2 sliding-window attention is not supported")
   attn_bias = bool(d.get("attention_bias", False))
-  cfg = LLMConfig(
+  fields = dict(
       model_type=mt, vocab_size=int(_need(d, "vocab_size", where)), hidden_size=hidden,
       intermediate_size=int(_need(d, "intermediate_size", where)),
       num_layers=int(_need(d, "num_hidden_layers", where)), num_heads=heads, num_kv_heads=kv,
@@ -176,6 +176,10 @@ def llm_config_from_hf(d: dict, where: str = "config.json", mrope: bool = False,
       mlp_bias=bool(d.get("mlp_bias", False)) and mt == "llama",
       tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
       sliding_window=int(sliding) if sliding else None, **_moe_from_hf(d, where, mt))
+  try:
+    cfg = LLMConfig(**fields)
+  except ConfigError as e:
+    raise ConfigError(f"{where}: {e}") from None
   half = cfg.head_dim // 2
   if cfg.rope.mrope_section and (len(cfg.rope.mrope_section) != 3
                                  or sum(cfg.rope.mrope_section) != half):

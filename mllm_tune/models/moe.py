@@ -16,9 +16,12 @@ Dispatch is dropless: the N*k (token, expert) pairs are sorted by expert and run
 `jax.lax.ragged_dot` (grouped matmuls over contiguous row groups), then scattered back and
 summed. No token is dropped and no capacity factor is involved, so the result equals
 transformers' per-expert loop. How fast `ragged_dot` runs is the backend's business: XLA:CPU
-lowers it densely (every row against every expert, E times the work, which tests can afford),
-GPU and TPU backends have grouped-matmul kernels. Router load-balancing losses are not added
-(transformers adds one only with `output_router_logits=True`).
+(jax 0.10) lowers it densely, every row against every expert (E times the expert FLOPs and an
+(E, N*k, D) masked input, which the tiny test models afford); on GPU it lowers to
+`chlo.ragged_dot`, whose speed and memory have not been measured here yet. Top-k ties go to the
+lower expert index (`lax.top_k`; torch's choice is implementation-defined), which only matters
+for bf16 router logits. Router load-balancing losses are not added (transformers adds one only
+with `output_router_logits=True`).
 """
 from __future__ import annotations
 

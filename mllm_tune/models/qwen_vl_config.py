@@ -59,8 +59,9 @@ TEXT_DEFAULTS = {  # transformers 5.25 Qwen2VLTextConfig / Qwen3VLTextConfig def
     "qwen2": dict(rms_norm_eps=1e-5, max_position_embeddings=32768, num_key_value_heads=8),
     "qwen3": dict(rms_norm_eps=1e-6, max_position_embeddings=128000, num_key_value_heads=32,
                   head_dim=128, attention_bias=False)}
-MOE_TEXT_DEFAULTS = dict(  # transformers 5.25 Qwen3VLMoeTextConfig
-    num_key_value_heads=16, num_experts=60, num_experts_per_tok=4, moe_intermediate_size=1408)
+MOE_TEXT_DEFAULTS = dict(  # transformers 5.25 Qwen3VLMoeTextConfig (head_dim None: hidden / heads)
+    num_key_value_heads=16, head_dim=None, num_experts=60, num_experts_per_tok=4,
+    moe_intermediate_size=1408)
 DEFAULT_THETA = {"qwen2": 1e6, "qwen3": 5e5}  # the text configs' default_theta
 QWEN3_MROPE_SECTION = (24, 20, 20)  # Qwen3VLTextRotaryEmbedding's default
 TOKEN_DEFAULTS = dict(image_token_id=151655, video_token_id=151656,
@@ -244,8 +245,12 @@ def qwen_vl_config_from_hf(d: dict, where: str = "config.json", dtype: str = "fl
   defaults = TEXT_DEFAULTS[decoder]
   if mt == "qwen3_vl_moe":
     defaults = {**defaults, **MOE_TEXT_DEFAULTS}
-    if text.get("num_local_experts") is not None:
-      text.setdefault("num_experts", text["num_local_experts"])
+    local, named = text.get("num_local_experts"), text.get("num_experts")
+    if local is not None and named is not None and local != named:
+      raise ConfigError(f"{twhere}: num_experts {named} and num_local_experts {local} (the same "
+                        "field in transformers) disagree")
+    if local is not None:
+      text["num_experts"] = local
   elif text.get("num_experts") or text.get("num_local_experts"):
     raise ConfigError(f"{twhere}: num_experts is set but model_type '{mt}' is dense (a "
                       "mixture-of-experts Qwen3-VL is 'qwen3_vl_moe')")
@@ -261,8 +266,13 @@ def qwen_vl_config_from_hf(d: dict, where: str = "config.json", dtype: str = "fl
         _need(text, "num_attention_heads", twhere))
   elif "mrope_section" not in {**(text.get("rope_scaling") or {}), **params}:
     text["rope_parameters"] = {**params, "mrope_section": list(QWEN3_MROPE_SECTION)}
-  text["tie_word_embeddings"] = bool(d.get("tie_word_embeddings")
-                                     or text.get("tie_word_embeddings"))
+  if decoder == "qwen3" and nested:
+    # transformers' Qwen3-VL(-MoE) ties on the top-level flag alone (default False); the MoE
+    # text config's own flag defaults to True and is written out as such, but is not used
+    text["tie_word_embeddings"] = bool(d.get("tie_word_embeddings", False))
+  else:  # Qwen2-VL / 2.5-VL: a text-level True (pre-v5 saves) is forwarded to the top level
+    text["tie_word_embeddings"] = bool(d.get("tie_word_embeddings")
+                                       or text.get("tie_word_embeddings"))
   llm = llm_config_from_hf(text, twhere, mrope=True, dtype=dtype, param_dtype=param_dtype)
   if decoder == "qwen3":  # always interleaved (transformers ignores `mrope_interleaved`)
     llm = dataclasses.replace(llm, rope=dataclasses.replace(llm.rope, mrope_interleaved=True))

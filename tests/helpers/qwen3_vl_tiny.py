@@ -41,18 +41,20 @@ def batch(side="right", seed=0) -> dict:
 
 def qwen3_vl_moe(tokens: dict = qt.TOKENS, **llm_kw):
   """Qwen3-VL-MoE: the same tower and a 3-layer Qwen3 text model whose MLPs are 6 experts of
-  width 24, 2 per token."""
+  width 24, 2 per token. The text config keeps its own `tie_word_embeddings` default (True, and
+  saved as such) while the model ties on the top-level flag (False unless given)."""
   from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
   torch.manual_seed(11)
+  tie = llm_kw.pop("tie_word_embeddings", False)
   text = _llm_kwargs(**{"num_hidden_layers": 3, "head_dim": 16, "rope_parameters": {
       "rope_type": "default", "rope_theta": 1e4, "mrope_section": [4, 2, 2],
       "mrope_interleaved": True}, "num_experts": 6, "num_experts_per_tok": 2,
-      "moe_intermediate_size": 24, "tie_word_embeddings": False, **llm_kw})
+      "moe_intermediate_size": 24, **llm_kw})
   cfg = Qwen3VLMoeConfig(text_config=text, vision_config=dict(
       depth=3, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=32,
       patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=25,
       deepstack_visual_indexes=list(DEEPSTACK), initializer_range=INIT),
-      tie_word_embeddings=text["tie_word_embeddings"], **tokens)
+      tie_word_embeddings=tie, **tokens)
   model = Qwen3VLMoeForConditionalGeneration(cfg).eval()
   with torch.no_grad():  # HF initialises norms and biases to constants: make them matter
     for name, p in model.named_parameters():

@@ -18,6 +18,8 @@ import mllm_tune as mt
 from mllm_tune.checkpoints.safetensors_io import CheckpointError
 from mllm_tune.models.config import ConfigError, config_from_dict, config_from_hf, config_to_dict
 from mllm_tune.models.moe import route, routed_experts
+from mllm_tune.tuning.api import MethodError
+from mllm_tune.tuning.peft import peft_adapter
 from tests.helpers import qwen3_vl_tiny as q3
 from tests.helpers import qwen_vl_tiny as qt
 from tests.helpers.hf_parity import (assert_same_tensors, check_peft_lora_both_ways,
@@ -173,19 +175,28 @@ def test_configs_round_trip_and_errors(loaded):
   hf_model = loaded[0]
   saved = hf_model.config.to_dict()
   cfg = config_from_hf(saved)
+  # transformers writes the text config's own tie flag (True) but ties on the top-level one
+  assert saved["text_config"]["tie_word_embeddings"] and not saved["tie_word_embeddings"]
+  assert not cfg.llm.tie_word_embeddings and "lm_head" in loaded[3]["llm"]
+  assert not hf_model.config.tie_word_embeddings
   assert config_from_dict(json.loads(json.dumps(config_to_dict(cfg)))) == cfg
   hub_text = {k: v for k, v in saved["text_config"].items() if k != "num_local_experts"}
   hub = config_from_hf(dict(saved, text_config=dict(hub_text, num_experts=6)))
   assert hub.llm == cfg.llm
   bare = dict(saved, text_config={k: v for k, v in saved["text_config"].items()
                                   if k not in ("num_local_experts", "num_experts_per_tok",
-                                               "moe_intermediate_size")})
+                                               "moe_intermediate_size", "head_dim")})
+  bare["text_config"]["hidden_size"] = 64  # head_dim 16 = the M-RoPE sections' 2 x 8
+  bare["vision_config"] = dict(saved["vision_config"], out_hidden_size=64)
   llm = config_from_hf(bare).llm  # transformers' Qwen3VLMoeTextConfig defaults
   assert (llm.num_experts, llm.num_experts_per_tok, llm.moe_intermediate_size) == (60, 4, 1408)
+  assert llm.head_dim == 64 // 4  # None there: hidden / heads
+  with pytest.raises(ConfigError, match="num_experts 7 and num_local_experts 6"):
+    config_from_hf(dict(saved, text_config=dict(saved["text_config"], num_experts=7)))
   for field, value in (("decoder_sparse_step", 2), ("mlp_only_layers", [1])):
     with pytest.raises(ConfigError, match=f"text_config.*{field}"):
       config_from_hf(dict(saved, text_config=dict(saved["text_config"], **{field: value})))
-  with pytest.raises(ConfigError, match="num_experts_per_tok 7"):
+  with pytest.raises(ConfigError, match="config.json:text_config: num_experts_per_tok 7"):
     config_from_hf(dict(saved, text_config=dict(saved["text_config"], num_experts_per_tok=7)))
   dense = dict(saved, model_type="qwen3_vl", architectures=["Qwen3VLForConditionalGeneration"])
   with pytest.raises(ConfigError, match="'qwen3_vl_moe'"):
@@ -199,6 +210,11 @@ def test_peft_lora_both_ways_with_logit_parity(loaded, tmp_path):
   check_peft_lora_both_ways(q3.qwen3_vl_moe(), base_dir, model, params, q3.batch(SIDES),
                             qt.hf_logits, q3.qwen3_vl_moe, tmp_path,
                             target_modules=r".*(language_model.*\.(q_proj|v_proj)|visual.*\.qkv)")
+  # our LoRA can reach the router (a Linear here); transformers' router is no nn.Linear
+  method = mt.tuning.get("lora", rank=2, targets=r"llm/layers_\d+/mlp/router")
+  variables = method.init_variables(jax.random.key(0), params)
+  with pytest.raises(MethodError, match="router is not an nn.Linear in transformers"):
+    peft_adapter(model, method, variables)
 
 
 def test_expert_tensors_are_fsdp_sharded_over_the_model_width(loaded):

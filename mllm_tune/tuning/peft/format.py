@@ -44,6 +44,11 @@ def _module_patterns(cfg, layout: str | None) -> dict[str, str]:
 
 
 def hf_module_name(cfg, kernel_path: str, layer: int | None) -> str:
+  if kernel_path.endswith("mlp/router/kernel"):
+    raise MethodError(f"{kernel_path}: the mixture-of-experts router is not an nn.Linear in "
+                      "transformers (Qwen3VLMoeTextTopKRouter), so PEFT cannot load an adapter "
+                      "on it; merge the method into the weights (save_pretrained) or keep our "
+                      "native adapter checkpoint")
   layout = memory_layout(cfg)
   pattern = _module_patterns(cfg, layout)[kernel_path]
   return pattern.format(i=layer) if layer is not None else pattern
