@@ -13,8 +13,9 @@ Params (one layer; stacked with a leading L in the scanned LLM):
   experts_down        (E, F, D)
 
 Dispatch is dropless: the N*k (token, expert) pairs are sorted by expert and run through
-`jax.lax.ragged_dot` (grouped matmuls over contiguous row groups), then scattered back and
-summed. No token is dropped and no capacity factor is involved, so the result equals
+`jax.lax.ragged_dot` (grouped matmuls over contiguous row groups, wrapped in `grouped_matmul` so
+that per-sample gradients can vmap it), then scattered back and summed. Reverse-mode only (a
+custom VJP, like the default attention). No token is dropped and no capacity factor is involved, so the result equals
 transformers' per-expert loop. How fast `ragged_dot` runs is the backend's business: XLA:CPU
 (jax 0.10) lowers it densely, every row against every expert (E times the expert FLOPs and an
 (E, N*k, D) masked input, which the tiny test models afford); on GPU it lowers to
@@ -28,12 +29,94 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from jax.custom_batching import custom_vmap
 
 from mllm_tune.models.adapters import parallel_adapter
 from mllm_tune.models.layers import Linear, activation, default_kernel_init, dtype_of
 from mllm_tune.models.llm_config import LLMConfig
 
 
+# ----------------------------------------------------------------------------- grouped matmuls
+# `jax.lax.ragged_dot` has no batching rule for an unbatched operand (jax 0.10), and per-sample
+# gradients (Fisher, grad_topk) vmap the model over samples with the weights unbatched. So the
+# grouped matmul is a custom VJP whose forward and backward products are `custom_vmap`
+# functions: under vmap, the samples' rows are merged into one ragged product (the shared
+# weights are never copied per sample).
+def _expert_of_rows(sizes_BE: jax.Array, rows: int) -> jax.Array:
+  """(B, rows) expert index of each row of row-grouped samples (E for rows past the groups)."""
+  ends_BE = jnp.cumsum(sizes_BE, axis=-1)
+  return jax.vmap(lambda e: jnp.searchsorted(e, jnp.arange(rows), side="right"))(ends_BE)
+
+
+def _batched(x: jax.Array, is_batched: bool, n: int) -> jax.Array:
+  return x if is_batched else jnp.broadcast_to(x, (n,) + x.shape)
+
+
+@custom_vmap
+def _rows_times_experts(x_MD: jax.Array, w_EDF: jax.Array, sizes_E: jax.Array) -> jax.Array:
+  """(M, F): row m (in expert-sorted groups of `sizes_E` rows) times its expert's (D, F)."""
+  return jax.lax.ragged_dot(x_MD, w_EDF, sizes_E)
+
+
+@_rows_times_experts.def_vmap
+def _rows_times_experts_vmap(n, batched, x_BMD, w_EDF, sizes_BE):
+  x_BMD, sizes_BE = _batched(x_BMD, batched[0], n), _batched(sizes_BE, batched[2], n)
+  if batched[1]:  # per-sample weights: one product per sample
+    return jax.lax.map(lambda a: jax.lax.ragged_dot(*a), (x_BMD, w_EDF, sizes_BE)), True
+  b, m, d = x_BMD.shape
+  # every sample's rows, re-sorted by expert across samples: one product with shared weights
+  order = jnp.argsort(_expert_of_rows(sizes_BE, m).reshape(-1), stable=True)
+  y = jax.lax.ragged_dot(x_BMD.reshape(b * m, d)[order], w_EDF, jnp.sum(sizes_BE, axis=0))
+  return jnp.zeros_like(y).at[order].set(y).reshape(b, m, -1), True
+
+
+_WGRAD_DIMS = jax.lax.RaggedDotDimensionNumbers(
+    dot_dimension_numbers=(((0,), (0,)), ((), ())), lhs_ragged_dimensions=[0],
+    rhs_group_dimensions=[])
+
+
+@custom_vmap
+def _expert_weight_grads(x_MD: jax.Array, dy_MF: jax.Array, sizes_E: jax.Array) -> jax.Array:
+  """(E, D, F): sum over expert e's rows of x^T dy (the gradient of `_rows_times_experts`)."""
+  return jax.lax.ragged_dot_general(x_MD, dy_MF, sizes_E, _WGRAD_DIMS)
+
+
+@_expert_weight_grads.def_vmap
+def _expert_weight_grads_vmap(n, batched, x_BMD, dy_BMF, sizes_BE):
+  x_BMD, dy_BMF = _batched(x_BMD, batched[0], n), _batched(dy_BMF, batched[1], n)
+  sizes_BE = _batched(sizes_BE, batched[2], n)
+  b, m, d = x_BMD.shape
+  e = sizes_BE.shape[-1]
+  # groups (sample, expert) are already contiguous in the flattened rows when every sample's
+  # groups cover its rows; rows past a sample's groups are given to a zero-weight padding group
+  pad_B = m - jnp.sum(sizes_BE, axis=-1)
+  sizes = jnp.concatenate([sizes_BE, pad_B[:, None]], axis=-1).reshape(-1)
+  g = jax.lax.ragged_dot_general(x_BMD.reshape(b * m, d), dy_BMF.reshape(b * m, -1), sizes,
+                                 _WGRAD_DIMS)
+  return g.reshape(b, e + 1, d, -1)[:, :e], True
+
+
+@jax.custom_vjp
+def grouped_matmul(x_MD: jax.Array, w_EDF: jax.Array, sizes_E: jax.Array) -> jax.Array:
+  """`jax.lax.ragged_dot(x, w, sizes)` (rows grouped by expert), differentiable under vmap."""
+  return _rows_times_experts(x_MD, w_EDF, sizes_E)
+
+
+def _grouped_fwd(x_MD, w_EDF, sizes_E):
+  return _rows_times_experts(x_MD, w_EDF, sizes_E), (x_MD, w_EDF, sizes_E)
+
+
+def _grouped_bwd(res, dy_MF):
+  x_MD, w_EDF, sizes_E = res
+  dx = _rows_times_experts(dy_MF, w_EDF.swapaxes(1, 2), sizes_E)
+  dw = _expert_weight_grads(x_MD, dy_MF, sizes_E).astype(w_EDF.dtype)
+  return dx, dw, None
+
+
+grouped_matmul.defvjp(_grouped_fwd, _grouped_bwd)
+
+
+# ----------------------------------------------------------------------------- routing
 def route(logits_NE: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   """(weights (N, k) in the logits' dtype, expert ids (N, k)): the k most probable experts of
   each row of a float32 softmax, their probabilities renormalised to sum to 1."""
@@ -53,9 +136,9 @@ def routed_experts(x_ND: jax.Array, weights_NK: jax.Array, idx_NK: jax.Array,
   token_M = order_M // k
   sizes_E = jnp.bincount(flat_M, length=num_experts).astype(jnp.int32)
   xs_MD = x_ND[token_M]
-  h_MF2 = jax.lax.ragged_dot(xs_MD, gate_up_EDF2.astype(x_ND.dtype), sizes_E)
+  h_MF2 = grouped_matmul(xs_MD, gate_up_EDF2.astype(x_ND.dtype), sizes_E)
   h_MF = activation(act)(h_MF2[:, :f]) * h_MF2[:, f:]
-  y_MD = jax.lax.ragged_dot(h_MF, down_EFD.astype(x_ND.dtype), sizes_E)
+  y_MD = grouped_matmul(h_MF, down_EFD.astype(x_ND.dtype), sizes_E)
   y_MD = y_MD * weights_NK.reshape(-1)[order_M][:, None].astype(y_MD.dtype)
   return jnp.zeros_like(x_ND).at[token_M].add(y_MD)
 

@@ -226,3 +226,31 @@ def test_expert_tensors_are_fsdp_sharded_over_the_model_width(loaded):
                         mesh)) == (None, None, "fsdp", None)
   assert tuple(spec_for("llm/layers/mlp/experts_down", mlp["experts_down"].shape,
                         mesh)) == (None, None, None, "fsdp")
+
+
+def test_per_sample_gradients_under_vmap_equal_one_sample_at_a_time():
+  """Fisher and grad_topk vmap gradients over samples with the weights shared (unbatched):
+  `grouped_matmul`'s vmap rules (samples merged into one ragged product; per-sample weight
+  gradients as (sample, expert) groups) give each sample's own gradients, also with per-sample
+  weights and with experts no row of a sample picks."""
+  rng = np.random.RandomState(3)
+  xs = jnp.asarray(rng.randn(3, 10, 8), jnp.float32)
+  logits = jnp.asarray(rng.randn(3, 10, 5) * 3, jnp.float32)
+  logits = logits.at[1, :, 2].add(-100.0)  # sample 1 never picks expert 2
+  gate_up = jnp.asarray(rng.randn(5, 8, 12) * 0.3, jnp.float32)
+  down = jnp.asarray(rng.randn(5, 6, 8) * 0.3, jnp.float32)
+
+  def loss(x, lg, gu, dn):
+    w, i = route(lg, 2)
+    return jnp.sum(jnp.sin(routed_experts(x, w, i, gu, dn, "silu")))
+
+  grad = jax.grad(loss, argnums=(0, 1, 2, 3))
+  one_by_one = [grad(xs[b], logits[b], gate_up, down) for b in range(3)]
+  shared = jax.jit(jax.vmap(grad, in_axes=(0, 0, None, None)))(xs, logits, gate_up, down)
+  per_sample_w = jax.vmap(grad)(xs, logits, jnp.stack([gate_up] * 3), jnp.stack([down] * 3))
+  for got in (shared, per_sample_w):
+    for k in range(4):
+      want = np.stack([np.asarray(g[k]) for g in one_by_one])
+      np.testing.assert_allclose(np.asarray(got[k]), want, atol=1e-5)
+  assert np.abs(np.asarray(shared[2][1, 2])).max() == 0  # no rows: a zero gradient
+  assert np.abs(np.asarray(shared[2][0])).max() > 0

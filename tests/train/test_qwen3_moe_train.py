@@ -1,6 +1,7 @@
 """Training a tiny Qwen3-VL-MoE from LLaVA JSON: one packed batch of the data pipeline, one
-jitted step per kind of trainable set (LoRA on attention, the experts and router only, full
-fine-tuning): exactly the intended leaves move, frozen entries stay bit-identical, and the
+jitted step per kind of trainable set (LoRA on attention, the experts and router only, a
+parallel adapter beside the experts, full fine-tuning) and EWC with the model's per-sample
+Fisher: exactly the intended leaves move, frozen entries stay bit-identical, and the
 step's loss is the float64 NumPy token cross-entropy of the model's logits on the packed batch
 (the logits themselves are checked against transformers in tests/models/)."""
 from __future__ import annotations
@@ -11,7 +12,7 @@ import pytest
 import mllm_tune as mt
 from mllm_tune import pytree
 from tests.helpers import qwen_vl_tiny as qt
-from tests.helpers.method_steps import changed, packed_env, train
+from tests.helpers.method_steps import changed, check_penalty, importance, packed_env, train
 from tests.helpers.tiny_models import assert_masked_entries_fixed
 
 EXPERTS = r"llm/layers_\d+/mlp/(router/kernel|experts_gate_up|experts_down)"
@@ -48,6 +49,16 @@ def test_trainable_sets_step_on_packed_moe_batches(moe, case):
   assert changed(before, after) == (trained if moves is None else moves)
 
 
+def test_parallel_adapter_wraps_the_mixture_of_experts(moe):
+  """The parallel adapter finds a MoE layer's FFN by its `experts_down` and trains beside it."""
+  method = mt.tuning.get("parallel_adapter", bottleneck=4)
+  _, before, mask, (after,), (metrics,) = train(moe, method)
+  trained = {p for p, m in pytree.flatten(mask).items() if pytree.mask_any(m)}
+  assert trained and all(p.startswith("adapters/llm/layers/mlp/") for p in trained), trained
+  assert np.isfinite(metrics["loss"]) and changed(before, after) <= trained
+  assert_masked_entries_fixed(before, after, mask)
+
+
 def test_full_fine_tuning_moves_every_kind_of_leaf_and_its_loss_is_the_token_ce(moe):
   _, before, mask, (after,), (metrics,) = train(moe, mt.tuning.get("freeze", preset="full"))
   assert {"params/llm/layers/mlp/experts_gate_up", "params/llm/layers/mlp/router/kernel",
@@ -60,3 +71,21 @@ def test_full_fine_tuning_moves_every_kind_of_leaf_and_its_loss_is_the_token_ce(
                          keepdims=True)) - logits.max(-1, keepdims=True)
   want = -np.take_along_axis(logp, tgt[..., None], -1)[..., 0][lm].mean()
   np.testing.assert_allclose(metrics["ce"], want, rtol=1e-5)
+
+
+def test_ewc_with_the_per_sample_fisher_of_a_moe_model(moe):
+  """The empirical Fisher vmaps per-sample gradients through the expert dispatch (shared
+  weights, `moe.grouped_matmul`'s vmap rules); EWC with it: 0 at theta0, then the
+  Fisher-weighted float64 distance of step 1's merged weights (`check_penalty`)."""
+  imp = importance(moe, ("empirical",))
+  check_penalty(moe, imp, "ewc")
+
+
+def test_model_tailor_refuses_changed_experts(moe):
+  """Model Tailor patches Linear kernels (attention here); changed expert weights are refused
+  with the leaf named, not silently kept at their fine-tuned values."""
+  from mllm_tune.tuning.selective import model_tailor as mtl
+  pre = mtl.layer_slice(moe.params["llm"]["layers"], 0)
+  ft = {**pre, "mlp": {**pre["mlp"], "experts_down": pre["mlp"]["experts_down"] + 0.01}}
+  with pytest.raises(mt.tuning.MethodError, match="'mlp/experts_down' differs from the base"):
+    mt.tuning.get("model_tailor").tailor_linears(ft, pre, {})

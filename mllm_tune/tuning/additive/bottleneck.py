@@ -34,6 +34,7 @@ from mllm_tune.tuning.reparam.lora import adapter_path, get_leaf, resolve_target
 HOULSBY_TARGETS = r"llm/layers_\d+/(attn/o_proj|mlp/down_proj)"
 FFN_TARGETS = r"llm/layers_\d+/mlp"
 FFN_OUTPUT_PROJ = ("down_proj", "fc2")  # the FFN's last Linear, whose d_out is the model width
+MOE_OUTPUT = "experts_down"  # a mixture-of-experts FFN's (E, F, D) output weights
 
 
 def layer_values(flags: np.ndarray, values: jax.Array) -> jax.Array:
@@ -110,8 +111,9 @@ def resolve_ffns(params: dict, targets, what: str = "parallel adapter target"
                  ) -> dict[str, tuple[np.ndarray, int]]:
   """{FFN module storage path: (flags per layer (L,) or (), width d)} for matched FFN modules.
 
-  FFN modules are the parents of a `down_proj` / `fc2` Linear; `targets` are anchored regexes on
-  their logical paths (`llm/layers_3/mlp`). A pattern that matches nothing raises.
+  FFN modules are the parents of a `down_proj` / `fc2` Linear or of a mixture of experts'
+  `experts_down`; `targets` are anchored regexes on their logical paths (`llm/layers_3/mlp`).
+  A pattern that matches nothing raises.
   """
   patterns = [targets] if isinstance(targets, str) else list(targets)
   if not patterns:
@@ -121,9 +123,12 @@ def resolve_ffns(params: dict, targets, what: str = "parallel adapter target"
   found, candidates = {}, []
   for leaf in pytree.leaves(params):
     parts = leaf.path.split("/")
-    if len(parts) < 3 or parts[-1] != "kernel" or parts[-2] not in FFN_OUTPUT_PROJ:
+    if len(parts) >= 3 and parts[-1] == "kernel" and parts[-2] in FFN_OUTPUT_PROJ:
+      module = "/".join(parts[:-2])
+    elif len(parts) >= 2 and parts[-1] == MOE_OUTPUT:  # a mixture of experts (models/moe.py)
+      module = "/".join(parts[:-1])
+    else:
       continue
-    module = "/".join(parts[:-2])
     flags = []
     for logical, _ in pytree.logical_paths(pytree.Leaf(module, leaf.num_layers, leaf.shape)):
       candidates.append(logical)

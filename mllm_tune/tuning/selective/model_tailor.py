@@ -44,6 +44,7 @@ from mllm_tune.tuning.api import Method, MethodError, register
 
 LINEARS = ("attn/q_proj", "attn/k_proj", "attn/v_proj", "attn/o_proj", "mlp/gate_proj",
            "mlp/up_proj", "mlp/down_proj")
+MOE_LEAVES = ("mlp/router/kernel", "mlp/experts_gate_up", "mlp/experts_down")
 
 
 # ----------------------------------------------------------------------------- one Linear
@@ -242,8 +243,15 @@ class ModelTailor(Method):
   def tailor_linears(self, p_ft: dict, p_pre: dict, grams: dict) -> dict:
     """Tailor every Linear of one block given H = sum / N_tok per Linear (`grams`)."""
     flat, flat_pre = pytree.flatten(p_ft), pytree.flatten(p_pre)
+    for leaf in MOE_LEAVES:  # a mixture of experts' weights are no Linear kernels
+      if leaf in flat and not np.array_equal(np.asarray(flat[leaf]), np.asarray(flat_pre[leaf])):
+        raise MethodError(f"model_tailor: the fine-tuned '{leaf}' differs from the base; Model "
+                          "Tailor patches Linear kernels only and cannot tailor "
+                          "mixture-of-experts weights (tune the experts with another method)")
     for name in LINEARS:
       kernel = f"{name}/kernel"
+      if kernel not in flat:  # a MoE block: no dense MLP Linears
+        continue
       gram, n_tok = grams[name]
       w, _ = tailor_linear(flat[kernel].T, flat_pre[kernel].T, gram / jnp.maximum(n_tok, 1.0),
                            sparsity=self.sparsity, block_size=self.block_size, damp=self.damp,
