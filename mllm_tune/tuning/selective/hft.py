@@ -5,7 +5,8 @@ Per LLM block: 2 of the 4 attention matrices {q,k,v,o} are trainable; in a rando
 A projection's bias (Qwen2 q/k/v) follows its kernel. [choice] Norms, embeddings, LM head and
 the vision tower are frozen; the projector is `half` (one of linear_1/linear_2 at random),
 `full` or `frozen` (a one-layer `linear` projector trains under `half`); `full` trains the whole
-connector, with `image_newline` on anyres models (LLaVA-NeXT / OneVision).
+connector, with `image_newline` on anyres models (LLaVA-NeXT / OneVision) and, on Qwen models,
+the merger's norm `ln_q` and Qwen3-VL's deepstack mergers, which `half` leaves frozen.
 
 The draw is a pure function of `(seed, stage)` (`hft_selection`, traceable JAX), so the same
 seed gives the same half on every host. `resample_every=None` (paper: one static draw per
@@ -33,6 +34,7 @@ ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 FFN = ("gate_proj", "up_proj", "down_proj")
 PROJECTOR_MODES = ("half", "full", "frozen")
 NEWLINE = "image_newline"  # anyres models' top-level connector vector
+HALF_PROJECTOR = ("projector/linear_1", "projector/linear_2")  # the draw's two connector halves
 
 
 def _ranks(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
@@ -60,14 +62,14 @@ def hft_selection(seed: int | jax.Array, num_layers: int, stage: int | jax.Array
 
 
 def _module_of(path: str) -> str | None:
-  """`params/llm/layers/attn/q_proj/kernel` -> `attn/q_proj`; projector linears; else None."""
+  """`params/llm/layers/attn/q_proj/kernel` -> `attn/q_proj`; projector modules; else None."""
   parts = path.split("/")
   if parts[:3] == ["params", "llm", "layers"] and len(parts) == 6 and parts[3] in ("attn",
                                                                                  "mlp"):
     name = f"{parts[3]}/{parts[4]}"
     return name if parts[4] in ATTN + FFN else None
-  if parts[:2] == ["params", "projector"] and len(parts) == 4:
-    return f"projector/{parts[2]}"
+  if parts[:2] == ["params", "projector"] and len(parts) >= 4:
+    return "/".join(parts[1:-1])  # projector/linear_1, projector/ln_q, projector/deepstack_0/..
   return None
 
 
@@ -100,8 +102,11 @@ class HFT(Method):
 
   def _flags(self, module: str, selection: dict | None):
     """Trainable flags of one module; `selection=None` -> the union over all draws."""
-    if module.startswith("projector/") and self.projector != "half":
-      return self.projector == "full"
+    if module.startswith("projector/"):
+      if self.projector != "half":
+        return self.projector == "full"
+      if module not in HALF_PROJECTOR:  # Qwen's merger norm, Qwen3-VL's deepstack mergers
+        return False
     return True if selection is None else selection[module]
 
   @staticmethod

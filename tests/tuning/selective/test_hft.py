@@ -100,3 +100,24 @@ def test_resampling_redraws_and_resets_moments_of_newly_unfrozen_entries():
                                    0.9 * np.asarray(mu_before[p])[kept]
                                    + 0.1 * np.asarray(flat_g[p])[kept], rtol=1e-5)
     trained, state = optax.apply_updates(trained, updates), new_state
+
+
+def test_qwen_mergers_half_and_full():
+  """Qwen's merger (ln_q + linear_1 + linear_2) and Qwen3-VL's deepstack mergers: `half` draws
+  one of the main merger's linears and keeps the norm and deepstack mergers frozen; `full`
+  trains every connector leaf (shapes only, no model built)."""
+  lin = {"kernel": jnp.zeros((8, 8)), "bias": jnp.zeros((8,))}
+  merger = {"ln_q": {"scale": jnp.zeros((8,)), "bias": jnp.zeros((8,))}, "linear_1": lin,
+            "linear_2": lin}
+  _, params, _ = tiny_llava()
+  params = {**params, "projector": {**merger, "deepstack_0": merger}}
+  variables = {"params": params, "adapters": {}}
+  for resample in (None, 5):
+    half = select.flatten(mt.tuning.get("hft", seed=1, resample_every=resample).trainable(
+        variables)["params"])
+    drawn = {p for p in half if p.startswith("projector/") and half[p] is True}
+    assert drawn and all(p.startswith("projector/linear_") for p in drawn)
+    if resample is None:  # one draw: one of the two linears (kernel and bias)
+      assert len({p.split("/")[1] for p in drawn}) == 1
+  full = select.flatten(mt.tuning.get("hft", projector="full").trainable(variables)["params"])
+  assert all(full[p] is True for p in full if p.startswith("projector/"))
