@@ -37,6 +37,9 @@ def get_config():
       steps=100, grad_accum=1, log_every=10, eval_every=0, save_every=50, keep=3,
       best_metric="", best_mode="max", nan_guard=True, async_save=True,
       loss_chunk=256,  # positions per chunk of the fused LM head + CE (0: full logits)
+      # mixture-of-experts LLMs: weight of the router load-balancing loss (transformers'
+      # router_aux_loss_coef, e.g. 0.001; 0 = off, as transformers without output_router_logits)
+      router_aux_loss=0.0,
       prepare_batches=4))  # batches data-derived masks (grad_topk) are computed from
 
   # forgetting penalty, composable with any method (configs/penalties/*.py, docs/methods.md §5):

@@ -21,8 +21,8 @@ transformers' per-expert loop. How fast `ragged_dot` runs is the backend's busin
 (E, N*k, D) masked input, which the tiny test models afford); on GPU it lowers to
 `chlo.ragged_dot`, whose speed and memory have not been measured here yet. Top-k ties go to the
 lower expert index (`lax.top_k`; torch's choice is implementation-defined), which only matters
-for bf16 router logits. Router load-balancing losses are not added (transformers adds one only
-with `output_router_logits=True`).
+for bf16 router logits. The router load-balancing loss is the trainer's (`train.router_aux_loss`,
+`losses/router.py`), from the statistics each layer sows when `intermediates` is mutable.
 """
 from __future__ import annotations
 
@@ -34,6 +34,10 @@ from jax.custom_batching import custom_vmap
 from mllm_tune.models.adapters import parallel_adapter
 from mllm_tune.models.layers import Linear, activation, default_kernel_init, dtype_of
 from mllm_tune.models.llm_config import LLMConfig
+
+# what each MoE layer sows into `intermediates` when that collection is mutable: (router
+# probabilities (N, E) float32, top-k counts (N, E)) for `losses.router.router_balance_loss`
+ROUTER_STATS = "router_stats"
 
 
 # ----------------------------------------------------------------------------- grouped matmuls
@@ -154,6 +158,10 @@ class MoEMLP(nn.Module):
     x_ND = x_BTD.reshape(-1, d)
     logits_NE = Linear(e, False, c.dtype, c.param_dtype, name="router")(x_ND)
     weights_NK, idx_NK = route(logits_NE, c.num_experts_per_tok)
+    if self.is_mutable_collection("intermediates"):
+      probs_NE = jax.nn.softmax(logits_NE.astype(jnp.float32), axis=-1)
+      counts_NE = jnp.sum(jax.nn.one_hot(idx_NK, e, dtype=jnp.float32), axis=1)
+      self.sow("intermediates", ROUTER_STATS, (probs_NE, counts_NE))
     pdt = dtype_of(c.param_dtype)
     gate_up = self.param("experts_gate_up", default_kernel_init(), (e, d, 2 * f), pdt)
     down = self.param("experts_down", default_kernel_init(), (e, f, d), pdt)

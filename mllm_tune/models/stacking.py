@@ -31,7 +31,8 @@ def scanned(block_cls, num_layers: int, remat_policy: str, n_broadcast: int, unr
   `n_broadcast` broadcast arguments, the scanned one, then `n_trailing` broadcast arguments.
   `unroll` layers run per loop iteration (`lax.scan`'s unroll). The parameter layout is the
   same for every `unroll`."""
-  return nn.scan(rematted(block_cls, remat_policy), variable_axes={"params": 0, ADAPTERS: 0},
+  return nn.scan(rematted(block_cls, remat_policy),
+                 variable_axes={"params": 0, ADAPTERS: 0, "intermediates": 0},
                  split_rngs={"params": True, "dropout": True},
                  in_axes=(nn.broadcast,) * n_broadcast + (0,) + (nn.broadcast,) * n_trailing,
                  length=num_layers,

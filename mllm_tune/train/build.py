@@ -91,7 +91,8 @@ class Run:
 
 def assemble(model, method, variables: dict, mask: dict,
              base_optimizer: optax.GradientTransformation, *, penalty=None, grad_accum: int = 1,
-             loss_chunk: int = 256, master_dtype=None, frozen_dtype=None,
+             loss_chunk: int = 256, router_aux_loss: float = 0.0, master_dtype=None,
+             frozen_dtype=None,
              place_trainable: Callable[[dict], dict] | None = None,
              place_frozen: Callable[[dict], dict] | None = None) -> Run:
   """Partition `variables` by `mask`, optionally cast (trainable leaves to `master_dtype`, e.g.
@@ -111,5 +112,9 @@ def assemble(model, method, variables: dict, mask: dict,
   optimizer = tuning.build_optimizer(method, variables, mask, trainable, base_optimizer)
   if penalty is not None:  # the coupled penalty gradient comes before the masks
     optimizer = optax.chain(penalty.transform(), optimizer)
-  fns = StepFns(model, method, optimizer, grad_accum, penalty=penalty, loss_chunk=loss_chunk)
+  if router_aux_loss and not getattr(model.config.llm, "num_experts", 0):
+    raise ValueError(f"train.router_aux_loss={router_aux_loss}: the model's LLM has no "
+                     "mixture-of-experts layers (a router loss needs num_experts > 0)")
+  fns = StepFns(model, method, optimizer, grad_accum, penalty=penalty, loss_chunk=loss_chunk,
+                router_aux_loss=router_aux_loss)
   return Run(method, mask, trainable, frozen, optimizer, fns)

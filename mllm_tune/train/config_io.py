@@ -177,6 +177,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
             ("train.grad_accum", t.grad_accum >= 1, "must be >= 1"),
             ("train.log_every", t.log_every >= 1, "must be >= 1"),
             ("train.loss_chunk", t.get("loss_chunk", 256) >= 0, "must be >= 0 (0: full logits)"),
+            ("train.router_aux_loss", t.get("router_aux_loss", 0.0) >= 0, "must be >= 0"),
             ("train.best_mode", t.best_mode in ("max", "min"), "must be 'max' or 'min'"),
             ("data.batch_size", cfg.data.batch_size >= 1, "must be >= 1"),
             ("model.source", cfg.model.source in ("hf", "native", "tiny", "bench"),

@@ -118,6 +118,7 @@ class Trainer:
     run = build.assemble(
         self.model, self.method, variables, self.mask, base_opt, penalty=self.penalty,
         grad_accum=t.grad_accum, loss_chunk=t.get("loss_chunk", 256),
+        router_aux_loss=t.get("router_aux_loss", 0.0),
         master_dtype=jnp.float32,  # float32 master weights
         frozen_dtype=jnp.dtype(cfg.model.frozen_dtype) if cfg.model.frozen_dtype else None,
         place_trainable=place("trainable"), place_frozen=place("frozen"))

@@ -3,7 +3,8 @@
 Gradients are taken w.r.t. the trainable partition only (`tuning.partition`): frozen leaves are
 closed over, get no gradient buffers and no optimizer state. Loss = token cross-entropy over
 `loss_mask` (token t is a target predicted from position t-1, the data pipeline's convention)
-+ the method's `loss_terms`. Unless a method or penalty term reads the logits, the vocabulary head
++ the method's `loss_terms` (+ `router_aux_loss` times a mixture-of-experts LLM's router
+load-balancing loss, `losses/router.py`, logged as `loss_terms/router_aux`). Unless a method or penalty term reads the logits, the vocabulary head
 and the cross-entropy run `StepFns.loss_chunk` positions at a time (`losses/chunked.py`), so the
 (B, T, V) logits are never materialized. Gradient accumulation scans over a leading micro-batch
 axis and is exact: the cross-entropy is normalised by the token count of the whole step.
@@ -30,6 +31,7 @@ from mllm_tune import models
 from mllm_tune.models import model_kwargs
 from mllm_tune.models.adapters import ADAPTERS
 from mllm_tune.losses.chunked import chunked_token_ce
+from mllm_tune.losses.router import router_balance_loss
 from mllm_tune.losses.token import token_ce
 from mllm_tune.tuning import api as tuning_api
 from mllm_tune import pytree
@@ -54,6 +56,7 @@ class StepFns:
   grad_accum: int = 1
   penalty: Any = None
   loss_chunk: int = 256  # sequence positions per chunk of the fused head + CE (0: full logits)
+  router_aux_loss: float = 0.0  # MoE LLMs: weight of the router load-balancing loss (0: off)
 
 
 def position_counts(micro: dict) -> dict:
@@ -75,29 +78,44 @@ def chunked_loss(fns: StepFns, variables: dict) -> bool:
   return not any(p.endswith("dropout") for p in pytree.flatten(head_adapters))
 
 
+def _apply(fns: StepFns, variables: dict, ids, rngs, sink: dict | None, **kw):
+  """`model.apply`; with a `sink` dict, also collects what the model sows (`intermediates`,
+  e.g. the MoE router statistics) into it."""
+  if sink is None:
+    return fns.model.apply(variables, ids, rngs=rngs, **kw)
+  out, state = fns.model.apply(variables, ids, rngs=rngs, mutable=["intermediates"], **kw)
+  sink.update(state.get("intermediates", {}))
+  return out
+
+
 def model_ce(fns: StepFns, variables: dict, batch: dict, rngs: dict | None = None,
-             trained_head: bool = False):
+             trained_head: bool = False, sink: dict | None = None):
   """(logits, or None when chunked; summed NLL; target count; correct count) on `batch`.
   `trained_head`: the LM head (or tied embedding) gets gradients. On several devices its
   gradient would then be reduced across the batch shards once per chunk (the chunk loop's carry),
-  so it is computed in one chunk there (still without keeping the logits)."""
+  so it is computed in one chunk there (still without keeping the logits). `sink`: a dict that
+  receives the forward pass's `intermediates`."""
   ids, kw = batch["input_ids"], model_kwargs(batch)
   if chunked_loss(fns, variables):
-    h = fns.model.apply(variables, ids, rngs=rngs, return_hidden=True, **kw)
+    h = _apply(fns, variables, ids, rngs, sink, return_hidden=True, **kw)
     head_fn = lambda h_BcD, head_vars: models.apply_head(fns.model, head_vars, h_BcD)
     chunk = ids.shape[1] if trained_head and jax.device_count() > 1 else fns.loss_chunk
     return None, *chunked_token_ce(head_fn, models.head_variables(fns.model, variables), h, ids,
                                    batch["loss_mask"], chunk)
-  logits = fns.model.apply(variables, ids, rngs=rngs, **kw)
+  logits = _apply(fns, variables, ids, rngs, sink, **kw)
   return logits, *token_ce(logits, ids, batch["loss_mask"])
 
 
 def micro_loss(fns: StepFns, trainable, frozen, batch, rng, total_tokens, n_micro,
                penalty_consts=None, norms=None):
   variables = tuning_api.combine(trainable, frozen)
+  sink = {} if fns.router_aux_loss else None
   logits, nll, n, correct = model_ce(fns, variables, batch, {"dropout": rng},
-                                     bool(models.head_variables(fns.model, trainable)))
+                                     bool(models.head_variables(fns.model, trainable)), sink)
   terms = fns.method.loss_terms(variables, batch, logits)
+  if sink is not None:  # per micro-batch, as transformers adds it to each forward's loss
+    mask = batch.get("attention_mask", jnp.ones_like(batch["input_ids"]))
+    terms = {**terms, "router_aux": fns.router_aux_loss * router_balance_loss(sink, mask)}
   loss = nll / jnp.maximum(total_tokens, 1.0) + sum(terms.values(), 0.0) / n_micro
   aux = {"nll": nll, "tokens": n, "correct": correct,
          **{f"loss_terms/{k}": v / n_micro for k, v in terms.items()}}

@@ -254,3 +254,20 @@ def test_per_sample_gradients_under_vmap_equal_one_sample_at_a_time():
       np.testing.assert_allclose(np.asarray(got[k]), want, atol=1e-5)
   assert np.abs(np.asarray(shared[2][1, 2])).max() == 0  # no rows: a zero gradient
   assert np.abs(np.asarray(shared[2][0])).max() > 0
+
+
+def test_router_balance_loss_matches_transformers_aux_loss(loaded):
+  """The router statistics each layer sows give transformers' `aux_loss`
+  (`load_balancing_loss_func` with the attention mask) on the padded batch; padding matters."""
+  from mllm_tune.losses.router import router_balance_loss
+  hf_model, _, model, params = loaded
+  enc = q3.batch(SIDES)
+  kw = mt.hf_inputs(model, enc)
+  _, state = jax.jit(lambda p, kw: model.apply({"params": p}, **kw,
+                                               mutable=["intermediates"]))(params, kw)
+  ours = float(router_balance_loss(state["intermediates"], enc["attention_mask"]))
+  with torch.no_grad():
+    ref = float(hf_model(**qt.torch_inputs(enc), output_router_logits=True).aux_loss)
+  np.testing.assert_allclose(ours, ref, rtol=1e-5)
+  unmasked = float(router_balance_loss(state["intermediates"], np.ones_like(enc["input_ids"])))
+  assert abs(unmasked - ours) > 1e-4 and 2.0 <= ours  # k = 2 at perfect balance

@@ -1,11 +1,12 @@
 """Training a tiny Qwen3-VL-MoE from LLaVA JSON: one packed batch of the data pipeline, one
 jitted step per kind of trainable set (LoRA on attention, the experts and router only, a
-parallel adapter beside the experts, full fine-tuning) and EWC with the model's per-sample
-Fisher: exactly the intended leaves move, frozen entries stay bit-identical, and the
+parallel adapter beside the experts, full fine-tuning), the router load-balancing term, and
+EWC with the model's per-sample Fisher: exactly the intended leaves move, frozen entries stay bit-identical, and the
 step's loss is the float64 NumPy token cross-entropy of the model's logits on the packed batch
 (the logits themselves are checked against transformers in tests/models/)."""
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 
@@ -89,3 +90,33 @@ def test_model_tailor_refuses_changed_experts(moe):
   ft = {**pre, "mlp": {**pre["mlp"], "experts_down": pre["mlp"]["experts_down"] + 0.01}}
   with pytest.raises(mt.tuning.MethodError, match="'mlp/experts_down' differs from the base"):
     mt.tuning.get("model_tailor").tailor_linears(ft, pre, {})
+
+
+def test_router_aux_loss_is_a_logged_term_of_the_step(moe):
+  """`train.router_aux_loss` c: the step adds c x the load-balancing loss of the batch's router
+  statistics (the base model's at step 1; checked against transformers in tests/models/) and
+  logs it; a dense model refuses the option."""
+  import optax
+  from mllm_tune.losses.router import router_balance_loss
+  from mllm_tune.models import model_kwargs
+  from mllm_tune.train import build
+  from tests.helpers.method_steps import compiled_step
+  from tests.helpers.tiny_models import tiny_llava
+  method = mt.tuning.get("freeze", targets=EXPERTS)
+  variables = method.init_variables(jax.random.key(1), moe.params)
+  mask, _ = build.trainable_mask(method, variables, log=False)
+  run = build.assemble(moe.model, method, variables, mask, optax.adam(1e-2),
+                       router_aux_loss=0.01)
+  step, state = compiled_step(run, moe.batch)
+  _, m = step(state, moe.batch, None, None)
+  _, sown = moe.model.apply({"params": moe.params}, moe.batch["input_ids"],
+                            **model_kwargs(moe.batch), mutable=["intermediates"])
+  want = 0.01 * float(router_balance_loss(sown["intermediates"], moe.batch["attention_mask"]))
+  np.testing.assert_allclose(float(m["loss_terms/router_aux"]), want, rtol=1e-5)
+  np.testing.assert_allclose(float(m["loss"]), float(m["ce"]) + want, rtol=1e-5)
+  dense, params, _ = tiny_llava()
+  freeze = mt.tuning.get("freeze")
+  dv = freeze.init_variables(jax.random.key(0), params)
+  with pytest.raises(ValueError, match="router_aux_loss=0.01: the model's LLM has no mixture"):
+    build.assemble(dense, freeze, dv, build.trainable_mask(freeze, dv, log=False)[0],
+                   optax.adam(1e-2), router_aux_loss=0.01)
