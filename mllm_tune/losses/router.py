@@ -4,14 +4,16 @@ transformers' `load_balancing_loss_func` computes it for Qwen3-VL-MoE).
 Over all MoE layers and the real tokens (`token_mask`, the attention mask): f_e = the share of
 (token, layer) rows that send one of their top-k slots to expert e (so the f_e sum to k), P_e =
 the mean router probability of expert e; loss = E * sum_e f_e * P_e (k at perfect balance). The
-layers sow their (probabilities, top-k counts) (`models.moe.ROUTER_STATS`) into the
+MoE layers (models/moe.py) sow their (probabilities, top-k counts) under `ROUTER_STATS` into the
 `intermediates` collection when it is mutable; this module reads them back."""
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from mllm_tune.models.moe import ROUTER_STATS
+# what each MoE layer (models/moe.py) sows into `intermediates` when that collection is
+# mutable: (router probabilities (N, E) float32, top-k counts (N, E))
+ROUTER_STATS = "router_stats"
 
 
 def router_stats(intermediates: dict) -> list[tuple[jax.Array, jax.Array]]:

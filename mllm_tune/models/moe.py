@@ -33,11 +33,8 @@ from jax.custom_batching import custom_vmap
 
 from mllm_tune.models.adapters import parallel_adapter
 from mllm_tune.models.layers import Linear, activation, default_kernel_init, dtype_of
+from mllm_tune.losses.router import ROUTER_STATS
 from mllm_tune.models.llm_config import LLMConfig
-
-# what each MoE layer sows into `intermediates` when that collection is mutable: (router
-# probabilities (N, E) float32, top-k counts (N, E)) for `losses.router.router_balance_loss`
-ROUTER_STATS = "router_stats"
 
 
 # ----------------------------------------------------------------------------- grouped matmuls
