@@ -42,6 +42,10 @@ def router_balance_loss(intermediates: dict, token_mask_BT: jax.Array) -> jax.Ar
   mask_N = jnp.asarray(token_mask_BT, jnp.float32).reshape(-1)
   tokens = probs = rows = 0.0
   for p, c in stats:
+    if p.shape[-2] != mask_N.shape[0]:
+      raise ValueError(f"router statistics of {p.shape[-2]} rows for a token mask of "
+                       f"{mask_N.shape[0]} (B x T): a pass over other rows (e.g. soft prompts "
+                       "run on their own) was recorded")
     p = p.reshape((-1,) + p.shape[-2:])
     c = c.reshape((-1,) + c.shape[-2:])
     tokens = tokens + jnp.einsum("lne,n->e", c, mask_N)

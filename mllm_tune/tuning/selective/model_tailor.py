@@ -243,11 +243,6 @@ class ModelTailor(Method):
   def tailor_linears(self, p_ft: dict, p_pre: dict, grams: dict) -> dict:
     """Tailor every Linear of one block given H = sum / N_tok per Linear (`grams`)."""
     flat, flat_pre = pytree.flatten(p_ft), pytree.flatten(p_pre)
-    for leaf in MOE_LEAVES:  # a mixture of experts' weights are no Linear kernels
-      if leaf in flat and not np.array_equal(np.asarray(flat[leaf]), np.asarray(flat_pre[leaf])):
-        raise MethodError(f"model_tailor: the fine-tuned '{leaf}' differs from the base; Model "
-                          "Tailor patches Linear kernels only and cannot tailor "
-                          "mixture-of-experts weights (tune the experts with another method)")
     for name in LINEARS:
       kernel = f"{name}/kernel"
       if kernel not in flat:  # a MoE block: no dense MLP Linears
@@ -268,6 +263,13 @@ class ModelTailor(Method):
     if not batches:
       raise MethodError("model_tailor: no calibration batches")
     cfg = model.config.llm
+    ft_layers, pre_layers = (pytree.flatten(p["llm"]["layers"]) for p in (params_ft, params_pre))
+    for leaf in MOE_LEAVES:  # a mixture of experts' weights are no Linear kernels
+      if leaf in ft_layers and not np.array_equal(np.asarray(ft_layers[leaf]),
+                                                  np.asarray(pre_layers[leaf])):
+        raise MethodError(f"model_tailor: the fine-tuned 'llm/layers/{leaf}' differs from the "
+                          "base; Model Tailor patches Linear kernels only and cannot tailor "
+                          "mixture-of-experts weights (tune the experts with another method)")
     params = jax.tree.map(lambda x: x, params_ft)
     if self.reset_projector and "projector" in params:
       params["projector"] = params_pre["projector"]
