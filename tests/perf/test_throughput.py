@@ -18,10 +18,10 @@ import profile_step  # noqa: E402
 import throughput  # noqa: E402
 
 
-def test_tiny_bf16_random_init_run_reports_every_mode(tmp_path):
+def test_tiny_bf16_random_init_run_reports_lora_and_generation(tmp_path):
   out = tmp_path / "tiny.md"
   cmd = [sys.executable, os.path.join(ROOT, "perf", "throughput.py"), "--preset", "tiny",
-         "--init", "random", "--dtype", "bfloat16", "--modes", "lora,full,generate",
+         "--init", "random", "--dtype", "bfloat16", "--modes", "lora,generate",
          "--steps", "4", "--repeats", "1", "--batch", "2", "--seq", "40", "--new_tokens", "3",
          "--lora_rank", "4", "--results", str(out)]
   r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
@@ -34,7 +34,8 @@ def test_tiny_bf16_random_init_run_reports_every_mode(tmp_path):
     n = sum(p.numel() for p in LlavaForConditionalGeneration(
         throughput.hf_config(throughput.PRESETS["tiny"])).parameters())
   assert f"{n / 1e6:.1f}M params, bfloat16" in text and "LoRA r=4" in text
-  for row in ("| lora step |", "| full step |", "| generate (greedy, KV cache) |"):
+  # ("full" is the same worker path as "lora" with every leaf trained; left out for time)
+  for row in ("| lora step |", "| generate (greedy, KV cache) |"):
     line = next(ln for ln in text.splitlines() if ln.startswith(row))
     ratio = float(line.split("|")[4])  # timings of a tiny model on a shared host: any value
     assert 0 < ratio < float("inf"), line
