@@ -97,26 +97,41 @@ def _nearby(pattern: str, candidates: Sequence[str], n: int = 5) -> list[str]:
   return close or list(candidates[:n])
 
 
+def is_kernel(leaf: Leaf) -> bool:
+  """A Linear kernel: `.../kernel` of rank 2 (3 when stacked)."""
+  return leaf.path.endswith("/kernel") and len(leaf.shape) == (3 if leaf.num_layers else 2)
+
+
+def is_expert_tensor(leaf: Leaf) -> bool:
+  """A mixture-of-experts weight stack: `.../experts_<name>` (E, d_in, d_out) ((L, E, ..) when
+  stacked), E Linear kernels in one tensor."""
+  return (leaf.path.rsplit("/", 1)[-1].startswith("experts_")
+          and len(leaf.shape) == (4 if leaf.num_layers else 3))
+
+
 def match_layers(tree: dict, rules: Sequence[tuple[str, Any]], default: Any = None,
                  what: str = "parameter", require_match: bool = True,
-                 module_level: bool = False) -> dict[str, list[Any] | Any]:
+                 module_level: bool = False,
+                 expert_tensors: bool = False) -> dict[str, list[Any] | Any]:
   """Resolve ordered `(regex, value)` rules on every leaf (first match wins).
 
   Returns {storage_path: value} for unstacked leaves and {storage_path: [value per layer]} for
   stacked ones. With `module_level`, patterns match the module path (leaf name dropped, e.g.
-  `llm/layers_3/attn/q_proj`) of 2-D kernels only, as LoRA-style `targets` do.
+  `llm/layers_3/attn/q_proj`) of 2-D kernels only, as LoRA-style `targets` do; with
+  `expert_tensors` too, a mixture-of-experts weight stack is a target of its own, named by its
+  full path (`llm/layers_3/mlp/experts_gate_up`).
   """
   compiled = [(_compile(p), p, v) for p, v in rules]
   hits = {p: 0 for _, p, _ in compiled}
   out: dict[str, Any] = {}
   candidates: list[str] = []
   for leaf in leaves(tree):
-    if module_level and not (leaf.path.endswith("/kernel")
-                             and len(leaf.shape) == (3 if leaf.num_layers else 2)):
+    expert = module_level and expert_tensors and is_expert_tensor(leaf)
+    if module_level and not (expert or is_kernel(leaf)):
       continue
     values = []
     for lp, _ in logical_paths(leaf):
-      name = lp.rsplit("/", 1)[0] if module_level else lp
+      name = lp.rsplit("/", 1)[0] if module_level and not expert else lp
       candidates.append(name)
       value = default
       for rx, p, v in compiled:

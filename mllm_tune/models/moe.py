@@ -11,6 +11,7 @@ Params (one layer; stacked with a leading L in the scanned LLM):
   router/kernel       (D, E)        a `Linear`, so LoRA and the other Linear methods can reach it
   experts_gate_up     (E, D, 2F)    gate columns [0, F), up columns [F, 2F) (the hub's layout)
   experts_down        (E, F, D)
+Per-expert LoRA (`expert_lora`) reads adapter leaves under each stack's name.
 
 Dispatch is dropless: the N*k (token, expert) pairs are sorted by expert and run through
 `jax.lax.ragged_dot` (grouped matmuls over contiguous row groups, wrapped in `grouped_matmul` so
@@ -31,6 +32,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax.custom_batching import custom_vmap
 
+from mllm_tune.models import adapters
 from mllm_tune.models.adapters import parallel_adapter
 from mllm_tune.models.layers import Linear, activation, default_kernel_init, dtype_of
 from mllm_tune.losses.router import ROUTER_STATS
@@ -128,8 +130,12 @@ def route(logits_NE: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
 
 
 def routed_experts(x_ND: jax.Array, weights_NK: jax.Array, idx_NK: jax.Array,
-                   gate_up_EDF2: jax.Array, down_EFD: jax.Array, act: str) -> jax.Array:
-  """sum_j weights[n, j] * expert_{idx[n, j]}(x[n]) for every row n, (N, D), dropless."""
+                   gate_up_EDF2: jax.Array, down_EFD: jax.Array, act: str,
+                   gate_up_delta=None, down_delta=None) -> jax.Array:
+  """sum_j weights[n, j] * expert_{idx[n, j]}(x[n]) for every row n, (N, D), dropless.
+
+  `gate_up_delta` / `down_delta`: optional `(rows (M, d_in), sizes (E,)) -> (M, d_out)` added to
+  the expert products (per-expert LoRA, `expert_lora`)."""
   n, k = idx_NK.shape
   num_experts, f = down_EFD.shape[0], down_EFD.shape[1]
   flat_M = idx_NK.reshape(-1)                          # M = N * k (token, expert) pairs
@@ -138,10 +144,34 @@ def routed_experts(x_ND: jax.Array, weights_NK: jax.Array, idx_NK: jax.Array,
   sizes_E = jnp.bincount(flat_M, length=num_experts).astype(jnp.int32)
   xs_MD = x_ND[token_M]
   h_MF2 = grouped_matmul(xs_MD, gate_up_EDF2.astype(x_ND.dtype), sizes_E)
+  if gate_up_delta is not None:
+    h_MF2 = h_MF2 + gate_up_delta(xs_MD, sizes_E)
   h_MF = activation(act)(h_MF2[:, :f]) * h_MF2[:, f:]
   y_MD = grouped_matmul(h_MF, down_EFD.astype(x_ND.dtype), sizes_E)
+  if down_delta is not None:
+    y_MD = y_MD + down_delta(h_MF, sizes_E)
   y_MD = y_MD * weights_NK.reshape(-1)[order_M][:, None].astype(y_MD.dtype)
   return jnp.zeros_like(x_ND).at[token_M].add(y_MD)
+
+
+def expert_lora(module, name: str, dt):
+  """The per-expert LoRA of the weight stack `name` as a `routed_experts` delta, or None.
+
+  Its adapter leaves sit under the stack's name (`experts_down/lora_a` (E, d_in, r),
+  `lora_b` (E, r, d_out), `lora_scale` (), optional `lora_dropout` ()): expert e's rows get
+  `(s * (drop(x) @ A_e)) @ B_e`, i.e. the stack becomes `W_e + s A_e B_e` (PEFT's
+  `target_parameters` LoRA on MoE experts)."""
+  leaves = adapters.get(module, name)
+  if leaves is None:
+    return None
+  a, b = leaves[adapters.LORA_A].astype(dt), leaves[adapters.LORA_B].astype(dt)
+  scale = jnp.asarray(leaves.get(adapters.LORA_SCALE, 1.0), dt)
+  rate = leaves.get(adapters.LORA_DROPOUT)
+
+  def delta(x_MD, sizes_E):
+    xd = adapters.dropout(module, x_MD, rate)
+    return grouped_matmul(grouped_matmul(xd, a, sizes_E) * scale, b, sizes_E)
+  return delta
 
 
 class MoEMLP(nn.Module):
@@ -162,6 +192,8 @@ class MoEMLP(nn.Module):
     pdt = dtype_of(c.param_dtype)
     gate_up = self.param("experts_gate_up", default_kernel_init(), (e, d, 2 * f), pdt)
     down = self.param("experts_down", default_kernel_init(), (e, f, d), pdt)
-    y_ND = routed_experts(x_ND.astype(dtype_of(c.dtype)), weights_NK, idx_NK, gate_up, down,
-                          c.hidden_act)
+    dt = dtype_of(c.dtype)
+    y_ND = routed_experts(x_ND.astype(dt), weights_NK, idx_NK, gate_up, down, c.hidden_act,
+                          expert_lora(self, "experts_gate_up", dt),
+                          expert_lora(self, "experts_down", dt))
     return parallel_adapter(self, x_BTD, y_ND.reshape(x_BTD.shape))

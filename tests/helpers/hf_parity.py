@@ -42,15 +42,17 @@ LLM_QVD = r".*language_model.*\.(q_proj|v_proj|down_proj)"
 
 
 def check_peft_lora_both_ways(hf_model, base_dir: str, model, params, enc: dict, hf_logits,
-                              fresh_hf_model, tmp_path, target_modules: str = LLM_QVD):
+                              fresh_hf_model, tmp_path, target_modules: str = LLM_QVD,
+                              **lora_kw):
   """A peft LoRA (r 4 on `target_modules`, by default the language model's q / v / down
-  projections; random B) saved by peft -> `import_peft`: our logits on `mt.hf_inputs(enc)`
-  equal peft's (`hf_logits(module, enc)`) and differ from the base's; `export_peft` ->
-  `PeftModel.from_pretrained` on `fresh_hf_model()` gives peft's logits again."""
+  projections, and `lora_kw` such as target_parameters; random B) saved by peft ->
+  `import_peft`: our logits on `mt.hf_inputs(enc)` equal peft's (`hf_logits(module, enc)`) and
+  differ from the base's; `export_peft` -> `PeftModel.from_pretrained` on `fresh_hf_model()`
+  gives peft's logits again. Returns the imported (method, variables)."""
   real = enc["attention_mask"].astype(bool)
   peft_dir = str(tmp_path / "peft")
-  peft_model = saved_peft(hf_model, LoraConfig(r=4, lora_alpha=8, target_modules=target_modules),
-                          peft_dir)
+  peft_model = saved_peft(hf_model, LoraConfig(r=4, lora_alpha=8, target_modules=target_modules,
+                                               **lora_kw), peft_dir)
   method, variables = import_peft(peft_dir, model, params)
   kw = mt.hf_inputs(model, enc)
   apply = jax.jit(model.apply)  # op by op, a tiny model's forward is slower than its compile
@@ -62,6 +64,7 @@ def check_peft_lora_both_ways(hf_model, base_dir: str, model, params, enc: dict,
   export_peft(out, model, method, variables, base_model_name_or_path=base_dir)
   again = PeftModel.from_pretrained(fresh_hf_model(), out).eval()
   np.testing.assert_allclose(hf_logits(again, enc)[real], ref[real], atol=ATOL)
+  return method, variables
 
 
 def hf_per_record(records: list[dict], images: dict[str, bytes], encode) -> dict:

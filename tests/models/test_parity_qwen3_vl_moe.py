@@ -201,12 +201,28 @@ def test_configs_round_trip_and_errors(loaded):
 
 
 def test_peft_lora_both_ways_with_logit_parity(loaded, tmp_path):
-  """PEFT LoRA on the LLM's q / v and the vision blocks' fused qkv, both ways (the experts are
-  3D parameters, which PEFT targets with `target_parameters`, not supported here)."""
+  """PEFT LoRA on the LLM's q / v, the vision blocks' fused qkv and, through
+  `target_parameters`, per expert on both expert stacks (peft nests the two wrappers of one
+  module: gate_up's factors sit under `experts.base_layer.`), both ways; merging the imported
+  adapters into the weights gives the same logits."""
   _, base_dir, model, params = loaded
-  check_peft_lora_both_ways(q3.qwen3_vl_moe(), base_dir, model, params, q3.batch(SIDES),
-                            qt.hf_logits, q3.qwen3_vl_moe, tmp_path,
-                            target_modules=r".*(language_model.*\.(q_proj|v_proj)|visual.*\.qkv)")
+  method, variables = check_peft_lora_both_ways(
+      q3.qwen3_vl_moe(), base_dir, model, params, q3.batch(SIDES), qt.hf_logits,
+      q3.qwen3_vl_moe, tmp_path,
+      target_modules=r".*(language_model.*\.(q_proj|v_proj)|visual.*\.qkv)",
+      target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+  assert {f"llm/layers_1/mlp/experts_{n}" for n in ("gate_up", "down")} <= set(method.targets)
+  kw = mt.hf_inputs(model, q3.batch(SIDES))
+  apply = jax.jit(model.apply)
+  np.testing.assert_allclose(np.asarray(apply({"params": method.merge(variables)}, **kw)),
+                             np.asarray(apply(variables, **kw)), atol=1e-5)
+  # peft's ParamWrapper has no dropout or DoRA: refused, with the stacks named
+  with pytest.raises(MethodError, match="experts_down.*only plain LoRA"):
+    mt.tuning.get("dora", targets=r"llm/layers_\d+/mlp/experts_down").init_variables(
+        jax.random.key(0), params)
+  drop = mt.tuning.get("lora", rank=2, dropout=0.1, targets=r"llm/layers_0/mlp/experts_down")
+  with pytest.raises(MethodError, match=r"experts.down_proj, ...\) with dropout 0.1"):
+    peft_adapter(model, drop, drop.init_variables(jax.random.key(0), params))
   # our LoRA can reach the router (a Linear here); transformers' router is no nn.Linear
   method = mt.tuning.get("lora", rank=2, targets=r"llm/layers_\d+/mlp/router")
   variables = method.init_variables(jax.random.key(0), params)

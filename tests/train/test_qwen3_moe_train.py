@@ -1,5 +1,5 @@
 """Training a tiny Qwen3-VL-MoE from LLaVA JSON: one packed batch of the data pipeline, one
-jitted step per kind of trainable set (LoRA on attention, the experts and router only, a
+jitted step per kind of trainable set (LoRA on attention and per expert, the experts and router only, a
 parallel adapter beside the experts, full fine-tuning), the router load-balancing term, and
 EWC with the model's per-sample Fisher: exactly the intended leaves move, frozen entries stay bit-identical, and the
 step's loss is the float64 NumPy token cross-entropy of the model's logits on the packed batch
@@ -29,14 +29,20 @@ def moe(tmp_path_factory):
   return env
 
 
-def test_lora_on_attention_steps_on_packed_moe_batches(moe):
-  method = mt.tuning.get("lora", rank=2, targets=r"llm/layers_\d+/attn/(q|v)_proj")
+def test_lora_on_attention_and_experts_steps_on_packed_moe_batches(moe):
+  """LoRA on q / v and per expert on both expert stacks (their factors under the stacks'
+  names): exactly the LoRA factors train, and step 1 moves the B factors only (A B = 0)."""
+  method = mt.tuning.get("lora", rank=2,
+                         targets=r"llm/layers_\d+/(attn/(q|v)_proj|mlp/experts_(gate_up|down))")
   _, before, mask, (after,), (metrics,) = train(moe, method)
   assert np.isfinite(metrics["loss"]) and metrics["loss"] > 0
+  modules = ["attn/q_proj", "attn/v_proj", "mlp/experts_gate_up", "mlp/experts_down"]
   trained = {p for p, m in pytree.flatten(mask).items() if pytree.mask_any(m)}
-  assert trained == {f"adapters/llm/layers/attn/{n}_proj/lora_{ab}" for n in "qv" for ab in "ab"}
+  assert trained == {f"adapters/llm/layers/{m}/lora_{ab}" for m in modules for ab in "ab"}
+  assert pytree.flatten(before)["adapters/llm/layers/mlp/experts_down/lora_a"].shape == (
+      3, 6, 24, 2)  # (L, E, F, r)
   assert_masked_entries_fixed(before, after, mask)
-  assert changed(before, after) == {f"adapters/llm/layers/attn/{n}_proj/lora_b" for n in "qv"}
+  assert changed(before, after) == {f"adapters/llm/layers/{m}/lora_b" for m in modules}
 
 
 def test_parallel_adapter_wraps_the_mixture_of_experts(moe):

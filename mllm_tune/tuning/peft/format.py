@@ -35,11 +35,15 @@ def _layouts(cfg) -> list[str | None]:
 
 
 def _module_patterns(cfg, layout: str | None) -> dict[str, str]:
-  """{our kernel storage path: HF module name pattern (with {i} for stacked)}."""
+  """{our kernel storage path: HF module name pattern (with {i} for stacked)}; a
+  mixture-of-experts stack maps to its parameter's name (`...mlp.experts.gate_up_proj`), which
+  is what peft's `target_parameters` name."""
   out = {}
   for rule in checkpoint_rules(cfg, layout):
     if rule.path[-1] == "kernel" and rule.hf.endswith(".weight"):
       out["/".join(rule.path)] = rule.hf[:-len(".weight")]
+    elif rule.path[-1].startswith("experts_"):
+      out["/".join(rule.path)] = rule.hf
   return out
 
 
@@ -168,4 +172,8 @@ def layer_flags(layers: set, kernel_shape) -> np.ndarray:
 
 
 def logical_target(path: str, layer: int | None) -> str:
-  return re.escape(pytree.logical_path(path, layer).rsplit("/", 1)[0])
+  """The LoRA target regex of one kernel (its module path) or expert stack (its own path)."""
+  logical = pytree.logical_path(path, layer)
+  if not path.rsplit("/", 1)[-1].startswith("experts_"):
+    logical = logical.rsplit("/", 1)[0]
+  return re.escape(logical)

@@ -24,13 +24,14 @@ from mllm_tune.models.adapters import (DORA_M, LORA_A, LORA_B, LORA_DROPOUT, LOR
                                        PISSA_A0, PISSA_B0)
 from mllm_tune import pytree
 from mllm_tune.tuning.api import Compose, MethodError, compose, label
-from mllm_tune.tuning.peft import extras
+from mllm_tune.tuning.peft import experts, extras
 from mllm_tune.tuning.peft import format as peft_io
-from mllm_tune.tuning.reparam.lora import LoRA, PiSSA, adapter_path, get_leaf, pissa_to_lora
+from mllm_tune.tuning.reparam.lora import (LoRA, PiSSA, adapter_path, get_leaf, is_expert_path,
+                                           pissa_to_lora)
 
 LORA_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
 INIT_KEEPS_BASE = (True, False, "gaussian", "eva", "orthogonal", "mica")
-UNSUPPORTED = ("lora_bias", "use_qalora", "target_parameters", "trainable_token_indices",
+UNSUPPORTED = ("lora_bias", "use_qalora", "trainable_token_indices",
                "layer_replication", "alora_invocation_tokens")
 LORA_LEAVES = (LORA_A, LORA_B, LORA_SCALE, LORA_DROPOUT, DORA_M, PISSA_A0, PISSA_B0)
 
@@ -64,6 +65,9 @@ def export_lora(method, model, variables: dict):
     raise MethodError(f"PEFT LORA export: adapter leaves {foreign[:5]} belong to no LoRA target "
                       "(a PEFT LoRA adapter holds only LoRA factors)")
   tensors, names, rank_pattern, alpha_pattern = {}, [], {}, {}
+  expert_names = {peft_io.hf_module_name(cfg, p, int(i)) for p, lay in layout.items()
+                  if is_expert_path(p) for i in np.flatnonzero(lay.flags)}
+  experts.check_exportable(lora, sorted(expert_names))
   for path, lay in sorted(layout.items()):
     get = lambda leaf: np.asarray(adapters[adapter_path(path, leaf)], np.float32)
     a, b = get(LORA_A), get(LORA_B)
@@ -78,6 +82,11 @@ def export_lora(method, model, variables: dict):
         rank_pattern[re.escape(name)] = r
       if alpha != float(lora.alpha):
         alpha_pattern[re.escape(name)] = alpha
+      if name in expert_names:  # peft's ParamWrapper factors (tuning/peft/experts.py)
+        key = f"{peft_io.PREFIX}{experts.tensor_module(name, expert_names)}"
+        (tensors[f"{key}.lora_A.weight"],
+         tensors[f"{key}.lora_B.weight"]) = experts.to_peft(sl(a)[..., :r], sl(b)[:, :r])
+        continue
       key = f"{peft_io.PREFIX}{name}"
       tensors[f"{key}.lora_A.weight"] = sl(a)[:, :r].T
       tensors[f"{key}.lora_B.weight"] = sl(b)[:r].T
@@ -90,7 +99,12 @@ def export_lora(method, model, variables: dict):
             "use_dora": lora.use_dora, "init_lora_weights": True,
             "fan_in_fan_out": False, "rank_pattern": rank_pattern,
             "alpha_pattern": alpha_pattern, "layers_to_transform": None,
-            "target_modules": peft_io.targets_regex(names), **extra_cfg}
+            "target_modules": peft_io.targets_regex(sorted(set(names) - expert_names)),
+            **extra_cfg}
+  if expert_names:
+    config["target_parameters"] = sorted(expert_names)
+    if set(names) <= expert_names:
+      config["target_modules"] = None
   return config, tensors
 
 
@@ -126,10 +140,13 @@ def import_lora(config: dict, tensors: dict, model, params: dict, where: str):
   lora_tensors, values, mts_set, bias_set = extras.split_tensors(config, tensors, model, params,
                                                                  where)
   lookup = peft_io.module_lookup(model.config)
+  wrapped = experts.wrapped_modules(config, [n for n, (p, _) in lookup.items()
+                                             if is_expert_path(p)], where)
   per_module: dict[str, dict] = {}
   modules: dict[tuple, str] = {}
   for key, arr in lora_tensors.items():
     module, suffix = peft_io.split_key(key, LORA_SUFFIXES, where)
+    module = wrapped.get(module, module)  # an expert stack's factors: its parameter name
     if module not in lookup:
       raise peft_io.unknown_module(model.config, key, module, where)
     path, layer = lookup[module]
@@ -173,15 +190,22 @@ def import_lora(config: dict, tensors: dict, model, params: dict, where: str):
     if set(b) != set(a):
       raise MethodError(f"{where}: module {path} has lora_A for layers {sorted(a)} but "
                         f"lora_B for {sorted(b)}")
+    lead = k_shape[1:-2] if len(k_shape) > 3 else ()   # (E,) for an expert stack
     for i in a:
       name = f"{peft_io.PREFIX}{modules[(path, i)]}"
       ri = ranks[(path, i)]
-      peft_io.check_shape(a[i], (d_in, ri), f"{name}.lora_A.weight (transposed)", where)
-      peft_io.check_shape(b[i], (ri, d_out), f"{name}.lora_B.weight (transposed)", where)
-      a[i] = np.pad(a[i], ((0, 0), (0, big_r - ri)))  # ranks below the leaf's: zero padding
-      b[i] = np.pad(b[i], ((0, big_r - ri), (0, 0)))
-    adapters[adapter_path(path, LORA_A)] = peft_io.to_stacked(a, k_shape, (d_in, big_r))
-    adapters[adapter_path(path, LORA_B)] = peft_io.to_stacked(b, k_shape, (big_r, d_out))
+      if lead:  # peft's (r E, in) / (out, r E) expert factors (tuning/peft/experts.py)
+        peft_io.check_shape(a[i].T, (ri * lead[0], d_in), f"{name} lora_A.weight", where)
+        peft_io.check_shape(b[i].T, (d_out, ri * lead[0]), f"{name} lora_B.weight", where)
+        a[i], b[i] = experts.from_peft(a[i].T, b[i].T, lead[0])
+      else:
+        peft_io.check_shape(a[i], (d_in, ri), f"{name}.lora_A.weight (transposed)", where)
+        peft_io.check_shape(b[i], (ri, d_out), f"{name}.lora_B.weight (transposed)", where)
+      pad = ((0, 0),) * len(lead)  # ranks below the leaf's: zero padding
+      a[i] = np.pad(a[i], pad + ((0, 0), (0, big_r - ri)))
+      b[i] = np.pad(b[i], pad + ((0, big_r - ri), (0, 0)))
+    adapters[adapter_path(path, LORA_A)] = peft_io.to_stacked(a, k_shape, (*lead, d_in, big_r))
+    adapters[adapter_path(path, LORA_B)] = peft_io.to_stacked(b, k_shape, (*lead, big_r, d_out))
     if method.use_dora:
       m = parts.get("lora_magnitude_vector", {})
       for i in a:

@@ -32,14 +32,17 @@ DEFAULT_TARGETS = r"llm/layers_\d+/attn/(q|v)_proj"
 ALL_LLM_LINEARS = r"llm/layers_\d+/(attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)"
 
 
-def resolve_targets(params: dict, targets, what: str = "LoRA target") -> dict[str, np.ndarray]:
-  """{kernel storage path: bool per layer (L,) or shape () } for every matched Linear kernel."""
+def resolve_targets(params: dict, targets, what: str = "LoRA target",
+                    experts: bool = False) -> dict[str, np.ndarray]:
+  r"""{kernel storage path: bool per layer (L,) or shape () } for every matched Linear kernel
+  (and, with `experts`, every matched mixture-of-experts weight stack, named by its own path:
+  `llm/layers_\d+/mlp/experts_(gate_up|down)`)."""
   patterns = [targets] if isinstance(targets, str) else list(targets)
   if not patterns:
     raise MethodError(f"{what}s are empty")
   try:
     found = pytree.match_layers(params, [(p, True) for p in patterns], default=False, what=what,
-                                module_level=True)
+                                module_level=True, expert_tensors=experts)
   except pytree.SelectorError as e:
     flat = pytree.flatten(params)
     if (any("lm_head" in p for p in patterns) and "llm/lm_head/kernel" not in flat
@@ -73,7 +76,25 @@ def _pairs(pattern, what: str, cast) -> tuple[tuple[str, float], ...]:
 
 
 def adapter_path(kernel_path: str, leaf: str) -> str:
-  return kernel_path.rsplit("/", 1)[0] + "/" + leaf
+  """Where an adapter leaf of a kernel lives: beside it (`.../q_proj/lora_a` for
+  `.../q_proj/kernel`); an expert stack's under its own name (`.../experts_down/lora_a`)."""
+  if kernel_path.endswith("/kernel"):
+    return kernel_path.rsplit("/", 1)[0] + "/" + leaf
+  return kernel_path + "/" + leaf
+
+
+def is_expert_path(path: str) -> bool:
+  return path.rsplit("/", 1)[-1].startswith("experts_")
+
+
+def per_layer(values: np.ndarray, ndim: int, trailing: int = 0) -> np.ndarray:
+  """Per-layer values (L,) (or a scalar) shaped to broadcast against a stacked leaf of rank
+  `ndim` whose last `trailing` axes the values already carry ((L, r) rank masks: trailing 1)."""
+  shape = np.shape(values)
+  if len(shape) == trailing:
+    return values
+  lead = shape[:len(shape) - trailing]
+  return values.reshape(lead + (1,) * (ndim - len(shape)) + shape[len(lead):])
 
 
 def _layer_scalar(flags: np.ndarray, value: float) -> np.ndarray:
@@ -100,6 +121,7 @@ class LoRA(Method):
   rank_pattern: tuple = ()   # ((module regex, rank), ...): peft rank_pattern
   alpha_pattern: tuple = ()  # ((module regex, alpha), ...): peft alpha_pattern
   patterns_supported: ClassVar[bool] = True
+  experts_supported: ClassVar[bool] = True  # LoRA per expert on MoE weight stacks
 
   def __post_init__(self):
     object.__setattr__(self, "rank_pattern", _pairs(self.rank_pattern, "rank_pattern", int))
@@ -122,11 +144,17 @@ class LoRA(Method):
 
   def layout(self, params: dict) -> dict[str, TargetLayout]:
     """{kernel storage path: TargetLayout} of every adapted kernel (patterns resolved)."""
-    targets = resolve_targets(params, self.targets)
+    targets = resolve_targets(params, self.targets, experts=True)
+    experts = sorted(p for p in targets if is_expert_path(p))
+    if experts and (self.use_dora or not self.experts_supported):
+      raise MethodError(f"{self.name}: targets {self.targets!r} reach the mixture-of-experts "
+                        f"weight stacks {experts}; only plain LoRA / rsLoRA adapt those (one "
+                        "A, B pair per expert, as PEFT's target_parameters)")
     per = {}
     for key, pattern in (("rank", self.rank_pattern), ("alpha", self.alpha_pattern)):
       per[key] = (pytree.match_layers(params, list(pattern), default=None,
-                                      what=f"LoRA {key}_pattern", module_level=True)
+                                      what=f"LoRA {key}_pattern", module_level=True,
+                                      expert_tensors=True)
                   if pattern else {})
     out = {}
     for path, flags in targets.items():
@@ -147,8 +175,7 @@ class LoRA(Method):
 
   def _init_a(self, rng, shape, d_in, ranks):
     if self.init_a == "gaussian":
-      r = jnp.asarray(np.maximum(ranks, 1), jnp.float32)
-      r = r[..., None, None] if r.ndim else r
+      r = jnp.asarray(per_layer(np.maximum(ranks, 1).astype(np.float32), len(shape)))
       return jax.random.normal(rng, shape, jnp.float32) / r
     bound = 1.0 / math.sqrt(d_in)
     return jax.random.uniform(rng, shape, jnp.float32, -bound, bound)
@@ -162,7 +189,7 @@ class LoRA(Method):
       a = self._init_a(jax.random.fold_in(rng, i), (*lead, d_in, r), d_in, lay.ranks)
       # columns past each layer's rank (and untargeted layers) are zero
       cols = np.arange(r) < (lay.ranks[..., None] if lay.ranks.ndim else lay.ranks)
-      a = a * jnp.asarray(cols[..., None, :] if lay.ranks.ndim else cols, a.dtype)
+      a = a * jnp.asarray(per_layer(cols, a.ndim, trailing=1), a.dtype)
       out[adapter_path(path, LORA_A)] = a
       out[adapter_path(path, LORA_B)] = jnp.zeros((*lead, r, d_out), jnp.float32)
       out[adapter_path(path, LORA_SCALE)] = jnp.asarray(self.layer_scales(lay))
@@ -177,29 +204,31 @@ class LoRA(Method):
   def trainable(self, variables):
     mask = super().trainable(variables)
     flat = pytree.flatten(mask)
+    adapters = pytree.flatten(variables.get("adapters", {}))
     for path, lay in self.layout(variables["params"]).items():
       r = lay.leaf_rank
       # per-layer ranks below the leaf's: mask the padding (A columns, B rows past r_l)
       cols = (np.arange(r) < lay.ranks[..., None]) if lay.flags.ndim else None
       padded = cols is not None and not np.array_equal(cols, np.repeat(lay.flags[:, None], r, 1))
-      for leaf, nd in ((LORA_A, 3), (LORA_B, 3), (DORA_M, 2)):
+      for leaf in (LORA_A, LORA_B, DORA_M):
         key = "adapters/" + adapter_path(path, leaf)
         if key not in flat:
           continue
+        nd = np.ndim(adapters[adapter_path(path, leaf)])
         if padded and leaf != DORA_M:
-          flat[key] = cols[:, None, :] if leaf == LORA_A else cols[:, :, None]
+          m = per_layer(cols, nd - 1, trailing=1)      # (L, .., r)
+          flat[key] = m[..., None, :] if leaf == LORA_A else m[..., :, None]
         else:
-          flat[key] = pytree.layer_mask(lay.flags, nd if lay.flags.ndim else nd - 1)
+          flat[key] = pytree.layer_mask(lay.flags, nd)
     return pytree.unflatten(flat)
 
   def merge(self, variables):
     params = pytree.flatten(variables["params"])
     adapters = pytree.flatten(variables.get("adapters", {}))
-    for path in resolve_targets(variables["params"], self.targets):
+    for path in resolve_targets(variables["params"], self.targets, experts=True):
       k0 = jnp.asarray(params[path], jnp.float32)
       a, b = adapters[adapter_path(path, LORA_A)], adapters[adapter_path(path, LORA_B)]
-      s = jnp.asarray(adapters[adapter_path(path, LORA_SCALE)], jnp.float32)
-      s = s[..., None, None] if s.ndim else s
+      s = jnp.asarray(per_layer(adapters[adapter_path(path, LORA_SCALE)], k0.ndim), jnp.float32)
       merged = k0 + s * jnp.matmul(a, b)
       m = adapters.get(adapter_path(path, DORA_M))
       if m is not None:
@@ -233,6 +262,7 @@ class PiSSA(LoRA):
   alpha' = 2 alpha (alpha sqrt(2) with rsLoRA)."""
   alpha: float = 8.0
   patterns_supported: ClassVar[bool] = False
+  experts_supported: ClassVar[bool] = False
 
   def init_variables(self, rng, params):
     adapters = pytree.flatten(self.init(rng, params))
