@@ -7,6 +7,12 @@
   environment), and XLA compilation is most of their time; a cache hit loads the very executable a
   compile would have produced, so no result changes. The directory starts empty each session, so
   nothing carries over between runs.
+- `JAX_DISABLE_MOST_OPTIMIZATIONS=1` (jax's switch for "the cost of optimization is greater
+  than that of running a less-optimized program": LLVM optimization level 0 and no expensive LLVM
+  passes). The tests run tiny models a few steps, so XLA:CPU's compile time dominates, and this
+  cuts the suite's time by about a fifth. It changes how fast the code runs, not what it computes
+  (no fast-math); CLI subprocesses inherit it. Nothing in the suite times anything; the speed
+  numbers come from `perf/`, which runs with jax's defaults.
 - `MLLM_TUNE_CACHE` (the offline benchmark's pre-trained bases) points at a per-session temporary
   directory too: tests never read or write ~/.cache, and the tests that need the tiny bench base
   (`mllm_tune/benchmark/config.py:tiny`) build it once per session and share it.
@@ -24,6 +30,7 @@ _CACHE = tempfile.mkdtemp(prefix="mllm_tune_jax_cache_")
 atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
+os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
 os.environ["MLLM_TUNE_CACHE"] = os.path.join(_CACHE, "mllm_tune")
 
 import jax  # noqa: E402  (after the environment: jax reads it at import)
