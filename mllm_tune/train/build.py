@@ -20,7 +20,6 @@ from typing import Any, Callable, Iterable
 import jax.numpy as jnp
 import optax
 
-from mllm_tune.models.adapters import ADAPTERS, PROMPT_EMBEDDINGS
 
 from mllm_tune import tuning
 from mllm_tune.importance import fisher
@@ -117,10 +116,6 @@ def assemble(model, method, variables: dict, mask: dict,
   if router_aux_loss and not getattr(model.config.llm, "num_experts", 0):
     raise ValueError(f"train.router_aux_loss={router_aux_loss}: the model's LLM has no "
                      "mixture-of-experts layers (a router loss needs num_experts > 0)")
-  if router_aux_loss and PROMPT_EMBEDDINGS in variables.get(ADAPTERS, {}).get("llm", {}):
-    raise ValueError(f"train.router_aux_loss={router_aux_loss} with soft prompts: their tokens "
-                     "run through the LLM in a pass of their own (one row, not one per batch "
-                     "row), which the router loss does not count; use one without the other")
   fns = StepFns(model, method, optimizer, grad_accum, penalty=penalty, loss_chunk=loss_chunk,
                 router_aux_loss=router_aux_loss)
   return Run(method, mask, trainable, frozen, optimizer, fns)

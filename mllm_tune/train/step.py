@@ -31,7 +31,7 @@ from mllm_tune import models
 from mllm_tune.models import model_kwargs
 from mllm_tune.models.adapters import ADAPTERS
 from mllm_tune.losses.chunked import chunked_token_ce
-from mllm_tune.losses.router import router_balance_loss
+from mllm_tune.losses.router import router_balance_loss, sample_count
 from mllm_tune.losses.token import token_ce
 from mllm_tune.tuning import api as tuning_api
 from mllm_tune import pytree
@@ -115,7 +115,9 @@ def micro_loss(fns: StepFns, trainable, frozen, batch, rng, total_tokens, n_micr
   terms = fns.method.loss_terms(variables, batch, logits)
   if sink is not None:  # per micro-batch, as transformers adds it to each forward's loss
     mask = batch.get("attention_mask", jnp.ones_like(batch["input_ids"]))
-    terms = {**terms, "router_aux": fns.router_aux_loss * router_balance_loss(sink, mask)}
+    samples = sample_count(mask, batch.get("segment_ids"))  # soft prompts count per sample
+    terms = {**terms, "router_aux": fns.router_aux_loss * router_balance_loss(sink, mask,
+                                                                              samples)}
   loss = nll / jnp.maximum(total_tokens, 1.0) + sum(terms.values(), 0.0) / n_micro
   aux = {"nll": nll, "tokens": n, "correct": correct,
          **{f"loss_terms/{k}": v / n_micro for k, v in terms.items()}}

@@ -285,3 +285,38 @@ def test_router_balance_loss_matches_transformers_aux_loss(loaded):
   np.testing.assert_allclose(ours, ref, rtol=1e-5)
   unmasked = float(router_balance_loss(state["intermediates"], np.ones_like(enc["input_ids"])))
   assert abs(unmasked - ours) > 1e-4 and 2.0 <= ours  # k = 2 at perfect balance
+
+
+def test_router_balance_loss_with_soft_prompts_matches_transformers(loaded):
+  """With prompt tuning the soft prompts run once, in a pass of their own, and every sample sees
+  them: their router statistics count once per sample (`sample_count`), which is transformers'
+  `aux_loss` on the prompts prepended to every row's embeddings (mask ones in front, peft's
+  prompt tuning), on a right-padded text batch; the logits of the real tokens agree too."""
+  from mllm_tune.losses.router import router_balance_loss, sample_count
+  hf_model, _, model, params = loaded
+  rng = np.random.RandomState(0)
+  ids = rng.randint(5, 100, size=(2, 7)).astype(np.int32)
+  mask = np.ones_like(ids)
+  mask[1, 5:] = 0
+  method = mt.tuning.get("prompt_tuning", num_virtual_tokens=3, prompt_init="random")
+  v = method.init_variables(jax.random.key(2), params)
+  prompts = torch.tensor(np.asarray(v["adapters"]["llm"]["prompt_embeddings"]))
+  logits, state = model.apply(v, **mt.hf_inputs(model, {"input_ids": ids, "attention_mask": mask}),
+                              mutable=["intermediates"])
+  assert float(sample_count(mask)) == 2.0
+  ours = float(router_balance_loss(state["intermediates"], mask, sample_count(mask)))
+  hf_model.model.rope_deltas = None  # text positions, not the cached deltas of earlier batches
+  with torch.no_grad():
+    embeds = hf_model.get_input_embeddings()(torch.tensor(ids, dtype=torch.long))
+    out = hf_model(inputs_embeds=torch.cat([prompts[None].expand(2, -1, -1), embeds], 1),
+                   attention_mask=torch.tensor(np.pad(mask, ((0, 0), (3, 0)),
+                                                      constant_values=1)),
+                   output_router_logits=True)
+  np.testing.assert_allclose(ours, float(out.aux_loss), rtol=1e-5)
+  real = mask.astype(bool)
+  np.testing.assert_allclose(np.asarray(logits)[real], out.logits[:, 3:].numpy()[real],
+                             atol=ATOL)
+  with pytest.raises(ValueError, match="soft prompts run on their own.*give shared_weight"):
+    router_balance_loss(state["intermediates"], mask)
+  packed = np.asarray([[1, 1, 2, 2, 2, 0], [1, 1, 1, 3, 3, 3]])  # segments: 2 + 2 samples
+  assert float(sample_count(packed > 0, packed)) == 4.0
