@@ -119,7 +119,8 @@ def match_layers(tree: dict, rules: Sequence[tuple[str, Any]], default: Any = No
   stacked ones. With `module_level`, patterns match the module path (leaf name dropped, e.g.
   `llm/layers_3/attn/q_proj`) of 2-D kernels only, as LoRA-style `targets` do; with
   `expert_tensors` too, a mixture-of-experts weight stack is a target of its own, named by its
-  full path (`llm/layers_3/mlp/experts_gate_up`).
+  full path (`llm/layers_3/mlp/experts_gate_up`), for the patterns that spell `experts` (so a
+  broad `llm/.*` keeps meaning the Linear modules, as peft's target_modules do).
   """
   compiled = [(_compile(p), p, v) for p, v in rules]
   hits = {p: 0 for _, p, _ in compiled}
@@ -135,6 +136,8 @@ def match_layers(tree: dict, rules: Sequence[tuple[str, Any]], default: Any = No
       candidates.append(name)
       value = default
       for rx, p, v in compiled:
+        if expert and "experts" not in p:
+          continue
         if rx.fullmatch(name):
           hits[p] += 1
           value = v

@@ -16,16 +16,17 @@ import jax.numpy as jnp
 ROUTER_STATS = "router_stats"
 
 
-def router_stats(intermediates: dict) -> list[tuple[jax.Array, jax.Array]]:
-  """Every sown (probs, counts) pair, each (L, N, E) (scanned layers) or (N, E), in tree
-  order."""
+def router_passes(intermediates: dict) -> list[tuple]:
+  """Every sown statistics tuple, in tree order: one per MoE layer (or one for the scanned
+  stack, each entry (L, N, E)), holding one (probs, counts) pair per forward pass of the LLM's
+  layers in call order."""
   out = []
 
   def walk(node):
     if isinstance(node, dict):
       for k in sorted(node):
         if k == ROUTER_STATS:
-          out.extend(node[k])
+          out.append(tuple(node[k]))
         else:
           walk(node[k])
   walk(intermediates)
@@ -47,28 +48,36 @@ def router_balance_loss(intermediates: dict, token_mask_BT: jax.Array,
   """The load-balancing loss (scalar float32) of the router statistics a forward pass with
   `mutable=["intermediates"]` sowed; rows where `token_mask` is 0 (padding) are left out.
 
-  Statistics of a pass over other rows than the batch's B x T (the soft prompts, run once and
-  seen by every sample: `models/llm.py`) count `shared_weight` times each, the number of samples
-  (`sample_count`), as if every sample had the prompt tokens in front of it (peft's prompt
-  tuning, whose virtual tokens sit in every row with mask 1)."""
-  stats = router_stats(intermediates)
-  if not stats:
+  With soft prompts (prompt tuning) the LLM runs its layers twice: first over the prompts alone
+  (one row, seen by every sample: `models/llm.py`), then over the batch. The first pass's
+  statistics count `shared_weight` times each, the number of samples (`sample_count`), as if
+  every sample had the prompt tokens in front of it (peft's prompt tuning, whose virtual tokens
+  sit in every row with mask 1)."""
+  groups = router_passes(intermediates)
+  if not groups:
     raise ValueError("no router statistics were recorded: the model has no mixture-of-experts "
                      "layers, or it was not applied with mutable=['intermediates']")
   batch_N = jnp.asarray(token_mask_BT, jnp.float32).reshape(-1)
   tokens = probs = rows = 0.0
-  for p, c in stats:
-    mask_N = batch_N
-    if p.shape[-2] != batch_N.shape[0]:
-      if shared_weight is None:
-        raise ValueError(f"router statistics of {p.shape[-2]} rows for a token mask of "
-                         f"{batch_N.shape[0]} (B x T): a pass over other rows (e.g. soft "
-                         "prompts run on their own) was recorded; give shared_weight")
-      mask_N = jnp.full((p.shape[-2],), shared_weight, jnp.float32)
-    p = p.reshape((-1,) + p.shape[-2:])
-    c = c.reshape((-1,) + c.shape[-2:])
-    tokens = tokens + jnp.einsum("lne,n->e", c, mask_N)
-    probs = probs + jnp.einsum("lne,n->e", p, mask_N)
-    rows = rows + p.shape[0] * jnp.sum(mask_N)
+  for passes in groups:
+    if len(passes) not in (1, 2):
+      raise ValueError(f"{len(passes)} passes of the LLM's layers recorded router statistics; "
+                       "expected the batch's, after the soft prompts' when there are some")
+    if len(passes) == 2 and shared_weight is None:
+      raise ValueError("router statistics of two passes were recorded (soft prompts run on "
+                       "their own, then the batch); give shared_weight, the number of samples")
+    for i, (p, c) in enumerate(passes):
+      if i == len(passes) - 1:  # the batch's own pass
+        if p.shape[-2] != batch_N.shape[0]:
+          raise ValueError(f"router statistics of {p.shape[-2]} rows for a token mask of "
+                           f"{batch_N.shape[0]} (B x T)")
+        mask_N = batch_N
+      else:  # the soft prompts' pass, counted once per sample
+        mask_N = jnp.full((p.shape[-2],), shared_weight, jnp.float32)
+      p = p.reshape((-1,) + p.shape[-2:])
+      c = c.reshape((-1,) + c.shape[-2:])
+      tokens = tokens + jnp.einsum("lne,n->e", c, mask_N)
+      probs = probs + jnp.einsum("lne,n->e", p, mask_N)
+      rows = rows + p.shape[0] * jnp.sum(mask_N)
   rows = jnp.maximum(rows, 1.0)
-  return stats[0][0].shape[-1] * jnp.sum((tokens / rows) * (probs / rows))
+  return groups[0][-1][0].shape[-1] * jnp.sum((tokens / rows) * (probs / rows))

@@ -149,8 +149,8 @@ def make_optimizer(o, total_steps: int):
 
 def state_shardings(tree: dict, mesh, rules=shard_lib.DEFAULT_RULES) -> dict:
   """Shardings for a variables-shaped tree: params by rule; adapters inherit their base
-  layer's spec (LoRA A: the kernel's input-dim axis, B: its output-dim axis, vectors over
-  d_out: the output axis), everything else replicated."""
+  layer's spec (LoRA A: the kernel's input-dim axis, B: its output-dim axis; per-expert LoRA
+  the same on its stack's), everything else replicated."""
   flat = select.flatten(tree)
   base_specs = {}
   out = {}
@@ -164,10 +164,11 @@ def state_shardings(tree: dict, mesh, rules=shard_lib.DEFAULT_RULES) -> dict:
       continue
     sub = path.split("/", 1)[1] if "/" in path else path
     module, leaf = sub.rsplit("/", 1) if "/" in sub else ("", sub)
-    kspec = tuple(base_specs.get(module + "/kernel", P()))
+    # a Linear's adapters sit beside its kernel; an expert stack's under the stack's own path
+    kspec = tuple(base_specs.get(module + "/kernel", base_specs.get(module, P())))
     nd = len(x.shape)
     stacked = select.is_stacked(sub)
-    lead = (None,) if stacked else ()
+    lead = (None,) * (len(kspec) - 2) if len(kspec) > 2 else (None,) if stacked else ()
     d_in_ax = kspec[-2] if len(kspec) >= 2 else None
     d_out_ax = kspec[-1] if len(kspec) >= 1 else None
     if leaf.endswith("_a") and nd == len(lead) + 2:

@@ -230,6 +230,45 @@ def test_peft_lora_both_ways_with_logit_parity(loaded, tmp_path):
     peft_adapter(model, method, variables)
 
 
+def test_experts_only_lora_with_a_rank_pattern_exports_to_peft(loaded, tmp_path):
+  """LoRA on the expert stacks only, one layer's down stack at a larger rank (`rank_pattern`,
+  written as peft's per-parameter pattern): peft loads the export onto a fresh transformers
+  model (no target_modules) with our logits, and importing it back gives them again. Broad
+  regexes keep meaning Linear modules (a stack is reached only by a pattern naming `experts`),
+  and a stack both LoRA-wrapped and trained in full is refused at export."""
+  from peft import PeftModel
+  from mllm_tune.tuning.peft import export_peft, import_peft
+  from tests.helpers.peft_ref import randomize
+  _, base_dir, model, params = loaded
+  down1 = r"llm/layers_1/mlp/experts_down"
+  method = mt.tuning.get("lora", rank=2, alpha=4, rank_pattern=((down1, 3),),
+                         targets=r"llm/layers_\d+/mlp/experts_(gate_up|down)")
+  v = method.init_variables(jax.random.key(0), params)
+  v = {**v, "adapters": randomize(v["adapters"], ("lora_b",))}
+  enc = q3.batch(SIDES)
+  kw, real = mt.hf_inputs(model, enc), enc["attention_mask"].astype(bool)
+  apply = jax.jit(model.apply)
+  ours = np.asarray(apply(v, **kw))
+  out = str(tmp_path / "experts")
+  export_peft(out, model, method, v, base_model_name_or_path=base_dir)
+  with open(os.path.join(out, "adapter_config.json")) as f:
+    cfg = json.load(f)
+  assert cfg["target_modules"] == [] and len(cfg["target_parameters"]) == 6
+  assert cfg["rank_pattern"] == {r"model\.language_model\.layers\.1\.mlp\.experts\.down_proj": 3}
+  peft_model = PeftModel.from_pretrained(q3.qwen3_vl_moe(), out).eval()
+  np.testing.assert_allclose(qt.hf_logits(peft_model, enc)[real], ours[real], atol=ATOL)
+  back, bv = import_peft(out, model, params)
+  assert back.rank_pattern == (("llm/layers_1/mlp/experts_down", 3),)
+  np.testing.assert_allclose(np.asarray(apply(bv, **kw))[real], ours[real], atol=1e-5)
+  broad = mt.tuning.get("dora", targets=r"llm/.*").layout(params)
+  assert broad and not any("experts" in p for p in broad)
+  both = mt.tuning.compose(
+      mt.tuning.get("lora", rank=2, targets=r"llm/layers_\d+/mlp/experts_gate_up"),
+      mt.tuning.get("freeze", targets=r"llm/layers_\d+/mlp/experts_down"))
+  with pytest.raises(MethodError, match="carry LoRA and are also trained in full"):
+    peft_adapter(model, both, both.init_variables(jax.random.key(0), params))
+
+
 def test_expert_tensors_are_fsdp_sharded_over_the_model_width(loaded):
   """The sharding rules place the stacked experts' D axis on `fsdp` (gate/up columns whole)."""
   from mllm_tune.train.sharding import make_mesh, spec_for
@@ -239,6 +278,17 @@ def test_expert_tensors_are_fsdp_sharded_over_the_model_width(loaded):
                         mesh)) == (None, None, "fsdp", None)
   assert tuple(spec_for("llm/layers/mlp/experts_down", mlp["experts_down"].shape,
                         mesh)) == (None, None, None, "fsdp")
+  # per-expert LoRA factors follow their stack: A over its input width, B over its output's
+  from mllm_tune import pytree
+  from mllm_tune.train.setup import state_shardings
+  lora = mt.tuning.get("lora", rank=2, targets=r"llm/layers_\d+/mlp/experts_(gate_up|down)")
+  shapes = jax.eval_shape(lambda: lora.init_variables(jax.random.key(0), loaded[3]))
+  specs = {k: tuple(v.spec) for k, v in pytree.flatten(state_shardings(shapes, mesh)).items()
+           if "/lora_" in k and "scale" not in k}
+  assert specs == {"adapters/llm/layers/mlp/experts_gate_up/lora_a": (None, None, "fsdp", None),
+                   "adapters/llm/layers/mlp/experts_gate_up/lora_b": (None, None, None, None),
+                   "adapters/llm/layers/mlp/experts_down/lora_a": (None, None, None, None),
+                   "adapters/llm/layers/mlp/experts_down/lora_b": (None, None, None, "fsdp")}
 
 
 def test_per_sample_gradients_under_vmap_equal_one_sample_at_a_time():
@@ -316,7 +366,7 @@ def test_router_balance_loss_with_soft_prompts_matches_transformers(loaded):
   real = mask.astype(bool)
   np.testing.assert_allclose(np.asarray(logits)[real], out.logits[:, 3:].numpy()[real],
                              atol=ATOL)
-  with pytest.raises(ValueError, match="soft prompts run on their own.*give shared_weight"):
+  with pytest.raises(ValueError, match=r"their own, then the batch\); give shared_weight"):
     router_balance_loss(state["intermediates"], mask)
   packed = np.asarray([[1, 1, 2, 2, 2, 0], [1, 1, 1, 3, 3, 3]])  # segments: 2 + 2 samples
   assert float(sample_count(packed > 0, packed)) == 4.0

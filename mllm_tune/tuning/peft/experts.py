@@ -59,8 +59,10 @@ def wrapped_modules(config: dict, names, where: str) -> dict[str, str]:
     targets = [targets]
   targeted = {n for n in names if is_targeted(n, targets)}
   if targets and not targeted:
+    have = (f"e.g. {sorted(names)[:2]}" if names else "this model has no mixture-of-experts "
+            "layers; a Linear's weight is adapted through target_modules")
     raise MethodError(f"{where}: target_parameters {targets} match no mixture-of-experts "
-                      f"parameter of this model (e.g. {sorted(names)[:2]})")
+                      f"parameter stack of this model ({have})")
   return {tensor_module(n, targeted): n for n in targeted}
 
 

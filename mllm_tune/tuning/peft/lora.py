@@ -92,7 +92,9 @@ def export_lora(method, model, variables: dict):
       tensors[f"{key}.lora_B.weight"] = sl(b)[:r].T
       if m is not None:
         tensors[f"{key}.lora_magnitude_vector"] = sl(m)
-  extra_cfg, extra_tensors = extras.export_extras(method, model, variables, set(names))
+  # an expert stack's module (`...mlp.experts`) is LoRA-wrapped too: no modules_to_save for it
+  wrapped = set(names) | {n.rsplit(".", 1)[0] for n in expert_names}
+  extra_cfg, extra_tensors = extras.export_extras(method, model, variables, wrapped)
   tensors.update(extra_tensors)
   config = {"peft_type": "LORA", "r": lora.rank, "lora_alpha": lora.alpha,
             "lora_dropout": lora.dropout, "use_rslora": lora.use_rslora,
@@ -103,8 +105,8 @@ def export_lora(method, model, variables: dict):
             **extra_cfg}
   if expert_names:
     config["target_parameters"] = sorted(expert_names)
-    if set(names) <= expert_names:
-      config["target_modules"] = None
+    if set(names) <= expert_names:  # [] (not None: peft would add its default modules)
+      config["target_modules"] = []
   return config, tensors
 
 

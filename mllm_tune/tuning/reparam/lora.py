@@ -35,8 +35,8 @@ ALL_LLM_LINEARS = r"llm/layers_\d+/(attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)
 def resolve_targets(params: dict, targets, what: str = "LoRA target",
                     experts: bool = False) -> dict[str, np.ndarray]:
   r"""{kernel storage path: bool per layer (L,) or shape () } for every matched Linear kernel
-  (and, with `experts`, every matched mixture-of-experts weight stack, named by its own path:
-  `llm/layers_\d+/mlp/experts_(gate_up|down)`)."""
+  (and, with `experts`, every mixture-of-experts weight stack matched by a pattern that spells
+  `experts`, named by its own path: `llm/layers_\d+/mlp/experts_(gate_up|down)`)."""
   patterns = [targets] if isinstance(targets, str) else list(targets)
   if not patterns:
     raise MethodError(f"{what}s are empty")
