@@ -153,7 +153,8 @@ def test_mllm_tune_train_lora_on_tiny_qwen2_5_vl_on_two_devices(tmp_path):
 
 def test_mllm_tune_train_lora_on_tiny_qwen3_vl_moe_and_export_peft(tmp_path):
   """Qwen3-VL-MoE (deepstack, 16-pixel patches, mixture-of-experts MLPs): `mllm-tune train` with
-  the LoRA recipe on LLaVA JSON, loss down, checkpoint saved; `mllm-tune export --peft` loads in
+  the LoRA recipe on LLaVA JSON, its targets widened to the expert stacks (LoRA per expert),
+  loss down, checkpoint saved; `mllm-tune export --peft` loads in
   transformers + peft with our trained logits on one record (processor output through
   `mt.hf_inputs`). The directory has Qwen2-VL's processor set to 16-pixel patches:
   Qwen3VLProcessor expands images the same way, but transformers builds its video processor
@@ -165,14 +166,17 @@ def test_mllm_tune_train_lora_on_tiny_qwen3_vl_moe_and_export_peft(tmp_path):
   records, images = sized_records(16, seed=2)
   write_llava_dataset(str(tmp_path / "data"), records, images)
   run = str(tmp_path / "run")
-  res = run_cli(lora_train_args(d, str(tmp_path / "data"), run, 4, 4,
-                                "--config.data.max_pixels=12288"))
+  res = run_cli(lora_train_args(
+      d, str(tmp_path / "data"), run, 4, 4, "--config.data.max_pixels=12288",
+      r"--config.method.targets=llm/layers_\d+/(attn/(q|k|v|o)_proj|mlp/experts_(gate_up|down))"))
   assert res.returncode == 0, res.stderr[-3000:]
   curve = losses(run)
   assert len(curve) == 4 and all(np.isfinite(v) for v in curve.values())
   assert curve[4] < curve[3] < curve[1]
   out = str(tmp_path / "peft")
   assert main(["export", run, "--peft", out]) == 0
+  with open(os.path.join(out, "adapter_config.json")) as f:
+    assert len(json.load(f)["target_parameters"]) == 6  # both stacks of 3 layers
   trained = mt.load_run(run)
   assert trained.step == 4 and trained.model.config.model_type == "qwen3_vl_moe"
   rec = next(r for r in records if isinstance(r.get("image"), list))  # two images
