@@ -20,6 +20,9 @@
 #                                          -> $OUT/gpu_suite.log
 #   qwen7b   Qwen2.5-VL-7B shape, LoRA r=128, 4 x 2048, bf16, vs transformers + peft
 #            (perf/qwen_step.py)           -> $OUT/gpu_qwen7b.md (+ _runs.json)
+#   moe      the mixture-of-experts dispatch (`ragged_dot`): grouped matmul and gradients vs
+#            float64 NumPy, a Qwen3-VL-30B-A3B-shaped layer timed (perf/moe_check.py)
+#                                          -> $OUT/gpu_moe.json
 # e.g.  STAGES="qwen7b checks tests full1p5b generate7b" bash perf/gpu_targets.sh
 # Random weights (each framework builds them on its device), default attention ("auto").
 # Run from anywhere:   bash perf/gpu_targets.sh          (OUT defaults to results)
@@ -36,6 +39,7 @@ if [[ "${1:-}" == "--tiny" ]]; then
   export JAX_PLATFORMS=cpu
   P7=tiny; P15=tiny; B7=2; B15=2; SEQ=64; NEW=4; PLAT=cpu; TESTS=(tests/models/test_fused_ops.py)
   T_TESTS=300; T_LORA=300; T_FULL=300; T_GEN=300; T_PROF=300; T_CHECKS=300; T_QWEN=300
+  T_MOE=300
   PQ=tiny; QARGS=(--platform cpu --dtype float32 --init random)
 else
   OUT=${OUT:-results}
@@ -46,7 +50,7 @@ else
          tests/models/test_parity_anyres.py tests/models/test_parity_qwen_vl.py
          tests/models/test_anyres.py)
   T_TESTS=${T_TESTS:-110}; T_LORA=140; T_FULL=100; T_GEN=110; T_PROF=70; T_CHECKS=60
-  T_QWEN=${T_QWEN:-180}; PQ=qwen7b; QARGS=(--platform gpu --dtype bfloat16 --init random)
+  T_QWEN=${T_QWEN:-180}; T_MOE=${T_MOE:-60}; PQ=qwen7b; QARGS=(--platform gpu --dtype bfloat16 --init random)
   # fail fast (before minutes of device time) when the image lacks a package or a GPU
   python3 - <<'PY' || exit 1
 import importlib.util, sys
@@ -94,6 +98,9 @@ run_stage() {
     checks) stage checks "$T_CHECKS" bash -c "python3 perf/gpu_checks.py \
               $([[ $PLAT == cpu ]] && echo --tiny) > '$OUT/gpu_checks.txt' 2>&1; rc=\$?; \
               tail -5 '$OUT/gpu_checks.txt'; exit \$rc" ;;
+    moe) stage moe "$T_MOE" bash -c "python3 perf/moe_check.py \
+           $([[ $PLAT == cpu ]] && echo --tiny) > '$OUT/gpu_moe.json'; rc=\$?; \
+           cat '$OUT/gpu_moe.json'; exit \$rc" ;;
     qwen7b) stage qwen7b "$T_QWEN" python3 perf/qwen_step.py "${QARGS[@]}" --preset "$PQ" \
               --batch "$B7" --seq "$SEQ" --lora_rank 128 --steps 6 --repeats 1 \
               --results "$OUT/gpu_qwen7b.md" ;;
