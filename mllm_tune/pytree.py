@@ -102,11 +102,15 @@ def is_kernel(leaf: Leaf) -> bool:
   return leaf.path.endswith("/kernel") and len(leaf.shape) == (3 if leaf.num_layers else 2)
 
 
+def is_expert_path(path: str) -> bool:
+  """A mixture-of-experts weight stack's path (`.../mlp/experts_gate_up`, models/moe.py)."""
+  return path.rsplit("/", 1)[-1].startswith("experts_")
+
+
 def is_expert_tensor(leaf: Leaf) -> bool:
   """A mixture-of-experts weight stack: `.../experts_<name>` (E, d_in, d_out) ((L, E, ..) when
   stacked), E Linear kernels in one tensor."""
-  return (leaf.path.rsplit("/", 1)[-1].startswith("experts_")
-          and len(leaf.shape) == (4 if leaf.num_layers else 3))
+  return is_expert_path(leaf.path) and len(leaf.shape) == (4 if leaf.num_layers else 3)
 
 
 def match_layers(tree: dict, rules: Sequence[tuple[str, Any]], default: Any = None,

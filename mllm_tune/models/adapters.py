@@ -21,7 +21,8 @@ Beside a `Linear` kernel (d_in, d_out), applied by `apply_linear` in this order:
                                                       (Houlsby adapter on the output, last)
 Beside a mixture-of-experts weight stack (E, d_in, d_out) (`moe.MoEMLP`'s experts_gate_up,
 experts_down), under the stack's own name (`mlp/experts_down/lora_a`): lora_a (E, d_in, r),
-lora_b (E, r, d_out), lora_scale (), lora_dropout (): expert e's rows get (s * (drop(x) @ A_e)) @ B_e.
+lora_b (E, r, d_out), lora_scale (), lora_dropout (): expert e's rows get
+(s * (drop(x) @ A_e)) @ B_e.
 In an FFN (`parallel_adapter`): parallel_down (D, m), parallel_up (m, D), parallel_scale ().
 In `llm.Attention`: adaption_prompt (p, D) with adaption_gate or adaption_gate_tanh (H,).
 In `llm.LLM` (under `llm/`): prompt_embeddings (n, D); prefix_k, prefix_v (L, n, K*H) or the
@@ -72,9 +73,10 @@ class Leaf(NamedTuple):
 
 
 _L = "layers.Linear"
+_LM = "layers.Linear, moe.MoEMLP (expert stacks)"
 LEAVES: dict[str, Leaf] = {
-    LORA_A: Leaf(_L + ", moe.MoEMLP", "(d_in, r)", ("lora", "rslora", "dora", "pissa", "lorasculpt")),
-    LORA_B: Leaf(_L + ", moe.MoEMLP", "(r, d_out)", ("lora", "rslora", "dora", "pissa", "lorasculpt")),
+    LORA_A: Leaf(_LM, "(d_in, r)", ("lora", "rslora", "dora", "pissa", "lorasculpt")),
+    LORA_B: Leaf(_LM, "(r, d_out)", ("lora", "rslora", "dora", "pissa", "lorasculpt")),
     LORA_SCALE: Leaf(_L, "()", ("lora", "rslora", "dora", "pissa", "lorasculpt")),
     LORA_DROPOUT: Leaf(_L, "()", ("lora", "rslora", "dora", "pissa", "lorasculpt", "vera")),
     DORA_M: Leaf(_L, "(d_out,)", ("dora",)),

@@ -15,12 +15,12 @@ Per-expert LoRA (`expert_lora`) reads adapter leaves under each stack's name.
 
 Dispatch is dropless: the N*k (token, expert) pairs are sorted by expert and run through
 `jax.lax.ragged_dot` (grouped matmuls over contiguous row groups, wrapped in `grouped_matmul` so
-that per-sample gradients can vmap it), then scattered back and summed. Reverse-mode only (a
-custom VJP, like the default attention). No token is dropped and no capacity factor is involved, so the result equals
-transformers' per-expert loop. How fast `ragged_dot` runs is the backend's business: XLA:CPU
-(jax 0.10) lowers it densely, every row against every expert (E times the expert FLOPs and an
-(E, N*k, D) masked input, which the tiny test models afford); on GPU it lowers to
-`chlo.ragged_dot`, whose speed and memory have not been measured here yet. Top-k ties go to the
+that per-sample gradients can vmap it), then scattered back and summed. Reverse-mode only (a custom
+VJP, like the default attention). No token is dropped and no capacity factor is involved, so the
+result equals transformers' per-expert loop. How fast `ragged_dot` runs is the backend's business:
+XLA:CPU (jax 0.10) lowers it densely, every row against every expert (E times the expert FLOPs and
+an (E, N*k, D) masked input, which the tiny test models afford); on GPU it lowers to
+`chlo.ragged_dot`, not yet measured (`perf/moe_check.py` is the device check). Top-k ties go to the
 lower expert index (`lax.top_k`; torch's choice is implementation-defined), which only matters
 for bf16 router logits. The router load-balancing loss is the trainer's (`train.router_aux_loss`,
 `losses/router.py`), from the statistics each layer sows when `intermediates` is mutable.

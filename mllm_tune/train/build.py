@@ -20,7 +20,6 @@ from typing import Any, Callable, Iterable
 import jax.numpy as jnp
 import optax
 
-
 from mllm_tune import tuning
 from mllm_tune.importance import fisher
 from mllm_tune.losses.token import token_ce

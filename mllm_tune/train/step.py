@@ -4,9 +4,10 @@ Gradients are taken w.r.t. the trainable partition only (`tuning.partition`): fr
 closed over, get no gradient buffers and no optimizer state. Loss = token cross-entropy over
 `loss_mask` (token t is a target predicted from position t-1, the data pipeline's convention)
 + the method's `loss_terms` (+ `router_aux_loss` times a mixture-of-experts LLM's router
-load-balancing loss, `losses/router.py`, logged as `loss_terms/router_aux`). Unless a method or penalty term reads the logits, the vocabulary head
-and the cross-entropy run `StepFns.loss_chunk` positions at a time (`losses/chunked.py`), so the
-(B, T, V) logits are never materialized. Gradient accumulation scans over a leading micro-batch
+load-balancing loss, `losses/router.py`, logged as `loss_terms/router_aux`). Unless a method or
+penalty term reads the logits, the vocabulary head and the cross-entropy run
+`StepFns.loss_chunk` positions at a time (`losses/chunked.py`), so the (B, T, V) logits are never
+materialized. Gradient accumulation scans over a leading micro-batch
 axis and is exact: the cross-entropy is normalised by the token count of the whole step.
 
 A forgetting penalty (`StepFns.penalty`, a `penalties.BoundPenalty`) adds its

@@ -1,9 +1,9 @@
-"""Training a tiny Qwen3-VL-MoE from LLaVA JSON: one packed batch of the data pipeline, one
-jitted step per kind of trainable set (LoRA on attention and per expert, the experts and router only, a
-parallel adapter beside the experts, full fine-tuning), the router load-balancing term, and
-EWC with the model's per-sample Fisher: exactly the intended leaves move, frozen entries stay bit-identical, and the
-step's loss is the float64 NumPy token cross-entropy of the model's logits on the packed batch
-(the logits themselves are checked against transformers in tests/models/)."""
+"""Training a tiny Qwen3-VL-MoE from LLaVA JSON: one packed batch of the data pipeline, one jitted
+step per kind of trainable set (LoRA on attention and per expert, the experts and router only, a
+parallel adapter beside the experts, full fine-tuning), the router load-balancing term, and EWC with
+the model's per-sample Fisher: exactly the intended leaves move, frozen entries stay bit-identical,
+and the step's loss is the float64 NumPy token cross-entropy of the model's logits on the packed
+batch (the logits themselves are checked against transformers in tests/models/)."""
 from __future__ import annotations
 
 import jax
@@ -89,9 +89,9 @@ def test_model_tailor_refuses_changed_experts(moe):
 
 
 def test_expert_only_step_with_the_router_aux_loss_as_a_logged_term(moe):
-  """Training the experts and router only, with `train.router_aux_loss` c: the step adds c x the load-balancing loss of the batch's router
-  statistics (the base model's at step 1; checked against transformers in tests/models/) and
-  logs it; a dense model refuses the option."""
+  """Training the experts and router only, with `train.router_aux_loss` c: the step adds c x the
+  load-balancing loss of the batch's router statistics (the base model's at step 1; checked against
+  transformers in tests/models/) and logs it; a dense model refuses the option."""
   import optax
   from mllm_tune.losses.router import router_balance_loss
   from mllm_tune.models import model_kwargs

@@ -42,7 +42,7 @@ def _module_patterns(cfg, layout: str | None) -> dict[str, str]:
   for rule in checkpoint_rules(cfg, layout):
     if rule.path[-1] == "kernel" and rule.hf.endswith(".weight"):
       out["/".join(rule.path)] = rule.hf[:-len(".weight")]
-    elif rule.path[-1].startswith("experts_"):
+    elif pytree.is_expert_path("/".join(rule.path)):
       out["/".join(rule.path)] = rule.hf
   return out
 
@@ -174,6 +174,6 @@ def layer_flags(layers: set, kernel_shape) -> np.ndarray:
 def logical_target(path: str, layer: int | None) -> str:
   """The LoRA target regex of one kernel (its module path) or expert stack (its own path)."""
   logical = pytree.logical_path(path, layer)
-  if not path.rsplit("/", 1)[-1].startswith("experts_"):
+  if not pytree.is_expert_path(path):
     logical = logical.rsplit("/", 1)[0]
   return re.escape(logical)

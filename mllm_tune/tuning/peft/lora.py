@@ -26,8 +26,7 @@ from mllm_tune import pytree
 from mllm_tune.tuning.api import Compose, MethodError, compose, label
 from mllm_tune.tuning.peft import experts, extras
 from mllm_tune.tuning.peft import format as peft_io
-from mllm_tune.tuning.reparam.lora import (LoRA, PiSSA, adapter_path, get_leaf, is_expert_path,
-                                           pissa_to_lora)
+from mllm_tune.tuning.reparam.lora import LoRA, PiSSA, adapter_path, get_leaf, pissa_to_lora
 
 LORA_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
 INIT_KEEPS_BASE = (True, False, "gaussian", "eva", "orthogonal", "mica")
@@ -66,7 +65,7 @@ def export_lora(method, model, variables: dict):
                       "(a PEFT LoRA adapter holds only LoRA factors)")
   tensors, names, rank_pattern, alpha_pattern = {}, [], {}, {}
   expert_names = {peft_io.hf_module_name(cfg, p, int(i)) for p, lay in layout.items()
-                  if is_expert_path(p) for i in np.flatnonzero(lay.flags)}
+                  if pytree.is_expert_path(p) for i in np.flatnonzero(lay.flags)}
   experts.check_exportable(lora, sorted(expert_names))
   for path, lay in sorted(layout.items()):
     get = lambda leaf: np.asarray(adapters[adapter_path(path, leaf)], np.float32)
@@ -143,7 +142,7 @@ def import_lora(config: dict, tensors: dict, model, params: dict, where: str):
                                                                  where)
   lookup = peft_io.module_lookup(model.config)
   wrapped = experts.wrapped_modules(config, [n for n, (p, _) in lookup.items()
-                                             if is_expert_path(p)], where)
+                                             if pytree.is_expert_path(p)], where)
   per_module: dict[str, dict] = {}
   modules: dict[tuple, str] = {}
   for key, arr in lora_tensors.items():

@@ -83,10 +83,6 @@ def adapter_path(kernel_path: str, leaf: str) -> str:
   return kernel_path + "/" + leaf
 
 
-def is_expert_path(path: str) -> bool:
-  return path.rsplit("/", 1)[-1].startswith("experts_")
-
-
 def per_layer(values: np.ndarray, ndim: int, trailing: int = 0) -> np.ndarray:
   """Per-layer values (L,) (or a scalar) shaped to broadcast against a stacked leaf of rank
   `ndim` whose last `trailing` axes the values already carry ((L, r) rank masks: trailing 1)."""
@@ -145,7 +141,7 @@ class LoRA(Method):
   def layout(self, params: dict) -> dict[str, TargetLayout]:
     """{kernel storage path: TargetLayout} of every adapted kernel (patterns resolved)."""
     targets = resolve_targets(params, self.targets, experts=True)
-    experts = sorted(p for p in targets if is_expert_path(p))
+    experts = sorted(p for p in targets if pytree.is_expert_path(p))
     if experts and (self.use_dora or not self.experts_supported):
       raise MethodError(f"{self.name}: targets {self.targets!r} reach the mixture-of-experts "
                         f"weight stacks {experts}; only plain LoRA / rsLoRA adapt those (one "
