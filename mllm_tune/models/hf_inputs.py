@@ -15,11 +15,16 @@ Layouts (numpy or torch in, numpy out):
   `pack_weight`, `pack_newline`, see `models.anyres` and `models.llava`). A 4-D HF
   `pixel_values` (crops already concatenated) is accepted too.
 - Qwen2-VL / Qwen2.5-VL / Qwen3-VL: HF `pixel_values` (sum of patches, C*T*p*p) and `image_grid_thw`
-  (N_images, 3), `mm_token_type_ids` (B, T) (derived from the ids when absent) -> ours: the
-  patch rows zero-padded to a multiple of `patch_multiple` rows, `vision_segment_ids`,
-  `vision_pos_hw`, `vision_window_ids` (2.5), the pack tables (one merged token per image
-  token) and the (3, B, T) M-RoPE `positions` (`models.qwen_vl_host`). Videos: not yet.
-Images are matched to image-token runs in order over the batch (row-major), as transformers does.
+  (N_images, 3); videos: `pixel_values_videos` and `video_grid_thw` (N_videos, 3) (and for
+  Qwen2.5-VL `second_per_grid_ts` (N_videos,), default 1 s); `mm_token_type_ids` (B, T) (1
+  image, 2 video; derived from the ids when absent) -> ours: one buffer of patch rows, the
+  images' then the videos', zero-padded to a multiple of `patch_multiple` rows,
+  `vision_segment_ids` (one per image frame pair), `vision_pos_hw`, `vision_window_ids` (2.5),
+  the pack tables (one merged token per image or video token; the videos' rows follow the
+  images') and the (3, B, T) M-RoPE `positions` (`models.qwen_vl_host.get_rope_index`, with
+  Qwen2.5-VL's time scaling and Qwen3-VL's frame-by-frame runs).
+Images (videos) are matched to image- (video-) token runs in order over the batch (row-major),
+as transformers does.
 """
 from __future__ import annotations
 
@@ -130,39 +135,54 @@ def hf_inputs(model_or_config, processor_output: Mapping[str, Any], *,
   return kw
 
 
-def _qwen_vl_inputs(cfg: QwenVLConfig, out: dict, kw: dict, patch_multiple: int | None) -> dict:
-  videos = [k for k in ("pixel_values_videos", "video_grid_thw") if k in out]
-  if videos:
-    raise ValueError(f"{cfg.model_type}: {videos} given; videos are not supported yet")
-  ids, v = kw["input_ids"], cfg.vision
-  grids = out.get("image_grid_thw")
-  if "pixel_values" not in out:
+def _patch_rows(out: dict, px_key: str, grid_key: str, patch_dim: int):
+  """(float32 patch rows, grids (N, 3)) of one modality of a Qwen processor output; empty when
+  absent."""
+  grids = out.get(grid_key)
+  if px_key not in out:
     if grids is not None:
-      raise ValueError("image_grid_thw given without pixel_values")
-    return kw  # text only: positions default to cumsum(attention_mask) - 1 on all axes
+      raise ValueError(f"{grid_key} given without {px_key}")
+    return np.zeros((0, patch_dim), np.float32), np.zeros((0, 3), np.int64)
   if grids is None:
-    raise ValueError(f"{cfg.model_type}: the processor output needs 'image_grid_thw' (the "
-                     "(t, h, w) patch grid of every image) beside pixel_values")
+    what = "image" if px_key == "pixel_values" else "video"
+    raise ValueError(f"the processor output needs '{grid_key}' (the (t, h, w) patch grid of "
+                     f"every {what}) beside {px_key}")
   grids = np.asarray(grids, np.int64).reshape(-1, 3)
-  px = out["pixel_values"].astype(np.float32)
+  px = out[px_key].astype(np.float32)
   n = int(grids.prod(-1).sum())
-  if px.ndim != 2 or px.shape != (n, v.patch_dim):
-    raise ValueError(f"pixel_values of shape {px.shape}: the grids {grids.tolist()} need "
-                     f"({n}, {v.patch_dim}) patch rows")
+  if px.ndim != 2 or px.shape != (n, patch_dim):
+    raise ValueError(f"{px_key} of shape {px.shape}: the grids {grids.tolist()} need "
+                     f"({n}, {patch_dim}) patch rows")
+  return px, grids
+
+
+def _qwen_vl_inputs(cfg: QwenVLConfig, out: dict, kw: dict, patch_multiple: int | None) -> dict:
+  ids, v = kw["input_ids"], cfg.vision
+  try:
+    img_px, img_grids = _patch_rows(out, "pixel_values", "image_grid_thw", v.patch_dim)
+    vid_px, vid_grids = _patch_rows(out, "pixel_values_videos", "video_grid_thw", v.patch_dim)
+  except ValueError as e:
+    raise ValueError(f"{cfg.model_type}: {e}") from None
+  if not len(img_grids) and not len(vid_grids):
+    return kw  # text only: positions default to cumsum(attention_mask) - 1 on all axes
   types = out.get("mm_token_type_ids")
-  is_img = ids == cfg.image_token_id
   if types is None:
-    types = qwen_vl_host.mm_token_types(ids, cfg.image_token_id)
+    types = qwen_vl_host.mm_token_types(ids, cfg.image_token_id, cfg.video_token_id)
   types = np.asarray(types, np.int32).reshape(ids.shape)
-  if not np.array_equal(types == 1, is_img):
-    raise ValueError(f"mm_token_type_ids mark {int((types == 1).sum())} image tokens but "
-                     f"input_ids hold {int(is_img.sum())} (id {cfg.image_token_id})")
+  for code, name, token in ((1, "image", cfg.image_token_id), (2, "video", cfg.video_token_id)):
+    if not np.array_equal(types == code, ids == token):
+      raise ValueError(f"mm_token_type_ids mark {int((types == code).sum())} {name} tokens "
+                       f"({code}) but input_ids hold {int((ids == token).sum())} (id {token})")
   m = v.spatial_merge_size
-  rows = qwen_vl_host.patch_bucket(n, patch_multiple, m)
-  kw["pixel_values"] = qwen_vl_host.pad_patches(px, rows)
+  grids = np.concatenate([img_grids, vid_grids])
+  rows = qwen_vl_host.patch_bucket(len(img_px) + len(vid_px), patch_multiple, m)
+  kw["pixel_values"] = qwen_vl_host.pad_patches(np.concatenate([img_px, vid_px]), rows)
   kw.update(qwen_vl_host.vision_metadata(grids, m, v.window_merge if v.windowed else None, rows))
-  kw.update(qwen_vl_host.pack_tables(ids, cfg.image_token_id,
-                                     sum(qwen_vl_host.merged_tokens(grids, m))))
-  kw["positions"], _ = qwen_vl_host.get_rope_index(ids, types, grids, m,
-                                                   kw.get("attention_mask"))
+  kw.update(qwen_vl_host.pack_tables(
+      ids, cfg.image_token_id, sum(qwen_vl_host.merged_tokens(img_grids, m)),
+      cfg.video_token_id, sum(qwen_vl_host.merged_tokens(vid_grids, m))))
+  kw["positions"], _ = qwen_vl_host.get_rope_index(
+      ids, types, img_grids, m, kw.get("attention_mask"), video_grid_thw=vid_grids,
+      second_per_grid_ts=out.get("second_per_grid_ts"), tokens_per_second=cfg.video_time_step,
+      split_video_frames=cfg.split_video_frames)
   return kw

@@ -75,11 +75,12 @@ def gather_packed(feats_MD: jax.Array, index_BTK: jax.Array, weight_BTK: jax.Arr
   return out + newline_BT[..., None].astype(feats_MD.dtype) * newline_D.astype(feats_MD.dtype)
 
 
-def check_packed_positions(input_ids, pack_weight, pack_newline, image_token_id: int):
-  """Eager check (skipped under tracing) that the image positions are the table's rows."""
+def check_packed_positions(input_ids, pack_weight, pack_newline, image_token_id):
+  """Eager check (skipped under tracing) that the image positions (of `image_token_id`, or of
+  any id of a tuple) are the table's rows."""
   if any(isinstance(x, jax.core.Tracer) for x in (input_ids, pack_weight, pack_newline)):
     return
-  is_img = np.asarray(input_ids) == image_token_id
+  is_img = np.isin(np.asarray(input_ids), image_token_id)
   filled = (np.asarray(pack_weight).sum(-1) != 0) | np.asarray(pack_newline).astype(bool)
   if not np.array_equal(is_img, filled):
     raise ValueError(f"input_ids hold {int(is_img.sum())} image tokens (id {image_token_id}) "

@@ -2,12 +2,14 @@
 -> merged tokens placed at the image-token positions -> Qwen2 (Qwen3) LLM with M-RoPE.
 
 Mirrors transformers 5.25 `Qwen2VLForConditionalGeneration` / `Qwen2_5_VLForConditionalGeneration`
-/ `Qwen3VLForConditionalGeneration` for images. Qwen3-VL's deepstack features (one merger per
+/ `Qwen3VLForConditionalGeneration` for images and videos (a video is patch rows like an image's,
+with t > 1 frame pairs; its merged tokens go to the `video_token_id` positions). Qwen3-VL's deepstack features (one merger per
 kept vision layer) are placed at the same image-token positions, zero elsewhere, and added to the
 hidden states after the LLM's first n layers (`llm.add_deepstack`). Inputs (host-built by
 `mt.hf_inputs` / `models.qwen_vl_host`; fixed shapes, so a batch recompiles only when a bucket
 changes):
-  input_ids (B, T)           `image_token_id` at every image position (t*h*w/m^2 per image)
+  input_ids (B, T)           `image_token_id` (`video_token_id`) at every image (video)
+                             position, t*h*w/m^2 per image or video
   attention_mask (B, T)
   positions (3, B, T) int32  M-RoPE ids (`qwen_vl_host.get_rope_index`); required with images,
                              else (B, T) or None (`cumsum(attention_mask) - 1` on all axes)
@@ -18,8 +20,9 @@ changes):
   pack_index (B, T, 1), pack_weight (B, T, 1), pack_newline (B, T)
                              which merged token (row of the P / m^2 merger outputs) each input
                              position receives (`llava.gather_packed`, shared with anyres)
-Image positions must be exactly the table's filled rows, and there must be as many as real merged
-tokens (transformers' `get_placeholder_mask` check): eagerly a ValueError, under jit NaN logits.
+Image and video positions must be exactly the table's filled rows, and there must be as many as
+real merged tokens (transformers' `get_placeholder_mask` check): eagerly a ValueError, under jit
+NaN logits.
 Params: `vision/` (the tower), `projector/` (the merger: ln_q, linear_1, linear_2; Qwen3-VL also
 deepstack_{i}/ with the same three), `llm/`.
 """
@@ -39,15 +42,23 @@ PACK_TABLES = ("pack_index", "pack_weight", "pack_newline")
 VISION_IDS = ("vision_segment_ids", "vision_pos_hw", "vision_window_ids")
 
 
-def check_merged_count(input_ids, segment_ids, image_token_id: int, merge_unit: int):
-  """Eager check (skipped under tracing): image tokens == real patches / m^2."""
+def check_merged_count(input_ids, segment_ids, token_ids, merge_unit: int):
+  """Eager check (skipped under tracing): vision tokens (any of `token_ids`, image and video)
+  == real patches / m^2."""
   if any(isinstance(x, jax.core.Tracer) for x in (input_ids, segment_ids)):
     return
-  n_tok = int(np.sum(np.asarray(input_ids) == image_token_id))
+  n_tok = int(np.sum(np.isin(np.asarray(input_ids), token_ids)))
   n_patch = int(np.sum(np.asarray(segment_ids) > 0))
   if n_tok * merge_unit != n_patch:
-    raise ValueError(f"input_ids hold {n_tok} image tokens (id {image_token_id}) but the "
-                     f"images have {n_patch} patches = {n_patch / merge_unit:g} merged tokens")
+    raise ValueError(f"input_ids hold {n_tok} image / video tokens (ids {token_ids}) but the "
+                     f"images and videos have {n_patch} patches = {n_patch / merge_unit:g} "
+                     "merged tokens")
+
+
+def vision_positions(input_ids, cfg: QwenVLConfig):
+  """(B, T) bool: the positions that take merged vision tokens (image or video ids)."""
+  image, video = cfg.vision_token_ids
+  return (input_ids == image) | (input_ids == video)
 
 
 class QwenVL(nn.Module):
@@ -105,9 +116,9 @@ class QwenVL(nn.Module):
     if positions.ndim != 3:
       raise ValueError(f"{c.model_type}: with images, positions must be the (3, B, T) M-RoPE ids "
                        f"(qwen_vl_host.get_rope_index), got shape {positions.shape}")
-    check_packed_positions(input_ids, pack_weight, pack_newline, c.image_token_id)
-    check_merged_count(input_ids, seg, c.image_token_id, c.vision.merge_unit)
-    is_img = input_ids == c.image_token_id
+    check_packed_positions(input_ids, pack_weight, pack_newline, c.vision_token_ids)
+    check_merged_count(input_ids, seg, c.vision_token_ids, c.vision.merge_unit)
+    is_img = vision_positions(input_ids, c)
     embeds = self.llm.embed_tokens(jnp.where(is_img, 0, input_ids))
     feats, deep = self.all_image_features(pixel_values, seg, pos_hw, window)
     place = lambda f: gather_packed(f, pack_index, pack_weight, pack_newline,

@@ -183,6 +183,22 @@ class QwenVLConfig:
       raise ConfigError(f"the vision merger outputs {self.vision.out_hidden_size} features but "
                         f"the LLM width is {self.llm.hidden_size}")
 
+  @property
+  def vision_token_ids(self) -> tuple[int, int]:
+    """The ids whose positions take merged vision tokens: (image, video)."""
+    return self.image_token_id, self.video_token_id
+
+  @property
+  def video_time_step(self) -> int | None:
+    """Qwen2.5-VL: `tokens_per_second` (the temporal M-RoPE step of a video frame is
+    tokens_per_second x second_per_grid_t); other families: None (the frame index)."""
+    return self.vision.tokens_per_second if self.model_type == "qwen2_5_vl" else None
+
+  @property
+  def split_video_frames(self) -> bool:
+    """Qwen3-VL: every video frame is a run of its own between timestamp tokens."""
+    return self.vision.qwen3
+
 
 # ----------------------------------------------------------------------------- HF -> ours
 def _vision_from_hf(v: dict, mt: str, where: str, dtype: str, param_dtype: str):

@@ -27,7 +27,6 @@ import itertools
 
 import numpy as np
 
-from mllm_tune.models import anyres
 
 PATCH_MULTIPLE = 64  # default patch-row bucket: a multiple of 64 rows (and of m^2)
 
@@ -112,47 +111,77 @@ def pad_patches(pixel_values_PX: np.ndarray, rows: int) -> np.ndarray:
   return np.pad(px, ((0, rows - px.shape[0]), (0, 0)))
 
 
-def pack_tables(input_ids_BT: np.ndarray, image_token_id: int,
-                num_merged: int) -> dict[str, np.ndarray]:
-  """Position-aligned `pack_index` (B, T, 1) (merged-token row of every image token, in batch
-  order), `pack_weight` (B, T, 1) (1 at image tokens) and `pack_newline` (B, T) (all False).
-  Raises when the image tokens do not number `num_merged`."""
-  n = int(num_merged)
-  table = anyres.PackTable(np.arange(n, dtype=np.int32)[:, None], np.ones((n, 1), np.float32),
-                           np.zeros(n, bool))
+def pack_tables(input_ids_BT: np.ndarray, image_token_id: int, num_merged: int,
+                video_token_id: int | None = None, num_video_merged: int = 0
+                ) -> dict[str, np.ndarray]:
+  """Position-aligned `pack_index` (B, T, 1), `pack_weight` (B, T, 1) (1 at vision tokens) and
+  `pack_newline` (B, T) (all False). The image tokens take merged rows 0.. in batch order, the
+  video tokens (`video_token_id`) the rows after the images' (`num_merged` ..), as the patch
+  buffer holds the images' patches before the videos'. Raises when the tokens do not number
+  the merged rows."""
   ids = np.asarray(input_ids_BT)
-  n_tok = int((ids == image_token_id).sum())
-  if n_tok != n:
-    raise ValueError(f"input_ids hold {n_tok} image tokens (id {image_token_id}) but the images "
-                     f"yield {n} merged tokens; the text's placeholders do not match the images")
   b, t = ids.shape
   out = {"pack_index": np.zeros((b, t, 1), np.int32),
          "pack_weight": np.zeros((b, t, 1), np.float32),
          "pack_newline": np.zeros((b, t), bool)}
-  is_img = ids == image_token_id
-  out["pack_index"][is_img], out["pack_weight"][is_img] = table.index, table.weight
+  start = 0
+  kinds = [("image", image_token_id, int(num_merged))]
+  if video_token_id is not None:
+    kinds.append(("video", video_token_id, int(num_video_merged)))
+  for name, token, n in kinds:
+    is_tok = ids == token
+    n_tok = int(is_tok.sum())
+    if n_tok != n:
+      raise ValueError(f"input_ids hold {n_tok} {name} tokens (id {token}) but the {name}s "
+                       f"yield {n} merged tokens; the text's placeholders do not match the "
+                       f"{name}s")
+    out["pack_index"][is_tok, 0] = start + np.arange(n, dtype=np.int32)
+    out["pack_weight"][is_tok] = 1.0
+    start += n
   return out
 
 
+def _video_grids(video_grid_thw, split_frames: bool) -> list:
+  """Video grids in the order their token runs come; Qwen3-VL (`split_frames`) puts every frame
+  in a run of its own (between timestamp tokens), so a (t, h, w) grid is t grids (1, h, w)."""
+  if video_grid_thw is None:
+    return []
+  g = _grids(video_grid_thw).tolist()
+  return [[1, h, w] for t, h, w in g for _ in range(t)] if split_frames else g
+
+
 def get_rope_index(input_ids_BT, mm_token_type_ids_BT, image_grid_thw, merge: int,
-                   attention_mask_BT=None) -> tuple[np.ndarray, np.ndarray]:
-  """M-RoPE positions (3, B, T) int32 and `rope_deltas` (B,) int32 (images only), as
-  transformers 5.25 `Qwen2VLModel.get_rope_index` (Qwen2.5-VL's and Qwen3-VL's are the same for
-  images; Qwen3-VL splits videos into one-frame grids between timestamp tokens): over
-  each row's real tokens, a text run advances all three axes by 1 per token; an image run (one
-  image per run of `mm_token_type_ids == 1`) starting at `cur` with a merged grid (t, h', w')
-  gets (t_idx + cur, row + cur, col + cur) in raster order, then `cur += max(h', w')`. Padding
-  positions are 0. `rope_deltas` = max position + 1 - real tokens (decoding continues at
-  `real tokens + step + delta` on all axes)."""
+                   attention_mask_BT=None, video_grid_thw=None, second_per_grid_ts=None,
+                   tokens_per_second=None, split_video_frames: bool = False
+                   ) -> tuple[np.ndarray, np.ndarray]:
+  """M-RoPE positions (3, B, T) int32 and `rope_deltas` (B,) int32, as transformers 5.25
+  `Qwen2VLModel.get_rope_index` (and Qwen2.5-VL's / Qwen3-VL's): over each row's real tokens,
+  a text run advances all three axes by 1 per token; a vision run (one image per run of
+  `mm_token_type_ids == 1`, one video per run of 2) starting at `cur` with a merged grid
+  (t, h', w') gets (t_pos + cur, row + cur, col + cur) in raster order, then
+  `cur += max(h', w')`. `t_pos` is the frame index t_idx, or for Qwen2.5-VL videos
+  (`tokens_per_second` given: `QwenVLConfig.video_time_step`) `trunc(t_idx * tokens_per_second *
+  second_per_grid_t)` in float32 (`second_per_grid_ts` (videos,), default 1 s). Qwen3-VL
+  (`split_video_frames`) runs each video frame alone. Images and videos are taken in order
+  over the batch, each from its own list. Padding positions are 0. `rope_deltas` = max
+  position + 1 - real tokens (decoding continues at `real tokens + step + delta` on all
+  axes)."""
   ids = np.asarray(input_ids_BT)
   types = np.asarray(mm_token_type_ids_BT)
   mask = np.ones_like(ids) if attention_mask_BT is None else np.asarray(attention_mask_BT)
   if types.shape != ids.shape or mask.shape != ids.shape:
     raise ValueError(f"mm_token_type_ids {types.shape} / attention_mask {mask.shape} do not "
                      f"match input_ids {ids.shape}")
-  if (types == 2).any():
-    raise ValueError("mm_token_type_ids mark video tokens (2); videos are not supported yet")
-  grids = iter(_grids(image_grid_thw).tolist() if image_grid_thw is not None else [])
+  names = {1: "image", 2: "video"}
+  lists = {1: _grids(image_grid_thw).tolist() if image_grid_thw is not None else [],
+           2: _video_grids(video_grid_thw, split_video_frames)}
+  grids = {k: iter(v) for k, v in lists.items()}
+  n_videos = 0 if video_grid_thw is None else len(_grids(video_grid_thw))
+  secs = (np.ones(n_videos, np.float32) if second_per_grid_ts is None
+          else np.asarray(second_per_grid_ts, np.float32).reshape(-1))
+  if len(secs) != n_videos:
+    raise ValueError(f"second_per_grid_ts has {len(secs)} entries for {n_videos} videos")
+  secs = iter(secs.tolist())
   b, t = ids.shape
   positions = np.zeros((3, b, t), np.int64)
   deltas = np.zeros(b, np.int64)
@@ -166,21 +195,31 @@ def get_rope_index(input_ids_BT, mm_token_type_ids_BT, image_grid_thw, merge: in
         parts.append(np.broadcast_to(np.arange(cur, cur + n), (3, n)))
         cur += n
         continue
-      grid = next(grids, None)
+      if kind not in names:
+        raise ValueError(f"row {row}: mm_token_type_ids value {kind} (0 text, 1 image, 2 video)")
+      grid = next(grids[kind], None)
       if grid is None:
-        raise ValueError(f"row {row} has more image runs than image_grid_thw has images")
+        raise ValueError(f"row {row} has more {names[kind]} runs than {names[kind]}_grid_thw "
+                         f"has {names[kind]}s")
       gt, gh, gw = grid[0], grid[1] // merge, grid[2] // merge
       if gt * gh * gw != n:
-        raise ValueError(f"row {row}: an image run of {n} tokens, but its grid {grid} gives "
-                         f"{gt * gh * gw} merged tokens (one image per run of image tokens)")
-      tt, hh, ww = np.meshgrid(np.arange(gt), np.arange(gh), np.arange(gw), indexing="ij")
+        raise ValueError(f"row {row}: a {names[kind]} run of {n} tokens, but its grid {grid} "
+                         f"gives {gt * gh * gw} merged tokens (one {names[kind]} per run of "
+                         f"{names[kind]} tokens)")
+      t_pos = np.arange(gt)
+      if kind == 2 and tokens_per_second is not None and not split_video_frames:
+        step = np.float32(tokens_per_second) * np.float32(next(secs))
+        t_pos = np.trunc(np.arange(gt, dtype=np.float32) * step).astype(np.int64)
+      tt, hh, ww = np.meshgrid(t_pos, np.arange(gh), np.arange(gw), indexing="ij")
       parts.append(np.stack([tt, hh, ww]).reshape(3, -1) + cur)
       cur += max(gh, gw)
     pos = np.concatenate(parts, axis=1) if parts else np.zeros((3, 0), np.int64)
     positions[:, row, real] = pos
     deltas[row] = (pos.max() + 1 - pos.shape[1]) if pos.size else 0
-  if next(grids, None) is not None:
-    raise ValueError("image_grid_thw has more images than the rows' image-token runs")
+  for kind, it in grids.items():
+    if next(it, None) is not None:
+      raise ValueError(f"{names[kind]}_grid_thw has more {names[kind]}s than the rows' "
+                       f"{names[kind]}-token runs")
   return positions.astype(np.int32), deltas.astype(np.int32)
 
 
