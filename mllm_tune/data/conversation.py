@@ -39,7 +39,10 @@ template renders an image item as that form (Qwen's own templates do: the messag
 processor takes, the whitespace beside `<image>` dropped); a string-only template (e.g.
 `"chatml"`) gets each `<image>` of the text replaced by the form. Its one image token
 (`<|image_pad|>`, the model's `image_token_id`) is then repeated n_i times, as
-`Qwen2VLProcessor` repeats `<|image_pad|>`.
+`Qwen2VLProcessor` repeats `<|image_pad|>`. Videos (Qwen2-VL / 2.5-VL, `video_text=`): each
+`<video>` placeholder becomes a video item (list style) or the video text
+`<|vision_start|><|video_pad|><|vision_end|>` (string style), its pad repeated per the video's
+token count; image_starts then list the image and video runs in text order.
 """
 from __future__ import annotations
 
@@ -55,6 +58,7 @@ from mllm_tune.data.templates import (BUILTIN_TEMPLATES, CHATML, FIX, GENERATION
                                       resolve_template, to_list_contents)
 
 IMAGE_PLACEHOLDER = "<image>"
+VIDEO_PLACEHOLDER = "<video>"
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
          "system": "system"}
 
@@ -64,9 +68,10 @@ class TokenizedConversation:
   """One sample's tokens. All arrays int32; T = len(input_ids); N = number of images.
 
   input_ids (T,): image runs hold `image_token_id` (image_seq_len, or the given per-image
-    count, per image);
+    count, per image), video runs `video_token_id` (the given per-video count);
   loss_mask (T,): 1 where token t is a target (assistant content + its end token);
-  positions (T,): 0..T-1; image_starts (N,): index of the first token of each image run.
+  positions (T,): 0..T-1; image_starts (N,): index of the first token of each image or video
+    run, in text order (N = images + videos).
   """
   input_ids: np.ndarray
   loss_mask: np.ndarray
@@ -140,11 +145,16 @@ class ChatTokenizer:
   with images). `image_text`: the checkpoint's own text for one image, holding the image token
   once (Qwen2-VL: `<|vision_start|><|image_pad|><|vision_end|>`); every placeholder becomes it
   (see the module docstring), and the image token may not appear in the records' text.
+  `video_text` / `video_token_id` (Qwen2-VL / 2.5-VL: `<|vision_start|><|video_pad|>
+  <|vision_end|>`): the same for videos, marked `<video>` in the records (`video_placeholder`);
+  without them a model takes no videos.
   """
 
   def __init__(self, tokenizer, image_token_id: int, image_seq_len: int,
                template: str | None = None, image_placeholder: str = IMAGE_PLACEHOLDER,
-               image_text: str | None = None):
+               image_text: str | None = None, video_text: str | None = None,
+               video_token_id: int | None = None,
+               video_placeholder: str = VIDEO_PLACEHOLDER):
     if not getattr(tokenizer, "is_fast", False):
       raise ValueError("a fast (Rust) tokenizer is required for character offsets; load it "
                        "with AutoTokenizer.from_pretrained(..., use_fast=True)")
@@ -155,6 +165,15 @@ class ChatTokenizer:
     self.placeholder = image_placeholder
     self.image_text = image_text
     self.placeholder_id = self._placeholder_token_id()
+    self.video_text, self.video_placeholder = video_text, video_placeholder
+    self.video_token_id = -1 if video_token_id is None else int(video_token_id)
+    if (video_text is None) != (video_token_id is None):
+      raise ValueError("video_text and video_token_id are given together (or neither)")
+    if video_text is not None:
+      ids = tokenizer.encode(video_text, add_special_tokens=False)
+      if ids.count(self.video_token_id) != 1:
+        raise ValueError(f"the video text {video_text!r} tokenizes to {ids}, which must hold "
+                         f"the video token id {self.video_token_id} exactly once")
     self.uses_generation_tags = bool(GENERATION_TAG.search(self.template))
     self.content_style = content_style(
         lambda msgs: self.tokenizer.apply_chat_template(msgs, chat_template=self.template,
@@ -200,7 +219,8 @@ class ChatTokenizer:
     """`apply_chat_template` on string-content `messages`, in the template's content style."""
     msgs = list(messages)
     if self.content_style == "list":
-      msgs = to_list_contents(msgs, self.placeholder)
+      msgs = to_list_contents(msgs, self.placeholder,
+                              self.video_placeholder if self.video_text else None)
     try:
       return self.tokenizer.apply_chat_template(msgs, chat_template=self.template, **kw)
     except Exception as e:  # jinja2 TemplateError, raise_exception(...) in the template
@@ -240,11 +260,13 @@ class ChatTokenizer:
     return spans
 
   def encode_messages(self, messages: Sequence[dict], num_images: int, where: str = "record",
-                      image_tokens: Sequence[int] | None = None) -> TokenizedConversation:
+                      image_tokens: Sequence[int] | None = None,
+                      video_tokens: Sequence[int] = ()) -> TokenizedConversation:
     """Chat messages (with inline placeholders) + the number of images -> tokens and masks.
 
     image_tokens: optional tokens per image, in placeholder order (anyres models); default
-    `image_seq_len` for every image.
+    `image_seq_len` for every image. video_tokens: tokens per video, in `<video>` order (one
+    entry per video; models with `video_text`).
     """
     if num_images and not self.image_seq_len:
       raise DataError(f"{where}: {num_images} image(s) but the model is text-only",
@@ -254,6 +276,7 @@ class ChatTokenizer:
     if n_placeholders != num_images:
       raise DataError(f"{where}: {n_placeholders} {self.placeholder} placeholder(s) in the "
                       f"conversation but {num_images} image(s)", "image_count")
+    per_video = self._per_video_counts(messages, video_tokens, where)
     messages = self._image_text_messages(messages, where)
     tok = self.tokenizer
     if self.uses_generation_tags:
@@ -266,7 +289,25 @@ class ChatTokenizer:
       enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
       ids = np.asarray(enc["input_ids"], np.int64)
       mask = overlap_mask(enc["offset_mapping"], self.assistant_spans(messages, full, where))
-    return self._expand_images(ids, mask, num_images, where, per_image)
+    return self._expand_images(ids, mask, num_images, where, per_image, per_video)
+
+  def _per_video_counts(self, messages: Sequence[dict], video_tokens: Sequence[int],
+                        where: str) -> np.ndarray:
+    """(videos,) int64 tokens per video, checked against the `<video>` placeholders."""
+    counts = np.asarray(list(video_tokens), np.int64).reshape(-1)
+    if len(counts) and self.video_text is None:
+      raise DataError(f"{where}: {len(counts)} video(s) but the model takes no videos",
+                      "image_count")
+    if self.video_text is None:
+      return counts
+    n = count_placeholders(messages, self.video_placeholder)
+    if n != len(counts):
+      raise DataError(f"{where}: {n} {self.video_placeholder} placeholder(s) in the "
+                      f"conversation but {len(counts)} video(s)", "image_count")
+    if np.any(counts < 1):
+      raise DataError(f"{where}: video token counts {counts.tolist()} hold a count < 1",
+                      "image_count")
+    return counts
 
   def _image_text_messages(self, messages: Sequence[dict], where: str) -> list[dict]:
     """With `image_text`: the image token written in the text is refused, and string-style
@@ -274,26 +315,37 @@ class ChatTokenizer:
     themselves). Without it: `messages` unchanged."""
     if self.image_text is None:
       return list(messages)
-    token = self.tokenizer.convert_ids_to_tokens(self.image_token_id)
-    for i, m in enumerate(messages):
-      if token and token in m["content"]:
-        raise DataError(f"{where}: conversations[{i}].value holds the image token {token!r} "
-                        f"as text; mark images with {self.placeholder}", "image_count")
+    marks = [(self.image_token_id, self.placeholder, self.image_text, "image")]
+    if self.video_text is not None:
+      marks.append((self.video_token_id, self.video_placeholder, self.video_text, "video"))
+    for token_id, placeholder, _, name in marks:
+      token = self.tokenizer.convert_ids_to_tokens(token_id)
+      for i, m in enumerate(messages):
+        if token and token in m["content"]:
+          raise DataError(f"{where}: conversations[{i}].value holds the {name} token "
+                          f"{token!r} as text; mark {name}s with {placeholder}", "image_count")
     if self.content_style == "list":
       return list(messages)
-    return [{**m, "content": m["content"].replace(self.placeholder, self.image_text)}
-            for m in messages]
+    out = []
+    for m in messages:
+      text = m["content"]
+      for _, placeholder, form, _ in marks:
+        text = text.replace(placeholder, form)
+      out.append({**m, "content": text})
+    return out
 
   def encode(self, conversations: Sequence[dict], num_images: int, where: str = "record",
-             image_tokens: Sequence[int] | None = None) -> TokenizedConversation:
+             image_tokens: Sequence[int] | None = None,
+             video_tokens: Sequence[int] = ()) -> TokenizedConversation:
     """LLaVA turns (`from`/`value`) -> `TokenizedConversation`; errors name `where`.
-    `image_tokens`: optional per-image token counts (see `encode_messages`)."""
+    `image_tokens` / `video_tokens`: per-image / per-video token counts (see
+    `encode_messages`)."""
     return self.encode_messages(to_messages(conversations, where), num_images, where,
-                                image_tokens)
+                                image_tokens, video_tokens)
 
   def encode_prompt(self, conversations: Sequence[dict], num_images: int,
-                    where: str = "record", image_tokens: Sequence[int] | None = None
-                    ) -> np.ndarray:
+                    where: str = "record", image_tokens: Sequence[int] | None = None,
+                    video_tokens: Sequence[int] = ()) -> np.ndarray:
     """The generation prompt for a record's last assistant turn (its reference answer):
     the turns before it rendered with the template's generation prompt
     (`add_generation_prompt=True`) and tokenized as `encode` does, each placeholder expanded
@@ -308,11 +360,12 @@ class ChatTokenizer:
                       f"{self.placeholder} placeholder(s) for {num_images} image(s)",
                       "image_count")
     per_image = self._per_image_counts(num_images, image_tokens, where)
+    per_video = self._per_video_counts(head, video_tokens, where)
     text = self.render(self._image_text_messages(head, where), add_generation_prompt=True,
                        where=where)
     ids = np.asarray(self.tokenizer(text, add_special_tokens=False)["input_ids"], np.int64)
     return self._expand_images(ids, np.zeros(ids.shape, np.int32), num_images, where,
-                               per_image).input_ids
+                               per_image, per_video).input_ids
 
   def _per_image_counts(self, num_images: int, image_tokens: Sequence[int] | None,
                         where: str) -> np.ndarray:
@@ -329,7 +382,8 @@ class ChatTokenizer:
     return counts
 
   def _expand_images(self, ids: np.ndarray, mask: np.ndarray, num_images: int,
-                     where: str, per_image: np.ndarray | None = None) -> TokenizedConversation:
+                     where: str, per_image: np.ndarray | None = None,
+                     per_video: np.ndarray | None = None) -> TokenizedConversation:
     is_ph = ids == self.placeholder_id
     if int(is_ph.sum()) != num_images:
       raise DataError(f"{where}: the rendered conversation holds {int(is_ph.sum())} image "
@@ -338,13 +392,20 @@ class ChatTokenizer:
     if np.any((ids == self.image_token_id) & ~is_ph):
       raise DataError(f"{where}: a text token has id {self.image_token_id}, the model's "
                       "image_token_id", "image_count")
+    per_video = np.zeros(0, np.int64) if per_video is None else per_video
+    is_vph = (ids == self.video_token_id) if self.video_text is not None else np.zeros_like(is_ph)
+    if int(is_vph.sum()) != len(per_video):
+      raise DataError(f"{where}: the rendered conversation holds {int(is_vph.sum())} video "
+                      f"token(s) for {len(per_video)} video(s) (does the template add or drop "
+                      f"{self.video_placeholder}?)", "image_count")
     if per_image is None:
       per_image = np.full((num_images,), self.image_seq_len, np.int64)
     repeats = np.ones(ids.shape, np.int64)
     repeats[is_ph] = per_image  # placeholder i (in text order) -> per_image[i] copies
+    repeats[is_vph] = per_video
     out_ids = np.repeat(np.where(is_ph, self.image_token_id, ids), repeats).astype(np.int32)
-    out_mask = np.repeat(np.where(is_ph, 0, mask), repeats).astype(np.int32)
+    out_mask = np.repeat(np.where(is_ph | is_vph, 0, mask), repeats).astype(np.int32)
     out_mask[:1] = 0
-    starts = (np.cumsum(repeats) - repeats)[is_ph].astype(np.int32)
+    starts = (np.cumsum(repeats) - repeats)[is_ph | is_vph].astype(np.int32)
     return TokenizedConversation(out_ids, out_mask, np.arange(len(out_ids), dtype=np.int32),
                                  starts)

@@ -19,7 +19,10 @@ image sizes, at least the most patches one of them needs; rounded up to a multip
 m = 2), crop_buckets the allowed patch counts (default: the budget's quarters, multiples of 64),
 min_pixels / max_pixels override the image processor's (0 = the checkpoint's), out_of_budget
 "resize" (transformers' rule) or "refuse" (images outside [min_pixels, max_pixels] are bad
-records), max_image_tokens as above.
+records), max_image_tokens as above. Videos (records with a "video" field of frames, Qwen2-VL /
+2.5-VL; `data/qwen_videos.py`): video_min_pixels / video_max_pixels override the video
+processor's per-frame budget (0 = the checkpoint's), video_fps is the frame rate of records
+without their own "fps" (Qwen2.5-VL's time steps); a video's patches count in max_images.
 image_groups G: the data-parallel shards of this host's rows (`mllm-tune train` sets it when left
 0), over which `Trainer.put_batch` splits the image buffer. Qwen2-VL: the rows form G groups with
 max_images / G patches and a patch block each (`data/qwen_batch.py`), so each device encodes its
@@ -39,6 +42,7 @@ from mllm_tune.data.conversation import ChatTokenizer, load_tokenizer
 from mllm_tune.data.errors import DataError
 from mllm_tune.data.anyres_batch import quarter_buckets
 from mllm_tune.data.packing import BatchSpec, suggest_max_images
+from mllm_tune.data import qwen_videos as qv
 from mllm_tune.data.pipeline import SamplePreparer
 from mllm_tune.data.sources import LlavaJsonSource, TfdsSource, build_tfds
 from mllm_tune.models.qwen_vl_config import QwenVLConfig
@@ -49,7 +53,7 @@ DEFAULTS = dict(kind="llava_json", json_path="", image_folder=None, tfds_dir="",
                 num_epochs=None, num_workers=0, prefetch=2, source="", split="train",
                 num_records=0, image_size=32, source_seed=0, crop_buckets=(),
                 max_image_tokens=0, min_pixels=0, max_pixels=0, out_of_budget="resize",
-                image_groups=0)
+                image_groups=0, video_min_pixels=0, video_max_pixels=0, video_fps=2.0)
 
 
 def _options(cfg) -> dict:
@@ -78,8 +82,9 @@ def _probe_max_images(source, prepare, o: dict, n: int = 512) -> tuple[int, int]
 
 def _probe_budget(source, prepare, o: dict, measure, n: int = 512) -> tuple[int, int]:
   """(suggested image budget per batch, most units of one sample) from the first n records,
-  reading only image headers. `measure(sizes_hw) -> (image tokens per image, units)`: units
-  are what the batch budget counts (anyres crops, Qwen2-VL patches)."""
+  reading only image headers. `measure(sizes_hw, videos) -> (image tokens per image, units,
+  tokens per video)`: units are what the batch budget counts (anyres crops, Qwen2-VL patches);
+  videos are (frames, first frame's (H, W))."""
   import io
   from PIL import Image
   lengths, units, most = [], [], 1
@@ -87,9 +92,11 @@ def _probe_budget(source, prepare, o: dict, measure, n: int = 512) -> tuple[int,
     try:
       rec = source[i]
       sizes = [Image.open(io.BytesIO(b)).size[::-1] for b in rec["images"]]
-      counts, u = measure(sizes)
+      videos = [(len(v), Image.open(io.BytesIO(v[0])).size[::-1])
+                for v in rec.get("videos") or []]
+      counts, u, v_counts = measure(sizes, videos)
       tokens = prepare.chat.encode(rec["conversations"], len(sizes), rec["where"],
-                                   image_tokens=counts)
+                                   image_tokens=counts, video_tokens=v_counts)
     except (DataError, OSError, ValueError):
       continue  # reported when the iterator reaches it
     lengths.append(min(len(tokens), o["seq_len"]))
@@ -106,10 +113,10 @@ def _probe_crops(source, prepare, o: dict) -> tuple[int, int]:
   from mllm_tune.data import anyres_images as ai
   spec = prepare.anyres_spec
 
-  def measure(sizes):
+  def measure(sizes, videos):
     flags = ai.anyres_flags(spec.family, [len(sizes)])
     return ([spec.image_tokens(hw, f) for hw, f in zip(sizes, flags)],
-            sum(spec.num_crops(hw, f) for hw, f in zip(sizes, flags)))
+            sum(spec.num_crops(hw, f) for hw, f in zip(sizes, flags)), [1] * len(videos))
   return _probe_budget(source, prepare, o, measure)
 
 
@@ -193,12 +200,14 @@ def _anyres_batches(o: dict, source, model_dir: str, model_config):
 
 
 def _probe_patches(source, prepare, o: dict) -> tuple[int, int]:
-  """`_probe_budget` in Qwen2-VL patches."""
-  spec = prepare.qwen_spec
+  """`_probe_budget` in Qwen2-VL patches (videos: t * gh * gw each)."""
+  spec, v_spec = prepare.qwen_spec, prepare.video_spec
 
-  def measure(sizes):
+  def measure(sizes, videos):
     grids = [spec.grid(hw) for hw in sizes]
-    return [gh * gw // spec.merge_unit for gh, gw in grids], sum(gh * gw for gh, gw in grids)
+    v_tokens = [qv.video_tokens(n, hw, v_spec) for n, hw in videos] if v_spec else []
+    units = sum(gh * gw for gh, gw in grids) + sum(v_tokens) * spec.merge_unit
+    return [gh * gw // spec.merge_unit for gh, gw in grids], units, v_tokens
   return _probe_budget(source, prepare, o, measure)
 
 
@@ -211,7 +220,10 @@ def _qwen_batches(o: dict, source, model_dir: str, model_config):
   prepare = qwen_preparer(model_dir, model_config, o["seq_len"], o["template"], o["overflow"],
                           min_pixels=o["min_pixels"] or None,
                           max_pixels=o["max_pixels"] or None, out_of_budget=o["out_of_budget"],
-                          max_image_tokens=o["max_image_tokens"] or None)
+                          max_image_tokens=o["max_image_tokens"] or None,
+                          video_options=dict(min_pixels=o["video_min_pixels"] or None,
+                                             max_pixels=o["video_max_pixels"] or None),
+                          video_fps=o["video_fps"])
   mu, groups = model_config.vision.merge_unit, max(1, int(o["image_groups"] or 1))
   if o["batch_size"] % groups:
     raise ValueError(f"data config: image_groups={groups} does not divide batch_size="
@@ -231,6 +243,7 @@ def _qwen_batches(o: dict, source, model_dir: str, model_config):
   spec = BatchSpec(batch_size=o["batch_size"], max_len=o["seq_len"], packing=o["packing"],
                    bucket_lengths=tuple(o["bucket_lengths"]), max_images=budget,
                    image_token_id=model_config.image_token_id, image_hw=prepare.image_hw,
+                   video_token_id=model_config.video_token_id if prepare.video_spec else -1,
                    pad_id=pad_id, crop_buckets=buckets, merge_unit=mu,
                    window_merge=prepare.window_merge, image_groups=groups)
   it = BatchIterator(source, prepare, spec, prepare.image_spec, seed=o["seed"],

@@ -22,6 +22,7 @@ import numpy as np
 from mllm_tune.data import anyres_images as ai
 from mllm_tune.data import images as img_lib
 from mllm_tune.data import qwen_images as qi
+from mllm_tune.data import qwen_videos as qv
 from mllm_tune.models import anyres, qwen_vl_host
 from mllm_tune.models.qwen_vl_config import QwenVLConfig
 from mllm_tune.data.conversation import ChatTokenizer, TokenizedConversation, load_tokenizer
@@ -95,16 +96,24 @@ class SamplePreparer:
   chat: the `ChatTokenizer`; image_spec: `ImageSpec` (None for text-only models);
   max_len: longest sample in tokens; overflow: see the module docstring. Qwen2.5-VL:
   `window_merge` = merged tokens per vision window side (the batches' `vision_window_ids`;
-  0 for Qwen2-VL).
+  0 for Qwen2-VL). Qwen2-VL / 2.5-VL videos: `video_spec` (`qwen_videos`; None: records with
+  videos are refused), `video_time_step` (`QwenVLConfig.video_time_step`) and `video_fps`, the
+  frame rate of records without their own.
   """
 
   def __init__(self, chat: ChatTokenizer, image_spec: img_lib.ImageSpec | None, max_len: int,
                overflow: str = "truncate", anyres_spec: ai.AnyresImageSpec | None = None,
-               qwen_spec: qi.QwenImageSpec | None = None, window_merge: int = 0):
+               qwen_spec: qi.QwenImageSpec | None = None, window_merge: int = 0,
+               video_spec: qi.QwenImageSpec | None = None, video_time_step: int | None = None,
+               video_fps: float = qv.DEFAULT_FPS):
     if overflow not in OVERFLOW:
       raise ValueError(f"overflow={overflow!r}: choose one of {OVERFLOW}")
     self.chat, self.image_spec, self.max_len, self.overflow = chat, image_spec, max_len, overflow
     self.anyres_spec, self.qwen_spec, self.window_merge = anyres_spec, qwen_spec, window_merge
+    self.video_spec, self.video_time_step = video_spec, video_time_step
+    if isinstance(video_fps, bool) or not isinstance(video_fps, (int, float)) or video_fps <= 0:
+      raise ValueError(f"video_fps {video_fps!r} must be a positive number")
+    self.video_fps = float(video_fps)
     if qwen_spec is not None:  # patches of p x p pixels, normalized per batch
       self.image_spec = qwen_spec
       self.image_hw = (qwen_spec.patch_size,) * 2
@@ -141,6 +150,9 @@ class SamplePreparer:
 
   def __call__(self, record: dict) -> Sample:
     where = record.get("where", f"record (id={record.get('id')})")
+    if record.get("videos") and self.video_spec is None:
+      raise DataError(f"{where}: a video, but this model's data pipeline takes images only "
+                      "(videos: Qwen2-VL / Qwen2.5-VL)", "image_count")
     if self.qwen_spec is not None:
       return self._prepare_qwen(record, where)
     if self.anyres_spec is not None:
@@ -197,66 +209,120 @@ class SamplePreparer:
     last assistant turn + the template's generation prompt), with the images of `sample` (its
     prepared form) expanded to the same token counts. int32 (P,). Qwen2-VL / 2.5-VL / 3-VL:
     the counts of its grids (gh * gw / m^2 per image)."""
-    counts = None
+    counts, videos = None, []
     if self.qwen_spec is not None:
-      counts = [int(g[1] * g[2]) // self.qwen_spec.merge_unit for g in sample.grids]
+      per_item = [int(np.prod(g)) // self.qwen_spec.merge_unit for g in sample.grids]
+      t = sample.tokens
+      is_video = (t.input_ids[t.image_starts] == self.chat.video_token_id).tolist()
+      counts = [c for c, v in zip(per_item, is_video) if not v]
+      videos = [c for c, v in zip(per_item, is_video) if v]
     elif self.anyres_spec is not None:
       counts = list(sample.image_tokens)
     n = sample.num_images if counts is None else len(counts)
     with self._tokenizer_lock:
-      return self.chat.encode_prompt(record.get("conversations"), n, sample.where, counts)
+      return self.chat.encode_prompt(record.get("conversations"), n, sample.where, counts,
+                                     videos)
 
   def _prepare_qwen(self, record: dict, where: str) -> Sample:
     """Qwen2-VL / 2.5-VL: image sizes decide token counts (gh * gw / m^2 after
-    `smart_resize`), so images are decoded before tokenizing; the M-RoPE ids are computed on
-    the tokens kept."""
+    `smart_resize`), so images (and video frames) are decoded before tokenizing; the M-RoPE
+    ids are computed on the tokens kept. The patches follow the text's order of images and
+    videos; with a video, every patch keeps T frames (an image's repeated, as its rows are)."""
     spec, raw = self.qwen_spec, record.get("images", [])
     names = record.get("image_names") or [f"#{i}" for i in range(len(raw))]
     wheres = [f"{where}: image {name}" for name in names]
     imgs = [img_lib.decode_image(data, w) for data, w in zip(raw, wheres)]
     counts = [spec.image_tokens((img.height, img.width), w) for img, w in zip(imgs, wheres)]
+    videos, v_counts, v_wheres = self._decode_videos(record, where)
     with self._tokenizer_lock:
       tokens = self.chat.encode(record.get("conversations"), len(raw), where,
-                                image_tokens=counts)
+                                image_tokens=counts, video_tokens=v_counts)
     original = len(tokens)
-    tokens, kept = fit_length(tokens, self.max_len, counts, self.overflow, where)
-    done = [qi.to_patches(img, spec, w) for img, w in zip(imgs[:kept], wheres[:kept])]
+    is_video = tokens.input_ids[tokens.image_starts] == self.chat.video_token_id
+    in_order = np.where(is_video, np.asarray(v_counts + [0])[np.cumsum(is_video) - 1],
+                        np.asarray(counts + [0])[np.cumsum(~is_video) - 1])
+    tokens, kept = fit_length(tokens, self.max_len, in_order, self.overflow, where)
+    done, video_grids, image_grids, seconds = [], [], [], []
+    k_img = k_vid = 0
+    for video in is_video[:kept].tolist():
+      if video:
+        px, grid = qv.video_patches(videos[k_vid][0], self.video_spec, v_wheres[k_vid])
+        seconds.append(videos[k_vid][1])
+        video_grids.append(grid)
+        k_vid += 1
+      else:
+        px, grid = qi.to_patches(imgs[k_img], spec, wheres[k_img])
+        image_grids.append(grid)
+        k_img += 1
+      done.append((px, grid))
     p = spec.patch_size
+    if k_vid:  # one layout for the sample: T frames per patch
+      done = [(px if px.ndim == 5 else np.repeat(px[:, None], spec.temporal_patch_size, 1), g)
+              for px, g in done]
     pixels = (np.concatenate([d[0] for d in done]) if done
               else np.zeros((0, p, p, 3), np.uint8))
     grids = np.asarray([d[1] for d in done], np.int64).reshape(-1, 3)
     ids = tokens.input_ids[None]
+    types = (ids == self.chat.image_token_id) + 2 * (ids == self.chat.video_token_id)
     try:
       positions, _ = qwen_vl_host.get_rope_index(
-          ids, (ids == self.chat.image_token_id).astype(np.int32), grids, spec.merge_size)
+          ids, types.astype(np.int32), np.asarray(image_grids, np.int64).reshape(-1, 3),
+          spec.merge_size, video_grid_thw=np.asarray(video_grids, np.int64).reshape(-1, 3),
+          second_per_grid_ts=seconds, tokens_per_second=self.video_time_step)
     except ValueError as e:  # e.g. two images with no text between their token runs
-      raise DataError(f"{where}: conversations: the image tokens do not form one run per "
-                      f"image ({e})", "image_count") from None
+      raise DataError(f"{where}: conversations: the image / video tokens do not form one run "
+                      f"per image or video ({e})", "image_count") from None
     return Sample(tokens, pixels, str(record.get("id", "")), where,
                   original if len(tokens) < original else 0,
-                  image_tokens=tuple(counts[:kept]), grids=grids,
+                  image_tokens=tuple(int(c) for c in in_order[:kept]), grids=grids,
                   mrope_positions=positions[:, 0])
 
+  def _decode_videos(self, record: dict, where: str):
+    """([(frames, second_per_grid_t)], tokens per video, where per video) of a record."""
+    raw = record.get("videos") or []
+    names = record.get("video_names") or [f"#{i}" for i in range(len(raw))]
+    fps = record.get("video_fps") or [None] * len(raw)
+    out, counts, wheres = [], [], []
+    for frames, name, rate in zip(raw, names, fps):
+      w = f"{where}: video {name if isinstance(name, str) else name[0] + ' ...'}"
+      decoded = [img_lib.decode_image(data, f"{w} frame {i}") for i, data in enumerate(frames)]
+      if not decoded:
+        raise DataError(f"{w}: a video without frames", "bad_image")
+      counts.append(qv.video_tokens(len(decoded), (decoded[0].height, decoded[0].width),
+                                    self.video_spec, w))
+      rate = self.video_fps if rate is None else rate
+      out.append((decoded, qv.second_per_grid(self.video_spec, rate, w)))
+      wheres.append(w)
+    return out, counts, wheres
 
-def qwen_image_text(tokenizer, model_config: QwenVLConfig) -> str:
+
+def qwen_image_text(tokenizer, model_config: QwenVLConfig, token_id: int | None = None) -> str:
   """The text of one image in Qwen's chat templates: `<|vision_start|><|image_pad|>
-  <|vision_end|>` (the tokens of the config's ids)."""
+  <|vision_end|>` (the tokens of the config's ids); with `token_id` = the video token id, a
+  video's `<|vision_start|><|video_pad|><|vision_end|>`."""
   c = model_config
+  middle = c.image_token_id if token_id is None else token_id
   return "".join(tokenizer.convert_ids_to_tokens(
-      [c.vision_start_token_id, c.image_token_id, c.vision_end_token_id]))
+      [c.vision_start_token_id, middle, c.vision_end_token_id]))
 
 
 def qwen_preparer(model_dir: str, model_config: QwenVLConfig, max_len: int,
                   template: str | None = None, overflow: str = "truncate",
+                  video_options: dict | None = None, video_fps: float = qv.DEFAULT_FPS,
                   **image_options) -> SamplePreparer:
   """The Qwen2-VL / 2.5-VL / 3-VL preparer of `model_dir`: its tokenizer and template (each
   `<image>` an image item the template writes as `qwen_image_text`, or that text inline for a
   string-only template: `ChatTokenizer`), its image processor (`QwenImageSpec.from_pretrained`, with
   `image_options` such as min_pixels, max_pixels, out_of_budget, max_image_tokens), checked
-  against the model's vision config."""
+  against the model's vision config. Qwen2-VL / 2.5-VL also take videos (`<video>`): the video
+  processor's settings (`qwen_videos.video_spec_from_pretrained`, with `video_options` such
+  as min_pixels, max_pixels) and `video_fps` for records without their own."""
   tok = load_tokenizer(model_dir)
-  chat = ChatTokenizer(tok, model_config.image_token_id, 1, template,
-                       image_text=qwen_image_text(tok, model_config))
+  c = model_config
+  video = {} if c.vision.qwen3 else dict(
+      video_text=qwen_image_text(tok, c, c.video_token_id), video_token_id=c.video_token_id)
+  chat = ChatTokenizer(tok, c.image_token_id, 1, template,
+                       image_text=qwen_image_text(tok, c), **video)
   spec = qi.QwenImageSpec.from_pretrained(model_dir, **image_options)
   v = model_config.vision
   problems = [f"{name} {got} != the vision config's {want}" for name, got, want in (
@@ -266,8 +332,18 @@ def qwen_preparer(model_dir: str, model_config: QwenVLConfig, max_len: int,
   if problems:
     raise ValueError(f"{model_dir}: the image processor does not fit the model: "
                      + "; ".join(problems))
+  video_spec = None
+  if not v.qwen3:  # Qwen3-VL's videos need timestamps between frames: hf_inputs only
+    video_spec = qv.video_spec_from_pretrained(model_dir, **(video_options or {}))
+    problems = [f"video processor {name} {got} != the image processor's {want}"
+                for name in ("patch_size", "merge_size", "temporal_patch_size")
+                if (got := getattr(video_spec, name)) != (want := getattr(spec, name))]
+    if problems:
+      raise ValueError(f"{model_dir}: " + "; ".join(problems))
   return SamplePreparer(chat, None, max_len, overflow, qwen_spec=spec,
-                        window_merge=v.window_merge if v.windowed else 0)
+                        window_merge=v.window_merge if v.windowed else 0,
+                        video_spec=video_spec, video_time_step=model_config.video_time_step,
+                        video_fps=video_fps)
 
 
 def anyres_spec_for(model_dir: str, model_config) -> ai.AnyresImageSpec:

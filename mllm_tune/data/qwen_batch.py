@@ -7,14 +7,15 @@ patch counts, each a multiple of m^2):
   input_ids, attention_mask, segment_ids, loss_mask (B, T)  as in `data/packing.py`
   positions (3, B, T) int32        each sample's own M-RoPE ids (t, h, w), restarting at every
                                    packed sample (`models.qwen_vl_host.get_rope_index`)
-  pixel_values (P, C*T*p*p) float32  every image's patch rows, row-major over the batch
-                                   (sample by sample, image by image), zero rows after them
+  pixel_values (P, C*T*p*p) float32  every image's (and video's) patch rows, row-major over
+                                   the batch (sample by sample, in each sample's text order),
+                                   zero rows after them
   vision_segment_ids (P,), vision_pos_hw (P, 2), vision_window_ids (P,) (Qwen2.5-VL)
                                    `models.qwen_vl_host.vision_metadata` (1.. per image over the
                                    batch, 0 on padding rows)
   pack_index (B, T, 1), pack_weight (B, T, 1), pack_newline (B, T)
                                    the merged token (row of the P / m^2 merger outputs) each
-                                   image position takes, as `models.qwen_vl_host.pack_tables`
+                                   image or video position takes
 Samples attend only within their segment, their image patches only within their image, so every
 packed sample computes what transformers computes for the record alone. Distinct compiled shapes:
 bucket lengths x patch buckets.
@@ -72,7 +73,9 @@ def assemble_qwen(rows: Sequence[Sequence], spec: BatchSpec, patch_rows
   seg, loss = np.zeros((b, t), np.int32), np.zeros((b, t), np.int32)
   pos = np.zeros((3, b, t), np.int32)
   index, weight = np.zeros((b, t, 1), np.int32), np.zeros((b, t, 1), np.float32)
-  px = np.zeros((p_b,) + tuple(spec.image_hw) + (3,), np.uint8)
+  frames = max((s.pixels.shape[1] for row in rows for s in row if s.pixels.ndim == 5),
+               default=0)  # videos: every patch row keeps its T frames
+  px = np.zeros((p_b,) + ((frames,) if frames else ()) + tuple(spec.image_hw) + (3,), np.uint8)
   grids, slot, metas = [], 0, []
   for r, row in enumerate(rows):
     if r % g_rows == 0:
@@ -83,12 +86,14 @@ def assemble_qwen(rows: Sequence[Sequence], spec: BatchSpec, patch_rows
       ids[r, c:c + n], pos[:, r, c:c + n] = s.tokens.input_ids, s.mrope_positions
       loss[r, c:c + n], seg[r, c:c + n] = s.tokens.loss_mask, j
       loss[r, c] = 0  # a segment's first token is never predicted from the previous sample
-      is_img = np.flatnonzero(s.tokens.input_ids == spec.image_token_id) + c
+      is_img = np.flatnonzero(np.isin(s.tokens.input_ids,
+                                      (spec.image_token_id, spec.video_token_id))) + c
       if len(is_img) * mu != n_patch:
-        raise AssertionError(f"{s.where}: {len(is_img)} image tokens for {n_patch} patches")
+        raise AssertionError(f"{s.where}: {len(is_img)} image / video tokens for {n_patch} "
+                             "patches")
       index[r, is_img, 0] = slot // mu + np.arange(len(is_img), dtype=np.int32)
       weight[r, is_img, 0] = 1.0
-      px[slot:slot + n_patch] = s.pixels
+      px[slot:slot + n_patch] = s.pixels if s.pixels.ndim == px.ndim else s.pixels[:, None]
       if s.grids is not None and len(s.grids):
         grids.append((r // g_rows, np.asarray(s.grids, np.int64).reshape(-1, 3)))
       slot, c = slot + n_patch, c + n

@@ -226,10 +226,15 @@ def to_patches(img: Image.Image, spec: QwenImageSpec, where: str = "image"
   return np.ascontiguousarray(blocks.reshape(gh * gw, p, p, 3)), (1, gh, gw)
 
 
-def patch_rows(patches_NPP3: np.ndarray, spec: QwenImageSpec) -> np.ndarray:
+def patch_rows(patches: np.ndarray, spec: QwenImageSpec) -> np.ndarray:
   """uint8 patches (N, p, p, 3) -> float32 rows (N, C * T * p * p): rescale + normalize, then
-  each patch as (C, p, p) repeated over the T frames (steps 4-5)."""
-  x = normalize(np.asarray(patches_NPP3), spec).transpose(0, 3, 1, 2)  # (N, C, p, p)
+  each patch as (C, p, p) repeated over the T frames (steps 4-5). Video patches (N, T, p, p,
+  3) (`qwen_videos.video_patches`) keep their T frames: rows (C, T, p, p)."""
+  px = np.asarray(patches)
+  if px.ndim == 5:
+    x = normalize(px, spec).transpose(0, 4, 1, 2, 3)  # (N, C, T, p, p)
+    return np.ascontiguousarray(x.reshape(x.shape[0], -1), dtype=np.float32)
+  x = normalize(px, spec).transpose(0, 3, 1, 2)  # (N, C, p, p)
   n, c, p, _ = x.shape
   x = np.broadcast_to(x[:, :, None], (n, c, spec.temporal_patch_size, p, p))
   return np.ascontiguousarray(x.reshape(n, -1), dtype=np.float32)

@@ -6,7 +6,14 @@ shuffling and resume exact). A record is a plain dict:
   {"id": str, "conversations": [{"from": "human" | "gpt" | "system", "value": str}, ...],
    "images": [bytes, ...],          # encoded files (JPEG / PNG ...), decoded later with PIL
    "image_names": [str, ...],       # for error messages
+   "videos": [[bytes, ...]],        # with a "video" field: its frames, encoded (see below)
+   "video_names": [str], "video_fps": [float | None],
    "where": str}                    # "file:line (id=...)" or "file record i (id=...)"
+
+Videos (Qwen2-VL / 2.5-VL), as sampled frames, one video per record: `"video"` names a folder
+of frame images (taken in file-name order) or lists the frame files; `"fps"` (optional) is the
+rate they were sampled at; the conversation marks the video with `<video>`. Video files (mp4 ...)
+are not decoded here: sample their frames to image files first.
 
 `__getitem__` may raise `DataError` (missing image file); the batch iterator counts and skips it
 when told to. The offline demo set of the benchmark issue plugs in by implementing `Source`.
@@ -91,8 +98,49 @@ def validate_record(raw: object, where: str, index: int) -> dict:
   if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
     raise DataError(f"{where}: field 'image' must be a path or a list of paths, got {image!r}",
                     "bad_record")
-  return {"id": rid, "conversations": raw["conversations"], "image_names": list(names),
-          "where": where}
+  video = raw.get("video")
+  frames_ok = isinstance(video, list) and video and all(isinstance(n, str) and n for n in video)
+  if video is not None and not (isinstance(video, str) and video) and not frames_ok:
+    raise DataError(f"{where}: field 'video' must be a folder of frames or a list of frame "
+                    f"files, got {video!r}", "bad_record")
+  fps = raw.get("fps")
+  if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float))
+                          or not fps > 0):
+    raise DataError(f"{where}: field 'fps' must be a positive number, got {fps!r}",
+                    "bad_record")
+  out = {"id": rid, "conversations": raw["conversations"], "image_names": list(names),
+         "where": where}
+  if video is not None:
+    out.update(video_names=[video if isinstance(video, str) else list(video)],
+               video_fps=[None if fps is None else float(fps)])
+  return out
+
+
+FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+
+
+def _read(path: str, where: str, what: str) -> bytes:
+  try:
+    with open(path, "rb") as f:
+      return f.read()
+  except FileNotFoundError:
+    raise DataError(f"{where}: {what} file not found: {path}", "missing_image") from None
+
+
+def read_frames(folder: str, name, where: str) -> list[bytes]:
+  """A video's encoded frames: the image files of the folder `name` (file-name order) or the
+  listed files, relative to `folder`."""
+  if isinstance(name, list):
+    return [_read(os.path.join(folder, n), where, "video frame") for n in name]
+  path = os.path.join(folder, name)
+  if not os.path.isdir(path):
+    raise DataError(f"{where}: video frame folder not found: {path} (videos are given as "
+                    "frames: a folder of images or a list of image files)", "missing_image")
+  files = sorted(f for f in os.listdir(path) if f.lower().endswith(FRAME_EXTENSIONS))
+  if not files:
+    raise DataError(f"{where}: video frame folder {path} holds no image files "
+                    f"({', '.join(FRAME_EXTENSIONS)})", "missing_image")
+  return [_read(os.path.join(path, f), where, "video frame") for f in files]
 
 
 class LlavaJsonSource:
@@ -121,16 +169,13 @@ class LlavaJsonSource:
 
   def __getitem__(self, index: int) -> dict:
     rec = self.records[index]
-    images = []
-    for name in rec["image_names"]:
-      full = os.path.join(self.image_folder, name)
-      try:
-        with open(full, "rb") as f:
-          images.append(f.read())
-      except FileNotFoundError:
-        raise DataError(f"{rec['where']}: image file not found: {full}",
-                        "missing_image") from None
-    return {**rec, "images": images}
+    images = [_read(os.path.join(self.image_folder, name), rec["where"], "image")
+              for name in rec["image_names"]]
+    out = {**rec, "images": images}
+    if rec.get("video_names"):
+      out["videos"] = [read_frames(self.image_folder, n, rec["where"])
+                       for n in rec["video_names"]]
+    return out
 
 
 # ----------------------------------------------------------------------------- tfds
@@ -185,6 +230,9 @@ def _builder_class():
             raise
           self.report.add(e.reason, str(e))
           continue
+        if rec.get("video_names"):
+          raise DataError(f"{rec['where']}: a video record; tfds shards hold images only "
+                          "(use data.kind=llava_json for video data)", "bad_record")
         yield i, {"id": rec["id"], "where": rec["where"],
                   "conversations": json.dumps(rec["conversations"]),
                   "images": rec["images"], "image_names": rec["image_names"]}

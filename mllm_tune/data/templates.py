@@ -77,22 +77,27 @@ def resolve_template(tokenizer, template: str | None) -> tuple[str, str]:
   return template, "the Jinja template given as data.template"
 
 
-def to_list_contents(messages: Sequence[dict], placeholder: str) -> list[dict]:
+def to_list_contents(messages: Sequence[dict], placeholder: str,
+                     video_placeholder: str | None = None) -> list[dict]:
   """String-content messages -> list-style ones: each placeholder becomes `{"type": "image"}`
-  and the text around it `{"type": "text", "text": ...}` items (in order; whitespace next to
-  a placeholder dropped, as list-style templates write their own; empty texts dropped). A
-  content without placeholders becomes one text item, verbatim."""
+  (each `video_placeholder`, `{"type": "video"}`) and the text around it `{"type": "text",
+  "text": ...}` items (in order; whitespace next to a placeholder dropped, as list-style
+  templates write their own; empty texts dropped). A content without placeholders becomes one
+  text item, verbatim."""
+  marks = [placeholder] + ([video_placeholder] if video_placeholder else [])
+  split = re.compile("(" + "|".join(re.escape(m) for m in marks) + ")")
   out = []
   for m in messages:
-    parts = m["content"].split(placeholder)
+    parts = split.split(m["content"])  # text, mark, text, mark, ..., text
+    texts, kinds = parts[::2], parts[1::2]
     items = []
-    for k, text in enumerate(parts):
+    for k, text in enumerate(texts):
       if k:
-        items.append({"type": "image"})
+        items.append({"type": "image" if kinds[k - 1] == placeholder else "video"})
         text = text.lstrip()
-      if k < len(parts) - 1:
+      if k < len(texts) - 1:
         text = text.rstrip()
-      if text or len(parts) == 1:
+      if text or len(texts) == 1:
         items.append({"type": "text", "text": text})
     out.append({**m, "content": items})
   return out

@@ -133,6 +133,7 @@ def write_llava_dataset(root: str, records: list[dict], images: dict[str, bytes]
   """Write images under root/images and the records as JSON (or JSONL by suffix)."""
   os.makedirs(os.path.join(root, "images"), exist_ok=True)
   for rel, data in images.items():
+    os.makedirs(os.path.dirname(os.path.join(root, "images", rel)), exist_ok=True)
     with open(os.path.join(root, "images", rel), "wb") as f:
       f.write(data)
   path = os.path.join(root, name)

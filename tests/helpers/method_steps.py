@@ -194,7 +194,7 @@ def refuses_model_tailor_training(env):
 
 
 # ----------------------------------------------------------------------------- sample split
-def check_sample_split(env, crop_features: int):
+def check_sample_split(env, crop_features: int, min_samples: int = 6):
   """Fisher / MAS (`lm_logits_fn` on one sample) and grad_topk (`sample_batches` -> `nll_loss`,
   several samples with their own images at once) see each sample as the packed batch does: same
   logits at its positions (1e-5), same summed NLL. Returns the split examples and their stack."""
@@ -206,7 +206,7 @@ def check_sample_split(env, crop_features: int):
   one = jax.jit(lambda p, ex: fisher.lm_logits_fn(model)({"params": p}, ex)[0])
   together = np.asarray(env.logits(params, fisher.examples_batch(stacked, crop_features)))
   samples = answered_samples(batch)
-  assert len(samples) >= 6 and stacked["pixel_values"].shape[0] == len(samples)
+  assert len(samples) >= min_samples and stacked["pixel_values"].shape[0] == len(samples)
   for i, (r, cols) in enumerate(samples):
     ex = {k: v[i] for k, v in stacked.items()}
     assert len(cols) == int(ex["attention_mask"].sum())

@@ -44,3 +44,109 @@ def batch(side="right", patch_dim: int = 3 * 2 * 14 * 14, per_frame: bool = Fals
   if seconds is not None:
     out["second_per_grid_ts"] = np.asarray(seconds, np.float32)
   return out
+
+
+# ----------------------------------------------------------------------------- JSON data
+def video_records(seed: int = 0) -> tuple[list[dict], dict[str, bytes]]:
+  """LLaVA records with videos given as frames (written under `images/`, as the data
+  pipeline's `image_folder`): a 5-frame 60x40 video in a folder, sampled at 1 fps; an image
+  and a 4-frame 84x56 video listed frame by frame (default fps); text only; one image."""
+  from tests.helpers.data import image_bytes
+  files = {f"clipA/{k:03d}.png": image_bytes(60, 40, seed=seed + k) for k in range(5)}
+  files.update({f"clipB_{k}.png": image_bytes(84, 56, seed=seed + 10 + k) for k in range(4)})
+  files["still.png"] = image_bytes(70, 50, seed=seed + 20)
+  files["other.png"] = image_bytes(45, 90, seed=seed + 21)
+  records = [
+      {"id": "v0", "video": "clipA", "fps": 1.0, "conversations": [
+          {"from": "human", "value": "<video>\nwhat happens"},
+          {"from": "gpt", "value": "a cat runs"}]},
+      {"id": "v1", "image": "still.png", "video": [f"clipB_{k}.png" for k in range(4)],
+       "conversations": [{"from": "human", "value": "first <image> then <video>?"},
+                         {"from": "gpt", "value": "blue"}]},
+      {"id": "t", "conversations": [{"from": "human", "value": "tell me a joke"},
+                                    {"from": "gpt", "value": "two dogs"}]},
+      {"id": "i", "image": "other.png", "conversations": [
+          {"from": "human", "value": "<image>\nwhat is this"},
+          {"from": "gpt", "value": "a red square"}]},
+  ]
+  return records, files
+
+
+def hf_messages(conversations) -> list[dict]:
+  """LLaVA turns -> list-style messages with image and video items (Qwen's fine-tuning code's
+  form), written here apart from mllm_tune as the reference."""
+  import re
+  roles = {"human": "user", "gpt": "assistant", "system": "system"}
+  out = []
+  for turn in conversations:
+    role, text = roles[turn["from"]], turn["value"]
+    if role != "user":
+      out.append({"role": role, "content": [{"type": "text", "text": text}]})
+      continue
+    content = []
+    for piece in re.split(r"(<image>|<video>)", text):
+      if piece in ("<image>", "<video>"):
+        content.append({"type": piece[1:-1]})
+      elif piece.strip():
+        content.append({"type": "text", "text": piece.strip()})
+    out.append({"role": role, "content": content})
+  return out
+
+
+def hf_video_rows(frames, image_processor, temporal: int = 2):
+  """Reference video patch rows and grid: transformers' PIL image processor on every frame
+  (resize, rescale, normalize, patch order; an image row holds its frame T times), the frames
+  padded to a multiple of T with the last one, each row's T slots filled from consecutive
+  frames -- the (C, T, p, p) row layout of `Qwen2VLVideoProcessor.patchify`."""
+  per, grid = [], None
+  for f in frames:
+    enc = image_processor(images=[f], return_tensors="np")
+    n, width = enc["pixel_values"].shape
+    p = int(round((width / 3 / temporal) ** 0.5))
+    per.append(enc["pixel_values"].reshape(n, 3, temporal, p, p)[:, :, 0])
+    grid = enc["image_grid_thw"][0]
+  per += [per[-1]] * (-len(per) % temporal)
+  t = len(per) // temporal
+  x = np.stack(per).reshape(t, temporal, n, 3, p, p).transpose(0, 2, 3, 1, 4, 5)
+  return x.reshape(t * n, -1).astype(np.float32), np.asarray([t, grid[1], grid[2]], np.int64)
+
+
+def encode_video_record(proc, files: dict[str, bytes], folder_frames: dict[str, list[str]],
+                        with_seconds: bool):
+  """`record -> transformers-style inputs` for the records of `video_records`: the chat text of
+  the processor's template on `hf_messages`, the processor's images and ids, the one
+  `<|video_pad|>` expanded to the video's tokens (what `Qwen2VLProcessor` does when it has a
+  video processor), `hf_video_rows` as pixel_values_videos and (`with_seconds`, Qwen2.5-VL)
+  second_per_grid_ts = 2 / fps. `add_generation_prompt`: the template's generation prompt
+  after the turns."""
+  import io
+  import torch
+  from PIL import Image
+  open_ = lambda n: Image.open(io.BytesIO(files[n]))
+  image_id, video_id = proc.tokenizer.convert_tokens_to_ids(["<|image_pad|>", "<|video_pad|>"])
+
+  def encode(rec, add_generation_prompt: bool = False):
+    text = proc.apply_chat_template(hf_messages(rec["conversations"]), tokenize=False,
+                                    add_generation_prompt=add_generation_prompt)
+    names = [rec["image"]] if "image" in rec else []
+    saved, proc.video_token = proc.video_token, None  # no video processor: skip its check
+    try:
+      enc = dict(proc(images=[open_(n) for n in names] or None, text=[text],
+                      return_tensors="pt"))
+    finally:
+      proc.video_token = saved
+    ids = enc["input_ids"][0].numpy()
+    if "video" in rec:
+      v = rec["video"]
+      frames = [open_(n) for n in (folder_frames[v] if isinstance(v, str) else v)]
+      rows, grid = hf_video_rows(frames, proc.image_processor)
+      at = int(np.flatnonzero(ids == video_id)[0])
+      ids = np.concatenate([ids[:at], [video_id] * (int(grid.prod()) // 4), ids[at + 1:]])
+      enc.update(pixel_values_videos=torch.tensor(rows), video_grid_thw=torch.tensor(grid[None]))
+      if with_seconds:
+        enc["second_per_grid_ts"] = torch.tensor([2 / rec.get("fps", 2.0)], dtype=torch.float32)
+    enc["input_ids"] = torch.tensor(ids[None])
+    enc["attention_mask"] = torch.ones_like(enc["input_ids"])
+    enc["mm_token_type_ids"] = torch.tensor(((ids == image_id) + 2 * (ids == video_id))[None])
+    return enc
+  return encode

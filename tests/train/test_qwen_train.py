@@ -17,6 +17,7 @@ from PIL import Image
 
 import mllm_tune as mt
 from mllm_tune.data.loader import make_batches
+from tests.helpers import qwen_video as qvid
 from tests.helpers import qwen_vl_tiny as qt
 from tests.helpers.data import packed_cfg, sized_records, write_llava_dataset
 from tests.helpers.hf_parity import check_packed_samples, hf_per_record
@@ -126,13 +127,17 @@ def test_patch_budget_errors_and_pixel_overrides(tmp_path):
 
 
 def test_mllm_tune_train_lora_on_tiny_qwen2_5_vl_on_two_devices(tmp_path):
+  """Images of six sizes and (every eighth record) videos given as frames."""
   d, _, _ = qt.model_dir(str(tmp_path), "qwen2_5_vl")
   records, images = sized_records(32, seed=1)
-  write_llava_dataset(str(tmp_path / "data"), records, images)
+  clips, frames = qvid.video_records()
+  for k, rec in enumerate(clips[:2] * 2):
+    records.insert(8 * k + 3, dict(rec, id=f"{rec['id']}_{k}"))
+  write_llava_dataset(str(tmp_path / "data"), records, {**images, **frames})
   run = str(tmp_path / "run")
   res = run_cli(lora_train_args(d, str(tmp_path / "data"), run, 8, 4,
-                                "--config.data.max_pixels=9408", "--config.mesh.data=2"),
-                devices=2)
+                                "--config.data.max_pixels=9408", "--config.mesh.data=2",
+                                "--config.data.on_error=raise"), devices=2)
   assert res.returncode == 0, res.stderr[-3000:]
   curve = losses(run)
   assert len(curve) == 8 and all(np.isfinite(v) for v in curve.values())

@@ -1,0 +1,125 @@
+"""Qwen2-VL / Qwen2.5-VL videos given as frames: the layout of transformers'
+`Qwen2VLVideoProcessor`, with PIL resizing.
+
+A video is a list of already sampled frames (image files; the JSON record names them or their
+folder, `data/sources.py`), all of one size. Per video:
+  1. `smart_resize` of the frame size with the *video* processor's pixel budget (below), once
+     for all frames; one PIL resize per frame (`resample`, bicubic), as for images;
+  2. the frame count padded to a multiple of `temporal_patch_size` (T) by repeating the last
+     frame;
+  3. patches: the frames viewed as (t, T, gh/m, m, p, gw/m, m, p, 3) and ordered
+     (t, gh/m, gw/m, m, m, T, p, p, 3): frame pair by frame pair, merge blocks in raster order,
+     raster inside a block; a patch row holds T consecutive frames (C, T, p, p after
+     `qwen_images.patch_rows`), where an image row repeats its one frame. Grid (t, gh, gw),
+     t = frames / T; the LLM sees t * gh * gw / m^2 tokens.
+Qwen2.5-VL also places the frame pairs in time: its M-RoPE time step is `tokens_per_second *
+second_per_grid_t`, with `second_per_grid_t = T / fps` and `fps` the rate the frames were
+sampled at (the record's `fps`, else `data.video_fps`, default 2.0 as transformers'
+processor).
+
+Where the settings come from (as transformers' `AutoVideoProcessor`): `video_preprocessor_config
+.json`, else the `video_processor` section of `processor_config.json`, else the image processor's
+config (transformers falls back to `preprocessor_config.json` too), each read with the video
+class's defaults (min_pixels 128 * 28 * 28, max_pixels 768 * 28 * 28) for missing budgets.
+
+One difference from transformers, by design: its video processor resizes with torchvision
+(bicubic, antialiased, on float tensors), which this machine's stack does not need; we resize
+frames with PIL, exactly as images. Pixel values therefore differ from transformers' video
+processor by interpolation rounding, while the layout, grids and token counts are the same.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+
+from mllm_tune.data.errors import DataError
+from mllm_tune.data.images import to_rgb
+from mllm_tune.data.qwen_images import QwenImageSpec, processor_section
+
+# `Qwen2VLVideoProcessor` class defaults (transformers 5)
+VIDEO_MIN_PIXELS = 128 * 28 * 28
+VIDEO_MAX_PIXELS = 768 * 28 * 28
+DEFAULT_FPS = 2.0
+VIDEO_FILE = "video_preprocessor_config.json"
+
+
+def video_section(model_dir: str) -> tuple[dict, str]:
+  """(video processor dict, where it was read); see the module docstring for the order."""
+  path = os.path.join(model_dir, VIDEO_FILE)
+  if os.path.isfile(path):
+    with open(path, encoding="utf-8") as f:
+      return json.load(f), path
+  proc = os.path.join(model_dir, "processor_config.json")
+  if os.path.isfile(proc):
+    with open(proc, encoding="utf-8") as f:
+      d = json.load(f).get("video_processor")
+    if isinstance(d, dict):
+      return d, f"{proc}: video_processor"
+  d, where = processor_section(model_dir)
+  return d, f"{where} (no video processor config: the image processor's, as transformers)"
+
+
+def video_spec_from_hf(d: dict, where: str, **overrides) -> QwenImageSpec:
+  """A video processor dict -> the spec (`QwenImageSpec` fields), with the video class's
+  pixel budgets where the dict gives none."""
+  size = d.get("size") or {}
+  has_lo = any(k in d or k in size for k in ("min_pixels", "shortest_edge"))
+  has_hi = any(k in d or k in size for k in ("max_pixels", "longest_edge"))
+  d = {k: v for k, v in d.items() if k != "image_processor_type"}
+  if not has_lo:
+    d["min_pixels"] = VIDEO_MIN_PIXELS
+  if not has_hi:
+    d["max_pixels"] = VIDEO_MAX_PIXELS
+  return QwenImageSpec.from_hf(d, where, **overrides)
+
+
+def video_spec_from_pretrained(model_dir: str, **overrides) -> QwenImageSpec:
+  d, where = video_section(model_dir)
+  return video_spec_from_hf(d, where, **overrides)
+
+
+def video_patches(frames: Sequence[Image.Image], spec: QwenImageSpec, where: str = "video"
+                  ) -> tuple[np.ndarray, tuple[int, int, int]]:
+  """Frames -> (uint8 patches (t * gh * gw, T, p, p, 3), grid (t, gh, gw)); steps 1-3 of the
+  module docstring. `DataError` naming `where` for no frames or frames of different sizes."""
+  if not frames:
+    raise DataError(f"{where}: a video without frames", "bad_image")
+  sizes = [(f.height, f.width) for f in frames]
+  if len(set(sizes)) > 1:
+    first = next(i for i, s in enumerate(sizes) if s != sizes[0])
+    raise DataError(f"{where}: frame {first} is {sizes[first][1]}x{sizes[first][0]} (WxH) but "
+                    f"frame 0 is {sizes[0][1]}x{sizes[0][0]}; a video's frames share one size",
+                    "bad_image")
+  gh, gw = spec.grid(sizes[0], where)
+  p, m, tp = spec.patch_size, spec.merge_size, spec.temporal_patch_size
+  out = []
+  for f in frames:
+    f = to_rgb(f)
+    if (f.height, f.width) != (gh * p, gw * p):
+      f = f.resize((gw * p, gh * p), resample=spec.resample)
+    out.append(np.asarray(f, np.uint8))
+  out += [out[-1]] * (-len(out) % tp)
+  t = len(out) // tp
+  x = np.stack(out).reshape(t, tp, gh // m, m, p, gw // m, m, p, 3)
+  x = x.transpose(0, 2, 5, 3, 6, 1, 4, 7, 8)
+  return np.ascontiguousarray(x.reshape(t * gh * gw, tp, p, p, 3)), (t, gh, gw)
+
+
+def video_tokens(num_frames: int, hw: Sequence[int], spec: QwenImageSpec,
+                 where: str = "video") -> int:
+  """Tokens the LLM sees for `num_frames` frames of size (H, W): t * gh * gw / m^2."""
+  gh, gw = spec.grid(hw, where)
+  t = -(-int(num_frames) // spec.temporal_patch_size)
+  return t * gh * gw // spec.merge_unit
+
+
+def second_per_grid(spec: QwenImageSpec, fps: float | None, where: str = "video") -> float:
+  """Seconds one frame pair spans: temporal_patch_size / fps (`DEFAULT_FPS` for None)."""
+  fps = DEFAULT_FPS if fps is None else fps
+  if not isinstance(fps, (int, float)) or isinstance(fps, bool) or not fps > 0:
+    raise DataError(f"{where}: fps {fps!r} must be a positive number", "bad_record")
+  return spec.temporal_patch_size / float(fps)
