@@ -45,6 +45,9 @@ def _strided_sample(x, step: int) -> np.ndarray:
   return np.asarray(jax.device_get(x)).reshape(-1)[::step]
 
 
+log = logging.getLogger(__name__)
+
+
 class CheckpointReadError(CheckpointError):
   """A step's files cannot be read (truncated, missing, corrupt): the step, the path and
   orbax's / tensorstore's reason. Resume falls back to an older step on this error only."""
@@ -109,6 +112,28 @@ class TrainCheckpointer:
       raise CheckpointReadError(f"{where}: cannot read its state or data item "
                                 f"({_first_line(e)})") from e
     return out["state"], out["data"], meta
+
+  def restore_newest(self, abstract_state: Any, expect_fingerprint: str | None = None
+                     ) -> tuple[int, Any, dict] | None:
+    """(step, state, data_state) of the newest readable checkpoint, None when there is none. A
+    step whose files cannot be read is skipped with a warning naming it and why; a base
+    mismatch refuses at once; when steps exist but none can be read, `CheckpointError` (never
+    a silent start from scratch)."""
+    steps = sorted(self.all_steps(), reverse=True)
+    skipped = []
+    for step in steps:
+      try:
+        state, data_state, _ = self.restore(step, abstract_state, expect_fingerprint)
+      except CheckpointReadError as e:
+        log.warning("skipping checkpoint step %d: %s", step, e)
+        skipped.append(str(e))
+        continue
+      return step, state, data_state
+    if not steps:
+      return None
+    raise CheckpointError(f"{self.directory}: none of the checkpoints (steps "
+                          f"{', '.join(map(str, steps))}) can be read, so the run cannot resume "
+                          f"(remove the directory to start over): " + "; ".join(skipped))
 
   def read_meta(self, step: int, expect_fingerprint: str | None = None) -> dict:
     """`step`'s meta item (base path and fingerprint, method, metrics); a base whose

@@ -38,9 +38,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from mllm_tune import pytree, tuning
-from mllm_tune.checkpoints.orbax_io import (CheckpointReadError, TrainCheckpointer,
-                                            params_fingerprint)
-from mllm_tune.checkpoints.safetensors_io import CheckpointError
+from mllm_tune.checkpoints.orbax_io import TrainCheckpointer, params_fingerprint
 from mllm_tune.train import build, penalty_setup, setup
 from mllm_tune.train import sharding as shard_lib
 from mllm_tune.train.logs import JsonlWriter, TensorBoardWriter
@@ -237,28 +235,17 @@ class Trainer:
     self.ckpt.save(step, self.state, self.data.get_state(), self._meta(), metrics, force=force)
 
   def maybe_restore(self) -> int:
-    """Resume from the newest readable checkpoint: a step whose files cannot be read is
-    skipped with a warning naming it and why; a base mismatch refuses at once; when steps exist
-    but none can be read, the run stops (never a silent start from scratch)."""
-    steps = sorted(self.ckpt.all_steps(), reverse=True)
-    if not steps:
-      return 0
+    """Resume from the newest readable checkpoint (`TrainCheckpointer.restore_newest`): the
+    step restored, 0 when the run has none."""
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                                            sharding=x.sharding), self.state)
-    skipped = []
-    for step in steps:
-      try:
-        self.state, data_state, _ = self.ckpt.restore(step, abstract, self.base_fingerprint)
-      except CheckpointReadError as e:
-        log.warning("skipping checkpoint step %d: %s", step, e)
-        skipped.append(str(e))
-        continue
-      self.data.set_state(data_state)
-      log.info("resumed from %s at step %d", self.ckpt.directory, step)
-      return step
-    raise CheckpointError(f"{self.ckpt.directory}: none of the checkpoints (steps "
-                          f"{', '.join(map(str, steps))}) can be read, so the run cannot resume "
-                          f"(remove the directory to start over): " + "; ".join(skipped))
+    found = self.ckpt.restore_newest(abstract, self.base_fingerprint)
+    if found is None:
+      return 0
+    step, self.state, data_state = found
+    self.data.set_state(data_state)
+    log.info("resumed from %s at step %d", self.ckpt.directory, step)
+    return step
 
   def variables_at(self, step: int) -> dict:
     """The run's variables at checkpoint `step` (its trainable state with this frozen base)."""
