@@ -228,14 +228,15 @@ class ChatTokenizer:
                       f"conversation ({type(e).__name__}: {e}); if the template is at fault, "
                       f"{FIX}", "template") from None
 
-  def assistant_spans(self, messages: Sequence[dict], full: str, where: str
-                      ) -> list[tuple[int, int]]:
-    """Character spans (start, end) of each assistant turn's content + end token in `full`."""
+  def assistant_spans(self, messages: Sequence[dict], full: str, where: str,
+                      subst=lambda text: text) -> list[tuple[int, int]]:
+    """Character spans (start, end) of each assistant turn's content + end token in `full`
+    (`subst`: what was done to the rendered text, done to each prefix too)."""
     spans = []
     for i, m in enumerate(messages):
       if m["role"] != "assistant":
         continue
-      prefix = self.render(messages[:i], add_generation_prompt=True, where=where)
+      prefix = subst(self.render(messages[:i], add_generation_prompt=True, where=where))
       if not full.startswith(prefix):
         raise DataError(f"{where}: the chat template renders turn {i} differently once later "
                         "turns follow (not prefix-stable); add {% generation %} blocks to it",
@@ -261,12 +262,15 @@ class ChatTokenizer:
 
   def encode_messages(self, messages: Sequence[dict], num_images: int, where: str = "record",
                       image_tokens: Sequence[int] | None = None,
-                      video_tokens: Sequence[int] = ()) -> TokenizedConversation:
+                      video_tokens: Sequence[int] = (),
+                      video_texts: Sequence[str] | None = None) -> TokenizedConversation:
     """Chat messages (with inline placeholders) + the number of images -> tokens and masks.
 
     image_tokens: optional tokens per image, in placeholder order (anyres models); default
-    `image_seq_len` for every image. video_tokens: tokens per video, in `<video>` order (one
-    entry per video; models with `video_text`).
+    `image_seq_len` for every image. video_tokens: tokens per video pad, in text order (models
+    with `video_text`: one pad per video). video_texts (Qwen3-VL): per video, the text that
+    replaces its rendered `video_text` (timestamps and one pad per frame pair); video_tokens
+    then counts per pad, over all the videos' pads.
     """
     if num_images and not self.image_seq_len:
       raise DataError(f"{where}: {num_images} image(s) but the model is text-only",
@@ -276,38 +280,61 @@ class ChatTokenizer:
     if n_placeholders != num_images:
       raise DataError(f"{where}: {n_placeholders} {self.placeholder} placeholder(s) in the "
                       f"conversation but {num_images} image(s)", "image_count")
-    per_video = self._per_video_counts(messages, video_tokens, where)
+    per_video = self._per_video_counts(messages, video_tokens, where,
+                                       None if video_texts is None else len(video_texts))
     messages = self._image_text_messages(messages, where)
+    subst = self._video_substitution(video_texts)
     tok = self.tokenizer
     if self.uses_generation_tags:
+      if video_texts:
+        raise DataError(f"{where}: per-frame video text with a {{% generation %}} template is "
+                        "not supported", "template", fatal=True)
       out = self._apply(messages, where, tokenize=True, return_dict=True,
                         return_assistant_tokens_mask=True)
       ids = np.asarray(out["input_ids"], np.int64)
       mask = np.asarray(out["assistant_masks"], np.int32)
     else:
-      full = self.render(messages, where=where)
+      full = subst(self.render(messages, where=where))
       enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
       ids = np.asarray(enc["input_ids"], np.int64)
-      mask = overlap_mask(enc["offset_mapping"], self.assistant_spans(messages, full, where))
+      mask = overlap_mask(enc["offset_mapping"],
+                          self.assistant_spans(messages, full, where, subst))
     return self._expand_images(ids, mask, num_images, where, per_image, per_video)
 
   def _per_video_counts(self, messages: Sequence[dict], video_tokens: Sequence[int],
-                        where: str) -> np.ndarray:
-    """(videos,) int64 tokens per video, checked against the `<video>` placeholders."""
+                        where: str, num_videos: int | None = None) -> np.ndarray:
+    """int64 tokens per video pad; the `<video>` placeholders must number the videos
+    (`num_videos`, default one per count)."""
     counts = np.asarray(list(video_tokens), np.int64).reshape(-1)
-    if len(counts) and self.video_text is None:
-      raise DataError(f"{where}: {len(counts)} video(s) but the model takes no videos",
+    n_videos = len(counts) if num_videos is None else num_videos
+    if n_videos and self.video_text is None:
+      raise DataError(f"{where}: {n_videos} video(s) but the model takes no videos",
                       "image_count")
     if self.video_text is None:
       return counts
     n = count_placeholders(messages, self.video_placeholder)
-    if n != len(counts):
+    if n != n_videos:
       raise DataError(f"{where}: {n} {self.video_placeholder} placeholder(s) in the "
-                      f"conversation but {len(counts)} video(s)", "image_count")
+                      f"conversation but {n_videos} video(s)", "image_count")
     if np.any(counts < 1):
       raise DataError(f"{where}: video token counts {counts.tolist()} hold a count < 1",
                       "image_count")
     return counts
+
+  def _video_substitution(self, video_texts: Sequence[str] | None):
+    """text -> text with its k-th rendered `video_text` replaced by `video_texts[k]` (in
+    order, as far as the text has them); the identity without `video_texts`."""
+    if not video_texts:
+      return lambda text: text
+    form = self.video_text
+
+    def subst(text: str) -> str:
+      parts = text.split(form)
+      if len(parts) - 1 > len(video_texts):
+        raise ValueError(f"the text renders {len(parts) - 1} videos for {len(video_texts)}")
+      return "".join(p + (video_texts[k] if k < len(parts) - 1 else "")
+                     for k, p in enumerate(parts))
+    return subst
 
   def _image_text_messages(self, messages: Sequence[dict], where: str) -> list[dict]:
     """With `image_text`: the image token written in the text is refused, and string-style
@@ -335,17 +362,17 @@ class ChatTokenizer:
     return out
 
   def encode(self, conversations: Sequence[dict], num_images: int, where: str = "record",
-             image_tokens: Sequence[int] | None = None,
-             video_tokens: Sequence[int] = ()) -> TokenizedConversation:
+             image_tokens: Sequence[int] | None = None, video_tokens: Sequence[int] = (),
+             video_texts: Sequence[str] | None = None) -> TokenizedConversation:
     """LLaVA turns (`from`/`value`) -> `TokenizedConversation`; errors name `where`.
-    `image_tokens` / `video_tokens`: per-image / per-video token counts (see
-    `encode_messages`)."""
+    `image_tokens` / `video_tokens` / `video_texts`: see `encode_messages`."""
     return self.encode_messages(to_messages(conversations, where), num_images, where,
-                                image_tokens, video_tokens)
+                                image_tokens, video_tokens, video_texts)
 
   def encode_prompt(self, conversations: Sequence[dict], num_images: int,
                     where: str = "record", image_tokens: Sequence[int] | None = None,
-                    video_tokens: Sequence[int] = ()) -> np.ndarray:
+                    video_tokens: Sequence[int] = (),
+                    video_texts: Sequence[str] | None = None) -> np.ndarray:
     """The generation prompt for a record's last assistant turn (its reference answer):
     the turns before it rendered with the template's generation prompt
     (`add_generation_prompt=True`) and tokenized as `encode` does, each placeholder expanded
@@ -360,9 +387,11 @@ class ChatTokenizer:
                       f"{self.placeholder} placeholder(s) for {num_images} image(s)",
                       "image_count")
     per_image = self._per_image_counts(num_images, image_tokens, where)
-    per_video = self._per_video_counts(head, video_tokens, where)
+    per_video = self._per_video_counts(head, video_tokens, where,
+                                       None if video_texts is None else len(video_texts))
     text = self.render(self._image_text_messages(head, where), add_generation_prompt=True,
                        where=where)
+    text = self._video_substitution(video_texts)(text)
     ids = np.asarray(self.tokenizer(text, add_special_tokens=False)["input_ids"], np.int64)
     return self._expand_images(ids, np.zeros(ids.shape, np.int32), num_images, where,
                                per_image, per_video).input_ids

@@ -4,18 +4,12 @@
 record). Order: tokenize (validates the turns and the `<image>` count), apply the length policy,
 then decode only the images that survived truncation.
 
-Length policy for samples longer than `max_len` tokens (`overflow`):
-- "truncate" (default): cut at `max_len`, never inside an image run (the cut moves to the run's
-  start and later images are dropped); counted as "truncated" and logged when the sample is
-  emitted. A sample left with no target token is dropped ("too_long").
-- "drop": the sample is dropped and counted ("too_long"), whatever `on_error` says.
-- "fail": a `DataError` that stops the pipeline, even with `on_error="skip"`.
+The length policy (`overflow`) and `Sample` live in `samples.py`; Qwen-VL records (images and
+videos) are prepared in `qwen_samples.py`.
 """
 from __future__ import annotations
 
-import dataclasses
 import threading
-from collections.abc import Sequence
 
 import numpy as np
 
@@ -23,72 +17,12 @@ from mllm_tune.data import anyres_images as ai
 from mllm_tune.data import images as img_lib
 from mllm_tune.data import qwen_images as qi
 from mllm_tune.data import qwen_videos as qv
-from mllm_tune.models import anyres, qwen_vl_host
+from mllm_tune.models import anyres
 from mllm_tune.models.qwen_vl_config import QwenVLConfig
-from mllm_tune.data.conversation import ChatTokenizer, TokenizedConversation, load_tokenizer
+from mllm_tune.data import qwen_samples
+from mllm_tune.data.conversation import ChatTokenizer, load_tokenizer
 from mllm_tune.data.errors import DataError
-
-OVERFLOW = ("truncate", "drop", "fail")
-
-
-@dataclasses.dataclass(frozen=True)
-class Sample:
-  """One prepared sample: tokens, resized images uint8 (N, H, W, 3) (normalized per batch).
-  Anyres models: `pixels` holds the crops of all the sample's images (N = crops) and `table` says
-  which crop features each image token takes (`models.anyres`; indices local to these crops).
-  Qwen2-VL / 2.5-VL: `pixels` holds the patches of all the sample's images, uint8 (N, p, p, 3)
-  in the processor's row order (N = patches, `qwen_images.to_patches`), `grids` their
-  (n_images, 3) (t, h, w) grids and `mrope_positions` the sample's own (3, T) M-RoPE ids
-  (`models.qwen_vl_host.get_rope_index`)."""
-  tokens: TokenizedConversation
-  pixels: np.ndarray
-  id: str = ""
-  where: str = ""
-  truncated_from: int = 0  # original length when truncated, else 0
-  table: anyres.PackTable | None = None
-  image_tokens: tuple[int, ...] = ()  # anyres, Qwen: image tokens of each kept image, in order
-  grids: np.ndarray | None = None  # Qwen2-VL: (t, gh, gw) of each kept image
-  mrope_positions: np.ndarray | None = None  # Qwen2-VL: (3, T) M-RoPE positions
-
-  @property
-  def length(self) -> int:
-    return len(self.tokens)
-
-  @property
-  def num_images(self) -> int:
-    return int(self.pixels.shape[0])
-
-
-class SampleDropped(DataError):
-  """A sample removed by policy (overflow='drop'): always counted and skipped."""
-
-
-def fit_length(tokens: TokenizedConversation, max_len: int, image_seq_len: int | Sequence[int],
-               overflow: str = "truncate", where: str = "record"
-               ) -> tuple[TokenizedConversation, int]:
-  """Apply the length policy -> (tokens of at most `max_len`, number of images kept).
-  `image_seq_len`: tokens per image, one number or one per image (anyres)."""
-  n_img = len(tokens.image_starts)
-  if len(tokens) <= max_len:
-    return tokens, n_img
-  msg = f"{where}: {len(tokens)} tokens > max_len {max_len}"
-  if overflow == "fail":
-    raise DataError(f"{msg} (overflow='fail')", "too_long", fatal=True)
-  if overflow == "drop":
-    raise SampleDropped(f"{msg}: dropped (overflow='drop')", "too_long")
-  if overflow != "truncate":
-    raise ValueError(f"overflow={overflow!r}: choose one of {OVERFLOW}")
-  cut = max_len
-  ends = tokens.image_starts + np.broadcast_to(np.asarray(image_seq_len, np.int64), (n_img,))
-  for start, end in zip(tokens.image_starts, ends):
-    if start < cut < end:
-      cut = int(start)
-  kept = int(np.sum(ends <= cut))
-  if not tokens.loss_mask[:cut].any():
-    raise SampleDropped(f"{msg}: no target token left after truncation, dropped", "too_long")
-  return TokenizedConversation(tokens.input_ids[:cut], tokens.loss_mask[:cut],
-                               tokens.positions[:cut], tokens.image_starts[:kept]), kept
-
+from mllm_tune.data.samples import OVERFLOW, Sample, SampleDropped, fit_length  # noqa: F401
 
 class SamplePreparer:
   """Callable record -> `Sample` for one tokenizer / template / image processor / model.
@@ -98,19 +32,22 @@ class SamplePreparer:
   `window_merge` = merged tokens per vision window side (the batches' `vision_window_ids`;
   0 for Qwen2-VL). Qwen2-VL / 2.5-VL videos: `video_spec` (`qwen_videos`; None: records with
   videos are refused), `video_time_step` (`QwenVLConfig.video_time_step`) and `video_fps`, the
-  frame rate of records without their own.
+  frame rate of records without their own. Qwen3-VL: `video_frame_marks` (vision start, video
+  pad, vision end) turns on timestamped frame runs (`qwen_samples`).
   """
 
   def __init__(self, chat: ChatTokenizer, image_spec: img_lib.ImageSpec | None, max_len: int,
                overflow: str = "truncate", anyres_spec: ai.AnyresImageSpec | None = None,
                qwen_spec: qi.QwenImageSpec | None = None, window_merge: int = 0,
                video_spec: qi.QwenImageSpec | None = None, video_time_step: int | None = None,
-               video_fps: float = qv.DEFAULT_FPS):
+               video_fps: float = qv.DEFAULT_FPS,
+               video_frame_marks: tuple[str, str, str] | None = None):
     if overflow not in OVERFLOW:
       raise ValueError(f"overflow={overflow!r}: choose one of {OVERFLOW}")
     self.chat, self.image_spec, self.max_len, self.overflow = chat, image_spec, max_len, overflow
     self.anyres_spec, self.qwen_spec, self.window_merge = anyres_spec, qwen_spec, window_merge
     self.video_spec, self.video_time_step = video_spec, video_time_step
+    self.video_frame_marks = video_frame_marks
     if isinstance(video_fps, bool) or not isinstance(video_fps, (int, float)) or video_fps <= 0:
       raise ValueError(f"video_fps {video_fps!r} must be a positive number")
     self.video_fps = float(video_fps)
@@ -154,7 +91,7 @@ class SamplePreparer:
       raise DataError(f"{where}: a video, but this model's data pipeline takes images only "
                       "(videos: Qwen2-VL / Qwen2.5-VL)", "image_count")
     if self.qwen_spec is not None:
-      return self._prepare_qwen(record, where)
+      return qwen_samples.prepare(self, record, where)
     if self.anyres_spec is not None:
       return self._prepare_anyres(record, where)
     raw_images = record.get("images", [])
@@ -209,91 +146,12 @@ class SamplePreparer:
     last assistant turn + the template's generation prompt), with the images of `sample` (its
     prepared form) expanded to the same token counts. int32 (P,). Qwen2-VL / 2.5-VL / 3-VL:
     the counts of its grids (gh * gw / m^2 per image)."""
-    counts, videos = None, []
     if self.qwen_spec is not None:
-      per_item = [int(np.prod(g)) // self.qwen_spec.merge_unit for g in sample.grids]
-      t = sample.tokens
-      is_video = (t.input_ids[t.image_starts] == self.chat.video_token_id).tolist()
-      counts = [c for c, v in zip(per_item, is_video) if not v]
-      videos = [c for c, v in zip(per_item, is_video) if v]
-    elif self.anyres_spec is not None:
-      counts = list(sample.image_tokens)
+      return qwen_samples.prompt_ids(self, record, sample)
+    counts = list(sample.image_tokens) if self.anyres_spec is not None else None
     n = sample.num_images if counts is None else len(counts)
     with self._tokenizer_lock:
-      return self.chat.encode_prompt(record.get("conversations"), n, sample.where, counts,
-                                     videos)
-
-  def _prepare_qwen(self, record: dict, where: str) -> Sample:
-    """Qwen2-VL / 2.5-VL: image sizes decide token counts (gh * gw / m^2 after
-    `smart_resize`), so images (and video frames) are decoded before tokenizing; the M-RoPE
-    ids are computed on the tokens kept. The patches follow the text's order of images and
-    videos; with a video, every patch keeps T frames (an image's repeated, as its rows are)."""
-    spec, raw = self.qwen_spec, record.get("images", [])
-    names = record.get("image_names") or [f"#{i}" for i in range(len(raw))]
-    wheres = [f"{where}: image {name}" for name in names]
-    imgs = [img_lib.decode_image(data, w) for data, w in zip(raw, wheres)]
-    counts = [spec.image_tokens((img.height, img.width), w) for img, w in zip(imgs, wheres)]
-    videos, v_counts, v_wheres = self._decode_videos(record, where)
-    with self._tokenizer_lock:
-      tokens = self.chat.encode(record.get("conversations"), len(raw), where,
-                                image_tokens=counts, video_tokens=v_counts)
-    original = len(tokens)
-    is_video = tokens.input_ids[tokens.image_starts] == self.chat.video_token_id
-    in_order = np.where(is_video, np.asarray(v_counts + [0])[np.cumsum(is_video) - 1],
-                        np.asarray(counts + [0])[np.cumsum(~is_video) - 1])
-    tokens, kept = fit_length(tokens, self.max_len, in_order, self.overflow, where)
-    done, video_grids, image_grids, seconds = [], [], [], []
-    k_img = k_vid = 0
-    for video in is_video[:kept].tolist():
-      if video:
-        px, grid = qv.video_patches(videos[k_vid][0], self.video_spec, v_wheres[k_vid])
-        seconds.append(videos[k_vid][1])
-        video_grids.append(grid)
-        k_vid += 1
-      else:
-        px, grid = qi.to_patches(imgs[k_img], spec, wheres[k_img])
-        image_grids.append(grid)
-        k_img += 1
-      done.append((px, grid))
-    p = spec.patch_size
-    if k_vid:  # one layout for the sample: T frames per patch
-      done = [(px if px.ndim == 5 else np.repeat(px[:, None], spec.temporal_patch_size, 1), g)
-              for px, g in done]
-    pixels = (np.concatenate([d[0] for d in done]) if done
-              else np.zeros((0, p, p, 3), np.uint8))
-    grids = np.asarray([d[1] for d in done], np.int64).reshape(-1, 3)
-    ids = tokens.input_ids[None]
-    types = (ids == self.chat.image_token_id) + 2 * (ids == self.chat.video_token_id)
-    try:
-      positions, _ = qwen_vl_host.get_rope_index(
-          ids, types.astype(np.int32), np.asarray(image_grids, np.int64).reshape(-1, 3),
-          spec.merge_size, video_grid_thw=np.asarray(video_grids, np.int64).reshape(-1, 3),
-          second_per_grid_ts=seconds, tokens_per_second=self.video_time_step)
-    except ValueError as e:  # e.g. two images with no text between their token runs
-      raise DataError(f"{where}: conversations: the image / video tokens do not form one run "
-                      f"per image or video ({e})", "image_count") from None
-    return Sample(tokens, pixels, str(record.get("id", "")), where,
-                  original if len(tokens) < original else 0,
-                  image_tokens=tuple(int(c) for c in in_order[:kept]), grids=grids,
-                  mrope_positions=positions[:, 0])
-
-  def _decode_videos(self, record: dict, where: str):
-    """([(frames, second_per_grid_t)], tokens per video, where per video) of a record."""
-    raw = record.get("videos") or []
-    names = record.get("video_names") or [f"#{i}" for i in range(len(raw))]
-    fps = record.get("video_fps") or [None] * len(raw)
-    out, counts, wheres = [], [], []
-    for frames, name, rate in zip(raw, names, fps):
-      w = f"{where}: video {name if isinstance(name, str) else name[0] + ' ...'}"
-      decoded = [img_lib.decode_image(data, f"{w} frame {i}") for i, data in enumerate(frames)]
-      if not decoded:
-        raise DataError(f"{w}: a video without frames", "bad_image")
-      counts.append(qv.video_tokens(len(decoded), (decoded[0].height, decoded[0].width),
-                                    self.video_spec, w))
-      rate = self.video_fps if rate is None else rate
-      out.append((decoded, qv.second_per_grid(self.video_spec, rate, w)))
-      wheres.append(w)
-    return out, counts, wheres
+      return self.chat.encode_prompt(record.get("conversations"), n, sample.where, counts)
 
 
 def qwen_image_text(tokenizer, model_config: QwenVLConfig, token_id: int | None = None) -> str:
@@ -314,15 +172,15 @@ def qwen_preparer(model_dir: str, model_config: QwenVLConfig, max_len: int,
   `<image>` an image item the template writes as `qwen_image_text`, or that text inline for a
   string-only template: `ChatTokenizer`), its image processor (`QwenImageSpec.from_pretrained`, with
   `image_options` such as min_pixels, max_pixels, out_of_budget, max_image_tokens), checked
-  against the model's vision config. Qwen2-VL / 2.5-VL also take videos (`<video>`): the video
-  processor's settings (`qwen_videos.video_spec_from_pretrained`, with `video_options` such
-  as min_pixels, max_pixels) and `video_fps` for records without their own."""
+  against the model's vision config. Videos (`<video>`): the video processor's settings
+  (`qwen_videos.video_spec_from_pretrained`, with `video_options` such as min_pixels,
+  max_pixels) and `video_fps` for records without their own; Qwen3-VL's get timestamped frame
+  runs."""
   tok = load_tokenizer(model_dir)
   c = model_config
-  video = {} if c.vision.qwen3 else dict(
-      video_text=qwen_image_text(tok, c, c.video_token_id), video_token_id=c.video_token_id)
-  chat = ChatTokenizer(tok, c.image_token_id, 1, template,
-                       image_text=qwen_image_text(tok, c), **video)
+  chat = ChatTokenizer(tok, c.image_token_id, 1, template, image_text=qwen_image_text(tok, c),
+                       video_text=qwen_image_text(tok, c, c.video_token_id),
+                       video_token_id=c.video_token_id)
   spec = qi.QwenImageSpec.from_pretrained(model_dir, **image_options)
   v = model_config.vision
   problems = [f"{name} {got} != the vision config's {want}" for name, got, want in (
@@ -332,18 +190,20 @@ def qwen_preparer(model_dir: str, model_config: QwenVLConfig, max_len: int,
   if problems:
     raise ValueError(f"{model_dir}: the image processor does not fit the model: "
                      + "; ".join(problems))
-  video_spec = None
-  if not v.qwen3:  # Qwen3-VL's videos need timestamps between frames: hf_inputs only
-    video_spec = qv.video_spec_from_pretrained(model_dir, **(video_options or {}))
-    problems = [f"video processor {name} {got} != the image processor's {want}"
-                for name in ("patch_size", "merge_size", "temporal_patch_size")
-                if (got := getattr(video_spec, name)) != (want := getattr(spec, name))]
-    if problems:
-      raise ValueError(f"{model_dir}: " + "; ".join(problems))
+  video_spec = qv.video_spec_from_pretrained(model_dir, v.qwen3, **(video_options or {}))
+  problems = [f"video processor {name} {got} != the image processor's {want}"
+              for name in ("patch_size", "merge_size", "temporal_patch_size")
+              if (got := getattr(video_spec, name)) != (want := getattr(spec, name))]
+  if problems:
+    raise ValueError(f"{model_dir}: " + "; ".join(problems))
+  marks = None
+  if v.qwen3:
+    marks = tuple(tok.convert_ids_to_tokens(
+        [c.vision_start_token_id, c.video_token_id, c.vision_end_token_id]))
   return SamplePreparer(chat, None, max_len, overflow, qwen_spec=spec,
                         window_merge=v.window_merge if v.windowed else 0,
-                        video_spec=video_spec, video_time_step=model_config.video_time_step,
-                        video_fps=video_fps)
+                        video_spec=video_spec, video_time_step=c.video_time_step,
+                        video_fps=video_fps, video_frame_marks=marks)
 
 
 def anyres_spec_for(model_dir: str, model_config) -> ai.AnyresImageSpec:

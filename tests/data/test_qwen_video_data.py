@@ -200,7 +200,7 @@ def test_video_errors_name_the_record_and_frame(video_env, tmp_path):
     LlavaJsonSource(bad, str(tmp_path / "images"))[0]
 
 
-def test_models_without_video_data_support_refuse_video_records(tmp_path):
+def test_llava_models_refuse_video_records(tmp_path):
   from tests.helpers.data import llava_model_dir
   d = llava_model_dir(str(tmp_path))
   model, _ = mt.load_pretrained(d)
@@ -209,8 +209,57 @@ def test_models_without_video_data_support_refuse_video_records(tmp_path):
   with pytest.raises(DataError, match="rec: a video, but this model's data pipeline takes "
                                       "images only"):
     prepare({"conversations": turns, "videos": [[image_bytes(8, 8)]], "where": "rec"})
-  q3, _, _ = qt.model_dir(str(tmp_path), "qwen3_vl")
-  model3, _ = mt.load_pretrained(q3)
-  prepare = SamplePreparer.from_pretrained(q3, model3.config, 100)
-  with pytest.raises(DataError, match="rec: a video, but this model's data pipeline"):
-    prepare({"conversations": turns, "videos": [[image_bytes(8, 8)]], "where": "rec"})
+
+
+def test_qwen3_vl_video_records_get_timestamped_frame_runs_with_transformers_logits(tmp_path):
+  """Qwen3-VL: the whole clip's pixel budget, `<t seconds>` + a run per frame pair (the
+  processor's timestamps), one-frame M-RoPE grids; packed batches give transformers' logits
+  per record (deepstack and position taps per frame), and the prompts equal the processor's."""
+  d, hf_model, proc = qt.model_dir(str(tmp_path), "qwen3_vl")
+  model, params = mt.load_pretrained(d)
+  records, files = qvid.video_records()
+  path = write_llava_dataset(str(tmp_path / "data"), records, files)
+  folders = {"clipA": sorted(k for k in files if k.startswith("clipA/"))}
+  encode = qvid.encode_video_record(proc, files, folders, False, qwen3=True)
+  refs = {tuple(e["input_ids"][0].tolist()): e for e in map(encode, records)}
+  images = str(tmp_path / "data" / "images")
+  batch = next(make_batches(packed_cfg(path, images, batch_size=2, seq_len=200), d,
+                            model.config))
+  checked, _ = check_packed_samples(model, params, batch, refs, hf_model)
+  assert checked == 4
+  tok = proc.tokenizer
+  text = tok.decode(batch["input_ids"][batch["input_ids"] != model.config.video_token_id])
+  assert "<0.5 seconds><|vision_start|><|vision_end|><2.5 seconds>" in text  # 1 fps, 5 frames
+  from mllm_tune.data.sources import LlavaJsonSource
+  prepare = SamplePreparer.from_pretrained(d, model.config, 400)
+  rec = LlavaJsonSource(path, images)[1]
+  head = dict(records[1], conversations=records[1]["conversations"][:1])
+  np.testing.assert_array_equal(prepare.prompt_ids(rec, prepare(rec)),
+                                encode(head, add_generation_prompt=True)["input_ids"][0].numpy())
+  with pytest.raises(DataError, match=r"rec: video v: 1 frame\(s\): Qwen3-VL videos need at "
+                                      "least 2"):
+    prepare({"conversations": [{"from": "human", "value": "<video> hi"},
+                               {"from": "gpt", "value": "a"}],
+             "videos": [[image_bytes(60, 40)]], "video_names": ["v"], "where": "rec"})
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_truncation_inside_a_video_drops_the_whole_video(family, tmp_path):
+  """A cut inside a video (Qwen3-VL: inside any of its frame runs) moves to the video's first
+  token run: the sample keeps the earlier answer and none of the video's patches or tokens."""
+  from mllm_tune.data.pipeline import qwen_preparer
+  d, _, _ = qt.model_dir(str(tmp_path), family)
+  model, _ = mt.load_pretrained(d)
+  turns = [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "a cat"},
+           {"from": "human", "value": "<video> and?"}, {"from": "gpt", "value": "blue"}]
+  rec = {"conversations": turns, "videos": [[image_bytes(60, 40, seed=k) for k in range(5)]],
+         "video_names": ["v"], "where": "rec"}
+  full = qwen_preparer(d, model.config, 400)(rec)
+  vid = model.config.video_token_id
+  cols = np.flatnonzero(full.tokens.input_ids == vid)
+  assert full.grids.shape == (1, 3) and len(cols) == 6 and full.pixels.ndim == 5
+  cut = qwen_preparer(d, model.config, int(cols[-1]))(rec)  # inside the last run
+  assert len(cut.tokens) == cols[0] and cut.truncated_from == len(full.tokens)
+  assert not (cut.tokens.input_ids == vid).any() and cut.pixels.shape[0] == 0
+  assert len(cut.grids) == 0 and cut.tokens.loss_mask.any()
+  np.testing.assert_array_equal(cut.tokens.input_ids, full.tokens.input_ids[:cols[0]])

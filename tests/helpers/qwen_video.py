@@ -93,14 +93,14 @@ def hf_messages(conversations) -> list[dict]:
   return out
 
 
-def hf_video_rows(frames, image_processor, temporal: int = 2):
+def hf_video_rows(frames, image_processor, temporal: int = 2, resize: bool = True):
   """Reference video patch rows and grid: transformers' PIL image processor on every frame
   (resize, rescale, normalize, patch order; an image row holds its frame T times), the frames
   padded to a multiple of T with the last one, each row's T slots filled from consecutive
   frames -- the (C, T, p, p) row layout of `Qwen2VLVideoProcessor.patchify`."""
   per, grid = [], None
   for f in frames:
-    enc = image_processor(images=[f], return_tensors="np")
+    enc = image_processor(images=[f], return_tensors="np", do_resize=resize)
     n, width = enc["pixel_values"].shape
     p = int(round((width / 3 / temporal) ** 0.5))
     per.append(enc["pixel_values"].reshape(n, 3, temporal, p, p)[:, :, 0])
@@ -111,8 +111,25 @@ def hf_video_rows(frames, image_processor, temporal: int = 2):
   return x.reshape(t * n, -1).astype(np.float32), np.asarray([t, grid[1], grid[2]], np.int64)
 
 
+def qwen3_video(frames, image_processor, fps: float, min_pixels: int, max_pixels: int):
+  """Reference Qwen3-VL video: frames resized to transformers' Qwen3-VL video `smart_resize`
+  of the whole clip (PIL bicubic), rows as `hf_video_rows` (the image processor not resizing
+  again), and the processor's per-frame-pair text: `<{t:.1f} seconds>` with
+  `Qwen3VLProcessor._calculate_timestamps`, each pair's run of tokens."""
+  import importlib
+  from transformers import Qwen3VLProcessor
+  resize = importlib.import_module(
+      "transformers.models.qwen3_vl.video_processing_qwen3_vl").smart_resize
+  h, w = resize(num_frames=len(frames), height=frames[0].height, width=frames[0].width,
+                temporal_factor=2, factor=32, min_pixels=min_pixels, max_pixels=max_pixels)
+  frames = [f.convert("RGB").resize((w, h), resample=3) for f in frames]
+  rows, grid = hf_video_rows(frames, image_processor, resize=False)
+  stamps = Qwen3VLProcessor._calculate_timestamps(None, list(range(len(frames))), fps, 2)
+  return rows, grid, stamps
+
+
 def encode_video_record(proc, files: dict[str, bytes], folder_frames: dict[str, list[str]],
-                        with_seconds: bool):
+                        with_seconds: bool, qwen3: bool = False):
   """`record -> transformers-style inputs` for the records of `video_records`: the chat text of
   the processor's template on `hf_messages`, the processor's images and ids, the one
   `<|video_pad|>` expanded to the video's tokens (what `Qwen2VLProcessor` does when it has a
@@ -128,6 +145,15 @@ def encode_video_record(proc, files: dict[str, bytes], folder_frames: dict[str, 
   def encode(rec, add_generation_prompt: bool = False):
     text = proc.apply_chat_template(hf_messages(rec["conversations"]), tokenize=False,
                                     add_generation_prompt=add_generation_prompt)
+    if qwen3 and "video" in rec:  # Qwen3VLProcessor: a timestamp and a run per frame pair
+      v = rec["video"]
+      frames = [open_(n) for n in (folder_frames[v] if isinstance(v, str) else v)]
+      ip = proc.image_processor
+      rows, grid, stamps = qwen3_video(frames, ip, rec.get("fps", 2.0), ip.size["shortest_edge"],
+                                       ip.size["longest_edge"])
+      per = "<|video_pad|>" * (int(grid[1] * grid[2]) // 4)
+      text = text.replace("<|vision_start|><|video_pad|><|vision_end|>", "".join(
+          f"<{t:.1f} seconds><|vision_start|>{per}<|vision_end|>" for t in stamps))
     names = [rec["image"]] if "image" in rec else []
     saved, proc.video_token = proc.video_token, None  # no video processor: skip its check
     try:
@@ -136,7 +162,9 @@ def encode_video_record(proc, files: dict[str, bytes], folder_frames: dict[str, 
     finally:
       proc.video_token = saved
     ids = enc["input_ids"][0].numpy()
-    if "video" in rec:
+    if qwen3 and "video" in rec:
+      enc.update(pixel_values_videos=torch.tensor(rows), video_grid_thw=torch.tensor(grid[None]))
+    elif "video" in rec:
       v = rec["video"]
       frames = [open_(n) for n in (folder_frames[v] if isinstance(v, str) else v)]
       rows, grid = hf_video_rows(frames, proc.image_processor)
