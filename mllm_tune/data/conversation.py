@@ -39,10 +39,12 @@ template renders an image item as that form (Qwen's own templates do: the messag
 processor takes, the whitespace beside `<image>` dropped); a string-only template (e.g.
 `"chatml"`) gets each `<image>` of the text replaced by the form. Its one image token
 (`<|image_pad|>`, the model's `image_token_id`) is then repeated n_i times, as
-`Qwen2VLProcessor` repeats `<|image_pad|>`. Videos (Qwen2-VL / 2.5-VL, `video_text=`): each
-`<video>` placeholder becomes a video item (list style) or the video text
+`Qwen2VLProcessor` repeats `<|image_pad|>`. Videos (Qwen-VL, `video_text=`): each `<video>`
+placeholder becomes a video item (list style) or the video text
 `<|vision_start|><|video_pad|><|vision_end|>` (string style), its pad repeated per the video's
-token count; image_starts then list the image and video runs in text order.
+token count; Qwen3-VL's rendered video text is then replaced by its per-video text (a timestamp
+and a pad per frame pair, `encode(..., video_texts=)`), as `Qwen3VLProcessor` does.
+image_starts list the image and video runs in text order.
 """
 from __future__ import annotations
 
@@ -53,14 +55,13 @@ from collections.abc import Sequence
 import numpy as np
 
 from mllm_tune.data.errors import DataError, log
+from mllm_tune.data.messages import (IMAGE_PLACEHOLDER, ROLES, VIDEO_PLACEHOLDER,  # noqa: F401
+                                     count_placeholders, overlap_mask, to_messages)
 from mllm_tune.data.templates import (BUILTIN_TEMPLATES, CHATML, FIX, GENERATION_TAG,  # noqa: F401
                                       VICUNA_SYSTEM, VICUNA_V1, content_style, load_tokenizer,
                                       resolve_template, to_list_contents)
 
-IMAGE_PLACEHOLDER = "<image>"
-VIDEO_PLACEHOLDER = "<video>"
-ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-         "system": "system"}
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,57 +81,6 @@ class TokenizedConversation:
 
   def __len__(self) -> int:
     return int(self.input_ids.shape[0])
-
-
-def to_messages(conversations: Sequence[dict], where: str = "record") -> list[dict]:
-  """LLaVA turns (`from`/`value`) -> chat messages (`role`/`content`), validated.
-
-  Raises `DataError` naming `where`, the turn index and the field for unknown roles, non-string
-  values, empty assistant turns, or a conversation without an assistant turn.
-  """
-  if not isinstance(conversations, (list, tuple)) or not conversations:
-    raise DataError(f"{where}: 'conversations' must be a non-empty list of turns", "bad_record")
-  messages = []
-  for i, turn in enumerate(conversations):
-    if not isinstance(turn, dict):
-      raise DataError(f"{where}: conversations[{i}] is a {type(turn).__name__}, not an object",
-                      "bad_record")
-    role = turn.get("from", turn.get("role"))
-    content = turn.get("value", turn.get("content"))
-    if role not in ROLES:
-      raise DataError(f"{where}: conversations[{i}].from = {role!r} is not one of "
-                      f"{sorted(ROLES)}", "bad_record")
-    if not isinstance(content, str):
-      raise DataError(f"{where}: conversations[{i}].value must be a string, got "
-                      f"{type(content).__name__}", "bad_record")
-    if ROLES[role] == "assistant" and not content.strip():
-      raise DataError(f"{where}: conversations[{i}] ({role}) is an empty assistant turn",
-                      "empty_turn")
-    messages.append({"role": ROLES[role], "content": content})
-  if messages[0]["role"] == "assistant":
-    raise DataError(f"{where}: the conversation starts with an assistant turn", "bad_record")
-  if not any(m["role"] == "assistant" for m in messages):
-    raise DataError(f"{where}: no assistant turn, so nothing to learn", "bad_record")
-  return messages
-
-
-def count_placeholders(messages: Sequence[dict], placeholder: str = IMAGE_PLACEHOLDER) -> int:
-  return sum(m["content"].count(placeholder) for m in messages)
-
-
-def overlap_mask(offsets: Sequence[tuple[int, int]],
-                 spans: Sequence[tuple[int, int]]) -> np.ndarray:
-  """(T,) int32: 1 for tokens whose character range overlaps one of the sorted spans."""
-  mask = np.zeros(len(offsets), np.int32)
-  k = 0
-  for t, (start, end) in enumerate(offsets):
-    while k < len(spans) and start >= spans[k][1]:
-      k += 1
-    if k == len(spans):
-      break
-    if end > spans[k][0]:
-      mask[t] = 1
-  return mask
 
 
 class ChatTokenizer:
