@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from tests.helpers.hf_tiny import padded_batch
-from tests.helpers.qwen_vl_tiny import IMAGE, VEND, VIDEO, VSTART, image_run
+from tests.helpers.qwen_vl_tiny import IMAGE, VEND, VIDEO, VSTART, hf_messages, image_run
 
 IMAGE_GRIDS = [(1, 4, 6)]
 # (t, h, w): 2 x 4 and 3 x 2 merged tokens per frame pair; t = 2 and 3 frame pairs
@@ -70,27 +70,6 @@ def video_records(seed: int = 0) -> tuple[list[dict], dict[str, bytes]]:
           {"from": "gpt", "value": "a red square"}]},
   ]
   return records, files
-
-
-def hf_messages(conversations) -> list[dict]:
-  """LLaVA turns -> list-style messages with image and video items (Qwen's fine-tuning code's
-  form), written here apart from mllm_tune as the reference."""
-  import re
-  roles = {"human": "user", "gpt": "assistant", "system": "system"}
-  out = []
-  for turn in conversations:
-    role, text = roles[turn["from"]], turn["value"]
-    if role != "user":
-      out.append({"role": role, "content": [{"type": "text", "text": text}]})
-      continue
-    content = []
-    for piece in re.split(r"(<image>|<video>)", text):
-      if piece in ("<image>", "<video>"):
-        content.append({"type": piece[1:-1]})
-      elif piece.strip():
-        content.append({"type": "text", "text": piece.strip()})
-    out.append({"role": role, "content": content})
-  return out
 
 
 def hf_video_rows(frames, image_processor, temporal: int = 2, resize: bool = True):

@@ -185,9 +185,11 @@ def model_dir(root: str, family: str = "qwen2_5_vl"):
 
 def hf_messages(conversations) -> list[dict]:
   """LLaVA turns -> the list-style messages transformers' processor takes, built as Qwen's own
-  fine-tuning code builds them from LLaVA records: a user turn split at each `<image>` into
-  {"type": "image"} items and its text pieces stripped (empty ones dropped); other turns one
-  text item, verbatim. Written here, apart from mllm_tune, as the reference."""
+  fine-tuning code builds them from LLaVA records: a user turn split at each `<image>` (and
+  `<video>`) into {"type": "image"} ({"type": "video"}) items and its text pieces stripped
+  (empty ones dropped); other turns one text item, verbatim. Written here, apart from
+  mllm_tune, as the reference."""
+  import re
   roles = {"human": "user", "gpt": "assistant", "system": "system"}
   out = []
   for turn in conversations:
@@ -196,10 +198,10 @@ def hf_messages(conversations) -> list[dict]:
       out.append({"role": role, "content": [{"type": "text", "text": text}]})
       continue
     content = []
-    for k, piece in enumerate(text.split("<image>")):
-      if k:
-        content.append({"type": "image"})
-      if piece.strip():
+    for piece in re.split(r"(<image>|<video>)", text):
+      if piece in ("<image>", "<video>"):
+        content.append({"type": piece[1:-1]})
+      elif piece.strip():
         content.append({"type": "text", "text": piece.strip()})
     out.append({"role": role, "content": content})
   return out
