@@ -16,11 +16,12 @@ or piece by piece:
     batches = data.Prefetcher(data.BatchIterator(source, prepare, spec, prepare.image_spec,
                                                  seed=0, on_error="skip", num_workers=2))
 
-Modules: `conversation` (chat templates, tokens, loss masks), `images` (CLIP / SigLIP / LLaVA
-preprocessing), `anyres_images` (LLaVA-NeXT / OneVision), `qwen_images` (Qwen2-VL / 2.5-VL),
-`qwen_batch` (Qwen patch-buffer batches), `anyres_batch` (anyres crop batches), `sources` (JSON /
-JSONL / tfds), `pipeline` (record -> sample, length policy), `packing` (batch layout, image slots,
-packing), `batching` (iterator, resume, prefetch),
+Modules: `conversation` (chat templates, tokens, loss masks; `messages`: turns and spans),
+`images` (CLIP / SigLIP / LLaVA preprocessing), `anyres_images` (LLaVA-NeXT / OneVision),
+`qwen_images` (Qwen2-VL / 2.5-VL), `qwen_videos` (Qwen-VL videos as frames), `qwen_batch` (Qwen
+patch-buffer batches), `anyres_batch` (anyres crop batches), `sources` (JSON / JSONL / tfds),
+`pipeline` (record -> sample; `qwen_samples` for Qwen-VL records), `samples` (Sample, length
+policy), `packing` (batch layout, image slots, packing), `batching` (iterator, resume, prefetch),
 `targets` (the loss-mask convention and the reference next-token loss), `loader` (config ->
 iterator).
 """

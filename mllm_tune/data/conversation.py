@@ -62,8 +62,6 @@ from mllm_tune.data.templates import (BUILTIN_TEMPLATES, CHATML, FIX, GENERATION
                                       resolve_template, to_list_contents)
 
 
-
-
 @dataclasses.dataclass(frozen=True)
 class TokenizedConversation:
   """One sample's tokens. All arrays int32; T = len(input_ids); N = number of images.
@@ -95,7 +93,7 @@ class ChatTokenizer:
   with images). `image_text`: the checkpoint's own text for one image, holding the image token
   once (Qwen2-VL: `<|vision_start|><|image_pad|><|vision_end|>`); every placeholder becomes it
   (see the module docstring), and the image token may not appear in the records' text.
-  `video_text` / `video_token_id` (Qwen2-VL / 2.5-VL: `<|vision_start|><|video_pad|>
+  `video_text` / `video_token_id` (Qwen-VL: `<|vision_start|><|video_pad|>
   <|vision_end|>`): the same for videos, marked `<video>` in the records (`video_placeholder`);
   without them a model takes no videos.
   """

@@ -36,12 +36,14 @@ the same time.
 from __future__ import annotations
 
 import jax
+import numpy as np
 
 from mllm_tune.data.batching import BatchIterator, Prefetcher
 from mllm_tune.data.conversation import ChatTokenizer, load_tokenizer
 from mllm_tune.data.errors import DataError
 from mllm_tune.data.anyres_batch import quarter_buckets
 from mllm_tune.data.packing import BatchSpec, suggest_max_images
+from mllm_tune.data import qwen_samples
 from mllm_tune.data import qwen_videos as qv
 from mllm_tune.data.pipeline import SamplePreparer
 from mllm_tune.data.sources import LlavaJsonSource, TfdsSource, build_tfds
@@ -83,8 +85,9 @@ def _probe_max_images(source, prepare, o: dict, n: int = 512) -> tuple[int, int]
 def _probe_budget(source, prepare, o: dict, measure, n: int = 512) -> tuple[int, int]:
   """(suggested image budget per batch, most units of one sample) from the first n records,
   reading only image headers. `measure(sizes_hw, videos) -> (image tokens per image, units,
-  tokens per video)`: units are what the batch budget counts (anyres crops, Qwen2-VL patches);
-  videos are (frames, first frame's (H, W))."""
+  video_tokens, video_texts)` (the last two as `ChatTokenizer.encode` takes them): units are
+  what the batch budget counts (anyres crops, Qwen2-VL patches); videos are (frames, first
+  frame's (H, W), fps or None)."""
   import io
   from PIL import Image
   lengths, units, most = [], [], 1
@@ -92,11 +95,13 @@ def _probe_budget(source, prepare, o: dict, measure, n: int = 512) -> tuple[int,
     try:
       rec = source[i]
       sizes = [Image.open(io.BytesIO(b)).size[::-1] for b in rec["images"]]
-      videos = [(len(v), Image.open(io.BytesIO(v[0])).size[::-1])
-                for v in rec.get("videos") or []]
-      counts, u, v_counts = measure(sizes, videos)
+      fps = rec.get("video_fps") or [None] * len(rec.get("videos") or [])
+      videos = [(len(v), Image.open(io.BytesIO(v[0])).size[::-1], f)
+                for v, f in zip(rec.get("videos") or [], fps)]
+      counts, u, v_tokens, v_texts = measure(sizes, videos)
       tokens = prepare.chat.encode(rec["conversations"], len(sizes), rec["where"],
-                                   image_tokens=counts, video_tokens=v_counts)
+                                   image_tokens=counts, video_tokens=v_tokens,
+                                   video_texts=v_texts)
     except (DataError, OSError, ValueError):
       continue  # reported when the iterator reaches it
     lengths.append(min(len(tokens), o["seq_len"]))
@@ -116,7 +121,7 @@ def _probe_crops(source, prepare, o: dict) -> tuple[int, int]:
   def measure(sizes, videos):
     flags = ai.anyres_flags(spec.family, [len(sizes)])
     return ([spec.image_tokens(hw, f) for hw, f in zip(sizes, flags)],
-            sum(spec.num_crops(hw, f) for hw, f in zip(sizes, flags)), [1] * len(videos))
+            sum(spec.num_crops(hw, f) for hw, f in zip(sizes, flags)), [1] * len(videos), None)
   return _probe_budget(source, prepare, o, measure)
 
 
@@ -202,12 +207,18 @@ def _anyres_batches(o: dict, source, model_dir: str, model_config):
 def _probe_patches(source, prepare, o: dict) -> tuple[int, int]:
   """`_probe_budget` in Qwen2-VL patches (videos: t * gh * gw each)."""
   spec, v_spec = prepare.qwen_spec, prepare.video_spec
+  qwen3 = prepare.video_frame_marks is not None
 
   def measure(sizes, videos):
     grids = [spec.grid(hw) for hw in sizes]
-    v_tokens = [qv.video_tokens(n, hw, v_spec) for n, hw in videos] if v_spec else []
-    units = sum(gh * gw for gh, gw in grids) + sum(v_tokens) * spec.merge_unit
-    return [gh * gw // spec.merge_unit for gh, gw in grids], units, v_tokens
+    v_grids = [qv.video_grid(n, hw, v_spec, qwen3) for n, hw, _ in videos] if v_spec else []
+    texts = [qv.video_text(qv.frame_timestamps(n, f or prepare.video_fps,
+                                               v_spec.temporal_patch_size),
+                           *prepare.video_frame_marks) if qwen3 else None
+             for n, _, f in videos]
+    v_tokens, v_texts = qwen_samples.video_token_args(v_grids, texts, spec.merge_unit, qwen3)
+    units = sum(gh * gw for gh, gw in grids) + sum(int(np.prod(g)) for g in v_grids)
+    return [gh * gw // spec.merge_unit for gh, gw in grids], units, v_tokens, v_texts
   return _probe_budget(source, prepare, o, measure)
 
 

@@ -60,7 +60,7 @@ class BatchSpec:
   merge_unit: int = 0  # Qwen2-VL: patches per merged token, m^2 (> 0 turns the patch layout on)
   window_merge: int = 0  # Qwen2.5-VL: merged tokens per window side (0: no window ids)
   image_groups: int = 1  # Qwen2-VL: rows in G groups, each with max_images / G patches
-  video_token_id: int = -1  # Qwen2-VL / 2.5-VL: video positions take merged tokens too
+  video_token_id: int = -1  # Qwen-VL: video positions take merged tokens too
 
   @property
   def anyres(self) -> bool:

@@ -24,13 +24,14 @@ from mllm_tune.data.conversation import ChatTokenizer, load_tokenizer
 from mllm_tune.data.errors import DataError
 from mllm_tune.data.samples import OVERFLOW, Sample, SampleDropped, fit_length  # noqa: F401
 
+
 class SamplePreparer:
   """Callable record -> `Sample` for one tokenizer / template / image processor / model.
 
   chat: the `ChatTokenizer`; image_spec: `ImageSpec` (None for text-only models);
   max_len: longest sample in tokens; overflow: see the module docstring. Qwen2.5-VL:
   `window_merge` = merged tokens per vision window side (the batches' `vision_window_ids`;
-  0 for Qwen2-VL). Qwen2-VL / 2.5-VL videos: `video_spec` (`qwen_videos`; None: records with
+  0 for Qwen2-VL). Qwen-VL videos: `video_spec` (`qwen_videos`; None: records with
   videos are refused), `video_time_step` (`QwenVLConfig.video_time_step`) and `video_fps`, the
   frame rate of records without their own. Qwen3-VL: `video_frame_marks` (vision start, video
   pad, vision end) turns on timestamped frame runs (`qwen_samples`).
@@ -89,7 +90,7 @@ class SamplePreparer:
     where = record.get("where", f"record (id={record.get('id')})")
     if record.get("videos") and self.video_spec is None:
       raise DataError(f"{where}: a video, but this model's data pipeline takes images only "
-                      "(videos: Qwen2-VL / Qwen2.5-VL)", "image_count")
+                      "(videos: Qwen2-VL / Qwen2.5-VL / Qwen3-VL)", "image_count")
     if self.qwen_spec is not None:
       return qwen_samples.prepare(self, record, where)
     if self.anyres_spec is not None:
@@ -192,7 +193,8 @@ def qwen_preparer(model_dir: str, model_config: QwenVLConfig, max_len: int,
                      + "; ".join(problems))
   video_spec = qv.video_spec_from_pretrained(model_dir, v.qwen3, **(video_options or {}))
   problems = [f"video processor {name} {got} != the image processor's {want}"
-              for name in ("patch_size", "merge_size", "temporal_patch_size")
+              for name in ("patch_size", "merge_size", "temporal_patch_size", "do_rescale",
+                           "rescale_factor", "do_normalize", "mean", "std")
               if (got := getattr(video_spec, name)) != (want := getattr(spec, name))]
   if problems:
     raise ValueError(f"{model_dir}: " + "; ".join(problems))

@@ -11,8 +11,8 @@ patch counts, each a multiple of m^2):
                                    the batch (sample by sample, in each sample's text order),
                                    zero rows after them
   vision_segment_ids (P,), vision_pos_hw (P, 2), vision_window_ids (P,) (Qwen2.5-VL)
-                                   `models.qwen_vl_host.vision_metadata` (1.. per image over the
-                                   batch, 0 on padding rows)
+                                   `models.qwen_vl_host.vision_metadata` (1.. per image, per
+                                   frame pair of a video, over the batch; 0 on padding rows)
   pack_index (B, T, 1), pack_weight (B, T, 1), pack_newline (B, T)
                                    the merged token (row of the P / m^2 merger outputs) each
                                    image or video position takes
@@ -36,6 +36,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from mllm_tune.data import qwen_videos as qv
 from mllm_tune.data.packing import BatchSpec, crop_bucket, row_length
 from mllm_tune.models import qwen_vl_host
 
@@ -93,7 +94,7 @@ def assemble_qwen(rows: Sequence[Sequence], spec: BatchSpec, patch_rows
                              "patches")
       index[r, is_img, 0] = slot // mu + np.arange(len(is_img), dtype=np.int32)
       weight[r, is_img, 0] = 1.0
-      px[slot:slot + n_patch] = s.pixels if s.pixels.ndim == px.ndim else s.pixels[:, None]
+      px[slot:slot + n_patch] = qv.with_frames(s.pixels, frames) if frames else s.pixels
       if s.grids is not None and len(s.grids):
         grids.append((r // g_rows, np.asarray(s.grids, np.int64).reshape(-1, 3)))
       slot, c = slot + n_patch, c + n

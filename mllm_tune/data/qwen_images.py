@@ -233,11 +233,11 @@ def patch_rows(patches: np.ndarray, spec: QwenImageSpec) -> np.ndarray:
   px = np.asarray(patches)
   if px.ndim == 5:
     x = normalize(px, spec).transpose(0, 4, 1, 2, 3)  # (N, C, T, p, p)
-    return np.ascontiguousarray(x.reshape(x.shape[0], -1), dtype=np.float32)
+    return np.ascontiguousarray(x.reshape(x.shape[0], spec.patch_dim), dtype=np.float32)
   x = normalize(px, spec).transpose(0, 3, 1, 2)  # (N, C, p, p)
   n, c, p, _ = x.shape
   x = np.broadcast_to(x[:, :, None], (n, c, spec.temporal_patch_size, p, p))
-  return np.ascontiguousarray(x.reshape(n, -1), dtype=np.float32)
+  return np.ascontiguousarray(x.reshape(n, spec.patch_dim), dtype=np.float32)
 
 
 class QwenPixels(NamedTuple):

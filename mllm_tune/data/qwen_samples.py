@@ -96,27 +96,21 @@ def prepare(p, record: dict, where: str) -> Sample:
       image_grids.append(grid)
     done.append((px, grid))
   if video_grids:  # one layout for the sample: T frames per patch
-    done = [(px if px.ndim == 5 else np.repeat(px[:, None], spec.temporal_patch_size, 1), g)
-            for px, g in done]
+    done = [(qv.with_frames(px, spec.temporal_patch_size), g) for px, g in done]
   ps = spec.patch_size
   pixels = np.concatenate([d[0] for d in done]) if done else np.zeros((0, ps, ps, 3), np.uint8)
-  ids = tokens.input_ids[None]
-  types = (ids == p.chat.image_token_id) + 2 * (ids == p.chat.video_token_id)
-  as_grids = lambda g: np.asarray(g, np.int64).reshape(-1, 3)
+  sample = Sample(tokens, pixels, str(record.get("id", "")), where,
+                  original if len(tokens) < original else 0,
+                  image_tokens=tuple(int(i[3]) for i in items[:kept] if i[0] == "image"),
+                  grids=np.asarray([d[1] for d in done], np.int64).reshape(-1, 3),
+                  video_items=tuple(i[0] == "video" for i in items[:kept]),
+                  video_texts=tuple(texts) if qwen3 else (), video_seconds=tuple(seconds))
   try:
-    positions, _ = qwen_vl_host.get_rope_index(
-        ids, types.astype(np.int32), as_grids(image_grids), spec.merge_size,
-        video_grid_thw=as_grids(video_grids), second_per_grid_ts=seconds,
-        tokens_per_second=p.video_time_step, split_video_frames=qwen3)
+    pos = positions(p, tokens.input_ids, sample)
   except ValueError as e:  # e.g. two images with no text between their token runs
     raise DataError(f"{where}: conversations: the image / video tokens do not form one run "
                     f"per image or video ({e})", "image_count") from None
-  return Sample(tokens, pixels, str(record.get("id", "")), where,
-                original if len(tokens) < original else 0,
-                image_tokens=tuple(int(i[3]) for i in items[:kept] if i[0] == "image"),
-                grids=as_grids([d[1] for d in done]), mrope_positions=positions[:, 0],
-                video_items=tuple(i[0] == "video" for i in items[:kept]),
-                video_texts=tuple(texts) if qwen3 else ())
+  return dataclasses.replace(sample, mrope_positions=pos)
 
 
 def _items(tokens, counts, videos, video_id: int, merge_unit: int, qwen3: bool) -> list:
@@ -136,6 +130,21 @@ def _items(tokens, counts, videos, video_id: int, merge_unit: int, qwen3: bool) 
     items.append(("video", k_vid, int(starts[r]), end - int(starts[r])))
     k_vid, r = k_vid + 1, r + runs
   return items
+
+
+def positions(p, ids_T: np.ndarray, sample: Sample, mask_T: np.ndarray | None = None
+              ) -> np.ndarray:
+  """(3, T) M-RoPE ids of token row `ids_T` holding `sample`'s images and videos (e.g. its
+  generation prompt), with the sample's grids, video kinds and time steps."""
+  ids = np.asarray(ids_T)[None]
+  types = qwen_vl_host.mm_token_types(ids, p.chat.image_token_id, p.chat.video_token_id)
+  kinds = np.asarray(sample.video_items or (False,) * len(sample.grids), bool)
+  grids = np.asarray(sample.grids, np.int64).reshape(-1, 3)
+  return qwen_vl_host.get_rope_index(
+      ids, types, grids[~kinds], p.qwen_spec.merge_size,
+      None if mask_T is None else np.asarray(mask_T)[None], video_grid_thw=grids[kinds],
+      second_per_grid_ts=sample.video_seconds or None, tokens_per_second=p.video_time_step,
+      split_video_frames=p.video_frame_marks is not None)[0][:, 0]
 
 
 def prompt_ids(p, record: dict, sample: Sample) -> np.ndarray:

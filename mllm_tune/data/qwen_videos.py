@@ -1,5 +1,5 @@
-"""Qwen2-VL / Qwen2.5-VL videos given as frames: the layout of transformers'
-`Qwen2VLVideoProcessor`, with PIL resizing.
+"""Qwen-VL videos given as frames: the layout of transformers' `Qwen2VLVideoProcessor` (and
+`Qwen3VLVideoProcessor`), with PIL resizing.
 
 A video is a list of already sampled frames (image files; the JSON record names them or their
 folder, `data/sources.py`), all of one size. Per video:
@@ -14,13 +14,18 @@ folder, `data/sources.py`), all of one size. Per video:
      t = frames / T; the LLM sees t * gh * gw / m^2 tokens.
 Qwen2.5-VL also places the frame pairs in time: its M-RoPE time step is `tokens_per_second *
 second_per_grid_t`, with `second_per_grid_t = T / fps` and `fps` the rate the frames were
-sampled at (the record's `fps`, else `data.video_fps`, default 2.0 as transformers'
-processor).
+sampled at (the record's `fps`, else `data.video_fps`, default 2.0: qwen-vl-utils' sampling
+rate). transformers' processor reads the rate from the video's metadata and assumes 24 for
+frames given without it, so give `fps` to match a processor call with metadata.
 
-Where the settings come from (as transformers' `AutoVideoProcessor`): `video_preprocessor_config
-.json`, else the `video_processor` section of `processor_config.json`, else the image processor's
-config (transformers falls back to `preprocessor_config.json` too), each read with the video
-class's defaults (min_pixels 128 * 28 * 28, max_pixels 768 * 28 * 28) for missing budgets.
+Where the settings come from, as transformers' `AutoVideoProcessor`: the `video_processor`
+section of `processor_config.json`, else `video_preprocessor_config.json`, else
+`preprocessor_config.json` (the image processor's); beyond transformers, a `processor_config
+.json` with an `image_processor` section only is read the same way. Missing budgets take the
+video class's defaults (min_pixels 128 * 28 * 28, max_pixels 768 * 28 * 28).
+`cap_pixels_per_frame` (qwen-vl-utils' per-frame cap) is refused, not silently ignored. The
+rescale and normalization must equal the image processor's (checked when the pipeline is
+built): a batch normalizes all its patches at once.
 
 Qwen3-VL (`qwen3=True`) differs in three ways, as `Qwen3VLVideoProcessor` / `Qwen3VLProcessor`:
 its budget counts the whole video (`qwen3_smart_resize`: t_bar * h_bar * w_bar against
@@ -60,27 +65,33 @@ VIDEO_FILE = "video_preprocessor_config.json"
 
 def video_section(model_dir: str) -> tuple[dict, str]:
   """(video processor dict, where it was read); see the module docstring for the order."""
-  path = os.path.join(model_dir, VIDEO_FILE)
-  if os.path.isfile(path):
-    with open(path, encoding="utf-8") as f:
-      return json.load(f), path
   proc = os.path.join(model_dir, "processor_config.json")
   if os.path.isfile(proc):
     with open(proc, encoding="utf-8") as f:
       d = json.load(f).get("video_processor")
     if isinstance(d, dict):
       return d, f"{proc}: video_processor"
+  path = os.path.join(model_dir, VIDEO_FILE)
+  if os.path.isfile(path):
+    with open(path, encoding="utf-8") as f:
+      return json.load(f), path
   d, where = processor_section(model_dir)
-  return d, f"{where} (no video processor config: the image processor's, as transformers)"
+  return d, f"{where} (no video processor config: the image processor's)"
 
 
 def video_spec_from_hf(d: dict, where: str, qwen3: bool = False, **overrides) -> QwenImageSpec:
   """A video processor dict -> the spec (`QwenImageSpec` fields), with the video class's
-  pixel budgets (`qwen3`: Qwen3-VL's) where the dict gives none."""
+  defaults (`qwen3`: Qwen3-VL's budgets, 16-pixel patches, mean / std 0.5) where the dict gives
+  none."""
+  if d.get("cap_pixels_per_frame"):
+    raise ValueError(f"{where}: cap_pixels_per_frame=True (qwen-vl-utils' per-frame pixel cap) "
+                     "is not supported; set it to false, or set data.video_max_pixels")
   size = d.get("size") or {}
   has_lo = any(k in d or k in size for k in ("min_pixels", "shortest_edge"))
   has_hi = any(k in d or k in size for k in ("max_pixels", "longest_edge"))
   d = {k: v for k, v in d.items() if k != "image_processor_type"}
+  if qwen3:  # `Qwen3VLVideoProcessor` class defaults for what the dict leaves out
+    d = {"patch_size": 16, "image_mean": [0.5] * 3, "image_std": [0.5] * 3, **d}
   if not has_lo:
     d["min_pixels"] = QWEN3_MIN_PIXELS if qwen3 else VIDEO_MIN_PIXELS
   if not has_hi:
@@ -191,3 +202,9 @@ def second_per_grid(spec: QwenImageSpec, fps: float | None, where: str = "video"
   if not isinstance(fps, (int, float)) or isinstance(fps, bool) or not fps > 0:
     raise DataError(f"{where}: fps {fps!r} must be a positive number", "bad_record")
   return spec.temporal_patch_size / float(fps)
+
+
+def with_frames(patches: np.ndarray, frames: int) -> np.ndarray:
+  """Image patches (N, p, p, 3) as video patches (N, T, p, p, 3), the frame repeated (what an
+  image row holds); video patches unchanged."""
+  return patches if patches.ndim == 5 else np.repeat(patches[:, None], frames, 1)

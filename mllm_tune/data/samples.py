@@ -37,11 +37,12 @@ class Sample:
   where: str = ""
   truncated_from: int = 0  # original length when truncated, else 0
   table: anyres.PackTable | None = None
-  image_tokens: tuple[int, ...] = ()  # anyres, Qwen: tokens of each kept image (video), in order
+  image_tokens: tuple[int, ...] = ()  # anyres, Qwen: tokens of each kept image, in order
   grids: np.ndarray | None = None  # Qwen-VL: (t, gh, gw) of each kept image or video
   mrope_positions: np.ndarray | None = None  # Qwen2-VL: (3, T) M-RoPE positions
   video_items: tuple[bool, ...] = ()  # Qwen: which of `grids` are videos
   video_texts: tuple[str, ...] = ()  # Qwen3-VL: each kept video's timestamped text
+  video_seconds: tuple[float, ...] = ()  # Qwen: each kept video's second_per_grid_t
 
   @property
   def length(self) -> int:

@@ -10,8 +10,8 @@ shuffling and resume exact). A record is a plain dict:
    "video_names": [str], "video_fps": [float | None],
    "where": str}                    # "file:line (id=...)" or "file record i (id=...)"
 
-Videos (Qwen2-VL / 2.5-VL), as sampled frames, one video per record: `"video"` names a folder
-of frame images (taken in file-name order) or lists the frame files; `"fps"` (optional) is the
+Videos (Qwen-VL), as sampled frames, one video per record: `"video"` names a folder of frame
+images (taken in natural file-name order, 2 before 10) or lists the frame files; `"fps"` (optional) is the
 rate they were sampled at; the conversation marks the video with `<video>`. Video files (mp4 ...)
 are not decoded here: sample their frames to image files first.
 
@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -127,16 +128,22 @@ def _read(path: str, where: str, what: str) -> bytes:
     raise DataError(f"{where}: {what} file not found: {path}", "missing_image") from None
 
 
+def _natural(name: str) -> list:
+  """Sort key: digit runs compare as numbers (frame_2 before frame_10)."""
+  return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", name)]
+
+
 def read_frames(folder: str, name, where: str) -> list[bytes]:
-  """A video's encoded frames: the image files of the folder `name` (file-name order) or the
-  listed files, relative to `folder`."""
+  """A video's encoded frames: the image files of the folder `name` (in natural file-name
+  order: `2.jpg` before `10.jpg`) or the listed files, relative to `folder`."""
   if isinstance(name, list):
     return [_read(os.path.join(folder, n), where, "video frame") for n in name]
   path = os.path.join(folder, name)
   if not os.path.isdir(path):
     raise DataError(f"{where}: video frame folder not found: {path} (videos are given as "
                     "frames: a folder of images or a list of image files)", "missing_image")
-  files = sorted(f for f in os.listdir(path) if f.lower().endswith(FRAME_EXTENSIONS))
+  files = sorted((f for f in os.listdir(path) if f.lower().endswith(FRAME_EXTENSIONS)),
+                 key=_natural)
   if not files:
     raise DataError(f"{where}: video frame folder {path} holds no image files "
                     f"({', '.join(FRAME_EXTENSIONS)})", "missing_image")

@@ -14,9 +14,10 @@ space-prefixed token), which tells the model how the answer starts.
 Anyres models (LLaVA-NeXT / OneVision): `pixels` holds each record's crops (N, C, H, W, 3),
 padded with zero crops to the set's most, and `pack` its position-aligned token tables; a batch
 lays its rows' crops out one after another (fixed shapes: one compile per batch size).
-Qwen2-VL / 2.5-VL: `pixels` holds each record's patches (N, P, p, p, 3), padded with zero
-patches to the set's most, `grids` its images' patch grids and `positions` / `prompt_positions`
-the M-RoPE ids of its training row / generation prompt; a batch gives the model blocked patch
+Qwen-VL: `pixels` holds each record's patches (N, P, p, p, 3) (with a video in the set, (N, P,
+T, p, p, 3): frame pairs), padded with zero patches to the set's most, `grids` its images' and
+videos' patch grids and `positions` / `prompt_positions` the M-RoPE ids of its training row /
+generation prompt; a batch gives the model blocked patch
 rows (B, P, C*T*p*p), one block per row, with their vision ids and pack tables numbering merged
 tokens flat (`QwenVisionTower`: attention per block; fixed shapes: one compile per batch size).
 Records may hold any number of images.
@@ -29,6 +30,8 @@ import numpy as np
 
 from mllm_tune.data.images import ImageSpec, normalize
 from mllm_tune.data.pipeline import SamplePreparer
+from mllm_tune.data import qwen_samples
+from mllm_tune.data import qwen_videos as qv
 from mllm_tune.data.qwen_images import patch_rows
 from mllm_tune.models import qwen_vl_host
 
@@ -61,6 +64,7 @@ class VqaArrays:
   merge_size: int = 0
   window_merge: int = 0
   image_token_id: int = -1
+  video_token_id: int = -1
 
   def __len__(self) -> int:
     return len(self.input_ids)
@@ -103,7 +107,7 @@ class VqaArrays:
       meta["vision_segment_ids"] = np.where(seg > 0, seg + segments, 0).astype(np.int32)
       segments += len(grids)
       metas.append(meta)
-    is_img = ids == self.image_token_id
+    is_img = (ids == self.image_token_id) | (ids == self.video_token_id)
     first = (np.arange(b) * (k // (m * m)))[:, None]
     return {"pixel_values": px, "positions": np.ascontiguousarray(positions.transpose(1, 0, 2)),
             **{key: np.stack([meta[key] for meta in metas]) for key in metas[0]},
@@ -176,7 +180,8 @@ def prepare(source, preparer: SamplePreparer, num: int | None = None,
     pixels, crop_features = _pad_crops(pixels, preparer)
   extra = _qwen_fields(qwen, ids, prompt_ids, prompt_len, preparer) if qwen else {}
   if qwen:
-    pixels = _pad_images(pixels)
+    pixels = _pad_images(pixels, preparer.qwen_spec.temporal_patch_size
+                         if any(p.ndim == 5 for p in pixels) else 0)
   return VqaArrays(name or getattr(source, "name", "set"), ids, loss, attn, np.stack(pixels),
                    prompt_len, np.asarray(answers), np.asarray(families),
                    pack, crop_features, prompt_ids, prompt_pack, **extra)
@@ -185,7 +190,8 @@ def prepare(source, preparer: SamplePreparer, num: int | None = None,
 def _qwen_fields(samples: list, ids: np.ndarray, prompt_ids: np.ndarray | None,
                  prompt_len: np.ndarray, preparer: SamplePreparer) -> dict:
   """Qwen2-VL `VqaArrays` fields: grids (N, G, 3), the training rows' M-RoPE positions
-  (N, 3, T) and those of the prompts (N, 3, P), computed on their own tokens."""
+  (N, 3, T) and those of the prompts (N, 3, P), computed on their own tokens (videos with
+  their time steps, `qwen_samples.positions`)."""
   m, image_id = preparer.qwen_spec.merge_size, preparer.chat.image_token_id
   most = max(len(s.grids) for s in samples)
   grids = np.zeros((len(samples), most, 3), np.int64)
@@ -198,14 +204,18 @@ def _qwen_fields(samples: list, ids: np.ndarray, prompt_ids: np.ndarray | None,
     if prompt_ids is not None:
       row = prompt_ids[r:r + 1]
       real = (np.arange(row.shape[1]) < prompt_len[r])[None].astype(np.int32)
-      prompt_positions[r] = qwen_vl_host.get_rope_index(
-          row, (row == image_id).astype(np.int32), s.grids, m, real)[0][:, 0]
+      prompt_positions[r] = qwen_samples.positions(preparer, row[0], s, real[0])
   return dict(grids=grids, positions=positions, prompt_positions=prompt_positions,
-              merge_size=m, window_merge=preparer.window_merge, image_token_id=image_id)
+              merge_size=m, window_merge=preparer.window_merge, image_token_id=image_id,
+              video_token_id=preparer.chat.video_token_id)
 
 
-def _pad_images(pixels: list) -> list:
-  """Images (crops, patches) of each record padded with zero ones to the most of a record."""
+def _pad_images(pixels: list, frames: int = 0) -> list:
+  """Images (crops, patches) of each record padded with zero ones to the most of a record;
+  with `frames` (Qwen sets with videos) every patch keeps that many frames (an image's
+  repeated)."""
+  if frames:
+    pixels = [qv.with_frames(p, frames) for p in pixels]
   most = max(p.shape[0] for p in pixels)
   return [np.concatenate([p, np.zeros((most - len(p),) + p.shape[1:], p.dtype)])
           for p in pixels]

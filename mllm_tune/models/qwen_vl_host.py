@@ -31,19 +31,20 @@ import numpy as np
 PATCH_MULTIPLE = 64  # default patch-row bucket: a multiple of 64 rows (and of m^2)
 
 
-def _grids(grid_thw) -> np.ndarray:
+def _grids(grid_thw, what: str = "image / video") -> np.ndarray:
   g = np.asarray(grid_thw, np.int64).reshape(-1, 3)
   if (g < 1).any():
-    raise ValueError(f"image_grid_thw {g.tolist()}: every entry must be >= 1")
+    raise ValueError(f"{what} grids {g.tolist()}: every entry must be >= 1")
   return g
 
 
 def merged_tokens(grid_thw, merge: int) -> list[int]:
-  """LLM tokens per image: t * h * w / m^2."""
+  """LLM tokens per image (video): t * h * w / m^2."""
   g = _grids(grid_thw)
   bad = [r for r in g.tolist() if r[1] % merge or r[2] % merge]
   if bad:
-    raise ValueError(f"image grids {bad}: h and w must be multiples of the merge size {merge}")
+    raise ValueError(f"image / video grids {bad}: h and w must be multiples of the merge size "
+                     f"{merge}")
   return [int(t * h * w) // merge ** 2 for t, h, w in g.tolist()]
 
 

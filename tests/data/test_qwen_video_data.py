@@ -59,22 +59,48 @@ def test_video_spec_from_its_config_or_the_image_processors(tmp_path):
     json.dump({"video_processor_type": "Qwen2VLVideoProcessor"}, f)
   spec = qv.video_spec_from_pretrained(d)  # the video class's own defaults
   assert (spec.min_pixels, spec.max_pixels) == (128 * 28 * 28, 768 * 28 * 28)
+  spec = qv.video_spec_from_pretrained(d, qwen3=True)
+  assert (spec.min_pixels, spec.max_pixels) == (128 * 32 * 32, 768 * 32 * 32)
+  assert spec.patch_size == 16 and spec.mean == (0.5,) * 3
+  with open(os.path.join(d, "processor_config.json"), "w") as f:  # transformers reads it first
+    json.dump({"video_processor": {"size": {"shortest_edge": 1, "longest_edge": 2}}}, f)
+  assert qv.video_spec_from_pretrained(d).max_pixels == 2
+  with open(os.path.join(d, "processor_config.json"), "w") as f:
+    json.dump({"video_processor": {"cap_pixels_per_frame": True}}, f)
+  with pytest.raises(ValueError, match="processor_config.json: video_processor: "
+                                       "cap_pixels_per_frame=True .* is not supported"):
+    qv.video_spec_from_pretrained(d)
+  os.remove(os.path.join(d, "processor_config.json"))
   with open(os.path.join(d, qv.VIDEO_FILE), "w") as f:
     json.dump({"size": {"shortest_edge": 4096}, "image_mean": [1, 2]}, f)
   with pytest.raises(ValueError, match=rf"{qv.VIDEO_FILE}: 'image_mean' must have 3 values"):
     qv.video_spec_from_pretrained(d)
 
 
+VIDEO_MAX_PIXELS = 28 * 28 * 4  # the video processor's budget: smaller than the images' (24)
+
+
+def _write_video_config(d: str, extra: dict | None = None, **size) -> None:
+  with open(os.path.join(d, qv.VIDEO_FILE), "w") as f:
+    json.dump({"video_processor_type": "Qwen2VLVideoProcessor", "size": size, **(extra or {})},
+              f)
+
+
 @pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
 def video_env(request, tmp_path_factory):
+  """The tiny model directory with a video processor config of its own (a smaller budget than
+  the images'), the `video_records` written as LLaVA JSON, and the reference encoder."""
   family = request.param
   root = tmp_path_factory.mktemp(family)
   d, hf_model, proc = qt.model_dir(str(root), family)
+  _write_video_config(d, shortest_edge=qt.MIN_PIXELS, longest_edge=VIDEO_MAX_PIXELS)
   model, params = mt.load_pretrained(d)
   records, files = qvid.video_records()
   path = write_llava_dataset(str(root / "data"), records, files)
   folders = {"clipA": sorted(k for k in files if k.startswith("clipA/"))}
-  encode = qvid.encode_video_record(proc, files, folders, family == "qwen2_5_vl")
+  encode = qvid.encode_video_record(proc, files, folders, family == "qwen2_5_vl",
+                                    frame_processor=qt.image_processor(
+                                        max_pixels=VIDEO_MAX_PIXELS))
   return family, d, hf_model, proc, model, params, path, records, encode
 
 
@@ -87,7 +113,7 @@ def test_packed_video_batches_give_transformers_logits_per_record(video_env):
   checked, _ = check_packed_samples(model, params, batch, refs, hf_model)
   assert checked == 4 and int(batch["segment_ids"].max()) >= 2  # all four, packed
   video_id = model.config.video_token_id
-  assert (batch["input_ids"] == video_id).sum() == 6 + 12  # 3 x 2 and 2 x 6 tokens
+  assert (batch["input_ids"] == video_id).sum() == 6 + 4  # 3 and 2 frame pairs of 28 x 56
   if family == "qwen2_5_vl":  # 1 fps: time steps of tokens_per_second * 2 s = 4
     r, c = np.argwhere(batch["input_ids"] == video_id)[0]
     cols = np.flatnonzero((batch["input_ids"][r] == video_id)
@@ -128,7 +154,7 @@ def test_video_prompt_ids_equal_the_processors_generation_prompt(video_env):
   head = dict(records[1], conversations=records[1]["conversations"][:1])
   ref = encode(head, add_generation_prompt=True)["input_ids"][0].numpy()
   np.testing.assert_array_equal(prompt, ref)
-  assert (prompt == model.config.video_token_id).sum() == 12
+  assert (prompt == model.config.video_token_id).sum() == 4
 
 
 def test_video_fps_and_pixel_budget_settings(video_env):
@@ -144,11 +170,38 @@ def test_video_fps_and_pixel_budget_settings(video_env):
     s = qwen_preparer(d, model.config, 400, **kw)(rec)
     t = s.mrope_positions[0][s.tokens.input_ids == video_id]
     return sorted(set((t - t.min()).tolist())), int((s.tokens.input_ids == video_id).sum())
-  assert time_steps() == ([0, 2] if family == "qwen2_5_vl" else [0, 1], 12)
-  assert time_steps(video_fps=4.0) == ([0, 1], 12)
+  assert time_steps() == ([0, 2] if family == "qwen2_5_vl" else [0, 1], 4)
+  assert time_steps(video_fps=4.0) == ([0, 1], 4)
   assert time_steps(video_options=dict(max_pixels=28 * 28 * 2))[1] == 2  # 28x28: 1 a pair
   with pytest.raises(ValueError, match="video_fps 0 must be a positive number"):
     qwen_preparer(d, model.config, 400, video_fps=0)
+
+
+def test_eval_sets_with_videos_give_transformers_logits_for_rows_and_prompts(video_env):
+  """In-run evaluation sets (`eval/vqa_sets.py`) of records with videos: the training rows and
+  the generation prompts (their own M-RoPE ids, Qwen2.5-VL's time steps) give transformers'
+  logits on each record's reference inputs; images and videos share the per-row patch blocks."""
+  import torch
+  from mllm_tune.data.sources import LlavaJsonSource
+  from mllm_tune.eval import vqa_sets
+  from mllm_tune.models import model_kwargs
+  _, d, hf_model, _, model, params, path, records, encode = video_env
+  prepare = SamplePreparer.from_pretrained(d, model.config, 400)
+  src = LlavaJsonSource(path, os.path.join(os.path.dirname(path), "images"))
+  arr = vqa_sets.prepare(src, prepare)
+  assert arr.pixels.ndim == 6  # (records, patches, T, p, p, 3)
+  idx = np.arange(len(records))
+  batch = arr.batch(idx, prepare.qwen_spec)
+  ours = np.asarray(model.apply({"params": params}, batch["input_ids"], **model_kwargs(batch)))
+  p_ids, p_mask, p_px = arr.prompts(idx, prepare.qwen_spec)
+  ours_p = np.asarray(model.apply({"params": params}, p_ids, attention_mask=p_mask, **p_px))
+  for r, rec in enumerate(records):
+    head = dict(rec, conversations=rec["conversations"][:1])
+    for got, enc in ((ours[r], encode(rec)), (ours_p[r], encode(head, True))):
+      n = enc["input_ids"].shape[1]
+      with torch.no_grad():
+        ref = hf_model(**enc).logits[0].float().numpy()
+      np.testing.assert_allclose(got[:n], ref, atol=1e-4, rtol=0)
 
 
 def test_a_string_only_template_gets_the_video_text_inline(video_env):
@@ -216,11 +269,15 @@ def test_qwen3_vl_video_records_get_timestamped_frame_runs_with_transformers_log
   processor's timestamps), one-frame M-RoPE grids; packed batches give transformers' logits
   per record (deepstack and position taps per frame), and the prompts equal the processor's."""
   d, hf_model, proc = qt.model_dir(str(tmp_path), "qwen3_vl")
+  budget = (32 * 32 * 2, 32 * 32 * 12)  # the clip's, its own config (the images' differs)
+  _write_video_config(d, dict(patch_size=16, image_mean=list(qi.CLIP_MEAN),
+                             image_std=list(qi.CLIP_STD)),
+                      shortest_edge=budget[0], longest_edge=budget[1])
   model, params = mt.load_pretrained(d)
   records, files = qvid.video_records()
   path = write_llava_dataset(str(tmp_path / "data"), records, files)
   folders = {"clipA": sorted(k for k in files if k.startswith("clipA/"))}
-  encode = qvid.encode_video_record(proc, files, folders, False, qwen3=True)
+  encode = qvid.encode_video_record(proc, files, folders, False, qwen3=True, budget=budget)
   refs = {tuple(e["input_ids"][0].tolist()): e for e in map(encode, records)}
   images = str(tmp_path / "data" / "images")
   batch = next(make_batches(packed_cfg(path, images, batch_size=2, seq_len=200), d,
@@ -258,8 +315,19 @@ def test_truncation_inside_a_video_drops_the_whole_video(family, tmp_path):
   vid = model.config.video_token_id
   cols = np.flatnonzero(full.tokens.input_ids == vid)
   assert full.grids.shape == (1, 3) and len(cols) == 6 and full.pixels.ndim == 5
+  kept = qwen_preparer(d, model.config, int(cols[-1]) + 1)(rec)  # the cut right after it
+  assert len(kept.tokens) == cols[-1] + 1 and kept.pixels.shape == full.pixels.shape
+  assert (kept.tokens.input_ids == vid).sum() == 6 and kept.grids.shape == (1, 3)
   cut = qwen_preparer(d, model.config, int(cols[-1]))(rec)  # inside the last run
   assert len(cut.tokens) == cols[0] and cut.truncated_from == len(full.tokens)
   assert not (cut.tokens.input_ids == vid).any() and cut.pixels.shape[0] == 0
   assert len(cut.grids) == 0 and cut.tokens.loss_mask.any()
   np.testing.assert_array_equal(cut.tokens.input_ids, full.tokens.input_ids[:cols[0]])
+
+
+def test_frame_folders_are_read_in_natural_order(tmp_path):
+  from mllm_tune.data.sources import read_frames
+  os.makedirs(tmp_path / "clip")
+  for name in ("10.png", "2.png", "1.png", "notes.txt"):
+    (tmp_path / "clip" / name).write_bytes(name.encode())
+  assert read_frames(str(tmp_path), "clip", "rec") == [b"1.png", b"2.png", b"10.png"]

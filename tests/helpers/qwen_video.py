@@ -8,7 +8,7 @@ import numpy as np
 from tests.helpers.hf_tiny import padded_batch
 from tests.helpers.qwen_vl_tiny import IMAGE, VEND, VIDEO, VSTART, hf_messages, image_run
 
-IMAGE_GRIDS = [(1, 4, 6)]
+IMAGE_GRIDS = [(1, 4, 6), (1, 2, 2)]
 # (t, h, w): 2 x 4 and 3 x 2 merged tokens per frame pair; t = 2 and 3 frame pairs
 VIDEO_GRIDS = [(2, 4, 4), (3, 2, 4)]
 SECONDS = [0.75, 1 / 3]  # second_per_grid_t per video: time steps 1.5 and 0.667 at 2 tokens/s
@@ -28,9 +28,11 @@ def video_run(grid, per_frame: bool = False) -> list[int]:
 
 def batch(side="right", patch_dim: int = 3 * 2 * 14 * 14, per_frame: bool = False,
           seconds=SECONDS, seed: int = 0) -> dict:
-  """Row 0: an image, then a video; row 1: a video only; row 2: text only."""
+  """Row 0: an image, then a video; row 1: a video, then an image (so images-then-videos and
+  text order differ); row 2: text only."""
   rows = [[1, 5] + image_run(IMAGE_GRIDS[0]) + [7] + video_run(VIDEO_GRIDS[0], per_frame) + [9],
-          [1, 3] + video_run(VIDEO_GRIDS[1], per_frame) + [4, 6, 11],
+          [1, 3] + video_run(VIDEO_GRIDS[1], per_frame) + [4] + image_run(IMAGE_GRIDS[1])
+          + [6, 11],
           [1, 20, 21, 22, 23]]
   ids, mask = padded_batch(rows, side)
   rng = np.random.RandomState(seed)
@@ -93,28 +95,42 @@ def hf_video_rows(frames, image_processor, temporal: int = 2, resize: bool = Tru
 def qwen3_video(frames, image_processor, fps: float, min_pixels: int, max_pixels: int):
   """Reference Qwen3-VL video: frames resized to transformers' Qwen3-VL video `smart_resize`
   of the whole clip (PIL bicubic), rows as `hf_video_rows` (the image processor not resizing
-  again), and the processor's per-frame-pair text: `<{t:.1f} seconds>` with
-  `Qwen3VLProcessor._calculate_timestamps`, each pair's run of tokens."""
+  again), and the text `Qwen3VLProcessor.replace_video_token` writes for it (timestamps from
+  the frame indices at `fps`, a run of tokens per frame pair)."""
+  import functools
   import importlib
+  import types
   from transformers import Qwen3VLProcessor
+  from transformers.video_utils import VideoMetadata
   resize = importlib.import_module(
       "transformers.models.qwen3_vl.video_processing_qwen3_vl").smart_resize
   h, w = resize(num_frames=len(frames), height=frames[0].height, width=frames[0].width,
                 temporal_factor=2, factor=32, min_pixels=min_pixels, max_pixels=max_pixels)
   frames = [f.convert("RGB").resize((w, h), resample=3) for f in frames]
   rows, grid = hf_video_rows(frames, image_processor, resize=False)
-  stamps = Qwen3VLProcessor._calculate_timestamps(None, list(range(len(frames))), fps, 2)
-  return rows, grid, stamps
+  proc = types.SimpleNamespace(  # what replace_video_token reads of a Qwen3VLProcessor
+      video_processor=types.SimpleNamespace(merge_size=2, temporal_patch_size=2),
+      vision_start_token="<|vision_start|>", vision_end_token="<|vision_end|>",
+      video_token="<|video_pad|>",
+      _calculate_timestamps=functools.partial(Qwen3VLProcessor._calculate_timestamps, None))
+  meta = VideoMetadata(total_num_frames=len(frames), fps=fps,
+                       frames_indices=list(range(len(frames))))
+  text = Qwen3VLProcessor.replace_video_token(
+      proc, {"video_grid_thw": grid[None], "video_metadata": [meta]}, 0)
+  return rows, grid, text
 
 
 def encode_video_record(proc, files: dict[str, bytes], folder_frames: dict[str, list[str]],
-                        with_seconds: bool, qwen3: bool = False):
+                        with_seconds: bool, qwen3: bool = False, frame_processor=None,
+                        budget: tuple[int, int] | None = None):
   """`record -> transformers-style inputs` for the records of `video_records`: the chat text of
   the processor's template on `hf_messages`, the processor's images and ids, the one
   `<|video_pad|>` expanded to the video's tokens (what `Qwen2VLProcessor` does when it has a
   video processor), `hf_video_rows` as pixel_values_videos and (`with_seconds`, Qwen2.5-VL)
   second_per_grid_ts = 2 / fps. `add_generation_prompt`: the template's generation prompt
-  after the turns."""
+  after the turns. `frame_processor`: the image processor that resizes frames (default the
+  processor's; give one with the video budget); Qwen3-VL: `budget` (min, max pixels of the
+  clip)."""
   import io
   import torch
   from PIL import Image
@@ -127,12 +143,9 @@ def encode_video_record(proc, files: dict[str, bytes], folder_frames: dict[str, 
     if qwen3 and "video" in rec:  # Qwen3VLProcessor: a timestamp and a run per frame pair
       v = rec["video"]
       frames = [open_(n) for n in (folder_frames[v] if isinstance(v, str) else v)]
-      ip = proc.image_processor
-      rows, grid, stamps = qwen3_video(frames, ip, rec.get("fps", 2.0), ip.size["shortest_edge"],
-                                       ip.size["longest_edge"])
-      per = "<|video_pad|>" * (int(grid[1] * grid[2]) // 4)
-      text = text.replace("<|vision_start|><|video_pad|><|vision_end|>", "".join(
-          f"<{t:.1f} seconds><|vision_start|>{per}<|vision_end|>" for t in stamps))
+      rows, grid, video_text = qwen3_video(frames, proc.image_processor, rec.get("fps", 2.0),
+                                           *budget)
+      text = text.replace("<|vision_start|><|video_pad|><|vision_end|>", video_text)
     names = [rec["image"]] if "image" in rec else []
     saved, proc.video_token = proc.video_token, None  # no video processor: skip its check
     try:
@@ -146,7 +159,7 @@ def encode_video_record(proc, files: dict[str, bytes], folder_frames: dict[str, 
     elif "video" in rec:
       v = rec["video"]
       frames = [open_(n) for n in (folder_frames[v] if isinstance(v, str) else v)]
-      rows, grid = hf_video_rows(frames, proc.image_processor)
+      rows, grid = hf_video_rows(frames, frame_processor or proc.image_processor)
       at = int(np.flatnonzero(ids == video_id)[0])
       ids = np.concatenate([ids[:at], [video_id] * (int(grid.prod()) // 4), ids[at + 1:]])
       enc.update(pixel_values_videos=torch.tensor(rows), video_grid_thw=torch.tensor(grid[None]))

@@ -66,7 +66,7 @@ def test_logits_match_transformers(loaded):
   enc = _batch(family, SIDES)
   kw = mt.hf_inputs(model, enc)
   n = int(enc["image_grid_thw"].prod(-1).sum() + enc["video_grid_thw"].prod(-1).sum())
-  assert n == 24 + 56 and kw["pixel_values"].shape[0] == 128  # one buffer, bucketed to 64s
+  assert n == 28 + 56 and kw["pixel_values"].shape[0] == 128  # one buffer, bucketed to 64s
   ours = np.asarray(model.apply({"params": params}, **kw))
   hf_model.model.rope_deltas = None
   ref = qt.hf_logits(hf_model, enc)

@@ -24,9 +24,10 @@ def get_config():
   c.min_pixels = 0                # Qwen2-VL: smart_resize budget (0: the image processor's)
   c.max_pixels = 0
   c.out_of_budget = "resize"      # Qwen2-VL: resize (transformers) | refuse images outside
-  c.video_min_pixels = 0          # Qwen2-VL videos (frames): per-frame smart_resize budget
-  c.video_max_pixels = 0          #   (0: the video processor's)
-  c.video_fps = 2.0               # Qwen2.5-VL: rate of records' frames without their own "fps"
+  c.video_min_pixels = 0          # Qwen-VL videos (frames): smart_resize budget per frame
+  c.video_max_pixels = 0          #   (Qwen3-VL: per clip; 0: the video processor's)
+  c.video_fps = 2.0               # rate of records' frames without their own "fps" (Qwen2.5-VL
+  #                                 time steps, Qwen3-VL timestamps)
   c.image_groups = 0              # data-parallel shards of a host's rows (0: from the mesh); image
   #                                 buffers split over them (Qwen2-VL: one patch block each)
   c.overflow = "truncate"         # truncate | drop | fail
