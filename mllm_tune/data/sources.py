@@ -19,9 +19,9 @@ are not decoded here: sample their frames to image files first.
 when told to. The offline demo set of the benchmark issue plugs in by implementing `Source`.
 
 tfds without TensorFlow: `build_tfds` converts a LLaVA JSON + image folder once into
-`array_record` shards with only `Text` / `Tensor(object)` features (images kept as encoded
-bytes; `tfds.features.Image` would need TensorFlow); `TfdsSource` reads them back through
-`builder.as_data_source()` (random access).
+`array_record` shards with only `Text` / `Tensor` features (images and video frames kept as
+encoded bytes; `tfds.features.Image` would need TensorFlow); `TfdsSource` reads them back through
+`builder.as_data_source()` (random access), videos included.
 """
 from __future__ import annotations
 
@@ -193,7 +193,8 @@ def _builder_class():
   class MllmTuneLlava(tfds.core.GeneratorBasedBuilder):
     """LLaVA JSON + images -> array_record shards; images as encoded bytes (no TensorFlow)."""
     name = "mllm_tune_llava"
-    VERSION = tfds.core.Version("1.0.0")
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.1.0": "videos: frames, frame counts, names and fps per video"}
 
     # tfds 4.9.x locates a builder defined inside a package through `importlib_resources`,
     # which it only installs on Python < 3.9 (ModuleNotFoundError otherwise). This builder has
@@ -219,7 +220,12 @@ def _builder_class():
               "id": f.Text(), "where": f.Text(),
               "conversations": f.Text(),  # the turns as JSON
               "images": f.Sequence(f.Tensor(shape=(), dtype=np.object_)),
-              "image_names": f.Sequence(f.Text())}))
+              "image_names": f.Sequence(f.Text()),
+              # videos: every frame of every video in one list, split by video_frames
+              "video_frames": f.Sequence(f.Tensor(shape=(), dtype=np.object_)),
+              "video_lengths": f.Sequence(f.Tensor(shape=(), dtype=np.int64)),
+              "video_names": f.Text(),  # JSON list (a folder name or a list of files each)
+              "video_fps": f.Sequence(f.Tensor(shape=(), dtype=np.float32))}))  # -1: none
 
     def _split_generators(self, dl_manager):
       if self._json_path is None:
@@ -237,12 +243,14 @@ def _builder_class():
             raise
           self.report.add(e.reason, str(e))
           continue
-        if rec.get("video_names"):
-          raise DataError(f"{rec['where']}: a video record; tfds shards hold images only "
-                          "(use data.kind=llava_json for video data)", "bad_record")
+        videos = rec.get("videos") or []
         yield i, {"id": rec["id"], "where": rec["where"],
                   "conversations": json.dumps(rec["conversations"]),
-                  "images": rec["images"], "image_names": rec["image_names"]}
+                  "images": rec["images"], "image_names": rec["image_names"],
+                  "video_frames": [b for v in videos for b in v],
+                  "video_lengths": [len(v) for v in videos],
+                  "video_names": json.dumps(rec.get("video_names") or []),
+                  "video_fps": [-1.0 if r is None else r for r in rec.get("video_fps") or []]}
 
   return MllmTuneLlava
 
@@ -274,7 +282,15 @@ class TfdsSource:
 
   def __getitem__(self, index: int) -> dict:
     ex = self.data[index]
-    return {"id": _text(ex["id"]), "where": _text(ex["where"]),
-            "conversations": json.loads(_text(ex["conversations"])),
-            "images": [bytes(b) for b in ex["images"]],
-            "image_names": [_text(n) for n in ex["image_names"]]}
+    out = {"id": _text(ex["id"]), "where": _text(ex["where"]),
+           "conversations": json.loads(_text(ex["conversations"])),
+           "images": [bytes(b) for b in ex["images"]],
+           "image_names": [_text(n) for n in ex["image_names"]]}
+    lengths = [int(n) for n in ex["video_lengths"]]
+    if lengths:
+      frames = [bytes(b) for b in ex["video_frames"]]
+      ends = np.cumsum(lengths)
+      out.update(videos=[frames[e - n:e] for n, e in zip(lengths, ends)],
+                 video_names=json.loads(_text(ex["video_names"])),
+                 video_fps=[None if r < 0 else float(r) for r in ex["video_fps"]])
+    return out

@@ -100,3 +100,19 @@ def test_missing_image_is_reported_when_read(tmp_path):
                                       r".*images/nope.jpg") as e:
     src[0]
   assert e.value.reason == "missing_image"
+
+
+def test_tfds_shards_keep_video_records(tmp_path):
+  """Records with videos (a frame folder with fps, a frame list without) read back from the
+  shards exactly as from the JSON."""
+  from tests.helpers.qwen_video import video_records
+  records, files = video_records()
+  path = write_llava_dataset(str(tmp_path / "src"), records, files)
+  folder = str(tmp_path / "src" / "images")
+  ds_dir, report = build_tfds(path, str(tmp_path / "tfds"), folder)
+  src, ref = TfdsSource(ds_dir), LlavaJsonSource(path, folder)
+  assert not report.counts and len(src) == len(records)
+  for i in range(len(records)):
+    assert src[i] == ref[i]
+  assert [len(v) for v in src[0]["videos"]] == [5] and src[0]["video_fps"] == [1.0]
+  assert src[1]["video_fps"] == [None] and "videos" not in src[2]
