@@ -163,6 +163,25 @@ def pack_table(hw: Sequence[int], n_crops: int, side: int, pinpoints, crop: int,
                 np.concatenate([np.zeros(s2, bool), nl.reshape(-1)]))
 
 
+def video_table(n_frames: int, side: int) -> PackTable:
+  """The token table of one OneVision video of `n_frames` frames (each a crop of `side` x
+  `side` features): per frame, its features bilinearly shrunk to ceil(side / 2) per side (4
+  taps, transformers' `apply_pooling`), frame after frame, then one `image_newline`."""
+  out = -(-side // 2)
+  y0, y1, ly = bilinear_taps(side, out)
+  x0, x1, lx = bilinear_taps(side, out)
+  yy = [y0[:, None], y0[:, None], y1[:, None], y1[:, None]]
+  xx = [x0[None], x1[None], x0[None], x1[None]]
+  wy = [1 - ly, 1 - ly, ly, ly]
+  wx = [1 - lx, lx, 1 - lx, lx]
+  frame_idx = np.stack([a * side + b for a, b in zip(yy, xx)], -1).reshape(-1, 4)
+  frame_w = np.stack([a[:, None] * b[None] for a, b in zip(wy, wx)], -1).reshape(-1, 4)
+  idx = np.concatenate([frame_idx + f * side * side for f in range(n_frames)]
+                       + [np.zeros((1, 4), np.int64)])
+  w = np.concatenate([frame_w] * n_frames + [np.zeros((1, 4))])
+  return _table(idx, w, np.arange(len(idx)) == len(idx) - 1)
+
+
 def concat_tables(tables: Sequence[PackTable], crops: Sequence[int], side: int,
                   rows: int | None = None, k: int | None = None) -> PackTable:
   """The tables of several images, in order, for their crops laid out one after another (image

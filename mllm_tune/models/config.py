@@ -95,6 +95,7 @@ class LlavaConfig:
   model_type: str = "llava"  # LLAVA_TYPES
   image_grid_pinpoints: tuple[tuple[int, int], ...] = ()  # anyres: (height, width) resolutions
   vision_aspect_ratio: str = "anyres_max_9"  # llava_onevision: cap on the grid's feature area
+  video_token_id: int = -1  # llava_onevision: the video placeholder id (-1: no videos)
   hf_json: str = ""  # original HF config.json text, for round trips
   hf_layout: str = ""  # checkpoint key layout read (checkpoints.hf.LLAVA_LAYOUTS), written back
   generation_json: str = ""  # the checkpoint's generation_config.json text (generation defaults)
@@ -123,6 +124,13 @@ class LlavaConfig:
   def crop_side(self) -> int:
     """Features per side of one crop's feature map (image_size / patch_size)."""
     return self.vision.image_size // self.vision.patch_size
+
+  @property
+  def vision_token_ids(self) -> tuple[int, ...]:
+    """The ids whose positions take vision features: the image id (and OneVision's video id)."""
+    if self.model_type == "llava_onevision" and self.video_token_id >= 0:
+      return self.image_token_id, self.video_token_id
+    return (self.image_token_id,)
 
   @property
   def crop_tokens(self) -> int:
@@ -227,6 +235,9 @@ def _llava_config_from_hf(d: dict, mt: str, where: str, dtype: str,
         raise ConfigError(f"{where}: vision_aspect_ratio {aspect!r} is not supported "
                           "(expected 'anyres_max_<N>')")
       extra["vision_aspect_ratio"] = aspect
+      video = d.get("video_token_index", d.get("video_token_id"))
+      if video is not None:
+        extra["video_token_id"] = int(video)
   return LlavaConfig(
       vision=vis, llm=llm, projector_type="mlp2x_gelu",
       projector_hidden_act=d.get("projector_hidden_act", "gelu"),
@@ -298,6 +309,9 @@ def config_to_hf(cfg: LlavaConfig | CausalLMConfig, dtype: str) -> dict:
       d["image_grid_pinpoints"] = [list(p) for p in cfg.image_grid_pinpoints]
       if cfg.model_type == "llava_onevision":
         d["vision_aspect_ratio"] = cfg.vision_aspect_ratio
+        if cfg.video_token_id >= 0:
+          d["video_token_index"] = cfg.video_token_id
+          d.pop("video_token_id", None)
     else:
       d.update(image_token_id=cfg.image_token_id, image_seq_length=cfg.image_seq_len)
       d.pop("image_token_index", None)

@@ -13,7 +13,9 @@ Layouts (numpy or torch in, numpy out):
   `batch_num_images` (B,) (a row with more than one image has one crop per image) -> ours: the
   real crops only, (sum of crops, S, S, 3), and the position-aligned pack tables (`pack_index`,
   `pack_weight`, `pack_newline`, see `models.anyres` and `models.llava`). A 4-D HF
-  `pixel_values` (crops already concatenated) is accepted too.
+  `pixel_values` (crops already concatenated) is accepted too. OneVision videos:
+  `pixel_values_videos` (N_videos, frames, 3, S, S) -> every frame a crop after the images',
+  the video tokens' table rows `anyres.video_table` (pooled frame features, one newline).
 - Qwen2-VL / Qwen2.5-VL / Qwen3-VL: HF `pixel_values` (sum of patches, C*T*p*p) and `image_grid_thw`
   (N_images, 3); videos: `pixel_values_videos` and `video_grid_thw` (N_videos, 3) (and for
   Qwen2.5-VL `second_per_grid_ts` (N_videos,), default 1 s); `mm_token_type_ids` (B, T) (1
@@ -66,7 +68,7 @@ def image_tables(cfg: LlavaConfig, image_sizes_N2, crops: list[int]) -> list[any
 
 
 def scatter_tables(input_ids_BT: np.ndarray, image_token_id: int,
-                   table: anyres.PackTable) -> dict[str, np.ndarray]:
+                   table: anyres.PackTable, what: str = "image") -> dict[str, np.ndarray]:
   """Place a table of image tokens (in batch order) at the image-token positions of
   `input_ids`: position-aligned `pack_index` (B, T, K), `pack_weight` (B, T, K), `pack_newline`
   (B, T). Raises when the counts differ."""
@@ -74,8 +76,8 @@ def scatter_tables(input_ids_BT: np.ndarray, image_token_id: int,
   is_img = ids == image_token_id
   n_tok, n_tab = int(is_img.sum()), len(table)
   if n_tok != n_tab:
-    raise ValueError(f"input_ids hold {n_tok} image tokens (id {image_token_id}) but the images "
-                     f"yield {n_tab}; the text's placeholders do not match the images")
+    raise ValueError(f"input_ids hold {n_tok} {what} tokens (id {image_token_id}) but the "
+                     f"{what}s yield {n_tab}; the text's placeholders do not match the {what}s")
   b, t = ids.shape
   k = table.index.shape[1]
   index = np.zeros((b, t, k), np.int32)
@@ -102,6 +104,13 @@ def hf_inputs(model_or_config, processor_output: Mapping[str, Any], *,
     kw["attention_mask"] = out["attention_mask"].astype(np.int32).reshape(ids.shape)
   if isinstance(cfg, QwenVLConfig):
     return _qwen_vl_inputs(cfg, out, kw, patch_multiple)
+  if "pixel_values_videos" in out:
+    if not isinstance(cfg, LlavaConfig) or cfg.model_type != "llava_onevision" or (
+        cfg.video_token_id < 0):
+      raise ValueError(f"{getattr(cfg, 'model_type', type(cfg).__name__)}: pixel_values_videos "
+                       "given; videos are supported for llava_onevision (with a "
+                       "video_token_index) and the Qwen-VL families")
+    return _onevision_inputs(cfg, out, kw)
   if "pixel_values" not in out:
     return kw
   if not isinstance(cfg, LlavaConfig):
@@ -112,6 +121,16 @@ def hf_inputs(model_or_config, processor_output: Mapping[str, Any], *,
       raise ValueError(f"pixel_values of shape {px.shape}: expected (N, 3, H, W)")
     kw["pixel_values"] = np.ascontiguousarray(px.transpose(0, 2, 3, 1))
     return kw
+  crops_px, table = _anyres_images(cfg, out)
+  kw["pixel_values"] = crops_px
+  kw.update(scatter_tables(kw["input_ids"], cfg.image_token_id, table))
+  return kw
+
+
+def _anyres_images(cfg: LlavaConfig, out: dict) -> tuple[np.ndarray, anyres.PackTable]:
+  """(the real crops (sum of crops, S, S, 3), their token table) of an anyres processor
+  output's images."""
+  px = out["pixel_values"].astype(np.float32)
   if "image_sizes" not in out:
     raise ValueError(f"{cfg.model_type}: the processor output needs 'image_sizes' (the original "
                      "(height, width) of every image)")
@@ -128,10 +147,40 @@ def hf_inputs(model_or_config, processor_output: Mapping[str, Any], *,
   elif px.ndim != 4 or px.shape[0] != sum(crops):
     raise ValueError(f"pixel_values of shape {px.shape}: expected (images, crops, 3, S, S) or "
                      f"({sum(crops)}, 3, S, S)")
-  kw["pixel_values"] = np.ascontiguousarray(px.transpose(0, 2, 3, 1))
   tables = image_tables(cfg, sizes, crops)
-  kw.update(scatter_tables(ids, cfg.image_token_id,
-                           anyres.concat_tables(tables, crops, cfg.crop_side)))
+  return (np.ascontiguousarray(px.transpose(0, 2, 3, 1)),
+          anyres.concat_tables(tables, crops, cfg.crop_side))
+
+
+def _onevision_inputs(cfg: LlavaConfig, out: dict, kw: dict) -> dict:
+  """OneVision with videos: the images' crops, then every video frame as a crop of its own;
+  image tokens take the images' table, video tokens the videos' (`anyres.video_table`)."""
+  vids = out["pixel_values_videos"].astype(np.float32)
+  s = cfg.vision.image_size
+  if vids.ndim != 5 or vids.shape[2:] != (3, s, s):
+    raise ValueError(f"pixel_values_videos of shape {vids.shape}: expected (videos, frames, 3, "
+                     f"{s}, {s})")
+  side, s2 = cfg.crop_side, cfg.crop_side ** 2
+  img_px, img_table = (_anyres_images(cfg, out) if "pixel_values" in out
+                       else (np.zeros((0, s, s, 3), np.float32), None))
+  n_videos, n_frames = vids.shape[:2]
+  frames = vids.reshape(n_videos * n_frames, 3, s, s).transpose(0, 2, 3, 1)
+  one = anyres.video_table(n_frames, side)
+  first = len(img_px) * s2  # the first video frame's feature row
+  table = anyres.PackTable(
+      np.concatenate([one.index + first + v * n_frames * s2 for v in range(n_videos)]),
+      np.concatenate([one.weight] * n_videos), np.concatenate([one.newline] * n_videos))
+  ids = kw["input_ids"]
+  tabs = scatter_tables(ids, cfg.video_token_id, table, "video")
+  if img_table is not None:
+    imgs = scatter_tables(ids, cfg.image_token_id, img_table)
+    is_img = ids == cfg.image_token_id
+    tabs = {k: np.where(is_img[..., None] if v.ndim == 3 else is_img, imgs[k], v)
+            for k, v in tabs.items()}
+  elif (ids == cfg.image_token_id).any():
+    raise ValueError("input_ids hold image tokens but the processor output has no pixel_values")
+  kw["pixel_values"] = np.ascontiguousarray(np.concatenate([img_px, frames]))
+  kw.update(tabs)
   return kw
 
 

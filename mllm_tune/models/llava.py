@@ -16,6 +16,8 @@ exactly the positions with a non-zero weight or a newline flag.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -151,8 +153,8 @@ class Llava(nn.Module):
       raise ValueError(f"{c.model_type}: pixel_values need the pack tables (pack_index, "
                        "pack_weight, pack_newline); mt.hf_inputs builds them from a processor's "
                        "output")
-    check_packed_positions(input_ids, pack_weight, pack_newline, c.image_token_id)
-    is_img = input_ids == c.image_token_id
+    check_packed_positions(input_ids, pack_weight, pack_newline, c.vision_token_ids)
+    is_img = functools.reduce(jnp.logical_or, [input_ids == t for t in c.vision_token_ids])
     embeds = self.llm.embed_tokens(jnp.where(is_img, 0, input_ids))
     feats = self.image_features(pixel_values)
     img = gather_packed(feats.reshape(-1, feats.shape[-1]), pack_index, pack_weight,
