@@ -20,7 +20,8 @@ Modules: `conversation` (chat templates, tokens, loss masks; `messages`: turns a
 `images` (CLIP / SigLIP / LLaVA preprocessing), `anyres_images` (LLaVA-NeXT / OneVision),
 `qwen_images` (Qwen2-VL / 2.5-VL), `qwen_videos` (Qwen-VL videos as frames), `qwen_batch` (Qwen
 patch-buffer batches), `anyres_batch` (anyres crop batches), `sources` (JSON / JSONL / tfds),
-`pipeline` (record -> sample; `qwen_samples` for Qwen-VL records), `samples` (Sample, length
+`pipeline` (record -> sample; `qwen_samples` / `anyres_samples` for Qwen-VL / NeXT and
+OneVision records), `samples` (Sample, length
 policy), `packing` (batch layout, image slots, packing), `batching` (iterator, resume, prefetch),
 `targets` (the loss-mask convention and the reference next-token loss), `loader` (config ->
 iterator).

@@ -49,7 +49,8 @@ def assemble_anyres(rows: Sequence[Sequence], spec: BatchSpec, normalize=None
       ids[r, c:c + n], pos[r, c:c + n] = s.tokens.input_ids, s.tokens.positions
       loss[r, c:c + n], seg[r, c:c + n] = s.tokens.loss_mask, j
       loss[r, c] = 0  # a segment's first token is never predicted from the previous sample
-      is_img = np.flatnonzero(s.tokens.input_ids == spec.image_token_id) + c
+      is_img = np.flatnonzero(np.isin(s.tokens.input_ids,
+                                      (spec.image_token_id, spec.video_token_id))) + c
       n_tab = 0 if s.table is None else len(s.table)
       if len(is_img) != n_tab:
         raise AssertionError(f"{s.where}: {len(is_img)} image tokens, table of {n_tab}")

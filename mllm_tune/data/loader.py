@@ -47,6 +47,7 @@ from mllm_tune.data import qwen_samples
 from mllm_tune.data import qwen_videos as qv
 from mllm_tune.data.pipeline import SamplePreparer
 from mllm_tune.data.sources import LlavaJsonSource, TfdsSource, build_tfds
+from mllm_tune.models import anyres
 from mllm_tune.models.qwen_vl_config import QwenVLConfig
 
 DEFAULTS = dict(kind="llava_json", json_path="", image_folder=None, tfds_dir="", template=None,
@@ -120,8 +121,10 @@ def _probe_crops(source, prepare, o: dict) -> tuple[int, int]:
 
   def measure(sizes, videos):
     flags = ai.anyres_flags(spec.family, [len(sizes)])
+    v_tokens = [len(anyres.video_table(n, spec.feature_side)) for n, _, _ in videos]
     return ([spec.image_tokens(hw, f) for hw, f in zip(sizes, flags)],
-            sum(spec.num_crops(hw, f) for hw, f in zip(sizes, flags)), [1] * len(videos), None)
+            sum(spec.num_crops(hw, f) for hw, f in zip(sizes, flags))
+            + sum(n for n, _, _ in videos), v_tokens, None)
   return _probe_budget(source, prepare, o, measure)
 
 
@@ -195,6 +198,7 @@ def _anyres_batches(o: dict, source, model_dir: str, model_config):
   spec = BatchSpec(batch_size=o["batch_size"], max_len=o["seq_len"], packing=o["packing"],
                    bucket_lengths=tuple(o["bucket_lengths"]), max_images=budget,
                    image_token_id=model_config.image_token_id, image_hw=prepare.image_hw,
+                   video_token_id=prepare.chat.video_token_id,
                    pad_id=pad_id, crop_features=model_config.crop_side ** 2,
                    crop_buckets=buckets)
   it = BatchIterator(source, prepare, spec, prepare.image_spec, seed=o["seed"],

@@ -17,10 +17,9 @@ from mllm_tune.data import anyres_images as ai
 from mllm_tune.data import images as img_lib
 from mllm_tune.data import qwen_images as qi
 from mllm_tune.data import qwen_videos as qv
-from mllm_tune.models import anyres
+from mllm_tune.data import anyres_samples, qwen_samples
 from mllm_tune.models.qwen_vl_config import QwenVLConfig
-from mllm_tune.data import qwen_samples
-from mllm_tune.data.conversation import ChatTokenizer, load_tokenizer
+from mllm_tune.data.conversation import VIDEO_PLACEHOLDER, ChatTokenizer, load_tokenizer
 from mllm_tune.data.errors import DataError
 from mllm_tune.data.samples import OVERFLOW, Sample, SampleDropped, fit_length  # noqa: F401
 
@@ -34,7 +33,8 @@ class SamplePreparer:
   0 for Qwen2-VL). Qwen-VL videos: `video_spec` (`qwen_videos`; None: records with
   videos are refused), `video_time_step` (`QwenVLConfig.video_time_step`) and `video_fps`, the
   frame rate of records without their own. Qwen3-VL: `video_frame_marks` (vision start, video
-  pad, vision end) turns on timestamped frame runs (`qwen_samples`).
+  pad, vision end) turns on timestamped frame runs (`qwen_samples`). OneVision:
+  `anyres_videos` takes videos (`anyres_samples`).
   """
 
   def __init__(self, chat: ChatTokenizer, image_spec: img_lib.ImageSpec | None, max_len: int,
@@ -42,13 +42,14 @@ class SamplePreparer:
                qwen_spec: qi.QwenImageSpec | None = None, window_merge: int = 0,
                video_spec: qi.QwenImageSpec | None = None, video_time_step: int | None = None,
                video_fps: float = qv.DEFAULT_FPS,
-               video_frame_marks: tuple[str, str, str] | None = None):
+               video_frame_marks: tuple[str, str, str] | None = None,
+               anyres_videos: bool = False):
     if overflow not in OVERFLOW:
       raise ValueError(f"overflow={overflow!r}: choose one of {OVERFLOW}")
     self.chat, self.image_spec, self.max_len, self.overflow = chat, image_spec, max_len, overflow
     self.anyres_spec, self.qwen_spec, self.window_merge = anyres_spec, qwen_spec, window_merge
     self.video_spec, self.video_time_step = video_spec, video_time_step
-    self.video_frame_marks = video_frame_marks
+    self.video_frame_marks, self.anyres_videos = video_frame_marks, anyres_videos
     if isinstance(video_fps, bool) or not isinstance(video_fps, (int, float)) or video_fps <= 0:
       raise ValueError(f"video_fps {video_fps!r} must be a positive number")
     self.video_fps = float(video_fps)
@@ -75,10 +76,12 @@ class SamplePreparer:
     `qwen_preparer`)."""
     if isinstance(model_config, QwenVLConfig):
       return qwen_preparer(model_dir, model_config, max_len, template, overflow)
-    chat = ChatTokenizer(load_tokenizer(model_dir), model_config.image_token_id,
-                         model_config.crop_tokens, template)
-    if model_config.anyres:
-      return cls(chat, None, max_len, overflow, anyres_spec_for(model_dir, model_config))
+    tok, c = load_tokenizer(model_dir), model_config
+    video = onevision_video_args(tok, c) if c.anyres else {}
+    chat = ChatTokenizer(tok, c.image_token_id, c.crop_tokens, template, **video)
+    if c.anyres:
+      return cls(chat, None, max_len, overflow, anyres_spec_for(model_dir, c),
+                 anyres_videos=bool(video))
     spec = img_lib.ImageSpec.from_pretrained(model_dir, aspect)
     size = model_config.vision.image_size
     if spec.output_hw != (size, size):
@@ -88,13 +91,14 @@ class SamplePreparer:
 
   def __call__(self, record: dict) -> Sample:
     where = record.get("where", f"record (id={record.get('id')})")
-    if record.get("videos") and self.video_spec is None:
+    if record.get("videos") and self.video_spec is None and not self.anyres_videos:
       raise DataError(f"{where}: a video, but this model's data pipeline takes images only "
-                      "(videos: Qwen2-VL / Qwen2.5-VL / Qwen3-VL)", "image_count")
+                      "(videos: Qwen2-VL / Qwen2.5-VL / Qwen3-VL, LLaVA-OneVision with a "
+                      "<video> token)", "image_count")
     if self.qwen_spec is not None:
       return qwen_samples.prepare(self, record, where)
     if self.anyres_spec is not None:
-      return self._prepare_anyres(record, where)
+      return anyres_samples.prepare(self, record, where)
     raw_images = record.get("images", [])
     with self._tokenizer_lock:
       tokens = self.chat.encode(record.get("conversations"), len(raw_images), where)
@@ -113,35 +117,6 @@ class SamplePreparer:
     return Sample(tokens, pixels, str(record.get("id", "")), where,
                   original if len(tokens) < original else 0)
 
-  def _prepare_anyres(self, record: dict, where: str) -> Sample:
-    """Anyres: image sizes decide token counts, so images are decoded before tokenizing."""
-    spec, raw = self.anyres_spec, record.get("images", [])
-    names = record.get("image_names") or [f"#{i}" for i in range(len(raw))]
-    wheres = [f"{where}: image {name}" for name in names]
-    imgs = [img_lib.decode_image(data, w) for data, w in zip(raw, wheres)]
-    flags = ai.anyres_flags(spec.family, [len(imgs)])
-    tables = []
-    for img, flag, w in zip(imgs, flags, wheres):
-      hw = (img.height, img.width)
-      ai.check_image_tokens(hw, spec, flag, where=w)
-      tables.append(anyres.pack_table(hw, spec.num_crops(hw, flag), spec.feature_side,
-                                      spec.grid_pinpoints, spec.tile, spec.family,
-                                      spec.vision_aspect_ratio))
-    counts = [len(t) for t in tables]
-    with self._tokenizer_lock:
-      tokens = self.chat.encode(record.get("conversations"), len(raw), where,
-                                image_tokens=counts)
-    original = len(tokens)
-    tokens, kept = fit_length(tokens, self.max_len, counts, self.overflow, where)
-    crops = [ai.anyres_crops(img, spec, flag, w)
-             for img, flag, w in zip(imgs[:kept], flags[:kept], wheres[:kept])]
-    h, w = self.image_hw
-    pixels = np.concatenate(crops) if crops else np.zeros((0, h, w, 3), np.uint8)
-    table = anyres.concat_tables(tables[:kept], [c.shape[0] for c in crops], spec.feature_side,
-                                 k=4 if spec.family == "llava_onevision" else 1)
-    return Sample(tokens, pixels, str(record.get("id", "")), where,
-                  original if len(tokens) < original else 0, table, tuple(counts[:kept]))
-
   def prompt_ids(self, record: dict, sample: Sample) -> np.ndarray:
     """The generation prompt of `record` (`ChatTokenizer.encode_prompt`: the turns before its
     last assistant turn + the template's generation prompt), with the images of `sample` (its
@@ -149,10 +124,11 @@ class SamplePreparer:
     the counts of its grids (gh * gw / m^2 per image)."""
     if self.qwen_spec is not None:
       return qwen_samples.prompt_ids(self, record, sample)
-    counts = list(sample.image_tokens) if self.anyres_spec is not None else None
-    n = sample.num_images if counts is None else len(counts)
+    if self.anyres_spec is not None:
+      return anyres_samples.prompt_ids(self, record, sample)
     with self._tokenizer_lock:
-      return self.chat.encode_prompt(record.get("conversations"), n, sample.where, counts)
+      return self.chat.encode_prompt(record.get("conversations"), sample.num_images,
+                                     sample.where)
 
 
 def qwen_image_text(tokenizer, model_config: QwenVLConfig, token_id: int | None = None) -> str:
@@ -206,6 +182,17 @@ def qwen_preparer(model_dir: str, model_config: QwenVLConfig, max_len: int,
                         window_merge=v.window_merge if v.windowed else 0,
                         video_spec=video_spec, video_time_step=c.video_time_step,
                         video_fps=video_fps, video_frame_marks=marks)
+
+
+def onevision_video_args(tokenizer, model_config) -> dict:
+  """`ChatTokenizer` video arguments of a OneVision checkpoint whose tokenizer has its video
+  token as `<video>` (the processor's placeholder); {} otherwise (videos refused)."""
+  c = model_config
+  if c.model_type != "llava_onevision" or c.video_token_id < 0:
+    return {}
+  if tokenizer.encode(VIDEO_PLACEHOLDER, add_special_tokens=False) != [c.video_token_id]:
+    return {}
+  return dict(video_text=VIDEO_PLACEHOLDER, video_token_id=c.video_token_id)
 
 
 def anyres_spec_for(model_dir: str, model_config) -> ai.AnyresImageSpec:

@@ -40,9 +40,10 @@ class Sample:
   image_tokens: tuple[int, ...] = ()  # anyres, Qwen: tokens of each kept image, in order
   grids: np.ndarray | None = None  # Qwen-VL: (t, gh, gw) of each kept image or video
   mrope_positions: np.ndarray | None = None  # Qwen2-VL: (3, T) M-RoPE positions
-  video_items: tuple[bool, ...] = ()  # Qwen: which of `grids` are videos
+  video_items: tuple[bool, ...] = ()  # Qwen, anyres: which kept items (text order) are videos
   video_texts: tuple[str, ...] = ()  # Qwen3-VL: each kept video's timestamped text
   video_seconds: tuple[float, ...] = ()  # Qwen: each kept video's second_per_grid_t
+  video_tokens: tuple[int, ...] = ()  # anyres (OneVision): tokens of each kept video
 
   @property
   def length(self) -> int:

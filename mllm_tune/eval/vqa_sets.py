@@ -173,7 +173,7 @@ def prepare(source, preparer: SamplePreparer, num: int | None = None,
   pack = prompt_pack = None
   crop_features = 0
   if tables:
-    image_id = preparer.chat.image_token_id
+    image_id = (preparer.chat.image_token_id, preparer.chat.video_token_id)
     pack = _pack_tables(ids, tables, image_id, wheres)
     if prompts:
       prompt_pack = _pack_tables(prompt_ids, tables, image_id, wheres, "generation prompt")
@@ -233,16 +233,16 @@ def _pad(rows: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   return ids, loss, attn
 
 
-def _pack_tables(ids: np.ndarray, tables: list, image_id: int, wheres: list,
-                 what: str = "row"):
-  """Position-aligned tables (N, T, K) of the rows `ids`: row r's image tokens take the rows of
-  its sample's table in order (a count mismatch names the record, `wheres[r]`)."""
+def _pack_tables(ids: np.ndarray, tables: list, image_id, wheres: list, what: str = "row"):
+  """Position-aligned tables (N, T, K) of the rows `ids`: row r's image (and video) tokens,
+  of `image_id` (an id or a tuple), take the rows of its sample's table in order (a count
+  mismatch names the record, `wheres[r]`)."""
   n, t = ids.shape
   k = max(tb.index.shape[1] for tb in tables)
   index, weight = np.zeros((n, t, k), np.int32), np.zeros((n, t, k), np.float32)
   newline = np.zeros((n, t), bool)
   for r, tb in enumerate(tables):
-    pos = np.flatnonzero(ids[r] == image_id)
+    pos = np.flatnonzero(np.isin(ids[r], image_id))
     if len(pos) != len(tb.index):
       raise ValueError(f"{wheres[r]}: its {what} holds {len(pos)} image tokens but its images "
                        f"give {len(tb.index)}")

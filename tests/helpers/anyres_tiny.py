@@ -108,18 +108,25 @@ def save_processor(proc, path: str) -> None:
     proc.save_pretrained(path)
 
 
-def model_dir(root: str, family: str = "llava_onevision", template: str | None = None):
+def model_dir(root: str, family: str = "llava_onevision", template: str | None = None,
+              video: bool = False):
   """A checkpoint directory as a user has it: model, tokenizer (chatml BPE trained here, its
-  `<image>` id = the model's image token) and the processor, all saved by transformers.
+  `<image>` id = the model's image token; with `video`, a `<video>` special token = the
+  model's video token) and the processor, all saved by transformers.
   Returns (dir, hf_model, processor)."""
   import os
+  from tokenizers import AddedToken
   from mllm_tune.data.conversation import CHATML
   from tests.helpers.data import chatml_tokenizer
   tok = chatml_tokenizer(template or CHATML)
+  if video:
+    tok.add_tokens([AddedToken("<video>", special=True, normalized=False)])
   image_id = tok.convert_tokens_to_ids("<image>")
   kw = dict(vocab_size=len(tok), pad_token_id=0, bos_token_id=None, eos_token_id=2)
   hf = llava_next(**kw) if family == "llava_next" else llava_onevision(**kw)
   hf.config.image_token_id = image_id
+  if video:
+    hf.config.video_token_id = tok.convert_tokens_to_ids("<video>")
   d = os.path.join(root, family)
   hf.save_pretrained(d)
   tok.save_pretrained(d)
