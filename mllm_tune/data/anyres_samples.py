@@ -1,17 +1,19 @@
 """LLaVA-NeXT / OneVision records -> samples: the anyres part of `pipeline.SamplePreparer` (its
-`anyres_spec`, `chat`, `anyres_videos` ...).
+`anyres_spec`, `chat` ...).
 
 Image sizes decide token counts (`models.anyres.pack_table`), so images are decoded before
 tokenizing; the length policy (`samples.fit_length`) sees each image and each video as one item.
 Crops and token tables follow the text's order of images and videos.
 
-OneVision videos (`anyres_videos`; records with a "video" of sampled frames, `data/sources.py`):
+OneVision videos (`video_args`; records with a "video" of sampled frames, `data/sources.py`):
 each frame is resized to the tower's crop (PIL, the crop's `resample`, bicubic), as
 `LlavaOnevisionVideoProcessor` resizes to its square `size`, and is a crop of its own; the video
 takes frames x ceil(side / 2)^2 + 1 tokens: each frame's features bilinearly pooled to half size
 per side, then one `image_newline` (`models.anyres.video_table`, transformers' `apply_pooling`).
 The `<video>` placeholder is the checkpoint's video token, repeated that many times, as
-`LlavaOnevisionProcessor` does. Frames are used as given (no sampling). transformers resizes
+`LlavaOnevisionProcessor` does. Frames are used as given (no sampling, so no fps). The video
+processor config must resize to the crop size and normalize as the image processor does (one
+batch normalizes crops and frames together; checked by `video_args`). transformers resizes
 video frames with torchvision; PIL's bicubic rounds slightly differently.
 """
 from __future__ import annotations
@@ -20,9 +22,48 @@ import numpy as np
 
 from mllm_tune.data import anyres_images as ai
 from mllm_tune.data import images as img_lib
-from mllm_tune.data.errors import DataError
+from mllm_tune.data import qwen_videos as qv
+from mllm_tune.data.errors import DataError, log
+from mllm_tune.data.messages import VIDEO_PLACEHOLDER
 from mllm_tune.data.samples import Sample, fit_length
 from mllm_tune.models import anyres
+
+
+# `LlavaOnevisionVideoProcessor` class defaults (transformers 5)
+VIDEO_DEFAULTS = dict(image_mean=img_lib.CLIP_MEAN, image_std=img_lib.CLIP_STD, resample=3,
+                      do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+                      size={"height": 384, "width": 384})
+
+
+def video_args(tokenizer, model_config, model_dir: str, spec: ai.AnyresImageSpec) -> dict:
+  """`ChatTokenizer` video arguments of a OneVision checkpoint (its `<video>` token is the
+  model's video token, as the processor's placeholder), after checking that its video
+  processor config (read as transformers reads it, `qwen_videos.video_section`) resizes and
+  normalizes frames as the crops are; {} (videos refused, with the reason logged) otherwise."""
+  c = model_config
+  if c.model_type != "llava_onevision" or c.video_token_id < 0:
+    return {}
+  if tokenizer.encode(VIDEO_PLACEHOLDER, add_special_tokens=False) != [c.video_token_id]:
+    log.warning("%s: the tokenizer does not write %s as the model's video token %d: video "
+                "records will be refused", model_dir, VIDEO_PLACEHOLDER, c.video_token_id)
+    return {}
+  d, where = qv.video_section(model_dir)
+  d = {**VIDEO_DEFAULTS, **{k: v for k, v in d.items() if v is not None}}
+  size = d["size"] if isinstance(d["size"], dict) else {}
+  crop = spec.crop
+  checks = (("image_mean", tuple(map(float, d["image_mean"])), tuple(crop.mean)),
+            ("image_std", tuple(map(float, d["image_std"])), tuple(crop.std)),
+            ("resample", int(d["resample"]), crop.resample),
+            ("do_rescale", bool(d["do_rescale"]), crop.do_rescale),
+            ("rescale_factor", float(d["rescale_factor"]), crop.rescale_factor),
+            ("do_normalize", bool(d["do_normalize"]), crop.do_normalize),
+            ("size", (size.get("height"), size.get("width")), tuple(spec.crop_hw)))
+  problems = [f"{name} {got} != the crops' {want}" for name, got, want in checks
+              if got != want]
+  if problems:
+    raise ValueError(f"{where}: the video processor treats frames unlike the image crops, "
+                     "which one batch normalizes together: " + "; ".join(problems))
+  return dict(video_text=VIDEO_PLACEHOLDER, video_token_id=c.video_token_id)
 
 
 def decode_videos(p, record: dict, where: str) -> list[tuple[np.ndarray, anyres.PackTable]]:
@@ -61,6 +102,9 @@ def prepare(p, record: dict, where: str) -> Sample:
                                     spec.vision_aspect_ratio))
   counts = [len(t) for t in tables]
   videos = decode_videos(p, record, where)
+  if videos and p.chat.video_text is None:
+    raise DataError(f"{where}: a video, but this model's data pipeline takes images only",
+                    "image_count")
   with p._tokenizer_lock:
     tokens = p.chat.encode(record.get("conversations"), len(raw), where, image_tokens=counts,
                            video_tokens=[len(t) for _, t in videos])

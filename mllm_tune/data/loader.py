@@ -121,7 +121,7 @@ def _probe_crops(source, prepare, o: dict) -> tuple[int, int]:
 
   def measure(sizes, videos):
     flags = ai.anyres_flags(spec.family, [len(sizes)])
-    v_tokens = [len(anyres.video_table(n, spec.feature_side)) for n, _, _ in videos]
+    v_tokens = [anyres.video_tokens(n, spec.feature_side) for n, _, _ in videos]
     return ([spec.image_tokens(hw, f) for hw, f in zip(sizes, flags)],
             sum(spec.num_crops(hw, f) for hw, f in zip(sizes, flags))
             + sum(n for n, _, _ in videos), v_tokens, None)

@@ -19,7 +19,7 @@ from mllm_tune.data import qwen_images as qi
 from mllm_tune.data import qwen_videos as qv
 from mllm_tune.data import anyres_samples, qwen_samples
 from mllm_tune.models.qwen_vl_config import QwenVLConfig
-from mllm_tune.data.conversation import VIDEO_PLACEHOLDER, ChatTokenizer, load_tokenizer
+from mllm_tune.data.conversation import ChatTokenizer, load_tokenizer
 from mllm_tune.data.errors import DataError
 from mllm_tune.data.samples import OVERFLOW, Sample, SampleDropped, fit_length  # noqa: F401
 
@@ -33,8 +33,9 @@ class SamplePreparer:
   0 for Qwen2-VL). Qwen-VL videos: `video_spec` (`qwen_videos`; None: records with
   videos are refused), `video_time_step` (`QwenVLConfig.video_time_step`) and `video_fps`, the
   frame rate of records without their own. Qwen3-VL: `video_frame_marks` (vision start, video
-  pad, vision end) turns on timestamped frame runs (`qwen_samples`). OneVision:
-  `anyres_videos` takes videos (`anyres_samples`).
+  pad, vision end) turns on timestamped frame runs (`qwen_samples`). OneVision takes videos
+  when its `chat` has a video text (`anyres_samples.video_args`). Records with videos are
+  refused for models whose `chat` has none.
   """
 
   def __init__(self, chat: ChatTokenizer, image_spec: img_lib.ImageSpec | None, max_len: int,
@@ -42,14 +43,13 @@ class SamplePreparer:
                qwen_spec: qi.QwenImageSpec | None = None, window_merge: int = 0,
                video_spec: qi.QwenImageSpec | None = None, video_time_step: int | None = None,
                video_fps: float = qv.DEFAULT_FPS,
-               video_frame_marks: tuple[str, str, str] | None = None,
-               anyres_videos: bool = False):
+               video_frame_marks: tuple[str, str, str] | None = None):
     if overflow not in OVERFLOW:
       raise ValueError(f"overflow={overflow!r}: choose one of {OVERFLOW}")
     self.chat, self.image_spec, self.max_len, self.overflow = chat, image_spec, max_len, overflow
     self.anyres_spec, self.qwen_spec, self.window_merge = anyres_spec, qwen_spec, window_merge
     self.video_spec, self.video_time_step = video_spec, video_time_step
-    self.video_frame_marks, self.anyres_videos = video_frame_marks, anyres_videos
+    self.video_frame_marks = video_frame_marks
     if isinstance(video_fps, bool) or not isinstance(video_fps, (int, float)) or video_fps <= 0:
       raise ValueError(f"video_fps {video_fps!r} must be a positive number")
     self.video_fps = float(video_fps)
@@ -77,11 +77,12 @@ class SamplePreparer:
     if isinstance(model_config, QwenVLConfig):
       return qwen_preparer(model_dir, model_config, max_len, template, overflow)
     tok, c = load_tokenizer(model_dir), model_config
-    video = onevision_video_args(tok, c) if c.anyres else {}
-    chat = ChatTokenizer(tok, c.image_token_id, c.crop_tokens, template, **video)
     if c.anyres:
-      return cls(chat, None, max_len, overflow, anyres_spec_for(model_dir, c),
-                 anyres_videos=bool(video))
+      spec = anyres_spec_for(model_dir, c)
+      video = anyres_samples.video_args(tok, c, model_dir, spec)
+      chat = ChatTokenizer(tok, c.image_token_id, c.crop_tokens, template, **video)
+      return cls(chat, None, max_len, overflow, spec)
+    chat = ChatTokenizer(tok, c.image_token_id, c.crop_tokens, template)
     spec = img_lib.ImageSpec.from_pretrained(model_dir, aspect)
     size = model_config.vision.image_size
     if spec.output_hw != (size, size):
@@ -91,7 +92,7 @@ class SamplePreparer:
 
   def __call__(self, record: dict) -> Sample:
     where = record.get("where", f"record (id={record.get('id')})")
-    if record.get("videos") and self.video_spec is None and not self.anyres_videos:
+    if record.get("videos") and self.chat.video_text is None:
       raise DataError(f"{where}: a video, but this model's data pipeline takes images only "
                       "(videos: Qwen2-VL / Qwen2.5-VL / Qwen3-VL, LLaVA-OneVision with a "
                       "<video> token)", "image_count")
@@ -182,17 +183,6 @@ def qwen_preparer(model_dir: str, model_config: QwenVLConfig, max_len: int,
                         window_merge=v.window_merge if v.windowed else 0,
                         video_spec=video_spec, video_time_step=c.video_time_step,
                         video_fps=video_fps, video_frame_marks=marks)
-
-
-def onevision_video_args(tokenizer, model_config) -> dict:
-  """`ChatTokenizer` video arguments of a OneVision checkpoint whose tokenizer has its video
-  token as `<video>` (the processor's placeholder); {} otherwise (videos refused)."""
-  c = model_config
-  if c.model_type != "llava_onevision" or c.video_token_id < 0:
-    return {}
-  if tokenizer.encode(VIDEO_PLACEHOLDER, add_special_tokens=False) != [c.video_token_id]:
-    return {}
-  return dict(video_text=VIDEO_PLACEHOLDER, video_token_id=c.video_token_id)
 
 
 def anyres_spec_for(model_dir: str, model_config) -> ai.AnyresImageSpec:

@@ -10,10 +10,10 @@ shuffling and resume exact). A record is a plain dict:
    "video_names": [str], "video_fps": [float | None],
    "where": str}                    # "file:line (id=...)" or "file record i (id=...)"
 
-Videos (Qwen-VL), as sampled frames, one video per record: `"video"` names a folder of frame
-images (taken in natural file-name order, 2 before 10) or lists the frame files; `"fps"` (optional) is the
-rate they were sampled at; the conversation marks the video with `<video>`. Video files (mp4 ...)
-are not decoded here: sample their frames to image files first.
+Videos (Qwen-VL, LLaVA-OneVision), as sampled frames, one video per record: `"video"` names a
+folder of frame images (taken in natural file-name order, 2 before 10) or lists the frame files;
+`"fps"` (optional) is the rate they were sampled at; the conversation marks the video with
+`<video>`. Video files (mp4 ...) are not decoded here: sample their frames to image files first.
 
 `__getitem__` may raise `DataError` (missing image file); the batch iterator counts and skips it
 when told to. The offline demo set of the benchmark issue plugs in by implementing `Source`.
@@ -194,7 +194,8 @@ def _builder_class():
     """LLaVA JSON + images -> array_record shards; images as encoded bytes (no TensorFlow)."""
     name = "mllm_tune_llava"
     VERSION = tfds.core.Version("1.1.0")
-    RELEASE_NOTES = {"1.1.0": "videos: frames, frame counts, names and fps per video"}
+    RELEASE_NOTES = {"1.1.0": "videos: frames, frame counts, names and fps per video "
+                              "(a data_dir built at 1.0.0 is converted again)"}
 
     # tfds 4.9.x locates a builder defined inside a package through `importlib_resources`,
     # which it only installs on Python < 3.9 (ModuleNotFoundError otherwise). This builder has
@@ -225,7 +226,8 @@ def _builder_class():
               "video_frames": f.Sequence(f.Tensor(shape=(), dtype=np.object_)),
               "video_lengths": f.Sequence(f.Tensor(shape=(), dtype=np.int64)),
               "video_names": f.Text(),  # JSON list (a folder name or a list of files each)
-              "video_fps": f.Sequence(f.Tensor(shape=(), dtype=np.float32))}))  # -1: none
+              # JSON list, null = none (tf.train.Example floats are float32: not exact)
+              "video_fps": f.Text()}))
 
     def _split_generators(self, dl_manager):
       if self._json_path is None:
@@ -250,7 +252,7 @@ def _builder_class():
                   "video_frames": [b for v in videos for b in v],
                   "video_lengths": [len(v) for v in videos],
                   "video_names": json.dumps(rec.get("video_names") or []),
-                  "video_fps": [-1.0 if r is None else r for r in rec.get("video_fps") or []]}
+                  "video_fps": json.dumps(rec.get("video_fps") or [])}
 
   return MllmTuneLlava
 
@@ -286,11 +288,11 @@ class TfdsSource:
            "conversations": json.loads(_text(ex["conversations"])),
            "images": [bytes(b) for b in ex["images"]],
            "image_names": [_text(n) for n in ex["image_names"]]}
-    lengths = [int(n) for n in ex["video_lengths"]]
+    lengths = [int(n) for n in ex.get("video_lengths", ())]  # none in 1.0.0 shards
     if lengths:
       frames = [bytes(b) for b in ex["video_frames"]]
       ends = np.cumsum(lengths)
       out.update(videos=[frames[e - n:e] for n, e in zip(lengths, ends)],
                  video_names=json.loads(_text(ex["video_names"])),
-                 video_fps=[None if r < 0 else float(r) for r in ex["video_fps"]])
+                 video_fps=json.loads(_text(ex["video_fps"])))
     return out

@@ -134,7 +134,8 @@ def prepare_prompts(model, input_ids, attention_mask, pixel_values, max_new_toke
     c = model.config
     if not (anyres or qwen):
       check_image_token_count(ids, pixel_values, c.image_token_id, c.image_seq_len)
-    fill = next(f for f in (pad_token_id, 0, 1) if f != c.image_token_id)  # never an image
+    fill = next(f for f in (pad_token_id, 0, 1, 2)
+                if f not in c.vision_token_ids)  # never an image / video token
   elif pixel_values is not None:
     raise ValueError("pixel_values given to a text-only model")
   else:

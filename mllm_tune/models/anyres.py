@@ -92,6 +92,21 @@ def bilinear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.nda
   return i0, i1, src - i0.astype(f32)
 
 
+def bilinear_grid(ys: np.ndarray, xs: np.ndarray, out_h: int, out_w: int, row
+                  ) -> tuple[np.ndarray, np.ndarray]:
+  """The 4 taps of a bilinear resize of the feature grid at rows `ys` x columns `xs` to
+  (out_h, out_w): (flat feature rows (out_h, out_w, 4) = `row(y, x)`, weights (out_h, out_w,
+  4)), in the order (y0, x0), (y0, x1), (y1, x0), (y1, x1)."""
+  y0, y1, ly = bilinear_taps(len(ys), out_h)
+  x0, x1, lx = bilinear_taps(len(xs), out_w)
+  yy = [ys[y0][:, None], ys[y0][:, None], ys[y1][:, None], ys[y1][:, None]]
+  xx = [xs[x0][None], xs[x1][None], xs[x0][None], xs[x1][None]]
+  wy = [1 - ly, 1 - ly, ly, ly]
+  wx = [1 - lx, lx, 1 - lx, lx]
+  return (np.stack([row(a, b) for a, b in zip(yy, xx)], -1),
+          np.stack([a[:, None] * b[None] for a, b in zip(wy, wx)], -1))
+
+
 class PackTable(NamedTuple):
   """Per image token: `index` (N, K) rows of the image's flat crop features, `weight` (N, K)
   float32, `newline` (N,) bool (the token is `image_newline`; its index/weight are 0)."""
@@ -140,14 +155,7 @@ def pack_table(hw: Sequence[int], n_crops: int, side: int, pinpoints, crop: int,
     ratio = math.sqrt(h * w / (max_crops_from_aspect(vision_aspect_ratio) * s2))
   if family == "llava_onevision" and ratio > 1.1:
     oh, ow = int(h // ratio), int(w // ratio)
-    y0, y1, ly = bilinear_taps(h, oh)
-    x0, x1, lx = bilinear_taps(w, ow)
-    yy = [ys[y0][:, None], ys[y0][:, None], ys[y1][:, None], ys[y1][:, None]]
-    xx = [xs[x0][None], xs[x1][None], xs[x0][None], xs[x1][None]]
-    wy = [1 - ly, 1 - ly, ly, ly]
-    wx = [1 - lx, lx, 1 - lx, lx]
-    grid_idx = np.stack([row(a, b) for a, b in zip(yy, xx)], -1)          # (oh, ow, 4)
-    grid_w = np.stack([a[:, None] * b[None] for a, b in zip(wy, wx)], -1)  # (oh, ow, 4)
+    grid_idx, grid_w = bilinear_grid(ys, xs, oh, ow, row)  # (oh, ow, 4) each
     h, w = oh, ow
   else:
     grid_idx = np.zeros((h, w, k), np.int64)
@@ -163,19 +171,24 @@ def pack_table(hw: Sequence[int], n_crops: int, side: int, pinpoints, crop: int,
                 np.concatenate([np.zeros(s2, bool), nl.reshape(-1)]))
 
 
+def video_frame_side(side: int) -> int:
+  """OneVision: features per side of a pooled video frame, ceil(side / 2)."""
+  return -(-side // 2)
+
+
+def video_tokens(n_frames: int, side: int) -> int:
+  """OneVision: tokens of a video of `n_frames` frames: frames x ceil(side / 2)^2 + 1."""
+  return n_frames * video_frame_side(side) ** 2 + 1
+
+
 def video_table(n_frames: int, side: int) -> PackTable:
   """The token table of one OneVision video of `n_frames` frames (each a crop of `side` x
   `side` features): per frame, its features bilinearly shrunk to ceil(side / 2) per side (4
   taps, transformers' `apply_pooling`), frame after frame, then one `image_newline`."""
-  out = -(-side // 2)
-  y0, y1, ly = bilinear_taps(side, out)
-  x0, x1, lx = bilinear_taps(side, out)
-  yy = [y0[:, None], y0[:, None], y1[:, None], y1[:, None]]
-  xx = [x0[None], x1[None], x0[None], x1[None]]
-  wy = [1 - ly, 1 - ly, ly, ly]
-  wx = [1 - lx, lx, 1 - lx, lx]
-  frame_idx = np.stack([a * side + b for a, b in zip(yy, xx)], -1).reshape(-1, 4)
-  frame_w = np.stack([a[:, None] * b[None] for a, b in zip(wy, wx)], -1).reshape(-1, 4)
+  out = video_frame_side(side)
+  grid = np.arange(side)
+  frame_idx, frame_w = bilinear_grid(grid, grid, out, out, lambda y, x: y * side + x)
+  frame_idx, frame_w = frame_idx.reshape(-1, 4), frame_w.reshape(-1, 4)
   idx = np.concatenate([frame_idx + f * side * side for f in range(n_frames)]
                        + [np.zeros((1, 4), np.int64)])
   w = np.concatenate([frame_w] * n_frames + [np.zeros((1, 4))])

@@ -348,6 +348,9 @@ def config_from_dict(d: dict) -> LlavaConfig | CausalLMConfig:
   if kind == "llava":
     d["llm"] = llm(d["llm"])
     d["vision"] = build(VisionConfig, d["vision"], "vision")
+    if d.get("model_type") == "llava_onevision" and "video_token_id" not in d:
+      hf = json.loads(d.get("hf_json") or "{}")  # written before the field existed
+      d["video_token_id"] = int(hf.get("video_token_index", hf.get("video_token_id", -1)))
     if "image_grid_pinpoints" in d:
       d["image_grid_pinpoints"] = tuple(tuple(p) for p in d["image_grid_pinpoints"])
     return build(LlavaConfig, d, "config")

@@ -165,11 +165,10 @@ def _onevision_inputs(cfg: LlavaConfig, out: dict, kw: dict) -> dict:
                        else (np.zeros((0, s, s, 3), np.float32), None))
   n_videos, n_frames = vids.shape[:2]
   frames = vids.reshape(n_videos * n_frames, 3, s, s).transpose(0, 2, 3, 1)
-  one = anyres.video_table(n_frames, side)
-  first = len(img_px) * s2  # the first video frame's feature row
-  table = anyres.PackTable(
-      np.concatenate([one.index + first + v * n_frames * s2 for v in range(n_videos)]),
-      np.concatenate([one.weight] * n_videos), np.concatenate([one.newline] * n_videos))
+  table = anyres.concat_tables([anyres.video_table(n_frames, side)] * n_videos,
+                               [n_frames] * n_videos, side)
+  table = anyres.PackTable(table.index + len(img_px) * s2, table.weight,  # frames after crops
+                           table.newline)
   ids = kw["input_ids"]
   tabs = scatter_tables(ids, cfg.video_token_id, table, "video")
   if img_table is not None:

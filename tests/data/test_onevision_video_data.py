@@ -100,8 +100,45 @@ def test_prompts_and_eval_sets_with_videos(ov):
   idx = np.arange(len(records))
   batch = arr.batch(idx, prepare.image_spec)
   ours = np.asarray(model.apply({"params": params}, batch["input_ids"], **model_kwargs(batch)))
+  p_ids, p_mask, p_px = arr.prompts(idx, prepare.image_spec)
+  ours_p = np.asarray(model.apply({"params": params}, p_ids, attention_mask=p_mask, **p_px))
   for r, record in enumerate(records):
-    enc = encode(record)
-    with torch.no_grad():
-      ref = hf(**enc).logits[0].float().numpy()
-    np.testing.assert_allclose(ours[r, :enc["input_ids"].shape[1]], ref, atol=1e-4, rtol=0)
+    for got, enc in ((ours[r], encode(record)), (ours_p[r], encode(record, True))):
+      with torch.no_grad():
+        ref = hf(**enc).logits[0].float().numpy()
+      np.testing.assert_allclose(got[:enc["input_ids"].shape[1]], ref, atol=1e-4, rtol=0)
+
+
+def test_truncation_config_checks_and_refusals(ov, tmp_path):
+  """A cut inside a video drops it whole; a video processor config that resizes or normalizes
+  frames unlike the crops is refused; a tokenizer without the `<video>` token refuses videos."""
+  import json
+  import os
+  import shutil
+  from mllm_tune.data.errors import DataError
+  from tests.helpers.data import image_bytes
+  d, _, _, model, _, _, _, _ = ov
+  vid = model.config.video_token_id
+  turns = [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "a cat"},
+           {"from": "human", "value": "<video> and?"}, {"from": "gpt", "value": "blue"}]
+  rec = {"conversations": turns, "videos": [[image_bytes(60, 40, seed=k) for k in range(5)]],
+         "video_names": ["v"], "where": "rec"}
+  full = SamplePreparer.from_pretrained(d, model.config, 400)(rec)
+  cols = np.flatnonzero(full.tokens.input_ids == vid)
+  assert len(cols) == 6 and full.pixels.shape[0] == 5 and len(full.table) == 6
+  cut = SamplePreparer.from_pretrained(d, model.config, int(cols[-1]))(rec)
+  assert len(cut.tokens) == cols[0] and cut.pixels.shape[0] == 0 and cut.table is not None
+  assert len(cut.table) == 0 and cut.tokens.loss_mask.any()
+  bad = str(tmp_path / "bad")
+  shutil.copytree(d, bad)
+  with open(os.path.join(bad, "video_preprocessor_config.json"), "w") as f:
+    json.dump({"size": {"height": 56, "width": 56}, "image_mean": [0.1, 0.2, 0.3]}, f)
+  with pytest.raises(ValueError, match=r"video_preprocessor_config.json: the video processor "
+                                       r"treats frames unlike .*image_mean .*size \(56, 56\) "
+                                       r"!= the crops' \(28, 28\)"):
+    SamplePreparer.from_pretrained(bad, model.config, 400)
+  plain, _, _ = at.model_dir(str(tmp_path / "plain"))  # no <video> token
+  plain_model, _ = mt.load_pretrained(plain)
+  with pytest.raises(DataError, match="rec: a video, but this model's data pipeline takes "
+                                      "images only"):
+    SamplePreparer.from_pretrained(plain, plain_model.config, 400)(rec)

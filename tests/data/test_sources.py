@@ -107,6 +107,7 @@ def test_tfds_shards_keep_video_records(tmp_path):
   shards exactly as from the JSON."""
   from tests.helpers.qwen_video import video_records
   records, files = video_records()
+  records[0]["fps"] = 0.96  # not a float32 number: kept exactly
   path = write_llava_dataset(str(tmp_path / "src"), records, files)
   folder = str(tmp_path / "src" / "images")
   ds_dir, report = build_tfds(path, str(tmp_path / "tfds"), folder)
@@ -114,5 +115,5 @@ def test_tfds_shards_keep_video_records(tmp_path):
   assert not report.counts and len(src) == len(records)
   for i in range(len(records)):
     assert src[i] == ref[i]
-  assert [len(v) for v in src[0]["videos"]] == [5] and src[0]["video_fps"] == [1.0]
+  assert [len(v) for v in src[0]["videos"]] == [5] and src[0]["video_fps"] == [0.96]
   assert src[1]["video_fps"] == [None] and "videos" not in src[2]

@@ -98,3 +98,19 @@ def test_video_input_errors(loaded):
     mt.hf_inputs(model, dict(enc, pixel_values_videos=np.zeros((2, 3, 3, 28, 28), np.float32)))
   with pytest.raises(ValueError, match="no pixel_values"):
     mt.hf_inputs(model, {k: v for k, v in enc.items() if k != "pixel_values"})
+
+
+def test_video_token_id_in_config_round_trips(loaded):
+  """Native JSON both ways, an older native config (without the field) reads it from its HF
+  dict, and the HF export writes `video_token_index` also when there is no stored HF dict."""
+  import dataclasses
+  import json
+  from mllm_tune.models.config import config_from_dict, config_to_dict, config_to_hf
+  _, model, _ = loaded
+  cfg = model.config
+  assert config_from_dict(json.loads(json.dumps(config_to_dict(cfg)))) == cfg
+  old = config_to_dict(cfg)
+  del old["video_token_id"]
+  assert config_from_dict(old).video_token_id == VIDEO
+  fresh = dataclasses.replace(cfg, hf_json="", video_token_id=77)
+  assert config_to_hf(fresh, "float32")["video_token_index"] == 77
