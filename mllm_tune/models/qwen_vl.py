@@ -2,10 +2,11 @@
 -> merged tokens placed at the image-token positions -> Qwen2 (Qwen3) LLM with M-RoPE.
 
 Mirrors transformers 5.25 `Qwen2VLForConditionalGeneration` / `Qwen2_5_VLForConditionalGeneration`
-/ `Qwen3VLForConditionalGeneration` for images and videos (a video is patch rows like an image's,
-with t > 1 frame pairs; its merged tokens go to the `video_token_id` positions). Qwen3-VL's deepstack features (one merger per
-kept vision layer) are placed at the same image-token positions, zero elsewhere, and added to the
-hidden states after the LLM's first n layers (`llm.add_deepstack`). Inputs (host-built by
+/ `Qwen3VLForConditionalGeneration` for images and videos (a video is patch rows like an
+image's, with t > 1 frame pairs; its merged tokens go to the `video_token_id` positions).
+Qwen3-VL's deepstack features (one merger per kept vision layer) are placed at the same
+image-token positions, zero elsewhere, and added to the hidden states after the LLM's first n
+layers (`llm.add_deepstack`). Inputs (host-built by
 `mt.hf_inputs` / `models.qwen_vl_host`; fixed shapes, so a batch recompiles only when a bucket
 changes):
   input_ids (B, T)           `image_token_id` (`video_token_id`) at every image (video)
