@@ -104,11 +104,15 @@ def video_env(request, tmp_path_factory):
   return family, d, hf_model, proc, model, params, path, records, encode
 
 
-def test_packed_video_batches_give_transformers_logits_per_record(video_env):
+@pytest.mark.parametrize("groups", [1, 2])
+def test_packed_video_batches_give_transformers_logits_per_record(video_env, groups):
+  """Also with the patch buffer in 2 row-group blocks (`data.image_groups`), as data-parallel
+  training lays it out."""
   family, d, hf_model, _, model, params, path, records, encode = video_env
   it = make_batches(packed_cfg(path, os.path.join(os.path.dirname(path), "images"),
-                               batch_size=2, seq_len=200), d, model.config)
+                               batch_size=2, seq_len=200, image_groups=groups), d, model.config)
   batch = next(it)
+  assert batch["pixel_values"].ndim == (3 if groups == 2 else 2)
   refs = {tuple(e["input_ids"][0].tolist()): e for e in map(encode, records)}
   checked, _ = check_packed_samples(model, params, batch, refs, hf_model)
   assert checked == 4 and int(batch["segment_ids"].max()) >= 2  # all four, packed
