@@ -19,7 +19,8 @@ from mllm_tune.data.pipeline import SamplePreparer
 from tests.helpers import anyres_tiny as at
 from tests.helpers import qwen_video as qvid
 from tests.helpers.data import packed_cfg, write_llava_dataset
-from tests.helpers.hf_parity import check_packed_samples
+from tests.helpers.hf_parity import (check_eval_set, check_packed_samples,
+                                     processor_without_videos)
 
 
 def _reference(proc, files, folders):
@@ -38,12 +39,7 @@ def _reference(proc, files, folders):
     text = tok.apply_chat_template(msgs, tokenize=False,
                                    add_generation_prompt=add_generation_prompt)
     names = [rec["image"]] if "image" in rec else []
-    saved, proc.video_token = proc.video_token, None  # no video processor: skip its check
-    try:
-      enc = dict(proc(images=[open_(n) for n in names] or None, text=[text],
-                      return_tensors="pt"))
-    finally:
-      proc.video_token = saved
+    enc = processor_without_videos(proc, [open_(n) for n in names], text)
     ids = enc["input_ids"][0].numpy()
     if "video" in rec:
       v = rec["video"]
@@ -89,24 +85,14 @@ def test_prompts_and_eval_sets_with_videos(ov):
   import os
   from mllm_tune.data.sources import LlavaJsonSource
   from mllm_tune.eval import vqa_sets
-  from mllm_tune.models import model_kwargs
   d, hf, _, model, params, path, records, encode = ov
   prepare = SamplePreparer.from_pretrained(d, model.config, 400)
   src = LlavaJsonSource(path, os.path.join(os.path.dirname(path), "images"))
   rec = src[1]
   np.testing.assert_array_equal(prepare.prompt_ids(rec, prepare(rec)),
                                 encode(records[1], True)["input_ids"][0].numpy())
-  arr = vqa_sets.prepare(src, prepare)
-  idx = np.arange(len(records))
-  batch = arr.batch(idx, prepare.image_spec)
-  ours = np.asarray(model.apply({"params": params}, batch["input_ids"], **model_kwargs(batch)))
-  p_ids, p_mask, p_px = arr.prompts(idx, prepare.image_spec)
-  ours_p = np.asarray(model.apply({"params": params}, p_ids, attention_mask=p_mask, **p_px))
-  for r, record in enumerate(records):
-    for got, enc in ((ours[r], encode(record)), (ours_p[r], encode(record, True))):
-      with torch.no_grad():
-        ref = hf(**enc).logits[0].float().numpy()
-      np.testing.assert_allclose(got[:enc["input_ids"].shape[1]], ref, atol=1e-4, rtol=0)
+  check_eval_set(model, params, hf, vqa_sets.prepare(src, prepare), prepare.image_spec,
+                 [(encode(r), encode(r, True)) for r in records])
 
 
 def test_truncation_config_checks_and_refusals(ov, tmp_path):

@@ -22,7 +22,7 @@ from mllm_tune.data.pipeline import SamplePreparer
 from tests.helpers import qwen_video as qvid
 from tests.helpers import qwen_vl_tiny as qt
 from tests.helpers.data import image_bytes, packed_cfg, write_llava_dataset
-from tests.helpers.hf_parity import check_packed_samples
+from tests.helpers.hf_parity import check_eval_set, check_packed_samples
 
 
 def _frames(n, w, h, seed=0):
@@ -185,27 +185,16 @@ def test_eval_sets_with_videos_give_transformers_logits_for_rows_and_prompts(vid
   """In-run evaluation sets (`eval/vqa_sets.py`) of records with videos: the training rows and
   the generation prompts (their own M-RoPE ids, Qwen2.5-VL's time steps) give transformers'
   logits on each record's reference inputs; images and videos share the per-row patch blocks."""
-  import torch
   from mllm_tune.data.sources import LlavaJsonSource
   from mllm_tune.eval import vqa_sets
-  from mllm_tune.models import model_kwargs
   _, d, hf_model, _, model, params, path, records, encode = video_env
   prepare = SamplePreparer.from_pretrained(d, model.config, 400)
   src = LlavaJsonSource(path, os.path.join(os.path.dirname(path), "images"))
   arr = vqa_sets.prepare(src, prepare)
   assert arr.pixels.ndim == 6  # (records, patches, T, p, p, 3)
-  idx = np.arange(len(records))
-  batch = arr.batch(idx, prepare.qwen_spec)
-  ours = np.asarray(model.apply({"params": params}, batch["input_ids"], **model_kwargs(batch)))
-  p_ids, p_mask, p_px = arr.prompts(idx, prepare.qwen_spec)
-  ours_p = np.asarray(model.apply({"params": params}, p_ids, attention_mask=p_mask, **p_px))
-  for r, rec in enumerate(records):
-    head = dict(rec, conversations=rec["conversations"][:1])
-    for got, enc in ((ours[r], encode(rec)), (ours_p[r], encode(head, True))):
-      n = enc["input_ids"].shape[1]
-      with torch.no_grad():
-        ref = hf_model(**enc).logits[0].float().numpy()
-      np.testing.assert_allclose(got[:n], ref, atol=1e-4, rtol=0)
+  heads = [dict(r, conversations=r["conversations"][:1]) for r in records]
+  check_eval_set(model, params, hf_model, arr, prepare.qwen_spec,
+                 [(encode(r), encode(h, True)) for r, h in zip(records, heads)])
 
 
 def test_a_string_only_template_gets_the_video_text_inline(video_env):

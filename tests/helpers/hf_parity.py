@@ -1,6 +1,7 @@
 """Comparisons against transformers shared by the LLaVA-NeXT / OneVision and Qwen2-VL / 2.5-VL
 tests: safetensors files tensor by tensor, a PEFT LoRA both ways (peft -> ours -> peft) with logit
-parity, and packed samples against transformers' forward of each record alone."""
+parity, packed samples and evaluation sets against transformers' forward of each record alone,
+and a processor call for video records without a video processor."""
 from __future__ import annotations
 
 import io
@@ -98,3 +99,32 @@ def check_packed_samples(model, params, batch: dict, ref_by_ids: dict, hf_model,
       checked += 1
       with_images += model.config.image_token_id in key
   return checked, with_images
+
+
+def processor_without_videos(proc, images, text: str) -> dict:
+  """transformers' processor output (torch) for `text` and `images`, its video placeholder left
+  as one token: the processor has no video processor here (it needs torchvision), so its
+  "video tokens without videos" check is switched off for the call."""
+  saved, proc.video_token = proc.video_token, None
+  try:
+    return dict(proc(images=images or None, text=[text], return_tensors="pt"))
+  finally:
+    proc.video_token = saved
+
+
+def check_eval_set(model, params, hf_model, arr, spec, refs: list[tuple[dict, dict]],
+                   atol: float = ATOL) -> None:
+  """The rows and generation prompts of an in-run evaluation set (`eval/vqa_sets.VqaArrays`)
+  give transformers' logits on each record's reference inputs: `refs[r]` = (the record's
+  processor output, its generation prompt's)."""
+  from mllm_tune.models import model_kwargs
+  idx = np.arange(len(refs))
+  batch = arr.batch(idx, spec)
+  rows = np.asarray(model.apply({"params": params}, batch["input_ids"], **model_kwargs(batch)))
+  p_ids, p_mask, p_px = arr.prompts(idx, spec)
+  prompts = np.asarray(model.apply({"params": params}, p_ids, attention_mask=p_mask, **p_px))
+  for r, (row_enc, prompt_enc) in enumerate(refs):
+    for got, enc in ((rows[r], row_enc), (prompts[r], prompt_enc)):
+      with torch.no_grad():
+        ref = hf_model(**enc).logits[0].float().numpy()
+      np.testing.assert_allclose(got[:enc["input_ids"].shape[1]], ref, atol=atol, rtol=0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from tests.helpers.hf_parity import processor_without_videos
 from tests.helpers.hf_tiny import padded_batch
 from tests.helpers.qwen_vl_tiny import IMAGE, VEND, VIDEO, VSTART, hf_messages, image_run
 
@@ -147,12 +148,7 @@ def encode_video_record(proc, files: dict[str, bytes], folder_frames: dict[str, 
                                            *budget)
       text = text.replace("<|vision_start|><|video_pad|><|vision_end|>", video_text)
     names = [rec["image"]] if "image" in rec else []
-    saved, proc.video_token = proc.video_token, None  # no video processor: skip its check
-    try:
-      enc = dict(proc(images=[open_(n) for n in names] or None, text=[text],
-                      return_tensors="pt"))
-    finally:
-      proc.video_token = saved
+    enc = processor_without_videos(proc, [open_(n) for n in names], text)
     ids = enc["input_ids"][0].numpy()
     if qwen3 and "video" in rec:
       enc.update(pixel_values_videos=torch.tensor(rows), video_grid_thw=torch.tensor(grid[None]))
