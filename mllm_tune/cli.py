@@ -89,7 +89,8 @@ def _row_shards_per_host(cfg, rows: int) -> int:
   from mllm_tune.train.sharding import make_mesh
   m = cfg.mesh
   devices = jax.devices()[:m.devices] if m.get("devices") else None
-  return row_groups(make_mesh(m.data, m.fsdp, m.tensor, devices), rows)
+  return row_groups(make_mesh(m.data, m.fsdp, m.tensor, devices, expert=m.get("expert", 1)),
+                    rows)
 
 
 def _train(args) -> int:

@@ -69,8 +69,10 @@ def get_config():
       kind="procedural", path="", num=1000, seed=0, image_size=32, batch_size=0, seq_len=0,
       prompt="Describe the image briefly."))
 
+  # data x fsdp x expert x tensor devices (one may be -1); the batch rows split over data, fsdp
+  # and expert; expert > 1 splits the mixture-of-experts stacks by expert (expert parallelism).
   # devices: 0 = all devices; N = the first N (e.g. a 1-device reference run)
-  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, devices=0))
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1, devices=0))
 
   # Every train.eval_every steps (and at step 0, the reference): held-out loss, token accuracy
   # and perplexity of `kind` (num_batches batches), and both sides of the trade-off: the target

@@ -10,7 +10,7 @@ MAS (5.5), from one per-example engine.
 Per-example gradients (never a squared batch mean): `jax.vmap` over a chunk of examples, `lax.scan`
 over chunks, in one jit; memory is `chunk` gradient copies of the differentiated leaves, which are
 only the leaves a mask selects (partition before `grad`). Inputs may be sharded: examples are put
-on the mesh's (data, fsdp) axes, the leaves keep their own shardings.
+on the mesh's batch axes (data, fsdp, expert), the leaves keep their own shardings.
 
 An example is one sample. `split_examples` cuts a training batch (packed rows, image slots shared
 across the batch in row-major order) into one row per sample holding its own images; rows are
@@ -33,6 +33,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mllm_tune import pytree
+from mllm_tune.models.mesh_axes import BATCH_AXES
 from mllm_tune.models.qwen_vl_config import QwenVLConfig
 
 KINDS = ("empirical", "true", "mas")
@@ -99,7 +100,7 @@ def _num_examples(examples: dict) -> int:
 def _example_sharding(mesh, chunk: int, ndim: int):
   if mesh is None:
     return None
-  axes = tuple(a for a in ("data", "fsdp") if mesh.shape.get(a, 1) > 1)
+  axes = tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1)
   size = math.prod(mesh.shape[a] for a in axes)
   spec = P(None, axes) if axes and chunk % size == 0 else P()
   return NamedSharding(mesh, P(*tuple(spec), *([None] * (ndim - len(tuple(spec))))))

@@ -124,8 +124,13 @@ def dropout(module, x, rate):
   """Inverted dropout of `x` at `rate` (a leaf value); identity without a rate or 'dropout' rng."""
   if rate is None or not module.has_rng("dropout"):
     return x
+  return dropout_with_key(module.make_rng("dropout"), x, rate)
+
+
+def dropout_with_key(key, x, rate):
+  """Inverted dropout of `x` at `rate` with the PRNG key `key`."""
   rate = jnp.asarray(rate, jnp.float32)
-  keep = jax.random.uniform(module.make_rng("dropout"), x.shape) >= rate
+  keep = jax.random.uniform(key, x.shape) >= rate
   return jnp.where(keep, x / (1.0 - rate).astype(x.dtype), jnp.zeros_like(x))
 
 

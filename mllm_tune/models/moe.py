@@ -24,19 +24,28 @@ an (E, N*k, D) masked input, which the tiny test models afford); on GPU it lower
 lower expert index (`lax.top_k`; torch's choice is implementation-defined), which only matters
 for bf16 router logits. The router load-balancing loss is the trainer's (`train.router_aux_loss`,
 `losses/router.py`), from the statistics each layer sows when `intermediates` is mutable.
+
+Expert parallelism: under a `jax.set_mesh` mesh whose `expert` axis has several devices (the
+trainer's `mesh.expert`), the stacks are split by expert and `routed_experts_sharded` dispatches
+the rows across that axis (its docstring); anywhere else every device holds every expert.
 """
 from __future__ import annotations
+
+import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 from jax.custom_batching import custom_vmap
+from jax.sharding import PartitionSpec as P
 
 from mllm_tune.models import adapters
 from mllm_tune.models.adapters import parallel_adapter
 from mllm_tune.models.layers import Linear, activation, default_kernel_init, dtype_of
 from mllm_tune.losses.router import ROUTER_STATS
 from mllm_tune.models.llm_config import LLMConfig
+from mllm_tune.models.mesh_axes import BATCH_AXES, EXPERT
 
 
 # ----------------------------------------------------------------------------- grouped matmuls
@@ -109,11 +118,34 @@ def _grouped_fwd(x_MD, w_EDF, sizes_E):
   return _rows_times_experts(x_MD, w_EDF, sizes_E), (x_MD, w_EDF, sizes_E)
 
 
+def _weight_grad(dw: jax.Array, w: jax.Array) -> jax.Array:
+  """Inside `shard_map`, the expert weights' gradient summed over the manual mesh axes it
+  varies along and the weights do not (the same weights on every token shard)."""
+  extra = tuple(sorted(_varying(dw) - _varying(w)))
+  return jax.lax.psum(dw, extra) if extra else dw
+
+
+def _vary(x: jax.Array, axes) -> jax.Array:
+  """`x` typed as varying along the manual mesh `axes` too (`jax.lax.pcast`)."""
+  missing = tuple(a for a in axes if a not in _varying(x))
+  return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
+def _varying(x: jax.Array) -> frozenset:
+  """The manual mesh axes `x` varies along (jax 0.10: `manual_axis_type.varying`; `vma` before)."""
+  t = jax.typeof(x)
+  mat = getattr(t, "manual_axis_type", None)
+  return frozenset(mat.varying) if mat is not None else frozenset(getattr(t, "vma", ()))
+
+
 def _grouped_bwd(res, dy_MF):
   x_MD, w_EDF, sizes_E = res
   dx = _rows_times_experts(dy_MF, w_EDF.swapaxes(1, 2), sizes_E)
   dw = _expert_weight_grads(x_MD, dy_MF, sizes_E).astype(w_EDF.dtype)
-  return dx, dw, None
+  if _varying(dx) - _varying(x_MD):  # a sum in pair space would mix rows sorted differently
+    raise ValueError("grouped_matmul: the rows must vary along every manual mesh axis the "
+                     "weights vary along (cast the token rows before sorting them into pairs)")
+  return dx, _weight_grad(dw, w_EDF), None
 
 
 grouped_matmul.defvjp(_grouped_fwd, _grouped_bwd)
@@ -129,49 +161,125 @@ def route(logits_NE: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   return top_NK.astype(logits_NE.dtype), idx_NK
 
 
+class ExpertLora(NamedTuple):
+  """Per-expert LoRA of one weight stack (E, d_in, d_out) (PEFT's `target_parameters` LoRA on MoE
+  experts): the rows of expert e get `(s * (drop(x) @ a[e])) @ b[e]`, i.e. the stack becomes
+  `W_e + s A_e B_e`. `key` None: no dropout."""
+  a: jax.Array                  # (E, d_in, r)
+  b: jax.Array                  # (E, r, d_out)
+  scale: jax.Array              # ()
+  rate: jax.Array | None = None
+  key: jax.Array | None = None
+
+  def delta(self, x_MD: jax.Array, sizes_E: jax.Array) -> jax.Array:
+    xd = x_MD if self.key is None else adapters.dropout_with_key(self.key, x_MD, self.rate)
+    return grouped_matmul(grouped_matmul(xd, self.a, sizes_E) * self.scale, self.b, sizes_E)
+
+
 def routed_experts(x_ND: jax.Array, weights_NK: jax.Array, idx_NK: jax.Array,
                    gate_up_EDF2: jax.Array, down_EFD: jax.Array, act: str,
-                   gate_up_delta=None, down_delta=None) -> jax.Array:
+                   gate_up_lora: ExpertLora | None = None,
+                   down_lora: ExpertLora | None = None) -> jax.Array:
   """sum_j weights[n, j] * expert_{idx[n, j]}(x[n]) for every row n, (N, D), dropless.
 
-  `gate_up_delta` / `down_delta`: optional `(rows (M, d_in), sizes (E,)) -> (M, d_out)` added to
-  the expert products (per-expert LoRA, `expert_lora`)."""
+  Expert ids outside [0, E) name experts held elsewhere (expert parallelism,
+  `routed_experts_sharded`, passes ids relative to its local stack): those pairs
+  are sorted past the groups, where the grouped products give zeros, and add nothing."""
   n, k = idx_NK.shape
   num_experts, f = down_EFD.shape[0], down_EFD.shape[1]
   flat_M = idx_NK.reshape(-1)                          # M = N * k (token, expert) pairs
-  order_M = jnp.argsort(flat_M, stable=True)           # grouped by expert
+  flat_M = jnp.where((flat_M >= 0) & (flat_M < num_experts), flat_M, num_experts)
+  order_M = jnp.argsort(flat_M, stable=True)           # grouped by expert, foreign pairs last
   token_M = order_M // k
-  sizes_E = jnp.bincount(flat_M, length=num_experts).astype(jnp.int32)
+  sizes_E = jnp.bincount(flat_M, length=num_experts + 1)[:num_experts].astype(jnp.int32)
   xs_MD = x_ND[token_M]
   h_MF2 = grouped_matmul(xs_MD, gate_up_EDF2.astype(x_ND.dtype), sizes_E)
-  if gate_up_delta is not None:
-    h_MF2 = h_MF2 + gate_up_delta(xs_MD, sizes_E)
+  if gate_up_lora is not None:
+    h_MF2 = h_MF2 + gate_up_lora.delta(xs_MD, sizes_E)
   h_MF = activation(act)(h_MF2[:, :f]) * h_MF2[:, f:]
   y_MD = grouped_matmul(h_MF, down_EFD.astype(x_ND.dtype), sizes_E)
-  if down_delta is not None:
-    y_MD = y_MD + down_delta(h_MF, sizes_E)
+  if down_lora is not None:
+    y_MD = y_MD + down_lora.delta(h_MF, sizes_E)
   y_MD = y_MD * weights_NK.reshape(-1)[order_M][:, None].astype(y_MD.dtype)
   return jnp.zeros_like(x_ND).at[token_M].add(y_MD)
 
 
-def expert_lora(module, name: str, dt):
-  """The per-expert LoRA of the weight stack `name` as a `routed_experts` delta, or None.
+# ----------------------------------------------------------------------------- expert parallelism
+def expert_mesh():
+  """The ambient mesh (`jax.set_mesh`) when its `expert` axis has more than one device, else
+  None (then every device holds every expert)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or EXPERT not in mesh.axis_names or mesh.shape[EXPERT] == 1:
+    return None
+  return mesh
 
-  Its adapter leaves sit under the stack's name (`experts_down/lora_a` (E, d_in, r),
-  `lora_b` (E, r, d_out), `lora_scale` (), optional `lora_dropout` ()): expert e's rows get
-  `(s * (drop(x) @ A_e)) @ B_e`, i.e. the stack becomes `W_e + s A_e B_e` (PEFT's
-  `target_parameters` LoRA on MoE experts)."""
+
+def routed_experts_sharded(mesh, x_ND, weights_NK, idx_NK, gate_up_EDF2, down_EFD, act,
+                           gate_up_lora: ExpertLora | None = None,
+                           down_lora: ExpertLora | None = None) -> jax.Array:
+  """`routed_experts` with the expert stacks (and their LoRA factors) split over the mesh's
+  `expert` axis: each device holds E / n experts (an all-gather dispatcher, Megatron-Core's
+  `allgather` token dispatcher in shard_map form).
+
+  The rows are split over the batch axes (data, fsdp, expert) as the batch is. Each device
+  gathers the rows (with their routing) of its `expert` group, runs the (token, expert) pairs
+  of its own experts, dropless, and a reduce-scatter over `expert` sums every row's k expert
+  outputs and hands each device its rows back. Per device and layer that moves the group's
+  rows twice (an all-gather forward, a reduce-scatter), as much as an all-to-all of the
+  N * k pairs when k >= n, and works on every backend (XLA:CPU has no ragged all-to-all). The
+  row buffer is the group's N * k pairs (the worst case of all pairs on one device), not the
+  average N * k / n. When the rows do not split over the batch axes (a decoding batch of one),
+  every device takes every row and a sum over `expert` combines the partial outputs. The
+  expert weights are gathered over `fsdp` on entry (FSDP). LoRA dropout draws one mask per
+  (data, fsdp) shard."""
+  ep, num_experts = mesh.shape[EXPERT], down_EFD.shape[0]
+  if num_experts % ep:
+    raise ValueError(f"{num_experts} experts do not split over the mesh's expert axis of {ep} "
+                     "devices")
+  axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
+  if x_ND.shape[0] % math.prod(mesh.shape[a] for a in axes):
+    axes = ()
+  gathered = EXPERT in axes
+  rows, stack = P(axes or None), P(EXPERT)
+  lora_spec = lambda l: None if l is None else ExpertLora(
+      stack, stack, P(), None if l.rate is None else P(), None if l.key is None else P())
+  shard_axes = tuple(a for a in axes if a != EXPERT)
+
+  def body(x_nD, w_nK, idx_nK, gate_up, down, gu_lora, dn_lora):
+    if gathered:
+      x_nD, w_nK, idx_nK = (jax.lax.all_gather(t, EXPERT, axis=0, tiled=True)
+                            for t in (x_nD, w_nK, idx_nK))
+    if shard_axes:  # a different dropout mask per token shard
+      fold = lambda l: l if l is None or l.key is None else l._replace(
+          key=jax.random.fold_in(l.key, jax.lax.axis_index(shard_axes)))
+      gu_lora, dn_lora = fold(gu_lora), fold(dn_lora)
+    # the rows meet expert-varying weights: typed varying in token space, so that their
+    # gradient is summed over `expert` there, not in each device's own pair order
+    x_nD, w_nK = _vary(x_nD, (EXPERT,)), _vary(w_nK, (EXPERT,))
+    local_idx = idx_nK - jax.lax.axis_index(EXPERT) * down.shape[0]
+    y_nD = routed_experts(x_nD, w_nK, local_idx, gate_up, down, act, gu_lora, dn_lora)
+    if gathered:
+      return jax.lax.psum_scatter(y_nD, EXPERT, scatter_dimension=0, tiled=True)
+    return jax.lax.psum(y_nD, EXPERT)
+
+  fn = jax.shard_map(body, mesh=mesh, out_specs=rows,
+                     in_specs=(rows, rows, rows, stack, stack, lora_spec(gate_up_lora),
+                               lora_spec(down_lora)))
+  return fn(x_ND, weights_NK, idx_NK, gate_up_EDF2, down_EFD, gate_up_lora, down_lora)
+
+
+def expert_lora(module, name: str, dt) -> ExpertLora | None:
+  """The per-expert LoRA of the weight stack `name` (its adapter leaves sit under the stack's
+  name: `experts_down/lora_a` (E, d_in, r), `lora_b` (E, r, d_out), `lora_scale` (), optional
+  `lora_dropout` ()), or None."""
   leaves = adapters.get(module, name)
   if leaves is None:
     return None
-  a, b = leaves[adapters.LORA_A].astype(dt), leaves[adapters.LORA_B].astype(dt)
-  scale = jnp.asarray(leaves.get(adapters.LORA_SCALE, 1.0), dt)
   rate = leaves.get(adapters.LORA_DROPOUT)
-
-  def delta(x_MD, sizes_E):
-    xd = adapters.dropout(module, x_MD, rate)
-    return grouped_matmul(grouped_matmul(xd, a, sizes_E) * scale, b, sizes_E)
-  return delta
+  key = module.make_rng("dropout") if rate is not None and module.has_rng("dropout") else None
+  return ExpertLora(leaves[adapters.LORA_A].astype(dt), leaves[adapters.LORA_B].astype(dt),
+                    jnp.asarray(leaves.get(adapters.LORA_SCALE, 1.0), dt),
+                    None if key is None else jnp.asarray(rate, jnp.float32), key)
 
 
 class MoEMLP(nn.Module):
@@ -193,7 +301,12 @@ class MoEMLP(nn.Module):
     gate_up = self.param("experts_gate_up", default_kernel_init(), (e, d, 2 * f), pdt)
     down = self.param("experts_down", default_kernel_init(), (e, f, d), pdt)
     dt = dtype_of(c.dtype)
-    y_ND = routed_experts(x_ND.astype(dt), weights_NK, idx_NK, gate_up, down, c.hidden_act,
-                          expert_lora(self, "experts_gate_up", dt),
-                          expert_lora(self, "experts_down", dt))
+    loras = expert_lora(self, "experts_gate_up", dt), expert_lora(self, "experts_down", dt)
+    mesh = expert_mesh()
+    if mesh is None:
+      y_ND = routed_experts(x_ND.astype(dt), weights_NK, idx_NK, gate_up, down, c.hidden_act,
+                            *loras)
+    else:  # expert parallelism: the stacks are split over the mesh's expert axis
+      y_ND = routed_experts_sharded(mesh, x_ND.astype(dt), weights_NK, idx_NK, gate_up, down,
+                                    c.hidden_act, *loras)
     return parallel_adapter(self, x_BTD, y_ND.reshape(x_BTD.shape))

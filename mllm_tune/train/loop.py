@@ -57,9 +57,14 @@ class Trainer:
     """`fisher_data`: batches (iterable, or a factory `model -> iterable`) the penalty's
     importance is computed from when no file holds it (default: the training batches)."""
     self.cfg, self.data, self.eval_fn, self.progress = cfg, data, eval_fn, progress
-    t = cfg.train
     devices = jax.devices()[:cfg.mesh.devices] if cfg.mesh.get("devices") else None
-    self.mesh = shard_lib.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices)
+    self.mesh = shard_lib.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices,
+                                    expert=cfg.mesh.get("expert", 1))
+    with shard_lib.mesh_context(self.mesh):  # expert parallelism reads the ambient mesh
+      self._build(fisher_data)
+
+  def _build(self, fisher_data) -> None:
+    cfg, t, data = self.cfg, self.cfg.train, self.data
     if cfg.model.source == "bench":
       raise setup.ConfigValueError(
           "config key 'model.source': 'bench' names the offline benchmark's pre-trained base; "
@@ -68,6 +73,7 @@ class Trainer:
     sfn = shard_lib.sharding_fn(self.mesh)
     setup.check_model_files(cfg)  # tokenizer / image processor errors before the weights load
     self.model, params, self.base_path = setup.load_model(cfg.model, sharding_fn=sfn)
+    setup.check_expert_mesh(self.model.config, self.mesh)
     self.base_fingerprint = params_fingerprint(params)
     self.method = setup.method_from(cfg.method)
     rng = jax.random.key(cfg.seed)
@@ -201,7 +207,7 @@ class Trainer:
     data-parallel shards."""
     out, replicated = setup.place_batch(batch, sharding or self.batch_sharding,
                                         self.model.config)
-    shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+    shards = shard_lib.batch_shards(self.mesh)
     if training and replicated and shards > 1 and not getattr(self, "_warned_images", False):
       self._warned_images = True
       log.warning("image buffer %s is replicated over the %d data-parallel shards: every device "
@@ -280,6 +286,10 @@ class Trainer:
 
   # --------------------------------------------------------------------------- the loop
   def run(self) -> dict:
+    with shard_lib.mesh_context(self.mesh):
+      return self._run()
+
+  def _run(self) -> dict:
     cfg, t = self.cfg, self.cfg.train
     os.makedirs(self.run_dir, exist_ok=True)
     start = self.maybe_restore()  # a refused resume raises before the run's config is touched

@@ -86,6 +86,18 @@ def check_model_files(cfg) -> None:
     ChatTokenizer(load_tokenizer(c.path), -1, 0, d.get("template"))
 
 
+def check_expert_mesh(model_config, mesh) -> None:
+  """`mesh.expert` > 1 needs a mixture-of-experts LLM whose expert count it divides."""
+  ep = mesh.shape.get("expert", 1)
+  experts = getattr(getattr(model_config, "llm", None), "num_experts", 0) or 0
+  if ep > 1 and (not experts or experts % ep):
+    raise ConfigValueError(
+        f"config key 'mesh.expert' = {ep}: " + (
+            f"the model's {experts} experts do not split into {ep} equal groups" if experts
+            else "the model has no mixture-of-experts layers (put those devices on "
+                 "mesh.data or mesh.fsdp)"))
+
+
 def load_model(c, sharding_fn=None):
   """-> (model, params, base_path) from the `model` config section."""
   from mllm_tune.checkpoints.hf import load_pretrained
@@ -168,7 +180,7 @@ def state_shardings(tree: dict, mesh, rules=shard_lib.DEFAULT_RULES) -> dict:
     kspec = tuple(base_specs.get(module + "/kernel", base_specs.get(module, P())))
     nd = len(x.shape)
     stacked = select.is_stacked(sub)
-    lead = (None,) * (len(kspec) - 2) if len(kspec) > 2 else (None,) if stacked else ()
+    lead = kspec[:-2] if len(kspec) > 2 else (None,) if stacked else ()  # (L,) or (L, E)
     d_in_ax = kspec[-2] if len(kspec) >= 2 else None
     d_out_ax = kspec[-1] if len(kspec) >= 1 else None
     if leaf.endswith("_a") and nd == len(lead) + 2:
@@ -187,7 +199,7 @@ def cast_tree(tree: dict, dtype) -> dict:
 
 
 def batch_sharding(mesh, grad_accum: int) -> NamedSharding:
-  axis = ("data", "fsdp")
+  axis = shard_lib.BATCH_AXES
   return NamedSharding(mesh, P(None, axis) if grad_accum > 1 else P(axis))
 
 
@@ -238,16 +250,16 @@ def field_sharding(sh: NamedSharding, key: str, ndim: int, ids_ndim: int | None
 
 
 def row_groups(mesh, rows: int) -> int:
-  """The data-parallel shards (data x fsdp) of one host's `rows`, 1 when they do not split
-  evenly: as `data.image_groups`, each device then encodes only its rows' images."""
-  shards, hosts = mesh.shape["data"] * mesh.shape["fsdp"], jax.process_count()
+  """The data-parallel shards (data x fsdp x expert) of one host's `rows`, 1 when they do not
+  split evenly: as `data.image_groups`, each device then encodes only its rows' images."""
+  shards, hosts = shard_lib.batch_shards(mesh), jax.process_count()
   per_host = shards // hosts if shards % hosts == 0 else 1
   return per_host if rows % per_host == 0 else 1
 
 
 def place_batch(batch: dict, sh: NamedSharding, model_config) -> tuple[dict, tuple | None]:
   """Host batch (this process's slice) -> (global arrays, the image buffer's shape when it is
-  replicated, else None). Rows are sharded by `sh` over (data, fsdp): axis 0 of (B, ...)
+  replicated, else None). Rows are sharded by `sh` over (data, fsdp, expert): axis 0 of (B, ...)
   fields, axis 1 of Qwen2-VL's (3, B, T) M-RoPE `positions` (after the micro-batch axis with
   grad accumulation). Image buffers (pixel values, patch ids) are split the same way on their
   slot axis (`image_sharding`), else replicated, every host's joined in process order."""

@@ -7,6 +7,7 @@ same rules work for tiny test models and 7B models.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
@@ -16,9 +17,9 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-log = logging.getLogger(__name__)
+from mllm_tune.models.mesh_axes import BATCH_AXES, MESH_AXES  # noqa: F401 (re-exported)
 
-MESH_AXES = ("data", "fsdp", "tensor")
+log = logging.getLogger(__name__)
 
 # FSDP over the large input/output dims, Megatron-style tensor parallelism on attention/MLP.
 DEFAULT_RULES: list[tuple[str, P]] = [
@@ -27,10 +28,11 @@ DEFAULT_RULES: list[tuple[str, P]] = [
     (r"llm/layers/attn/o_proj/kernel", P(None, "tensor", "fsdp")),
     (r"llm/layers/mlp/(gate|up)_proj/kernel", P(None, "fsdp", "tensor")),
     (r"llm/layers/mlp/down_proj/kernel", P(None, "tensor", "fsdp")),
-    # mixture of experts (L, E, D, 2F) / (L, E, F, D): FSDP over the model width (the fused
-    # gate/up columns stay whole; no expert-parallel axis)
-    (r"llm/layers/mlp/experts_gate_up", P(None, None, "fsdp", None)),
-    (r"llm/layers/mlp/experts_down", P(None, None, None, "fsdp")),
+    # mixture of experts (L, E, D, 2F) / (L, E, F, D): experts over the expert axis (expert
+    # parallelism, `models/moe.routed_experts_sharded`), FSDP over the model width (the fused
+    # gate/up columns stay whole)
+    (r"llm/layers/mlp/experts_gate_up", P(None, "expert", "fsdp", None)),
+    (r"llm/layers/mlp/experts_down", P(None, "expert", None, "fsdp")),
     (r"llm/embed/embedding", P("tensor", "fsdp")),
     (r"llm/lm_head/kernel", P("fsdp", "tensor")),
     (r"vision/layers/(attn|mlp)/\w+/kernel", P(None, "fsdp", None)),
@@ -40,21 +42,33 @@ DEFAULT_RULES: list[tuple[str, P]] = [
 
 
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A (data, fsdp, tensor) mesh; one axis may be -1 (all remaining devices)."""
+              devices: Sequence[jax.Device] | None = None, *, expert: int = 1) -> Mesh:
+  """A (data, fsdp, expert, tensor) mesh; one axis may be -1 (all remaining devices)."""
   devices = list(devices if devices is not None else jax.devices())
-  sizes = [data, fsdp, tensor]
+  sizes = [data, fsdp, expert, tensor]
   if sizes.count(-1) > 1:
     raise ValueError("at most one mesh axis may be -1")
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if len(devices) % known:
-      raise ValueError(f"{len(devices)} devices are not divisible by the fixed axes {sizes}")
+      raise ValueError(f"{len(devices)} devices are not divisible by the fixed axes "
+                       f"{dict(zip(MESH_AXES, sizes))}")
     sizes[sizes.index(-1)] = len(devices) // known
   if math.prod(sizes) != len(devices):
     raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
                      f"have {len(devices)}")
   return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+
+
+def mesh_context(mesh: Mesh):
+  """`jax.set_mesh(mesh)` when the mesh splits experts (the MoE layers read it to run expert
+  parallel), else a no-op context: everything else takes its shardings from its arrays."""
+  return jax.set_mesh(mesh) if mesh.shape.get("expert", 1) > 1 else contextlib.nullcontext()
+
+
+def batch_shards(mesh: Mesh) -> int:
+  """How many ways a batch's rows are split: the product of the mesh's batch axes."""
+  return math.prod(mesh.shape.get(a, 1) for a in BATCH_AXES)
 
 
 def spec_for(path: str, shape: tuple[int, ...], mesh: Mesh,

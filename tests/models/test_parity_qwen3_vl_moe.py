@@ -269,26 +269,29 @@ def test_experts_only_lora_with_a_rank_pattern_exports_to_peft(loaded, tmp_path)
     peft_adapter(model, both, both.init_variables(jax.random.key(0), params))
 
 
-def test_expert_tensors_are_fsdp_sharded_over_the_model_width(loaded):
-  """The sharding rules place the stacked experts' D axis on `fsdp` (gate/up columns whole)."""
+def test_expert_tensors_are_sharded_by_expert_and_over_the_model_width(loaded):
+  """The sharding rules place the stacked experts' E axis on `expert` (expert parallelism) and
+  their D axis on `fsdp` (gate/up columns whole)."""
   from mllm_tune.train.sharding import make_mesh, spec_for
   mesh = make_mesh(data=1, fsdp=1, tensor=1)
   mlp = loaded[3]["llm"]["layers"]["mlp"]
   assert tuple(spec_for("llm/layers/mlp/experts_gate_up", mlp["experts_gate_up"].shape,
-                        mesh)) == (None, None, "fsdp", None)
+                        mesh)) == (None, "expert", "fsdp", None)
   assert tuple(spec_for("llm/layers/mlp/experts_down", mlp["experts_down"].shape,
-                        mesh)) == (None, None, None, "fsdp")
-  # per-expert LoRA factors follow their stack: A over its input width, B over its output's
+                        mesh)) == (None, "expert", None, "fsdp")
+  # per-expert LoRA factors follow their stack: by expert, A over its input width, B over its
+  # output's
   from mllm_tune import pytree
   from mllm_tune.train.setup import state_shardings
   lora = mt.tuning.get("lora", rank=2, targets=r"llm/layers_\d+/mlp/experts_(gate_up|down)")
   shapes = jax.eval_shape(lambda: lora.init_variables(jax.random.key(0), loaded[3]))
   specs = {k: tuple(v.spec) for k, v in pytree.flatten(state_shardings(shapes, mesh)).items()
            if "/lora_" in k and "scale" not in k}
-  assert specs == {"adapters/llm/layers/mlp/experts_gate_up/lora_a": (None, None, "fsdp", None),
-                   "adapters/llm/layers/mlp/experts_gate_up/lora_b": (None, None, None, None),
-                   "adapters/llm/layers/mlp/experts_down/lora_a": (None, None, None, None),
-                   "adapters/llm/layers/mlp/experts_down/lora_b": (None, None, None, "fsdp")}
+  stacks = "adapters/llm/layers/mlp/experts_"
+  assert specs == {stacks + "gate_up/lora_a": (None, "expert", "fsdp", None),
+                   stacks + "gate_up/lora_b": (None, "expert", None, None),
+                   stacks + "down/lora_a": (None, "expert", None, None),
+                   stacks + "down/lora_b": (None, "expert", None, "fsdp")}
 
 
 def test_per_sample_gradients_under_vmap_equal_one_sample_at_a_time():

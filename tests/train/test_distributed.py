@@ -59,8 +59,8 @@ def test_data_fsdp_and_tensor_meshes_give_the_one_device_loss_curve(tmp_path):
   assert out["fsdp_tensor"]["n_shards"] == 8
   assert out["data"]["n_shards"] == 1  # data parallel: replicated parameters
   # with grad_accum, train batches split rows on axis 1; eval / caption batches on axis 0
-  assert out["accum_spec"] == "P(None, ('data', 'fsdp'))"
-  assert out["single_spec"] == "P(('data', 'fsdp'),)"
+  assert out["accum_spec"] == "P(None, ('data', 'fsdp', 'expert'))"
+  assert out["single_spec"] == "P(('data', 'fsdp', 'expert'),)"
 
 
 def test_two_processes_with_jax_distributed_agree_on_the_loss(tmp_path):

@@ -71,7 +71,7 @@ def test_image_buffers_are_split_over_data_parallel_devices(family, tmp_path):
                                 XLA_FLAGS="--xla_force_host_platform_device_count=2"))
   assert res.returncode == 0, res.stderr[-3000:]
   out = json.loads(res.stdout.split("RESULT")[1])
-  assert out["spec"][0] == "('data', 'fsdp')" and out["shards"] == 2, out
+  assert out["spec"][0] == "('data', 'fsdp', 'expert')" and out["shards"] == 2, out
   assert out["replicated_shape"] is None
   if family == "qwen2_5_vl":  # (blocks, K, C*T*p*p): one patch block per row shard
     assert len(out["shape"]) == 3 and out["shape"][0] == 2

@@ -15,4 +15,4 @@ def get_config():
 
 
 def get_mesh():
-  return ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, devices=0))
+  return ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1, devices=0))

@@ -1,0 +1,154 @@
+"""Expert parallelism (`mesh.expert`, `models/moe.routed_experts_sharded`) on 4 forced CPU devices:
+a tiny Qwen3-VL-MoE whose expert stacks (and per-expert LoRA factors) are split by expert gives
+the one-device logits and gradients on a packed batch, generates the same tokens from a one-row
+prompt (rows that do not split over the batch axes), and `mllm-tune train` with
+`mesh.expert=2` reproduces the one-device loss curve of LoRA on the experts with EWC (its
+per-sample Fisher vmaps through the sharded dispatch)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from tests.helpers import qwen_vl_tiny as qt
+from tests.helpers.data import sized_records, write_llava_dataset
+from tests.helpers.train import ROOT, lora_train_args, losses, run_cli
+
+SCRIPT = """
+import json, pathlib, sys
+import jax, jax.numpy as jnp, numpy as np
+sys.path.insert(0, sys.argv[2])
+import mllm_tune as mt
+from mllm_tune import pytree
+from mllm_tune.data.loader import make_batches
+from mllm_tune.train import setup, sharding
+from tests.helpers import qwen_vl_tiny as qt
+from tests.helpers.data import packed_cfg, sized_records, write_llava_dataset
+assert jax.device_count() == 4
+root = pathlib.Path(sys.argv[1])
+d, _, _ = qt.model_dir(str(root), "qwen3_vl_moe")
+model, params = mt.load_pretrained(d)
+records, images = sized_records()
+path = write_llava_dataset(str(root / "data"), records, images)
+batch = next(make_batches(packed_cfg(path, str(root / "data" / "images"), batch_size=4), d,
+                          model.config))
+lora = lambda **kw: mt.tuning.get("lora", rank=2, targets=r"llm/layers_\\d+/mlp/experts_(gate_up|down)",
+                                  **kw)
+variables = lora().init_variables(jax.random.key(0), params)
+# B factors away from zero, so that the expert LoRA changes the logits and has gradients
+variables["adapters"] = jax.tree_util.tree_map_with_path(
+    lambda p, x: x + 0.05 * jax.random.normal(jax.random.key(len(str(p))), x.shape)
+    if "lora_b" in str(p) else x, variables["adapters"])
+
+def loss(v, b):
+  logits = model.apply(v, b["input_ids"], **mt.models.model_kwargs(b))
+  return jnp.mean(jnp.sin(logits) * (b["loss_mask"][..., None] > 0)), logits
+
+(l1, logits1), g1 = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables, batch)
+flat1 = pytree.flatten(g1)
+out = {"grads": sorted(flat1)}
+for name, (data, fsdp, expert) in {"fsdp2_expert2": (1, 2, 2), "data2_expert2": (2, 1, 2)}.items():
+  mesh = sharding.make_mesh(data, fsdp, 1, expert=expert)
+  with sharding.mesh_context(mesh):
+    v = jax.device_put(variables, setup.state_shardings(variables, mesh))
+    b, _ = setup.place_batch(batch, setup.batch_sharding(mesh, 1), model.config)
+    (l2, logits2), g2 = jax.jit(jax.value_and_grad(loss, has_aux=True))(v, b)
+    jaxpr = str(jax.make_jaxpr(lambda v, b: loss(v, b)[0])(v, b))
+  flat2 = pytree.flatten(g2)
+  mlp = pytree.flatten(v)
+  out[name] = dict(
+      logits=float(np.abs(np.asarray(logits1) - np.asarray(logits2)).max()),
+      scale=float(np.abs(np.asarray(logits1)).max()), loss=[float(l1), float(l2)],
+      grad_rel={p: float(np.abs(np.asarray(g) - np.asarray(flat2[p])).max()
+                         / np.abs(np.asarray(g)).max()) for p, g in flat1.items()},
+      shard_map="shard_map" in jaxpr,
+      shards={p: [list(x.shape), list(x.addressable_shards[0].data.shape)]
+              for p, x in mlp.items() if "experts_" in p and "scale" not in p})
+# decoding one row: one token per step, rows that do not split over the batch axes
+mesh = sharding.make_mesh(1, 2, 1, expert=2)
+prompt = jnp.asarray(batch["input_ids"][:1, :24])
+gen = lambda p, a: np.asarray(mt.generate(model, p, prompt, max_new_tokens=6, adapters=a)).tolist()
+out["generate_one"] = gen(variables["params"], variables["adapters"])
+with sharding.mesh_context(mesh):
+  v = jax.device_put(variables, setup.state_shardings(variables, mesh))
+  out["generate_ep"] = gen(v["params"], v["adapters"])
+  # LoRA dropout on the experts: one mask per token shard, finite, and it changes the loss
+  dv = lora(dropout=0.5).init_variables(jax.random.key(0), params)
+  drop = pytree.flatten(dv)
+  both = pytree.unflatten({**pytree.flatten(variables), **{p: x for p, x in drop.items()
+                                                          if "lora_dropout" in p}})
+  out["dropout_leaves"] = sum("lora_dropout" in p for p in drop)
+  both = jax.device_put(both, setup.state_shardings(both, mesh))
+  b, _ = setup.place_batch(batch, setup.batch_sharding(mesh, 1), model.config)
+  f = jax.jit(lambda v, b, k: jnp.mean(model.apply(v, b["input_ids"], rngs={"dropout": k},
+                                                   **mt.models.model_kwargs(b))))
+  out["dropout_means"] = [float(f(both, b, jax.random.key(1))), float(f(both, b, jax.random.key(2)))]
+print("RESULT" + json.dumps(out))
+"""
+
+
+def test_expert_parallel_logits_gradients_and_decoding_equal_one_device(tmp_path):
+  res = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path), ROOT], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu",
+                                XLA_FLAGS="--xla_force_host_platform_device_count=4"))
+  assert res.returncode == 0, res.stderr[-3000:]
+  out = json.loads(res.stdout.split("RESULT")[1])
+  # every base weight and both experts' LoRA factors have gradients
+  assert "params/llm/layers/mlp/experts_down" in out["grads"]
+  assert "adapters/llm/layers/mlp/experts_gate_up/lora_a" in out["grads"]
+  for name in ("fsdp2_expert2", "data2_expert2"):
+    o = out[name]
+    assert o["shard_map"], name  # the sharded dispatch ran
+    assert o["logits"] < 1e-5 * max(1.0, o["scale"]), (name, o["logits"])
+    np.testing.assert_allclose(o["loss"][1], o["loss"][0], rtol=1e-5)
+    worst = max(o["grad_rel"], key=o["grad_rel"].get)
+    assert o["grad_rel"][worst] < 1e-4, (name, worst, o["grad_rel"][worst])
+    # each device holds half of the 6 experts (and of their LoRA factors)
+    for path, (shape, shard) in o["shards"].items():
+      assert shard[1] == shape[1] // 2 == 3, (name, path, shape, shard)
+  assert out["fsdp2_expert2"]["shards"]["params/llm/layers/mlp/experts_gate_up"][1][2] == 16
+  assert out["generate_ep"] == out["generate_one"]
+  assert out["dropout_leaves"] == 2
+  a, b = out["dropout_means"]
+  assert np.isfinite(a) and np.isfinite(b) and a != b  # the dropout key reaches the experts
+
+
+def test_expert_mesh_needs_experts_it_divides():
+  from mllm_tune.train.setup import ConfigValueError, check_expert_mesh
+  mesh = types.SimpleNamespace(shape={"data": 1, "fsdp": 1, "expert": 4, "tensor": 1})
+  moe = types.SimpleNamespace(llm=types.SimpleNamespace(num_experts=6))
+  with pytest.raises(ConfigValueError, match="mesh.expert' = 4: the model's 6 experts do not"):
+    check_expert_mesh(moe, mesh)
+  dense = types.SimpleNamespace(llm=types.SimpleNamespace(num_experts=0))
+  with pytest.raises(ConfigValueError, match="no mixture-of-experts layers"):
+    check_expert_mesh(dense, mesh)
+  check_expert_mesh(types.SimpleNamespace(llm=types.SimpleNamespace(num_experts=8)), mesh)
+  check_expert_mesh(dense, types.SimpleNamespace(shape={"expert": 1}))
+
+
+def test_train_with_expert_parallelism_gives_the_one_device_loss_curve(tmp_path):
+  """LoRA on attention and per expert, EWC on its per-sample Fisher; `image_groups=1` so that
+  both runs see the same packed batches."""
+  d, _, _ = qt.model_dir(str(tmp_path), "qwen3_vl_moe")
+  records, images = sized_records(16, seed=2)
+  write_llava_dataset(str(tmp_path / "data"), records, images)
+  extra = ("--config.data.max_pixels=12288", "--config.data.image_groups=1",
+           r"--config.method.targets=llm/layers_\d+/(attn/(q|v)_proj|mlp/experts_(gate_up|down))",
+           "--config.method.dropout=0.0", "--config.penalty.name=ewc",
+           "--config.penalty.weight=10.0")
+  curves = {}
+  for name, devices, mesh in [("one", 1, ()),
+                              ("ep", 4, ("--config.mesh.fsdp=2", "--config.mesh.expert=2"))]:
+    run = str(tmp_path / name)
+    res = run_cli(lora_train_args(d, str(tmp_path / "data"), run, 3, 4, *extra, *mesh),
+                  devices=devices)
+    assert res.returncode == 0, res.stderr[-3000:]
+    curves[name] = [losses(run)[s] for s in (1, 2, 3)]
+  np.testing.assert_allclose(curves["ep"], curves["one"], rtol=2e-5)
+  assert len(set(curves["one"])) == 3  # the steps (and the EWC term) moved the loss
