@@ -1,6 +1,6 @@
 """Expert parallelism (`mesh.expert`, `models/moe.routed_experts_sharded`) on 4 forced CPU devices:
 a tiny Qwen3-VL-MoE whose expert stacks (and per-expert LoRA factors) are split by expert gives
-the one-device logits and gradients on a packed batch, generates the same tokens from a one-row
+the one-device logits and gradients on a packed batch (beside FSDP, data or tensor parallelism), generates the same tokens from a one-row
 prompt (rows that do not split over the batch axes), and `mllm-tune train` with
 `mesh.expert=2` reproduces the one-device loss curve of LoRA on the experts with EWC (its
 per-sample Fisher vmaps through the sharded dispatch)."""
@@ -52,8 +52,10 @@ def loss(v, b):
 (l1, logits1), g1 = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables, batch)
 flat1 = pytree.flatten(g1)
 out = {"grads": sorted(flat1)}
-for name, (data, fsdp, expert) in {"fsdp2_expert2": (1, 2, 2), "data2_expert2": (2, 1, 2)}.items():
-  mesh = sharding.make_mesh(data, fsdp, 1, expert=expert)
+MESHES = {"fsdp2_expert2": (1, 2, 1, 2), "data2_expert2": (2, 1, 1, 2),
+          "expert2_tensor2": (1, 1, 2, 2)}
+for name, (data, fsdp, tensor, expert) in MESHES.items():
+  mesh = sharding.make_mesh(data, fsdp, tensor, expert=expert)
   with sharding.mesh_context(mesh):
     v = jax.device_put(variables, setup.state_shardings(variables, mesh))
     b, _ = setup.place_batch(batch, setup.batch_sharding(mesh, 1), model.config)
@@ -102,7 +104,7 @@ def test_expert_parallel_logits_gradients_and_decoding_equal_one_device(tmp_path
   # every base weight and both experts' LoRA factors have gradients
   assert "params/llm/layers/mlp/experts_down" in out["grads"]
   assert "adapters/llm/layers/mlp/experts_gate_up/lora_a" in out["grads"]
-  for name in ("fsdp2_expert2", "data2_expert2"):
+  for name in ("fsdp2_expert2", "data2_expert2", "expert2_tensor2"):
     o = out[name]
     assert o["shard_map"], name  # the sharded dispatch ran
     assert o["logits"] < 1e-5 * max(1.0, o["scale"]), (name, o["logits"])
