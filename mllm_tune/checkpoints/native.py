@@ -28,14 +28,20 @@ def save_native(out_dir: str, model, params: dict) -> None:
   ckpt.wait_until_finished()
 
 
+def read_native_config(path: str):
+  """The model config of a native checkpoint directory."""
+  cfg_file = os.path.join(os.path.abspath(path), CONFIG_FILE)
+  if not os.path.isfile(cfg_file):
+    raise CheckpointError(f"{os.path.abspath(path)}: no {CONFIG_FILE} (not an mllm_tune "
+                          "checkpoint)")
+  with open(cfg_file) as f:
+    return config_from_dict(json.load(f))
+
+
 def load_native(path: str, sharding_fn=None):
   """-> (model, params); `sharding_fn(path, shape)` as in `load_pretrained`."""
   path = os.path.abspath(path)
-  cfg_file = os.path.join(path, CONFIG_FILE)
-  if not os.path.isfile(cfg_file):
-    raise CheckpointError(f"{path}: no {CONFIG_FILE} (not an mllm_tune checkpoint)")
-  with open(cfg_file) as f:
-    model = build_model(config_from_dict(json.load(f)))
+  model = build_model(read_native_config(path))
   shapes = param_shapes(model)
   default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 

@@ -25,12 +25,16 @@ lower expert index (`lax.top_k`; torch's choice is implementation-defined), whic
 for bf16 router logits. The router load-balancing loss is the trainer's (`train.router_aux_loss`,
 `losses/router.py`), from the statistics each layer sows when `intermediates` is mutable.
 
-Expert parallelism: under a `jax.set_mesh` mesh whose `expert` axis has several devices (the
-trainer's `mesh.expert`), the stacks are split by expert and `routed_experts_sharded` dispatches
-the rows across that axis (its docstring); anywhere else every device holds every expert.
+Expert parallelism: inside `expert_parallel(mesh)` (or `jax.set_mesh`) with a mesh whose
+`expert` axis has several devices (the trainer's `mesh.expert`), the stacks are split by expert
+and `routed_experts_sharded` dispatches the rows across that axis (its docstring); anywhere else
+every device holds every expert.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import logging
 import math
 from typing import NamedTuple
 
@@ -45,7 +49,9 @@ from mllm_tune.models.adapters import parallel_adapter
 from mllm_tune.models.layers import Linear, activation, default_kernel_init, dtype_of
 from mllm_tune.losses.router import ROUTER_STATS
 from mllm_tune.models.llm_config import LLMConfig
-from mllm_tune.models.mesh_axes import BATCH_AXES, EXPERT
+from mllm_tune.models.mesh_axes import BATCH_AXES, EXPERT, FSDP
+
+_log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- grouped matmuls
@@ -179,20 +185,24 @@ class ExpertLora(NamedTuple):
 def routed_experts(x_ND: jax.Array, weights_NK: jax.Array, idx_NK: jax.Array,
                    gate_up_EDF2: jax.Array, down_EFD: jax.Array, act: str,
                    gate_up_lora: ExpertLora | None = None,
-                   down_lora: ExpertLora | None = None) -> jax.Array:
+                   down_lora: ExpertLora | None = None, *, foreign: bool = False) -> jax.Array:
   """sum_j weights[n, j] * expert_{idx[n, j]}(x[n]) for every row n, (N, D), dropless.
 
-  Expert ids outside [0, E) name experts held elsewhere (expert parallelism,
-  `routed_experts_sharded`, passes ids relative to its local stack): those pairs
-  are sorted past the groups, where the grouped products give zeros, and add nothing."""
+  `foreign=True`: expert ids outside [0, E) name experts held elsewhere (expert parallelism:
+  `routed_experts_sharded` passes ids relative to its local stack). Those pairs are sorted past
+  the groups and masked out of the grouped products' input and output (and so out of every
+  gradient), whatever a backend leaves in rows past the groups."""
   n, k = idx_NK.shape
   num_experts, f = down_EFD.shape[0], down_EFD.shape[1]
   flat_M = idx_NK.reshape(-1)                          # M = N * k (token, expert) pairs
-  flat_M = jnp.where((flat_M >= 0) & (flat_M < num_experts), flat_M, num_experts)
-  order_M = jnp.argsort(flat_M, stable=True)           # grouped by expert, foreign pairs last
+  if foreign:
+    flat_M = jnp.where((flat_M >= 0) & (flat_M < num_experts), flat_M, num_experts)
+  order_M = jnp.argsort(flat_M, stable=True)           # grouped by expert (foreign pairs last)
   token_M = order_M // k
-  sizes_E = jnp.bincount(flat_M, length=num_experts + 1)[:num_experts].astype(jnp.int32)
-  xs_MD = x_ND[token_M]
+  sizes_E = jnp.bincount(flat_M, length=num_experts + foreign)[:num_experts].astype(jnp.int32)
+  here_M1 = (flat_M[order_M] < num_experts)[:, None] if foreign else None
+  keep = (lambda t: jnp.where(here_M1, t, jnp.zeros_like(t))) if foreign else (lambda t: t)
+  xs_MD = keep(x_ND[token_M])
   h_MF2 = grouped_matmul(xs_MD, gate_up_EDF2.astype(x_ND.dtype), sizes_E)
   if gate_up_lora is not None:
     h_MF2 = h_MF2 + gate_up_lora.delta(xs_MD, sizes_E)
@@ -200,18 +210,42 @@ def routed_experts(x_ND: jax.Array, weights_NK: jax.Array, idx_NK: jax.Array,
   y_MD = grouped_matmul(h_MF, down_EFD.astype(x_ND.dtype), sizes_E)
   if down_lora is not None:
     y_MD = y_MD + down_lora.delta(h_MF, sizes_E)
-  y_MD = y_MD * weights_NK.reshape(-1)[order_M][:, None].astype(y_MD.dtype)
+  y_MD = keep(y_MD * weights_NK.reshape(-1)[order_M][:, None].astype(y_MD.dtype))
   return jnp.zeros_like(x_ND).at[token_M].add(y_MD)
 
 
 # ----------------------------------------------------------------------------- expert parallelism
+_EXPERT_MESH: contextvars.ContextVar = contextvars.ContextVar("expert_mesh", default=None)
+
+
+@contextlib.contextmanager
+def expert_parallel(mesh):
+  """MoE layers traced inside run expert parallel over `mesh`'s `expert` axis (the trainer
+  enters it when `mesh.expert` > 1). It makes `mesh` jax's ambient abstract mesh
+  (`jax.sharding.use_abstract_mesh`, part of jit's cache key: a function traced inside and
+  outside gets two programs) and keeps the concrete mesh for `shard_map`, so calls whose inputs
+  are not yet on the mesh work too. Array placement outside jit is left alone (unlike
+  `jax.set_mesh`, which a user may enter instead)."""
+  token = _EXPERT_MESH.set(mesh)
+  try:
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      yield
+  finally:
+    _EXPERT_MESH.reset(token)
+
+
 def expert_mesh():
-  """The ambient mesh (`jax.set_mesh`) when its `expert` axis has more than one device, else
-  None (then every device holds every expert)."""
+  """The mesh to dispatch experts over when the ambient mesh's `expert` axis has more than one
+  device (the concrete one of `expert_parallel`, else the abstract one), else None (then every
+  device holds every expert)."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or EXPERT not in mesh.axis_names or mesh.shape[EXPERT] == 1:
     return None
-  return mesh
+  concrete = _EXPERT_MESH.get()
+  return concrete if concrete is not None and concrete.abstract_mesh == mesh else mesh
+
+
+_LOGGED: set = set()
 
 
 def routed_experts_sharded(mesh, x_ND, weights_NK, idx_NK, gate_up_EDF2, down_EFD, act,
@@ -230,42 +264,56 @@ def routed_experts_sharded(mesh, x_ND, weights_NK, idx_NK, gate_up_EDF2, down_EF
   row buffer is the group's N * k pairs (the worst case of all pairs on one device), not the
   average N * k / n. When the rows do not split over the batch axes (a decoding batch of one),
   every device takes every row and a sum over `expert` combines the partial outputs. The
-  expert weights are gathered over `fsdp` on entry (FSDP). LoRA dropout draws one mask per
-  (data, fsdp) shard."""
+  expert weights enter split over `fsdp` too and are all-gathered inside (FSDP: their gradient
+  leaves as a reduce-scatter). LoRA dropout draws one mask per device."""
   ep, num_experts = mesh.shape[EXPERT], down_EFD.shape[0]
   if num_experts % ep:
     raise ValueError(f"{num_experts} experts do not split over the mesh's expert axis of {ep} "
-                     "devices")
+                     "devices (mesh.expert)")
   axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
   if x_ND.shape[0] % math.prod(mesh.shape[a] for a in axes):
     axes = ()
   gathered = EXPERT in axes
   rows, stack = P(axes or None), P(EXPERT)
+  fsdp = mesh.shape[FSDP] if FSDP in mesh.axis_names else 1
+  split_d = FSDP in axes and gate_up_EDF2.shape[1] % fsdp == 0  # rows split over fsdp too
+  gate_up_spec = P(EXPERT, FSDP, None) if split_d else stack
+  down_spec = P(EXPERT, None, FSDP) if split_d else stack
   lora_spec = lambda l: None if l is None else ExpertLora(
       stack, stack, P(), None if l.rate is None else P(), None if l.key is None else P())
-  shard_axes = tuple(a for a in axes if a != EXPERT)
+  key = (num_experts, ep, axes, x_ND.shape[0])
+  if key not in _LOGGED:
+    _LOGGED.add(key)
+    _log.info("mixture of experts: %d experts over the %d devices of mesh axis 'expert' (%d per "
+              "device); %d rows %s", num_experts, ep, num_experts // ep, x_ND.shape[0],
+              f"split over {axes}" if axes else "on every device")
 
   def body(x_nD, w_nK, idx_nK, gate_up, down, gu_lora, dn_lora):
     if gathered:
       x_nD, w_nK, idx_nK = (jax.lax.all_gather(t, EXPERT, axis=0, tiled=True)
                             for t in (x_nD, w_nK, idx_nK))
-    if shard_axes:  # a different dropout mask per token shard
-      fold = lambda l: l if l is None or l.key is None else l._replace(
-          key=jax.random.fold_in(l.key, jax.lax.axis_index(shard_axes)))
-      gu_lora, dn_lora = fold(gu_lora), fold(dn_lora)
+    if split_d:
+      gate_up = jax.lax.all_gather(gate_up, FSDP, axis=1, tiled=True)
+      down = jax.lax.all_gather(down, FSDP, axis=2, tiled=True)
+    fold = lambda l: l if l is None or l.key is None else l._replace(
+        key=jax.random.fold_in(l.key, jax.lax.axis_index(axes + (EXPERT,) * (not gathered))))
+    gu_lora, dn_lora = fold(gu_lora), fold(dn_lora)  # a dropout mask of its own per device
     # the rows meet expert-varying weights: typed varying in token space, so that their
     # gradient is summed over `expert` there, not in each device's own pair order
     x_nD, w_nK = _vary(x_nD, (EXPERT,)), _vary(w_nK, (EXPERT,))
     local_idx = idx_nK - jax.lax.axis_index(EXPERT) * down.shape[0]
-    y_nD = routed_experts(x_nD, w_nK, local_idx, gate_up, down, act, gu_lora, dn_lora)
+    y_nD = routed_experts(x_nD, w_nK, local_idx, gate_up, down, act, gu_lora, dn_lora,
+                          foreign=True)
     if gathered:
       return jax.lax.psum_scatter(y_nD, EXPERT, scatter_dimension=0, tiled=True)
     return jax.lax.psum(y_nD, EXPERT)
 
-  fn = jax.shard_map(body, mesh=mesh, out_specs=rows,
-                     in_specs=(rows, rows, rows, stack, stack, lora_spec(gate_up_lora),
-                               lora_spec(down_lora)))
-  return fn(x_ND, weights_NK, idx_NK, gate_up_EDF2, down_EFD, gate_up_lora, down_lora)
+  fn = jax.shard_map(body, mesh=mesh, out_specs=rows, check_vma=True,
+                     in_specs=(rows, rows, rows, gate_up_spec, down_spec,
+                               lora_spec(gate_up_lora), lora_spec(down_lora)))
+  dt = x_ND.dtype
+  return fn(x_ND, weights_NK, idx_NK, gate_up_EDF2.astype(dt), down_EFD.astype(dt),
+            gate_up_lora, down_lora)
 
 
 def expert_lora(module, name: str, dt) -> ExpertLora | None:

@@ -60,20 +60,21 @@ class Trainer:
     devices = jax.devices()[:cfg.mesh.devices] if cfg.mesh.get("devices") else None
     self.mesh = shard_lib.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices,
                                     expert=cfg.mesh.get("expert", 1))
-    with shard_lib.mesh_context(self.mesh):  # expert parallelism reads the ambient mesh
-      self._build(fisher_data)
-
-  def _build(self, fisher_data) -> None:
-    cfg, t, data = self.cfg, self.cfg.train, self.data
     if cfg.model.source == "bench":
       raise setup.ConfigValueError(
           "config key 'model.source': 'bench' names the offline benchmark's pre-trained base; "
           "resolve it first with mllm_tune.benchmark.pretrain.resolve_model_source(cfg.model) "
           "(mllm-tune train does), which builds or finds the base and sets source='hf'")
-    sfn = shard_lib.sharding_fn(self.mesh)
     setup.check_model_files(cfg)  # tokenizer / image processor errors before the weights load
+    if self.mesh.shape["expert"] > 1:  # before the weights load
+      setup.check_expert_mesh(setup.read_model_config(cfg.model), self.mesh)
+    self.param_sharding = sfn = shard_lib.sharding_fn(self.mesh)
     self.model, params, self.base_path = setup.load_model(cfg.model, sharding_fn=sfn)
-    setup.check_expert_mesh(self.model.config, self.mesh)
+    with shard_lib.mesh_context(self.mesh):  # expert parallelism reads the ambient mesh
+      self._build(params, fisher_data)
+
+  def _build(self, params, fisher_data) -> None:
+    cfg, t, data = self.cfg, self.cfg.train, self.data
     self.base_fingerprint = params_fingerprint(params)
     self.method = setup.method_from(cfg.method)
     rng = jax.random.key(cfg.seed)
@@ -88,7 +89,6 @@ class Trainer:
         mesh=self.mesh)
     self.penalty_data = penalty_setup.setup_penalty_data(cfg, self.model, self.penalty,
                                                          self.mesh)
-    self.param_sharding = sfn
     trainable = self._assemble(variables)
     self.penalty_consts = self._place_penalty_consts(consts)
     self.state = self._initial_state(trainable, rng)

@@ -86,6 +86,21 @@ def check_model_files(cfg) -> None:
     ChatTokenizer(load_tokenizer(c.path), -1, 0, d.get("template"))
 
 
+def read_model_config(c):
+  """The model config the `model` section names, without loading its weights."""
+  from mllm_tune.checkpoints.hf import read_config
+  from mllm_tune.checkpoints.native import read_native_config
+  if c.source == "tiny":
+    return tiny_model_config(c)
+  if not c.path:
+    raise ConfigValueError("model.path is empty (set --config.model.path=HF_OR_NATIVE_DIR)")
+  if c.source == "hf":
+    return read_config(c.path)
+  if c.source == "native":
+    return read_native_config(c.path)
+  raise ConfigValueError(f"model.source must be 'hf', 'native' or 'tiny', got {c.source!r}")
+
+
 def check_expert_mesh(model_config, mesh) -> None:
   """`mesh.expert` > 1 needs a mixture-of-experts LLM whose expert count it divides."""
   ep = mesh.shape.get("expert", 1)

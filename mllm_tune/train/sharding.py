@@ -18,6 +18,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mllm_tune.models.mesh_axes import BATCH_AXES, MESH_AXES  # noqa: F401 (re-exported)
+from mllm_tune.models.moe import expert_parallel
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +62,12 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
 
 
 def mesh_context(mesh: Mesh):
-  """`jax.set_mesh(mesh)` when the mesh splits experts (the MoE layers read it to run expert
-  parallel), else a no-op context: everything else takes its shardings from its arrays."""
-  return jax.set_mesh(mesh) if mesh.shape.get("expert", 1) > 1 else contextlib.nullcontext()
+  """`moe.expert_parallel(mesh)` when the mesh splits experts (what the MoE layers read, at
+  trace time, to run expert parallel), else a no-op context: everything else takes its
+  shardings from its arrays."""
+  if mesh.shape.get("expert", 1) > 1:
+    return expert_parallel(mesh)
+  return contextlib.nullcontext()
 
 
 def batch_shards(mesh: Mesh) -> int:

@@ -1,9 +1,11 @@
-"""Expert parallelism (`mesh.expert`, `models/moe.routed_experts_sharded`) on 4 forced CPU devices:
-a tiny Qwen3-VL-MoE whose expert stacks (and per-expert LoRA factors) are split by expert gives
-the one-device logits and gradients on a packed batch (beside FSDP, data or tensor parallelism), generates the same tokens from a one-row
-prompt (rows that do not split over the batch axes), and `mllm-tune train` with
-`mesh.expert=2` reproduces the one-device loss curve of LoRA on the experts with EWC (its
-per-sample Fisher vmaps through the sharded dispatch)."""
+"""Expert parallelism (`mesh.expert`, `models/moe.routed_experts_sharded`) on 4 forced CPU
+devices: a tiny Qwen3-VL-MoE whose expert stacks (and per-expert LoRA factors) are split by
+expert gives the one-device logits and gradients on a packed batch (beside FSDP, data or tensor
+parallelism) and generates the same tokens from a one-row prompt (rows that do not split over
+the batch axes); the dispatch alone gives the one-device gradients with rows split or not; and
+`mllm-tune train` with `mesh.expert=2` reproduces the one-device loss curve of LoRA on the
+experts with EWC (its per-sample Fisher vmaps through the sharded dispatch) and refuses an
+expert axis that does not divide the experts."""
 from __future__ import annotations
 
 import json
@@ -37,8 +39,8 @@ records, images = sized_records()
 path = write_llava_dataset(str(root / "data"), records, images)
 batch = next(make_batches(packed_cfg(path, str(root / "data" / "images"), batch_size=4), d,
                           model.config))
-lora = lambda **kw: mt.tuning.get("lora", rank=2, targets=r"llm/layers_\\d+/mlp/experts_(gate_up|down)",
-                                  **kw)
+EXPERTS = r"llm/layers_\\d+/mlp/experts_(gate_up|down)"
+lora = lambda **kw: mt.tuning.get("lora", rank=2, targets=EXPERTS, **kw)
 variables = lora().init_variables(jax.random.key(0), params)
 # B factors away from zero, so that the expert LoRA changes the logits and has gradients
 variables["adapters"] = jax.tree_util.tree_map_with_path(
@@ -89,7 +91,29 @@ with sharding.mesh_context(mesh):
   b, _ = setup.place_batch(batch, setup.batch_sharding(mesh, 1), model.config)
   f = jax.jit(lambda v, b, k: jnp.mean(model.apply(v, b["input_ids"], rngs={"dropout": k},
                                                    **mt.models.model_kwargs(b))))
-  out["dropout_means"] = [float(f(both, b, jax.random.key(1))), float(f(both, b, jax.random.key(2)))]
+  out["dropout_means"] = [float(f(both, b, jax.random.key(s))) for s in (1, 2)]
+# the dispatch alone, rows split (16) and on every device (3, which no shard count divides):
+# gradients of the rows, router logits, both stacks and the LoRA factors and scale
+from mllm_tune.models import moe
+r = np.random.default_rng(0)
+arr = lambda *s: jnp.asarray(r.normal(size=s) * 0.3, jnp.float32)
+x, logit, gu, dn = arr(16, 8), arr(16, 4), arr(4, 8, 12), arr(4, 6, 8)
+la = moe.ExpertLora(arr(4, 8, 3), arr(4, 3, 12), jnp.asarray(0.5))
+def f(x, logit, gu, dn, la, sharded):
+  w, i = moe.route(logit, 2)
+  y = (moe.routed_experts_sharded(moe.expert_mesh(), x, w, i, gu, dn, "silu", la)
+       if sharded else moe.routed_experts(x, w, i, gu, dn, "silu", la))
+  return jnp.sum(jnp.sin(y))
+g = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3, 4)), static_argnums=5)
+out["dispatch"] = {}
+for n in (16, 3):
+  ref = jax.tree.leaves(g(x[:n], logit[:n], gu, dn, la, False))
+  for shape in ((1, 2, 1, 2), (1, 1, 2, 2), (1, 1, 1, 4)):
+    mesh = sharding.make_mesh(*shape[:3], expert=shape[3])
+    with sharding.mesh_context(mesh):
+      got = jax.tree.leaves(g(x[:n], logit[:n], gu, dn, la, True))
+    out["dispatch"][f"{n} {shape}"] = max(float(jnp.abs(a - b).max() / jnp.abs(a).max())
+                                          for a, b in zip(ref, got))
 print("RESULT" + json.dumps(out))
 """
 
@@ -116,6 +140,7 @@ def test_expert_parallel_logits_gradients_and_decoding_equal_one_device(tmp_path
       assert shard[1] == shape[1] // 2 == 3, (name, path, shape, shard)
   assert out["fsdp2_expert2"]["shards"]["params/llm/layers/mlp/experts_gate_up"][1][2] == 16
   assert out["generate_ep"] == out["generate_one"]
+  assert len(out["dispatch"]) == 6 and max(out["dispatch"].values()) < 1e-5, out["dispatch"]
   assert out["dropout_leaves"] == 2
   a, b = out["dropout_means"]
   assert np.isfinite(a) and np.isfinite(b) and a != b  # the dropout key reaches the experts
@@ -152,5 +177,13 @@ def test_train_with_expert_parallelism_gives_the_one_device_loss_curve(tmp_path)
                   devices=devices)
     assert res.returncode == 0, res.stderr[-3000:]
     curves[name] = [losses(run)[s] for s in (1, 2, 3)]
+    # the sharded dispatch ran (and said so once per row count), only with mesh.expert=2
+    said = "mixture of experts: 6 experts over the 2 devices of mesh axis 'expert'"
+    assert (said in res.stderr) == (name == "ep"), res.stderr[-2000:]
   np.testing.assert_allclose(curves["ep"], curves["one"], rtol=2e-5)
   assert len(set(curves["one"])) == 3  # the steps (and the EWC term) moved the loss
+  # 6 experts on mesh.expert=4: refused before the weights load, naming the config key
+  res = run_cli(lora_train_args(d, str(tmp_path / "data"), str(tmp_path / "bad"), 1, 4,
+                                "--config.mesh.fsdp=1", "--config.mesh.expert=4"), devices=4)
+  assert res.returncode != 0
+  assert "mesh.expert' = 4: the model's 6 experts do not split into 4 equal groups" in res.stderr
