@@ -50,7 +50,8 @@ def get_config():
   # theta0 from fisher_samples samples of fisher_data (train | synthetic | llava_json | tfds,
   # with fisher_json_path / fisher_image_folder) and saved there ('' = run_dir/importance/<kind>,
   # 'auto' = <model.path>/importance/<kind>). fisher_chunk: samples per vmap'ed chunk (memory:
-  # that many gradient copies of the penalised leaves; raise it for small models).
+  # that many gradient copies of the penalised leaves; raise it for small models). With several
+  # processes each takes ceil(fisher_samples / processes) samples of its own data shard.
   c.penalty = ml_collections.ConfigDict(dict(
       name="none", weight=ml_collections.FieldReference(None, field_type=float),
       fisher_kind="empirical", fisher_path="", fisher_data="train", fisher_json_path="",

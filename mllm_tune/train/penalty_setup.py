@@ -120,12 +120,6 @@ def compute_importance(pcfg, kind: str, model, method, params: dict, variables: 
   if not changed:
     raise setup.ConfigValueError(f"config 'penalty': method '{tuning.api.label(method)}' "
                                  "changes no base leaf to compute an importance for")
-  if jax.process_count() > 1:
-    raise setup.ConfigValueError(
-        f"config 'penalty': no importance file at {path}; computing one needs a single "
-        "process (hosts hold different batches): run once on one host, or use "
-        "importance.fisher.fisher_from_batches + importance.store.save_importance, then set "
-        "penalty.fisher_path")
   if callable(fisher_data) and not hasattr(fisher_data, "__next__"):
     fisher_data = fisher_data(model)
   rewind = fisher_data is None

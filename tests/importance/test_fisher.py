@@ -265,3 +265,49 @@ def test_magnitude_importances_are_spider_and_lorasculpt_ones():
   got = importance_scores(nll, variables, [ex], leaves, kind="grad_abs")
   g = jax.grad(nll)(variables, ex)["params"]["head"]["kernel"]
   np.testing.assert_allclose(got["params/head/kernel"], np.abs(g), rtol=1e-6)
+
+
+def test_two_processes_compute_the_fisher_of_all_their_samples(tmp_path):
+  """`mllm-tune train` with EWC and no importance file, as two jax.distributed processes of 2
+  CPU devices each: every process takes half of `penalty.fisher_samples` from its own data
+  shard (`collect_examples`), the per-example sums run over both processes' examples on the
+  mesh, and the saved Fisher is the one-process Fisher of the union of those samples (the
+  synthetic rows each process reads, rebuilt here), over the total count."""
+  from mllm_tune.configs import base
+  from mllm_tune.train import setup
+  from mllm_tune.train.synthetic import SyntheticBatches
+  from tests.helpers.train import run_processes
+  run = tmp_path / "run"
+  args = [f"--config={ROOT}/configs/experiments/tiny_full.py", "--no-progress",
+          f"--config.run_dir={run}", "--config.train.steps=2", "--config.train.log_every=1",
+          "--config.train.save_every=2", "--config.penalty.name=ewc",
+          "--config.penalty.weight=100.0", "--config.penalty.fisher_samples=12",
+          "--config.penalty.fisher_chunk=4"]
+  res, logs = run_processes(2, args, str(tmp_path), devices_per_proc=2)
+  assert res.returncode == 0, logs[0][-3000:] + logs[1][-3000:]
+  got, meta = importance_store.load_importance(str(run / "importance" / "empirical"))
+  assert meta["num_examples"] == 12
+  cfg = base.get_config()
+  d = cfg.data
+  model, params, _ = setup.load_model(cfg.model)
+  # process p reads SyntheticBatches(batch / 2, seed + 1000 p) (cli.build_data), one sample a
+  # row, and takes its first 6
+  union = []
+  for p in (0, 1):
+    src = SyntheticBatches(d.batch_size // 2, d.seq_len, model.config.llm.vocab_size,
+                           seed=d.seed + 1000 * p)
+    mine = [src.make(i) for i in range(6)]
+    union.append({k: np.concatenate([b[k] for b in mine])[:6] for k in mine[0]})
+  one = {k: np.concatenate([u[k] for u in union]) for k in union[0]}
+  leaves = select.unflatten({p: True for p in select.flatten({"params": params})})
+  leaves["adapters"] = {}
+  want, n = fisher.fisher_from_batches(model, {"params": params, "adapters": {}}, leaves, [one],
+                                       num_examples=12, chunk=4)
+  assert n == 12 and set(got) == set(want)
+  for p in want:
+    w = np.asarray(want[p])  # summation order differs: relative to the leaf's largest entry
+    np.testing.assert_allclose(np.asarray(got[p]), w, rtol=1e-4, atol=1e-6 * np.abs(w).max(),
+                               err_msg=p)
+  finals = [json.loads(log.strip().splitlines()[-1]) for log in logs]
+  assert finals[0]["loss"] == finals[1]["loss"] and np.isfinite(finals[0]["loss"])
+  assert finals[0]["loss_terms/ewc"] > 0  # step 2 moved away from theta0 under the penalty

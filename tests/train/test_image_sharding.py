@@ -82,15 +82,20 @@ def test_image_buffers_are_split_over_data_parallel_devices(family, tmp_path):
   assert out["err"] < 1e-5
 
 
+def _cfg(args: list[str]):
+  from mllm_tune.train.config_io import apply_overrides, load_config
+  cfg = load_config(args[0].split("=", 1)[1])
+  apply_overrides(cfg, [a[2:] for a in args if a.startswith("--config.")])
+  return cfg
+
+
 def _host_batches(args: list[str], model, hosts: int) -> list[dict]:
   """The first batch each of `hosts` processes reads with these `mllm-tune train` arguments
   (`cli.build_data` with the process index and count it would see)."""
   from unittest import mock
   import jax
   from mllm_tune import cli
-  from mllm_tune.train.config_io import apply_overrides, load_config
-  cfg = load_config(args[0].split("=", 1)[1])
-  apply_overrides(cfg, [a[2:] for a in args if a.startswith("--config.")])
+  cfg = _cfg(args)
   out = []
   for rank in range(hosts):
     with mock.patch.object(jax, "process_index", lambda: rank), \
@@ -120,7 +125,10 @@ def test_two_processes_train_qwen_with_image_buffers_split_over_hosts(devices_pe
   everywhere, and no image buffer is replicated (the trainer would warn). The first step's loss
   (LoRA B = 0: the base model) equals the base model's token cross-entropy over the two hosts'
   first batches, each computed alone, so every host's tokens met their own images in the joined
-  buffer; both processes log the same losses, and the loss goes down."""
+  buffer; both processes log the same losses, and the loss goes down. With two devices each the
+  run also has EWC without an importance file: each process takes 2 of its first batch's
+  samples, and the Fisher the processes compute together is the one-process Fisher of those 4
+  samples (images of different sizes on each host: the stacked examples agree on shapes)."""
   import mllm_tune as mt
   from tests.helpers import qwen_vl_tiny as qt
   from tests.helpers.data import sized_records, write_llava_dataset
@@ -132,6 +140,10 @@ def test_two_processes_train_qwen_with_image_buffers_split_over_hosts(devices_pe
   args = lora_train_args(d, str(tmp_path / "data"), run, 4, 4, "--config.data.max_pixels=9408",
                          f"--config.mesh.data={2 * devices_per_proc}",
                          f"--config.data.image_groups={devices_per_proc}")[1:]  # no "train"
+  if devices_per_proc == 2:
+    args += ["--config.penalty.name=ewc", "--config.penalty.weight=1.0",
+             "--config.penalty.fisher_samples=4",
+             "--config.penalty.fisher_chunk=2"]
   res, logs = run_processes(2, args, str(tmp_path), devices_per_proc=devices_per_proc)
   assert res.returncode == 0, logs[0][-3000:] + logs[1][-3000:]
   finals = [json.loads(log.strip().splitlines()[-1]) for log in logs]
@@ -144,3 +156,24 @@ def test_two_processes_train_qwen_with_image_buffers_split_over_hosts(devices_pe
   assert all(h["pixel_values"].ndim == (2 if devices_per_proc == 1 else 3) for h in hosts)
   sums, counts = zip(*(_token_nll(model, params, h) for h in hosts))
   np.testing.assert_allclose(curve[1], sum(sums) / sum(counts), rtol=2e-5)
+  if devices_per_proc == 2:
+    import jax
+    from mllm_tune.importance import fisher, store
+    from mllm_tune.train import penalty_setup, setup
+    got, meta = store.load_importance(os.path.join(run, "importance", "empirical"))
+    assert meta["num_examples"] == 4
+    tok, seq = fisher.image_spec(model)
+    mine = [fisher.split_examples(h, tok, seq)[:2] for h in hosts]
+    assert [len(m) for m in mine] == [2, 2]
+    cfg = _cfg(args)
+    method = setup.method_from(cfg.method)
+    variables = method.init_variables(jax.random.fold_in(jax.random.key(cfg.seed), 1), params)
+    leaves, changed = penalty_setup.changed_leaves(method, variables, params)
+    want = fisher.importance(fisher.lm_logits_fn(model), {"params": params, "adapters": {}},
+                             leaves, fisher.stack_examples(mine[0] + mine[1], tok, seq),
+                             chunk=2)
+    assert set(got) == set(want) and len(want) == len(changed) > 0
+    for p in want:
+      w = np.asarray(want[p])
+      np.testing.assert_allclose(np.asarray(got[p]), w, rtol=1e-4,
+                                 atol=1e-6 * np.abs(w).max(), err_msg=p)
