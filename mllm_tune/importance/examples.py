@@ -190,8 +190,8 @@ def stack_examples(examples: list[dict], image_token_id: int | None = None,
       if shaped:
         out[key] = np.zeros((n, k) + shaped[0].shape[1:], np.int32)
   if k:
-    hwc = next(e["images"].shape[1:] for e in examples if "images" in e and len(e["images"]))
-    out["pixel_values"] = np.zeros((n, k) + hwc, np.float32)
+    hwc = _image_shape(examples) or at_least.get("image_shape")
+    out["pixel_values"] = np.zeros((n, k) + tuple(hwc), np.float32)
   if anyres:  # padding crops are zeros; no dummy runs: only table rows are image tokens
     taps = max(sizes["taps"], at_least.get("taps", 0))
     out["pack_index"] = np.zeros((n, t, taps), np.int32)
@@ -265,29 +265,49 @@ def collect_examples(batches: Iterable[dict], num_examples: int, image_token_id=
   processes, `batches` are this process's and it takes ceil(num_examples / processes) of their
   samples; the stacks get the same shapes on every process (sizes agreed over processes)."""
   procs = jax.process_count()
-  quota = -(-num_examples // procs)
-  found: list[dict] = []
-  for batch in batches:
-    found += split_examples(batch, image_token_id, image_seq_len)
-    if len(found) >= quota:
-      break
-  found = found[:quota]
   if procs == 1:
-    return stack_examples(found, image_token_id, image_seq_len)
-  if not found:
-    raise ImportanceError(f"process {jax.process_index()} found no sample with answer tokens to "
-                          "compute the importance from")
-  k = _max_over_processes([stack_sizes(found, image_seq_len)["images"]])[0]
-  sizes = stack_sizes(found, image_seq_len, k)
-  length, taps = _max_over_processes([sizes["length"], sizes["taps"]])
-  out = stack_examples(found, image_token_id, image_seq_len,
-                       {"images": k, "length": length, "taps": taps})
+    return stack_examples(_take(batches, num_examples, image_token_id, image_seq_len),
+                          image_token_id, image_seq_len)
+  # every process must reach every collective below: a process's own failure is shared first
+  # and raised on all of them (else the others would wait in the all-gather)
+  local, err = {"error": None}, None
+  try:
+    found = _take(batches, -(-num_examples // procs), image_token_id, image_seq_len)
+    if not found:
+      raise ImportanceError("no sample with answer tokens in this process's data")
+    local.update(stack_sizes(found, image_seq_len), image_shape=_image_shape(found))
+  except Exception as e:  # noqa: BLE001 (re-raised on every process below)
+    local["error"], err = f"{type(e).__name__}: {e}", e
+  every = _all_processes(local)
+  bad = [f"process {i}: {s['error']}" for i, s in enumerate(every) if s["error"]]
+  if bad:
+    raise ImportanceError("importance examples: " + "; ".join(bad)) from err
+  k = max(s["images"] for s in every)
+  length = _max_over_processes([stack_sizes(found, image_seq_len, k)["length"]])[0]
+  out = stack_examples(found, image_token_id, image_seq_len, {
+      "images": k, "length": length, "taps": max(s["taps"] for s in every),
+      "image_shape": next((s["image_shape"] for s in every if s["image_shape"]), None)})
   shapes = {key: list(np.shape(v)[1:]) for key, v in sorted(out.items())}
   if len({str(s) for s in _all_processes(shapes)}) > 1:
     raise ImportanceError(f"the processes' importance examples differ in fields or shapes "
                           f"(this process: {shapes}); e.g. some hold no image samples: raise "
                           "penalty.fisher_samples or use one process")
   return out
+
+
+def _take(batches: Iterable[dict], num: int, image_token_id, image_seq_len: int) -> list[dict]:
+  """The first `num` samples (with answer tokens) of `batches`."""
+  found: list[dict] = []
+  for batch in batches:
+    found += split_examples(batch, image_token_id, image_seq_len)
+    if len(found) >= num:
+      break
+  return found[:num]
+
+
+def _image_shape(examples: list[dict]) -> list[int] | None:
+  """The per-image shape of the examples' images (an empty image array has it too)."""
+  return next((list(e["images"].shape[1:]) for e in examples if "images" in e), None)
 
 
 def _max_over_processes(values: list[int]) -> list[int]:

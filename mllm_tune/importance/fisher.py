@@ -54,8 +54,6 @@ def example_objective(logits_fn: LogitsFn, kind: str):
       sq_T = jnp.sum(jnp.square(logits_TV), axis=-1)
       return valid * jnp.sum(w_T * sq_T) / jnp.maximum(jnp.sum(w_T), 1.0)
     if kind == "true":
-      if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):  # raw key data (several processes)
-        key = jax.random.wrap_key_data(key)
       targets_T = jax.random.categorical(key, jax.lax.stop_gradient(logits_TV), axis=-1)
     logp_TV = jax.nn.log_softmax(logits_TV, axis=-1)
     picked_T = jnp.take_along_axis(logp_TV, targets_T[:, None].astype(jnp.int32), axis=-1)[:, 0]
@@ -108,7 +106,20 @@ def _process_chunk(mesh, chunk: int, procs: int) -> int:
                           f"mesh's batch axes {BATCH_AXES}, but they have {shards} shards")
   per = shards // procs                # batch shards on each process
   share = -(-chunk // procs)           # ceil(chunk / procs), rounded up to whole shards
-  return -(-share // per) * per
+  local = -(-share // per) * per
+  # each process's devices must hold `local` examples of the chunk axis, no two processes the
+  # same ones (a batch shard split between processes, e.g. over `tensor`, cannot be assembled)
+  owners: dict[tuple, set] = {}
+  sharding = _example_sharding(mesh, local * procs, 2)
+  for device, idx in sharding.devices_indices_map((1, local * procs)).items():
+    owners.setdefault(tuple(idx[1].indices(local * procs)[:2]), set()).add(device.process_index)
+  held = {p: sum(b - a for (a, b), o in owners.items() if p in o) for p in range(procs)}
+  if any(len(o) > 1 for o in owners.values()) or set(held.values()) != {local}:
+    raise ImportanceError(f"an importance over {procs} processes needs each process's devices "
+                          f"to hold whole batch shards of their own; this mesh's shards "
+                          f"{sorted(owners)} are held by processes "
+                          f"{[sorted(o) for _, o in sorted(owners.items())]}")
+  return local
 
 
 def importance(logits_fn: LogitsFn, variables: dict, leaves: dict, examples: dict,
@@ -160,8 +171,11 @@ def importance(logits_fn: LogitsFn, variables: dict, leaves: dict, examples: dic
     ex["_valid"] = valid[c * per_call * local:(c + 1) * per_call * local]
     ex = {k: put(v.reshape((per_call, local) + v.shape[1:]), v.ndim + 1) for k, v in ex.items()}
     k = keys[c * per_call * local:(c + 1) * per_call * local].reshape((per_call, local))
-    acc = engine(train, frozen, acc, ex, put(jax.random.key_data(k), 3) if procs > 1 else
-                 k if mesh is None else jax.device_put(k, _example_sharding(mesh, local, 2)))
+    if procs > 1:  # as raw key data: the processes' keys side by side, then typed again
+      k = jax.random.wrap_key_data(put(jax.random.key_data(k), 3), impl=jax.random.key_impl(rng))
+    elif mesh is not None:
+      k = jax.device_put(k, _example_sharding(mesh, local, 2))
+    acc = engine(train, frozen, acc, ex, k)
   return {p: x / sum(counts) for p, x in pytree.flatten(acc).items()}
 
 

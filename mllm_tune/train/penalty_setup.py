@@ -13,6 +13,7 @@ import os
 import time
 
 import jax
+import numpy as np
 
 from mllm_tune import pytree, tuning
 from mllm_tune.train import setup
@@ -52,7 +53,7 @@ def setup_penalty(cfg, model, method, params: dict, variables: dict, *, base_pat
     shapes = {"params/" + p: tuple(x.shape) for p, x in pytree.flatten(params).items()}
     sh = {"params/" + p: x.sharding for p, x in pytree.flatten(params).items()}
     check = dict(expect_shapes=shapes, model_config=model.config, shardings=sh)
-    if os.path.isfile(os.path.join(path, fisher_lib.META_FILE)):
+    if _on_file(os.path.join(path, fisher_lib.META_FILE)):
       scores, _ = importance_store.load_importance(path, base_fingerprint=base_fingerprint,
                                              **check)
       log.info("penalty %s: importance loaded from %s", penalty.name, path)
@@ -70,6 +71,16 @@ def setup_penalty(cfg, model, method, params: dict, variables: dict, *, base_pat
                                            "prev": os.path.abspath(pcfg.prev_fisher_path)})
   return penalty_lib.bind(penalty, method, variables, base_params=params,
                           importance=scores, where=where, model=model)
+
+def _on_file(meta_path: str) -> bool:
+  """Whether the importance file exists, as process 0 sees it (every process then loads, or
+  every process computes: the computation is collective)."""
+  here = os.path.isfile(meta_path)
+  if jax.process_count() == 1:
+    return here
+  from jax.experimental import multihost_utils
+  return bool(multihost_utils.broadcast_one_to_all(np.int32(here)))
+
 
 def setup_penalty_data(cfg, model, penalty, mesh=None):
   """GIFT's synthetic caption batches (`data.synthetic_pairs.PairBatches`) or None. They are

@@ -311,3 +311,101 @@ def test_two_processes_compute_the_fisher_of_all_their_samples(tmp_path):
   finals = [json.loads(log.strip().splitlines()[-1]) for log in logs]
   assert finals[0]["loss"] == finals[1]["loss"] and np.isfinite(finals[0]["loss"])
   assert finals[0]["loss_terms/ewc"] > 0  # step 2 moved away from theta0 under the penalty
+
+
+PROCESS_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import jax
+    pid, port, root, out_path = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+    jax.distributed.initialize(f"127.0.0.1:{{port}}", 2, pid)
+    sys.path.insert(0, root)
+    import numpy as np
+    from jax.experimental import multihost_utils
+    from mllm_tune.importance import fisher
+    from mllm_tune.train import sharding as shard_lib
+    from tests.helpers.tiny_models import leaves_matching, tiny_lm
+    model, params, _ = tiny_lm()
+    with open(sys.argv[5]) as f:
+      ex = {{k: np.asarray(v, np.int32) for k, v in json.load(f).items()}}
+    mine = {{k: v[:3] if pid == 0 else v[3:] for k, v in ex.items()}}  # 3 and 5 examples
+    leaves = leaves_matching(params, r"llm/layers/(attn|mlp)/.*kernel")
+    res = {{}}
+    for name, shape in {{"data4": (4, 1, 1), "data2_tensor2": (2, 1, 2)}}.items():
+      mesh = shard_lib.make_mesh(*shape)
+      sfn = shard_lib.sharding_fn(mesh)
+      sharded = jax.tree_util.tree_map_with_path(
+          lambda p, x: jax.device_put(x, sfn("/".join(k.key for k in p), x.shape)), params)
+      for kind in ("empirical", "true", "mas"):
+        got = fisher.importance(fisher.lm_logits_fn(model), {{"params": sharded, "adapters": {{}}}},
+                                leaves, mine, kind, chunk=3, rng=jax.random.key(5), mesh=mesh)
+        res[name + " " + kind] = {{p: np.asarray(multihost_utils.process_allgather(x, tiled=True))
+                                   .tolist() for p, x in got.items()}}
+    def error_of(fn):
+      try:
+        fn()
+      except fisher.ImportanceError as e:
+        return str(e)
+    no_answers = dict(ex, loss_mask=np.zeros_like(ex["loss_mask"]))
+    res["error_no_samples"] = error_of(lambda: fisher.collect_examples(
+        [no_answers if pid == 1 else ex], 8))
+    res["error_tensor_only"] = error_of(lambda: fisher.importance(
+        fisher.lm_logits_fn(model), {{"params": params, "adapters": {{}}}}, leaves, mine,
+        mesh=shard_lib.make_mesh(1, 1, 4)))
+    with open(out_path % pid, "w") as f:
+      json.dump(res, f)
+""")
+
+
+def _examples(n: int = 8, t: int = 10) -> dict:
+  rng = np.random.RandomState(3)
+  ids = rng.randint(1, 60, size=(n, t))
+  loss = (np.arange(t)[None] >= rng.randint(2, 6, size=(n, 1))).astype(np.int32)
+  ones = np.ones((n, t), np.int32)
+  return {"input_ids": ids.tolist(), "attention_mask": ones.tolist(),
+          "positions": np.broadcast_to(np.arange(t), (n, t)).tolist(),
+          "segment_ids": ones.tolist(), "loss_mask": loss.tolist()}
+
+
+def test_importance_over_two_processes_with_uneven_counts_equals_the_weighted_mean(tmp_path):
+  """`fisher.importance` in two jax.distributed processes (2 CPU devices each) holding 3 and 5
+  examples, on a data-parallel mesh and one with tensor parallelism inside each process: for
+  every kind it is the count-weighted mean of each process's own one-process importance (kind
+  "true" with that process's folded key), so padding, the keys and the total count are right.
+  A process without samples fails on both processes with its reason (no hang); a mesh whose
+  batch axes do not span the processes is refused."""
+  import socket
+  from tests.helpers.tiny_models import leaves_matching, tiny_lm
+  ex = _examples()
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  with open(tmp_path / "examples.json", "w") as f:
+    json.dump(ex, f)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  out = str(tmp_path / "out%d.json")
+  procs = [subprocess.Popen([sys.executable, "-c", PROCESS_SCRIPT.format(), str(i), str(port),
+                             ROOT, out, str(tmp_path / "examples.json")], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  errs = [p.communicate(timeout=600)[1] for p in procs]
+  assert all(p.returncode == 0 for p in procs), errs[0][-3000:] + errs[1][-3000:]
+  res = [json.load(open(out % i)) for i in range(2)]
+  model, params, _ = tiny_lm()
+  leaves = leaves_matching(params, r"llm/layers/(attn|mlp)/.*kernel")
+  arrays = {k: np.asarray(v, np.int32) for k, v in ex.items()}
+  parts = [{k: v[:3] for k, v in arrays.items()}, {k: v[3:] for k, v in arrays.items()}]
+  for kind in ("empirical", "true", "mas"):
+    own = [fisher.importance(fisher.lm_logits_fn(model), {"params": params, "adapters": {}},
+                             leaves, part, kind, chunk=3,
+                             rng=jax.random.fold_in(jax.random.key(5), p))
+           for p, part in enumerate(parts)]
+    for name in ("data4", "data2_tensor2"):
+      got = res[0][f"{name} {kind}"]
+      assert got == res[1][f"{name} {kind}"] and set(got) == set(own[0])
+      for p in got:
+        want = (3 * np.asarray(own[0][p]) + 5 * np.asarray(own[1][p])) / 8
+        np.testing.assert_allclose(np.asarray(got[p]), want, rtol=1e-4,
+                                   atol=1e-6 * np.abs(want).max(), err_msg=f"{name} {kind} {p}")
+  for r in res:
+    assert "process 1: ImportanceError: no sample with answer tokens" in r["error_no_samples"]
+    assert "batch axes" in r["error_tensor_only"]
