@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import signal
 from typing import Any
 
 import jax
@@ -184,3 +185,20 @@ class TrainCheckpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def debug_kill(step: int, ckpt: TrainCheckpointer) -> None:
+  """Test hook: `MLLM_DEBUG_KILL=STEP[:during_save|:sigterm]` SIGKILLs this process after STEP
+  (by default once pending saves are committed, with `during_save` while one may be in flight),
+  or sends it SIGTERM (the pre-emption path)."""
+  spec = os.environ.get("MLLM_DEBUG_KILL")
+  if not spec:
+    return
+  at, _, phase = spec.partition(":")
+  if step == int(at):
+    if phase == "sigterm":
+      os.kill(os.getpid(), signal.SIGTERM)
+      return
+    if phase != "during_save":
+      ckpt.wait()
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -118,3 +118,9 @@ class JsonlWriter:
 
   def close(self) -> None:
     self._f.close()
+
+
+def bar_scores(record: dict) -> dict:
+  """Target and retention side by side on the progress bar (mean over sets, percent)."""
+  keys = {"tgt": "tradeoff/A_down", "ret": "tradeoff/A_up"}
+  return {k: f"{record[v]:.1f}" for k, v in keys.items() if v in record}

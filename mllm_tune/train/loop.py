@@ -38,10 +38,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from mllm_tune import pytree, tuning
-from mllm_tune.checkpoints.orbax_io import TrainCheckpointer, params_fingerprint
+from mllm_tune.checkpoints.orbax_io import TrainCheckpointer, debug_kill, params_fingerprint
 from mllm_tune.train import build, penalty_setup, setup
 from mllm_tune.train import sharding as shard_lib
-from mllm_tune.train.logs import JsonlWriter, TensorBoardWriter
+from mllm_tune.train.logs import JsonlWriter, TensorBoardWriter, bar_scores
 from mllm_tune.train.step import TrainState, eval_step, find_nonfinite, train_step
 
 log = logging.getLogger(__name__)
@@ -224,7 +224,9 @@ class Trainer:
   def evaluate(self, batches) -> dict:
     tot = {"nll": 0.0, "tokens": 0.0, "correct": 0.0}
     for b in batches:
-      r = jax.device_get(self._eval(self.frozen, self.state.trainable, self.put_single_batch(b)))
+      with shard_lib.mesh_context(self.mesh):  # also when called after run()
+        r = jax.device_get(self._eval(self.frozen, self.state.trainable,
+                                      self.put_single_batch(b)))
       tot = {k: tot[k] + float(r[k]) for k in tot}
     n = max(tot["tokens"], 1.0)
     return {"loss": tot["nll"] / n, "accuracy": tot["correct"] / n,
@@ -303,7 +305,7 @@ class Trainer:
       if rec0 is not None:
         jsonl.write(rec0)
         tb.scalars(0, {k: v for k, v in rec0.items() if k != "step"})
-        shown = _bar_scores(rec0)
+        shown = bar_scores(rec0)
     prev = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
     bar = tqdm(total=t.steps, initial=start, disable=not self.progress, unit="step",
                dynamic_ncols=True)
@@ -330,7 +332,7 @@ class Trainer:
           last.update({f"eval/{k}": v for k, v in self.eval_fn(self, step + 1).items()})
         if is_eval and self.tracker is not None:
           last.update(self.tracker.evaluate(step + 1))
-          shown = _bar_scores(last)
+          shown = bar_scores(last)
         if (step + 1) % t.log_every == 0 or step + 1 == t.steps or is_eval:
           elapsed = time.time() - t0
           last["tokens_per_s"] = tokens / max(elapsed, 1e-9)
@@ -342,7 +344,7 @@ class Trainer:
         if (t.save_every and (step + 1) % t.save_every == 0) or (is_eval and t.best_metric):
           self.save(step + 1, last)
           saved = step + 1
-        _debug_kill(step + 1, self.ckpt)
+        debug_kill(step + 1, self.ckpt)
         if self._stop_requested:  # SIGTERM: this step's state on disk, then a clean exit
           status = "preempted"
           if saved != step + 1:
@@ -381,29 +383,6 @@ class Trainer:
     del signum, frame
     log.warning("SIGTERM: saving a checkpoint at the end of this step, then exiting")
     self._stop_requested = True
-
-
-def _debug_kill(step: int, ckpt: TrainCheckpointer) -> None:
-  """Test hook: `MLLM_DEBUG_KILL=STEP[:during_save|:sigterm]` SIGKILLs this process after STEP
-  (by default once pending saves are committed, with `during_save` while one may be in flight),
-  or sends it SIGTERM (the pre-emption path)."""
-  spec = os.environ.get("MLLM_DEBUG_KILL")
-  if not spec:
-    return
-  at, _, phase = spec.partition(":")
-  if step == int(at):
-    if phase == "sigterm":
-      os.kill(os.getpid(), signal.SIGTERM)
-      return
-    if phase != "during_save":
-      ckpt.wait()
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _bar_scores(record: dict) -> dict:
-  """Target and retention side by side on the progress bar (mean over sets, percent)."""
-  keys = {"tgt": "tradeoff/A_down", "ret": "tradeoff/A_up"}
-  return {k: f"{record[v]:.1f}" for k, v in keys.items() if v in record}
 
 
 def _main_thread() -> bool:
