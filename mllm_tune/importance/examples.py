@@ -261,42 +261,66 @@ def _qwen_examples_batch(examples: dict, merge_unit: int) -> dict:
 
 def collect_examples(batches: Iterable[dict], num_examples: int, image_token_id=None,
                      image_seq_len: int = 0) -> dict[str, np.ndarray]:
-  """The first `num_examples` samples (with answer tokens) of `batches`, stacked. With several
-  processes, `batches` are this process's and it takes ceil(num_examples / processes) of their
-  samples; the stacks get the same shapes on every process (sizes agreed over processes)."""
+  """The first `num_examples` samples (with answer tokens) of `batches` (an iterable, or a
+  function returning one), stacked. With several processes, `batches` are this process's and it
+  takes ceil(num_examples / processes) of their samples; the stacks get the same shapes on
+  every process (sizes agreed over processes)."""
   procs = jax.process_count()
   if procs == 1:
     return stack_examples(_take(batches, num_examples, image_token_id, image_seq_len),
                           image_token_id, image_seq_len)
   # every process must reach every collective below: a process's own failure is shared first
   # and raised on all of them (else the others would wait in the all-gather)
-  local, err = {"error": None}, None
-  try:
-    found = _take(batches, -(-num_examples // procs), image_token_id, image_seq_len)
-    if not found:
-      raise ImportanceError("no sample with answer tokens in this process's data")
+  local = {}
+  found, err = _shared(lambda: _take(batches, -(-num_examples // procs), image_token_id,
+                                     image_seq_len), local)
+  if not err:
     local.update(stack_sizes(found, image_seq_len), image_shape=_image_shape(found))
-  except Exception as e:  # noqa: BLE001 (re-raised on every process below)
-    local["error"], err = f"{type(e).__name__}: {e}", e
-  every = _all_processes(local)
-  bad = [f"process {i}: {s['error']}" for i, s in enumerate(every) if s["error"]]
-  if bad:
-    raise ImportanceError("importance examples: " + "; ".join(bad)) from err
+  every = _raise_shared(local, err)
   k = max(s["images"] for s in every)
   length = _max_over_processes([stack_sizes(found, image_seq_len, k)["length"]])[0]
-  out = stack_examples(found, image_token_id, image_seq_len, {
+  out, err = _shared(lambda: stack_examples(found, image_token_id, image_seq_len, {
       "images": k, "length": length, "taps": max(s["taps"] for s in every),
-      "image_shape": next((s["image_shape"] for s in every if s["image_shape"]), None)})
-  shapes = {key: list(np.shape(v)[1:]) for key, v in sorted(out.items())}
-  if len({str(s) for s in _all_processes(shapes)}) > 1:
+      "image_shape": next((s["image_shape"] for s in every if s["image_shape"]), None)}), {})
+  shapes = {} if err else {key: list(np.shape(v)[1:]) for key, v in sorted(out.items())}
+  every = _raise_shared({"shapes": shapes}, err)
+  if len({str(s["shapes"]) for s in every}) > 1:
     raise ImportanceError(f"the processes' importance examples differ in fields or shapes "
                           f"(this process: {shapes}); e.g. some hold no image samples: raise "
                           "penalty.fisher_samples or use one process")
   return out
 
 
+def _shared(fn, local: dict):
+  """(fn(), None), or (None, the exception) with its message in `local["error"]`."""
+  try:
+    out = fn()
+    if isinstance(out, list) and not out:
+      raise ImportanceError("no sample with answer tokens in this process's data")
+    local["error"] = None
+    return out, None
+  except Exception as e:  # noqa: BLE001 (raised on every process by _raise_shared)
+    local["error"] = f"{type(e).__name__}: {e}"
+    return None, e
+
+
+def _raise_shared(local: dict, err: BaseException | None) -> list:
+  """Every process's `local` (an all-gather); raises when any process failed: its own
+  exception on the process that failed, an ImportanceError naming it on the others."""
+  local.setdefault("error", None if err is None else f"{type(err).__name__}: {err}")
+  every = _all_processes(local)
+  bad = [f"process {i}: {s['error']}" for i, s in enumerate(every) if s["error"]]
+  if err is not None:
+    raise err
+  if bad:
+    raise ImportanceError("importance examples: " + "; ".join(bad))
+  return every
+
+
 def _take(batches: Iterable[dict], num: int, image_token_id, image_seq_len: int) -> list[dict]:
   """The first `num` samples (with answer tokens) of `batches`."""
+  if callable(batches) and not hasattr(batches, "__iter__"):
+    batches = batches()
   found: list[dict] = []
   for batch in batches:
     found += split_examples(batch, image_token_id, image_seq_len)

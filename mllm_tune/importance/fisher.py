@@ -19,7 +19,6 @@ Files (`store.py`): `save_importance` / `load_importance`.
 from __future__ import annotations
 
 import math
-from typing import Iterable
 
 import jax
 import jax.numpy as jnp
@@ -184,13 +183,14 @@ def _count_per_process(n: int) -> list[int]:
   return [int(c) for c in np.asarray(multihost_utils.process_allgather(np.int64(n))).ravel()]
 
 
-def fisher_from_batches(model, variables: dict, leaves: dict, batches: Iterable[dict],
+def fisher_from_batches(model, variables: dict, leaves: dict, batches,
                         kind: str = "empirical", num_examples: int = 512, chunk: int = 8,
                         rng: jax.Array | None = None, mesh=None) -> tuple[dict, int]:
   """Importance of `kind` (empirical | true | mas) of a model over the first `num_examples`
-  samples of `batches` -> ({variables path: importance}, number of samples used). With several
-  processes every process calls it with its own `batches` and takes its share of the samples
-  (`collect_examples`); the count is over all of them."""
+  samples of `batches` (an iterable, or a function returning one) -> ({variables path:
+  importance}, number of samples used). With several processes every process calls it with its
+  own `batches` and takes its share of the samples (`collect_examples`); the count is over all
+  of them."""
   tok, seq = image_spec(model)
   examples = collect_examples(batches, num_examples, tok, seq)
   n = _num_examples(examples)

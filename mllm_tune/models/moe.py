@@ -120,6 +120,19 @@ def grouped_matmul(x_MD: jax.Array, w_EDF: jax.Array, sizes_E: jax.Array) -> jax
   return _rows_times_experts(x_MD, w_EDF, sizes_E)
 
 
+def grouped_rows(x_MD: jax.Array, w_EDF: jax.Array, sizes_E: jax.Array,
+                 partial: bool = False) -> jax.Array:
+  """`grouped_matmul`; `partial=True` when the groups may end before the last row (expert
+  parallelism's foreign pairs): the rows past them are zeroed in the input and the output, so
+  neither the result nor any gradient (rows, weights, routing weights, LoRA scales) reads what
+  a backend leaves there."""
+  if not partial:
+    return grouped_matmul(x_MD, w_EDF, sizes_E)
+  in_M1 = (jnp.arange(x_MD.shape[0]) < jnp.sum(sizes_E))[:, None]
+  zero = lambda t: jnp.where(in_M1, t, jnp.zeros_like(t))
+  return zero(grouped_matmul(zero(x_MD), w_EDF, sizes_E))
+
+
 def _grouped_fwd(x_MD, w_EDF, sizes_E):
   return _rows_times_experts(x_MD, w_EDF, sizes_E), (x_MD, w_EDF, sizes_E)
 
@@ -177,9 +190,10 @@ class ExpertLora(NamedTuple):
   rate: jax.Array | None = None
   key: jax.Array | None = None
 
-  def delta(self, x_MD: jax.Array, sizes_E: jax.Array) -> jax.Array:
+  def delta(self, x_MD: jax.Array, sizes_E: jax.Array, partial: bool = False) -> jax.Array:
     xd = x_MD if self.key is None else adapters.dropout_with_key(self.key, x_MD, self.rate)
-    return grouped_matmul(grouped_matmul(xd, self.a, sizes_E) * self.scale, self.b, sizes_E)
+    xa = grouped_rows(xd, self.a, sizes_E, partial) * self.scale
+    return grouped_rows(xa, self.b, sizes_E, partial)
 
 
 def routed_experts(x_ND: jax.Array, weights_NK: jax.Array, idx_NK: jax.Array,
@@ -191,7 +205,7 @@ def routed_experts(x_ND: jax.Array, weights_NK: jax.Array, idx_NK: jax.Array,
   `foreign=True`: expert ids outside [0, E) name experts held elsewhere (expert parallelism:
   `routed_experts_sharded` passes ids relative to its local stack). Those pairs are sorted past
   the groups and masked out of the grouped products' input and output (and so out of every
-  gradient), whatever a backend leaves in rows past the groups."""
+  gradient), whatever a backend leaves in rows past the groups (`grouped_rows`)."""
   n, k = idx_NK.shape
   num_experts, f = down_EFD.shape[0], down_EFD.shape[1]
   flat_M = idx_NK.reshape(-1)                          # M = N * k (token, expert) pairs
@@ -200,17 +214,15 @@ def routed_experts(x_ND: jax.Array, weights_NK: jax.Array, idx_NK: jax.Array,
   order_M = jnp.argsort(flat_M, stable=True)           # grouped by expert (foreign pairs last)
   token_M = order_M // k
   sizes_E = jnp.bincount(flat_M, length=num_experts + foreign)[:num_experts].astype(jnp.int32)
-  here_M1 = (flat_M[order_M] < num_experts)[:, None] if foreign else None
-  keep = (lambda t: jnp.where(here_M1, t, jnp.zeros_like(t))) if foreign else (lambda t: t)
-  xs_MD = keep(x_ND[token_M])
-  h_MF2 = grouped_matmul(xs_MD, gate_up_EDF2.astype(x_ND.dtype), sizes_E)
+  xs_MD = x_ND[token_M]
+  h_MF2 = grouped_rows(xs_MD, gate_up_EDF2.astype(x_ND.dtype), sizes_E, foreign)
   if gate_up_lora is not None:
-    h_MF2 = h_MF2 + gate_up_lora.delta(xs_MD, sizes_E)
+    h_MF2 = h_MF2 + gate_up_lora.delta(xs_MD, sizes_E, foreign)
   h_MF = activation(act)(h_MF2[:, :f]) * h_MF2[:, f:]
-  y_MD = grouped_matmul(h_MF, down_EFD.astype(x_ND.dtype), sizes_E)
+  y_MD = grouped_rows(h_MF, down_EFD.astype(x_ND.dtype), sizes_E, foreign)
   if down_lora is not None:
-    y_MD = y_MD + down_lora.delta(h_MF, sizes_E)
-  y_MD = keep(y_MD * weights_NK.reshape(-1)[order_M][:, None].astype(y_MD.dtype))
+    y_MD = y_MD + down_lora.delta(h_MF, sizes_E, foreign)
+  y_MD = y_MD * weights_NK.reshape(-1)[order_M][:, None].astype(y_MD.dtype)
   return jnp.zeros_like(x_ND).at[token_M].add(y_MD)
 
 

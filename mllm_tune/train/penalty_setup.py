@@ -72,6 +72,7 @@ def setup_penalty(cfg, model, method, params: dict, variables: dict, *, base_pat
   return penalty_lib.bind(penalty, method, variables, base_params=params,
                           importance=scores, where=where, model=model)
 
+
 def _on_file(meta_path: str) -> bool:
   """Whether the importance file exists, as process 0 sees it (every process then loads, or
   every process computes: the computation is collective)."""
@@ -131,19 +132,25 @@ def compute_importance(pcfg, kind: str, model, method, params: dict, variables: 
   if not changed:
     raise setup.ConfigValueError(f"config 'penalty': method '{tuning.api.label(method)}' "
                                  "changes no base leaf to compute an importance for")
-  if callable(fisher_data) and not hasattr(fisher_data, "__next__"):
-    fisher_data = fisher_data(model)
-  rewind = fisher_data is None
-  if rewind:
-    fisher_data, state0 = train_data, train_data.get_state()
+  rewind = []  # the training data's state, to restore after reading batches from it
+
+  def batches():  # called where a process's failure is shared with the others (collect_examples)
+    data = fisher_data
+    if callable(data) and not hasattr(data, "__next__"):
+      data = data(model)
+    if data is None:
+      rewind.append(train_data.get_state())
+      data = train_data
+    return iter(data)
+
   t0 = time.time()
   try:
     scores, n = fisher_lib.fisher_from_batches(
-        model, {"params": params, "adapters": {}}, leaves, iter(fisher_data), kind,
+        model, {"params": params, "adapters": {}}, leaves, batches, kind,
         pcfg.fisher_samples, pcfg.fisher_chunk, jax.random.key(pcfg.fisher_seed), mesh)
   finally:
     if rewind:
-      train_data.set_state(state0)
+      train_data.set_state(rewind[0])
   log.info("penalty %s: %s importance of %d leaves from %d samples in %.1fs -> %s",
            pcfg.name, kind, len(scores), n, time.time() - t0, path)
   importance_store.save_importance(path, scores, kind=kind, model_config=model.config,

@@ -187,3 +187,34 @@ def test_train_with_expert_parallelism_gives_the_one_device_loss_curve(tmp_path)
                                 "--config.mesh.fsdp=1", "--config.mesh.expert=4"), devices=4)
   assert res.returncode != 0
   assert "mesh.expert' = 4: the model's 6 experts do not split into 4 equal groups" in res.stderr
+
+
+def test_foreign_pairs_never_read_rows_past_the_groups(monkeypatch):
+  """With expert ids held elsewhere (`foreign=True`), the grouped products' rows past the groups
+  are masked in and out: a backend that leaves NaN there changes neither the output nor any
+  gradient (rows, routing logits, both stacks, the LoRA factors and scale)."""
+  import jax
+  import jax.numpy as jnp
+  from mllm_tune.models import moe
+  r = np.random.default_rng(1)
+  arr = lambda *s: jnp.asarray(r.normal(size=s) * 0.3, jnp.float32)
+  x, logit, gu, dn = arr(12, 8), arr(12, 4), arr(2, 8, 12), arr(2, 6, 8)
+  lora = moe.ExpertLora(arr(2, 8, 3), arr(2, 3, 12), jnp.asarray(0.5))
+
+  def f(x, logit, gu, dn, lora):
+    w, i = moe.route(logit, 2)  # 4 experts, this device holds 2 and 3: ids 0, 1 are foreign
+    return jnp.sum(jnp.sin(moe.routed_experts(x, w, i - 2, gu, dn, "silu", lora, foreign=True)))
+
+  grads = jax.value_and_grad(f, argnums=(0, 1, 2, 3, 4))
+  clean = jax.tree.leaves(grads(x, logit, gu, dn, lora))
+  real = moe._rows_times_experts.__call__
+
+  def poisoned(x_MD, w_EDF, sizes_E):
+    y = real(x_MD, w_EDF, sizes_E)
+    return jnp.where((jnp.arange(y.shape[0]) < jnp.sum(sizes_E))[:, None], y, jnp.nan)
+
+  monkeypatch.setattr(moe, "_rows_times_experts", poisoned)
+  dirty = jax.tree.leaves(grads(x, logit, gu, dn, lora))
+  assert len(clean) == len(dirty) == 8  # the value, 4 inputs, 3 LoRA leaves
+  for a, b in zip(clean, dirty):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
