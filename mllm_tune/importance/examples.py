@@ -271,9 +271,14 @@ def collect_examples(batches: Iterable[dict], num_examples: int, image_token_id=
                           image_token_id, image_seq_len)
   # every process must reach every collective below: a process's own failure is shared first
   # and raised on all of them (else the others would wait in the all-gather)
+  def take():
+    found = _take(batches, -(-num_examples // procs), image_token_id, image_seq_len)
+    if not found:
+      raise ImportanceError("no sample with answer tokens in this process's data")
+    return found
+
   local = {}
-  found, err = _shared(lambda: _take(batches, -(-num_examples // procs), image_token_id,
-                                     image_seq_len), local)
+  found, err = _shared(take, local)
   if not err:
     local.update(stack_sizes(found, image_seq_len), image_shape=_image_shape(found))
   every = _raise_shared(local, err)
@@ -295,8 +300,6 @@ def _shared(fn, local: dict):
   """(fn(), None), or (None, the exception) with its message in `local["error"]`."""
   try:
     out = fn()
-    if isinstance(out, list) and not out:
-      raise ImportanceError("no sample with answer tokens in this process's data")
     local["error"] = None
     return out, None
   except Exception as e:  # noqa: BLE001 (raised on every process by _raise_shared)
@@ -334,10 +337,16 @@ def _image_shape(examples: list[dict]) -> list[int] | None:
   return next((list(e["images"].shape[1:]) for e in examples if "images" in e), None)
 
 
-def _max_over_processes(values: list[int]) -> list[int]:
+def per_process(values: list[int]) -> np.ndarray:
+  """(processes, len(values)) int64: every process's `values` (an all-gather), in process
+  order."""
   from jax.experimental import multihost_utils
   got = np.asarray(multihost_utils.process_allgather(np.asarray(values, np.int64)))
-  return [int(v) for v in got.reshape(-1, len(values)).max(axis=0)]
+  return got.reshape(-1, len(values))
+
+
+def _max_over_processes(values: list[int]) -> list[int]:
+  return [int(v) for v in per_process(values).max(axis=0)]
 
 
 def _all_processes(obj) -> list:

@@ -30,7 +30,7 @@ from mllm_tune.models.mesh_axes import BATCH_AXES
 from mllm_tune.importance.errors import ImportanceError
 from mllm_tune.importance.examples import (  # noqa: F401 (re-exported)
     TOKEN_FIELDS, VISION_IDS, LogitsFn, collect_examples, examples_batch, image_spec,
-    lm_logits_fn, split_examples, stack_examples)
+    lm_logits_fn, per_process, split_examples, stack_examples)
 
 KINDS = ("empirical", "true", "mas")
 META_FILE = "importance.json"
@@ -179,8 +179,7 @@ def importance(logits_fn: LogitsFn, variables: dict, leaves: dict, examples: dic
 
 
 def _count_per_process(n: int) -> list[int]:
-  from jax.experimental import multihost_utils
-  return [int(c) for c in np.asarray(multihost_utils.process_allgather(np.int64(n))).ravel()]
+  return [int(c) for c in per_process([n])[:, 0]]
 
 
 def fisher_from_batches(model, variables: dict, leaves: dict, batches,

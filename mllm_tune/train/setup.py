@@ -86,19 +86,22 @@ def check_model_files(cfg) -> None:
     ChatTokenizer(load_tokenizer(c.path), -1, 0, d.get("template"))
 
 
+def _check_source(c) -> None:
+  """`model.source` is one we load, and a checkpoint source names its directory."""
+  if c.source not in ("hf", "native", "tiny"):
+    raise ConfigValueError(f"model.source must be 'hf', 'native' or 'tiny', got {c.source!r}")
+  if c.source != "tiny" and not c.path:
+    raise ConfigValueError("model.path is empty (set --config.model.path=HF_OR_NATIVE_DIR)")
+
+
 def read_model_config(c):
   """The model config the `model` section names, without loading its weights."""
   from mllm_tune.checkpoints.hf import read_config
   from mllm_tune.checkpoints.native import read_native_config
+  _check_source(c)
   if c.source == "tiny":
     return tiny_model_config(c)
-  if not c.path:
-    raise ConfigValueError("model.path is empty (set --config.model.path=HF_OR_NATIVE_DIR)")
-  if c.source == "hf":
-    return read_config(c.path)
-  if c.source == "native":
-    return read_native_config(c.path)
-  raise ConfigValueError(f"model.source must be 'hf', 'native' or 'tiny', got {c.source!r}")
+  return read_config(c.path) if c.source == "hf" else read_native_config(c.path)
 
 
 def check_expert_mesh(model_config, mesh) -> None:
@@ -117,6 +120,7 @@ def load_model(c, sharding_fn=None):
   """-> (model, params, base_path) from the `model` config section."""
   from mllm_tune.checkpoints.hf import load_pretrained
   from mllm_tune.checkpoints.native import load_native
+  _check_source(c)
   if c.source == "tiny":
     model = build_model(tiny_model_config(c))
     params = init_params(model, jax.random.key(c.tiny.seed))
@@ -125,18 +129,14 @@ def load_model(c, sharding_fn=None):
           lambda p, x: jax.device_put(x, sharding_fn("/".join(k.key for k in p), x.shape)),
           params)
     return model, params, f"tiny:{c.tiny.seed}"
-  if not c.path:
-    raise ConfigValueError("model.path is empty (set --config.model.path=HF_OR_NATIVE_DIR)")
   if c.source == "hf":
     model, params = load_pretrained(c.path, dtype=c.dtype, param_dtype=c.param_dtype,
                                     sharding_fn=sharding_fn, remat_policy=c.remat_policy,
                                     attention_impl=_attention_impl(c))
-  elif c.source == "native":
+  else:
     model, params = load_native(c.path, sharding_fn=sharding_fn)
     model = build_model(with_runtime(model.config, dtype=c.dtype, remat_policy=c.remat_policy,
                                      attention_impl=_attention_impl(c)))
-  else:
-    raise ConfigValueError(f"model.source must be 'hf', 'native' or 'tiny', got {c.source!r}")
   return model, params, c.path
 
 

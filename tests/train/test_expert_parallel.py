@@ -218,3 +218,15 @@ def test_foreign_pairs_never_read_rows_past_the_groups(monkeypatch):
   assert len(clean) == len(dirty) == 8  # the value, 4 inputs, 3 LoRA leaves
   for a, b in zip(clean, dirty):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_model_sections_without_a_loadable_source_are_refused_before_anything_loads():
+  """`setup.read_model_config` (what the expert-mesh check reads) and `load_model` share the
+  source checks."""
+  import ml_collections
+  from mllm_tune.train.setup import ConfigValueError, load_model, read_model_config
+  for fn in (read_model_config, load_model):
+    with pytest.raises(ConfigValueError, match="model.source must be 'hf', 'native' or 'tiny'"):
+      fn(ml_collections.ConfigDict(dict(source="hub", path="x")))
+    with pytest.raises(ConfigValueError, match="model.path is empty"):
+      fn(ml_collections.ConfigDict(dict(source="hf", path="")))
