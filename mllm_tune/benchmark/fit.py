@@ -43,11 +43,12 @@ def bind_penalty(model, method, variables: dict, params: dict, penalty_cfg: dict
   from mllm_tune.train.penalty_setup import changed_leaves
   penalty = penalties.from_config(penalty_cfg)
   scores = None
-  if penalty.importance is not None:
+  src = penalties.importance_source(penalty)
+  if src is not None:
     if importance_data is None:
       raise ValueError(f"penalty '{penalty.name}' needs importance data (general batches)")
     leaves, _ = changed_leaves(method, variables, params)
-    kind = "mas" if penalty.importance == "mas" else penalty.fisher_kind
+    kind = "mas" if src.importance == "mas" else src.fisher_kind
     scores, _ = fisher.fisher_from_batches(
         model, {"params": params, "adapters": {}}, leaves, importance_data, kind,
         int(penalty_cfg.get("fisher_samples", 256)), chunk=8, rng=jax.random.key(seed))

@@ -23,6 +23,7 @@ from mllm_tune.benchmark import pretrain
 from mllm_tune.benchmark.fit import fit
 from mllm_tune.data import offline_vqa as ov
 from mllm_tune.eval import tradeoff
+from mllm_tune import penalties
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +148,7 @@ def run_bench(cfg, progress: bool = True, echo=print) -> list[tradeoff.RunRecord
     for seed in cfg.seeds:
       method, lr, penalty = method_of(cfg, name)
       importance_data = None
-      if penalty and penalty.get("name") in ("ewc", "online_ewc", "mas"):
+      if penalty and penalties.importance_source(penalties.from_config(penalty)):
         importance_data = general_batches(cfg, base)
       bar = Progress(cfg.tune.steps, f"tune {name} seed {seed}", progress)
       res = fit(base.model, method, base.params, sets.down_train, base.spec,

@@ -45,7 +45,9 @@ def get_config():
   # forgetting penalty, composable with any method (configs/penalties/*.py, docs/methods.md §5):
   # name: none | ewc | online_ewc | l2sp | mas | lwf | kl | gift. weight: lambda (ewc, online_ewc,
   # mas: required), alpha (l2sp, 0.1), lambda_o (lwf, 1), beta (kl, required), lambda of L_AWC
-  # (gift, 1); None = the default.
+  # (gift, 1); None = the default. Several at once: name="ewc+lwf", each member's weight in
+  # weights.<name> (weight is then refused as ambiguous); at most one of ewc / online_ewc / mas
+  # and one of lwf / kl; none and gift stand alone.
   # Importance (ewc/online_ewc/mas): loaded from fisher_path if it exists, else computed on
   # theta0 from fisher_samples samples of fisher_data (train | synthetic | llava_json | tfds,
   # with fisher_json_path / fisher_image_folder) and saved there ('' = run_dir/importance/<kind>,
@@ -62,7 +64,10 @@ def get_config():
       direction="forward", tokens="supervised",
       # gift (configs/penalties/gift.py): KD / caption-NLL weights (None: 1 / 0.25), static_awc
       kd_weight=ml_collections.FieldReference(None, field_type=float),
-      ita_weight=ml_collections.FieldReference(None, field_type=float), static_awc=0))
+      ita_weight=ml_collections.FieldReference(None, field_type=float), static_awc=0,
+      weights=ml_collections.ConfigDict(
+          {n: ml_collections.FieldReference(None, field_type=float)
+           for n in ("ewc", "online_ewc", "mas", "l2sp", "lwf", "kl")})))
   # gift's synthetic image-caption pairs, one batch per step: kind procedural | directory (path
   # holding captions.jsonl); num / seed / image_size: the procedural source; batch_size and
   # seq_len 0 = data.batch_size / data.seq_len; prompt: the human turn after "<image>\n".

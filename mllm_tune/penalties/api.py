@@ -202,6 +202,10 @@ class BoundPenalty:
   def needs_teacher(self) -> bool:
     return self.penalty.family == "distill" and self.active
 
+  @property
+  def quadratic_active(self) -> bool:
+    return self.penalty.family == "quadratic" and self.active
+
   def _weights(self, trainable: dict, frozen: dict) -> dict:
     variables = combine(trainable, frozen)
     if not self.merged:
@@ -214,10 +218,12 @@ class BoundPenalty:
   def value(self, trainable: dict, frozen: dict, consts: dict) -> jax.Array:
     """The quadratic term at these weights (0 for distillation penalties)."""
     total = jnp.zeros((), jnp.float32)
-    if self.penalty.family != "quadratic" or not self.active:
+    if not self.quadratic_active:
       return total
     w, ff = self._weights(trainable, frozen), pytree.flatten(frozen)
-    imp = consts.get("importance", {})
+    # consts may be shared with other penalties (penalties.combined): only an importance-
+    # weighted penalty reads the importance
+    imp = consts.get("importance", {}) if self.penalty.importance else {}
     for p in self.weighted:
       anchor = consts["anchor"][p] if p in self.anchored else ff[p]
       total = total + quadratic(w[p], anchor, imp.get(p), self.penalty.coef)
@@ -228,23 +234,7 @@ class BoundPenalty:
     return total
 
   def transform(self) -> optax.GradientTransformationExtraArgs:
-    """`g <- g + grad(value)` (identity for distillation). Needs the extra update arguments
-    `frozen=` (the frozen partition) and `penalty_consts=`; stateless."""
-    def init(params):
-      del params
-      return optax.EmptyState()
-
-    def update(updates, state, params=None, *, frozen=None, penalty_consts=None, **extra):
-      del extra
-      if self.penalty.family != "quadratic" or not self.active:
-        return updates, state
-      if params is None or frozen is None or penalty_consts is None:
-        raise PenaltyError(f"penalty '{self.name}' needs update(grads, state, params, "
-                           "frozen=frozen_partition, penalty_consts=consts)")
-      g = jax.grad(self.value)(params, frozen, penalty_consts)
-      return jax.tree.map(lambda u, x: u + x.astype(u.dtype), updates, g), state
-
-    return optax.GradientTransformationExtraArgs(init, update)
+    return coupled_gradient(self)
 
   def teacher_variables(self, frozen: dict, consts: dict) -> dict:
     return theta0_variables(frozen, consts)
@@ -263,14 +253,35 @@ class BoundPenalty:
     return {p.name: p.weight * total / jnp.maximum(norms[p.tokens], 1.0)}
 
 
+def coupled_gradient(bound) -> optax.GradientTransformationExtraArgs:
+  """`g <- g + grad(bound.value)` (identity unless `bound.quadratic_active`). Needs the extra
+  update arguments `frozen=` (the frozen partition) and `penalty_consts=`; stateless."""
+  def init(params):
+    del params
+    return optax.EmptyState()
+
+  def update(updates, state, params=None, *, frozen=None, penalty_consts=None, **extra):
+    del extra
+    if not bound.quadratic_active:
+      return updates, state
+    if params is None or frozen is None or penalty_consts is None:
+      raise PenaltyError(f"penalty '{bound.name}' needs update(grads, state, params, "
+                         "frozen=frozen_partition, penalty_consts=consts)")
+    g = jax.grad(bound.value)(params, frozen, penalty_consts)
+    return jax.tree.map(lambda u, x: u + x.astype(u.dtype), updates, g), state
+
+  return optax.GradientTransformationExtraArgs(init, update)
+
+
 def bind(penalty: Penalty, method: Method, variables: dict, base_params: dict | None = None,
          importance: dict | None = None, where: str = "importance",
-         model=None) -> tuple[BoundPenalty, dict]:
+         model=None, anchor_copies: dict | None = None) -> tuple[BoundPenalty, dict]:
   """-> (BoundPenalty, consts = {"importance": {path: F}, "anchor": {path: theta0 copy}}).
   `base_params`: theta0 as loaded (before `init_variables` may rewrite it, e.g. PiSSA);
   `importance` ("params/..." paths) is required by ewc / online_ewc / mas, and every leaf
   must be one the method changes (`where` names its source in errors). A penalty with its own
-  `bind_to` (gift) binds itself (it needs the `model`)."""
+  `bind_to` (gift) binds itself (it needs the `model`). `anchor_copies`: theta0 copies already
+  made (path -> array), reused and extended (penalties bound together share them)."""
   if hasattr(penalty, "bind_to"):
     return penalty.bind_to(method, variables, base_params, model)
   base_params = variables["params"] if base_params is None else base_params
@@ -309,8 +320,12 @@ def bind(penalty: Penalty, method: Method, variables: dict, base_params: dict | 
     anchored = []
   consts = {"importance": {p: jnp.asarray(importance[p], jnp.float32) for p in weighted}
             if penalty.importance else {},
-            "anchor": {p: jnp.array(flat_base[p[len("params/"):]], copy=True)
-                       for p in anchored}}
+            "anchor": {}}
+  copies = {} if anchor_copies is None else anchor_copies
+  for p in anchored:
+    if p not in copies:
+      copies[p] = jnp.array(flat_base[p[len("params/"):]], copy=True)
+    consts["anchor"][p] = copies[p]
   bound = BoundPenalty(penalty, method, merged, tuple(weighted), tuple(anchored),
                        tuple(free) if penalty.family == "quadratic" else ())
   log.info("penalty %s (weight %g) on %d leaves%s (%s view); %d theta0 copies", penalty.name,

@@ -201,7 +201,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   p = cfg.get("penalty")
   if p is not None:
     names = ("none", "ewc", "online_ewc", "l2sp", "mas", "lwf", "kl", "gift")
-    checks += [("penalty.name", p.name in names, f"must be one of {' | '.join(names)}"),
+    checks += [("penalty.name", all(n.strip() in names for n in p.name.split("+")),
+                f"must be one of {' | '.join(names)}, or several joined by '+' (ewc+lwf)"),
                ("penalty.fisher_samples", p.get("fisher_samples", 1) >= 1, "must be >= 1"),
                ("penalty.fisher_chunk", p.get("fisher_chunk", 1) >= 1, "must be >= 1"),
                ("penalty.fisher_data", p.get("fisher_data", "train") in (

@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 
 def setup_penalty(cfg, model, method, params: dict, variables: dict, *, base_path: str,
                   base_fingerprint: str, fisher_data=None, train_data=None, mesh=None):
-  """`cfg.penalty` -> (BoundPenalty, host consts) or (None, None). The importance comes
+  """`cfg.penalty` -> (bound penalty or combination, host consts) or (None, None). The importance
+  of its importance-weighted penalty (ewc, online_ewc, mas; one per run) comes
   from `penalty.fisher_path` if it exists (checked against this model and base), else it is
   computed on theta0 over the leaves the method changes and saved there (default
   `run_dir/importance/<kind>`; `auto`: beside the base checkpoint). Online EWC adds
@@ -41,8 +42,9 @@ def setup_penalty(cfg, model, method, params: dict, variables: dict, *, base_pat
   except penalty_lib.PenaltyError as e:
     raise setup.ConfigValueError(f"config 'penalty': {e}") from e
   scores, where = None, "importance"
-  if penalty.importance is not None:
-    kind = "mas" if penalty.importance == "mas" else penalty.fisher_kind
+  src = penalty_lib.importance_source(penalty)  # the (member) penalty weighing by importance
+  if src is not None:
+    kind = "mas" if src.importance == "mas" else src.fisher_kind
     path = pcfg.fisher_path or os.path.join(cfg.run_dir, "importance", kind)
     if path == "auto":
       if not os.path.isdir(base_path):
@@ -56,18 +58,18 @@ def setup_penalty(cfg, model, method, params: dict, variables: dict, *, base_pat
     if _on_file(os.path.join(path, fisher_lib.META_FILE)):
       scores, _ = importance_store.load_importance(path, base_fingerprint=base_fingerprint,
                                              **check)
-      log.info("penalty %s: importance loaded from %s", penalty.name, path)
+      log.info("penalty %s: importance loaded from %s", src.name, path)
     else:
       scores = compute_importance(pcfg, kind, model, method, params, variables, path,
                                     base_path, base_fingerprint, fisher_data, train_data, mesh)
     where = f"importance file {path}"
-    if penalty.name == "online_ewc" and pcfg.get("prev_fisher_path"):
+    if src.name == "online_ewc" and pcfg.get("prev_fisher_path"):
       prev, _ = importance_store.load_importance(pcfg.prev_fisher_path, **check)
-      scores = fisher_lib.online_update(prev, scores, penalty.gamma)
+      scores = fisher_lib.online_update(prev, scores, src.gamma)
       importance_store.save_importance(
           os.path.join(cfg.run_dir, "importance", "online_ewc"), scores, kind=kind,
           model_config=model.config, base_fingerprint=base_fingerprint,
-          base_path=base_path, extra={"gamma": penalty.gamma,
+          base_path=base_path, extra={"gamma": src.gamma,
                                            "prev": os.path.abspath(pcfg.prev_fisher_path)})
   return penalty_lib.bind(penalty, method, variables, base_params=params,
                           importance=scores, where=where, model=model)

@@ -14,7 +14,8 @@ A forgetting penalty (`StepFns.penalty`, a `penalties.BoundPenalty`) adds its
 distillation terms (teacher = the frozen base, same jit) to the loss, normalised by the step's
 position count, and its quadratic term through the optimizer chain (`frozen=` and
 `penalty_consts=` extra update arguments); the quadratic value is logged as
-`loss_terms/<name>`. GIFT (`penalties.gift.BoundGift`) runs its own backward pass on the synthetic
+`loss_terms/<name>`. A combination (`penalties.BoundCombination`, e.g. ewc+lwf) does both, one
+teacher pass, and logs each member's term under its own name. GIFT (`penalties.gift.BoundGift`) runs its own backward pass on the synthetic
 caption batch `penalty_batch` inside that chain (same jit) and logs `loss_terms/gift_*`.
 """
 from __future__ import annotations
@@ -178,9 +179,10 @@ def train_step(fns: StepFns, frozen: dict, state: TrainState, batch: dict,
         **extra)
     if hasattr(fns.penalty, "step_terms"):  # gift: its terms come from its transform's state
       aux.update({f"loss_terms/{k}": v for k, v in fns.penalty.step_terms(opt_state).items()})
-    elif f"loss_terms/{fns.penalty.name}" not in aux:  # quadratic, or weight 0 (logs 0)
-      aux[f"loss_terms/{fns.penalty.name}"] = fns.penalty.value(state.trainable, frozen,
-                                                                penalty_consts)
+    else:  # quadratic terms, and distillation at weight 0 (logs 0); a combination's members
+      for pen in getattr(fns.penalty, "members", (fns.penalty,)):
+        if f"loss_terms/{pen.name}" not in aux:
+          aux[f"loss_terms/{pen.name}"] = pen.value(state.trainable, frozen, penalty_consts)
   trainable = optax.apply_updates(state.trainable, updates)
   ce = aux["nll"] / jnp.maximum(aux["tokens"], 1.0)
   terms = {k: v for k, v in aux.items() if k.startswith("loss_terms/")}

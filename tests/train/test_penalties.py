@@ -1,7 +1,7 @@
 """Penalties in the train step and the trainer: weight 0 gives plain training bit for bit, a huge
 EWC weight pins the weights to theta0, LwF/KL from the frozen base, `mllm-tune train` with LoRA +
-EWC logs the term and saves a reusable Fisher, online EWC accumulates it, and a Fisher file for
-another model or for leaves the method does not change is refused."""
+EWC + LwF (a combination) logs both terms and saves a reusable Fisher, online EWC accumulates it,
+and a Fisher file for another model or for leaves the method does not change is refused."""
 from __future__ import annotations
 
 import functools
@@ -111,18 +111,23 @@ def test_distillation_from_the_frozen_base_in_the_train_step():
   assert runs["kl"][1][-1] != runs["plain"][1][-1]
 
 
-def test_cli_lora_ewc_logs_the_term_and_a_wrong_fisher_file_is_refused(tmp_path):
+def test_cli_lora_ewc_plus_lwf_logs_both_terms_and_a_wrong_fisher_file_is_refused(tmp_path):
   run_dir = tmp_path / "run"
   res = run_cli(["train", f"--config={ROOT}/configs/experiments/tiny_lora.py", "--no-progress",
                  f"--config.run_dir={run_dir}", "--config.train.steps=3",
                  "--config.train.log_every=1", "--config.train.save_every=0",
-                 "--config.penalty.name=ewc", "--config.penalty.weight=1e4",
-                 "--config.penalty.fisher_samples=16", "--config.penalty.fisher_chunk=4"])
+                 "--config.penalty.name=ewc+lwf", "--config.penalty.weights.ewc=1e4",
+                 "--config.penalty.weights.lwf=0.5", "--config.penalty.fisher_samples=16",
+                 "--config.penalty.fisher_chunk=4"])
   assert res.returncode == 0, res.stderr[-3000:]
   with open(run_dir / "metrics.jsonl") as f:
     rows = [json.loads(line) for line in f]
   assert len(rows) == 3 and all(np.isfinite(r["loss_terms/ewc"]) for r in rows)
   assert rows[0]["loss_terms/ewc"] == 0.0 < rows[-1]["loss_terms/ewc"]  # B = 0 at step 1
+  # lwf beside it: at theta0 (LoRA's B = 0) 0.5 x the teacher's entropy at T = 2 per token
+  assert all(r["loss_terms/lwf"] > 0.5 for r in rows)
+  np.testing.assert_allclose(rows[0]["loss"], rows[0]["ce"] + rows[0]["loss_terms/lwf"],
+                             rtol=1e-5)
   path = run_dir / "importance" / "empirical"
   meta = json.loads((path / fisher.META_FILE).read_text())
   assert meta["num_examples"] == 16 and len(meta["leaves"]) == 7  # q k v o gate up down
