@@ -27,6 +27,9 @@ In an FFN (`parallel_adapter`): parallel_down (D, m), parallel_up (m, D), parall
 In `llm.Attention`: adaption_prompt (p, D) with adaption_gate or adaption_gate_tanh (H,).
 In `llm.LLM` (under `llm/`): prompt_embeddings (n, D); prefix_k, prefix_v (L, n, K*H) or the
 reparameterized prefix_embedding, prefix_mlp_{w1,b1,w2,b2}.
+In `llm.TokenEmbed` (under `llm/embed/`): token_rows (n, D) and token_indices (n,) int32: rows
+token_indices of the embedding table read as token_rows (trainable tokens); a tied LM head reads
+the same rows.
 In `vision.VisionTower` (under `vision/`): prompt_tokens (p, D) or deep_prompt_tokens (L, p, D),
 prompt_dropout ().
 Not read by the model: pissa_a0, pissa_b0 (PiSSA's initial factors, kept to rebase).
@@ -62,6 +65,7 @@ PREFIX_EMBEDDING = "prefix_embedding"
 PREFIX_MLP_W1, PREFIX_MLP_B1, PREFIX_MLP_W2, PREFIX_MLP_B2 = (
     "prefix_mlp_w1", "prefix_mlp_b1", "prefix_mlp_w2", "prefix_mlp_b2")
 PREFIX_MLP_LEAVES = (PREFIX_EMBEDDING, PREFIX_MLP_W1, PREFIX_MLP_B1, PREFIX_MLP_W2, PREFIX_MLP_B2)
+TOKEN_ROWS, TOKEN_INDICES = "token_rows", "token_indices"
 PROMPT_TOKENS, DEEP_PROMPT_TOKENS, PROMPT_DROPOUT = (
     "prompt_tokens", "deep_prompt_tokens", "prompt_dropout")
 
@@ -108,6 +112,8 @@ LEAVES: dict[str, Leaf] = {
     PREFIX_MLP_B1: Leaf("llm.LLM", "(h,)", ("prefix_tuning",)),
     PREFIX_MLP_W2: Leaf("llm.LLM", "(h, 2 L t)", ("prefix_tuning",)),
     PREFIX_MLP_B2: Leaf("llm.LLM", "(2 L t,)", ("prefix_tuning",)),
+    TOKEN_ROWS: Leaf("llm.TokenEmbed", "(n, D)", ("trainable_tokens",)),
+    TOKEN_INDICES: Leaf("llm.TokenEmbed", "(n,) int32", ("trainable_tokens",)),
     PROMPT_TOKENS: Leaf("vision.VisionTower", "(p, D)", ("vpt",)),
     DEEP_PROMPT_TOKENS: Leaf("vision.VisionTower", "(L, p, D)", ("vpt",)),
     PROMPT_DROPOUT: Leaf("vision.VisionTower", "()", ("vpt",)),

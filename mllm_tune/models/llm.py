@@ -27,7 +27,7 @@ from mllm_tune.models.kv_cache import KVCache, init_kv_cache, kv_cache_slots
 from mllm_tune.models.adapters import (ADAPTERS, ADAPTION_GATE, ADAPTION_GATE_TANH,
                                        ADAPTION_PROMPT, PREFIX_EMBEDDING, PREFIX_K,
                                        PREFIX_MLP_LEAVES, PREFIX_V, PROMPT_EMBEDDINGS,
-                                       parallel_adapter)
+                                       TOKEN_INDICES, TOKEN_ROWS, parallel_adapter)
 from mllm_tune.models.layers import Linear, RMSNorm, activation, dtype_of
 from mllm_tune.models.moe import MoEMLP
 from mllm_tune.models.prefix import prepend_prefix, prefix_mlp, split_prefix
@@ -165,6 +165,39 @@ def add_deepstack(h_BTD: jax.Array, deepstack_nBTD: jax.Array, layer_index) -> j
   return jnp.where(layer_index < n, h_BTD + add.astype(h_BTD.dtype), h_BTD)
 
 
+class TokenEmbed(nn.Embed):
+  """`nn.Embed` (params `embedding` (V, D)) whose rows `token_indices` may be replaced by the
+  adapter leaf `token_rows` (n, D) (trainable tokens, peft's `TrainableTokens`): the lookup
+  reads them, and so does `attend` (a tied LM head), whose logits for those tokens are the
+  hidden states times the replaced rows. Without the leaves it is `nn.Embed`."""
+
+  def _rows(self):
+    if not self.has_variable(ADAPTERS, TOKEN_ROWS):
+      return None
+    return self.get_variable(ADAPTERS, TOKEN_ROWS), self.get_variable(ADAPTERS, TOKEN_INDICES)
+
+  def __call__(self, inputs):
+    out = super().__call__(inputs)
+    rows = self._rows()
+    if rows is None:
+      return out
+    rows_nD, idx_n = rows
+    slot_V = jnp.full((self.num_embeddings,), -1, jnp.int32).at[idx_n].set(
+        jnp.arange(idx_n.shape[0], dtype=jnp.int32))
+    slot = slot_V[inputs]
+    new = jnp.take(rows_nD, jnp.maximum(slot, 0), axis=0).astype(out.dtype)
+    return jnp.where((slot >= 0)[..., None], new, out)
+
+  def attend(self, query):
+    out = super().attend(query)
+    rows = self._rows()
+    if rows is None:
+      return out
+    rows_nD, idx_n = rows
+    dt = out.dtype
+    return out.at[..., idx_n].set(jnp.dot(query.astype(dt), rows_nD.astype(dt).T))
+
+
 class LLM(nn.Module):
   """The decoder. Call with `input_ids` or `inputs_embeds` (after image merge).
 
@@ -185,9 +218,9 @@ class LLM(nn.Module):
 
   def setup(self):
     c = self.cfg
-    self.embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=dtype_of(c.dtype),
-                          param_dtype=dtype_of(c.param_dtype),
-                          embedding_init=nn.initializers.normal(0.02))
+    self.embed = TokenEmbed(c.vocab_size, c.hidden_size, dtype=dtype_of(c.dtype),
+                            param_dtype=dtype_of(c.param_dtype),
+                            embedding_init=nn.initializers.normal(0.02))
     if c.scan_layers:
       self.layers = scanned(DecoderBlock, c.num_layers, c.remat_policy, 3, c.scan_unroll, 1)(c)
     else:  # layers_0 .. layers_{L-1} (`unstack_layers` converts the parameters)

@@ -1,6 +1,5 @@
 """LLaVA-1.5-style checkpoints (CLIP ViT-L/14-336 + Llama/Vicuna), e.g. llava-hf/llava-1.5-7b-hf
 converted or downloaded by the user. Use as `c.model = llava_llama.get_config()`."""
-import ml_collections
 from mllm_tune.configs import base
 
 
@@ -12,7 +11,3 @@ def get_config():
   m.frozen_dtype = "bfloat16"   # ...keep the frozen base in bf16, trainable leaves fp32
   m.remat_policy = "dots_with_no_batch_dims_saveable"
   return m
-
-
-def get_mesh():
-  return ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1, devices=0))
