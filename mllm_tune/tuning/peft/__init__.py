@@ -7,6 +7,7 @@
 |                | bitfit / ln_tuning: `extras.py` maps modules_to_save and bias=)               |
 | `vera.py`      | vera -> VERA                                                                  |
 | `ln_tuning.py` | ln_tuning -> LN_TUNING                                                        |
+| `tokens.py`    | trainable_tokens -> TRAINABLE_TOKENS (beside LoRA: trainable_token_indices)   |
 | `additive.py`  | ia3 -> IA3, prompt_tuning, prefix_tuning, llama_adapter -> ADAPTION_PROMPT    |
 
 The tables below are the only place a mapping is registered.
@@ -16,7 +17,7 @@ from __future__ import annotations
 import os
 
 from mllm_tune.tuning.api import Compose, Method, MethodError
-from mllm_tune.tuning.peft import additive, ln_tuning, lora, vera
+from mllm_tune.tuning.peft import additive, ln_tuning, lora, tokens, vera
 from mllm_tune.tuning.peft.format import CONFIG_FILE, read_adapter, write_adapter
 
 # EXPORTERS[method name](method, model, variables) -> (adapter_config dict, tensors)
@@ -25,6 +26,7 @@ EXPORTERS = {
     "pissa": lora.export_lora, "lorasculpt": lora.export_lora,
     "vera": vera.export_vera,
     "ln_tuning": ln_tuning.export_ln_tuning,
+    "trainable_tokens": tokens.export_trainable_tokens,
     "ia3": additive.export_ia3, "prompt_tuning": additive.export_prompt_tuning,
     "prefix_tuning": additive.export_prefix_tuning,
     "llama_adapter": additive.export_llama_adapter,
@@ -34,6 +36,7 @@ IMPORTERS = {
     "LORA": lora.import_lora,
     "VERA": vera.import_vera,
     "LN_TUNING": ln_tuning.import_ln_tuning,
+    "TRAINABLE_TOKENS": tokens.import_trainable_tokens,
     "IA3": additive.import_ia3, "PROMPT_TUNING": additive.import_prompt_tuning,
     "PREFIX_TUNING": additive.import_prefix_tuning,
     "ADAPTION_PROMPT": additive.import_llama_adapter,

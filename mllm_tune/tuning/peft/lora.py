@@ -1,7 +1,8 @@
 """PEFT `LORA` export/import for LoRA, rsLoRA, DoRA, PiSSA and LoRASculpt, alone or composed.
 
 Export: a LoRA-family method, or a composition of one with methods that train base params in
-place (`freeze`, `bitfit`, `ln_tuning`: modules_to_save / bias=, see `extras.py`). PiSSA goes out
+place (`freeze`, `bitfit`, `ln_tuning`: modules_to_save / bias=, see `extras.py`) and with
+`trainable_tokens` (`trainable_token_indices`, see `tokens.py`). PiSSA goes out
 as plain LoRA on the original base (docs/methods.md §4.4 b). Per-module ranks and alphas are
 written as explicit `rank_pattern` / `alpha_pattern` entries (escaped full module names).
 
@@ -24,14 +25,14 @@ from mllm_tune.models.adapters import (DORA_M, LORA_A, LORA_B, LORA_DROPOUT, LOR
                                        PISSA_A0, PISSA_B0)
 from mllm_tune import pytree
 from mllm_tune.tuning.api import Compose, MethodError, compose, label
-from mllm_tune.tuning.peft import experts, extras
+from mllm_tune.tuning.peft import experts, extras, tokens
 from mllm_tune.tuning.peft import format as peft_io
 from mllm_tune.tuning.reparam.lora import LoRA, PiSSA, adapter_path, get_leaf, pissa_to_lora
+from mllm_tune.tuning.selective.tokens import TrainableTokens
 
 LORA_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
 INIT_KEEPS_BASE = (True, False, "gaussian", "eva", "orthogonal", "mica")
-UNSUPPORTED = ("lora_bias", "use_qalora", "trainable_token_indices",
-               "layer_replication", "alora_invocation_tokens")
+UNSUPPORTED = ("lora_bias", "use_qalora", "layer_replication", "alora_invocation_tokens")
 LORA_LEAVES = (LORA_A, LORA_B, LORA_SCALE, LORA_DROPOUT, DORA_M, PISSA_A0, PISSA_B0)
 
 
@@ -47,7 +48,8 @@ def _split(method):
 
 
 def export_lora(method, model, variables: dict):
-  lora, _ = _split(method)
+  lora, others = _split(method)
+  with_tokens = any(isinstance(m, TrainableTokens) for m in others)
   if lora.name == "pissa":  # plain LoRA on the original base (docs/methods.md §4.4 b)
     pissa = lora
     lora, variables = pissa_to_lora(pissa, variables)
@@ -59,6 +61,8 @@ def export_lora(method, model, variables: dict):
   adapters = pytree.flatten(variables["adapters"])
   layout = lora.layout(variables["params"])
   owned = {adapter_path(p, leaf) for p in layout for leaf in LORA_LEAVES}
+  if with_tokens:  # written as peft's trainable_token_indices
+    owned |= {tokens.ROWS, tokens.IDS}
   foreign = sorted(set(adapters) - owned)
   if foreign:
     raise MethodError(f"PEFT LORA export: adapter leaves {foreign[:5]} belong to no LoRA target "
@@ -95,6 +99,10 @@ def export_lora(method, model, variables: dict):
   wrapped = set(names) | {n.rsplit(".", 1)[0] for n in expert_names}
   extra_cfg, extra_tensors = extras.export_extras(method, model, variables, wrapped)
   tensors.update(extra_tensors)
+  if with_tokens:
+    token_cfg, token_tensors = tokens.lora_extras(model, variables)
+    extra_cfg.update(token_cfg)
+    tensors.update(token_tensors)
   config = {"peft_type": "LORA", "r": lora.rank, "lora_alpha": lora.alpha,
             "lora_dropout": lora.dropout, "use_rslora": lora.use_rslora,
             "use_dora": lora.use_dora, "init_lora_weights": True,
@@ -138,6 +146,7 @@ def _check_config(config: dict, where: str) -> None:
 
 def import_lora(config: dict, tensors: dict, model, params: dict, where: str):
   _check_config(config, where)
+  tensors, with_tokens = tokens.split_lora_tensors(config, tensors, model, params, where)
   lora_tensors, values, mts_set, bias_set = extras.split_tensors(config, tensors, model, params,
                                                                  where)
   lookup = peft_io.module_lookup(model.config)
@@ -217,5 +226,8 @@ def import_lora(config: dict, tensors: dict, model, params: dict, where: str):
       adapters[adapter_path(path, DORA_M)] = peft_io.to_stacked(m, k_shape, (d_out,))
   new_params = extras.put_values(variables["params"], values)
   others = extras.selective_methods(params, mts_set, bias_set)
+  if with_tokens is not None:  # trainable_token_indices: the rows beside the factors
+    others.append(with_tokens[0])
+    adapters.update(pytree.flatten(with_tokens[1]["adapters"]))
   out_method = compose(method, *others) if others else method
   return out_method, {"params": new_params, "adapters": pytree.unflatten(adapters)}

@@ -1,0 +1,124 @@
+"""Trainable tokens vs peft files (`tuning/peft/tokens.py`): a peft-saved TRAINABLE_TOKENS adapter
+(tied and untied LM head) and a LoRA adapter with `trainable_token_indices` import with peft's
+logits, re-export to the same tensors byte for byte, and our export loads in peft with our
+logits; token indices naming another module and rows on an untied LM head are refused."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, TrainableTokensConfig, get_peft_model
+from safetensors import safe_open
+
+import mllm_tune as mt
+from mllm_tune.tuning.peft import export_peft, import_peft
+from mllm_tune.tuning.peft import tokens as peft_tokens
+from mllm_tune.tuning.peft.format import write_adapter
+from tests.helpers import hf_tiny
+from tests.helpers.peft_ref import hf_px
+
+TOKENS = [5, 20, 23, 60]
+
+
+def _setup(tmp_path, tied: bool):
+  hf_model = hf_tiny.siglip_qwen2() if tied else hf_tiny.clip_llama()
+  d = str(tmp_path / "base")
+  hf_model.save_pretrained(d)
+  model, params = mt.load_pretrained(d)
+  per = model.config.image_seq_len
+  rows = [[1, 5] + hf_tiny.image_tokens(per, 1) + [20, 8, 23, 10], [1, 20, 21, 60, 23]]
+  ids, mask = hf_tiny.padded_batch(rows, "right")
+  px = np.random.RandomState(0).randn(1, 28, 28, 3).astype(np.float32)
+  return hf_model, model, params, (ids, mask, px), d
+
+
+def _peft_saved(hf_model, config, out: str):
+  """peft model with its trained tensors (rows, lora_B) randomized, saved to `out`."""
+  peft_model = get_peft_model(hf_model, config)
+  torch.manual_seed(0)
+  with torch.no_grad():
+    for n, p in peft_model.named_parameters():
+      if "trainable_tokens_delta" in n or "lora_B" in n:
+        p.add_(torch.randn_like(p) * 0.3)
+  peft_model.save_pretrained(out)
+  return peft_model.eval()
+
+
+def _logits(peft_model, batch):
+  ids, mask, px = batch
+  with torch.no_grad():
+    out = peft_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                     pixel_values=hf_px(px), position_ids=torch.tensor(hf_tiny.positions(mask)))
+  return out.logits.numpy()
+
+
+def _tensors(path):
+  with safe_open(os.path.join(path, "adapter_model.safetensors"), "pt") as f:
+    return {k: f.get_tensor(k).numpy() for k in f.keys()}
+
+
+def _roundtrip(tmp_path, hf_model, model, params, batch, base_dir, config, want_method):
+  peft_dir = str(tmp_path / "peft")
+  peft_model = _peft_saved(hf_model, config, peft_dir)
+  method, variables = import_peft(peft_dir, model, params)
+  assert method == want_method
+  ids, mask, px = batch
+  ours = np.asarray(model.apply(variables, ids, mask, pixel_values=px))
+  ref = _logits(peft_model, batch)
+  real = mask.astype(bool)
+  np.testing.assert_allclose(ours[real], ref[real], atol=1e-4)
+  base = np.asarray(model.apply({"params": params}, ids, mask, pixel_values=px))
+  assert np.abs(ours - base).max() > 1e-2
+  again = str(tmp_path / "again")
+  export_peft(again, model, method, variables, base_model_name_or_path=base_dir)
+  saved, written = _tensors(peft_dir), _tensors(again)
+  assert sorted(saved) == sorted(written)
+  for k, v in saved.items():
+    assert v.tobytes() == written[k].tobytes(), k
+  fresh = hf_tiny.siglip_qwen2() if model.config.llm.tie_word_embeddings else hf_tiny.clip_llama()
+  loaded = PeftModel.from_pretrained(fresh, again).eval()
+  np.testing.assert_allclose(_logits(loaded, batch)[real], ours[real], atol=1e-4)
+  return peft_dir
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_trainable_tokens_adapter_both_ways(tmp_path, tied):
+  hf_model, model, params, batch, base_dir = _setup(tmp_path, tied)
+  want = mt.tuning.get("trainable_tokens", token_indices=tuple(TOKENS))
+  _roundtrip(tmp_path, hf_model, model, params, batch, base_dir,
+             TrainableTokensConfig(token_indices=TOKENS), want)
+
+
+def test_lora_with_trainable_token_indices_both_ways_and_refusals(tmp_path):
+  hf_model, model, params, batch, base_dir = _setup(tmp_path, False)
+  want = mt.tuning.compose(
+      mt.tuning.get("lora", rank=2, alpha=4.0, dropout=0.0,
+                    targets=(r"llm/layers_0/attn/q_proj", r"llm/layers_0/attn/v_proj",
+                             r"llm/layers_1/attn/q_proj", r"llm/layers_1/attn/v_proj")),
+      mt.tuning.get("trainable_tokens", token_indices=tuple(TOKENS)))
+  peft_dir = _roundtrip(tmp_path, hf_model, model, params, batch, base_dir,
+                        LoraConfig(r=2, lora_alpha=4,
+                                   target_modules=r".*language_model.*\.(q_proj|v_proj)",
+                                   trainable_token_indices=TOKENS), want)
+  cfg_file = os.path.join(peft_dir, "adapter_config.json")
+  with open(cfg_file) as f:
+    config = json.load(f)
+  config["trainable_token_indices"] = {"lm_head": TOKENS}
+  with open(cfg_file, "w") as f:
+    json.dump(config, f)
+  with pytest.raises(mt.tuning.MethodError, match=r"'trainable_token_indices' = \{\"lm_head\".* "
+                                                  r"names modules other than the input embedding"):
+    import_peft(peft_dir, model, params)
+
+  method = mt.tuning.get("trainable_tokens", token_indices=tuple(TOKENS))
+  variables = method.init_variables(None, params)
+  config, tensors = peft_tokens.export_trainable_tokens(method, model, variables)
+  rows = next(iter(tensors.values()))
+  head_dir = str(tmp_path / "untied_head")
+  write_adapter(head_dir, config, {**tensors, "base_model.model.lm_head.trainable_tokens_delta":
+                                   rows})
+  with pytest.raises(mt.tuning.MethodError, match=r"trains rows of an untied LM head"):
+    import_peft(head_dir, model, params)
