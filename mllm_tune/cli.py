@@ -122,7 +122,7 @@ def build_fisher_data(cfg):
   from, or None for the training batches (`train`, the default)."""
   import ml_collections
   p = cfg.get("penalty")
-  if p is None or p.name == "none" or p.get("fisher_data", "train") in ("", "train"):
+  if p is None or p.name.strip() == "none" or p.get("fisher_data", "train") in ("", "train"):
     return None
   fcfg = ml_collections.ConfigDict(cfg.to_dict())
   fcfg.train.grad_accum = 1

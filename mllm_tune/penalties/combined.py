@@ -88,22 +88,27 @@ def _weight(name: str, weight, weights: dict, combined: bool):
 
 
 def from_config(cfg) -> Penalty | Combination:
-  """The `penalty` config section -> Penalty, or a Combination for `name="a+b"`. Keys a
-  penalty lacks (file / data keys, other penalties' knobs) are ignored; None means the
-  default. `weights.<name>` sets one member's weight; for a combination `weight` is refused
-  as ambiguous."""
+  """The `penalty` config section -> Penalty, or a Combination for `name="a+b"` (spaces around
+  names ignored). Keys a penalty lacks (file / data keys, other penalties' knobs) are ignored;
+  None means the default. `weights.<name>` sets one member's weight (a weight for a penalty
+  the name does not list is refused); for a combination `weight` is refused as ambiguous."""
   d = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
-  name = d.pop("name", "none")
+  names = [n.strip() for n in d.pop("name", "none").split(SEPARATOR)]
+  name = SEPARATOR.join(names)
   weights = d.pop("weights", None) or {}
-  names = [n.strip() for n in name.split(SEPARATOR)]
   combined = len(names) > 1
   if combined:
     _check_members(name, names)
     if d.get("weight") is not None:
       raise PenaltyError(f"penalty.weight is ambiguous for '{name}': set each member's weight "
-                         f"with {', '.join(f'penalty.weights.{n}' for n in names)}")
+                         f"with {', '.join(f'penalty.weights.{n}' for n in names)} and unset "
+                         "penalty.weight (--config.penalty.weight=None)")
   elif name not in api.REGISTRY:
     raise PenaltyError(f"unknown penalty '{name}'; known: {', '.join(sorted(api.REGISTRY))}")
+  stray = sorted(n for n, w in weights.items() if w is not None and n not in names)
+  if stray:
+    raise PenaltyError(f"penalty.weights.{stray[0]} is set but '{stray[0]}' is not in "
+                       f"penalty.name '{name}' (add it, or unset the weight)")
   members = []
   for n in names:
     opts = {**d, "weight": _weight(n, d.get("weight"), weights, combined)}

@@ -35,7 +35,7 @@ def setup_penalty(cfg, model, method, params: dict, variables: dict, *, base_pat
   Importance is computed from `fisher_data` (batches, or a factory `model -> batches`), else
   from `train_data` (rewound afterwards)."""
   pcfg = cfg.get("penalty")
-  if pcfg is None or pcfg.name == "none":
+  if pcfg is None or pcfg.name.strip() == "none":
     return None, None
   try:
     penalty = penalty_lib.from_config(pcfg)

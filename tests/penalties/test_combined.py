@@ -15,7 +15,7 @@ import mllm_tune as mt
 from mllm_tune import penalties
 from mllm_tune import pytree as select
 from mllm_tune.configs import base
-from mllm_tune.train import step as step_lib
+from mllm_tune.train import config_io, step as step_lib
 from tests.helpers.tiny_models import tiny_lm
 
 
@@ -130,10 +130,17 @@ def test_ewc_plus_lwf_step_adds_what_each_penalty_adds_and_logs_both_terms():
     (dict(name="mas+lwf"), r"penalty 'mas' in a combination needs penalty.weights.mas"),
     (dict(name="ewc", weight=1.0, weights={"ewc": 2.0}),
      r"penalty.weight 1.0 and penalty.weights.ewc 2.0 disagree"),
+    (dict(name="ewc+lwf", weights={"ewc": 1.0, "kl": 5.0}),
+     r"penalty.weights.kl is set but 'kl' is not in penalty.name 'ewc\+lwf'"),
+    (dict(name="lwf", weights={"ewc": 1e3}), r"penalty.weights.ewc is set but 'ewc' is not in"),
 ])
 def test_combinations_that_cannot_run_are_refused_by_name(cfg, match):
   with pytest.raises(penalties.PenaltyError, match=match):
     penalties.from_config(_config(**cfg))
+  full = base.get_config()  # the trainer's config check refuses it before any weight loads
+  full.penalty = _config(**cfg)
+  with pytest.raises(config_io.ConfigError, match="config 'penalty': .*" + match):
+    config_io.validate(full)
 
 
 def test_member_weights_and_shared_options_reach_the_right_members():
@@ -145,3 +152,5 @@ def test_member_weights_and_shared_options_reach_the_right_members():
   assert (l2sp.name, l2sp.weight, l2sp.beta) == ("l2sp", 0.1, 0.02)  # l2sp's default alpha
   single = penalties.from_config(_config(name="ewc", weights={"ewc": 7.0}))
   assert single.weight == 7.0 and penalties.importance_source(single) is single
+  assert penalties.from_config(_config(name=" lwf ")).name == "lwf"
+  assert penalties.from_config(_config(name="ewc + lwf", weights={"ewc": 1.0})).name == "ewc+lwf"

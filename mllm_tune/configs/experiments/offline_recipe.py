@@ -37,8 +37,7 @@ def get_config(method: str = "full", penalty: dict | None = None,
   # 300 digits and 100 per general family); smaller sets keep the eval under 15% of the run.
   c.eval.target.digits = base.eval_set("offline", "digits", num=200)
   c.eval.retention.general = base.eval_set("offline", "general", num=200)  # 50 per family
-  for k, v in (penalty or bench_penalty or {}).items():
-    c.penalty[k] = v
+  c.penalty.update(penalty or bench_penalty or {})  # nested sections (weights) merge
   for k, v in (posthoc or {}).items():
     c.posthoc[k] = v
   return c
