@@ -278,17 +278,17 @@ def collect_examples(batches: Iterable[dict], num_examples: int, image_token_id=
     return found
 
   local = {}
-  found, err = _shared(take, local)
+  found, err = shared_call(take, local)
   if not err:
     local.update(stack_sizes(found, image_seq_len), image_shape=_image_shape(found))
-  every = _raise_shared(local, err)
+  every = raise_shared(local, err)
   k = max(s["images"] for s in every)
   length = _max_over_processes([stack_sizes(found, image_seq_len, k)["length"]])[0]
-  out, err = _shared(lambda: stack_examples(found, image_token_id, image_seq_len, {
+  out, err = shared_call(lambda: stack_examples(found, image_token_id, image_seq_len, {
       "images": k, "length": length, "taps": max(s["taps"] for s in every),
       "image_shape": next((s["image_shape"] for s in every if s["image_shape"]), None)}), {})
   shapes = {} if err else {key: list(np.shape(v)[1:]) for key, v in sorted(out.items())}
-  every = _raise_shared({"shapes": shapes}, err)
+  every = raise_shared({"shapes": shapes}, err)
   if len({str(s["shapes"]) for s in every}) > 1:
     raise ImportanceError(f"the processes' importance examples differ in fields or shapes "
                           f"(this process: {shapes}); e.g. some hold no image samples: raise "
@@ -296,27 +296,29 @@ def collect_examples(batches: Iterable[dict], num_examples: int, image_token_id=
   return out
 
 
-def _shared(fn, local: dict):
+def shared_call(fn, local: dict):
   """(fn(), None), or (None, the exception) with its message in `local["error"]`."""
   try:
     out = fn()
     local["error"] = None
     return out, None
-  except Exception as e:  # noqa: BLE001 (raised on every process by _raise_shared)
+  except Exception as e:  # noqa: BLE001 (raised on every process by raise_shared)
     local["error"] = f"{type(e).__name__}: {e}"
     return None, e
 
 
-def _raise_shared(local: dict, err: BaseException | None) -> list:
+def raise_shared(local: dict, err: BaseException | None,
+                 what: str = "importance examples") -> list:
   """Every process's `local` (an all-gather); raises when any process failed: its own
-  exception on the process that failed, an ImportanceError naming it on the others."""
+  exception on the process that failed, an ImportanceError naming it (and `what`) on the
+  others. Every process must call it (a collective)."""
   local.setdefault("error", None if err is None else f"{type(err).__name__}: {err}")
   every = _all_processes(local)
   bad = [f"process {i}: {s['error']}" for i, s in enumerate(every) if s["error"]]
   if err is not None:
     raise err
   if bad:
-    raise ImportanceError("importance examples: " + "; ".join(bad))
+    raise ImportanceError(f"{what}: " + "; ".join(bad))
   return every
 
 

@@ -74,8 +74,26 @@ def load_importance(path: str, *, expect_shapes: dict | None = None, model_confi
                     shardings: dict | None = None) -> tuple[dict, dict]:
   """-> ({variables path: array}, metadata). Checks, each naming the file (and the leaf): the
   model config hash, every leaf exists in `expect_shapes` with that shape, the base fingerprint
-  (skipped when None), and that no entry is NaN/Inf or negative."""
+  (skipped when None) (`read_meta`), and that no entry is NaN/Inf or negative."""
   import orbax.checkpoint as ocp
+  path = os.path.abspath(path)
+  meta = read_meta(path, expect_shapes=expect_shapes, model_config=model_config,
+                   base_fingerprint=base_fingerprint)
+  default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = {p: jax.ShapeDtypeStruct(tuple(i["shape"]), jnp.dtype(i["dtype"]),
+                                      sharding=(shardings or {}).get(p, default))
+              for p, i in meta["leaves"].items()}
+  tree = ocp.StandardCheckpointer().restore(os.path.join(path, "tensors"),
+                                            pytree.unflatten(abstract))
+  scores = pytree.flatten(tree)
+  check_importance(scores, os.path.join(path, META_FILE))
+  return scores, meta
+
+
+def read_meta(path: str, *, expect_shapes: dict | None = None, model_config=None,
+              base_fingerprint: str | None = None) -> dict:
+  """The importance file's metadata, checked (`load_importance`'s checks before any tensor is
+  read; no collective, so a multi-process caller can share a failure before the restore)."""
   path = os.path.abspath(path)
   meta_path = os.path.join(path, META_FILE)
   if not os.path.isfile(meta_path):
@@ -103,15 +121,7 @@ def load_importance(path: str, *, expect_shapes: dict | None = None, model_confi
     raise ImportanceError(f"{meta_path}: computed on base '{meta.get('base_path')}' "
                           f"(fingerprint {meta['base_fingerprint']}), but the base loaded now "
                           f"has fingerprint {base_fingerprint}: recompute it for this base")
-  default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = {p: jax.ShapeDtypeStruct(tuple(i["shape"]), jnp.dtype(i["dtype"]),
-                                      sharding=(shardings or {}).get(p, default))
-              for p, i in meta["leaves"].items()}
-  tree = ocp.StandardCheckpointer().restore(os.path.join(path, "tensors"),
-                                            pytree.unflatten(abstract))
-  scores = pytree.flatten(tree)
-  check_importance(scores, meta_path)
-  return scores, meta
+  return meta
 
 
 def default_path(base_path: str, kind: str) -> str:

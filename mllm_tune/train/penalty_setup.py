@@ -17,6 +17,7 @@ import numpy as np
 
 from mllm_tune import pytree, tuning
 from mllm_tune.train import setup
+from mllm_tune.importance import examples as importance_examples
 from mllm_tune.importance import fisher as fisher_lib
 from mllm_tune.importance import store as importance_store
 from mllm_tune import penalties as penalty_lib
@@ -56,15 +57,14 @@ def setup_penalty(cfg, model, method, params: dict, variables: dict, *, base_pat
     sh = {"params/" + p: x.sharding for p, x in pytree.flatten(params).items()}
     check = dict(expect_shapes=shapes, model_config=model.config, shardings=sh)
     if _on_file(os.path.join(path, fisher_lib.META_FILE)):
-      scores, _ = importance_store.load_importance(path, base_fingerprint=base_fingerprint,
-                                             **check)
+      scores = load_on_every_process(path, base_fingerprint=base_fingerprint, **check)
       log.info("penalty %s: importance loaded from %s", src.name, path)
     else:
       scores = compute_importance(pcfg, kind, model, method, params, variables, path,
                                     base_path, base_fingerprint, fisher_data, train_data, mesh)
     where = f"importance file {path}"
     if src.name == "online_ewc" and pcfg.get("prev_fisher_path"):
-      prev, _ = importance_store.load_importance(pcfg.prev_fisher_path, **check)
+      prev = load_on_every_process(pcfg.prev_fisher_path, **check)
       scores = fisher_lib.online_update(prev, scores, src.gamma)
       importance_store.save_importance(
           os.path.join(cfg.run_dir, "importance", "online_ewc"), scores, kind=kind,
@@ -73,6 +73,20 @@ def setup_penalty(cfg, model, method, params: dict, variables: dict, *, base_pat
                                            "prev": os.path.abspath(pcfg.prev_fisher_path)})
   return penalty_lib.bind(penalty, method, variables, base_params=params,
                           importance=scores, where=where, model=model)
+
+
+def load_on_every_process(path: str, **check) -> dict:
+  """`store.load_importance(path, **check)`'s scores. With several processes the file's
+  metadata is read and checked on each first, and a process that cannot (e.g. a filesystem
+  not shared between the hosts, where process 0 found the file) makes every process raise,
+  naming it, before the restore's collectives (which would otherwise wait on it)."""
+  if jax.process_count() > 1:
+    local: dict = {}
+    meta_check = {k: v for k, v in check.items() if k != "shardings"}
+    _, err = importance_examples.shared_call(
+        lambda: importance_store.read_meta(path, **meta_check), local)
+    importance_examples.raise_shared(local, err, what=f"importance file {path}")
+  return importance_store.load_importance(path, **check)[0]
 
 
 def _on_file(meta_path: str) -> bool:

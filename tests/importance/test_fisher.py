@@ -306,6 +306,12 @@ PROCESS_SCRIPT = textwrap.dedent("""
     res["error_tensor_only"] = error_of(lambda: fisher.importance(
         fisher.lm_logits_fn(model), {{"params": params, "adapters": {{}}}}, leaves, mine,
         mesh=shard_lib.make_mesh(1, 1, 4)))
+    from mllm_tune.train import penalty_setup  # a file process 1 cannot see (unshared disks)
+    saved = sys.argv[6] + ("" if pid == 0 else "_elsewhere")
+    try:
+      res["unshared_file"] = sorted(penalty_setup.load_on_every_process(saved))
+    except Exception as e:
+      res["unshared_file"] = f"{{type(e).__name__}}: {{e}}"
     with open(out_path % pid, "w") as f:
       json.dump(res, f)
 """)
@@ -327,7 +333,8 @@ def test_importance_over_two_processes_with_uneven_counts_equals_the_weighted_me
   "true"): for every kind it is the count-weighted mean of each process's own one-process importance (kind
   "true" with that process's folded key), so padding, the keys and the total count are right.
   A process without samples fails on both processes with its reason (no hang); a mesh whose
-  batch axes do not span the processes is refused."""
+  batch axes do not span the processes is refused; an importance file that only process 0 can
+  read makes both raise."""
   import socket
   from tests.helpers.tiny_models import leaves_matching, tiny_lm
   ex = _examples()
@@ -338,8 +345,11 @@ def test_importance_over_two_processes_with_uneven_counts_equals_the_weighted_me
     json.dump(ex, f)
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
   out = str(tmp_path / "out%d.json")
+  saved = str(tmp_path / "importance")
+  importance_store.save_importance(saved, {"params/w": np.ones((2, 3), np.float32)},
+                                   kind="empirical")
   procs = [subprocess.Popen([sys.executable, "-c", PROCESS_SCRIPT.format(), str(i), str(port),
-                             ROOT, out, str(tmp_path / "examples.json")], cwd=ROOT, env=env,
+                             ROOT, out, str(tmp_path / "examples.json"), saved], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
            for i in range(2)]
   errs = [p.communicate(timeout=600)[1] for p in procs]
@@ -365,3 +375,7 @@ def test_importance_over_two_processes_with_uneven_counts_equals_the_weighted_me
   assert "process 1: ImportanceError: no sample with answer tokens" in res[0]["error_no_samples"]
   assert "no sample with answer tokens in this process" in res[1]["error_no_samples"]
   assert all("batch axes" in r["error_tensor_only"] for r in res)
+  # an importance file only process 0 sees: both raise (no hang), the other naming process 1
+  assert res[0]["unshared_file"].startswith(f"ImportanceError: importance file {saved}: "
+                                            "process 1: ")
+  assert f"{saved}_elsewhere" in res[1]["unshared_file"]
