@@ -113,10 +113,13 @@ def is_expert_tensor(leaf: Leaf) -> bool:
   return is_expert_path(leaf.path) and len(leaf.shape) == (4 if leaf.num_layers else 3)
 
 
+TOKEN_EMBEDDING = "llm/embed/embedding"
+
+
 def match_layers(tree: dict, rules: Sequence[tuple[str, Any]], default: Any = None,
                  what: str = "parameter", require_match: bool = True,
-                 module_level: bool = False,
-                 expert_tensors: bool = False) -> dict[str, list[Any] | Any]:
+                 module_level: bool = False, expert_tensors: bool = False,
+                 embeddings: bool = False) -> dict[str, list[Any] | Any]:
   """Resolve ordered `(regex, value)` rules on every leaf (first match wins).
 
   Returns {storage_path: value} for unstacked leaves and {storage_path: [value per layer]} for
@@ -124,7 +127,9 @@ def match_layers(tree: dict, rules: Sequence[tuple[str, Any]], default: Any = No
   `llm/layers_3/attn/q_proj`) of 2-D kernels only, as LoRA-style `targets` do; with
   `expert_tensors` too, a mixture-of-experts weight stack is a target of its own, named by its
   full path (`llm/layers_3/mlp/experts_gate_up`), for the patterns that spell `experts` (so a
-  broad `llm/.*` keeps meaning the Linear modules, as peft's target_modules do).
+  broad `llm/.*` keeps meaning the Linear modules, as peft's target_modules do); with
+  `embeddings`, the LLM's token embedding table is a module (`llm/embed`) for the patterns that
+  spell `embed`.
   """
   compiled = [(_compile(p), p, v) for p, v in rules]
   hits = {p: 0 for _, p, _ in compiled}
@@ -132,7 +137,8 @@ def match_layers(tree: dict, rules: Sequence[tuple[str, Any]], default: Any = No
   candidates: list[str] = []
   for leaf in leaves(tree):
     expert = module_level and expert_tensors and is_expert_tensor(leaf)
-    if module_level and not (expert or is_kernel(leaf)):
+    embedding = module_level and embeddings and leaf.path == TOKEN_EMBEDDING
+    if module_level and not (expert or embedding or is_kernel(leaf)):
       continue
     values = []
     for lp, _ in logical_paths(leaf):
@@ -140,7 +146,7 @@ def match_layers(tree: dict, rules: Sequence[tuple[str, Any]], default: Any = No
       candidates.append(name)
       value = default
       for rx, p, v in compiled:
-        if expert and "experts" not in p:
+        if (expert and "experts" not in p) or (embedding and "embed" not in p):
           continue
         if rx.fullmatch(name):
           hits[p] += 1

@@ -29,7 +29,8 @@ In `llm.LLM` (under `llm/`): prompt_embeddings (n, D); prefix_k, prefix_v (L, n,
 reparameterized prefix_embedding, prefix_mlp_{w1,b1,w2,b2}.
 In `llm.TokenEmbed` (under `llm/embed/`): token_rows (n, D) and token_indices (n,) int32: rows
 token_indices of the embedding table read as token_rows (trainable tokens); a tied LM head reads
-the same rows.
+the same rows. lora_a (V, r), lora_b (r, D), lora_scale (): e(t) += (s * A[t]) @ B (LoRA on the
+lookup; untied heads only).
 In `vision.VisionTower` (under `vision/`): prompt_tokens (p, D) or deep_prompt_tokens (L, p, D),
 prompt_dropout ().
 Not read by the model: pissa_a0, pissa_b0 (PiSSA's initial factors, kept to rebase).
@@ -77,11 +78,12 @@ class Leaf(NamedTuple):
 
 
 _L = "layers.Linear"
-_LM = "layers.Linear, moe.MoEMLP (expert stacks)"
+_LM = "layers.Linear, moe.MoEMLP (expert stacks), llm.TokenEmbed"
 LEAVES: dict[str, Leaf] = {
     LORA_A: Leaf(_LM, "(d_in, r)", ("lora", "rslora", "dora", "pissa", "lorasculpt")),
     LORA_B: Leaf(_LM, "(r, d_out)", ("lora", "rslora", "dora", "pissa", "lorasculpt")),
-    LORA_SCALE: Leaf(_L, "()", ("lora", "rslora", "dora", "pissa", "lorasculpt")),
+    LORA_SCALE: Leaf(_L + ", llm.TokenEmbed", "()",
+                     ("lora", "rslora", "dora", "pissa", "lorasculpt")),
     LORA_DROPOUT: Leaf(_L, "()", ("lora", "rslora", "dora", "pissa", "lorasculpt", "vera")),
     DORA_M: Leaf(_L, "(d_out,)", ("dora",)),
     PISSA_A0: Leaf(None, "(d_in, r)", ("pissa",)),

@@ -27,7 +27,8 @@ from mllm_tune.models.kv_cache import KVCache, init_kv_cache, kv_cache_slots
 from mllm_tune.models.adapters import (ADAPTERS, ADAPTION_GATE, ADAPTION_GATE_TANH,
                                        ADAPTION_PROMPT, PREFIX_EMBEDDING, PREFIX_K,
                                        PREFIX_MLP_LEAVES, PREFIX_V, PROMPT_EMBEDDINGS,
-                                       TOKEN_INDICES, TOKEN_ROWS, parallel_adapter)
+                                       LORA_A, LORA_B, LORA_SCALE, TOKEN_INDICES, TOKEN_ROWS,
+                                       parallel_adapter)
 from mllm_tune.models.layers import Linear, RMSNorm, activation, dtype_of
 from mllm_tune.models.moe import MoEMLP
 from mllm_tune.models.prefix import prepend_prefix, prefix_mlp, split_prefix
@@ -166,10 +167,13 @@ def add_deepstack(h_BTD: jax.Array, deepstack_nBTD: jax.Array, layer_index) -> j
 
 
 class TokenEmbed(nn.Embed):
-  """`nn.Embed` (params `embedding` (V, D)) whose rows `token_indices` may be replaced by the
-  adapter leaf `token_rows` (n, D) (trainable tokens, peft's `TrainableTokens`): the lookup
-  reads them, and so does `attend` (a tied LM head), whose logits for those tokens are the
-  hidden states times the replaced rows. Without the leaves it is `nn.Embed`."""
+  """`nn.Embed` (params `embedding` (V, D)) with two optional adapters:
+  - rows `token_indices` replaced by the leaf `token_rows` (n, D) (trainable tokens, peft's
+    `TrainableTokens`): the lookup reads them, and so does `attend` (a tied LM head), whose
+    logits for those tokens are the hidden states times the replaced rows;
+  - LoRA on the lookup, `lora_a` (V, r), `lora_b` (r, D), `lora_scale` (): `+ (s A_t) B`
+    (peft's `Embedding`; untied heads only, so `attend` ignores it).
+  Without the leaves it is `nn.Embed`."""
 
   def _rows(self):
     if not self.has_variable(ADAPTERS, TOKEN_ROWS):
@@ -178,6 +182,11 @@ class TokenEmbed(nn.Embed):
 
   def __call__(self, inputs):
     out = super().__call__(inputs)
+    if self.has_variable(ADAPTERS, LORA_A):
+      a_Vr, b_rD = self.get_variable(ADAPTERS, LORA_A), self.get_variable(ADAPTERS, LORA_B)
+      s = self.get_variable(ADAPTERS, LORA_SCALE)
+      low = (s * jnp.take(a_Vr, inputs, axis=0)).astype(out.dtype)
+      out = out + low @ b_rD.astype(out.dtype)
     rows = self._rows()
     if rows is None:
       return out

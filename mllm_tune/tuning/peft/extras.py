@@ -74,9 +74,6 @@ def split_tensors(config: dict, tensors: dict, model, params: dict, where: str):
     if not key.startswith(peft_io.PREFIX):
       raise CheckpointError(f"{where}: tensor '{key}' does not start with '{peft_io.PREFIX}'")
     name = key[len(peft_io.PREFIX):]
-    if ".lora_embedding_" in name:
-      raise MethodError(f"{where}: tensor '{key}' is LoRA on an embedding layer, which is not "
-                        "supported (only Linear layers take LoRA here)")
     if is_lora_tensor(name):
       lora[key] = arr
       continue

@@ -37,10 +37,11 @@ def _layouts(cfg) -> list[str | None]:
 def _module_patterns(cfg, layout: str | None) -> dict[str, str]:
   """{our kernel storage path: HF module name pattern (with {i} for stacked)}; a
   mixture-of-experts stack maps to its parameter's name (`...mlp.experts.gate_up_proj`), which
-  is what peft's `target_parameters` name."""
+  is what peft's `target_parameters` name; the token embedding to its module (`embed_tokens`)."""
   out = {}
   for rule in checkpoint_rules(cfg, layout):
-    if rule.path[-1] == "kernel" and rule.hf.endswith(".weight"):
+    if ((rule.path[-1] == "kernel" or "/".join(rule.path) == pytree.TOKEN_EMBEDDING)
+        and rule.hf.endswith(".weight")):
       out["/".join(rule.path)] = rule.hf[:-len(".weight")]
     elif pytree.is_expert_path("/".join(rule.path)):
       out["/".join(rule.path)] = rule.hf

@@ -31,6 +31,8 @@ from mllm_tune.tuning.reparam.lora import LoRA, PiSSA, adapter_path, get_leaf, p
 from mllm_tune.tuning.selective.tokens import TrainableTokens
 
 LORA_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
+# peft's Embedding names its factors (same orientation as a Linear's lora_A / lora_B weights)
+EMBEDDING_SUFFIXES = {"lora_embedding_A": "lora_A.weight", "lora_embedding_B": "lora_B.weight"}
 INIT_KEEPS_BASE = (True, False, "gaussian", "eva", "orthogonal", "mica")
 UNSUPPORTED = ("lora_bias", "use_qalora", "layer_replication", "alora_invocation_tokens")
 LORA_LEAVES = (LORA_A, LORA_B, LORA_SCALE, LORA_DROPOUT, DORA_M, PISSA_A0, PISSA_B0)
@@ -91,6 +93,10 @@ def export_lora(method, model, variables: dict):
          tensors[f"{key}.lora_B.weight"]) = experts.to_peft(sl(a)[..., :r], sl(b)[:, :r])
         continue
       key = f"{peft_io.PREFIX}{name}"
+      if path == pytree.TOKEN_EMBEDDING:
+        tensors[f"{key}.lora_embedding_A"] = a[:, :r].T
+        tensors[f"{key}.lora_embedding_B"] = b[:r].T
+        continue
       tensors[f"{key}.lora_A.weight"] = sl(a)[:, :r].T
       tensors[f"{key}.lora_B.weight"] = sl(b)[:r].T
       if m is not None:
@@ -155,7 +161,8 @@ def import_lora(config: dict, tensors: dict, model, params: dict, where: str):
   per_module: dict[str, dict] = {}
   modules: dict[tuple, str] = {}
   for key, arr in lora_tensors.items():
-    module, suffix = peft_io.split_key(key, LORA_SUFFIXES, where)
+    module, suffix = peft_io.split_key(key, LORA_SUFFIXES + tuple(EMBEDDING_SUFFIXES), where)
+    suffix = EMBEDDING_SUFFIXES.get(suffix, suffix)
     module = wrapped.get(module, module)  # an expert stack's factors: its parameter name
     if module not in lookup:
       raise peft_io.unknown_module(model.config, key, module, where)

@@ -6,6 +6,10 @@ a=sqrt(5), on torch's (r, d_in)), B = 0; `init_a="gaussian"`: A ~ N(0, 1/r^2). T
 anchored regexes on logical module paths (`llm/layers_3/attn/q_proj`). On stacked layers the
 adapters are stacked too; layers a target does not cover get A = B = 0, scale 0, and a frozen mask.
 peft names: `lora_A.weight = A^T`, `lora_B.weight = B^T`, DoRA `lora_magnitude_vector = m`.
+The LLM's token embedding (target `llm/embed`, LoRA / rsLoRA only, untied LM heads) is a
+(V, D) kernel on one-hot inputs: `e(t) = E_t + s A_t B` with `A (V, r)`, `B (r, D)`, init as
+peft's `Embedding` (A = 0, B ~ N(0, 1)), no dropout; peft names `lora_embedding_A = A^T`,
+`lora_embedding_B = B^T` (`models.llm.TokenEmbed` reads them).
 
 Per-module ranks and alphas (peft `rank_pattern` / `alpha_pattern`): ordered `(regex, value)`
 pairs on logical module paths, first match wins, the rest take `rank` / `alpha`. A stacked leaf
@@ -33,16 +37,19 @@ ALL_LLM_LINEARS = r"llm/layers_\d+/(attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)
 
 
 def resolve_targets(params: dict, targets, what: str = "LoRA target",
-                    experts: bool = False) -> dict[str, np.ndarray]:
+                    experts: bool = False, embeddings: bool = False) -> dict[str, np.ndarray]:
   r"""{kernel storage path: bool per layer (L,) or shape () } for every matched Linear kernel
   (and, with `experts`, every mixture-of-experts weight stack matched by a pattern that spells
-  `experts`, named by its own path: `llm/layers_\d+/mlp/experts_(gate_up|down)`)."""
+  `experts`, named by its own path: `llm/layers_\d+/mlp/experts_(gate_up|down)`; with
+  `embeddings`, the LLM's token embedding `llm/embed/embedding` for a pattern that spells
+  `embed`, e.g. `llm/embed`)."""
   patterns = [targets] if isinstance(targets, str) else list(targets)
   if not patterns:
     raise MethodError(f"{what}s are empty")
   try:
     found = pytree.match_layers(params, [(p, True) for p in patterns], default=False, what=what,
-                                module_level=True, expert_tensors=experts)
+                                module_level=True, expert_tensors=experts,
+                                embeddings=embeddings)
   except pytree.SelectorError as e:
     flat = pytree.flatten(params)
     if (any("lm_head" in p for p in patterns) and "llm/lm_head/kernel" not in flat
@@ -77,8 +84,9 @@ def _pairs(pattern, what: str, cast) -> tuple[tuple[str, float], ...]:
 
 def adapter_path(kernel_path: str, leaf: str) -> str:
   """Where an adapter leaf of a kernel lives: beside it (`.../q_proj/lora_a` for
-  `.../q_proj/kernel`); an expert stack's under its own name (`.../experts_down/lora_a`)."""
-  if kernel_path.endswith("/kernel"):
+  `.../q_proj/kernel`, `llm/embed/lora_a` for the token embedding); an expert stack's under its
+  own name (`.../experts_down/lora_a`)."""
+  if kernel_path.endswith("/kernel") or kernel_path == pytree.TOKEN_EMBEDDING:
     return kernel_path.rsplit("/", 1)[0] + "/" + leaf
   return kernel_path + "/" + leaf
 
@@ -118,6 +126,7 @@ class LoRA(Method):
   alpha_pattern: tuple = ()  # ((module regex, alpha), ...): peft alpha_pattern
   patterns_supported: ClassVar[bool] = True
   experts_supported: ClassVar[bool] = True  # LoRA per expert on MoE weight stacks
+  embeddings_supported: ClassVar[bool] = True  # LoRA on the token embedding (`llm/embed`)
 
   def __post_init__(self):
     object.__setattr__(self, "rank_pattern", _pairs(self.rank_pattern, "rank_pattern", int))
@@ -140,17 +149,27 @@ class LoRA(Method):
 
   def layout(self, params: dict) -> dict[str, TargetLayout]:
     """{kernel storage path: TargetLayout} of every adapted kernel (patterns resolved)."""
-    targets = resolve_targets(params, self.targets, experts=True)
+    targets = resolve_targets(params, self.targets, experts=True, embeddings=True)
     experts = sorted(p for p in targets if pytree.is_expert_path(p))
     if experts and (self.use_dora or not self.experts_supported):
       raise MethodError(f"{self.name}: targets {self.targets!r} reach the mixture-of-experts "
                         f"weight stacks {experts}; only plain LoRA / rsLoRA adapt those (one "
                         "A, B pair per expert, as PEFT's target_parameters)")
+    if pytree.TOKEN_EMBEDDING in targets:
+      if self.use_dora or not self.embeddings_supported:
+        raise MethodError(f"{self.name}: targets {self.targets!r} reach the token embedding "
+                          "llm/embed; only plain LoRA / rsLoRA adapt it")
+      if "llm/lm_head/kernel" not in pytree.flatten(params):
+        raise MethodError(
+            f"{self.name}: targets {self.targets!r} reach the token embedding llm/embed, but "
+            "this model ties its LM head to it (tie_word_embeddings): LoRA would adapt the "
+            "lookup only (as peft does without ensure_weight_tying) while a merge would change "
+            "the head too. Use trainable_tokens, or a base with an untied head")
     per = {}
     for key, pattern in (("rank", self.rank_pattern), ("alpha", self.alpha_pattern)):
       per[key] = (pytree.match_layers(params, list(pattern), default=None,
                                       what=f"LoRA {key}_pattern", module_level=True,
-                                      expert_tensors=True)
+                                      expert_tensors=True, embeddings=True)
                   if pattern else {})
     out = {}
     for path, flags in targets.items():
@@ -182,6 +201,12 @@ class LoRA(Method):
       k0 = get_leaf(params, path)
       *lead, d_in, d_out = k0.shape
       r = lay.leaf_rank
+      if path == pytree.TOKEN_EMBEDDING:  # peft's Embedding: A = 0, B ~ N(0, 1)
+        out[adapter_path(path, LORA_A)] = jnp.zeros((d_in, r), jnp.float32)
+        out[adapter_path(path, LORA_B)] = jax.random.normal(jax.random.fold_in(rng, i),
+                                                            (r, d_out), jnp.float32)
+        out[adapter_path(path, LORA_SCALE)] = jnp.asarray(self.layer_scales(lay))
+        continue
       a = self._init_a(jax.random.fold_in(rng, i), (*lead, d_in, r), d_in, lay.ranks)
       # columns past each layer's rank (and untargeted layers) are zero
       cols = np.arange(r) < (lay.ranks[..., None] if lay.ranks.ndim else lay.ranks)
@@ -221,7 +246,8 @@ class LoRA(Method):
   def merge(self, variables):
     params = pytree.flatten(variables["params"])
     adapters = pytree.flatten(variables.get("adapters", {}))
-    for path in resolve_targets(variables["params"], self.targets, experts=True):
+    for path in resolve_targets(variables["params"], self.targets, experts=True,
+                                embeddings=True):
       k0 = jnp.asarray(params[path], jnp.float32)
       a, b = adapters[adapter_path(path, LORA_A)], adapters[adapter_path(path, LORA_B)]
       s = jnp.asarray(per_layer(adapters[adapter_path(path, LORA_SCALE)], k0.ndim), jnp.float32)
@@ -259,6 +285,7 @@ class PiSSA(LoRA):
   alpha: float = 8.0
   patterns_supported: ClassVar[bool] = False
   experts_supported: ClassVar[bool] = False
+  embeddings_supported: ClassVar[bool] = False
 
   def init_variables(self, rng, params):
     adapters = pytree.flatten(self.init(rng, params))

@@ -66,6 +66,7 @@ class LoRASculpt(LoRA):
   cmr_targets: str = CMR_TARGETS
   patterns_supported: ClassVar[bool] = False  # the density and CMR assume one rank
   experts_supported: ClassVar[bool] = False
+  embeddings_supported: ClassVar[bool] = False
 
   def __post_init__(self):
     super().__post_init__()

@@ -1,0 +1,104 @@
+"""LoRA on the token embedding (`llm/embed`; peft's `lora_embedding_A/B`) against peft on a tiny
+LLaVA with an untied LM head: a peft-saved adapter (embedding + q_proj) imports with peft's logits,
+the gradients of the embedding factors equal peft's, re-export writes peft's tensors byte for byte
+(peft's copy of the base embedding aside) and loads in peft; identity at init, exact merge; a tied
+head, DoRA and PiSSA on the embedding are refused."""
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from peft import LoraConfig, PeftModel
+from safetensors import safe_open
+
+import mllm_tune as mt
+from mllm_tune import pytree
+from mllm_tune.tuning.peft import export_peft, import_peft
+from tests.helpers import hf_tiny
+from tests.helpers.peft_ref import (ce_loss_jax, ce_loss_torch, hf_px, saved_peft, tiny_llava,
+                                    torch_logits)
+
+TARGETS = r".*language_model.*\.(embed_tokens|q_proj)"
+
+
+def _tensors(path):
+  with safe_open(os.path.join(path, "adapter_model.safetensors"), "pt") as f:
+    return {k: f.get_tensor(k).numpy() for k in f.keys()}
+
+
+def test_peft_embedding_lora_imports_trains_and_exports_like_peft(tmp_path):
+  hf_model, model, params, batch, base_dir = tiny_llava(tmp_path)
+  peft_dir = str(tmp_path / "peft")
+  torch.manual_seed(0)
+  peft_model = saved_peft(hf_model, LoraConfig(r=2, lora_alpha=4, target_modules=TARGETS),
+                          peft_dir, leaf="lora_")  # every factor random (A of the embedding is 0)
+  method, variables = import_peft(peft_dir, model, params)
+  assert method.targets == (r"llm/embed", r"llm/layers_0/attn/q_proj", r"llm/layers_1/attn/q_proj")
+  ids, mask, px = batch
+  real = mask.astype(bool)
+  ours = np.asarray(model.apply(variables, ids, mask, pixel_values=px))
+  np.testing.assert_allclose(ours[real], torch_logits(peft_model.eval(), batch)[real], atol=1e-4)
+
+  # the embedding factors' gradients of the same loss
+  peft_model.train()
+  out = peft_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                   pixel_values=hf_px(px), position_ids=torch.tensor(hf_tiny.positions(mask)))
+  ce_loss_torch(out.logits, ids, mask).backward()
+  (ga,), (gb,) = ([p.grad.numpy() for n, p in peft_model.named_parameters()
+                   if f"embed_tokens.lora_embedding_{x}" in n] for x in "AB")
+  flat = pytree.flatten(variables)
+
+  def loss(a, b):
+    f = {**flat, "adapters/llm/embed/lora_a": a, "adapters/llm/embed/lora_b": b}
+    return ce_loss_jax(model.apply(pytree.unflatten(f), ids, mask, pixel_values=px), ids, mask)
+  da, db = jax.grad(loss, argnums=(0, 1))(flat["adapters/llm/embed/lora_a"],
+                                          flat["adapters/llm/embed/lora_b"])
+  assert np.abs(ga).max() > 1e-4 and np.abs(gb).max() > 1e-4
+  np.testing.assert_allclose(np.asarray(da), ga.T, atol=1e-5, rtol=1e-4)
+  np.testing.assert_allclose(np.asarray(db), gb.T, atol=1e-5, rtol=1e-4)
+
+  again = str(tmp_path / "again")
+  export_peft(again, model, method, variables, base_model_name_or_path=base_dir)
+  saved, written = _tensors(peft_dir), _tensors(again)
+  copies = {k for k in saved if ".base_layer." in k}  # peft's copy of the base embedding
+  assert copies == {"base_model.model.model.language_model.embed_tokens.base_layer.weight"}
+  assert sorted(set(saved) - copies) == sorted(written)
+  for k, v in written.items():
+    assert v.tobytes() == saved[k].tobytes(), k
+  loaded = PeftModel.from_pretrained(hf_tiny.clip_llama(), again).eval()
+  np.testing.assert_allclose(torch_logits(loaded, batch)[real], ours[real], atol=1e-4)
+
+  merged = method.merge(variables)
+  np.testing.assert_allclose(np.asarray(model.apply({"params": merged}, ids, mask,
+                                                    pixel_values=px)), ours, atol=2e-5)
+
+
+def test_embedding_lora_is_the_identity_at_init_and_refused_where_it_cannot_run(tmp_path):
+  _, model, params, (ids, mask, px), _ = tiny_llava(tmp_path)
+  method = mt.tuning.get("lora", rank=4, targets=r"llm/embed")
+  variables = method.init_variables(jax.random.key(0), params)
+  flat = pytree.flatten(variables)
+  assert not np.any(flat["adapters/llm/embed/lora_a"])  # peft's init: A = 0, B ~ N(0, 1)
+  assert 0.5 < float(jnp.std(flat["adapters/llm/embed/lora_b"])) < 2.0
+  np.testing.assert_array_equal(np.asarray(model.apply(variables, ids, mask, pixel_values=px)),
+                                np.asarray(model.apply({"params": params}, ids, mask,
+                                                       pixel_values=px)))
+  trained = {p for p, m in pytree.flatten(method.trainable(variables)).items() if np.any(m)}
+  assert trained == {"adapters/llm/embed/lora_a", "adapters/llm/embed/lora_b"}
+  for name in ("dora", "pissa"):
+    with pytest.raises(mt.tuning.MethodError, match="only plain LoRA / rsLoRA adapt it"):
+      mt.tuning.get(name, rank=2, targets=r"llm/embed").init_variables(jax.random.key(0), params)
+  # a broad pattern without `embed` keeps meaning the Linear modules
+  broad = mt.tuning.get("lora", rank=2, targets=r"llm/.*").init_variables(jax.random.key(0),
+                                                                          params)
+  assert "embed" not in broad["adapters"]["llm"]
+
+  hf_tied = hf_tiny.siglip_qwen2()
+  hf_tied.save_pretrained(str(tmp_path / "tied"))
+  _, tied_params = mt.load_pretrained(str(tmp_path / "tied"))
+  with pytest.raises(mt.tuning.MethodError, match="ties its LM head to it"):
+    method.init_variables(jax.random.key(0), tied_params)
