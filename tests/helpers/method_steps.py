@@ -149,8 +149,10 @@ def method_cases(connector: tuple[str, ...], patch_kernel: str, extra_targets: s
       "rslora": (_get("rslora", rank=2), ()),
       "spider": (_get("spider", targets=r"llm/layers_1/.*|projector/.*" + extra_targets),
                  connector),
-      # rows of ids 1..16 (they move where the batch holds them; tested against peft elsewhere)
-      "trainable_tokens": (_get("trainable_tokens", token_indices=tuple(range(1, 17))), ()),
+      # rows of ids 1..16 (the batches hold some of them; gradients are checked against peft in
+      # tests/tuning/selective/test_trainable_tokens.py)
+      "trainable_tokens": (_get("trainable_tokens", token_indices=tuple(range(1, 17))),
+                           ("adapters/llm/embed/token_rows",)),
       "vera": (_get("vera", rank=4), ()),
       "vpt": (_get("vpt", num_tokens=2), vpt_moves),
   }

@@ -106,7 +106,8 @@ def export_lora(method, model, variables: dict):
   extra_cfg, extra_tensors = extras.export_extras(method, model, variables, wrapped)
   tensors.update(extra_tensors)
   if with_tokens:
-    token_cfg, token_tensors = tokens.lora_extras(model, variables)
+    token_cfg, token_tensors = tokens.lora_extras(model, variables,
+                                                  extra_cfg.get("modules_to_save"))
     extra_cfg.update(token_cfg)
     tensors.update(token_tensors)
   config = {"peft_type": "LORA", "r": lora.rank, "lora_alpha": lora.alpha,

@@ -332,14 +332,18 @@ PiSSA.rebase = _pissa_rebase
 
 
 def pissa_to_lora(method: PiSSA, variables: dict) -> tuple[LoRA, dict]:
-  """PiSSA (adapters on K_res) -> an equivalent plain LoRA on the original base K0."""
+  """PiSSA (adapters on K_res) -> an equivalent plain LoRA on the original base K0 (adapter
+  leaves of other methods composed beside it are kept)."""
   flat_p = pytree.flatten(variables["params"])
   ad = pytree.flatten(variables["adapters"])
-  out = {}
+  paths = resolve_targets(variables["params"], method.targets)
+  own = {adapter_path(p, leaf) for p in paths
+         for leaf in (LORA_A, LORA_B, LORA_SCALE, LORA_DROPOUT, PISSA_A0, PISSA_B0)}
+  out = {p: x for p, x in ad.items() if p not in own}
   lora = LoRA(rank=2 * method.rank,
               alpha=method.alpha * (math.sqrt(2) if method.use_rslora else 2),
               dropout=method.dropout, targets=method.targets, use_rslora=method.use_rslora)
-  for path in resolve_targets(variables["params"], method.targets):
+  for path in paths:
     get = lambda leaf: jnp.asarray(ad[adapter_path(path, leaf)], jnp.float32)
     out[adapter_path(path, LORA_A)] = jnp.concatenate([get(LORA_A), get(PISSA_A0)], -1)
     out[adapter_path(path, LORA_B)] = jnp.concatenate([get(LORA_B), -get(PISSA_B0)], -2)

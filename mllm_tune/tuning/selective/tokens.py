@@ -1,4 +1,4 @@
-"""Trainable tokens (docs/methods.md §2.7; peft `TrainableTokens`, `trainable_token_indices`):
+"""Trainable tokens (docs/methods.md §2.9; peft `TrainableTokens`, `trainable_token_indices`):
 train the embedding rows of chosen tokens (e.g. tokens just added to the tokenizer) and nothing
 else of the embedding table.
 
@@ -30,6 +30,14 @@ class TrainableTokens(Method):
   """`token_indices`: the token ids whose embedding rows are trained (unique, < vocab size)."""
   token_indices: tuple[int, ...] = ()
 
+  def __post_init__(self):  # plain ints in a tuple: hashable, and JSON in our adapter files
+    try:
+      ids = tuple(int(i) for i in np.ravel(np.asarray(self.token_indices)))
+    except (TypeError, ValueError):
+      raise MethodError(f"trainable_tokens: token_indices must be token ids (ints), got "
+                        f"{self.token_indices!r}") from None
+    object.__setattr__(self, "token_indices", ids)
+
   def _indices(self, params: dict) -> np.ndarray:
     flat = pytree.flatten(params)
     if EMBEDDING not in flat:
@@ -50,7 +58,7 @@ class TrainableTokens(Method):
     del rng
     idx = self._indices(params)
     table = pytree.flatten(params)[EMBEDDING]
-    rows = jnp.asarray(table, jnp.float32)[jnp.asarray(idx)]
+    rows = jnp.asarray(table)[jnp.asarray(idx)].astype(jnp.float32)  # n rows, not the table
     return pytree.unflatten({f"llm/embed/{TOKEN_ROWS}": rows,
                              f"llm/embed/{TOKEN_INDICES}": jnp.asarray(idx)})
 

@@ -14,6 +14,7 @@ from peft import TrainableTokensConfig, get_peft_model
 
 import mllm_tune as mt
 from mllm_tune import pytree
+from mllm_tune.train import step as step_lib
 from mllm_tune.tuning import files
 from tests.helpers import hf_tiny
 from tests.helpers.peft_ref import ce_loss_jax, ce_loss_torch, hf_px
@@ -70,6 +71,17 @@ def test_rows_give_peft_logits_and_gradients(tmp_path, tied):
   want = delta.grad.numpy()
   assert np.abs(want).max() > 1e-3
   np.testing.assert_allclose(grad, want, atol=2e-5, rtol=1e-4)
+  # the train step's chunked head + cross-entropy (a tied head reads the rows there too)
+  fns = step_lib.StepFns(model, method, None, loss_chunk=4)
+  batch = {"input_ids": ids, "attention_mask": mask, "pixel_values": px, "loss_mask": mask}
+
+  def chunked(rows_nD):
+    f = pytree.unflatten({**flat, "adapters/llm/embed/token_rows": rows_nD})
+    assert step_lib.chunked_loss(fns, f)
+    _, nll, n, _ = step_lib.model_ce(fns, f, batch, trained_head=tied)
+    return nll / n
+  np.testing.assert_allclose(np.asarray(jax.grad(chunked)(jnp.asarray(rows))), want, atol=2e-5,
+                             rtol=1e-4)
 
   merged = method.merge(variables)  # the rows written into the table
   np.testing.assert_allclose(np.asarray(model.apply({"params": merged}, ids, mask,
