@@ -33,7 +33,7 @@ NON_ARCH_FIELDS = RUNTIME_FIELDS + ("scan_layers", "generation_json")
 # had: left out of the hash at that value, so stored hashes stay valid (importance.store)
 LATER_FIELDS = {"qk_norm": False, "mrope_interleaved": False, "num_position_embeddings": 0,
                 "deepstack_visual_indexes": (), "num_experts": 0, "num_experts_per_tok": 0,
-                "moe_intermediate_size": 0}
+                "moe_intermediate_size": 0, "pad_token_id": None}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -173,7 +173,16 @@ class TokenEmbed(nn.Embed):
     logits for those tokens are the hidden states times the replaced rows;
   - LoRA on the lookup, `lora_a` (V, r), `lora_b` (r, D), `lora_scale` (): `+ (s A_t) B`
     (peft's `Embedding`; untied heads only, so `attend` ignores it).
-  Without the leaves it is `nn.Embed`."""
+  Without the leaves it is `nn.Embed`. `pad_id` (HF's padding_idx): the rows read for that id
+  (of the table, of `lora_a`, of `token_rows`) pass no gradient, as torch's
+  `nn.Embedding(padding_idx)` (B of the LoRA still gets its gradient there, as in peft)."""
+  pad_id: int | None = None
+
+  def _gathered(self, inputs, rows):
+    """Rows looked up for `inputs`, with no gradient where the id is `pad_id`."""
+    if self.pad_id is None:
+      return rows
+    return jnp.where((inputs == self.pad_id)[..., None], jax.lax.stop_gradient(rows), rows)
 
   def _rows(self):
     if not self.has_variable(ADAPTERS, TOKEN_ROWS):
@@ -181,21 +190,24 @@ class TokenEmbed(nn.Embed):
     return self.get_variable(ADAPTERS, TOKEN_ROWS), self.get_variable(ADAPTERS, TOKEN_INDICES)
 
   def __call__(self, inputs):
-    out = super().__call__(inputs)
-    if self.has_variable(ADAPTERS, LORA_A):
+    out = self._gathered(inputs, super().__call__(inputs))
+    lora = self.has_variable(ADAPTERS, LORA_A)
+    if lora:
       a_Vr, b_rD = self.get_variable(ADAPTERS, LORA_A), self.get_variable(ADAPTERS, LORA_B)
       s = self.get_variable(ADAPTERS, LORA_SCALE)
-      low = (s * jnp.take(a_Vr, inputs, axis=0)).astype(out.dtype)
+      low = (s * self._gathered(inputs, jnp.take(a_Vr, inputs, axis=0))).astype(out.dtype)
       out = out + low @ b_rD.astype(out.dtype)
     rows = self._rows()
     if rows is None:
       return out
+    if lora:
+      raise ValueError("llm/embed holds both LoRA factors and trainable token rows; use one")
     rows_nD, idx_n = rows
     slot_V = jnp.full((self.num_embeddings,), -1, jnp.int32).at[idx_n].set(
         jnp.arange(idx_n.shape[0], dtype=jnp.int32))
     slot = slot_V[inputs]
-    new = jnp.take(rows_nD, jnp.maximum(slot, 0), axis=0).astype(out.dtype)
-    return jnp.where((slot >= 0)[..., None], new, out)
+    new = self._gathered(inputs, jnp.take(rows_nD, jnp.maximum(slot, 0), axis=0))
+    return jnp.where((slot >= 0)[..., None], new.astype(out.dtype), out)
 
   def attend(self, query):
     out = super().attend(query)
@@ -229,7 +241,8 @@ class LLM(nn.Module):
     c = self.cfg
     self.embed = TokenEmbed(c.vocab_size, c.hidden_size, dtype=dtype_of(c.dtype),
                             param_dtype=dtype_of(c.param_dtype),
-                            embedding_init=nn.initializers.normal(0.02))
+                            embedding_init=nn.initializers.normal(0.02),
+                            pad_id=c.pad_token_id)
     if c.scan_layers:
       self.layers = scanned(DecoderBlock, c.num_layers, c.remat_policy, 3, c.scan_unroll, 1)(c)
     else:  # layers_0 .. layers_{L-1} (`unstack_layers` converts the parameters)

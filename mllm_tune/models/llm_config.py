@@ -65,6 +65,10 @@ class LLMConfig:
   qk_norm: bool = False       # Qwen3: RMSNorm over each head of q and k, before RoPE
   mlp_bias: bool = False
   tie_word_embeddings: bool = False
+  # HF's padding_idx of the token embedding (config pad_token_id): as torch's
+  # nn.Embedding(padding_idx), the lookup of that id passes no gradient to the table (nor to
+  # LoRA or trainable-token rows on it); the forward is unchanged
+  pad_token_id: int | None = None
   sliding_window: int | None = None  # Mistral
   hidden_act: str = "silu"
   dtype: str = "float32"        # compute dtype of activations
@@ -175,6 +179,7 @@ def llm_config_from_hf(d: dict, where: str = "config.json", mrope: bool = False,
       o_bias=attn_bias and mt in ("llama", "qwen3"), qk_norm=mt == "qwen3",
       mlp_bias=bool(d.get("mlp_bias", False)) and mt == "llama",
       tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+      pad_token_id=_pad_id(d.get("pad_token_id"), where),
       sliding_window=int(sliding) if sliding else None, **_moe_from_hf(d, where, mt))
   try:
     cfg = LLMConfig(**fields)
@@ -228,6 +233,14 @@ def _rope_to_hf(r: RopeConfig) -> dict:
   return out
 
 
+def _pad_id(v, where: str) -> int | None:
+  if v is None:
+    return None
+  if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+    raise ConfigError(f"{where}: pad_token_id must be a token id, got {v!r}")
+  return v
+
+
 def llm_config_to_hf(c: LLMConfig) -> dict:
   d = {"model_type": c.model_type, "vocab_size": c.vocab_size, "hidden_size": c.hidden_size,
        "intermediate_size": c.intermediate_size, "num_hidden_layers": c.num_layers,
@@ -243,6 +256,8 @@ def llm_config_to_hf(c: LLMConfig) -> dict:
       d["mlp_bias"] = c.mlp_bias
   elif c.qkv_bias is False and c.model_type == "qwen2":
     raise ConfigError("Qwen2 always has q/k/v biases; qkv_bias=False cannot be exported")
+  if c.pad_token_id is not None:
+    d["pad_token_id"] = c.pad_token_id
   if c.model_type == "mistral":
     d["sliding_window"] = c.sliding_window
   if c.num_experts:

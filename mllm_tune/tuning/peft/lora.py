@@ -28,7 +28,7 @@ from mllm_tune.tuning.api import Compose, MethodError, compose, label
 from mllm_tune.tuning.peft import experts, extras, tokens
 from mllm_tune.tuning.peft import format as peft_io
 from mllm_tune.tuning.reparam.lora import LoRA, PiSSA, adapter_path, get_leaf, pissa_to_lora
-from mllm_tune.tuning.selective.tokens import TrainableTokens
+from mllm_tune.tuning.selective.tokens import CLASH, TrainableTokens
 
 LORA_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
 # peft's Embedding names its factors (same orientation as a Linear's lora_A / lora_B weights)
@@ -154,6 +154,8 @@ def _check_config(config: dict, where: str) -> None:
 def import_lora(config: dict, tensors: dict, model, params: dict, where: str):
   _check_config(config, where)
   tensors, with_tokens = tokens.split_lora_tensors(config, tensors, model, params, where)
+  if with_tokens is not None and any(".lora_embedding_" in k for k in tensors):
+    raise MethodError(f"{where}: {CLASH}")
   lora_tensors, values, mts_set, bias_set = extras.split_tensors(config, tensors, model, params,
                                                                  where)
   lookup = peft_io.module_lookup(model.config)
@@ -163,11 +165,19 @@ def import_lora(config: dict, tensors: dict, model, params: dict, where: str):
   modules: dict[tuple, str] = {}
   for key, arr in lora_tensors.items():
     module, suffix = peft_io.split_key(key, LORA_SUFFIXES + tuple(EMBEDDING_SUFFIXES), where)
+    embedding_factor = suffix in EMBEDDING_SUFFIXES
     suffix = EMBEDDING_SUFFIXES.get(suffix, suffix)
     module = wrapped.get(module, module)  # an expert stack's factors: its parameter name
     if module not in lookup:
+      if embedding_factor:
+        raise MethodError(f"{where}: tensor '{key}' is LoRA on the embedding layer '{module}'; "
+                          "only the LLM's token embedding takes LoRA here")
       raise peft_io.unknown_module(model.config, key, module, where)
     path, layer = lookup[module]
+    if embedding_factor != (path == pytree.TOKEN_EMBEDDING):
+      raise MethodError(f"{where}: tensor '{key}': peft names the factors of an embedding "
+                        "lora_embedding_A/B and those of a Linear lora_A/lora_B.weight; this "
+                        f"one does not fit module '{module}'")
     per_module.setdefault(path, {}).setdefault(suffix, {})[layer] = arr
     modules[(path, layer)] = module
   if not per_module:

@@ -17,11 +17,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from mllm_tune import pytree
-from mllm_tune.models.adapters import TOKEN_INDICES, TOKEN_ROWS
+from mllm_tune.models.adapters import LORA_A, TOKEN_INDICES, TOKEN_ROWS
 from mllm_tune.tuning.additive.bottleneck import set_masks
 from mllm_tune.tuning.api import Method, MethodError, register
 
 EMBEDDING = "llm/embed/embedding"
+CLASH = ("trainable_tokens beside LoRA on the token embedding (llm/embed): the trained rows would "
+         "hide the LoRA's for those tokens, a merge would depend on the order, and peft cannot "
+         "load it; use one of them")
 
 
 @register("trainable_tokens", "selective")
@@ -64,6 +67,8 @@ class TrainableTokens(Method):
 
   def trainable(self, variables):
     self._indices(variables["params"])
+    if LORA_A in variables.get("adapters", {}).get("llm", {}).get("embed", {}):
+      raise MethodError(CLASH)
     return set_masks(self, variables, {f"llm/embed/{TOKEN_ROWS}": True})
 
   def merge(self, variables):

@@ -1,6 +1,7 @@
 """LoRA on the token embedding (`llm/embed`; peft's `lora_embedding_A/B`) against peft on a tiny
 LLaVA with an untied LM head: a peft-saved adapter (embedding + q_proj) imports with peft's logits,
-the gradients of the embedding factors equal peft's, re-export writes peft's tensors byte for byte
+the gradients of the embedding factors equal peft's (none through the pad id's lookup, as
+torch's padding_idx), re-export writes peft's tensors byte for byte
 (peft's copy of the base embedding aside) and loads in peft; identity at init, exact merge; a tied
 head, DoRA and PiSSA on the embedding are refused."""
 from __future__ import annotations
@@ -43,21 +44,26 @@ def test_peft_embedding_lora_imports_trains_and_exports_like_peft(tmp_path):
   ours = np.asarray(model.apply(variables, ids, mask, pixel_values=px))
   np.testing.assert_allclose(ours[real], torch_logits(peft_model.eval(), batch)[real], atol=1e-4)
 
-  # the embedding factors' gradients of the same loss
+  # the embedding factors' gradients of the same loss, with the pad id (0, HF's padding_idx:
+  # no gradient through its lookup) at a real position too
+  ids_pad = ids.copy()
+  ids_pad[0, 1] = 0
+  assert model.config.llm.pad_token_id == 0 and mask[0, 1]
   peft_model.train()
-  out = peft_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+  out = peft_model(input_ids=torch.tensor(ids_pad), attention_mask=torch.tensor(mask),
                    pixel_values=hf_px(px), position_ids=torch.tensor(hf_tiny.positions(mask)))
-  ce_loss_torch(out.logits, ids, mask).backward()
+  ce_loss_torch(out.logits, ids_pad, mask).backward()
   (ga,), (gb,) = ([p.grad.numpy() for n, p in peft_model.named_parameters()
                    if f"embed_tokens.lora_embedding_{x}" in n] for x in "AB")
   flat = pytree.flatten(variables)
 
   def loss(a, b):
     f = {**flat, "adapters/llm/embed/lora_a": a, "adapters/llm/embed/lora_b": b}
-    return ce_loss_jax(model.apply(pytree.unflatten(f), ids, mask, pixel_values=px), ids, mask)
+    return ce_loss_jax(model.apply(pytree.unflatten(f), ids_pad, mask, pixel_values=px), ids_pad,
+                       mask)
   da, db = jax.grad(loss, argnums=(0, 1))(flat["adapters/llm/embed/lora_a"],
                                           flat["adapters/llm/embed/lora_b"])
-  assert np.abs(ga).max() > 1e-4 and np.abs(gb).max() > 1e-4
+  assert np.abs(ga).max() > 1e-4 and np.abs(gb).max() > 1e-4 and not np.any(ga[:, 0])
   np.testing.assert_allclose(np.asarray(da), ga.T, atol=1e-5, rtol=1e-4)
   np.testing.assert_allclose(np.asarray(db), gb.T, atol=1e-5, rtol=1e-4)
 

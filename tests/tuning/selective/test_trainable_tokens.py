@@ -19,7 +19,7 @@ from mllm_tune.tuning import files
 from tests.helpers import hf_tiny
 from tests.helpers.peft_ref import ce_loss_jax, ce_loss_torch, hf_px
 
-TOKENS = (5, 20, 23, 60)
+TOKENS = (0, 5, 20, 23, 60)  # 0 is the pad id (HF's padding_idx), here at a real position too
 
 
 def _pair(tmp_path, tied: bool):
@@ -29,7 +29,7 @@ def _pair(tmp_path, tied: bool):
   model, params = mt.load_pretrained(d)
   assert model.config.llm.tie_word_embeddings == tied
   per = model.config.image_seq_len
-  rows = [[1, 5] + hf_tiny.image_tokens(per, 1) + [20, 8, 23, 10], [1, 20, 21, 60, 23]]
+  rows = [[1, 5] + hf_tiny.image_tokens(per, 1) + [20, 8, 23, 10], [1, 20, 0, 60, 23]]
   ids, mask = hf_tiny.padded_batch(rows, "right")
   px = np.random.RandomState(0).randn(1, 28, 28, 3).astype(np.float32)
   return hf_model, model, params, (ids, mask, px)
@@ -69,7 +69,8 @@ def test_rows_give_peft_logits_and_gradients(tmp_path, tied):
     return ce_loss_jax(model.apply(pytree.unflatten(f), ids, mask, pixel_values=px), ids, mask)
   grad = np.asarray(jax.grad(loss)(jnp.asarray(rows)))
   want = delta.grad.numpy()
-  assert np.abs(want).max() > 1e-3
+  # the pad row: no gradient through the lookup (a tied head's reaches it)
+  assert np.abs(want).max() > 1e-3 and np.any(want[0]) == tied
   np.testing.assert_allclose(grad, want, atol=2e-5, rtol=1e-4)
   # the train step's chunked head + cross-entropy (a tied head reads the rows there too)
   fns = step_lib.StepFns(model, method, None, loss_chunk=4)
@@ -82,6 +83,21 @@ def test_rows_give_peft_logits_and_gradients(tmp_path, tied):
     return nll / n
   np.testing.assert_allclose(np.asarray(jax.grad(chunked)(jnp.asarray(rows))), want, atol=2e-5,
                              rtol=1e-4)
+
+  # full fine-tuning of the table: transformers' gradient (none through the pad id's lookup;
+  # a tied head's own gradient reaches that row)
+  torch_model = hf_tiny.siglip_qwen2() if tied else hf_tiny.clip_llama()
+  out = torch_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                    pixel_values=hf_px(px), position_ids=torch.tensor(hf_tiny.positions(mask)))
+  ce_loss_torch(out.logits, ids, mask).backward()
+  want_table = torch_model.get_input_embeddings().weight.grad.numpy()
+
+  def full(table):
+    p = {**params, "llm": {**params["llm"], "embed": {"embedding": table}}}
+    return ce_loss_jax(model.apply({"params": p}, ids, mask, pixel_values=px), ids, mask)
+  got_table = np.asarray(jax.grad(full)(params["llm"]["embed"]["embedding"]))
+  np.testing.assert_allclose(got_table, want_table, atol=2e-5, rtol=1e-4)
+  assert np.any(want_table[0]) == tied
 
   merged = method.merge(variables)  # the rows written into the table
   np.testing.assert_allclose(np.asarray(model.apply({"params": merged}, ids, mask,
