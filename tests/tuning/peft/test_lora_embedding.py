@@ -3,7 +3,8 @@ LLaVA with an untied LM head: a peft-saved adapter (embedding + q_proj) imports 
 the gradients of the embedding factors equal peft's (none through the pad id's lookup, as
 torch's padding_idx), re-export writes peft's tensors byte for byte
 (peft's copy of the base embedding aside) and loads in peft; identity at init, exact merge; a tied
-head, DoRA and PiSSA on the embedding are refused."""
+head, DoRA and PiSSA on the embedding, trainable tokens beside it and peft factors of the wrong
+kind or on another embedding are refused."""
 from __future__ import annotations
 
 import os
@@ -19,6 +20,7 @@ from safetensors import safe_open
 import mllm_tune as mt
 from mllm_tune import pytree
 from mllm_tune.tuning.peft import export_peft, import_peft
+from mllm_tune.tuning.peft.format import write_adapter
 from tests.helpers import hf_tiny
 from tests.helpers.peft_ref import (ce_loss_jax, ce_loss_torch, hf_px, saved_peft, tiny_llava,
                                     torch_logits)
@@ -98,6 +100,26 @@ def test_embedding_lora_is_the_identity_at_init_and_refused_where_it_cannot_run(
   for name in ("dora", "pissa"):
     with pytest.raises(mt.tuning.MethodError, match="only plain LoRA / rsLoRA adapt it"):
       mt.tuning.get(name, rank=2, targets=r"llm/embed").init_variables(jax.random.key(0), params)
+  both = mt.tuning.compose(method, mt.tuning.get("trainable_tokens", token_indices=(5,)))
+  both_vars = both.init_variables(jax.random.key(0), params)
+  with pytest.raises(mt.tuning.MethodError, match="trainable_tokens beside LoRA on the token "
+                                                  "embedding"):
+    both.trainable(both_vars)
+  with pytest.raises(ValueError, match="both LoRA factors and trainable token rows"):
+    model.apply(both_vars, ids, mask, pixel_values=px)
+  # peft factors of the wrong kind, or LoRA on another embedding, are refused by name
+  config = {"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": "x"}
+  embed = "base_model.model.model.language_model.embed_tokens"
+  pos = "base_model.model.model.vision_tower.vision_model.embeddings.position_embedding"
+  for tensors, match in (
+      ({f"{embed}.lora_A.weight": np.zeros((2, 100)), f"{embed}.lora_B.weight": np.zeros((32, 2))},
+       "lora_embedding_A/B and those of a Linear"),
+      ({f"{pos}.lora_embedding_A": np.zeros((2, 5)), f"{pos}.lora_embedding_B": np.zeros((32, 2))},
+       "is LoRA on the embedding layer .*position_embedding")):
+    d = str(tmp_path / f"bad{len(match)}")
+    write_adapter(d, config, tensors)
+    with pytest.raises(mt.tuning.MethodError, match=match):
+      import_peft(d, model, params)
   # a broad pattern without `embed` keeps meaning the Linear modules
   broad = mt.tuning.get("lora", rank=2, targets=r"llm/.*").init_variables(jax.random.key(0),
                                                                           params)
