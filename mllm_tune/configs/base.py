@@ -19,7 +19,7 @@ def get_config():
   c.model.bench_config = ""
   c.model.dtype = "float32"      # compute dtype (bfloat16 on accelerators)
   c.model.param_dtype = "float32"  # dtype the base is loaded in
-  c.model.frozen_dtype = ""      # e.g. bfloat16: frozen leaves stored in it ('' = unchanged)
+  c.model.frozen_dtype = ""      # e.g. bfloat16: frozen base weights stored in it ('' = unchanged)
   c.model.remat_policy = "none"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable
   c.model.attention_impl = "auto"  # auto | lse | xla | cudnn: models/attention.py
   c.model.tiny = ml_collections.ConfigDict(dict(

@@ -96,7 +96,9 @@ def assemble(model, method, variables: dict, mask: dict,
              place_trainable: Callable[[dict], dict] | None = None,
              place_frozen: Callable[[dict], dict] | None = None) -> Run:
   """Partition `variables` by `mask`, optionally cast (trainable leaves to `master_dtype`, e.g.
-  float32 master weights; frozen ones to `frozen_dtype`) and place them (callbacks, e.g.
+  float32 master weights; the frozen base weights to `frozen_dtype`, while frozen adapter
+  constants such as LoRA scales and dropout rates keep their precision: a bf16 rsLoRA scale
+  8/sqrt(3) would be 4.625, not 4.6188) and place them (callbacks, e.g.
   `jax.device_put` onto a mesh), and build the optimizer chain: partial masks around
   `method.transform(base_optimizer)` (`tuning.build_optimizer`), preceded by the penalty's
   coupled gradient when a bound `penalty` is given."""
@@ -104,7 +106,7 @@ def assemble(model, method, variables: dict, mask: dict,
   if master_dtype is not None:
     trainable = cast_tree(trainable, master_dtype)
   if frozen_dtype is not None:
-    frozen = cast_tree(frozen, frozen_dtype)
+    frozen = {**frozen, "params": cast_tree(frozen.get("params", {}), frozen_dtype)}
   if place_frozen is not None:
     frozen = place_frozen(frozen)
   if place_trainable is not None:

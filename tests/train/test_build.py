@@ -46,9 +46,12 @@ def test_assemble_runs_the_same_step_as_the_pieces_by_hand(tiny):
   assert n == 2 * ((32 * 4 + 4 * 32) + (32 * 4 + 4 * 16))  # 2 layers x (q: 32 out, v: 16 out)
   run = build.assemble(model, method, variables, mask, optax.adamw(1e-2),
                        master_dtype=jnp.float32, frozen_dtype=jnp.bfloat16)
-  assert {x.dtype for x in jax.tree.leaves(run.frozen)} == {jnp.dtype(jnp.bfloat16)}
+  # the frozen base in bf16; the frozen LoRA scales keep float32 (2.0 here; a bf16 rsLoRA
+  # scale 8/sqrt(3) would be 4.625 instead of 4.6188)
+  assert {x.dtype for x in jax.tree.leaves(run.frozen["params"])} == {jnp.dtype(jnp.bfloat16)}
+  assert {x.dtype for x in jax.tree.leaves(run.frozen["adapters"])} == {jnp.dtype(jnp.float32)}
   trainable, frozen = mt.tuning.partition(variables, mask)
-  frozen = jax.tree.map(lambda x: x.astype(jnp.bfloat16), frozen)
+  frozen = {**frozen, "params": jax.tree.map(lambda x: x.astype(jnp.bfloat16), frozen["params"])}
   opt = mt.tuning.build_optimizer(method, variables, mask, trainable, optax.adamw(1e-2))
   by_hand = StepFns(model, method, opt)
   outs = []
