@@ -27,13 +27,15 @@ ATTENTION_IMPLS = ("auto", "lse", "xla", "cudnn")
 # fields that change how a model runs, not what it computes (left out of architecture hashes)
 RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy", "attention_impl", "scan_unroll",
                   "decode_per_layer")
-# fields that change neither the architecture nor the numbers (left out of Fisher hashes)
-NON_ARCH_FIELDS = RUNTIME_FIELDS + ("scan_layers", "generation_json")
+# fields that change neither the architecture nor the numbers (left out of Fisher hashes);
+# pad_token_id changes only which embedding row gets no gradient, so a Fisher stored before it
+# was read still fits
+NON_ARCH_FIELDS = RUNTIME_FIELDS + ("scan_layers", "generation_json", "pad_token_id")
 # fields added after architecture hashes were first stored, with the value every earlier config
 # had: left out of the hash at that value, so stored hashes stay valid (importance.store)
 LATER_FIELDS = {"qk_norm": False, "mrope_interleaved": False, "num_position_embeddings": 0,
                 "deepstack_visual_indexes": (), "num_experts": 0, "num_experts_per_tok": 0,
-                "moe_intermediate_size": 0, "pad_token_id": None}
+                "moe_intermediate_size": 0}
 
 
 @dataclasses.dataclass(frozen=True)
