@@ -27,7 +27,7 @@ In an FFN (`parallel_adapter`): parallel_down (D, m), parallel_up (m, D), parall
 In `llm.Attention`: adaption_prompt (p, D) with adaption_gate or adaption_gate_tanh (H,).
 In `llm.LLM` (under `llm/`): prompt_embeddings (n, D); prefix_k, prefix_v (L, n, K*H) or the
 reparameterized prefix_embedding, prefix_mlp_{w1,b1,w2,b2}.
-In `llm.TokenEmbed` (under `llm/embed/`): token_rows (n, D) and token_indices (n,) int32: rows
+In `embed.TokenEmbed` (under `llm/embed/`): token_rows (n, D) and token_indices (n,) int32: rows
 token_indices of the embedding table read as token_rows (trainable tokens); a tied LM head reads
 the same rows. lora_a (V, r), lora_b (r, D), lora_scale (): e(t) += (s * A[t]) @ B (LoRA on the
 lookup; untied heads only).
@@ -78,11 +78,11 @@ class Leaf(NamedTuple):
 
 
 _L = "layers.Linear"
-_LM = "layers.Linear, moe.MoEMLP (expert stacks), llm.TokenEmbed"
+_LM = "layers.Linear, moe.MoEMLP (expert stacks), embed.TokenEmbed"
 LEAVES: dict[str, Leaf] = {
     LORA_A: Leaf(_LM, "(d_in, r)", ("lora", "rslora", "dora", "pissa", "lorasculpt")),
     LORA_B: Leaf(_LM, "(r, d_out)", ("lora", "rslora", "dora", "pissa", "lorasculpt")),
-    LORA_SCALE: Leaf(_L + ", llm.TokenEmbed", "()",
+    LORA_SCALE: Leaf(_L + ", embed.TokenEmbed", "()",
                      ("lora", "rslora", "dora", "pissa", "lorasculpt")),
     LORA_DROPOUT: Leaf(_L, "()", ("lora", "rslora", "dora", "pissa", "lorasculpt", "vera")),
     DORA_M: Leaf(_L, "(d_out,)", ("dora",)),
@@ -114,8 +114,8 @@ LEAVES: dict[str, Leaf] = {
     PREFIX_MLP_B1: Leaf("llm.LLM", "(h,)", ("prefix_tuning",)),
     PREFIX_MLP_W2: Leaf("llm.LLM", "(h, 2 L t)", ("prefix_tuning",)),
     PREFIX_MLP_B2: Leaf("llm.LLM", "(2 L t,)", ("prefix_tuning",)),
-    TOKEN_ROWS: Leaf("llm.TokenEmbed", "(n, D)", ("trainable_tokens",)),
-    TOKEN_INDICES: Leaf("llm.TokenEmbed", "(n,) int32", ("trainable_tokens",)),
+    TOKEN_ROWS: Leaf("embed.TokenEmbed", "(n, D)", ("trainable_tokens",)),
+    TOKEN_INDICES: Leaf("embed.TokenEmbed", "(n,) int32", ("trainable_tokens",)),
     PROMPT_TOKENS: Leaf("vision.VisionTower", "(p, D)", ("vpt",)),
     DEEP_PROMPT_TOKENS: Leaf("vision.VisionTower", "(L, p, D)", ("vpt",)),
     PROMPT_DROPOUT: Leaf("vision.VisionTower", "()", ("vpt",)),

@@ -27,8 +27,8 @@ from mllm_tune.models.kv_cache import KVCache, init_kv_cache, kv_cache_slots
 from mllm_tune.models.adapters import (ADAPTERS, ADAPTION_GATE, ADAPTION_GATE_TANH,
                                        ADAPTION_PROMPT, PREFIX_EMBEDDING, PREFIX_K,
                                        PREFIX_MLP_LEAVES, PREFIX_V, PROMPT_EMBEDDINGS,
-                                       LORA_A, LORA_B, LORA_SCALE, TOKEN_INDICES, TOKEN_ROWS,
                                        parallel_adapter)
+from mllm_tune.models.embed import TokenEmbed
 from mllm_tune.models.layers import Linear, RMSNorm, activation, dtype_of
 from mllm_tune.models.moe import MoEMLP
 from mllm_tune.models.prefix import prepend_prefix, prefix_mlp, split_prefix
@@ -164,59 +164,6 @@ def add_deepstack(h_BTD: jax.Array, deepstack_nBTD: jax.Array, layer_index) -> j
   add = jax.lax.dynamic_index_in_dim(deepstack_nBTD, jnp.minimum(layer_index, n - 1),
                                      keepdims=False)
   return jnp.where(layer_index < n, h_BTD + add.astype(h_BTD.dtype), h_BTD)
-
-
-class TokenEmbed(nn.Embed):
-  """`nn.Embed` (params `embedding` (V, D)) with two optional adapters:
-  - rows `token_indices` replaced by the leaf `token_rows` (n, D) (trainable tokens, peft's
-    `TrainableTokens`): the lookup reads them, and so does `attend` (a tied LM head), whose
-    logits for those tokens are the hidden states times the replaced rows;
-  - LoRA on the lookup, `lora_a` (V, r), `lora_b` (r, D), `lora_scale` (): `+ (s A_t) B`
-    (peft's `Embedding`; untied heads only, so `attend` ignores it).
-  Without the leaves it is `nn.Embed`. `pad_id` (HF's padding_idx): the rows read for that id
-  (of the table, of `lora_a`, of `token_rows`) pass no gradient, as torch's
-  `nn.Embedding(padding_idx)` (B of the LoRA still gets its gradient there, as in peft)."""
-  pad_id: int | None = None
-
-  def _gathered(self, inputs, rows):
-    """Rows looked up for `inputs`, with no gradient where the id is `pad_id`."""
-    if self.pad_id is None:
-      return rows
-    return jnp.where((inputs == self.pad_id)[..., None], jax.lax.stop_gradient(rows), rows)
-
-  def _rows(self):
-    if not self.has_variable(ADAPTERS, TOKEN_ROWS):
-      return None
-    return self.get_variable(ADAPTERS, TOKEN_ROWS), self.get_variable(ADAPTERS, TOKEN_INDICES)
-
-  def __call__(self, inputs):
-    out = self._gathered(inputs, super().__call__(inputs))
-    lora = self.has_variable(ADAPTERS, LORA_A)
-    if lora:
-      a_Vr, b_rD = self.get_variable(ADAPTERS, LORA_A), self.get_variable(ADAPTERS, LORA_B)
-      s = self.get_variable(ADAPTERS, LORA_SCALE)
-      low = (s * self._gathered(inputs, jnp.take(a_Vr, inputs, axis=0))).astype(out.dtype)
-      out = out + low @ b_rD.astype(out.dtype)
-    rows = self._rows()
-    if rows is None:
-      return out
-    if lora:
-      raise ValueError("llm/embed holds both LoRA factors and trainable token rows; use one")
-    rows_nD, idx_n = rows
-    slot_V = jnp.full((self.num_embeddings,), -1, jnp.int32).at[idx_n].set(
-        jnp.arange(idx_n.shape[0], dtype=jnp.int32))
-    slot = slot_V[inputs]
-    new = self._gathered(inputs, jnp.take(rows_nD, jnp.maximum(slot, 0), axis=0))
-    return jnp.where((slot >= 0)[..., None], new.astype(out.dtype), out)
-
-  def attend(self, query):
-    out = super().attend(query)
-    rows = self._rows()
-    if rows is None:
-      return out
-    rows_nD, idx_n = rows
-    dt = out.dtype
-    return out.at[..., idx_n].set(jnp.dot(query.astype(dt), rows_nD.astype(dt).T))
 
 
 class LLM(nn.Module):

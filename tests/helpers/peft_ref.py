@@ -23,6 +23,21 @@ def tiny_llava(tmp_path):
   return hf_model, model, params, (ids, mask, px), d
 
 
+def token_llava(tmp_path, tied: bool):
+  """(hf_model, model, params, batch, dir): CLIP + Llama (untied head) or SigLIP + Qwen2 (tied);
+  the batch holds tokens 5, 20, 23, 60 and the pad id 0 at a real position."""
+  hf_model = hf_tiny.siglip_qwen2() if tied else hf_tiny.clip_llama()
+  d = str(tmp_path / "base")
+  hf_model.save_pretrained(d)
+  model, params = mt.load_pretrained(d)
+  assert model.config.llm.tie_word_embeddings == tied and model.config.llm.pad_token_id == 0
+  per = model.config.image_seq_len
+  rows = [[1, 5] + hf_tiny.image_tokens(per, 1) + [20, 8, 23, 10], [1, 20, 0, 60, 23]]
+  ids, mask = hf_tiny.padded_batch(rows, "right")
+  px = np.random.RandomState(0).randn(1, 28, 28, 3).astype(np.float32)
+  return hf_model, model, params, (ids, mask, px), d
+
+
 def saved_peft(hf_model, peft_config, out_dir: str, leaf: str = "lora_B", std: float = 0.2):
   """`get_peft_model(hf_model, peft_config)` with its `leaf` parameters (zero at init) drawn from
   N(0, std) under seed 0, saved to `out_dir` by peft; returns the peft model."""

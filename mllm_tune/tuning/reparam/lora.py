@@ -9,7 +9,7 @@ peft names: `lora_A.weight = A^T`, `lora_B.weight = B^T`, DoRA `lora_magnitude_v
 The LLM's token embedding (target `llm/embed`, LoRA / rsLoRA only, untied LM heads) is a
 (V, D) kernel on one-hot inputs: `e(t) = E_t + s A_t B` with `A (V, r)`, `B (r, D)`, init as
 peft's `Embedding` (A = 0, B ~ N(0, 1)), no dropout; peft names `lora_embedding_A = A^T`,
-`lora_embedding_B = B^T` (`models.llm.TokenEmbed` reads them).
+`lora_embedding_B = B^T` (`models.embed.TokenEmbed` reads them).
 
 Per-module ranks and alphas (peft `rank_pattern` / `alpha_pattern`): ordered `(regex, value)`
 pairs on logical module paths, first match wins, the rest take `rank` / `alpha`. A stacked leaf

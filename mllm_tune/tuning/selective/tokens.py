@@ -4,7 +4,7 @@ else of the embedding table.
 
 The rows live in the adapter leaf `llm/embed/token_rows` (n, D), initialised to the base rows, so
 the method is the identity at init; `llm/embed/token_indices` (n,) int32 (frozen) says which rows
-they replace (`models.llm.TokenEmbed`). Gradients and optimizer state cover only those n rows,
+they replace (`models.embed.TokenEmbed`). Gradients and optimizer state cover only those n rows,
 not the (V, D) table. With tied embeddings (`tie_word_embeddings`) the LM head reads the same
 rows, as peft ties its adapter to the head. Merge writes the rows into the table. Compose with
 LoRA for peft's `LoraConfig(trainable_token_indices=...)`.

@@ -22,21 +22,13 @@ from mllm_tune.tuning.peft import export_peft, import_peft
 from mllm_tune.tuning.peft import tokens as peft_tokens
 from mllm_tune.tuning.peft.format import write_adapter
 from tests.helpers import hf_tiny
-from tests.helpers.peft_ref import hf_px
+from tests.helpers.peft_ref import hf_px, token_llava
 
 TOKENS = [5, 20, 23, 60]
 
 
 def _setup(tmp_path, tied: bool):
-  hf_model = hf_tiny.siglip_qwen2() if tied else hf_tiny.clip_llama()
-  d = str(tmp_path / "base")
-  hf_model.save_pretrained(d)
-  model, params = mt.load_pretrained(d)
-  per = model.config.image_seq_len
-  rows = [[1, 5] + hf_tiny.image_tokens(per, 1) + [20, 8, 23, 10], [1, 20, 21, 60, 23]]
-  ids, mask = hf_tiny.padded_batch(rows, "right")
-  px = np.random.RandomState(0).randn(1, 28, 28, 3).astype(np.float32)
-  return hf_model, model, params, (ids, mask, px), d
+  return token_llava(tmp_path, tied)
 
 
 def _peft_saved(hf_model, config, out: str):

@@ -17,22 +17,14 @@ from mllm_tune import pytree
 from mllm_tune.train import step as step_lib
 from mllm_tune.tuning import files
 from tests.helpers import hf_tiny
-from tests.helpers.peft_ref import ce_loss_jax, ce_loss_torch, hf_px
+from tests.helpers.peft_ref import ce_loss_jax, ce_loss_torch, hf_px, token_llava
 
 TOKENS = (0, 5, 20, 23, 60)  # 0 is the pad id (HF's padding_idx), here at a real position too
 
 
 def _pair(tmp_path, tied: bool):
-  hf_model = hf_tiny.siglip_qwen2() if tied else hf_tiny.clip_llama()
-  d = str(tmp_path / "base")
-  hf_model.save_pretrained(d)
-  model, params = mt.load_pretrained(d)
-  assert model.config.llm.tie_word_embeddings == tied
-  per = model.config.image_seq_len
-  rows = [[1, 5] + hf_tiny.image_tokens(per, 1) + [20, 8, 23, 10], [1, 20, 0, 60, 23]]
-  ids, mask = hf_tiny.padded_batch(rows, "right")
-  px = np.random.RandomState(0).randn(1, 28, 28, 3).astype(np.float32)
-  return hf_model, model, params, (ids, mask, px)
+  hf_model, model, params, batch, _ = token_llava(tmp_path, tied)
+  return hf_model, model, params, batch
 
 
 @pytest.mark.parametrize("tied", [False, True])
