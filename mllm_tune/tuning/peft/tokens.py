@@ -39,14 +39,11 @@ ROWS, IDS = f"llm/embed/{TOKEN_ROWS}", f"llm/embed/{TOKEN_INDICES}"
 
 def _embedding_modules(cfg, layout_only: bool = False) -> list[str]:
   """The embedding's HF module name in the export layout (first), then in every other layout."""
-  layouts = [peft_io.export_layout(cfg)]
+  out = [hf[:-len(".weight")] for hf, path, _, _ in
+         peft_io.tensor_rules(cfg, peft_io.export_layout(cfg)) if path == EMBEDDING]
   if not layout_only:
-    layouts += [lay for lay in peft_io._layouts(cfg) if lay not in layouts]
-  out = []
-  for layout in layouts:
-    for hf, path, _, _ in peft_io.tensor_rules(cfg, layout):
-      if path == EMBEDDING and hf[:-len(".weight")] not in out:
-        out.append(hf[:-len(".weight")])
+    out += sorted({hf[:-len(".weight")] for hf, (path, _, _) in
+                   peft_io.tensor_lookup(cfg).items() if path == EMBEDDING} - set(out))
   return out
 
 
