@@ -40,17 +40,12 @@ class Combination:
   def name(self) -> str:
     return SEPARATOR.join(m.name for m in self.members)
 
-  @property
-  def importance(self) -> str | None:
-    src = importance_source(self)
-    return None if src is None else src.importance
-
 
 def importance_source(penalty) -> Penalty | None:
   """The penalty (or member of a combination) whose importance (Fisher / MAS) the run needs, or
   None. Its `importance`, `fisher_kind`, `gamma` and `name` say which importance to compute."""
   members = getattr(penalty, "members", (penalty,))
-  found = [m for m in members if m is not None and m.importance is not None]
+  found = [m for m in members if m.importance is not None]
   return found[0] if found else None
 
 

@@ -15,8 +15,9 @@ distillation terms (teacher = the frozen base, same jit) to the loss, normalised
 position count, and its quadratic term through the optimizer chain (`frozen=` and
 `penalty_consts=` extra update arguments); the quadratic value is logged as
 `loss_terms/<name>`. A combination (`penalties.BoundCombination`, e.g. ewc+lwf) does both, one
-teacher pass, and logs each member's term under its own name. GIFT (`penalties.gift.BoundGift`) runs its own backward pass on the synthetic
-caption batch `penalty_batch` inside that chain (same jit) and logs `loss_terms/gift_*`.
+teacher pass, and logs each member's term under its own name. GIFT (`penalties.gift.BoundGift`)
+runs its own backward pass on the synthetic caption batch `penalty_batch` inside that chain (same
+jit) and logs `loss_terms/gift_*`.
 """
 from __future__ import annotations
 

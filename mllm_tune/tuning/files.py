@@ -49,9 +49,9 @@ def save_adapters(out_dir: str, method: api.Method, variables: dict, mask: dict 
   tensors.update({f"params/{p}": x for p, x in pytree.flatten(variables["params"]).items()
                   if pytree.mask_any(flat_m.get(f"params/{p}", False))})
   os.makedirs(out_dir, exist_ok=True)
+
   def kind(v):  # float leaves as float32; integer leaves (token ids) keep an integer type
-    return np.dtype(np.int32) if np.issubdtype(np.asarray(v).dtype, np.integer) else \
-        np.dtype(np.float32)
+    return np.dtype(np.int32 if np.issubdtype(np.dtype(v.dtype), np.integer) else np.float32)
   specs = [(k, tuple(np.shape(v)), kind(v), (lambda v=v: np.asarray(v, kind(v))))
            for k, v in sorted(tensors.items())]
   write_safetensors(os.path.join(out_dir, WEIGHTS_FILE), specs, {"format": "mllm_tune"})

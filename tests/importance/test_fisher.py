@@ -330,8 +330,8 @@ def _examples(n: int = 8, t: int = 10) -> dict:
 def test_importance_over_two_processes_with_uneven_counts_equals_the_weighted_mean(tmp_path):
   """`fisher.importance` in two jax.distributed processes (2 CPU devices each) holding 3 and 5
   examples, on a data-parallel mesh (and one with tensor parallelism inside each process, kind
-  "true"): for every kind it is the count-weighted mean of each process's own one-process importance (kind
-  "true" with that process's folded key), so padding, the keys and the total count are right.
+  "true"): for every kind it is the count-weighted mean of each process's own one-process
+  importance (kind "true" with that process's folded key), so padding, the keys and the total count are right.
   A process without samples fails on both processes with its reason (no hang); a mesh whose
   batch axes do not span the processes is refused; an importance file that only process 0 can
   read makes both raise."""

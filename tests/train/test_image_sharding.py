@@ -1,6 +1,6 @@
 """Data parallelism splits the image buffers like the rows (`setup.place_batch`, which
-`Trainer.put_batch` uses, and `data.image_groups`): on two CPU devices each device's compiled forward runs the vision tower on
-half of the batch's images (its FLOPs drop by half the vision tower's) and the logits are the
+`Trainer.put_batch` uses, and `data.image_groups`): on two CPU devices each device's compiled
+forward runs the vision tower on half of the batch's images (its FLOPs drop by half the vision tower's) and the logits are the
 one-device logits, for LLaVA-1.5 image slots, OneVision crops and Qwen2.5-VL patch blocks."""
 from __future__ import annotations
 
