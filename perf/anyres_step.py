@@ -92,6 +92,8 @@ def jax_worker(args):
   model, params = mt.load_pretrained(args.model_dir)
   ids, px, sizes = make_batch(model.config, args.batch, args.seq)
   kw = mt.hf_inputs(model, {"input_ids": ids, "pixel_values": px, "image_sizes": sizes})
+  if args.loss_on == "text":
+    kw["loss_mask"] = (ids != IMAGE_TOKEN).astype("int32")
   step, frozen, state, batch = jax_step(model, params, kw, "lora", 16)
   times, loss = time_steps(step, frozen, state, batch, args.steps)
   out = {"times": times, "loss": loss}
@@ -168,12 +170,15 @@ def torch_worker(args):
   ids_t, px_t, sz_t = torch.tensor(ids), torch.tensor(px), torch.tensor(sizes)
   opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5,
                           weight_decay=0.0)
+  labels = ids_t.clone()
+  if args.loss_on == "text":
+    labels[ids_t == IMAGE_TOKEN] = -100  # ignored by the cross-entropy
   times = []
   for _ in range(args.steps):
     t = time.perf_counter()
     logits = model(input_ids=ids_t, pixel_values=px_t, image_sizes=sz_t).logits
     loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                             ids_t[:, 1:].reshape(-1))
+                                             labels[:, 1:].reshape(-1), ignore_index=-100)
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -222,6 +227,9 @@ def main():
   ap.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
   ap.add_argument("--batch", type=int, default=4)
   ap.add_argument("--seq", type=int, default=1024)
+  ap.add_argument("--loss_on", default="all", choices=["all", "text"],
+                  help="positions with a target: every next token, or only text tokens (image "
+                       "tokens get none, as in LLaVA training data)")
   ap.add_argument("--steps", type=int, default=8)
   ap.add_argument("--repeats", type=int, default=2)
   ap.add_argument("--programs_steps", type=int, default=200)
@@ -249,6 +257,7 @@ def main():
       out = os.path.join(model_dir, f"{w}{rep}.json")
       cmd = [sys.executable, __file__, "--worker", w, "--model_dir", model_dir,
              "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
+             "--loss_on", args.loss_on,
              "--programs_steps", str(args.programs_steps if (w, rep) == ("jax", 0) else 0),
              "--out", out]
       subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": ROOT,
@@ -270,13 +279,14 @@ def report(runs, extra, args):
   lines = [
       f"# LLaVA-OneVision-shaped LoRA step, CPU ({time.strftime('%Y-%m-%d')})", "",
       f"`python perf/anyres_step.py --preset {args.preset} --batch {args.batch} "
-      f"--seq {args.seq}{tunables}` (jax {jax.__version__}, torch {torch.__version__}, "
+      f"--seq {args.seq} --loss_on {args.loss_on}{tunables}` (jax {jax.__version__}, torch {torch.__version__}, "
       f"transformers {transformers.__version__}, peft {peft.__version__}; "
       f"{os.cpu_count()} CPUs).", "",
-      "| preset | batch x seq | mllm_tune step (ms) | transformers + peft (ms) | speed-up |",
-      "|---|---|---|---|---|",
-      f"| {args.preset} | {args.batch} x {args.seq} | {1e3 * jt:.0f} | {1e3 * tt:.0f} | "
-      f"{tt / jt:.2f}x |", ""]
+      "| preset | batch x seq | loss on | mllm_tune step (ms) | transformers + peft (ms) | "
+      "speed-up |",
+      "|---|---|---|---|---|---|",
+      f"| {args.preset} | {args.batch} x {args.seq} | {args.loss_on} | {1e3 * jt:.0f} | "
+      f"{1e3 * tt:.0f} | {tt / jt:.2f}x |", ""]
   if "programs" in extra:
     lines += [f"Compiled step programs over {args.programs_steps} packed batches of LLaVA "
               f"JSON with images of {len(SIZES_HW)} sizes: **{extra['programs']}** (crop "

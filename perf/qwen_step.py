@@ -101,6 +101,11 @@ def make_batch(cfg: dict, p: dict, batch: int, seq: int, seed: int = 0) -> dict:
           "image_grid_thw": np.asarray(grids, np.int64)}
 
 
+def text_targets(ids, image_token_id: int):
+  """Loss mask with no target at image tokens (LLaVA-style training data)."""
+  return (ids != image_token_id).astype("int32")
+
+
 def flops_per_step(p: dict, batch: int, seq: int, rank: int) -> float:
   """LoRA step FLOPs (see the module docstring)."""
   d, f, L, vocab = p["hidden"], p["inter"], p["layers"], p["vocab"]
@@ -138,6 +143,8 @@ def jax_worker(args):
   with open(os.path.join(args.model_dir, "config.json")) as f:
     enc = make_batch(json.load(f), p, args.batch, args.seq)
   kw = dict(mt.hf_inputs(model, enc))
+  if args.loss_on == "text":
+    kw["loss_mask"] = text_targets(enc["input_ids"], model.config.image_token_id)
   kw["pixel_values"] = jnp.asarray(kw["pixel_values"], args.dtype)
   step, frozen, state, batch = jax_step(model, params, kw, "lora", args.lora_rank)
   del params
@@ -169,6 +176,9 @@ def torch_worker(args):
   t = {k: torch.tensor(v, device=dev) for k, v in enc.items()}
   t["pixel_values"] = t["pixel_values"].to(dtype)
   ids = t["input_ids"]
+  labels = ids.clone()
+  if args.loss_on == "text":
+    labels[ids == model.config.image_token_id] = -100  # ignored by the cross-entropy
   opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-5,
                           weight_decay=0.0)
   sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -177,7 +187,7 @@ def torch_worker(args):
     t0 = time.perf_counter()
     logits = model(**t).logits
     loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                             ids[:, 1:].reshape(-1))
+                                             labels[:, 1:].reshape(-1), ignore_index=-100)
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -213,6 +223,9 @@ def main():
                   help="default: checkpoint on CPU, random on GPU")
   ap.add_argument("--batch", type=int, default=4)
   ap.add_argument("--seq", type=int, default=512)
+  ap.add_argument("--loss_on", default="all", choices=["all", "text"],
+                  help="positions with a target: every next token, or only text tokens (image "
+                       "tokens get none, as in LLaVA training data)")
   ap.add_argument("--steps", type=int, default=8)
   ap.add_argument("--repeats", type=int, default=2)
   ap.add_argument("--lora_rank", type=int, default=16)
@@ -241,7 +254,8 @@ def main():
       cmd = [sys.executable, __file__, "--worker", w, "--model_dir", model_dir, "--preset",
              args.preset, "--platform", args.platform, "--dtype", args.dtype, "--init",
              args.init, "--batch", str(args.batch), "--seq", str(args.seq), "--steps",
-             str(args.steps), "--lora_rank", str(args.lora_rank), "--out", out]
+             str(args.steps), "--lora_rank", str(args.lora_rank), "--loss_on", args.loss_on,
+             "--out", out]
       env = {**os.environ, "PYTHONPATH": ROOT, "GLIBC_TUNABLES": args.glibc_tunables}
       if args.platform == "cpu":
         env["JAX_PLATFORMS"] = "cpu"

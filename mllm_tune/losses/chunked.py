@@ -1,10 +1,19 @@
-"""Vocabulary head + next-token cross-entropy in sequence chunks, never holding (B, T, V) logits.
+"""Vocabulary head + next-token cross-entropy in chunks, never holding (B, T, V) logits.
 
-`chunked_token_ce(head_fn, head_vars, h_BTD, ids_BT, loss_mask_BT, chunk)` returns what
-`token.token_ce(head_fn(h_BTD, head_vars), ids_BT, loss_mask_BT)` returns (summed NLL, target
-count, correct argmax count), computing the logits of `chunk` sequence positions (all batch rows)
-at a time; chunks run in a loop, so only one chunk's logits exist at once. Chunking along the
-sequence, not the flattened rows, keeps every chunk spread over the batch shards of a mesh.
+`chunked_token_ce(head_fn, head_vars, h_GND, ids_GN, loss_mask_GN, chunk, per_row)` returns what
+`token.token_ce(head_fn(h_GND, head_vars), ids_GN, loss_mask_GN)` returns (summed NLL, target
+count, correct argmax count), computing the logits of `chunk` x B positions at a time; chunks run
+in a loop, so only one chunk's logits exist at once.
+
+Only positions with a target cost head work. The positions with a target are gathered to the
+front (a stable sort of the weights) and the loop stops after the last chunk that holds one. In
+multimodal training most positions are image or prompt tokens without a target, so most chunks
+are skipped; transformers computes the logits of every position. The gathering runs over all
+rows of the batch together, or, with `per_row` (the step sets it on several devices), within each
+row, so that every chunk stays spread over the batch shards of a mesh (the loop then runs until
+the row with the most targets is done). A position without a target contributes nothing, not
+even a NaN of its hidden state (the head reads zeros there), and gets a zero gradient. The loop's
+trip count is data dependent (a while loop).
 
 Differentiation is a custom VJP. The summed NLL's cotangent is a scalar, so its forward computes,
 chunk by chunk, the NLL, the argmax and the gradient of the summed NLL w.r.t. the hidden states
@@ -22,89 +31,113 @@ from jax import lax
 from mllm_tune.losses.token import first_max_index, shifted_targets
 
 
-def chunked_token_ce(head_fn, head_vars, h_BTD: jax.Array, ids_BT: jax.Array,
-                     loss_mask_BT: jax.Array, chunk: int):
-  """`head_fn(h_BcD, head_vars) -> float32 logits (B, c, V)`; `chunk`: positions per chunk."""
+def chunked_token_ce(head_fn, head_vars, h_GND: jax.Array, ids_GN: jax.Array,
+                     loss_mask_GN: jax.Array, chunk: int, per_row: bool = False):
+  """`head_fn(h_GcD, head_vars) -> float32 logits (G, c, V)`; `chunk`: positions per row and
+  chunk (B x `chunk` positions per chunk); `per_row`: gather each row's targets within the row
+  (keeps the batch axis, and its sharding, in every chunk) instead of over the whole batch."""
   if chunk < 1:
     raise ValueError(f"chunk must be >= 1 sequence positions, got {chunk}")
-  targets_BT, w_BT = shifted_targets(ids_BT, loss_mask_BT)
-  t = h_BTD.shape[1]
-  if t == 0:
+  targets_GN, w_GN = shifted_targets(ids_GN, loss_mask_GN)
+  b, t = ids_GN.shape
+  if t == 0 or b == 0:
     zero = jnp.zeros((), jnp.float32)
     return zero, zero, zero
-  c = min(chunk, t)
-  n = -(-t // c)
-  pad = n * c - t
+  # G groups of N positions: the rows, or the whole batch as one sequence
+  g = b if per_row else 1
+  n_pos = b * t // g
+  c = min(chunk, t) * (b // g)
+  n = -(-n_pos // c)
+  h_GND = h_GND.reshape(g, n_pos, h_GND.shape[-1])
+  targets_GN, w_GN = targets_GN.reshape(g, n_pos), w_GN.reshape(g, n_pos)
+  pad = n * c - n_pos
   if pad:  # zero-weight positions; their gradient is zero and is sliced off
-    h_BTD = jnp.pad(h_BTD, ((0, 0), (0, pad), (0, 0)))
-    targets_BT = jnp.pad(targets_BT, ((0, 0), (0, pad)))
-    w_BT = jnp.pad(w_BT, ((0, 0), (0, pad)))
+    h_GND = jnp.pad(h_GND, ((0, 0), (0, pad), (0, 0)))
+    targets_GN = jnp.pad(targets_GN, ((0, 0), (0, pad)))
+    w_GN = jnp.pad(w_GN, ((0, 0), (0, pad)))
   # only inexact leaves are differentiated (jax.vjp gives integer leaves float0 cotangents)
   leaves, treedef = jax.tree.flatten(head_vars)
   inexact = tuple(jnp.issubdtype(jnp.result_type(x), jnp.inexact) for x in leaves)
   float_leaves = [x for x, f in zip(leaves, inexact) if f]
   other_leaves = [x for x, f in zip(leaves, inexact) if not f]
 
-  def head_of_floats(h_BcD, floats, others):
+  def head_of_floats(h_GcD, floats, others):
     it_f, it_o = iter(floats), iter(others)
-    return head_fn(h_BcD, jax.tree.unflatten(
+    return head_fn(h_GcD, jax.tree.unflatten(
         treedef, [next(it_f) if f else next(it_o) for f in inexact]))
-  nll, correct = _fused_ce(head_of_floats, c, n)(h_BTD, float_leaves, other_leaves, targets_BT,
-                                                  w_BT)
-  return nll, w_BT.sum(), correct
+  # per group, the positions with a target first (in order), then the rest
+  order_GN = jnp.argsort((w_GN == 0).astype(jnp.int32), axis=1, stable=True).astype(jnp.int32)
+  live = (jnp.max(jnp.sum(w_GN != 0, axis=1)) + c - 1) // c  # chunks holding a target
+  nll, correct = _fused_ce(head_of_floats, c)(h_GND, float_leaves, other_leaves, targets_GN,
+                                               w_GN, order_GN, live)
+  return nll, w_GN.sum(), correct
 
 
-def _chunk(head_fn, floats, others, h_BcD, t_Bc, w_Bc, with_grads: bool):
+def _chunk(head_fn, floats, others, h_GcD, t_Gc, w_Gc, with_grads: bool):
+  # a position without a target reads zeros: its hidden state (even a NaN) reaches no output
+  h_GcD = jnp.where((w_Gc != 0)[..., None], h_GcD, jnp.zeros((), h_GcD.dtype))
   if with_grads:
-    logits_BcV, pull = jax.vjp(lambda h, f: head_fn(h, f, others), h_BcD, floats)
+    logits_GcV, pull = jax.vjp(lambda h, f: head_fn(h, f, others), h_GcD, floats)
   else:
-    logits_BcV = head_fn(h_BcD, floats, others)
-  lf = logits_BcV.astype(jnp.float32)
-  m_Bc = lf.max(axis=-1)
-  e_BcV = jnp.exp(lf - m_Bc[..., None])
-  s_Bc = e_BcV.sum(axis=-1)
-  picked_Bc = jnp.take_along_axis(lf, t_Bc[..., None], axis=-1)[..., 0]
-  nll = ((m_Bc + jnp.log(s_Bc) - picked_Bc) * w_Bc).sum()
-  correct = ((first_max_index(lf, m_Bc) == t_Bc).astype(jnp.float32) * w_Bc).sum()
+    logits_GcV = head_fn(h_GcD, floats, others)
+  lf = logits_GcV.astype(jnp.float32)
+  m_Gc = lf.max(axis=-1)
+  e_GcV = jnp.exp(lf - m_Gc[..., None])
+  s_Gc = e_GcV.sum(axis=-1)
+  picked_Gc = jnp.take_along_axis(lf, t_Gc[..., None], axis=-1)[..., 0]
+  nll = ((m_Gc + jnp.log(s_Gc) - picked_Gc) * w_Gc).sum()
+  correct = ((first_max_index(lf, m_Gc) == t_Gc).astype(jnp.float32) * w_Gc).sum()
   if not with_grads:
     return nll, correct
-  onehot = lax.broadcasted_iota(jnp.int32, lf.shape, lf.ndim - 1) == t_Bc[..., None]
-  d_BcV = (e_BcV / s_Bc[..., None] - onehot.astype(jnp.float32)) * w_Bc[..., None]
-  dh_BcD, dfloats = pull(d_BcV.astype(logits_BcV.dtype))
-  return nll, correct, dh_BcD, dfloats
+  onehot = lax.broadcasted_iota(jnp.int32, lf.shape, lf.ndim - 1) == t_Gc[..., None]
+  d_GcV = (e_GcV / s_Gc[..., None] - onehot.astype(jnp.float32)) * w_Gc[..., None]
+  dh_GcD, dfloats = pull(d_GcV.astype(logits_GcV.dtype))
+  return nll, correct, dh_GcD, dfloats
 
 
-def _fused_ce(head_fn, c: int, n: int):
+def _fused_ce(head_fn, c: int):
+  """The custom-VJP loss over (G, N) groups of positions, N a multiple of `c`; `order_GN` lists
+  each group's positions in processing order, `live` how many chunks of it to process."""
   piece = lambda x, i: lax.dynamic_slice_in_dim(x, i * c, c, axis=1)
   zero = lambda: jnp.zeros((), jnp.float32)
 
-  @jax.custom_vjp
-  def ce(h_BTD, floats, others, targets_BT, w_BT):
-    def body(i, acc):
-      nll, correct = _chunk(head_fn, floats, others, piece(h_BTD, i), piece(targets_BT, i),
-                            piece(w_BT, i), False)
-      return acc[0] + nll, acc[1] + correct
-    return lax.fori_loop(0, n, body, (zero(), zero()))
+  def gathered(i, order_GN, *xs):  # chunk i of the processing order, from each (G, N, ...) x
+    idx_Gc = piece(order_GN, i)
+    return [jnp.take_along_axis(x, idx_Gc.reshape(idx_Gc.shape + (1,) * (x.ndim - 2)), axis=1)
+            for x in xs]
 
-  def fwd(h_BTD, floats, others, targets_BT, w_BT):
+  @jax.custom_vjp
+  def ce(h_GND, floats, others, targets_GN, w_GN, order_GN, live):
     def body(i, acc):
-      nll, correct, dh_BTD, dfloats = acc
-      a, b, dh_BcD, df = _chunk(head_fn, floats, others, piece(h_BTD, i), piece(targets_BT, i),
-                                piece(w_BT, i), True)
-      dh_BTD = lax.dynamic_update_slice_in_dim(dh_BTD, dh_BcD.astype(dh_BTD.dtype), i * c, 1)
+      nll, correct = _chunk(head_fn, floats, others, *gathered(i, order_GN, h_GND, targets_GN,
+                                                                w_GN), False)
+      return acc[0] + nll, acc[1] + correct
+    return lax.fori_loop(0, live, body, (zero(), zero()))
+
+  def fwd(h_GND, floats, others, targets_GN, w_GN, order_GN, live):
+    def body(i, acc):
+      nll, correct, dh_GND, dfloats = acc
+      a, b, dh_GcD, df = _chunk(head_fn, floats, others,
+                                *gathered(i, order_GN, h_GND, targets_GN, w_GN), True)
+      dh_GND = lax.dynamic_update_slice_in_dim(dh_GND, dh_GcD.astype(dh_GND.dtype), i * c, 1)
       dfloats = jax.tree.map(lambda x, y: x + y.astype(jnp.float32), dfloats, df)
-      return nll + a, correct + b, dh_BTD, dfloats
-    init = (zero(), zero(), jnp.zeros_like(h_BTD),
+      return nll + a, correct + b, dh_GND, dfloats
+    init = (zero(), zero(), jnp.zeros_like(h_GND),
             jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.float32), floats))
-    nll, correct, dh_BTD, dfloats = lax.fori_loop(0, n, body, init)
-    return (nll, correct), (dh_BTD, dfloats, floats)
+    nll, correct, dh_sorted, dfloats = lax.fori_loop(0, live, body, init)
+    # back to sequence order: position order_GN[g, j] got entry j of the sorted gradient
+    g_idx = lax.broadcasted_iota(jnp.int32, order_GN.shape, 0)
+    inverse_GN = jnp.zeros_like(order_GN).at[g_idx, order_GN].set(
+        lax.broadcasted_iota(jnp.int32, order_GN.shape, 1), unique_indices=True)
+    dh_GND = jnp.take_along_axis(dh_sorted, inverse_GN[..., None], axis=1)
+    return (nll, correct), (dh_GND, dfloats, floats)
 
   def bwd(res, g):
-    dh_BTD, dfloats, floats = res
+    dh_GND, dfloats, floats = res
     g_nll = g[0]
-    return ((g_nll * dh_BTD).astype(dh_BTD.dtype),
+    return ((g_nll * dh_GND).astype(dh_GND.dtype),
             jax.tree.map(lambda d, x: (g_nll * d).astype(jnp.result_type(x)), dfloats, floats),
-            None, None, None)
+            None, None, None, None, None)
 
   ce.defvjp(fwd, bwd)
   return ce

@@ -102,9 +102,10 @@ def model_ce(fns: StepFns, variables: dict, batch: dict, rngs: dict | None = Non
   if chunked_loss(fns, variables):
     h = _apply(fns, variables, ids, rngs, sink, return_hidden=True, **kw)
     head_fn = lambda h_BcD, head_vars: models.apply_head(fns.model, head_vars, h_BcD)
-    chunk = ids.shape[1] if trained_head and jax.device_count() > 1 else fns.loss_chunk
+    mesh = jax.device_count() > 1  # keep each chunk spread over the batch shards
+    chunk = ids.shape[1] if trained_head and mesh else fns.loss_chunk
     return None, *chunked_token_ce(head_fn, models.head_variables(fns.model, variables), h, ids,
-                                   batch["loss_mask"], chunk)
+                                   batch["loss_mask"], chunk, per_row=mesh)
   logits = _apply(fns, variables, ids, rngs, sink, **kw)
   return logits, *token_ce(logits, ids, batch["loss_mask"])
 

@@ -49,14 +49,15 @@ def _data(dtype):
   return h, w, ids, mask
 
 
+@pytest.mark.parametrize("per_row", [False, True])
 @pytest.mark.parametrize("chunk,dtype", [(1, jnp.float32), (3, jnp.float32), (7, jnp.float32),
                                          (100, jnp.float32), (3, jnp.bfloat16)])
-def test_chunked_ce_equals_float64_numpy(chunk, dtype):
+def test_chunked_ce_equals_float64_numpy(chunk, dtype, per_row):
   h, w, ids, mask = _data(dtype)
   head = lambda h_BcD, hv: jnp.matmul(h_BcD, hv["w"]).astype(jnp.float32)
 
   def loss(h_, w_):
-    nll, n, correct = chunked_token_ce(head, {"w": w_}, h_, ids, mask, chunk)
+    nll, n, correct = chunked_token_ce(head, {"w": w_}, h_, ids, mask, chunk, per_row)
     return nll, (n, correct)
   (nll, (n, correct)), (dh, dw) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1),
                                                              has_aux=True))(
@@ -72,10 +73,54 @@ def test_chunked_ce_equals_float64_numpy(chunk, dtype):
   np.testing.assert_allclose(np.asarray(dw, np.float64), want[4], atol=tol * 10, rtol=tol)
   # without differentiation (eval): the same value and counts
   nll2, n2, correct2 = jax.jit(lambda h_, w_: chunked_token_ce(head, {"w": w_}, h_, ids, mask,
-                                                               chunk))(jnp.asarray(h, dtype),
-                                                                       jnp.asarray(w, dtype))
+                                                               chunk, per_row))(
+      jnp.asarray(h, dtype), jnp.asarray(w, dtype))
   np.testing.assert_allclose(float(nll2), float(nll), rtol=1e-6)
   assert float(n2) == want[1] and float(correct2) == float(correct)
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+@pytest.mark.parametrize("chunk", [1, 2, 3])
+def test_positions_without_target_cost_no_head_work(chunk, per_row):
+  """Targets sit in a few scattered positions (one row has none): the loop runs only the chunks
+  that hold a target after the targets are gathered to the front of the batch (or of each row,
+  `per_row`; the head runs once per such chunk of B x `chunk` positions); a NaN hidden state where no target is reaches neither the loss nor the gradients;
+  the values equal float64 NumPy on clean states."""
+  _, w, _, _ = _data(jnp.float32)
+  t = 16
+  rng = np.random.default_rng(1)
+  h = rng.normal(size=(B, t, D)).astype(np.float32)
+  ids = rng.integers(0, V, size=(B, t)).astype(np.int32)
+  mask = np.zeros((B, t), np.int32)
+  mask[0, [3, 8, 9, 15]] = 1  # targets at positions 2, 7, 8, 14
+  mask[2, [1, 2, 12, 13]] = 1
+  want = _numpy_ref(h, w, ids, mask)
+  no_target = np.pad(mask[:, 1:], ((0, 0), (0, 1))) == 0
+  h_nan = np.where(no_target[..., None], np.nan, h).astype(np.float32)
+  calls = []
+  head = lambda h_BcD, hv: jnp.matmul(h_BcD, hv["w"])
+
+  def counted(h_BcD, hv):
+    jax.debug.callback(lambda: calls.append(1))
+    return head(h_BcD, hv)
+  f = jax.jit(jax.value_and_grad(lambda h_, w_: chunked_token_ce(
+      counted, {"w": w_}, h_, ids, mask, chunk, per_row)[0], argnums=(0, 1)))
+  nll, (dh, dw) = f(jnp.asarray(h_nan), jnp.asarray(w))
+  jax.block_until_ready(nll)
+  np.testing.assert_allclose(float(nll), want[0], rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(dh), want[3], atol=1e-5)
+  np.testing.assert_allclose(np.asarray(dw), want[4], atol=1e-5, rtol=1e-5)
+  assert np.all(np.asarray(dh)[no_target] == 0)
+  # not t / chunk: 8 targets, at most 4 in a row
+  assert len(calls) == (-(-4 // chunk) if per_row else -(-8 // (B * chunk)))
+  # nothing to predict: no head work, zero loss and gradients
+  calls.clear()
+  nll, (dh, dw) = jax.jit(jax.value_and_grad(lambda h_, w_: chunked_token_ce(
+      counted, {"w": w_}, h_, ids, np.zeros_like(mask), chunk, per_row)[0], argnums=(0, 1)))(
+          jnp.asarray(h_nan), jnp.asarray(w))
+  jax.block_until_ready(nll)
+  assert float(nll) == 0 and not np.any(np.asarray(dh)) and not np.any(np.asarray(dw))
+  assert calls == []
 
 
 def test_chunk_must_be_positive():
@@ -245,7 +290,8 @@ def test_integer_head_leaves_are_not_differentiated():
 def test_trained_head_on_several_devices_uses_one_chunk():
   """On a multi-device mesh a trained head's gradient would be all-reduced once per chunk (the
   loop carry): the step then runs the head in one chunk. A frozen head, or one device, keeps
-  `loss_chunk`."""
+  `loss_chunk`. Targets are gathered per row on a mesh (chunks stay spread over the batch
+  shards), over the whole batch on one device."""
   import os
   import subprocess
   import sys
@@ -261,7 +307,7 @@ model = build_model(cfg)
 params = jax.tree.map(lambda s: jnp.full(s.shape, 0.01, s.dtype), param_shapes(model))
 seen = []
 real = step_lib.chunked_token_ce
-step_lib.chunked_token_ce = lambda *a: seen.append(a[-1]) or real(*a)
+step_lib.chunked_token_ce = lambda *a, **k: seen.append((a[-1], k["per_row"])) or real(*a, **k)
 ids = jnp.ones((2, 16), jnp.int32)
 batch = {"input_ids": ids, "attention_mask": jnp.ones_like(ids), "loss_mask": jnp.ones_like(ids)}
 for method in (mt.tuning.get("freeze", preset="full"), mt.tuning.get("lora", rank=2)):
@@ -279,4 +325,5 @@ print("CHUNKS", seen)
                             "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"})
     assert r.returncode == 0, r.stderr[-2000:]
     got[n] = r.stdout.strip().splitlines()[-1]
-  assert got == {1: "CHUNKS [4, 4]", 2: "CHUNKS [16, 4]"}  # (full FT, LoRA)
+  # (full FT, LoRA); on a mesh each row's targets are gathered within the row
+  assert got == {1: "CHUNKS [(4, False), (4, False)]", 2: "CHUNKS [(16, True), (4, True)]"}
