@@ -54,11 +54,13 @@ def get_config():
   # 'auto' = <model.path>/importance/<kind>). fisher_chunk: samples per vmap'ed chunk (memory:
   # that many gradient copies of the penalised leaves; raise it for small models). With several
   # processes each takes ceil(fisher_samples / processes) samples of its own data shard.
+  # online_ewc: F~ = gamma F~_prev (prev_fisher_path) + F; refresh_every K > 0 repeats that
+  # every K steps within the run (F at the current weights, anchor = the current weights).
   c.penalty = ml_collections.ConfigDict(dict(
       name="none", weight=ml_collections.FieldReference(None, field_type=float),
       fisher_kind="empirical", fisher_path="", fisher_data="train", fisher_json_path="",
       fisher_image_folder="", fisher_samples=512, fisher_chunk=1, fisher_seed=0,
-      prev_fisher_path="", gamma=1.0, beta=0.01,
+      prev_fisher_path="", gamma=1.0, refresh_every=0, beta=0.01,
       temperature=ml_collections.FieldReference(None, field_type=float),  # lwf 2, kl 1
       t2_scale=ml_collections.FieldReference(None, field_type=bool),      # lwf False, kl True
       direction="forward", tokens="supervised",

@@ -236,6 +236,12 @@ class BoundPenalty:
   def transform(self) -> optax.GradientTransformationExtraArgs:
     return coupled_gradient(self)
 
+  def current_weights(self, trainable: dict, frozen: dict) -> dict:
+    """{path: float32 w} of the weighted leaves at these weights (the merged view where the
+    method merges): what a refreshed anchor theta* becomes."""
+    w = self._weights(trainable, frozen)
+    return {p: w[p].astype(jnp.float32) for p in self.weighted}
+
   def teacher_variables(self, frozen: dict, consts: dict) -> dict:
     return theta0_variables(frozen, consts)
 
@@ -291,6 +297,9 @@ def bind(penalty: Penalty, method: Method, variables: dict, base_params: dict | 
   rewritten = {"params/" + p for p, x in flat_var.items() if x is not flat_base.get(p)}
   changed, merged, free = penalisable(method, variables)
   weighted, anchored = (), sorted(trained | rewritten)
+  # an anchor refreshed within the run (online EWC's refresh_every) moves off the base: every
+  # weighted leaf then has its own float32 copy (the merged view's dtype)
+  refreshing = getattr(penalty, "refresh_every", 0) > 0
   if penalty.family == "quadratic":
     if penalty.importance is not None:
       if not importance:
@@ -312,7 +321,7 @@ def bind(penalty: Penalty, method: Method, variables: dict, base_params: dict | 
     else:
       weighted = tuple(changed)
     free = tuple(free) if penalty.name == "l2sp" else ()
-    anchored = sorted(set(anchored) & set(weighted))
+    anchored = sorted(weighted) if refreshing else sorted(set(anchored) & set(weighted))
     if not weighted and not free:
       raise PenaltyError(f"penalty '{penalty.name}': method '{label(method)}' changes no leaf "
                          "it could penalise")
@@ -324,7 +333,8 @@ def bind(penalty: Penalty, method: Method, variables: dict, base_params: dict | 
   copies = {} if anchor_copies is None else anchor_copies
   for p in anchored:
     if p not in copies:
-      copies[p] = jnp.array(flat_base[p[len("params/"):]], copy=True)
+      copies[p] = jnp.array(flat_base[p[len("params/"):]], copy=True,
+                            dtype=jnp.float32 if refreshing else None)
     consts["anchor"][p] = copies[p]
   bound = BoundPenalty(penalty, method, merged, tuple(weighted), tuple(anchored),
                        tuple(free) if penalty.family == "quadratic" else ())

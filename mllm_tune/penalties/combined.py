@@ -100,6 +100,10 @@ def from_config(cfg) -> Penalty | Combination:
                          "penalty.weight (--config.penalty.weight=None)")
   elif name not in api.REGISTRY:
     raise PenaltyError(f"unknown penalty '{name}'; known: {', '.join(sorted(api.REGISTRY))}")
+  if d.get("refresh_every") and names != ["online_ewc"]:
+    raise PenaltyError(f"penalty.refresh_every refreshes online EWC's Fisher and anchor within "
+                       f"the run; it needs penalty.name 'online_ewc' alone, not '{name}' (unset "
+                       "it, --config.penalty.refresh_every=0)")
   stray = sorted(n for n, w in weights.items() if w is not None and n not in names)
   if stray:
     raise PenaltyError(f"penalty.weights.{stray[0]} is set but '{stray[0]}' is not in "

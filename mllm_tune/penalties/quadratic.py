@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from mllm_tune.penalties.api import Penalty, register
+from mllm_tune.penalties.api import Penalty, PenaltyError, register
 
 
 @register("ewc")
@@ -23,8 +23,17 @@ class EWC(Penalty):
 @register("online_ewc")
 @dataclasses.dataclass(frozen=True)
 class OnlineEWC(EWC):
-  """Online EWC (Schwarz et al. 2018): EWC with F~ = gamma F~_prev + F, theta* = this base."""
+  """Online EWC (Schwarz et al. 2018): EWC with F~ = gamma F~_prev + F, theta* = this base;
+  `refresh_every` K > 0 repeats the update within the run every K steps (F at the current
+  weights, theta* = the current weights; train/penalty_refresh.py)."""
   gamma: float = 1.0
+  refresh_every: int = 0
+
+  def __post_init__(self):
+    super().__post_init__()
+    if int(self.refresh_every) != self.refresh_every or self.refresh_every < 0:
+      raise PenaltyError(f"penalty.refresh_every must be an integer >= 0 (0: off), got "
+                         f"{self.refresh_every}")
 
 
 @register("mas")

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from mllm_tune import pytree, tuning
 from mllm_tune.checkpoints.orbax_io import TrainCheckpointer, debug_kill, params_fingerprint
-from mllm_tune.train import build, penalty_setup, setup
+from mllm_tune.train import build, penalty_refresh, penalty_setup, setup
 from mllm_tune.train import sharding as shard_lib
 from mllm_tune.train.logs import JsonlWriter, TensorBoardWriter, bar_scores
 from mllm_tune.train.step import TrainState, eval_step, find_nonfinite, train_step
@@ -57,6 +57,7 @@ class Trainer:
     """`fisher_data`: batches (iterable, or a factory `model -> iterable`) the penalty's
     importance is computed from when no file holds it (default: the training batches)."""
     self.cfg, self.data, self.eval_fn, self.progress = cfg, data, eval_fn, progress
+    self.fisher_data = fisher_data  # read again by online EWC's in-run refresh
     devices = jax.devices()[:cfg.mesh.devices] if cfg.mesh.get("devices") else None
     self.mesh = shard_lib.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices,
                                     expert=cfg.mesh.get("expert", 1))
@@ -89,6 +90,10 @@ class Trainer:
         mesh=self.mesh)
     self.penalty_data = penalty_setup.setup_penalty_data(cfg, self.model, self.penalty,
                                                          self.mesh)
+    if penalty_refresh.every(self.penalty) and hasattr(fisher_data, "__next__"):
+      raise setup.ConfigValueError(
+          "config 'penalty.refresh_every': each refresh reads the Fisher data again, but "
+          "fisher_data is a one-pass iterator: pass a list or a factory `model -> batches`")
     trainable = self._assemble(variables)
     self.penalty_consts = self._place_penalty_consts(consts)
     self.state = self._initial_state(trainable, rng)
@@ -252,6 +257,11 @@ class Trainer:
       return 0
     step, self.state, data_state = found
     self.data.set_state(data_state)
+    refreshed = penalty_refresh.newest(self.run_dir, step) if penalty_refresh.every(
+        self.penalty) else None
+    if refreshed is not None:  # online EWC's F~ and theta* as they were at that step
+      self.penalty_consts = penalty_refresh.load(self.run_dir, refreshed, self.penalty_consts,
+                                                 model_config=self.model.config)
     log.info("resumed from %s at step %d", self.ckpt.directory, step)
     return step
 
@@ -326,6 +336,9 @@ class Trainer:
           self._check_finite(step + 1, metrics, host_batch)
         tokens += metrics["tokens"]
         last = {"step": step + 1, **metrics}
+        if penalty_refresh.due(self.penalty, step + 1, t.steps):  # before this step's save
+          self.penalty_consts = self._place_penalty_consts(
+              penalty_refresh.refresh_and_save(self, step + 1))
         is_eval = bool(t.eval_every) and ((step + 1) % t.eval_every == 0 or (
             self.tracker is not None and step + 1 == t.steps))
         if is_eval and self.eval_fn is not None:

@@ -148,6 +148,22 @@ def compute_importance(pcfg, kind: str, model, method, params: dict, variables: 
   if not changed:
     raise setup.ConfigValueError(f"config 'penalty': method '{tuning.api.label(method)}' "
                                  "changes no base leaf to compute an importance for")
+  t0 = time.time()
+  scores, n = importance_on(pcfg, kind, model, {"params": params, "adapters": {}}, leaves,
+                            jax.random.key(pcfg.fisher_seed), fisher_data, train_data, mesh)
+  log.info("penalty %s: %s importance of %d leaves from %d samples in %.1fs -> %s",
+           pcfg.name, kind, len(scores), n, time.time() - t0, path)
+  importance_store.save_importance(path, scores, kind=kind, model_config=model.config,
+                             base_fingerprint=base_fingerprint, base_path=base_path,
+                             num_examples=n)
+  return scores
+
+
+def importance_on(pcfg, kind: str, model, variables: dict, leaves: dict, rng,
+                  fisher_data=None, train_data=None, mesh=None) -> tuple[dict, int]:
+  """(importance of `kind` of the `leaves` mask's leaves of `variables`, samples used), from
+  `penalty.fisher_samples` samples of `fisher_data` (batches, or a factory `model -> batches`),
+  else of the next training batches (`train_data` is rewound afterwards)."""
   rewind = []  # the training data's state, to restore after reading batches from it
 
   def batches():  # called where a process's failure is shared with the others (collect_examples)
@@ -159,17 +175,9 @@ def compute_importance(pcfg, kind: str, model, method, params: dict, variables: 
       data = train_data
     return iter(data)
 
-  t0 = time.time()
   try:
-    scores, n = fisher_lib.fisher_from_batches(
-        model, {"params": params, "adapters": {}}, leaves, batches, kind,
-        pcfg.fisher_samples, pcfg.fisher_chunk, jax.random.key(pcfg.fisher_seed), mesh)
+    return fisher_lib.fisher_from_batches(model, variables, leaves, batches, kind,
+                                          pcfg.fisher_samples, pcfg.fisher_chunk, rng, mesh)
   finally:
     if rewind:
       train_data.set_state(rewind[0])
-  log.info("penalty %s: %s importance of %d leaves from %d samples in %.1fs -> %s",
-           pcfg.name, kind, len(scores), n, time.time() - t0, path)
-  importance_store.save_importance(path, scores, kind=kind, model_config=model.config,
-                             base_fingerprint=base_fingerprint, base_path=base_path,
-                             num_examples=n)
-  return scores
