@@ -31,15 +31,15 @@ from jax import lax
 from mllm_tune.losses.token import first_max_index, shifted_targets
 
 
-def chunked_token_ce(head_fn, head_vars, h_GND: jax.Array, ids_GN: jax.Array,
-                     loss_mask_GN: jax.Array, chunk: int, per_row: bool = False):
+def chunked_token_ce(head_fn, head_vars, h_BTD: jax.Array, ids_BT: jax.Array,
+                     loss_mask_BT: jax.Array, chunk: int, per_row: bool = False):
   """`head_fn(h_GcD, head_vars) -> float32 logits (G, c, V)`; `chunk`: positions per row and
   chunk (B x `chunk` positions per chunk); `per_row`: gather each row's targets within the row
   (keeps the batch axis, and its sharding, in every chunk) instead of over the whole batch."""
   if chunk < 1:
     raise ValueError(f"chunk must be >= 1 sequence positions, got {chunk}")
-  targets_GN, w_GN = shifted_targets(ids_GN, loss_mask_GN)
-  b, t = ids_GN.shape
+  targets_BT, w_BT = shifted_targets(ids_BT, loss_mask_BT)
+  b, t = ids_BT.shape
   if t == 0 or b == 0:
     zero = jnp.zeros((), jnp.float32)
     return zero, zero, zero
@@ -48,8 +48,8 @@ def chunked_token_ce(head_fn, head_vars, h_GND: jax.Array, ids_GN: jax.Array,
   n_pos = b * t // g
   c = min(chunk, t) * (b // g)
   n = -(-n_pos // c)
-  h_GND = h_GND.reshape(g, n_pos, h_GND.shape[-1])
-  targets_GN, w_GN = targets_GN.reshape(g, n_pos), w_GN.reshape(g, n_pos)
+  h_GND = h_BTD.reshape(g, n_pos, h_BTD.shape[-1])
+  targets_GN, w_GN = targets_BT.reshape(g, n_pos), w_BT.reshape(g, n_pos)
   pad = n * c - n_pos
   if pad:  # zero-weight positions; their gradient is zero and is sliced off
     h_GND = jnp.pad(h_GND, ((0, 0), (0, pad), (0, 0)))
@@ -65,12 +65,19 @@ def chunked_token_ce(head_fn, head_vars, h_GND: jax.Array, ids_GN: jax.Array,
     it_f, it_o = iter(floats), iter(others)
     return head_fn(h_GcD, jax.tree.unflatten(
         treedef, [next(it_f) if f else next(it_o) for f in inexact]))
-  # per group, the positions with a target first (in order), then the rest
-  order_GN = jnp.argsort((w_GN == 0).astype(jnp.int32), axis=1, stable=True).astype(jnp.int32)
-  live = (jnp.max(jnp.sum(w_GN != 0, axis=1)) + c - 1) // c  # chunks holding a target
-  nll, correct = _fused_ce(head_of_floats, c)(h_GND, float_leaves, other_leaves, targets_GN,
-                                               w_GN, order_GN, live)
-  return nll, w_GN.sum(), correct
+  has_target = w_GN != 0
+  n_target_G = has_target.sum(axis=1, dtype=jnp.int32)
+  live = (jnp.max(n_target_G) + c - 1) // c  # chunks holding a target
+  # per group, the positions with a target first (in order), then the rest: `order` lists the
+  # positions in that order, `slot` is where each position goes (its inverse)
+  before = jnp.cumsum(has_target, axis=1, dtype=jnp.int32) - has_target
+  slot_GN = jnp.where(has_target, before,
+                      n_target_G[:, None] + lax.broadcasted_iota(jnp.int32, w_GN.shape, 1)
+                      - before)
+  order_GN = jnp.argsort(slot_GN, axis=1).astype(jnp.int32) if n > 1 else slot_GN
+  nll, correct = _fused_ce(head_of_floats, c, n > 1)(
+      h_GND, float_leaves, other_leaves, targets_GN, w_GN, order_GN, slot_GN, live)
+  return nll, w_BT.sum(), correct
 
 
 def _chunk(head_fn, floats, others, h_GcD, t_Gc, w_Gc, with_grads: bool):
@@ -95,26 +102,31 @@ def _chunk(head_fn, floats, others, h_GcD, t_Gc, w_Gc, with_grads: bool):
   return nll, correct, dh_GcD, dfloats
 
 
-def _fused_ce(head_fn, c: int):
-  """The custom-VJP loss over (G, N) groups of positions, N a multiple of `c`; `order_GN` lists
-  each group's positions in processing order, `live` how many chunks of it to process."""
+def _fused_ce(head_fn, c: int, compact: bool):
+  """The custom-VJP loss over (G, N) groups of positions, N a multiple of `c`. `compact`: chunk
+  i holds positions order_GN[:, i*c:(i+1)*c] (slot_GN is the inverse permutation), else the
+  positions in sequence order (one chunk; the orders are unused); `live`: chunks to process."""
   piece = lambda x, i: lax.dynamic_slice_in_dim(x, i * c, c, axis=1)
   zero = lambda: jnp.zeros((), jnp.float32)
 
   def gathered(i, order_GN, *xs):  # chunk i of the processing order, from each (G, N, ...) x
+    if not compact:
+      return [piece(x, i) for x in xs]
     idx_Gc = piece(order_GN, i)
     return [jnp.take_along_axis(x, idx_Gc.reshape(idx_Gc.shape + (1,) * (x.ndim - 2)), axis=1)
             for x in xs]
 
   @jax.custom_vjp
-  def ce(h_GND, floats, others, targets_GN, w_GN, order_GN, live):
+  def ce(h_GND, floats, others, targets_GN, w_GN, order_GN, slot_GN, live):
+    del slot_GN
+
     def body(i, acc):
       nll, correct = _chunk(head_fn, floats, others, *gathered(i, order_GN, h_GND, targets_GN,
                                                                 w_GN), False)
       return acc[0] + nll, acc[1] + correct
     return lax.fori_loop(0, live, body, (zero(), zero()))
 
-  def fwd(h_GND, floats, others, targets_GN, w_GN, order_GN, live):
+  def fwd(h_GND, floats, others, targets_GN, w_GN, order_GN, slot_GN, live):
     def body(i, acc):
       nll, correct, dh_GND, dfloats = acc
       a, b, dh_GcD, df = _chunk(head_fn, floats, others,
@@ -124,12 +136,9 @@ def _fused_ce(head_fn, c: int):
       return nll + a, correct + b, dh_GND, dfloats
     init = (zero(), zero(), jnp.zeros_like(h_GND),
             jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.float32), floats))
-    nll, correct, dh_sorted, dfloats = lax.fori_loop(0, live, body, init)
-    # back to sequence order: position order_GN[g, j] got entry j of the sorted gradient
-    g_idx = lax.broadcasted_iota(jnp.int32, order_GN.shape, 0)
-    inverse_GN = jnp.zeros_like(order_GN).at[g_idx, order_GN].set(
-        lax.broadcasted_iota(jnp.int32, order_GN.shape, 1), unique_indices=True)
-    dh_GND = jnp.take_along_axis(dh_sorted, inverse_GN[..., None], axis=1)
+    nll, correct, dh_GND, dfloats = lax.fori_loop(0, live, body, init)
+    if compact:  # back to sequence order: position j's gradient is entry slot_GN[:, j]
+      dh_GND = jnp.take_along_axis(dh_GND, slot_GN[..., None], axis=1)
     return (nll, correct), (dh_GND, dfloats, floats)
 
   def bwd(res, g):
@@ -137,7 +146,7 @@ def _fused_ce(head_fn, c: int):
     g_nll = g[0]
     return ((g_nll * dh_GND).astype(dh_GND.dtype),
             jax.tree.map(lambda d, x: (g_nll * d).astype(jnp.result_type(x)), dfloats, floats),
-            None, None, None, None, None)
+            None, None, None, None, None, None)
 
   ce.defvjp(fwd, bwd)
   return ce

@@ -25,7 +25,8 @@ GIFT (`penalty.name=gift`, docs/methods.md §5.3) is defined and bound in gift/p
 
 `bind(penalty, method, variables, base_params, importance)` -> (BoundPenalty, consts): consts are
 the step constants (importance, theta0 copies of the leaves that move), passed to the step beside
-the frozen partition (not checkpointed: the importance file is saved once, theta0 is the base).
+the frozen partition (not in the training checkpoints: the importance file is saved once, theta0
+is the base; online EWC's in-run refresh saves each refreshed pair, train/penalty_refresh.py).
 """
 from __future__ import annotations
 
@@ -281,13 +282,16 @@ def coupled_gradient(bound) -> optax.GradientTransformationExtraArgs:
 
 def bind(penalty: Penalty, method: Method, variables: dict, base_params: dict | None = None,
          importance: dict | None = None, where: str = "importance",
-         model=None, anchor_copies: dict | None = None) -> tuple[BoundPenalty, dict]:
+         model=None, anchor_copies: dict | None = None,
+         refreshed_in_run: bool = False) -> tuple[BoundPenalty, dict]:
   """-> (BoundPenalty, consts = {"importance": {path: F}, "anchor": {path: theta0 copy}}).
   `base_params`: theta0 as loaded (before `init_variables` may rewrite it, e.g. PiSSA);
   `importance` ("params/..." paths) is required by ewc / online_ewc / mas, and every leaf
   must be one the method changes (`where` names its source in errors). A penalty with its own
   `bind_to` (gift) binds itself (it needs the `model`). `anchor_copies`: theta0 copies already
-  made (path -> array), reused and extended (penalties bound together share them)."""
+  made (path -> array), reused and extended (penalties bound together share them).
+  `refreshed_in_run`: the caller carries out online EWC's `refresh_every` (the Trainer does,
+  train/penalty_refresh.py); elsewhere a penalty with it is refused (it would never refresh)."""
   if hasattr(penalty, "bind_to"):
     return penalty.bind_to(method, variables, base_params, model)
   base_params = variables["params"] if base_params is None else base_params
@@ -300,6 +304,10 @@ def bind(penalty: Penalty, method: Method, variables: dict, base_params: dict | 
   # an anchor refreshed within the run (online EWC's refresh_every) moves off the base: every
   # weighted leaf then has its own float32 copy (the merged view's dtype)
   refreshing = getattr(penalty, "refresh_every", 0) > 0
+  if refreshing and not refreshed_in_run:
+    raise PenaltyError(f"penalty '{penalty.name}': refresh_every={penalty.refresh_every} is "
+                       "carried out by the Trainer (`mllm-tune train`); here nothing would "
+                       "refresh the Fisher and anchor: set refresh_every=0")
   if penalty.family == "quadratic":
     if penalty.importance is not None:
       if not importance:

@@ -156,11 +156,14 @@ class BoundCombination:
 
 
 def bind(penalty, method, variables: dict, base_params: dict | None = None,
-         importance: dict | None = None, where: str = "importance", model=None):
+         importance: dict | None = None, where: str = "importance", model=None,
+         refreshed_in_run: bool = False):
   """`api.bind` for a Penalty; for a Combination each member is bound (the importance goes to
-  its importance-weighted member) -> (BoundCombination, shared consts)."""
+  its importance-weighted member) -> (BoundCombination, shared consts). `refreshed_in_run`: see
+  `api.bind` (never for a combination's members)."""
   if not isinstance(penalty, Combination):
-    return api.bind(penalty, method, variables, base_params, importance, where, model)
+    return api.bind(penalty, method, variables, base_params, importance, where, model,
+                    refreshed_in_run=refreshed_in_run)
   bound, consts = [], {"importance": {}, "anchor": {}}
   for m in penalty.members:
     b, c = api.bind(m, method, variables, base_params,

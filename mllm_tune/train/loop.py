@@ -95,6 +95,8 @@ class Trainer:
           "config 'penalty.refresh_every': each refresh reads the Fisher data again, but "
           "fisher_data is a one-pass iterator: pass a list or a factory `model -> batches`")
     trainable = self._assemble(variables)
+    if penalty_refresh.every(self.penalty):  # theta* = the weights as the penalty reads them
+      consts["anchor"] = penalty_refresh.current_anchor(self.penalty, trainable, self.frozen)
     self.penalty_consts = self._place_penalty_consts(consts)
     self.state = self._initial_state(trainable, rng)
     state_sh = jax.tree.map(lambda x: x.sharding, self.state)
@@ -257,11 +259,9 @@ class Trainer:
       return 0
     step, self.state, data_state = found
     self.data.set_state(data_state)
-    refreshed = penalty_refresh.newest(self.run_dir, step) if penalty_refresh.every(
-        self.penalty) else None
+    refreshed = penalty_refresh.on_resume(self, step)
     if refreshed is not None:  # online EWC's F~ and theta* as they were at that step
-      self.penalty_consts = penalty_refresh.load(self.run_dir, refreshed, self.penalty_consts,
-                                                 model_config=self.model.config)
+      self.penalty_consts = refreshed
     log.info("resumed from %s at step %d", self.ckpt.directory, step)
     return step
 

@@ -10,8 +10,11 @@ next training batches, rewound; the sampling key folds in the step), then
 The refresh at step k is saved to `run_dir/importance/online_ewc_refresh/step_<k>/`: `importance`
 (an importance file, usable as a later stage's `penalty.prev_fisher_path`) and `anchor` (orbax
 tensors). A resumed run reads the newest refresh at or before its checkpoint's step, so resume
-stays exact; a refresh written after that checkpoint is recomputed, identically, when the run
-gets there again. Every refresh is kept (each holds two float32 copies of the weighted leaves).
+stays exact (a missing one is refused); a refresh written after that checkpoint is recomputed,
+identically, when the run gets there again. Refreshes older than the one the oldest kept
+checkpoint needs are removed (each holds two float32 copies of the weighted leaves). A later
+stage can read the last `step_<k>/importance` as its `prev_fisher_path`. The Fisher engine is
+compiled again at each refresh (one compile of the per-example backward pass per refresh).
 """
 from __future__ import annotations
 
@@ -35,8 +38,9 @@ STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
 def every(bound) -> int:
-  """K of `penalty.refresh_every` (0: no refresh, or no penalty)."""
-  return int(getattr(getattr(bound, "penalty", None), "refresh_every", 0) or 0)
+  """K of `penalty.refresh_every` (0: no refresh, no penalty, or a penalty at weight 0)."""
+  k = int(getattr(getattr(bound, "penalty", None), "refresh_every", 0) or 0)
+  return k if k and bound.active else 0
 
 
 def due(bound, step: int, total: int) -> bool:
@@ -45,12 +49,28 @@ def due(bound, step: int, total: int) -> bool:
   return k > 0 and step % k == 0 and step < total
 
 
+def last_before(step: int, k: int, total: int) -> int:
+  """The step of the newest refresh a run at `step` has made (0: none yet)."""
+  m = (step // k) * k
+  return m - k if m >= total else m
+
+
+def current_anchor(bound, trainable: dict, frozen: dict) -> dict:
+  """theta* = the weighted leaves as the penalty reads them now (float32, merged view): the
+  first anchor too, so that the term is 0 at step 0 also where the frozen base is stored in
+  another dtype than it was loaded in (`model.frozen_dtype`)."""
+  return jax.jit(bound.current_weights)(trainable, frozen)
+
+
 def refreshed(pcfg, model, bound, trainable: dict, frozen: dict, consts: dict, step: int, *,
               fisher_data=None, train_data=None, mesh=None) -> tuple[dict, int]:
   """(new consts {"importance": F~, "anchor": theta*}, samples the Fisher used) after `step`."""
+  anchor = current_anchor(bound, trainable, frozen)
   variables = tuning.combine(trainable, frozen)
-  if bound.merged:
-    fvars = {"params": bound.method.merge(variables), "adapters": {}}
+  if bound.merged:  # the model at the current weights, the weighted leaves in float32
+    flat = pytree.flatten({"params": bound.method.merge(variables)})
+    flat.update(anchor)
+    fvars = {"params": pytree.unflatten(flat)["params"], "adapters": {}}
   else:
     fvars = variables
   weighted = set(bound.weighted)
@@ -61,15 +81,19 @@ def refreshed(pcfg, model, bound, trainable: dict, frozen: dict, consts: dict, s
   current, n = penalty_setup.importance_on(pcfg, kind, model, fvars, leaves, rng, fisher_data,
                                            train_data, mesh)
   importance = fisher_lib.online_update(consts["importance"], current, bound.penalty.gamma)
-  anchor = jax.jit(bound.current_weights)(trainable, frozen)
   return {"importance": importance, "anchor": anchor}, n
 
 
-def save(run_dir: str, step: int, consts: dict, *, kind: str, gamma: float, num_examples: int,
-         model_config=None, base_fingerprint: str = "", base_path: str = "") -> str:
-  """Write the refresh of `step` (see the module docstring); returns its directory."""
+def save(run_dir: str, step: int, consts: dict, *, kind: str, gamma: float, every_k: int,
+         num_examples: int, model_config=None, base_fingerprint: str = "",
+         base_path: str = "") -> str:
+  """Write the refresh of `step` (see the module docstring); returns its directory.
+  `refresh.json`, written last, marks it complete."""
   import orbax.checkpoint as ocp
   path = os.path.join(os.path.abspath(run_dir), SUBDIR, f"step_{step}")
+  marker = os.path.join(path, "refresh.json")
+  if jax.process_index() == 0 and os.path.isfile(marker):  # rewritten (a resumed run)
+    os.remove(marker)
   importance_store.save_importance(
       os.path.join(path, "importance"), consts["importance"], kind=kind,
       model_config=model_config, base_fingerprint=base_fingerprint, base_path=base_path,
@@ -78,9 +102,10 @@ def save(run_dir: str, step: int, consts: dict, *, kind: str, gamma: float, num_
   ckptr.save(os.path.join(path, "anchor"), pytree.unflatten(dict(consts["anchor"])), force=True)
   ckptr.wait_until_finished()
   if jax.process_index() == 0:
-    with open(os.path.join(path, "refresh.json"), "w") as f:
-      json.dump({"step": step, "gamma": gamma, "num_examples": num_examples,
-                 "anchor_leaves": sorted(consts["anchor"])}, f, indent=2)
+    with open(marker, "w") as f:
+      json.dump({"step": step, "gamma": gamma, "refresh_every": every_k,
+                 "num_examples": num_examples, "anchor_leaves": sorted(consts["anchor"])}, f,
+                indent=2)
   return path
 
 
@@ -101,15 +126,25 @@ def newest(run_dir: str, step: int) -> int | None:
   return None if best < 0 else best
 
 
-def load(run_dir: str, step: int, like: dict, *, model_config=None) -> dict:
+def load(run_dir: str, step: int, like: dict, *, gamma: float, every_k: int,
+         model_config=None, base_fingerprint: str | None = None) -> dict:
   """The consts of the refresh at `step`, shaped, typed and placed like `like` (the run's
-  current consts)."""
+  current consts); refused when written with another gamma or refresh_every, for another
+  model or base, or for other leaves."""
   import orbax.checkpoint as ocp
   path = os.path.join(os.path.abspath(run_dir), SUBDIR, f"step_{step}")
+  with open(os.path.join(path, "refresh.json")) as f:
+    meta = json.load(f)
+  for key, want in (("gamma", gamma), ("refresh_every", every_k)):
+    if meta.get(key) != want:
+      raise fisher_lib.ImportanceError(
+          f"{path}: written with penalty.{key}={meta.get(key)}, but this run has {want}: the "
+          "resumed run must refresh as the run that wrote it did")
   abstract = lambda d: {p: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
                         for p, x in d.items()}
   importance = penalty_setup.load_on_every_process(
       os.path.join(path, "importance"), model_config=model_config,
+      base_fingerprint=base_fingerprint,
       expect_shapes={p: tuple(x.shape) for p, x in like["importance"].items()},
       shardings={p: x.sharding for p, x in like["importance"].items()})
   if set(importance) != set(like["importance"]):
@@ -121,6 +156,25 @@ def load(run_dir: str, step: int, like: dict, *, model_config=None) -> dict:
   return {"importance": importance, "anchor": pytree.flatten(anchor)}
 
 
+def on_resume(trainer, step: int) -> dict | None:
+  """The consts a run resumed at `step` continues with: those of its newest refresh (None: no
+  refresh yet, keep the initial ones). A missing refresh is refused, naming it (never a silent
+  fall-back to older consts)."""
+  k = every(trainer.penalty)
+  want = last_before(step, k, trainer.cfg.train.steps) if k else 0
+  if want <= 0:
+    return None
+  found = newest(trainer.run_dir, step)
+  if found != want:
+    raise fisher_lib.ImportanceError(
+        f"resuming at step {step} with penalty.refresh_every={k}: the refresh of step {want} "
+        f"({os.path.join(trainer.run_dir, SUBDIR, f'step_{want}')}) is missing (newest found: "
+        f"{found}); was refresh_every changed or the directory removed?")
+  p = trainer.penalty.penalty
+  return load(trainer.run_dir, want, trainer.penalty_consts, gamma=p.gamma, every_k=k,
+              model_config=trainer.model.config, base_fingerprint=trainer.base_fingerprint)
+
+
 def refresh_and_save(trainer, step: int) -> dict:
   """The trainer's refreshed consts after `step`, saved under its run directory."""
   t0 = time.time()
@@ -128,11 +182,27 @@ def refresh_and_save(trainer, step: int) -> dict:
                         trainer.state.trainable, trainer.frozen, trainer.penalty_consts, step,
                         fisher_data=trainer.fisher_data, train_data=trainer.data,
                         mesh=trainer.mesh)
-  path = save(trainer.run_dir, step, consts, kind=trainer.penalty.penalty.fisher_kind,
-              gamma=trainer.penalty.penalty.gamma, num_examples=n,
+  p = trainer.penalty.penalty
+  path = save(trainer.run_dir, step, consts, kind=p.fisher_kind, gamma=p.gamma,
+              every_k=every(trainer.penalty), num_examples=n,
               model_config=trainer.model.config, base_fingerprint=trainer.base_fingerprint,
               base_path=trainer.base_path)
   log.info("penalty online_ewc: refreshed after step %d (Fisher of %d leaves from %d samples, "
            "anchor = the current weights) in %.1fs -> %s", step, len(consts["importance"]), n,
            time.time() - t0, path)
+  oldest = min(list(trainer.ckpt.all_steps()) + [step])
+  prune(trainer.run_dir, last_before(oldest, every(trainer.penalty), trainer.cfg.train.steps))
   return consts
+
+
+def prune(run_dir: str, keep_from: int) -> None:
+  """Remove the refreshes before step `keep_from` (the one the oldest kept checkpoint resumes
+  with); process 0 only."""
+  import shutil
+  root = os.path.join(os.path.abspath(run_dir), SUBDIR)
+  if jax.process_index() != 0 or not os.path.isdir(root):
+    return
+  for name in os.listdir(root):
+    m = STEP_DIR.match(name)
+    if m and int(m.group(1)) < keep_from:
+      shutil.rmtree(os.path.join(root, name), ignore_errors=True)

@@ -72,7 +72,7 @@ def setup_penalty(cfg, model, method, params: dict, variables: dict, *, base_pat
           base_path=base_path, extra={"gamma": src.gamma,
                                            "prev": os.path.abspath(pcfg.prev_fisher_path)})
   return penalty_lib.bind(penalty, method, variables, base_params=params,
-                          importance=scores, where=where, model=model)
+                          importance=scores, where=where, model=model, refreshed_in_run=True)
 
 
 def load_on_every_process(path: str, **check) -> dict:
@@ -165,11 +165,13 @@ def importance_on(pcfg, kind: str, model, variables: dict, leaves: dict, rng,
   `penalty.fisher_samples` samples of `fisher_data` (batches, or a factory `model -> batches`),
   else of the next training batches (`train_data` is rewound afterwards)."""
   rewind = []  # the training data's state, to restore after reading batches from it
+  made = []  # pipelines built here from a factory, closed afterwards (prefetch threads)
 
   def batches():  # called where a process's failure is shared with the others (collect_examples)
     data = fisher_data
     if callable(data) and not hasattr(data, "__next__"):
       data = data(model)
+      made.append(data)
     if data is None:
       rewind.append(train_data.get_state())
       data = train_data
@@ -181,3 +183,6 @@ def importance_on(pcfg, kind: str, model, variables: dict, leaves: dict, rng,
   finally:
     if rewind:
       train_data.set_state(rewind[0])
+    for data in made:
+      if hasattr(data, "close"):
+        data.close()

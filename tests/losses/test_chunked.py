@@ -84,7 +84,8 @@ def test_chunked_ce_equals_float64_numpy(chunk, dtype, per_row):
 def test_positions_without_target_cost_no_head_work(chunk, per_row):
   """Targets sit in a few scattered positions (one row has none): the loop runs only the chunks
   that hold a target after the targets are gathered to the front of the batch (or of each row,
-  `per_row`; the head runs once per such chunk of B x `chunk` positions); a NaN hidden state where no target is reaches neither the loss nor the gradients;
+  `per_row`; the head runs once per such chunk of B x `chunk` positions); a NaN hidden state
+  where no target is reaches neither the loss nor the gradients;
   the values equal float64 NumPy on clean states."""
   _, w, _, _ = _data(jnp.float32)
   t = 16
@@ -327,3 +328,44 @@ print("CHUNKS", seen)
     got[n] = r.stdout.strip().splitlines()[-1]
   # (full FT, LoRA); on a mesh each row's targets are gathered within the row
   assert got == {1: "CHUNKS [(4, False), (4, False)]", 2: "CHUNKS [(16, True), (4, True)]"}
+
+
+def test_per_row_on_a_sharded_batch_equals_one_device():
+  """Scattered targets, rows split over 2 devices (`per_row`, as the step runs on a mesh): the
+  loss and gradients equal the unsharded computation, and the compiled step moves no hidden
+  states between the devices (the whole-batch gathering would: the check sees it there)."""
+  import os
+  import subprocess
+  import sys
+  code = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from mllm_tune.losses.chunked import chunked_token_ce
+rng = np.random.default_rng(0)
+b, t, d, v = 4, 24, 8, 32
+h = rng.normal(size=(b, t, d)).astype(np.float32)
+w = rng.normal(size=(d, v)).astype(np.float32)
+ids = rng.integers(0, v, (b, t)).astype(np.int32)
+mask = (rng.random((b, t)) < 0.3).astype(np.int32)
+mask[1] = 0
+head = lambda x, hv: x @ hv
+f = lambda per_row: jax.jit(jax.value_and_grad(
+    lambda h_, w_: chunked_token_ce(head, w_, h_, ids, mask, 4, per_row)[0], argnums=(0, 1)))
+want = f(False)(h, w)
+mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+hs = jax.device_put(h, NamedSharding(mesh, P("data")))
+got = f(True)(hs, w)
+for a, e in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+  np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=1e-5, atol=1e-6)
+import re
+for per_row in (True, False):  # the grouped gather of one device would move hidden states
+  hlo = f(per_row).lower(hs, w).compile().as_text()
+  moved = re.findall(r"= f32\[\d+,\d+,%d\]\S* (?:all-reduce|all-gather|all-to-all|"
+                     r"collective-permute|reduce-scatter)\(" % d, hlo)
+  print("MOVED", per_row, len(moved) > 0)
+"""
+  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                     env={**os.environ, "JAX_PLATFORMS": "cpu",
+                          "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert r.stdout.strip().splitlines()[-2:] == ["MOVED True False", "MOVED False True"]
