@@ -2,7 +2,8 @@
 Stage k+1: `--config.penalty.prev_fisher_path=<stage k run_dir>/importance/online_ewc` (the
 running sum each stage writes); stage 1 leaves it empty. `refresh_every` K > 0 repeats the update
 within the run after every K-th step (Fisher at the current weights, anchor = the current
-weights; saved under run_dir/importance/online_ewc_refresh/)."""
+weights; saved under run_dir/importance/online_ewc_refresh/step_<k>/, whose newest `importance`
+is then the running sum to hand to the next stage)."""
 from mllm_tune.configs import base
 
 
