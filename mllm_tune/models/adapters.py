@@ -10,6 +10,8 @@ Beside a `Linear` kernel (d_in, d_out), applied by `apply_linear` in this order:
   ia3_in (d_in,)                                      x  *= ia3_in     (before the matmul)
   extra_bias (d_out,)                                 y  += extra_bias (BitFit, bias-free layers)
   lora_a (d_in, r), lora_b (r, d_out), lora_scale ()  y  += (s * (drop(x) @ A)) @ B
+  lora_bias (d_out,)                                  y  += s * lora_bias (peft's lora_bias:
+                                                      lora_B's bias; not with DoRA)
   lora_dropout ()                                     dropout rate on the LoRA / VeRA input,
                                                       active only when a 'dropout' rng is passed
   dora_m (d_out,)                                     DoRA magnitude (peft's forward, below)
@@ -51,6 +53,7 @@ ADAPTERS = "adapters"  # the collection
 
 LORA_A, LORA_B, LORA_SCALE, LORA_DROPOUT, DORA_M = (
     "lora_a", "lora_b", "lora_scale", "lora_dropout", "dora_m")
+LORA_BIAS = "lora_bias"
 PISSA_A0, PISSA_B0 = "pissa_a0", "pissa_b0"
 VERA_A, VERA_B, VERA_D, VERA_BVEC = "vera_a", "vera_b", "vera_d", "vera_bvec"
 IA3_IN, IA3_OUT = "ia3_in", "ia3_out"
@@ -85,6 +88,7 @@ LEAVES: dict[str, Leaf] = {
     LORA_SCALE: Leaf(_L + ", embed.TokenEmbed", "()",
                      ("lora", "rslora", "dora", "pissa", "lorasculpt")),
     LORA_DROPOUT: Leaf(_L, "()", ("lora", "rslora", "dora", "pissa", "lorasculpt", "vera")),
+    LORA_BIAS: Leaf(_L, "(d_out,)", ("lora", "rslora")),
     DORA_M: Leaf(_L, "(d_out,)", ("dora",)),
     PISSA_A0: Leaf(None, "(d_in, r)", ("pissa",)),
     PISSA_B0: Leaf(None, "(r, d_out)", ("pissa",)),
@@ -175,7 +179,8 @@ def lora_delta(module, x, k0, dt):
   delta = jnp.matmul(jnp.matmul(xd, a) * scale, b)  # scale the rank-r side (cheaper)
   m = get(module, DORA_M)
   if m is None:
-    return delta
+    bias = get(module, LORA_BIAS)
+    return delta if bias is None else delta + scale * bias.astype(dt)
   norm = jax.lax.stop_gradient(jnp.linalg.norm(
       (k0 + scale * jnp.matmul(a, b)).astype(jnp.float32), axis=0)).astype(dt)
   ratio = m.astype(dt) / norm

@@ -13,4 +13,5 @@ def get_config():
   c.dropout = 0.0
   c.targets = r"llm/layers_\d+/attn/(q|v)_proj"
   c.init_a = "kaiming"
+  c.lora_bias = False  # peft's lora_bias: a trained output bias s * b beside B
   return c

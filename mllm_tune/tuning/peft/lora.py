@@ -21,8 +21,8 @@ import re
 import jax
 import numpy as np
 
-from mllm_tune.models.adapters import (DORA_M, LORA_A, LORA_B, LORA_DROPOUT, LORA_SCALE,
-                                       PISSA_A0, PISSA_B0)
+from mllm_tune.models.adapters import (DORA_M, LORA_A, LORA_B, LORA_BIAS, LORA_DROPOUT,
+                                       LORA_SCALE, PISSA_A0, PISSA_B0)
 from mllm_tune import pytree
 from mllm_tune.tuning.api import Compose, MethodError, compose, label
 from mllm_tune.tuning.peft import experts, extras, tokens
@@ -30,12 +30,12 @@ from mllm_tune.tuning.peft import format as peft_io
 from mllm_tune.tuning.reparam.lora import LoRA, PiSSA, adapter_path, get_leaf, pissa_to_lora
 from mllm_tune.tuning.selective.tokens import CLASH, TrainableTokens
 
-LORA_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
+LORA_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_magnitude_vector")
 # peft's Embedding names its factors (same orientation as a Linear's lora_A / lora_B weights)
 EMBEDDING_SUFFIXES = {"lora_embedding_A": "lora_A.weight", "lora_embedding_B": "lora_B.weight"}
 INIT_KEEPS_BASE = (True, False, "gaussian", "eva", "orthogonal", "mica")
-UNSUPPORTED = ("lora_bias", "use_qalora", "layer_replication", "alora_invocation_tokens")
-LORA_LEAVES = (LORA_A, LORA_B, LORA_SCALE, LORA_DROPOUT, DORA_M, PISSA_A0, PISSA_B0)
+UNSUPPORTED = ("use_qalora", "layer_replication", "alora_invocation_tokens")
+LORA_LEAVES = (LORA_A, LORA_B, LORA_BIAS, LORA_SCALE, LORA_DROPOUT, DORA_M, PISSA_A0, PISSA_B0)
 
 
 # ----------------------------------------------------------------------------- export
@@ -77,6 +77,7 @@ def export_lora(method, model, variables: dict):
     get = lambda leaf: np.asarray(adapters[adapter_path(path, leaf)], np.float32)
     a, b = get(LORA_A), get(LORA_B)
     m = get(DORA_M) if lora.use_dora else None
+    bias = get(LORA_BIAS) if lora.lora_bias else None
     layers = list(np.flatnonzero(lay.flags)) if lay.flags.ndim else [None]
     for i in layers:
       sl = (lambda x: x[i]) if i is not None else (lambda x: x)
@@ -101,6 +102,8 @@ def export_lora(method, model, variables: dict):
       tensors[f"{key}.lora_B.weight"] = sl(b)[:r].T
       if m is not None:
         tensors[f"{key}.lora_magnitude_vector"] = sl(m)
+      if bias is not None:
+        tensors[f"{key}.lora_B.bias"] = sl(bias)
   # an expert stack's module (`...mlp.experts`) is LoRA-wrapped too: no modules_to_save for it
   wrapped = set(names) | {n.rsplit(".", 1)[0] for n in expert_names}
   extra_cfg, extra_tensors = extras.export_extras(method, model, variables, wrapped)
@@ -112,7 +115,7 @@ def export_lora(method, model, variables: dict):
     tensors.update(token_tensors)
   config = {"peft_type": "LORA", "r": lora.rank, "lora_alpha": lora.alpha,
             "lora_dropout": lora.dropout, "use_rslora": lora.use_rslora,
-            "use_dora": lora.use_dora, "init_lora_weights": True,
+            "use_dora": lora.use_dora, "lora_bias": lora.lora_bias, "init_lora_weights": True,
             "fan_in_fan_out": False, "rank_pattern": rank_pattern,
             "alpha_pattern": alpha_pattern, "layers_to_transform": None,
             "target_modules": peft_io.targets_regex(sorted(set(names) - expert_names)),
@@ -190,6 +193,7 @@ def import_lora(config: dict, tensors: dict, model, params: dict, where: str):
   kw = dict(rank=r, alpha=alpha, dropout=float(config.get("lora_dropout", 0.0)),
             use_rslora=bool(config.get("use_rslora", False)),
             use_dora=bool(config.get("use_dora", False)),
+            lora_bias=bool(config.get("lora_bias", False)),
             targets=tuple(sorted(peft_io.logical_target(p, i) for p, i in modules)),
             rank_pattern=tuple(sorted((peft_io.logical_target(*pl), v)
                                       for pl, v in ranks.items() if v != r)),
@@ -242,6 +246,17 @@ def import_lora(config: dict, tensors: dict, model, params: dict, where: str):
                             "lora_magnitude_vector")
         peft_io.check_shape(m[i], (d_out,), f"{path} layer {i} lora_magnitude_vector", where)
       adapters[adapter_path(path, DORA_M)] = peft_io.to_stacked(m, k_shape, (d_out,))
+    biases = parts.get("lora_B.bias", {})
+    if biases and not method.lora_bias:
+      raise MethodError(f"{where}: {modules[(path, min(biases))]} has lora_B.bias but the config "
+                        "does not set lora_bias")
+    if method.lora_bias:
+      for i in a:
+        if i not in biases:
+          raise MethodError(f"{where}: lora_bias is set but {modules[(path, i)]} has no "
+                            "lora_B.bias")
+        peft_io.check_shape(biases[i], (d_out,), f"{modules[(path, i)]}.lora_B.bias", where)
+      adapters[adapter_path(path, LORA_BIAS)] = peft_io.to_stacked(biases, k_shape, (d_out,))
   new_params = extras.put_values(variables["params"], values)
   others = extras.selective_methods(params, mts_set, bias_set)
   if with_tokens is not None:  # trainable_token_indices: the rows beside the factors

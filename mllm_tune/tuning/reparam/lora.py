@@ -6,6 +6,9 @@ a=sqrt(5), on torch's (r, d_in)), B = 0; `init_a="gaussian"`: A ~ N(0, 1/r^2). T
 anchored regexes on logical module paths (`llm/layers_3/attn/q_proj`). On stacked layers the
 adapters are stacked too; layers a target does not cover get A = B = 0, scale 0, and a frozen mask.
 peft names: `lora_A.weight = A^T`, `lora_B.weight = B^T`, DoRA `lora_magnitude_vector = m`.
+`lora_bias=True` (peft's option of that name: lora_B with a bias b, init 0) adds `s * b` to the
+output (Linear targets of LoRA / rsLoRA only, not with DoRA); a merge adds `s * b` to the base
+bias and is refused for a layer without one (as peft refuses it).
 The LLM's token embedding (target `llm/embed`, LoRA / rsLoRA only, untied LM heads) is a
 (V, D) kernel on one-hot inputs: `e(t) = E_t + s A_t B` with `A (V, r)`, `B (r, D)`, init as
 peft's `Embedding` (A = 0, B ~ N(0, 1)), no dropout; peft names `lora_embedding_A = A^T`,
@@ -27,8 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mllm_tune.models.adapters import (DORA_M, LORA_A, LORA_B, LORA_DROPOUT, LORA_SCALE, PISSA_A0,
-                                       PISSA_B0)
+from mllm_tune.models.adapters import (DORA_M, LORA_A, LORA_B, LORA_BIAS, LORA_DROPOUT,
+                                       LORA_SCALE, PISSA_A0, PISSA_B0)
 from mllm_tune import pytree
 from mllm_tune.tuning.api import Method, MethodError, register
 
@@ -124,7 +127,9 @@ class LoRA(Method):
   use_dora: bool = False
   rank_pattern: tuple = ()   # ((module regex, rank), ...): peft rank_pattern
   alpha_pattern: tuple = ()  # ((module regex, alpha), ...): peft alpha_pattern
+  lora_bias: bool = False    # peft lora_bias: a trained output bias s * b beside B
   patterns_supported: ClassVar[bool] = True
+  bias_supported: ClassVar[bool] = True
   experts_supported: ClassVar[bool] = True  # LoRA per expert on MoE weight stacks
   embeddings_supported: ClassVar[bool] = True  # LoRA on the token embedding (`llm/embed`)
 
@@ -142,6 +147,8 @@ class LoRA(Method):
       raise MethodError(f"{self.name}: dropout must be in [0, 1), got {self.dropout}")
     if self.init_a not in ("kaiming", "gaussian"):
       raise MethodError(f"{self.name}: init_a must be 'kaiming' or 'gaussian'")
+    if self.lora_bias and (self.use_dora or not self.bias_supported):
+      raise MethodError(f"{self.name}: lora_bias is supported for plain LoRA / rsLoRA only")
 
   @property
   def scale(self) -> float:
@@ -155,6 +162,10 @@ class LoRA(Method):
       raise MethodError(f"{self.name}: targets {self.targets!r} reach the mixture-of-experts "
                         f"weight stacks {experts}; only plain LoRA / rsLoRA adapt those (one "
                         "A, B pair per expert, as PEFT's target_parameters)")
+    if self.lora_bias and (experts or pytree.TOKEN_EMBEDDING in targets):
+      raise MethodError(f"{self.name}: lora_bias applies to Linear targets; targets "
+                        f"{self.targets!r} reach "
+                        f"{experts[:2] or [pytree.TOKEN_EMBEDDING]} (peft has no bias there)")
     if pytree.TOKEN_EMBEDDING in targets:
       if self.use_dora or not self.embeddings_supported:
         raise MethodError(f"{self.name}: targets {self.targets!r} reach the token embedding "
@@ -220,6 +231,8 @@ class LoRA(Method):
       if self.use_dora:
         m = jnp.linalg.norm(jnp.asarray(k0, jnp.float32), axis=-2)
         out[adapter_path(path, DORA_M)] = m
+      if self.lora_bias:
+        out[adapter_path(path, LORA_BIAS)] = jnp.zeros((*lead, d_out), jnp.float32)
     return pytree.unflatten(out)
 
   def trainable(self, variables):
@@ -231,12 +244,12 @@ class LoRA(Method):
       # per-layer ranks below the leaf's: mask the padding (A columns, B rows past r_l)
       cols = (np.arange(r) < lay.ranks[..., None]) if lay.flags.ndim else None
       padded = cols is not None and not np.array_equal(cols, np.repeat(lay.flags[:, None], r, 1))
-      for leaf in (LORA_A, LORA_B, DORA_M):
+      for leaf in (LORA_A, LORA_B, DORA_M, LORA_BIAS):
         key = "adapters/" + adapter_path(path, leaf)
         if key not in flat:
           continue
         nd = np.ndim(adapters[adapter_path(path, leaf)])
-        if padded and leaf != DORA_M:
+        if padded and leaf in (LORA_A, LORA_B):
           m = per_layer(cols, nd - 1, trailing=1)      # (L, .., r)
           flat[key] = m[..., None, :] if leaf == LORA_A else m[..., :, None]
         else:
@@ -256,6 +269,16 @@ class LoRA(Method):
       if m is not None:
         merged = merged * (m / jnp.linalg.norm(merged, axis=-2))[..., None, :]
       params[path] = merged.astype(params[path].dtype)
+      b_lora = adapters.get(adapter_path(path, LORA_BIAS))
+      if b_lora is not None:
+        bias = path.rsplit("/", 1)[0] + "/bias"
+        if bias not in params:
+          raise MethodError(f"{self.name}: lora_bias on {path.rsplit('/', 1)[0]}, whose layer "
+                            "has no bias to merge it into (peft cannot merge it either)")
+        b0 = jnp.asarray(params[bias], jnp.float32)
+        s_b = jnp.asarray(per_layer(adapters[adapter_path(path, LORA_SCALE)], b0.ndim),
+                          jnp.float32)
+        params[bias] = (b0 + s_b * b_lora).astype(params[bias].dtype)
     return pytree.unflatten(params)
 
 
@@ -286,6 +309,7 @@ class PiSSA(LoRA):
   patterns_supported: ClassVar[bool] = False
   experts_supported: ClassVar[bool] = False
   embeddings_supported: ClassVar[bool] = False
+  bias_supported: ClassVar[bool] = False
 
   def init_variables(self, rng, params):
     adapters = pytree.flatten(self.init(rng, params))

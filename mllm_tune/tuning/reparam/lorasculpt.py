@@ -67,6 +67,7 @@ class LoRASculpt(LoRA):
   patterns_supported: ClassVar[bool] = False  # the density and CMR assume one rank
   experts_supported: ClassVar[bool] = False
   embeddings_supported: ClassVar[bool] = False
+  bias_supported: ClassVar[bool] = False
 
   def __post_init__(self):
     super().__post_init__()
