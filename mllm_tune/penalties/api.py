@@ -134,7 +134,7 @@ def _merge_dependencies(method: Method, trainable: dict, frozen: dict):
   some merged leaf}) from the jaxpr of `method.merge`; None when the method cannot merge."""
   shapes = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), t)
   try:
-    closed = jax.make_jaxpr(lambda t, f: pytree.flatten(method.merge(combine(t, f))))(
+    closed = jax.make_jaxpr(lambda t, f: pytree.flatten(method.weight_view(combine(t, f))))(
         shapes(trainable), shapes(frozen))
   except MethodError:
     return None
@@ -155,7 +155,7 @@ def _merge_dependencies(method: Method, trainable: dict, frozen: dict):
     for o in eqn.outvars:
       deps[o] = s
   out_paths = sorted(pytree.flatten(jax.eval_shape(
-      lambda t, f: method.merge(combine(t, f)), shapes(trainable), shapes(frozen))))
+      lambda t, f: method.weight_view(combine(t, f)), shapes(trainable), shapes(frozen))))
   changed, feeding = set(), set()
   for p, v in zip(out_paths, jaxpr.outvars):
     d = get(v)
@@ -213,7 +213,7 @@ class BoundPenalty:
       return pytree.flatten(variables)
     f32 = jax.tree.map(lambda x: x.astype(jnp.float32)
                        if jnp.issubdtype(x.dtype, jnp.floating) else x, variables["params"])
-    merged = self.method.merge({"params": f32, "adapters": variables.get("adapters", {})})
+    merged = self.method.weight_view({"params": f32, "adapters": variables.get("adapters", {})})
     return {"params/" + p: x for p, x in pytree.flatten(merged).items()}
 
   def value(self, trainable: dict, frozen: dict, consts: dict) -> jax.Array:

@@ -96,6 +96,7 @@ class Trainer:
           "fisher_data is a one-pass iterator: pass a list or a factory `model -> batches`")
     trainable = self._assemble(variables)
     if penalty_refresh.every(self.penalty):  # theta* = the weights as the penalty reads them
+      penalty_refresh.check(self.penalty, variables)
       consts["anchor"] = penalty_refresh.current_anchor(self.penalty, trainable, self.frozen)
     self.penalty_consts = self._place_penalty_consts(consts)
     self.state = self._initial_state(trainable, rng)

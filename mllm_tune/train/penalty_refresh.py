@@ -31,6 +31,8 @@ from mllm_tune import pytree, tuning
 from mllm_tune.importance import fisher as fisher_lib
 from mllm_tune.importance import store as importance_store
 from mllm_tune.train import penalty_setup
+from mllm_tune.train.setup import ConfigValueError
+from mllm_tune.tuning.api import MethodError
 
 log = logging.getLogger(__name__)
 SUBDIR = os.path.join("importance", "online_ewc_refresh")
@@ -53,6 +55,19 @@ def last_before(step: int, k: int, total: int) -> int:
   """The step of the newest refresh a run at `step` has made (0: none yet)."""
   m = (step // k) * k
   return m - k if m >= total else m
+
+
+def check(bound, variables: dict) -> None:
+  """Refuses a refresh whose Fisher cannot be computed: it runs on the merged model, which e.g.
+  LoRA's `lora_bias` on a layer without a bias cannot form."""
+  if not every(bound) or not bound.merged:
+    return
+  try:
+    jax.eval_shape(bound.method.merge, variables)
+  except MethodError as e:
+    raise ConfigValueError(f"config 'penalty.refresh_every': each refresh computes the Fisher "
+                           f"on the merged model at the current weights, which this method "
+                           f"cannot form: {e}") from e
 
 
 def current_anchor(bound, trainable: dict, frozen: dict) -> dict:

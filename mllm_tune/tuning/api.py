@@ -129,6 +129,12 @@ class Method:
                         "weights; export its adapters instead")
     return variables["params"]
 
+  def weight_view(self, variables: Variables) -> dict:
+    """The base params with this method folded in as far as the weights can hold it: what the
+    penalties pull (`penalties.api`). `merge`, except where a merge is refused for a part that
+    has no base weight to fold into (LoRA's `lora_bias` on a layer without a bias: left out)."""
+    return self.merge(variables)
+
 
 # ----------------------------------------------------------------------------- partition
 def partition(variables: Variables, mask: dict) -> tuple[dict, dict]:
@@ -238,6 +244,12 @@ class Compose(Method):
     params = variables["params"]
     for m in self.methods:
       params = m.merge({"params": params, "adapters": variables.get("adapters", {})})
+    return params
+
+  def weight_view(self, variables):
+    params = variables["params"]
+    for m in self.methods:
+      params = m.weight_view({"params": params, "adapters": variables.get("adapters", {})})
     return params
 
 

@@ -196,3 +196,12 @@ def test_a_one_pass_fisher_iterator_is_refused(tmp_path):
   with pytest.raises(Exception, match="one-pass iterator"):
     Trainer(_cfg(tmp_path), _data(), progress=False,
             fisher_data=iter([_data().make(0)]))
+
+
+def test_refresh_needs_a_method_that_can_form_the_merged_model(tmp_path):
+  """The refreshed Fisher runs on the merged model: LoRA's lora_bias on bias-free layers (the
+  tiny Llama has none) cannot form it, refused before training."""
+  cfg = _cfg(tmp_path)
+  cfg.method.lora_bias = True
+  with pytest.raises(Exception, match="refresh_every.*cannot form.*no bias to merge"):
+    Trainer(cfg, _data(), progress=False)

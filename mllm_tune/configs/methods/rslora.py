@@ -9,4 +9,5 @@ def get_config():
   c.alpha = 16.0
   c.dropout = 0.0
   c.targets = r"llm/layers_\d+/attn/(q|v)_proj"
+  c.lora_bias = False  # peft's lora_bias: a trained output bias s * b beside B
   return c

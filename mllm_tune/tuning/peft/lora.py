@@ -62,7 +62,9 @@ def export_lora(method, model, variables: dict):
   cfg = model.config
   adapters = pytree.flatten(variables["adapters"])
   layout = lora.layout(variables["params"])
-  owned = {adapter_path(p, leaf) for p in layout for leaf in LORA_LEAVES}
+  leaves = [x for x in LORA_LEAVES if (x != DORA_M or lora.use_dora)
+            and (x != LORA_BIAS or lora.lora_bias)]
+  owned = {adapter_path(p, leaf) for p in layout for leaf in leaves}
   if with_tokens:  # written as peft's trainable_token_indices
     owned |= {tokens.ROWS, tokens.IDS}
   foreign = sorted(set(adapters) - owned)

@@ -23,6 +23,7 @@ add nothing), and scale alpha_l / r_l (alpha_l / sqrt(r_l) with rsLoRA).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from typing import ClassVar, NamedTuple
 
@@ -35,6 +36,7 @@ from mllm_tune.models.adapters import (DORA_M, LORA_A, LORA_B, LORA_BIAS, LORA_D
 from mllm_tune import pytree
 from mllm_tune.tuning.api import Method, MethodError, register
 
+log = logging.getLogger(__name__)
 DEFAULT_TARGETS = r"llm/layers_\d+/attn/(q|v)_proj"
 ALL_LLM_LINEARS = r"llm/layers_\d+/(attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)"
 
@@ -208,6 +210,13 @@ class LoRA(Method):
 
   def init(self, rng, params):
     out = {}
+    flat = pytree.flatten(params)
+    no_bias = sorted(p.rsplit("/", 1)[0] for p in self.layout(params)
+                     if self.lora_bias and p.rsplit("/", 1)[0] + "/bias" not in flat)
+    if no_bias:  # as peft warns
+      log.warning("%s: lora_bias on layers without a bias (%s%s): they train and run, but a "
+                  "merge into base weights will be refused", self.name, ", ".join(no_bias[:4]),
+                  " ..." if len(no_bias) > 4 else "")
     for i, (path, lay) in enumerate(sorted(self.layout(params).items())):
       k0 = get_leaf(params, path)
       *lead, d_in, d_out = k0.shape
@@ -257,6 +266,13 @@ class LoRA(Method):
     return pytree.unflatten(flat)
 
   def merge(self, variables):
+    return self._merged(variables, strict=True)
+
+  def weight_view(self, variables):
+    """`merge`, with `lora_bias` left out on layers that have no bias (not refused)."""
+    return self._merged(variables, strict=False) if self.lora_bias else self.merge(variables)
+
+  def _merged(self, variables, strict: bool):
     params = pytree.flatten(variables["params"])
     adapters = pytree.flatten(variables.get("adapters", {}))
     for path in resolve_targets(variables["params"], self.targets, experts=True,
@@ -272,6 +288,8 @@ class LoRA(Method):
       b_lora = adapters.get(adapter_path(path, LORA_BIAS))
       if b_lora is not None:
         bias = path.rsplit("/", 1)[0] + "/bias"
+        if bias not in params and not strict:
+          continue
         if bias not in params:
           raise MethodError(f"{self.name}: lora_bias on {path.rsplit('/', 1)[0]}, whose layer "
                             "has no bias to merge it into (peft cannot merge it either)")

@@ -129,3 +129,33 @@ def test_lora_bias_is_refused_where_peft_has_none(tmp_path):
     json.dump(cfg, f)
   with pytest.raises(MethodError, match="has lora_B.bias but the config does not set lora_bias"):
     import_peft(peft_dir, model, params)
+
+
+def test_penalties_pull_b_into_the_bias_where_it_folds_and_toward_zero_where_it_cannot(tmp_path):
+  """L2-SP on LoRA with lora_bias on the vision q_proj (with a bias: s b is part of the merged
+  bias) and the LLM's (none: b is an adapter leaf no merge folds, pulled to 0 by beta): the
+  merged view still holds the kernels, and the value equals float64 NumPy."""
+  from mllm_tune import penalties
+  from tests.helpers.peft_ref import randomize
+  _, model, params, _, _ = tiny_llava(tmp_path)
+  method = mt.tuning.get("lora", rank=2, alpha=4, lora_bias=True,
+                         targets=(r"llm/layers_\d+/attn/q_proj", r"vision/layers_\d+/attn/q_proj"))
+  variables = method.init_variables(jax.random.key(0), params)
+  variables["adapters"] = randomize(variables["adapters"], ("lora_a", "lora_b", "lora_bias"))
+  bound, consts = penalties.bind(penalties.get("l2sp", weight=0.1, beta=0.01), method, variables)
+  assert bound.merged
+  assert set(bound.weighted) == {"params/llm/layers/attn/q_proj/kernel",
+                                 "params/vision/layers/attn/q_proj/kernel",
+                                 "params/vision/layers/attn/q_proj/bias"}
+  assert bound.free == ("adapters/llm/layers/attn/q_proj/lora_bias",)
+  trainable, frozen = mt.tuning.partition(variables, method.trainable(variables))
+  ad = {p: np.asarray(x, np.float64) for p, x in pytree.flatten(variables["adapters"]).items()}
+  want = 0.0
+  for tower in ("llm", "vision"):
+    a, b = ad[f"{tower}/layers/attn/q_proj/lora_a"], ad[f"{tower}/layers/attn/q_proj/lora_b"]
+    s = ad[f"{tower}/layers/attn/q_proj/lora_scale"][:, None, None]
+    want += 0.1 / 2 * np.sum((s * a @ b) ** 2)
+  s_v = ad["vision/layers/attn/q_proj/lora_scale"][:, None]
+  want += 0.1 / 2 * np.sum((s_v * ad["vision/layers/attn/q_proj/lora_bias"]) ** 2)
+  want += 0.01 / 2 * np.sum(ad["llm/layers/attn/q_proj/lora_bias"] ** 2)
+  np.testing.assert_allclose(float(bound.value(trainable, frozen, consts)), want, rtol=1e-5)
