@@ -29,9 +29,11 @@ def get_config():
 
   c.method = ml_collections.ConfigDict({"name": "freeze", "preset": "full"})  # full FT
 
+  # decay_on: hf_trainer = weight decay on everything but biases and normalization weights
+  # (transformers Trainer's rule) | all (optax's default)
   c.optimizer = ml_collections.ConfigDict(dict(
       name="adamw", learning_rate=1e-4, schedule="cosine", warmup_steps=0, weight_decay=0.0,
-      b1=0.9, b2=0.999, eps=1e-8, momentum=0.0, clip_norm=1.0))
+      decay_on="hf_trainer", b1=0.9, b2=0.999, eps=1e-8, momentum=0.0, clip_norm=1.0))
 
   c.train = ml_collections.ConfigDict(dict(
       steps=100, grad_accum=1, log_every=10, eval_every=0, save_every=50, keep=3,

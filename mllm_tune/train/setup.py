@@ -158,11 +158,40 @@ def make_schedule(o, total_steps: int):
   return main
 
 
+NO_DECAY_LEAVES = ("prefix_mlp_b1", "prefix_mlp_b2")  # biases whose names do not say so
+
+
+def decays(path: str) -> bool:
+  """Whether AdamW's weight decay applies to the leaf at `path` ("params/..." or
+  "adapters/..."), with transformers Trainer's rule (`get_decay_parameter_names`): not to
+  biases and not to normalization weights. Ours are named `*bias*` (bias, patch_bias,
+  lora_bias, extra_bias, ...) and live in modules named `*norm*` or `ln_*` (norm1, post_norm,
+  input_norm, q_norm, the Qwen merger's ln_q) [choice: every normalization weight; Trainer's
+  own rule misses RMSNorms its names do not spell, e.g. Qwen2.5-VL's ln_q]."""
+  *modules, leaf = path.split("/")
+  if "bias" in leaf or leaf in NO_DECAY_LEAVES:
+    return False
+  return not any("norm" in m or m.startswith("ln_") for m in modules)
+
+
+def decay_mask(tree):
+  """`decays` over a (trainable) variables tree, any structure kept (optax's masked nodes):
+  AdamW's `mask`."""
+  name = lambda k: str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+  return jax.tree_util.tree_map_with_path(
+      lambda kp, _: decays("/".join(name(k) for k in kp)), tree)
+
+
 def make_optimizer(o, total_steps: int):
-  """-> (optax transform incl. clipping, lr schedule)."""
+  """-> (optax transform incl. clipping, lr schedule). `o.decay_on`: "hf_trainer" (default:
+  transformers Trainer's rule, `decays`) | "all" (optax's default: every trained leaf)."""
   lr = make_schedule(o, total_steps)
+  decay_on = o.get("decay_on", "hf_trainer")
+  if decay_on not in ("hf_trainer", "all"):
+    raise ConfigValueError(f"optimizer.decay_on must be hf_trainer|all, got {decay_on!r}")
   if o.name == "adamw":
-    opt = optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
+    opt = optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                      mask=decay_mask if decay_on == "hf_trainer" else None)
   elif o.name == "sgd":
     opt = optax.sgd(lr, momentum=o.momentum or None)
   elif o.name == "adafactor":
