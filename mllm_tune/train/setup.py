@@ -15,6 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mllm_tune import tuning
 from mllm_tune.models import build_model, init_params
+from mllm_tune.models.adapters import PREFIX_MLP_B1, PREFIX_MLP_B2
 from mllm_tune.models.config import (CausalLMConfig, LLMConfig, LlavaConfig, VisionConfig,
                                      with_runtime)
 from mllm_tune.train import sharding as shard_lib
@@ -158,7 +159,7 @@ def make_schedule(o, total_steps: int):
   return main
 
 
-NO_DECAY_LEAVES = ("prefix_mlp_b1", "prefix_mlp_b2")  # biases whose names do not say so
+NO_DECAY_LEAVES = (PREFIX_MLP_B1, PREFIX_MLP_B2)  # biases whose names do not say so
 
 
 def decays(path: str) -> bool:
@@ -167,7 +168,8 @@ def decays(path: str) -> bool:
   biases and not to normalization weights. Ours are named `*bias*` (bias, patch_bias,
   lora_bias, extra_bias, ...) and live in modules named `*norm*` or `ln_*` (norm1, post_norm,
   input_norm, q_norm, the Qwen merger's ln_q) [choice: every normalization weight; Trainer's
-  own rule misses RMSNorms its names do not spell, e.g. Qwen2.5-VL's ln_q]."""
+  own rule misses RMSNorms its names do not spell: it decays Qwen2.5-VL's vision norm1, norm2
+  and ln_q]."""
   *modules, leaf = path.split("/")
   if "bias" in leaf or leaf in NO_DECAY_LEAVES:
     return False
@@ -182,6 +184,21 @@ def decay_mask(tree):
       lambda kp, _: decays("/".join(name(k) for k in kp)), tree)
 
 
+def masked_decay(weight_decay: float, mask_fn) -> optax.GradientTransformation:
+  """`optax.add_decayed_weights` on the leaves `mask_fn(updates)` marks, with its (empty) state:
+  an optimizer state shaped as optax.adamw's without a mask, so checkpoints of either rule
+  restore with the other (optax's `mask=` would add a MaskedState node)."""
+  base = optax.add_decayed_weights(weight_decay)
+
+  def update(updates, state, params=None):
+    if params is None:
+      raise ValueError("masked_decay needs the params")
+    keep = mask_fn(updates)
+    return jax.tree.map(lambda g, p, d: g + weight_decay * p if d else g, updates, params,
+                        keep), state
+  return optax.GradientTransformation(base.init, update)
+
+
 def make_optimizer(o, total_steps: int):
   """-> (optax transform incl. clipping, lr schedule). `o.decay_on`: "hf_trainer" (default:
   transformers Trainer's rule, `decays`) | "all" (optax's default: every trained leaf)."""
@@ -189,15 +206,21 @@ def make_optimizer(o, total_steps: int):
   decay_on = o.get("decay_on", "hf_trainer")
   if decay_on not in ("hf_trainer", "all"):
     raise ConfigValueError(f"optimizer.decay_on must be hf_trainer|all, got {decay_on!r}")
-  if o.name == "adamw":
-    opt = optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
-                      mask=decay_mask if decay_on == "hf_trainer" else None)
-  elif o.name == "sgd":
+  if o.name not in ("adamw", "sgd", "adafactor"):
+    raise ConfigValueError(f"optimizer.name must be adamw|sgd|adafactor, got {o.name!r}")
+  if o.name != "adamw" and o.get("weight_decay", 0.0):
+    log.warning("optimizer.weight_decay=%g is ignored by optimizer.name=%s (AdamW only)",
+                o.weight_decay, o.name)
+  if o.name == "sgd":
     opt = optax.sgd(lr, momentum=o.momentum or None)
   elif o.name == "adafactor":
     opt = optax.adafactor(lr)
-  else:
-    raise ConfigValueError(f"optimizer.name must be adamw|sgd|adafactor, got {o.name!r}")
+  elif decay_on == "all":
+    opt = optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
+  else:  # optax.adamw's chain, the decay masked by `decays`
+    opt = optax.chain(optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps),
+                      masked_decay(o.weight_decay, decay_mask),
+                      optax.scale_by_learning_rate(lr))
   if o.clip_norm:
     opt = optax.chain(optax.clip_by_global_norm(o.clip_norm), opt)
   return opt, lr
