@@ -52,6 +52,14 @@ def saved_peft(hf_model, peft_config, out_dir: str, leaf: str = "lora_B", std: f
   return peft_model
 
 
+def adapter_tensors(path: str) -> dict:
+  """{name: numpy array} of the `adapter_model.safetensors` in directory `path`."""
+  import os
+  from safetensors import safe_open
+  with safe_open(os.path.join(path, "adapter_model.safetensors"), "pt") as f:
+    return {k: f.get_tensor(k).numpy() for k in f.keys()}
+
+
 def randomize(tree: dict, names: tuple[str, ...], seed: int = 0, scale: float = 0.3) -> dict:
   """Replace the leaves called `names` by random values (so deltas are not zero)."""
   rng = np.random.RandomState(seed)

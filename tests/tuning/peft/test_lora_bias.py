@@ -14,23 +14,17 @@ import numpy as np
 import pytest
 import torch
 from peft import LoraConfig, PeftModel
-from safetensors import safe_open
 
 import mllm_tune as mt
 from mllm_tune import pytree
 from mllm_tune.tuning.api import MethodError
 from mllm_tune.tuning.peft import export_peft, import_peft
 from tests.helpers import hf_tiny
-from tests.helpers.peft_ref import (ce_loss_jax, ce_loss_torch, hf_px, saved_peft, tiny_llava,
-                                    torch_logits)
+from tests.helpers.peft_ref import (adapter_tensors, ce_loss_jax, ce_loss_torch, hf_px,
+                                    randomize, saved_peft, tiny_llava, torch_logits)
 
 TARGETS = r".*(vision_tower|language_model).*\.q_proj"
 VISION_Q = "base_model.model.model.vision_tower.encoder.layers.0.self_attn.q_proj"
-
-
-def _tensors(path):
-  with safe_open(os.path.join(path, "adapter_model.safetensors"), "pt") as f:
-    return {k: f.get_tensor(k).numpy() for k in f.keys()}
 
 
 def test_peft_lora_bias_imports_trains_exports_and_merges_like_peft(tmp_path):
@@ -38,7 +32,7 @@ def test_peft_lora_bias_imports_trains_exports_and_merges_like_peft(tmp_path):
   peft_dir = str(tmp_path / "peft")
   peft_model = saved_peft(hf_model, LoraConfig(r=2, lora_alpha=4, target_modules=TARGETS,
                                                lora_bias=True), peft_dir)  # B and b random
-  saved = _tensors(peft_dir)
+  saved = adapter_tensors(peft_dir)
   assert f"{VISION_Q}.lora_B.bias" in saved and np.abs(saved[f"{VISION_Q}.lora_B.bias"]).max() > 0
   method, variables = import_peft(peft_dir, model, params)
   assert method.lora_bias
@@ -75,7 +69,7 @@ def test_peft_lora_bias_imports_trains_exports_and_merges_like_peft(tmp_path):
 
   again = str(tmp_path / "again")
   export_peft(again, model, method, variables, base_model_name_or_path=base_dir)
-  written = _tensors(again)
+  written = adapter_tensors(again)
   assert sorted(written) == sorted(saved)
   for k, v in written.items():
     assert v.tobytes() == saved[k].tobytes(), k
@@ -136,7 +130,6 @@ def test_penalties_pull_b_into_the_bias_where_it_folds_and_toward_zero_where_it_
   bias) and the LLM's (none: b is an adapter leaf no merge folds, pulled to 0 by beta): the
   merged view still holds the kernels, and the value equals float64 NumPy."""
   from mllm_tune import penalties
-  from tests.helpers.peft_ref import randomize
   _, model, params, _, _ = tiny_llava(tmp_path)
   method = mt.tuning.get("lora", rank=2, alpha=4, lora_bias=True,
                          targets=(r"llm/layers_\d+/attn/q_proj", r"vision/layers_\d+/attn/q_proj"))

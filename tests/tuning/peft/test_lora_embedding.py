@@ -15,22 +15,16 @@ import numpy as np
 import pytest
 import torch
 from peft import LoraConfig, PeftModel
-from safetensors import safe_open
 
 import mllm_tune as mt
 from mllm_tune import pytree
 from mllm_tune.tuning.peft import export_peft, import_peft
 from mllm_tune.tuning.peft.format import write_adapter
 from tests.helpers import hf_tiny
-from tests.helpers.peft_ref import (ce_loss_jax, ce_loss_torch, hf_px, saved_peft, tiny_llava,
-                                    torch_logits)
+from tests.helpers.peft_ref import (adapter_tensors, ce_loss_jax, ce_loss_torch, hf_px,
+                                    saved_peft, tiny_llava, torch_logits)
 
 TARGETS = r".*language_model.*\.(embed_tokens|q_proj)"
-
-
-def _tensors(path):
-  with safe_open(os.path.join(path, "adapter_model.safetensors"), "pt") as f:
-    return {k: f.get_tensor(k).numpy() for k in f.keys()}
 
 
 def test_peft_embedding_lora_imports_trains_and_exports_like_peft(tmp_path):
@@ -71,7 +65,7 @@ def test_peft_embedding_lora_imports_trains_and_exports_like_peft(tmp_path):
 
   again = str(tmp_path / "again")
   export_peft(again, model, method, variables, base_model_name_or_path=base_dir)
-  saved, written = _tensors(peft_dir), _tensors(again)
+  saved, written = adapter_tensors(peft_dir), adapter_tensors(again)
   copies = {k for k in saved if ".base_layer." in k}  # peft's copy of the base embedding
   assert copies == {"base_model.model.model.language_model.embed_tokens.base_layer.weight"}
   assert sorted(set(saved) - copies) == sorted(written)

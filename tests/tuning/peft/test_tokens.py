@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, TrainableTokensConfig, get_peft_model
-from safetensors import safe_open
 
 import mllm_tune as mt
 from mllm_tune import pytree
@@ -22,7 +21,7 @@ from mllm_tune.tuning.peft import export_peft, import_peft
 from mllm_tune.tuning.peft import tokens as peft_tokens
 from mllm_tune.tuning.peft.format import write_adapter
 from tests.helpers import hf_tiny
-from tests.helpers.peft_ref import hf_px, token_llava
+from tests.helpers.peft_ref import adapter_tensors, hf_px, token_llava
 
 TOKENS = [5, 20, 23, 60]
 
@@ -51,11 +50,6 @@ def _logits(peft_model, batch):
   return out.logits.numpy()
 
 
-def _tensors(path):
-  with safe_open(os.path.join(path, "adapter_model.safetensors"), "pt") as f:
-    return {k: f.get_tensor(k).numpy() for k in f.keys()}
-
-
 def _roundtrip(tmp_path, hf_model, model, params, batch, base_dir, config, want_method):
   peft_dir = str(tmp_path / "peft")
   peft_model = _peft_saved(hf_model, config, peft_dir)
@@ -70,7 +64,7 @@ def _roundtrip(tmp_path, hf_model, model, params, batch, base_dir, config, want_
   assert np.abs(ours - base).max() > 1e-2
   again = str(tmp_path / "again")
   export_peft(again, model, method, variables, base_model_name_or_path=base_dir)
-  saved, written = _tensors(peft_dir), _tensors(again)
+  saved, written = adapter_tensors(peft_dir), adapter_tensors(again)
   assert sorted(saved) == sorted(written)
   for k, v in saved.items():
     assert v.tobytes() == written[k].tobytes(), k
@@ -136,7 +130,7 @@ def test_what_peft_also_writes_imports_and_what_it_cannot_load_is_refused(tmp_pa
         p.add_(torch.randn_like(p) * 0.3)
   peft_dir = str(tmp_path / "peft")
   peft_model.save_pretrained(peft_dir, save_embedding_layers=True)
-  assert any(k.endswith("token_adapter.base_layer.weight") for k in _tensors(peft_dir))
+  assert any(k.endswith("token_adapter.base_layer.weight") for k in adapter_tensors(peft_dir))
   method, variables = import_peft(peft_dir, model, params)
   ids, mask, px = batch
   real = mask.astype(bool)
