@@ -156,6 +156,24 @@ def _check_config(config: dict, where: str) -> None:
       "<initial adapter dir>)`, which writes a plain LoRA on the original base, and import that")
 
 
+def _module_vectors(parts: dict, suffix: str, enabled: bool, flag: str, layers: list,
+                    module_of, d_out: int, where: str) -> dict | None:
+  """{layer: (d_out,) array} of a per-module vector tensor (DoRA's magnitude, lora_bias's
+  lora_B.bias): required on every LoRA-wrapped layer when the config's `flag` is set, refused
+  when it is not; None when not enabled."""
+  got = parts.get(suffix, {})
+  if not enabled:
+    if got:
+      raise MethodError(f"{where}: {module_of(min(got))} has {suffix} but the config does not "
+                        f"set {flag}")
+    return None
+  for i in layers:
+    if i not in got:
+      raise MethodError(f"{where}: {flag} is set but {module_of(i)} has no {suffix}")
+    peft_io.check_shape(got[i], (d_out,), f"{module_of(i)}.{suffix}", where)
+  return got
+
+
 def import_lora(config: dict, tensors: dict, model, params: dict, where: str):
   _check_config(config, where)
   tensors, with_tokens = tokens.split_lora_tensors(config, tensors, model, params, where)
@@ -240,25 +258,12 @@ def import_lora(config: dict, tensors: dict, model, params: dict, where: str):
       b[i] = np.pad(b[i], pad + ((0, big_r - ri), (0, 0)))
     adapters[adapter_path(path, LORA_A)] = peft_io.to_stacked(a, k_shape, (*lead, d_in, big_r))
     adapters[adapter_path(path, LORA_B)] = peft_io.to_stacked(b, k_shape, (*lead, big_r, d_out))
-    if method.use_dora:
-      m = parts.get("lora_magnitude_vector", {})
-      for i in a:
-        if i not in m:
-          raise MethodError(f"{where}: use_dora is set but {modules[(path, i)]} has no "
-                            "lora_magnitude_vector")
-        peft_io.check_shape(m[i], (d_out,), f"{path} layer {i} lora_magnitude_vector", where)
-      adapters[adapter_path(path, DORA_M)] = peft_io.to_stacked(m, k_shape, (d_out,))
-    biases = parts.get("lora_B.bias", {})
-    if biases and not method.lora_bias:
-      raise MethodError(f"{where}: {modules[(path, min(biases))]} has lora_B.bias but the config "
-                        "does not set lora_bias")
-    if method.lora_bias:
-      for i in a:
-        if i not in biases:
-          raise MethodError(f"{where}: lora_bias is set but {modules[(path, i)]} has no "
-                            "lora_B.bias")
-        peft_io.check_shape(biases[i], (d_out,), f"{modules[(path, i)]}.lora_B.bias", where)
-      adapters[adapter_path(path, LORA_BIAS)] = peft_io.to_stacked(biases, k_shape, (d_out,))
+    for flag, suffix, leaf in (("use_dora", "lora_magnitude_vector", DORA_M),
+                               ("lora_bias", "lora_B.bias", LORA_BIAS)):
+      vec = _module_vectors(parts, suffix, getattr(method, flag), flag, sorted(a),
+                            lambda i: modules[(path, i)], d_out, where)
+      if vec is not None:
+        adapters[adapter_path(path, leaf)] = peft_io.to_stacked(vec, k_shape, (d_out,))
   new_params = extras.put_values(variables["params"], values)
   others = extras.selective_methods(params, mts_set, bias_set)
   if with_tokens is not None:  # trainable_token_indices: the rows beside the factors
