@@ -90,13 +90,9 @@ class Trainer:
         mesh=self.mesh)
     self.penalty_data = penalty_setup.setup_penalty_data(cfg, self.model, self.penalty,
                                                          self.mesh)
-    if penalty_refresh.every(self.penalty) and hasattr(fisher_data, "__next__"):
-      raise setup.ConfigValueError(
-          "config 'penalty.refresh_every': each refresh reads the Fisher data again, but "
-          "fisher_data is a one-pass iterator: pass a list or a factory `model -> batches`")
     trainable = self._assemble(variables)
     if penalty_refresh.every(self.penalty):  # theta* = the weights as the penalty reads them
-      penalty_refresh.check(self.penalty, variables)
+      penalty_refresh.check(self.penalty, variables, fisher_data)
       consts["anchor"] = penalty_refresh.current_anchor(self.penalty, trainable, self.frozen)
     self.penalty_consts = self._place_penalty_consts(consts)
     self.state = self._initial_state(trainable, rng)

@@ -57,10 +57,17 @@ def last_before(step: int, k: int, total: int) -> int:
   return m - k if m >= total else m
 
 
-def check(bound, variables: dict) -> None:
-  """Refuses a refresh whose Fisher cannot be computed: it runs on the merged model, which e.g.
-  LoRA's `lora_bias` on a layer without a bias cannot form."""
-  if not every(bound) or not bound.merged:
+def check(bound, variables: dict, fisher_data=None) -> None:
+  """Refuses a refresh whose Fisher cannot be computed: from a one-pass iterator (read again at
+  each refresh), or on a merged model the method cannot form (e.g. LoRA's `lora_bias` on a
+  layer without a bias)."""
+  if not every(bound):
+    return
+  if hasattr(fisher_data, "__next__"):
+    raise ConfigValueError("config 'penalty.refresh_every': each refresh reads the Fisher data "
+                           "again, but fisher_data is a one-pass iterator: pass a list or a "
+                           "factory `model -> batches`")
+  if not bound.merged:
     return
   try:
     jax.eval_shape(bound.method.merge, variables)
