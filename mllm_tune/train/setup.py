@@ -178,7 +178,7 @@ def decays(path: str) -> bool:
 
 def decay_mask(tree):
   """`decays` over a (trainable) variables tree, any structure kept (optax's masked nodes):
-  AdamW's `mask`."""
+  the mask `masked_decay` applies."""
   name = lambda k: str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
   return jax.tree_util.tree_map_with_path(
       lambda kp, _: decays("/".join(name(k) for k in kp)), tree)
