@@ -18,7 +18,7 @@ import optax
 
 from mllm_tune import tuning
 from mllm_tune.eval.vqa_sets import VqaArrays
-from mllm_tune.train import build
+from mllm_tune.train import build, setup
 from mllm_tune.train import step as step_lib
 
 
@@ -61,7 +61,8 @@ def fit(model, method: tuning.Method, params: dict, data: VqaArrays, spec, *, st
         weight_decay: float = 0.0, clip_norm: float = 1.0, progress=None,
         penalty: dict | None = None, importance_data=None) -> FitResult:
   """`steps` AdamW steps (cosine decay after linear warmup) of `method` on `data`, with an
-  optional forgetting `penalty` config (see `bind_penalty`).
+  optional forgetting `penalty` config (see `bind_penalty`). `weight_decay` spares biases and
+  normalization weights, as the trainer's default (`train.setup.decays`).
 
   Batches draw rows uniformly with `numpy.random.default_rng(seed)`, the adapter init uses
   `jax.random.key(seed)`: one seed fixes the whole run. `progress(n, loss)` is called per step.
@@ -78,8 +79,9 @@ def fit(model, method: tuning.Method, params: dict, data: VqaArrays, spec, *, st
   n_total = tuning.api.trainable_table(variables, mask)[2]
   schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(warmup_steps, 0),
                                                 max(steps, warmup_steps + 1))
-  inner = optax.chain(optax.clip_by_global_norm(clip_norm),
-                      optax.adamw(schedule, weight_decay=weight_decay))
+  inner = optax.chain(optax.clip_by_global_norm(clip_norm), optax.scale_by_adam(),
+                      setup.masked_decay(weight_decay, setup.decay_mask),
+                      optax.scale_by_learning_rate(schedule))
   bound, consts = None, None
   if penalty:
     bound, consts = bind_penalty(model, method, variables, params, penalty, importance_data, seed)

@@ -9,6 +9,7 @@ to them and its (3, L) M-RoPE positions (`data/qwen_batch.py`). `lm_logits_fn` r
 one example."""
 from __future__ import annotations
 
+import functools
 from typing import Callable, Iterable
 
 import jax
@@ -24,10 +25,14 @@ TOKEN_FIELDS = ("input_ids", "attention_mask", "positions", "segment_ids", "loss
 LogitsFn = Callable[[dict, dict], tuple[jax.Array, jax.Array, jax.Array]]
 
 
+@functools.lru_cache(maxsize=8)
 def lm_logits_fn(model) -> LogitsFn:
   """One LM example (input_ids, loss_mask, attention_mask, positions, segment_ids (T,);
   optional pixel_values (K, H, W, C)) -> (logits (T-1, V), targets = input_ids[1:],
-  weights = loss_mask[1:]): token t is a target predicted from t-1 (step.token_ce)."""
+  weights = loss_mask[1:]): token t is a target predicted from t-1 (step.token_ce).
+  One function per model (Flax modules compare by their fields), so that the jitted engine
+  built on it (`fisher.importance`) compiles once for every importance of that model, e.g. at
+  each in-run refresh of online EWC."""
   def fn(variables, ex):
     kw = {k: ex[k][None] for k in ("attention_mask", "positions", "segment_ids") if k in ex}
     if "positions" in ex and ex["positions"].ndim == 2:  # Qwen's M-RoPE ids (3, T)

@@ -18,6 +18,7 @@ Files (`store.py`): `save_importance` / `load_importance`.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -76,6 +77,14 @@ def per_example_sums(objective, reduce: str = "square"):
 
     return jax.lax.scan(body, acc, (examples, keys))[0]
   return jax.jit(run, donate_argnums=(2,))
+
+
+@functools.lru_cache(maxsize=8)
+def _engine(logits_fn: LogitsFn, kind: str):
+  """The jitted engine of `importance` for one logits function and kind, built once: its jit
+  cache then serves every later call with the same shapes (no new compile)."""
+  return per_example_sums(example_objective(logits_fn, kind),
+                          "abs" if kind == "mas" else "square")
 
 
 def _num_examples(examples: dict) -> int:
@@ -140,8 +149,7 @@ def importance(logits_fn: LogitsFn, variables: dict, leaves: dict, examples: dic
   train, frozen = pytree.partition(variables, leaves)
   if not pytree.flatten(train):
     raise ImportanceError("the leaf mask selects no leaf to compute the importance of")
-  engine = per_example_sums(example_objective(logits_fn, kind),
-                            "abs" if kind == "mas" else "square")
+  engine = _engine(logits_fn, kind)
   local = chunk if procs == 1 else _process_chunk(mesh, chunk, procs)
   n_chunks = -(-max(counts) // local)
   calls = -(-n_chunks // chunks_per_call)

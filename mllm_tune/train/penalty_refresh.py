@@ -13,11 +13,13 @@ tensors). A resumed run reads the newest refresh at or before its checkpoint's s
 stays exact (a missing one is refused); a refresh written after that checkpoint is recomputed,
 identically, when the run gets there again. Refreshes older than the one the oldest kept
 checkpoint needs are removed (each holds two float32 copies of the weighted leaves). A later
-stage can read the last `step_<k>/importance` as its `prev_fisher_path`. The Fisher engine is
-compiled again at each refresh (one compile of the per-example backward pass per refresh).
+stage can read the last `step_<k>/importance` as its `prev_fisher_path`. The Fisher engine and
+the anchor's function compile once for the run (the refreshes reuse them: same model, same
+shapes).
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -81,7 +83,14 @@ def current_anchor(bound, trainable: dict, frozen: dict) -> dict:
   """theta* = the weighted leaves as the penalty reads them now (float32, merged view): the
   first anchor too, so that the term is 0 at step 0 also where the frozen base is stored in
   another dtype than it was loaded in (`model.frozen_dtype`)."""
-  return jax.jit(bound.current_weights)(trainable, frozen)
+  return _jitted_weights(bound)(trainable, frozen)
+
+
+@functools.lru_cache(maxsize=4)
+def _jitted_weights(bound):
+  """`bound.current_weights`, jitted once per bound penalty (compiled once for the run's
+  anchors, not at every refresh)."""
+  return jax.jit(bound.current_weights)
 
 
 def refreshed(pcfg, model, bound, trainable: dict, frozen: dict, consts: dict, step: int, *,

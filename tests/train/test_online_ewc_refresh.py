@@ -46,8 +46,25 @@ def runs(tmp_path_factory):
   """The refreshing run; the same run killed after the refresh of step 4 (its newest checkpoint:
   step 3) and resumed; a run without refresh."""
   root = tmp_path_factory.mktemp("refresh")
-  full = Trainer(_cfg(root / "full"), _data(), progress=False)
-  full.run()
+  # the Fisher objective's traces: one for the initial importance and both refreshes
+  traces, real = [], fisher.example_objective
+
+  def counted(logits_fn, kind):
+    fn = real(logits_fn, kind)
+
+    def traced(*args):
+      traces.append(kind)
+      return fn(*args)
+    return traced
+  fisher._engine.cache_clear()
+  fisher.example_objective = counted
+  try:
+    full = Trainer(_cfg(root / "full"), _data(), progress=False)
+    full.run()
+  finally:
+    fisher.example_objective = real
+    fisher._engine.cache_clear()
+  full.objective_traces = len(traces)
   orig = loop_lib.debug_kill
 
   def kill(step, ckpt):
@@ -127,6 +144,8 @@ def test_refresh_sets_the_running_fisher_and_the_anchor_to_the_current_weights(r
   # the term is read before each update: 0 at theta0 and right after each refresh
   assert terms[1] == 0 and terms[3] == 0 and terms[5] == 0
   assert terms[2] > 0 and terms[4] > 0
+  # three importances (the initial one, two refreshes), one trace (and compile) of the engine
+  assert full.objective_traces == 1
 
 
 def test_refresh_with_a_bf16_base_a_fisher_factory_and_pruning(bf16_run):
