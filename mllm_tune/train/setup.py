@@ -15,7 +15,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mllm_tune import tuning
 from mllm_tune.models import build_model, init_params
-from mllm_tune.models.adapters import PREFIX_MLP_B1, PREFIX_MLP_B2
+from mllm_tune.models.adapters import (BOTTLENECK_UP_BIAS, DORA_M, EXTRA_BIAS, IA3_IN, IA3_OUT,
+                                       LORA_BIAS, PREFIX_MLP_B1, PREFIX_MLP_B2, VERA_BVEC)
 from mllm_tune.models.config import (CausalLMConfig, LLMConfig, LlavaConfig, VisionConfig,
                                      with_runtime)
 from mllm_tune.train import sharding as shard_lib
@@ -226,36 +227,50 @@ def make_optimizer(o, total_steps: int):
   return opt, lr
 
 
+# adapter vectors along a base layer's output (or input) features
+OUT_VECTORS = (DORA_M, LORA_BIAS, IA3_OUT, EXTRA_BIAS, VERA_BVEC, BOTTLENECK_UP_BIAS)
+IN_VECTORS = (IA3_IN,)
+
+
 def state_shardings(tree: dict, mesh, rules=shard_lib.DEFAULT_RULES) -> dict:
   """Shardings for a variables-shaped tree: params by rule; adapters inherit their base
-  layer's spec (LoRA A: the kernel's input-dim axis, B: its output-dim axis; per-expert LoRA
-  the same on its stack's), everything else replicated."""
+  layer's spec (a Linear's kernel, an expert stack, the token embedding (V, D) read as a
+  (d_in, d_out) kernel): factors named `*_a` / `*_a0` (LoRA A, PiSSA's A0) take the input-dim
+  axis, `*_b` / `*_b0` the output-dim axis, per-feature vectors (DoRA's magnitude, lora_bias,
+  (IA)^3, ...) the axis of their features; per-expert LoRA the same on its stack's; everything
+  else replicated."""
   flat = select.flatten(tree)
-  base_specs = {}
+  base = {}  # module path -> (spec, shape) of its kernel / stack / embedding
   out = {}
   for path, x in flat.items():
     if path.startswith("params/"):
       spec = shard_lib.spec_for(path[len("params/"):], tuple(x.shape), mesh, rules)
-      base_specs[path[len("params/"):]] = spec
+      base[path[len("params/"):]] = (spec, tuple(x.shape))
       out[path] = NamedSharding(mesh, spec)
   for path, x in flat.items():
     if path.startswith("params/"):
       continue
     sub = path.split("/", 1)[1] if "/" in path else path
     module, leaf = sub.rsplit("/", 1) if "/" in sub else ("", sub)
-    # a Linear's adapters sit beside its kernel; an expert stack's under the stack's own path
-    kspec = tuple(base_specs.get(module + "/kernel", base_specs.get(module, P())))
+    kspec, kshape = next((base[k] for k in (module + "/kernel", module + "/embedding", module)
+                          if k in base), (P(), ()))
+    kspec = tuple(kspec) + (None,) * (len(kshape) - len(tuple(kspec)))
     nd = len(x.shape)
     stacked = select.is_stacked(sub)
     lead = kspec[:-2] if len(kspec) > 2 else (None,) if stacked else ()  # (L,) or (L, E)
     d_in_ax = kspec[-2] if len(kspec) >= 2 else None
     d_out_ax = kspec[-1] if len(kspec) >= 1 else None
-    if leaf.endswith("_a") and nd == len(lead) + 2:
+    stem = leaf.rstrip("0123456789")
+    spec = P()
+    if stem.endswith("_a") and nd == len(lead) + 2:
       spec = P(*lead, d_in_ax, None)
-    elif leaf.endswith("_b") and nd == len(lead) + 2:
+    elif stem.endswith("_b") and nd == len(lead) + 2:
       spec = P(*lead, None, d_out_ax)
-    else:
-      spec = P()
+    elif len(kshape) >= 2 and nd == len(lead) + 1:
+      if leaf in OUT_VECTORS and x.shape[-1] == kshape[-1]:
+        spec = P(*lead, d_out_ax)
+      elif leaf in IN_VECTORS and x.shape[-1] == kshape[-2]:
+        spec = P(*lead, d_in_ax)
     out[path] = NamedSharding(mesh, shard_lib.fit_spec(spec, tuple(x.shape), mesh))
   return select.unflatten(out)
 

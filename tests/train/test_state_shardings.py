@@ -1,0 +1,110 @@
+"""`train.setup.state_shardings`: adapter leaves follow their base layer's sharding (the LoRA
+factors of the token embedding, PiSSA's initial factors, per-feature vectors), so that nothing
+as large as a layer's factors is replicated on every device."""
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+import mllm_tune as mt
+from mllm_tune import pytree
+from mllm_tune.train import setup, sharding
+from tests.helpers.tiny_models import tiny_llava
+
+Q = "llm/layers/attn/q_proj"
+DOWN = "llm/layers/mlp/down_proj"
+
+
+def _specs(method, params):
+  variables = method.init_variables(jax.random.key(0), params)
+  mesh = sharding.make_mesh(1, 1, 1)  # one device: every named axis divides
+  out = pytree.flatten(setup.state_shardings(variables, mesh))
+  placed = jax.device_put(variables, setup.state_shardings(variables, mesh))
+  for p, x in pytree.flatten(placed).items():  # the shardings fit the leaves
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(pytree.flatten(variables)[p]))
+  return {p[len("adapters/"):]: tuple(s.spec) for p, s in out.items()
+          if p.startswith("adapters/")}
+
+
+def test_adapter_leaves_take_their_base_layers_axes():
+  _, params, _ = tiny_llava("qwen2")  # q_proj has a bias
+  # the rules: q_proj (L, d_in, d_out) over (-, fsdp, tensor), down_proj (-, tensor, fsdp),
+  # the token embedding (V, D) over (tensor, fsdp)
+  specs = _specs(mt.tuning.get("lora", rank=2, targets=r"llm/(embed|layers_\d+/attn/q_proj)",
+                               lora_bias=False), params)
+  assert specs["llm/embed/lora_a"] == ("tensor", None)      # (V, r): the vocabulary axis
+  assert specs["llm/embed/lora_b"] == (None, "fsdp")        # (r, D)
+  assert specs[f"{Q}/lora_a"] == (None, "fsdp", None)
+  assert specs[f"{Q}/lora_b"] == (None, None, "tensor")
+  assert not any(specs[f"{Q}/lora_scale"])  # per-layer scales stay replicated
+  specs = _specs(mt.tuning.get("lora", rank=2, targets=r"llm/layers_\d+/attn/q_proj",
+                               lora_bias=True), params)
+  assert specs[f"{Q}/lora_bias"] == (None, "tensor")
+  specs = _specs(mt.tuning.get("dora", rank=2, targets=r"llm/layers_\d+/attn/q_proj"), params)
+  assert specs[f"{Q}/dora_m"] == (None, "tensor")
+  specs = _specs(mt.tuning.get("pissa", rank=2, targets=r"llm/layers_\d+/attn/q_proj"), params)
+  assert specs[f"{Q}/pissa_a0"] == (None, "fsdp", None)
+  assert specs[f"{Q}/pissa_b0"] == (None, None, "tensor")
+  specs = _specs(mt.tuning.get("ia3"), params)
+  assert specs[f"{DOWN}/ia3_in"] == (None, "tensor")        # (L, d_in = the MLP width)
+  assert specs["llm/layers/attn/k_proj/ia3_out"] == (None, "tensor")
+
+
+SCRIPT = r"""
+import json, sys
+import jax, jax.numpy as jnp, numpy as np
+sys.path.insert(0, sys.argv[1])
+import mllm_tune as mt
+from mllm_tune import pytree
+from mllm_tune.train import setup, sharding
+from tests.helpers.tiny_models import tiny_llava
+model, params, batch = tiny_llava("qwen2")
+out = {}
+for name, method in {
+    "lora": mt.tuning.get("lora", rank=2, targets=r"llm/(embed|layers_\d+/attn/q_proj)"),
+    "lora_bias": mt.tuning.get("lora", rank=2, targets=r"llm/layers_\d+/attn/q_proj",
+                               lora_bias=True),
+    "dora": mt.tuning.get("dora", rank=2, targets=r"llm/layers_\d+/attn/(q|v)_proj")}.items():
+  v = method.init_variables(jax.random.key(0), params)
+  v["adapters"] = jax.tree.map(lambda x: x + 0.1, v["adapters"])  # every factor non-zero
+
+  def loss(a, v=v):
+    logits = model.apply({**v, "adapters": a}, batch["input_ids"],
+                         pixel_values=batch["pixel_values"])
+    return jnp.mean(jnp.sin(logits))
+  f = jax.jit(jax.value_and_grad(loss))
+  l1, g1 = f(v["adapters"])
+  mesh = sharding.make_mesh(1, 2, 2)
+  with sharding.mesh_context(mesh):
+    vs = jax.device_put(v, setup.state_shardings(v, mesh))
+    l2, g2 = f(vs["adapters"])
+  flat1, flat2 = pytree.flatten(g1), pytree.flatten(g2)
+  out[name] = dict(loss=[float(l1), float(l2)], grad=max(
+      float(np.abs(np.asarray(flat1[p]) - np.asarray(flat2[p])).max()
+            / max(np.abs(np.asarray(flat1[p])).max(), 1e-12)) for p in flat1),
+      sharded=sorted(p for p, x in pytree.flatten(vs["adapters"]).items()
+                     if x.addressable_shards[0].data.shape != x.shape))
+print("RESULT" + json.dumps(out))
+"""
+
+
+def test_sharded_adapters_give_the_one_device_loss_and_gradients():
+  """On 4 devices (fsdp 2 x tensor 2) the sharded embedding LoRA, lora_bias and DoRA
+  magnitudes give the one-device loss and adapter gradients."""
+  import json
+  import os
+  import subprocess
+  import sys
+  from tests.helpers.train import ROOT
+  res = subprocess.run([sys.executable, "-c", SCRIPT, ROOT], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu",
+                                XLA_FLAGS="--xla_force_host_platform_device_count=4"))
+  assert res.returncode == 0, res.stderr[-3000:]
+  out = json.loads(res.stdout.split("RESULT")[1])
+  for name, o in out.items():
+    np.testing.assert_allclose(o["loss"][1], o["loss"][0], rtol=1e-5, err_msg=name)
+    assert o["grad"] < 1e-5, (name, o["grad"])
+  assert "llm/embed/lora_a" in out["lora"]["sharded"]
+  assert f"{Q}/lora_bias" in out["lora_bias"]["sharded"]
+  assert "llm/layers/attn/v_proj/dora_m" in out["dora"]["sharded"]
