@@ -32,7 +32,7 @@ reparameterized prefix_embedding, prefix_mlp_{w1,b1,w2,b2}.
 In `embed.TokenEmbed` (under `llm/embed/`): token_rows (n, D) and token_indices (n,) int32: rows
 token_indices of the embedding table read as token_rows (trainable tokens); a tied LM head reads
 the same rows. lora_a (V, r), lora_b (r, D), lora_scale (): e(t) += (s * A[t]) @ B (LoRA on the
-lookup; untied heads only).
+lookup; untied heads only); dora_m (D,): DoRA's magnitude, e(t) *= m / ||E + s A B||_columns.
 In `vision.VisionTower` (under `vision/`): prompt_tokens (p, D) or deep_prompt_tokens (L, p, D),
 prompt_dropout ().
 Not read by the model: pissa_a0, pissa_b0 (PiSSA's initial factors, kept to rebase).
@@ -89,7 +89,7 @@ LEAVES: dict[str, Leaf] = {
                      ("lora", "rslora", "dora", "pissa", "lorasculpt")),
     LORA_DROPOUT: Leaf(_L, "()", ("lora", "rslora", "dora", "pissa", "lorasculpt", "vera")),
     LORA_BIAS: Leaf(_L, "(d_out,)", ("lora", "rslora")),
-    DORA_M: Leaf(_L, "(d_out,)", ("dora",)),
+    DORA_M: Leaf(_L + ", embed.TokenEmbed", "(d_out,)", ("dora",)),
     PISSA_A0: Leaf(None, "(d_in, r)", ("pissa",)),
     PISSA_B0: Leaf(None, "(r, d_out)", ("pissa",)),
     VERA_A: Leaf(_L, "(d_in, r)", ("vera",)),

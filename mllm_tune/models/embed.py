@@ -6,8 +6,17 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from mllm_tune.models.adapters import (ADAPTERS, LORA_A, LORA_B, LORA_SCALE, TOKEN_INDICES,
-                                       TOKEN_ROWS)
+from mllm_tune.models.adapters import (ADAPTERS, DORA_M, LORA_A, LORA_B, LORA_SCALE,
+                                       TOKEN_INDICES, TOKEN_ROWS)
+
+
+def column_norms(e_VD, a_Vr, b_rD, s) -> jax.Array:
+  """||E + s A B|| over the vocabulary, per column (D,), in float32, without forming the
+  (V, D) sum: ||E_d||^2 + 2 s (E^T A)_d . B_d + s^2 B_d^T (A^T A) B_d."""
+  e, a, b = (x.astype(jnp.float32) for x in (e_VD, a_Vr, b_rD))
+  sq = (jnp.sum(jnp.square(e), axis=0) + 2.0 * s * jnp.sum((e.T @ a) * b.T, axis=1)
+        + jnp.square(s) * jnp.sum(b * ((a.T @ a) @ b), axis=0))
+  return jnp.sqrt(jnp.maximum(sq, 0.0))
 
 
 class TokenEmbed(nn.Embed):
@@ -16,7 +25,9 @@ class TokenEmbed(nn.Embed):
     `TrainableTokens`): the lookup reads them, and so does `attend` (a tied LM head), whose
     logits for those tokens are the hidden states times the replaced rows;
   - LoRA on the lookup, `lora_a` (V, r), `lora_b` (r, D), `lora_scale` (): `+ (s A_t) B`
-    (peft's `Embedding`; untied heads only, so `attend` ignores it).
+    (peft's `Embedding`; untied heads only, so `attend` ignores it); with DoRA's `dora_m` (D,)
+    the sum is scaled per feature by m / n, n the norm over the vocabulary of each column of
+    E + s A B (stop-gradient), as peft's `DoraEmbeddingLayer`.
   Without the leaves it is `nn.Embed`. `pad_id` (HF's padding_idx): the rows read for that id
   (of the table, of `lora_a`, of `token_rows`) pass no gradient, as torch's
   `nn.Embedding(padding_idx)` (B of the LoRA still gets its gradient there, as in peft)."""
@@ -41,6 +52,10 @@ class TokenEmbed(nn.Embed):
       s = self.get_variable(ADAPTERS, LORA_SCALE)
       low = (s * self._gathered(inputs, jnp.take(a_Vr, inputs, axis=0))).astype(out.dtype)
       out = out + low @ b_rD.astype(out.dtype)
+      if self.has_variable(ADAPTERS, DORA_M):
+        m_D = self.get_variable(ADAPTERS, DORA_M)
+        n_D = jax.lax.stop_gradient(column_norms(self.embedding, a_Vr, b_rD, s))
+        out = out * (m_D / n_D).astype(out.dtype)
     rows = self._rows()
     if rows is None:
       return out

@@ -99,6 +99,8 @@ def export_lora(method, model, variables: dict):
       if path == pytree.TOKEN_EMBEDDING:
         tensors[f"{key}.lora_embedding_A"] = a[:, :r].T
         tensors[f"{key}.lora_embedding_B"] = b[:r].T
+        if m is not None:
+          tensors[f"{key}.lora_magnitude_vector"] = m
         continue
       tensors[f"{key}.lora_A.weight"] = sl(a)[:, :r].T
       tensors[f"{key}.lora_B.weight"] = sl(b)[:r].T
@@ -197,7 +199,8 @@ def import_lora(config: dict, tensors: dict, model, params: dict, where: str):
                           "only the LLM's token embedding takes LoRA here")
       raise peft_io.unknown_module(model.config, key, module, where)
     path, layer = lookup[module]
-    if embedding_factor != (path == pytree.TOKEN_EMBEDDING):
+    factor = embedding_factor or suffix in ("lora_A.weight", "lora_B.weight")
+    if factor and embedding_factor != (path == pytree.TOKEN_EMBEDDING):
       raise MethodError(f"{where}: tensor '{key}': peft names the factors of an embedding "
                         "lora_embedding_A/B and those of a Linear lora_A/lora_B.weight; this "
                         f"one does not fit module '{module}'")

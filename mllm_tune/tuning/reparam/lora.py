@@ -9,10 +9,13 @@ peft names: `lora_A.weight = A^T`, `lora_B.weight = B^T`, DoRA `lora_magnitude_v
 `lora_bias=True` (peft's option of that name: lora_B with a bias b, init 0) adds `s * b` to the
 output (Linear targets of LoRA / rsLoRA only, not with DoRA); a merge adds `s * b` to the base
 bias and is refused for a layer without one (as peft refuses it).
-The LLM's token embedding (target `llm/embed`, LoRA / rsLoRA only, untied LM heads) is a
+The LLM's token embedding (target `llm/embed`, LoRA / rsLoRA / DoRA, untied LM heads) is a
 (V, D) kernel on one-hot inputs: `e(t) = E_t + s A_t B` with `A (V, r)`, `B (r, D)`, init as
 peft's `Embedding` (A = 0, B ~ N(0, 1)), no dropout; peft names `lora_embedding_A = A^T`,
-`lora_embedding_B = B^T` (`models.embed.TokenEmbed` reads them).
+`lora_embedding_B = B^T` (`models.embed.TokenEmbed` reads them). DoRA there is peft's
+`DoraEmbeddingLayer`: `e(t) = (m / n) * (E_t + s A_t B)`, m (D,) initialised to the norms of E's
+columns over the vocabulary, n the same norms of E + s A B (stop-gradient); the merged table is
+the kernel formula with d_in = V.
 
 Per-module ranks and alphas (peft `rank_pattern` / `alpha_pattern`): ordered `(regex, value)`
 pairs on logical module paths, first match wins, the rest take `rank` / `alpha`. A stacked leaf
@@ -169,9 +172,9 @@ class LoRA(Method):
                         f"{self.targets!r} reach "
                         f"{experts[:2] or [pytree.TOKEN_EMBEDDING]} (peft has no bias there)")
     if pytree.TOKEN_EMBEDDING in targets:
-      if self.use_dora or not self.embeddings_supported:
+      if not self.embeddings_supported:
         raise MethodError(f"{self.name}: targets {self.targets!r} reach the token embedding "
-                          "llm/embed; only plain LoRA / rsLoRA adapt it")
+                          "llm/embed; only LoRA, rsLoRA and DoRA adapt it")
       if "llm/lm_head/kernel" not in pytree.flatten(params):
         raise MethodError(
             f"{self.name}: targets {self.targets!r} reach the token embedding llm/embed, but "
@@ -226,6 +229,8 @@ class LoRA(Method):
         out[adapter_path(path, LORA_B)] = jax.random.normal(jax.random.fold_in(rng, i),
                                                             (r, d_out), jnp.float32)
         out[adapter_path(path, LORA_SCALE)] = jnp.asarray(self.layer_scales(lay))
+        if self.use_dora:  # ||E|| over the vocabulary per feature (A = 0: E + s A B = E)
+          out[adapter_path(path, DORA_M)] = jnp.linalg.norm(jnp.asarray(k0, jnp.float32), axis=0)
         continue
       a = self._init_a(jax.random.fold_in(rng, i), (*lead, d_in, r), d_in, lay.ranks)
       # columns past each layer's rank (and untargeted layers) are zero

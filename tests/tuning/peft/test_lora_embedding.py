@@ -2,9 +2,10 @@
 LLaVA with an untied LM head: a peft-saved adapter (embedding + q_proj) imports with peft's logits,
 the gradients of the embedding factors equal peft's (none through the pad id's lookup, as
 torch's padding_idx), re-export writes peft's tensors byte for byte
-(peft's copy of the base embedding aside) and loads in peft; identity at init, exact merge; a tied
-head, DoRA and PiSSA on the embedding, trainable tokens beside it and peft factors of the wrong
-kind or on another embedding are refused."""
+(peft's copy of the base embedding aside) and loads in peft; identity at init, exact merge; the
+same with DoRA (peft's `DoraEmbeddingLayer`, magnitude gradients too); a tied head, PiSSA on the
+embedding, trainable tokens beside it and peft factors of the wrong kind or on another embedding
+are refused."""
 from __future__ import annotations
 
 import os
@@ -27,13 +28,17 @@ from tests.helpers.peft_ref import (adapter_tensors, ce_loss_jax, ce_loss_torch,
 TARGETS = r".*language_model.*\.(embed_tokens|q_proj)"
 
 
-def test_peft_embedding_lora_imports_trains_and_exports_like_peft(tmp_path):
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_peft_embedding_lora_imports_trains_and_exports_like_peft(tmp_path, use_dora):
   hf_model, model, params, batch, base_dir = tiny_llava(tmp_path)
   peft_dir = str(tmp_path / "peft")
   torch.manual_seed(0)
-  peft_model = saved_peft(hf_model, LoraConfig(r=2, lora_alpha=4, target_modules=TARGETS),
-                          peft_dir, leaf="lora_")  # every factor random (A of the embedding is 0)
+  # every factor (A of the embedding is 0) and DoRA magnitude random
+  peft_model = saved_peft(hf_model, LoraConfig(r=2, lora_alpha=4, target_modules=TARGETS,
+                                               use_dora=use_dora), peft_dir, leaf="lora_")
   method, variables = import_peft(peft_dir, model, params)
+  assert method.use_dora == use_dora
+  assert ("llm/embed/dora_m" in pytree.flatten(variables["adapters"])) == use_dora
   assert method.targets == (r"llm/embed", r"llm/layers_0/attn/q_proj", r"llm/layers_1/attn/q_proj")
   ids, mask, px = batch
   real = mask.astype(bool)
@@ -49,19 +54,25 @@ def test_peft_embedding_lora_imports_trains_and_exports_like_peft(tmp_path):
   out = peft_model(input_ids=torch.tensor(ids_pad), attention_mask=torch.tensor(mask),
                    pixel_values=hf_px(px), position_ids=torch.tensor(hf_tiny.positions(mask)))
   ce_loss_torch(out.logits, ids_pad, mask).backward()
-  (ga,), (gb,) = ([p.grad.numpy() for n, p in peft_model.named_parameters()
-                   if f"embed_tokens.lora_embedding_{x}" in n] for x in "AB")
+  grads = {n: p.grad.numpy() for n, p in peft_model.named_parameters() if p.grad is not None}
+  (ga,), (gb,) = ([g for n, g in grads.items() if f"embed_tokens.lora_embedding_{x}" in n]
+                  for x in "AB")
   flat = pytree.flatten(variables)
+  leaves = ("lora_a", "lora_b") + (("dora_m",) if use_dora else ())
 
-  def loss(a, b):
-    f = {**flat, "adapters/llm/embed/lora_a": a, "adapters/llm/embed/lora_b": b}
+  def loss(*xs):
+    f = {**flat, **{f"adapters/llm/embed/{k}": x for k, x in zip(leaves, xs)}}
     return ce_loss_jax(model.apply(pytree.unflatten(f), ids_pad, mask, pixel_values=px), ids_pad,
                        mask)
-  da, db = jax.grad(loss, argnums=(0, 1))(flat["adapters/llm/embed/lora_a"],
-                                          flat["adapters/llm/embed/lora_b"])
+  ours_g = jax.grad(loss, argnums=tuple(range(len(leaves))))(
+      *[flat[f"adapters/llm/embed/{k}"] for k in leaves])
   assert np.abs(ga).max() > 1e-4 and np.abs(gb).max() > 1e-4 and not np.any(ga[:, 0])
-  np.testing.assert_allclose(np.asarray(da), ga.T, atol=1e-5, rtol=1e-4)
-  np.testing.assert_allclose(np.asarray(db), gb.T, atol=1e-5, rtol=1e-4)
+  np.testing.assert_allclose(np.asarray(ours_g[0]), ga.T, atol=1e-5, rtol=1e-4)
+  np.testing.assert_allclose(np.asarray(ours_g[1]), gb.T, atol=1e-5, rtol=1e-4)
+  if use_dora:
+    (gm,) = [g for n, g in grads.items() if "embed_tokens.lora_magnitude_vector" in n]
+    assert np.abs(gm).max() > 1e-4
+    np.testing.assert_allclose(np.asarray(ours_g[2]), gm, atol=1e-5, rtol=1e-4)
 
   again = str(tmp_path / "again")
   export_peft(again, model, method, variables, base_model_name_or_path=base_dir)
@@ -91,9 +102,22 @@ def test_embedding_lora_is_the_identity_at_init_and_refused_where_it_cannot_run(
                                                        pixel_values=px)))
   trained = {p for p, m in pytree.flatten(method.trainable(variables)).items() if np.any(m)}
   assert trained == {"adapters/llm/embed/lora_a", "adapters/llm/embed/lora_b"}
-  for name in ("dora", "pissa"):
-    with pytest.raises(mt.tuning.MethodError, match="only plain LoRA / rsLoRA adapt it"):
-      mt.tuning.get(name, rank=2, targets=r"llm/embed").init_variables(jax.random.key(0), params)
+  with pytest.raises(mt.tuning.MethodError, match="only LoRA, rsLoRA and DoRA adapt it"):
+    mt.tuning.get("pissa", rank=2, targets=r"llm/embed").init_variables(jax.random.key(0),
+                                                                         params)
+  # DoRA: the magnitude starts at the norms of the table's columns, so init is the identity too
+  dora = mt.tuning.get("dora", rank=4, targets=r"llm/embed").init_variables(jax.random.key(0),
+                                                                           params)
+  np.testing.assert_allclose(
+      np.asarray(dora["adapters"]["llm"]["embed"]["dora_m"]),
+      np.linalg.norm(np.asarray(params["llm"]["embed"]["embedding"], np.float64), axis=0),
+      rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(model.apply(dora, ids, mask, pixel_values=px)),
+                             np.asarray(model.apply({"params": params}, ids, mask,
+                                                    pixel_values=px)), rtol=1e-5, atol=1e-6)
+  dora_method = mt.tuning.get("dora", rank=4, targets=r"llm/embed")
+  assert {p for p, m in pytree.flatten(dora_method.trainable(dora)).items() if np.any(m)} == {
+      "adapters/llm/embed/lora_a", "adapters/llm/embed/lora_b", "adapters/llm/embed/dora_m"}
   both = mt.tuning.compose(method, mt.tuning.get("trainable_tokens", token_indices=(5,)))
   both_vars = both.init_variables(jax.random.key(0), params)
   with pytest.raises(mt.tuning.MethodError, match="trainable_tokens beside LoRA on the token "
