@@ -120,7 +120,7 @@ class Trainer:
 
     def place(name):  # onto the mesh by the (regex, PartitionSpec) rules
       def put(tree):
-        shardings[name] = setup.state_shardings(tree, self.mesh)
+        shardings[name] = setup.state_shardings(tree, self.mesh, base=variables)
         return jax.device_put(tree, shardings[name])
       return put
     run = build.assemble(
@@ -155,7 +155,9 @@ class Trainer:
       if set(x.sharding.device_set) != mesh_devices:
         return jax.device_put(x, replicated)
       return x if x.committed else jax.device_put(x, x.sharding)
-    opt_state = jax.tree.map(on_mesh, jax.jit(self.optimizer.init)(trainable))
+    split = shard_lib.follow(jax.eval_shape(self.optimizer.init, trainable),
+                             pytree.flatten(trainable), self.mesh)  # moments split as weights
+    opt_state = jax.tree.map(on_mesh, jax.jit(self.optimizer.init, out_shardings=split)(trainable))
     return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated),
                       trainable=trainable, opt_state=opt_state,
                       rng=jax.device_put(jax.random.key_data(rng), replicated))

@@ -180,9 +180,8 @@ def decays(path: str) -> bool:
 def decay_mask(tree):
   """`decays` over a (trainable) variables tree, any structure kept (optax's masked nodes):
   the mask `masked_decay` applies."""
-  name = lambda k: str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
   return jax.tree_util.tree_map_with_path(
-      lambda kp, _: decays("/".join(name(k) for k in kp)), tree)
+      lambda kp, _: decays("/".join(shard_lib.key_name(k) for k in kp)), tree)
 
 
 def masked_decay(weight_decay: float, mask_fn) -> optax.GradientTransformation:
@@ -232,28 +231,34 @@ OUT_VECTORS = (DORA_M, LORA_BIAS, IA3_OUT, EXTRA_BIAS, VERA_BVEC, BOTTLENECK_UP_
 IN_VECTORS = (IA3_IN,)
 
 
-def state_shardings(tree: dict, mesh, rules=shard_lib.DEFAULT_RULES) -> dict:
+def state_shardings(tree: dict, mesh, rules=shard_lib.DEFAULT_RULES, base: dict | None = None
+                    ) -> dict:
   """Shardings for a variables-shaped tree: params by rule; adapters inherit their base
   layer's spec (a Linear's kernel, an expert stack, the token embedding (V, D) read as a
   (d_in, d_out) kernel): factors named `*_a` / `*_a0` (LoRA A, PiSSA's A0) take the input-dim
   axis, `*_b` / `*_b0` the output-dim axis, per-feature vectors (DoRA's magnitude, lora_bias,
   (IA)^3, ...) the axis of their features; per-expert LoRA the same on its stack's; everything
-  else replicated."""
+  else replicated. `base`: the whole variables tree (or its shapes) when `tree` is one
+  partition of it, e.g. the trainable leaves alone, whose adapters' base layers are frozen."""
   flat = select.flatten(tree)
-  base = {}  # module path -> (spec, shape) of its kernel / stack / embedding
+  kernels = {}  # module path -> (spec, shape) of its kernel / stack / embedding
   out = {}
-  for path, x in flat.items():
+  for path, x in select.flatten(tree if base is None else base).items():
     if path.startswith("params/"):
       spec = shard_lib.spec_for(path[len("params/"):], tuple(x.shape), mesh, rules)
-      base[path[len("params/"):]] = (spec, tuple(x.shape))
-      out[path] = NamedSharding(mesh, spec)
+      kernels[path[len("params/"):]] = (spec, tuple(x.shape))
+      if path in flat:
+        out[path] = NamedSharding(mesh, spec)
   for path, x in flat.items():
     if path.startswith("params/"):
+      if path not in out:
+        out[path] = NamedSharding(mesh, shard_lib.spec_for(path[len("params/"):],
+                                                           tuple(x.shape), mesh, rules))
       continue
     sub = path.split("/", 1)[1] if "/" in path else path
     module, leaf = sub.rsplit("/", 1) if "/" in sub else ("", sub)
-    kspec, kshape = next((base[k] for k in (module + "/kernel", module + "/embedding", module)
-                          if k in base), (P(), ()))
+    kspec, kshape = next((kernels[k] for k in (module + "/kernel", module + "/embedding",
+                                               module) if k in kernels), (P(), ()))
     kspec = tuple(kspec) + (None,) * (len(kshape) - len(tuple(kspec)))
     nd = len(x.shape)
     stacked = select.is_stacked(sub)

@@ -113,3 +113,24 @@ def tree_shardings(shapes_tree, mesh: Mesh, rules: Sequence[tuple[str, P]] = DEF
   fn = sharding_fn(mesh, rules)
   out = [fn("/".join(str(k.key) for k in path), tuple(x.shape)) for path, x in flat]
   return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shapes_tree), out)
+
+
+def key_name(k) -> str:
+  """One key of a jax key path as a path part (dict key, attribute name or sequence index)."""
+  return str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+
+
+def follow(shapes_tree, like: dict, mesh: Mesh):
+  """Shardings for every leaf of `shapes_tree` (e.g. an optimizer state, from `jax.eval_shape`):
+  the sharding of the array of `like` ({"/"-joined path: placed array}, e.g. the trainable
+  leaves) whose path ends the leaf's own path, with the same shape (AdamW's mu and nu of a
+  weight are split as the weight), else replicated (step counts, factored second moments).
+  Without it, an optimizer state built under jit from zeros is replicated on every device."""
+  def one(path, x):
+    parts = [key_name(k) for k in path]
+    for i in range(len(parts)):
+      a = like.get("/".join(parts[i:]))
+      if a is not None and tuple(a.shape) == tuple(x.shape):
+        return a.sharding
+    return NamedSharding(mesh, P())
+  return jax.tree_util.tree_map_with_path(one, shapes_tree)

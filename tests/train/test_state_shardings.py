@@ -84,27 +84,58 @@ for name, method in {
             / max(np.abs(np.asarray(flat1[p])).max(), 1e-12)) for p in flat1),
       sharded=sorted(p for p, x in pytree.flatten(vs["adapters"]).items()
                      if x.addressable_shards[0].data.shape != x.shape))
+# the Trainer on this mesh: trainable adapters and their AdamW moments split like the base
+from mllm_tune.train.loop import Trainer
+from mllm_tune.train.synthetic import SyntheticBatches
+from tests.helpers.train import tiny_cfg
+cfg = tiny_cfg(sys.argv[2], method="lora", steps=1)
+cfg.mesh.update(dict(fsdp=2, tensor=2))
+tr = Trainer(cfg, SyntheticBatches(8, 16, 128), progress=False)
+b = tr.state.trainable["adapters"]["llm"]["layers"]["attn"]["q_proj"]["lora_b"]
+moments = [x for x in jax.tree.leaves(tr.state.opt_state) if x.shape == b.shape]
+out["trainer"] = [list(b.shape)] + [list(x.addressable_shards[0].data.shape)
+                                    for x in [b] + moments]
 print("RESULT" + json.dumps(out))
 """
 
 
-def test_sharded_adapters_give_the_one_device_loss_and_gradients():
+def test_sharded_adapters_give_the_one_device_loss_and_gradients(tmp_path):
   """On 4 devices (fsdp 2 x tensor 2) the sharded embedding LoRA, lora_bias and DoRA
-  magnitudes give the one-device loss and adapter gradients."""
+  magnitudes give the one-device loss and adapter gradients; the Trainer splits a trainable B
+  and its AdamW moments over `tensor` as its base kernel's output."""
   import json
   import os
   import subprocess
   import sys
   from tests.helpers.train import ROOT
-  res = subprocess.run([sys.executable, "-c", SCRIPT, ROOT], cwd=ROOT, capture_output=True,
+  res = subprocess.run([sys.executable, "-c", SCRIPT, ROOT, str(tmp_path / "run")], cwd=ROOT, capture_output=True,
                        text=True, timeout=600,
                        env=dict(os.environ, JAX_PLATFORMS="cpu",
                                 XLA_FLAGS="--xla_force_host_platform_device_count=4"))
   assert res.returncode == 0, res.stderr[-3000:]
   out = json.loads(res.stdout.split("RESULT")[1])
-  for name, o in out.items():
+  for name in ("lora", "lora_bias", "dora"):
+    o = out[name]
     np.testing.assert_allclose(o["loss"][1], o["loss"][0], rtol=1e-5, err_msg=name)
     assert o["grad"] < 1e-5, (name, o["grad"])
   assert "llm/embed/lora_a" in out["lora"]["sharded"]
   assert f"{Q}/lora_bias" in out["lora_bias"]["sharded"]
   assert "llm/layers/attn/v_proj/dora_m" in out["dora"]["sharded"]
+  (l, r, d), *shards = out["trainer"]
+  # B and its mu, nu (and those of any other leaf of its shape)
+  assert len(shards) >= 3 and all(s == [l, r, d // 2] for s in shards), out["trainer"]
+
+
+def test_the_trainer_places_its_trainable_adapters_like_their_frozen_base_layers(tmp_path):
+  """The Trainer places the trainable partition alone; its adapters still find their (frozen)
+  base layers' specs (the optimizer state on several devices: the subprocess test above)."""
+  from mllm_tune.train.loop import Trainer
+  from mllm_tune.train.synthetic import SyntheticBatches
+  from tests.helpers.train import tiny_cfg
+  tr = Trainer(tiny_cfg(str(tmp_path / "run"), method="lora", steps=1),
+               SyntheticBatches(8, 16, 128), progress=False)
+  specs = {p: tuple(x.sharding.spec) for p, x in pytree.flatten(tr.state.trainable).items()}
+  assert specs["adapters/" + Q + "/lora_a"] == (None, "fsdp", None)
+  assert specs["adapters/" + Q + "/lora_b"] == (None, None, "tensor")
+  assert specs["adapters/" + DOWN + "/lora_a"] == (None, "tensor", None)
+
