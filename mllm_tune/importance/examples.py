@@ -45,6 +45,7 @@ def lm_logits_fn(model) -> LogitsFn:
     kw.update({k: ex[k] for k in VISION_IDS if k in ex})  # Qwen: the example's patch ids
     logits = model.apply(variables, ex["input_ids"][None], **kw)[0]
     return logits[:-1], ex["input_ids"][1:], ex["loss_mask"][1:]
+  fn.engines = {}  # fisher.importance's jitted engines of this model, by kind
   return fn
 
 

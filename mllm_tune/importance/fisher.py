@@ -18,7 +18,6 @@ Files (`store.py`): `save_importance` / `load_importance`.
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -79,12 +78,18 @@ def per_example_sums(objective, reduce: str = "square"):
   return jax.jit(run, donate_argnums=(2,))
 
 
-@functools.lru_cache(maxsize=8)
 def _engine(logits_fn: LogitsFn, kind: str):
-  """The jitted engine of `importance` for one logits function and kind, built once: its jit
-  cache then serves every later call with the same shapes (no new compile)."""
-  return per_example_sums(example_objective(logits_fn, kind),
-                          "abs" if kind == "mas" else "square")
+  """The jitted engine of `importance` for one logits function and kind. Those of
+  `lm_logits_fn` (one per model) keep theirs in their `engines` dict, so every importance of a
+  model shares one compile (e.g. online EWC's refreshes); any other function gets a new one."""
+  engines = getattr(logits_fn, "engines", None)
+  if not isinstance(engines, dict):
+    return per_example_sums(example_objective(logits_fn, kind),
+                            "abs" if kind == "mas" else "square")
+  if kind not in engines:
+    engines[kind] = per_example_sums(example_objective(logits_fn, kind),
+                                     "abs" if kind == "mas" else "square")
+  return engines[kind]
 
 
 def _num_examples(examples: dict) -> int:

@@ -31,6 +31,7 @@ is the base; online EWC's in-run refresh saves each refreshed pair, train/penalt
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from typing import Any, ClassVar
 
@@ -242,6 +243,11 @@ class BoundPenalty:
     method merges): what a refreshed anchor theta* becomes."""
     w = self._weights(trainable, frozen)
     return {p: w[p].astype(jnp.float32) for p in self.weighted}
+
+  @functools.cached_property
+  def jitted_current_weights(self):
+    """`current_weights` jitted once for this bound penalty (online EWC's anchors)."""
+    return jax.jit(self.current_weights)
 
   def teacher_variables(self, frozen: dict, consts: dict) -> dict:
     return theta0_variables(frozen, consts)

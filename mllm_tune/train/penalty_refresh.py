@@ -19,7 +19,6 @@ shapes).
 """
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -83,14 +82,7 @@ def current_anchor(bound, trainable: dict, frozen: dict) -> dict:
   """theta* = the weighted leaves as the penalty reads them now (float32, merged view): the
   first anchor too, so that the term is 0 at step 0 also where the frozen base is stored in
   another dtype than it was loaded in (`model.frozen_dtype`)."""
-  return _jitted_weights(bound)(trainable, frozen)
-
-
-@functools.lru_cache(maxsize=4)
-def _jitted_weights(bound):
-  """`bound.current_weights`, jitted once per bound penalty (compiled once for the run's
-  anchors, not at every refresh)."""
-  return jax.jit(bound.current_weights)
+  return bound.jitted_current_weights(trainable, frozen)  # compiled once for the run
 
 
 def refreshed(pcfg, model, bound, trainable: dict, frozen: dict, consts: dict, step: int, *,

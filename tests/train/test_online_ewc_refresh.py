@@ -56,14 +56,14 @@ def runs(tmp_path_factory):
       traces.append(kind)
       return fn(*args)
     return traced
-  fisher._engine.cache_clear()
+  fisher.lm_logits_fn.cache_clear()
   fisher.example_objective = counted
   try:
     full = Trainer(_cfg(root / "full"), _data(), progress=False)
     full.run()
   finally:
     fisher.example_objective = real
-    fisher._engine.cache_clear()
+    fisher.lm_logits_fn.cache_clear()
   full.objective_traces = len(traces)
   orig = loop_lib.debug_kill
 
