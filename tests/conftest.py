@@ -44,16 +44,3 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 # what XLA does. Training keeps the backend default (README: "Precision on GPU").
 if jax.default_backend() == "gpu":
   jax.config.update("jax_default_matmul_precision", "highest")
-
-# The longest test files (about a minute each on 2 cores) go first: `-n 2 --dist loadfile`
-# hands out whole files in collection order, and one of them left for last would keep one
-# worker busy while the other idles. Order only; every test still runs.
-LONG_FIRST = ("train/test_expert_parallel.py", "benchmark/test_harness.py",
-              "train/test_image_sharding.py", "train/test_distributed.py",
-              "train/test_tracking.py", "train/test_qwen_train.py", "train/test_qwen_methods.py")
-
-
-def pytest_collection_modifyitems(items):
-  rank = {name: i for i, name in enumerate(LONG_FIRST)}
-  where = lambda item: item.nodeid.split("::")[0].removeprefix("tests/")
-  items.sort(key=lambda item: rank.get(where(item), len(LONG_FIRST)))
