@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -144,20 +145,32 @@ def test_a_refused_resume_leaves_the_runs_config_untouched(tmp_path):
   assert (tmp_path / "run" / "config.json").read_bytes() == before
 
 
-def _damaged_run(tmp_path, damage):
-  """A 3-step run saving every step, then `damage(checkpoints_dir)`; returns the CLI args."""
-  base = ["train", "--config=configs/experiments/tiny_lora.py", "--no-progress",
+def _cli_args(run_dir) -> list[str]:
+  return ["train", "--config=configs/experiments/tiny_lora.py", "--no-progress",
           "--config.train.save_every=1", "--config.train.log_every=1", "--config.train.keep=5",
           "--config.train.async_save=False", "--config.data.seq_len=16",
-          f"--config.run_dir={tmp_path}/run"]
-  assert run_cli(base + ["--config.train.steps=3"]).returncode == 0
+          f"--config.run_dir={run_dir}"]
+
+
+@pytest.fixture(scope="module")
+def three_steps(tmp_path_factory):
+  """A 3-step run saving every step (run once; each test damages a copy)."""
+  run = tmp_path_factory.mktemp("three_steps") / "run"
+  assert run_cli(_cli_args(run) + ["--config.train.steps=3"]).returncode == 0
+  return run
+
+
+def _damaged_run(tmp_path, damage, three_steps):
+  """A copy of the 3-step run at `tmp_path/run`, then `damage(checkpoints_dir)`; returns the
+  CLI args that continue it."""
+  shutil.copytree(three_steps, tmp_path / "run")
   damage(tmp_path / "run" / "checkpoints")
-  return base
+  return _cli_args(tmp_path / "run")
 
 
 @pytest.mark.parametrize("what", ["truncated meta", "deleted state metadata",
                                   "truncated array file"])
-def test_resume_skips_a_damaged_newest_checkpoint(tmp_path, what):
+def test_resume_skips_a_damaged_newest_checkpoint(tmp_path, what, three_steps):
   def damage(ckpt):
     if what == "truncated meta":
       (ckpt / "3" / "meta" / "metadata").write_text('{"base_')
@@ -167,7 +180,7 @@ def test_resume_skips_a_damaged_newest_checkpoint(tmp_path, what):
       for f in (ckpt / "3" / "state").rglob("*"):
         if f.is_file() and "ocdbt" in str(f) and f.stat().st_size > 64:
           f.write_bytes(f.read_bytes()[:32])
-  base = _damaged_run(tmp_path, damage)
+  base = _damaged_run(tmp_path, damage, three_steps)
   resumed = run_cli(base + ["--config.train.steps=4"])
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert "skipping checkpoint step 3" in resumed.stderr and "/checkpoints/3" in resumed.stderr
@@ -175,11 +188,11 @@ def test_resume_skips_a_damaged_newest_checkpoint(tmp_path, what):
   assert sorted(losses(f"{tmp_path}/run")) == [1, 2, 3, 4]
 
 
-def test_resume_with_no_readable_checkpoint_names_the_directory(tmp_path):
+def test_resume_with_no_readable_checkpoint_names_the_directory(tmp_path, three_steps):
   def damage(ckpt):
     for step in ("1", "2", "3"):
       (ckpt / step / "meta" / "metadata").write_text("")
-  base = _damaged_run(tmp_path, damage)
+  base = _damaged_run(tmp_path, damage, three_steps)
   failed = run_cli(base + ["--config.train.steps=4"])
   assert failed.returncode != 0
   assert "none of the checkpoints (steps 3, 2, 1) can be read" in failed.stderr
