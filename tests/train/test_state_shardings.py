@@ -1,7 +1,14 @@
-"""`train.setup.state_shardings`: adapter leaves follow their base layer's sharding (the LoRA
-factors of the token embedding, PiSSA's initial factors, per-feature vectors), so that nothing
-as large as a layer's factors is replicated on every device."""
+"""`train.setup.state_shardings` and `train.sharding.follow`: adapter leaves follow their base
+layer's sharding (the LoRA factors of the token embedding, PiSSA's initial factors, per-feature
+vectors), also when the Trainer places the trainable partition alone, and optimizer states follow
+their weights, so that nothing as large as a layer's factors or moments is replicated on every
+device."""
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -10,6 +17,7 @@ import mllm_tune as mt
 from mllm_tune import pytree
 from mllm_tune.train import setup, sharding
 from tests.helpers.tiny_models import tiny_llava
+from tests.helpers.train import ROOT
 
 Q = "llm/layers/attn/q_proj"
 DOWN = "llm/layers/mlp/down_proj"
@@ -62,8 +70,6 @@ model, params, batch = tiny_llava("qwen2")
 out = {}
 for name, method in {
     "lora": mt.tuning.get("lora", rank=2, targets=r"llm/(embed|layers_\d+/attn/q_proj)"),
-    "lora_bias": mt.tuning.get("lora", rank=2, targets=r"llm/layers_\d+/attn/q_proj",
-                               lora_bias=True),
     "dora": mt.tuning.get("dora", rank=2, targets=r"llm/layers_\d+/attn/(q|v)_proj")}.items():
   v = method.init_variables(jax.random.key(0), params)
   v["adapters"] = jax.tree.map(lambda x: x + 0.1, v["adapters"])  # every factor non-zero
@@ -100,26 +106,19 @@ print("RESULT" + json.dumps(out))
 
 
 def test_sharded_adapters_give_the_one_device_loss_and_gradients(tmp_path):
-  """On 4 devices (fsdp 2 x tensor 2) the sharded embedding LoRA, lora_bias and DoRA
-  magnitudes give the one-device loss and adapter gradients; the Trainer splits a trainable B
+  """On 4 devices (fsdp 2 x tensor 2) the sharded embedding LoRA and DoRA magnitudes give the one-device loss and adapter gradients; the Trainer splits a trainable B
   and its AdamW moments over `tensor` as its base kernel's output."""
-  import json
-  import os
-  import subprocess
-  import sys
-  from tests.helpers.train import ROOT
-  res = subprocess.run([sys.executable, "-c", SCRIPT, ROOT, str(tmp_path / "run")], cwd=ROOT, capture_output=True,
-                       text=True, timeout=600,
+  res = subprocess.run([sys.executable, "-c", SCRIPT, ROOT, str(tmp_path / "run")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600,
                        env=dict(os.environ, JAX_PLATFORMS="cpu",
                                 XLA_FLAGS="--xla_force_host_platform_device_count=4"))
   assert res.returncode == 0, res.stderr[-3000:]
   out = json.loads(res.stdout.split("RESULT")[1])
-  for name in ("lora", "lora_bias", "dora"):
+  for name in ("lora", "dora"):
     o = out[name]
     np.testing.assert_allclose(o["loss"][1], o["loss"][0], rtol=1e-5, err_msg=name)
     assert o["grad"] < 1e-5, (name, o["grad"])
   assert "llm/embed/lora_a" in out["lora"]["sharded"]
-  assert f"{Q}/lora_bias" in out["lora_bias"]["sharded"]
   assert "llm/layers/attn/v_proj/dora_m" in out["dora"]["sharded"]
   (l, r, d), *shards = out["trainer"]
   # B and its mu, nu (and those of any other leaf of its shape)
