@@ -106,8 +106,9 @@ print("RESULT" + json.dumps(out))
 
 
 def test_sharded_adapters_give_the_one_device_loss_and_gradients(tmp_path):
-  """On 4 devices (fsdp 2 x tensor 2) the sharded embedding LoRA and DoRA magnitudes give the one-device loss and adapter gradients; the Trainer splits a trainable B
-  and its AdamW moments over `tensor` as its base kernel's output."""
+  """On 4 devices (fsdp 2 x tensor 2) the sharded embedding LoRA and DoRA magnitudes give the
+  one-device loss and adapter gradients; the Trainer splits a trainable B and its AdamW moments
+  over `tensor` as its base kernel's output."""
   res = subprocess.run([sys.executable, "-c", SCRIPT, ROOT, str(tmp_path / "run")], cwd=ROOT,
                        capture_output=True, text=True, timeout=600,
                        env=dict(os.environ, JAX_PLATFORMS="cpu",
