@@ -46,7 +46,7 @@ def runs(tmp_path_factory):
   """The refreshing run; the same run killed after the refresh of step 4 (its newest checkpoint:
   step 3) and resumed; a run without refresh."""
   root = tmp_path_factory.mktemp("refresh")
-  # the Fisher objective's traces: one for the initial importance and both refreshes
+  # traces of the Fisher objective, counted over the initial importance and both refreshes
   traces, real = [], fisher.example_objective
 
   def counted(logits_fn, kind):
