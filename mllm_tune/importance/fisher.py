@@ -83,9 +83,7 @@ def _engine(logits_fn: LogitsFn, kind: str):
   `lm_logits_fn` (one per model) keep theirs in their `engines` dict, so every importance of a
   model shares one compile (e.g. online EWC's refreshes); any other function gets a new one."""
   engines = getattr(logits_fn, "engines", None)
-  if not isinstance(engines, dict):
-    return per_example_sums(example_objective(logits_fn, kind),
-                            "abs" if kind == "mas" else "square")
+  engines = engines if isinstance(engines, dict) else {}
   if kind not in engines:
     engines[kind] = per_example_sums(example_objective(logits_fn, kind),
                                      "abs" if kind == "mas" else "square")

@@ -25,7 +25,6 @@ a recipe's post-hoc step and the run report follow the last step (`tracking.py`)
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import signal
@@ -120,7 +119,7 @@ class Trainer:
 
     def place(name):  # onto the mesh by the (regex, PartitionSpec) rules
       def put(tree):
-        shardings[name] = setup.state_shardings(tree, self.mesh, base=variables)
+        shardings[name] = shard_lib.state_shardings(tree, self.mesh, base=variables)
         return jax.device_put(tree, shardings[name])
       return put
     run = build.assemble(

@@ -17,6 +17,9 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from mllm_tune import pytree
+from mllm_tune.models.adapters import (BOTTLENECK_UP_BIAS, DORA_M, EXTRA_BIAS, IA3_IN, IA3_OUT,
+                                       LORA_BIAS, VERA_BVEC)
 from mllm_tune.models.mesh_axes import BATCH_AXES, MESH_AXES  # noqa: F401 (re-exported)
 from mllm_tune.models.moe import expert_parallel
 
@@ -113,6 +116,60 @@ def tree_shardings(shapes_tree, mesh: Mesh, rules: Sequence[tuple[str, P]] = DEF
   fn = sharding_fn(mesh, rules)
   out = [fn("/".join(str(k.key) for k in path), tuple(x.shape)) for path, x in flat]
   return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shapes_tree), out)
+
+
+# adapter vectors along a base layer's output (or input) features
+OUT_VECTORS = (DORA_M, LORA_BIAS, IA3_OUT, EXTRA_BIAS, VERA_BVEC, BOTTLENECK_UP_BIAS)
+IN_VECTORS = (IA3_IN,)
+
+
+def state_shardings(tree: dict, mesh: Mesh, rules: Sequence[tuple[str, P]] = DEFAULT_RULES,
+                    base: dict | None = None) -> dict:
+  """Shardings for a variables-shaped tree: params by rule; adapters inherit their base
+  layer's spec (a Linear's kernel, an expert stack, the token embedding (V, D) read as a
+  (d_in, d_out) kernel): factors named `*_a` / `*_a0` (LoRA A, PiSSA's A0) take the input-dim
+  axis, `*_b` / `*_b0` the output-dim axis, per-feature vectors (DoRA's magnitude, lora_bias,
+  (IA)^3, ...) the axis of their features; per-expert LoRA the same on its stack's; everything
+  else replicated. `base`: the whole variables tree (or its shapes) when `tree` is one
+  partition of it, e.g. the trainable leaves alone, whose adapters' base layers are frozen."""
+  flat = pytree.flatten(tree)
+  kernels = {}  # module path -> (spec, shape) of its kernel / stack / embedding
+  out = {}
+  for path, x in pytree.flatten(tree if base is None else base).items():
+    if path.startswith("params/"):
+      spec = spec_for(path[len("params/"):], tuple(x.shape), mesh, rules)
+      kernels[path[len("params/"):]] = (spec, tuple(x.shape))
+      if path in flat:
+        out[path] = NamedSharding(mesh, spec)
+  for path, x in flat.items():
+    if path.startswith("params/"):
+      if path not in out:
+        out[path] = NamedSharding(mesh, spec_for(path[len("params/"):],
+                                                           tuple(x.shape), mesh, rules))
+      continue
+    sub = path.split("/", 1)[1] if "/" in path else path
+    module, leaf = sub.rsplit("/", 1) if "/" in sub else ("", sub)
+    kspec, kshape = next((kernels[k] for k in (module + "/kernel", module + "/embedding",
+                                               module) if k in kernels), (P(), ()))
+    kspec = tuple(kspec) + (None,) * (len(kshape) - len(tuple(kspec)))
+    nd = len(x.shape)
+    stacked = pytree.is_stacked(sub)
+    lead = kspec[:-2] if len(kspec) > 2 else (None,) if stacked else ()  # (L,) or (L, E)
+    d_in_ax = kspec[-2] if len(kspec) >= 2 else None
+    d_out_ax = kspec[-1] if len(kspec) >= 1 else None
+    stem = leaf.rstrip("0123456789")
+    spec = P()
+    if stem.endswith("_a") and nd == len(lead) + 2:
+      spec = P(*lead, d_in_ax, None)
+    elif stem.endswith("_b") and nd == len(lead) + 2:
+      spec = P(*lead, None, d_out_ax)
+    elif len(kshape) >= 2 and nd == len(lead) + 1:
+      if leaf in OUT_VECTORS and x.shape[-1] == kshape[-1]:
+        spec = P(*lead, d_out_ax)
+      elif leaf in IN_VECTORS and x.shape[-1] == kshape[-2]:
+        spec = P(*lead, d_in_ax)
+    out[path] = NamedSharding(mesh, fit_spec(spec, tuple(x.shape), mesh))
+  return pytree.unflatten(out)
 
 
 def key_name(k) -> str:

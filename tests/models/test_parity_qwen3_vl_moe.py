@@ -282,7 +282,7 @@ def test_expert_tensors_are_sharded_by_expert_and_over_the_model_width(loaded):
   # per-expert LoRA factors follow their stack: by expert, A over its input width, B over its
   # output's
   from mllm_tune import pytree
-  from mllm_tune.train.setup import state_shardings
+  from mllm_tune.train.sharding import state_shardings
   lora = mt.tuning.get("lora", rank=2, targets=r"llm/layers_\d+/mlp/experts_(gate_up|down)")
   shapes = jax.eval_shape(lambda: lora.init_variables(jax.random.key(0), loaded[3]))
   specs = {k: tuple(v.spec) for k, v in pytree.flatten(state_shardings(shapes, mesh)).items()

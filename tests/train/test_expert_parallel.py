@@ -59,7 +59,7 @@ MESHES = {"fsdp2_expert2": (1, 2, 1, 2), "expert2_tensor2": (1, 1, 2, 2)}
 for name, (data, fsdp, tensor, expert) in MESHES.items():
   mesh = sharding.make_mesh(data, fsdp, tensor, expert=expert)
   with sharding.mesh_context(mesh):
-    v = jax.device_put(variables, setup.state_shardings(variables, mesh))
+    v = jax.device_put(variables, sharding.state_shardings(variables, mesh))
     b, _ = setup.place_batch(batch, setup.batch_sharding(mesh, 1), model.config)
     (l2, logits2), g2 = jax.jit(jax.value_and_grad(loss, has_aux=True))(v, b)
     jaxpr = str(jax.make_jaxpr(lambda v, b: loss(v, b)[0])(v, b))
@@ -79,7 +79,7 @@ prompt = jnp.asarray(batch["input_ids"][:1, :24])
 gen = lambda p, a: np.asarray(mt.generate(model, p, prompt, max_new_tokens=6, adapters=a)).tolist()
 out["generate_one"] = gen(variables["params"], variables["adapters"])
 with sharding.mesh_context(mesh):
-  v = jax.device_put(variables, setup.state_shardings(variables, mesh))
+  v = jax.device_put(variables, sharding.state_shardings(variables, mesh))
   out["generate_ep"] = gen(v["params"], v["adapters"])
   # LoRA dropout on the experts: one mask per token shard, finite, and it changes the loss
   dv = lora(dropout=0.5).init_variables(jax.random.key(0), params)
@@ -87,7 +87,7 @@ with sharding.mesh_context(mesh):
   both = pytree.unflatten({**pytree.flatten(variables), **{p: x for p, x in drop.items()
                                                           if "lora_dropout" in p}})
   out["dropout_leaves"] = sum("lora_dropout" in p for p in drop)
-  both = jax.device_put(both, setup.state_shardings(both, mesh))
+  both = jax.device_put(both, sharding.state_shardings(both, mesh))
   b, _ = setup.place_batch(batch, setup.batch_sharding(mesh, 1), model.config)
   f = jax.jit(lambda v, b, k: jnp.mean(model.apply(v, b["input_ids"], rngs={"dropout": k},
                                                    **mt.models.model_kwargs(b))))

@@ -1,5 +1,5 @@
-"""`train.setup.state_shardings` and `train.sharding.follow`: adapter leaves follow their base
-layer's sharding (the LoRA factors of the token embedding, PiSSA's initial factors, per-feature
+"""`train.sharding.state_shardings` and `train.sharding.follow`: adapter leaves follow their
+base layer's sharding (the LoRA factors of the token embedding, PiSSA's initial factors, per-feature
 vectors), also when the Trainer places the trainable partition alone, and optimizer states follow
 their weights, so that nothing as large as a layer's factors or moments is replicated on every
 device."""
@@ -15,7 +15,7 @@ import numpy as np
 
 import mllm_tune as mt
 from mllm_tune import pytree
-from mllm_tune.train import setup, sharding
+from mllm_tune.train import sharding
 from tests.helpers.tiny_models import tiny_llava
 from tests.helpers.train import ROOT
 
@@ -26,8 +26,8 @@ DOWN = "llm/layers/mlp/down_proj"
 def _specs(method, params):
   variables = method.init_variables(jax.random.key(0), params)
   mesh = sharding.make_mesh(1, 1, 1)  # one device: every named axis divides
-  out = pytree.flatten(setup.state_shardings(variables, mesh))
-  placed = jax.device_put(variables, setup.state_shardings(variables, mesh))
+  out = pytree.flatten(sharding.state_shardings(variables, mesh))
+  placed = jax.device_put(variables, sharding.state_shardings(variables, mesh))
   for p, x in pytree.flatten(placed).items():  # the shardings fit the leaves
     np.testing.assert_array_equal(np.asarray(x), np.asarray(pytree.flatten(variables)[p]))
   return {p[len("adapters/"):]: tuple(s.spec) for p, s in out.items()
@@ -64,7 +64,7 @@ import jax, jax.numpy as jnp, numpy as np
 sys.path.insert(0, sys.argv[1])
 import mllm_tune as mt
 from mllm_tune import pytree
-from mllm_tune.train import setup, sharding
+from mllm_tune.train import sharding
 from tests.helpers.tiny_models import tiny_llava
 model, params, batch = tiny_llava("qwen2")
 out = {}
@@ -82,7 +82,7 @@ for name, method in {
   l1, g1 = f(v["adapters"])
   mesh = sharding.make_mesh(1, 2, 2)
   with sharding.mesh_context(mesh):
-    vs = jax.device_put(v, setup.state_shardings(v, mesh))
+    vs = jax.device_put(v, sharding.state_shardings(v, mesh))
     l2, g2 = f(vs["adapters"])
   flat1, flat2 = pytree.flatten(g1), pytree.flatten(g2)
   out[name] = dict(loss=[float(l1), float(l2)], grad=max(
