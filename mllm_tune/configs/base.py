@@ -22,6 +22,9 @@ def get_config():
   c.model.frozen_dtype = ""      # e.g. bfloat16: frozen base weights stored in it ('' = unchanged)
   c.model.remat_policy = "none"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable
   c.model.attention_impl = "auto"  # auto | lse | xla | cudnn: models/attention.py
+  # MoE LLMs with mesh.expert > 1: pairs each expert keeps per dispatch group, as a multiple of
+  # the average (GShard's capacity factor, e.g. 1.25; the rest are dropped); 0 = dropless
+  c.model.moe_capacity_factor = 0.0
   c.model.tiny = ml_collections.ConfigDict(dict(
       seed=0, vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2,
       num_heads=4, num_kv_heads=2, vision_layers=0, vision_hidden_size=32, image_size=28,

@@ -14,23 +14,39 @@ import jax.numpy as jnp
 # what each MoE layer (models/moe.py) sows into `intermediates` when that collection is
 # mutable: (router probabilities (N, E) float32, top-k counts (N, E))
 ROUTER_STATS = "router_stats"
+# what an expert-parallel MoE layer with a capacity factor sows: (dropped pairs, all pairs),
+# float32 scalars (models/moe.py: routed_experts_sharded)
+MOE_DROPPED = "moe_dropped"
+
+
+def _sown(intermediates: dict, name: str) -> list[tuple]:
+  out = []
+
+  def walk(node):
+    if isinstance(node, dict):
+      for k in sorted(node):
+        if k == name:
+          out.append(tuple(node[k]))
+        else:
+          walk(node[k])
+  walk(intermediates)
+  return out
+
+
+def dropped_pairs(intermediates: dict) -> tuple[jax.Array, jax.Array] | None:
+  """(dropped, all) (token, expert) pairs over every MoE layer and pass that sowed
+  `MOE_DROPPED` (expert parallelism with a capacity factor), or None when none did."""
+  sown = [x for group in _sown(intermediates, MOE_DROPPED) for x in group]
+  if not sown:
+    return None
+  return (sum(jnp.sum(d) for d, _ in sown), sum(jnp.sum(n) for _, n in sown))
 
 
 def router_passes(intermediates: dict) -> list[tuple]:
   """Every sown statistics tuple, in tree order: one per MoE layer (or one for the scanned
   stack, each entry (L, N, E)), holding one (probs, counts) pair per forward pass of the LLM's
   layers in call order."""
-  out = []
-
-  def walk(node):
-    if isinstance(node, dict):
-      for k in sorted(node):
-        if k == ROUTER_STATS:
-          out.append(tuple(node[k]))
-        else:
-          walk(node[k])
-  walk(intermediates)
-  return out
+  return _sown(intermediates, ROUTER_STATS)
 
 
 def sample_count(token_mask_BT: jax.Array, segment_ids_BT: jax.Array | None = None) -> jax.Array:

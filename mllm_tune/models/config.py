@@ -26,7 +26,7 @@ VISION_TYPES = ("clip_vision_model", "siglip_vision_model")
 ATTENTION_IMPLS = ("auto", "lse", "xla", "cudnn")
 # fields that change how a model runs, not what it computes (left out of architecture hashes)
 RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy", "attention_impl", "scan_unroll",
-                  "decode_per_layer")
+                  "decode_per_layer", "moe_capacity_factor")
 # fields that change neither the architecture nor the numbers (left out of Fisher hashes);
 # pad_token_id changes only which embedding row gets no gradient, so a Fisher stored before it
 # was read still fits

@@ -89,6 +89,9 @@ class LLMConfig:
   num_experts: int = 0
   num_experts_per_tok: int = 0
   moe_intermediate_size: int = 0
+  # expert parallelism only (models/moe.py: routed_experts_sharded): pairs each expert keeps
+  # of its dispatch group, as a multiple of the average (GShard's capacity factor); 0 = dropless
+  moe_capacity_factor: float = 0.0
 
   def __post_init__(self):
     if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
@@ -96,6 +99,9 @@ class LLMConfig:
                         f"{self.num_experts} (num_experts)")
     if self.num_experts and self.moe_intermediate_size < 1:
       raise ConfigError("a mixture-of-experts LLM needs moe_intermediate_size >= 1")
+    cf = self.moe_capacity_factor
+    if isinstance(cf, bool) or not isinstance(cf, (int, float)) or not 0 <= cf < float("inf"):
+      raise ConfigError(f"moe_capacity_factor must be a number >= 0 (0 = dropless), got {cf!r}")
 
   @property
   def kv_groups(self) -> int:

@@ -28,7 +28,10 @@ for bf16 router logits. The router load-balancing loss is the trainer's (`train.
 Expert parallelism: inside `expert_parallel(mesh)` (or `jax.set_mesh`) with a mesh whose
 `expert` axis has several devices (the trainer's `mesh.expert`), the stacks are split by expert
 and `routed_experts_sharded` dispatches the rows across that axis (its docstring); anywhere else
-every device holds every expert.
+every device holds every expert. There, `LLMConfig.moe_capacity_factor` > 0 bounds each
+device's pair buffer by GShard's expert capacity (pairs past it are dropped, and the layer sows
+their count under `MOE_DROPPED`); without expert parallelism the factor does nothing, as the
+dispatch then holds exactly the N * k pairs.
 """
 from __future__ import annotations
 
@@ -47,7 +50,7 @@ from jax.sharding import PartitionSpec as P
 from mllm_tune.models import adapters
 from mllm_tune.models.adapters import parallel_adapter
 from mllm_tune.models.layers import Linear, activation, default_kernel_init, dtype_of
-from mllm_tune.losses.router import ROUTER_STATS
+from mllm_tune.losses.router import MOE_DROPPED, ROUTER_STATS
 from mllm_tune.models.llm_config import LLMConfig
 from mllm_tune.models.mesh_axes import BATCH_AXES, EXPERT, FSDP
 
@@ -196,34 +199,62 @@ class ExpertLora(NamedTuple):
     return grouped_rows(xa, self.b, sizes_E, partial)
 
 
+def expert_order(flat_M: jax.Array, num_experts: int, foreign: bool = False,
+                 capacity: int = 0) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """How the (token, expert) pairs `flat_M` (expert ids) fill the grouped products' rows:
+  (order_R: the pair index of each row, grouped by expert; sizes_E: rows per expert; kept: how
+  many rows hold a pair). Ids outside [0, E) (`foreign`) get no row.
+
+  `capacity` 0: dropless, one row per pair (R = M; rows past the groups, the foreign pairs,
+  are masked by `grouped_rows`). `capacity` C > 0: each expert keeps its first C pairs in pair
+  order (GShard / Switch's expert capacity) and the rest are dropped; R = min(E C, M) rows, the
+  kept pairs first, in expert order."""
+  m = flat_M.shape[0]
+  if foreign:
+    flat_M = jnp.where((flat_M >= 0) & (flat_M < num_experts), flat_M, num_experts)
+  order_M = jnp.argsort(flat_M, stable=True)           # grouped by expert (foreign pairs last)
+  counts_E = jnp.bincount(flat_M, length=num_experts + foreign)[:num_experts].astype(jnp.int32)
+  if not capacity:
+    return order_M, counts_E, jnp.sum(counts_E)
+  sorted_M = flat_M[order_M]
+  starts_E = jnp.cumsum(counts_E) - counts_E
+  rank_M = jnp.arange(m) - starts_E[jnp.minimum(sorted_M, num_experts - 1)]
+  keep_M = (sorted_M < num_experts) & (rank_M < capacity)
+  rows = min(num_experts * capacity, m)
+  slot_M = jnp.where(keep_M, jnp.cumsum(keep_M) - 1, rows)  # kept pairs stay in expert order
+  order_R = jnp.zeros((rows,), order_M.dtype).at[slot_M].set(order_M, mode="drop")
+  sizes_E = jnp.minimum(counts_E, capacity)
+  return order_R, sizes_E, jnp.sum(sizes_E)
+
+
 def routed_experts(x_ND: jax.Array, weights_NK: jax.Array, idx_NK: jax.Array,
                    gate_up_EDF2: jax.Array, down_EFD: jax.Array, act: str,
                    gate_up_lora: ExpertLora | None = None,
-                   down_lora: ExpertLora | None = None, *, foreign: bool = False) -> jax.Array:
+                   down_lora: ExpertLora | None = None, *, foreign: bool = False,
+                   capacity: int = 0) -> jax.Array:
   """sum_j weights[n, j] * expert_{idx[n, j]}(x[n]) for every row n, (N, D), dropless.
 
   `foreign=True`: expert ids outside [0, E) name experts held elsewhere (expert parallelism:
   `routed_experts_sharded` passes ids relative to its local stack). Those pairs are sorted past
   the groups and masked out of the grouped products' input and output (and so out of every
-  gradient), whatever a backend leaves in rows past the groups (`grouped_rows`)."""
-  n, k = idx_NK.shape
+  gradient), whatever a backend leaves in rows past the groups (`grouped_rows`).
+  `capacity` > 0: at most that many pairs per expert (`expert_order`); a dropped pair adds
+  nothing, as if its routing weight were 0."""
+  k = idx_NK.shape[1]
   num_experts, f = down_EFD.shape[0], down_EFD.shape[1]
-  flat_M = idx_NK.reshape(-1)                          # M = N * k (token, expert) pairs
-  if foreign:
-    flat_M = jnp.where((flat_M >= 0) & (flat_M < num_experts), flat_M, num_experts)
-  order_M = jnp.argsort(flat_M, stable=True)           # grouped by expert (foreign pairs last)
-  token_M = order_M // k
-  sizes_E = jnp.bincount(flat_M, length=num_experts + foreign)[:num_experts].astype(jnp.int32)
-  xs_MD = x_ND[token_M]
-  h_MF2 = grouped_rows(xs_MD, gate_up_EDF2.astype(x_ND.dtype), sizes_E, foreign)
+  order_R, sizes_E, _ = expert_order(idx_NK.reshape(-1), num_experts, foreign, capacity)
+  partial = foreign or bool(capacity)
+  token_R = order_R // k
+  xs_RD = x_ND[token_R]
+  h_RF2 = grouped_rows(xs_RD, gate_up_EDF2.astype(x_ND.dtype), sizes_E, partial)
   if gate_up_lora is not None:
-    h_MF2 = h_MF2 + gate_up_lora.delta(xs_MD, sizes_E, foreign)
-  h_MF = activation(act)(h_MF2[:, :f]) * h_MF2[:, f:]
-  y_MD = grouped_rows(h_MF, down_EFD.astype(x_ND.dtype), sizes_E, foreign)
+    h_RF2 = h_RF2 + gate_up_lora.delta(xs_RD, sizes_E, partial)
+  h_RF = activation(act)(h_RF2[:, :f]) * h_RF2[:, f:]
+  y_RD = grouped_rows(h_RF, down_EFD.astype(x_ND.dtype), sizes_E, partial)
   if down_lora is not None:
-    y_MD = y_MD + down_lora.delta(h_MF, sizes_E, foreign)
-  y_MD = y_MD * weights_NK.reshape(-1)[order_M][:, None].astype(y_MD.dtype)
-  return jnp.zeros_like(x_ND).at[token_M].add(y_MD)
+    y_RD = y_RD + down_lora.delta(h_RF, sizes_E, partial)
+  y_RD = y_RD * weights_NK.reshape(-1)[order_R][:, None].astype(y_RD.dtype)
+  return jnp.zeros_like(x_ND).at[token_R].add(y_RD)
 
 
 # ----------------------------------------------------------------------------- expert parallelism
@@ -260,9 +291,19 @@ def expert_mesh():
 _LOGGED: set = set()
 
 
+def expert_capacity(rows: int, k: int, num_experts: int, capacity_factor: float) -> int:
+  """Pairs each expert keeps when a dispatch group of `rows` tokens sends k pairs each:
+  ceil(factor * rows * k / E) (GShard's expert capacity), at most `rows` (no expert gets more);
+  0 (dropless) when the factor is 0."""
+  if not capacity_factor:
+    return 0
+  return min(rows, math.ceil(capacity_factor * rows * k / num_experts))
+
+
 def routed_experts_sharded(mesh, x_ND, weights_NK, idx_NK, gate_up_EDF2, down_EFD, act,
                            gate_up_lora: ExpertLora | None = None,
-                           down_lora: ExpertLora | None = None) -> jax.Array:
+                           down_lora: ExpertLora | None = None,
+                           capacity_factor: float = 0.0) -> tuple[jax.Array, jax.Array]:
   """`routed_experts` with the expert stacks (and their LoRA factors) split over the mesh's
   `expert` axis: each device holds E / n experts (an all-gather dispatcher, Megatron-Core's
   `allgather` token dispatcher in shard_map form).
@@ -277,7 +318,14 @@ def routed_experts_sharded(mesh, x_ND, weights_NK, idx_NK, gate_up_EDF2, down_EF
   average N * k / n. When the rows do not split over the batch axes (a decoding batch of one),
   every device takes every row and a sum over `expert` combines the partial outputs. The
   expert weights enter split over `fsdp` too and are all-gathered inside (FSDP: their gradient
-  leaves as a reduce-scatter). LoRA dropout draws one mask per device."""
+  leaves as a reduce-scatter). LoRA dropout draws one mask per device.
+
+  `capacity_factor` > 0 bounds that buffer: each expert keeps at most `expert_capacity` of
+  the group's pairs (the first in row order; GShard's expert capacity, with the group's rows
+  as its group), so a device holds (E / n) * capacity pair rows, about factor / n of the
+  dropless buffer, and the rest are dropped (they add nothing, as if routed with weight 0).
+  Which pairs drop depends on the group, i.e. on the mesh; 0 (the default) is dropless and
+  gives the one-device result. Returns (y, dropped pairs over the whole batch, int32)."""
   ep, num_experts = mesh.shape[EXPERT], down_EFD.shape[0]
   if num_experts % ep:
     raise ValueError(f"{num_experts} experts do not split over the mesh's expert axis of {ep} "
@@ -313,14 +361,22 @@ def routed_experts_sharded(mesh, x_ND, weights_NK, idx_NK, gate_up_EDF2, down_EF
     # the rows meet expert-varying weights: typed varying in token space, so that their
     # gradient is summed over `expert` there, not in each device's own pair order
     x_nD, w_nK = _vary(x_nD, (EXPERT,)), _vary(w_nK, (EXPERT,))
-    local_idx = idx_nK - jax.lax.axis_index(EXPERT) * down.shape[0]
+    local_e = down.shape[0]
+    local_idx = idx_nK - jax.lax.axis_index(EXPERT) * local_e
+    cap = expert_capacity(x_nD.shape[0], idx_nK.shape[1], num_experts, capacity_factor)
     y_nD = routed_experts(x_nD, w_nK, local_idx, gate_up, down, act, gu_lora, dn_lora,
-                          foreign=True)
+                          foreign=True, capacity=cap)
+    dropped = jnp.zeros((), jnp.int32)
+    if cap:  # this device's pairs past their expert's capacity, summed over the mesh
+      mine = (local_idx >= 0) & (local_idx < local_e)
+      counts = jnp.bincount(jnp.where(mine, local_idx, local_e).reshape(-1), length=local_e + 1)
+      dropped = jax.lax.psum(jnp.sum(jnp.maximum(counts[:local_e] - cap, 0)).astype(jnp.int32),
+                             axes if gathered else (EXPERT,))
     if gathered:
-      return jax.lax.psum_scatter(y_nD, EXPERT, scatter_dimension=0, tiled=True)
-    return jax.lax.psum(y_nD, EXPERT)
+      return jax.lax.psum_scatter(y_nD, EXPERT, scatter_dimension=0, tiled=True), dropped
+    return jax.lax.psum(y_nD, EXPERT), dropped
 
-  fn = jax.shard_map(body, mesh=mesh, out_specs=rows, check_vma=True,
+  fn = jax.shard_map(body, mesh=mesh, out_specs=(rows, P()), check_vma=True,
                      in_specs=(rows, rows, rows, gate_up_spec, down_spec,
                                lora_spec(gate_up_lora), lora_spec(down_lora)))
   dt = x_ND.dtype
@@ -367,6 +423,10 @@ class MoEMLP(nn.Module):
       y_ND = routed_experts(x_ND.astype(dt), weights_NK, idx_NK, gate_up, down, c.hidden_act,
                             *loras)
     else:  # expert parallelism: the stacks are split over the mesh's expert axis
-      y_ND = routed_experts_sharded(mesh, x_ND.astype(dt), weights_NK, idx_NK, gate_up, down,
-                                    c.hidden_act, *loras)
+      y_ND, dropped = routed_experts_sharded(mesh, x_ND.astype(dt), weights_NK, idx_NK, gate_up,
+                                             down, c.hidden_act, *loras,
+                                             capacity_factor=c.moe_capacity_factor)
+      if c.moe_capacity_factor and self.is_mutable_collection("intermediates"):
+        self.sow("intermediates", MOE_DROPPED,
+                 (dropped.astype(jnp.float32), jnp.asarray(idx_NK.size, jnp.float32)))
     return parallel_adapter(self, x_BTD, y_ND.reshape(x_BTD.shape))

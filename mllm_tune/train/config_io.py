@@ -180,6 +180,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
             ("train.log_every", t.log_every >= 1, "must be >= 1"),
             ("train.loss_chunk", t.get("loss_chunk", 256) >= 0, "must be >= 0 (0: full logits)"),
             ("train.router_aux_loss", t.get("router_aux_loss", 0.0) >= 0, "must be >= 0"),
+            ("model.moe_capacity_factor", cfg.model.get("moe_capacity_factor", 0.0) >= 0,
+             "must be >= 0 (0: dropless)"),
             ("train.best_mode", t.best_mode in ("max", "min"), "must be 'max' or 'min'"),
             ("data.batch_size", cfg.data.batch_size >= 1, "must be >= 1"),
             ("model.source", cfg.model.source in ("hf", "native", "tiny", "bench"),

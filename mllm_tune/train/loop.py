@@ -66,8 +66,9 @@ class Trainer:
           "resolve it first with mllm_tune.benchmark.pretrain.resolve_model_source(cfg.model) "
           "(mllm-tune train does), which builds or finds the base and sets source='hf'")
     setup.check_model_files(cfg)  # tokenizer / image processor errors before the weights load
-    if self.mesh.shape["expert"] > 1:  # before the weights load
-      setup.check_expert_mesh(setup.read_model_config(cfg.model), self.mesh)
+    capacity = cfg.model.get("moe_capacity_factor", 0.0)
+    if self.mesh.shape["expert"] > 1 or capacity:  # before the weights load
+      setup.check_expert_mesh(setup.read_model_config(cfg.model), self.mesh, capacity)
     self.param_sharding = sfn = shard_lib.sharding_fn(self.mesh)
     self.model, params, self.base_path = setup.load_model(cfg.model, sharding_fn=sfn)
     with shard_lib.mesh_context(self.mesh):  # expert parallelism reads the ambient mesh

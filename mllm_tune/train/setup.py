@@ -27,8 +27,12 @@ class ConfigValueError(ValueError):
   """A config value is missing or invalid; the message names the key."""
 
 
-def _attention_impl(c) -> str:
-  return c.get("attention_impl", "auto")  # configs saved before the field existed
+def _runtime(c) -> dict:
+  """Runtime fields of the `model` section (configs saved before a field existed lack it)."""
+  out = {"attention_impl": c.get("attention_impl", "auto")}
+  if c.get("moe_capacity_factor"):
+    out["moe_capacity_factor"] = float(c.moe_capacity_factor)
+  return out
 
 
 def tiny_model_config(c) -> LlavaConfig | CausalLMConfig:
@@ -40,13 +44,13 @@ def tiny_model_config(c) -> LlavaConfig | CausalLMConfig:
                   head_dim=t.hidden_size // t.num_heads, dtype=c.dtype,
                   param_dtype=c.param_dtype, remat_policy=c.remat_policy)
   if not t.vision_layers:
-    return with_runtime(CausalLMConfig(llm=llm), attention_impl=_attention_impl(c))
+    return with_runtime(CausalLMConfig(llm=llm), **_runtime(c))
   vis = VisionConfig(hidden_size=t.vision_hidden_size, intermediate_size=2 * t.vision_hidden_size,
                      num_layers=t.vision_layers, num_heads=max(1, t.vision_hidden_size // 16),
                      image_size=t.image_size, patch_size=t.patch_size, dtype=c.dtype,
                      param_dtype=c.param_dtype)
   return with_runtime(LlavaConfig(vision=vis, llm=llm, image_token_id=t.vocab_size - 1),
-                      attention_impl=_attention_impl(c))
+                      **_runtime(c))
 
 
 def reads_model_files(cfg) -> bool:
@@ -104,9 +108,17 @@ def read_model_config(c):
   return read_config(c.path) if c.source == "hf" else read_native_config(c.path)
 
 
-def check_expert_mesh(model_config, mesh) -> None:
-  """`mesh.expert` > 1 needs a mixture-of-experts LLM whose expert count it divides."""
+def check_expert_mesh(model_config, mesh, capacity_factor: float = 0.0) -> None:
+  """`mesh.expert` > 1 needs a mixture-of-experts LLM whose expert count it divides;
+  `model.moe_capacity_factor` > 0 bounds the expert-parallel dispatch, so it needs
+  `mesh.expert` > 1 (without it nothing would be dropped: refused rather than ignored)."""
   ep = mesh.shape.get("expert", 1)
+  if capacity_factor and ep == 1:
+    raise ConfigValueError(
+        f"config key 'model.moe_capacity_factor' = {capacity_factor}: it bounds the buffer of "
+        "expert parallelism's dispatch and applies only with mesh.expert > 1 (without expert "
+        "parallelism the dispatch is dropless and has no slack to bound); set it to 0 or "
+        "split the experts with mesh.expert")
   experts = getattr(getattr(model_config, "llm", None), "num_experts", 0) or 0
   if ep > 1 and (not experts or experts % ep):
     raise ConfigValueError(
@@ -132,11 +144,11 @@ def load_model(c, sharding_fn=None):
   if c.source == "hf":
     model, params = load_pretrained(c.path, dtype=c.dtype, param_dtype=c.param_dtype,
                                     sharding_fn=sharding_fn, remat_policy=c.remat_policy,
-                                    attention_impl=_attention_impl(c))
+                                    **_runtime(c))
   else:
     model, params = load_native(c.path, sharding_fn=sharding_fn)
     model = build_model(with_runtime(model.config, dtype=c.dtype, remat_policy=c.remat_policy,
-                                     attention_impl=_attention_impl(c)))
+                                     **_runtime(c)))
   return model, params, c.path
 
 

@@ -4,7 +4,8 @@ Gradients are taken w.r.t. the trainable partition only (`tuning.partition`): fr
 closed over, get no gradient buffers and no optimizer state. Loss = token cross-entropy over
 `loss_mask` (token t is a target predicted from position t-1, the data pipeline's convention)
 + the method's `loss_terms` (+ `router_aux_loss` times a mixture-of-experts LLM's router
-load-balancing loss, `losses/router.py`, logged as `loss_terms/router_aux`). Unless a method or
+load-balancing loss, `losses/router.py`, logged as `loss_terms/router_aux`; expert parallelism
+with a capacity factor also logs `moe_dropped`, the share of dropped pairs). Unless a method or
 penalty term reads the logits, the vocabulary head and the cross-entropy run
 `StepFns.loss_chunk` positions at a time (`losses/chunked.py`), so the (B, T, V) logits are never
 materialized. Gradient accumulation scans over a leading micro-batch
@@ -34,7 +35,7 @@ from mllm_tune import models
 from mllm_tune.models import model_kwargs
 from mllm_tune.models.adapters import ADAPTERS
 from mllm_tune.losses.chunked import chunked_token_ce
-from mllm_tune.losses.router import router_balance_loss, sample_count
+from mllm_tune.losses.router import dropped_pairs, router_balance_loss, sample_count
 from mllm_tune.losses.token import token_ce
 from mllm_tune.tuning import api as tuning_api
 from mllm_tune import pytree
@@ -113,11 +114,12 @@ def model_ce(fns: StepFns, variables: dict, batch: dict, rngs: dict | None = Non
 def micro_loss(fns: StepFns, trainable, frozen, batch, rng, total_tokens, n_micro,
                penalty_consts=None, norms=None):
   variables = tuning_api.combine(trainable, frozen)
-  sink = {} if fns.router_aux_loss else None
+  llm = getattr(fns.model.config, "llm", None)
+  sink = {} if fns.router_aux_loss or getattr(llm, "moe_capacity_factor", 0.0) else None
   logits, nll, n, correct = model_ce(fns, variables, batch, {"dropout": rng},
                                      bool(models.head_variables(fns.model, trainable)), sink)
   terms = fns.method.loss_terms(variables, batch, logits)
-  if sink is not None:  # per micro-batch, as transformers adds it to each forward's loss
+  if fns.router_aux_loss:  # per micro-batch, as transformers adds it to each forward's loss
     mask = batch.get("attention_mask", jnp.ones_like(batch["input_ids"]))
     samples = sample_count(mask, batch.get("segment_ids"))  # soft prompts count per sample
     terms = {**terms, "router_aux": fns.router_aux_loss * router_balance_loss(sink, mask,
@@ -125,6 +127,9 @@ def micro_loss(fns: StepFns, trainable, frozen, batch, rng, total_tokens, n_micr
   loss = nll / jnp.maximum(total_tokens, 1.0) + sum(terms.values(), 0.0) / n_micro
   aux = {"nll": nll, "tokens": n, "correct": correct,
          **{f"loss_terms/{k}": v / n_micro for k, v in terms.items()}}
+  dropped = None if sink is None else dropped_pairs(sink)
+  if dropped is not None:  # expert parallelism with a capacity factor
+    aux["moe/dropped"], aux["moe/pairs"] = dropped
   pen = fns.penalty
   if pen is not None and pen.needs_teacher:
     teacher = jax.lax.stop_gradient(fns.model.apply(
@@ -192,6 +197,8 @@ def train_step(fns: StepFns, frozen: dict, state: TrainState, batch: dict,
              "accuracy": aux["correct"] / jnp.maximum(aux["tokens"], 1.0),
              "tokens": aux["tokens"], "grad_norm": optax.tree.norm(grads),
              "update_norm": optax.tree.norm(updates), **terms}
+  if "moe/dropped" in aux:  # share of (token, expert) pairs past their expert's capacity
+    metrics["moe_dropped"] = aux["moe/dropped"] / jnp.maximum(aux["moe/pairs"], 1.0)
   if lr_fn is not None:
     metrics["learning_rate"] = lr_fn(state.step)
   new_state = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state,

@@ -3,10 +3,12 @@ devices: a tiny Qwen3-VL-MoE whose expert stacks (and per-expert LoRA factors) a
 expert gives the one-device logits and gradients on a packed batch (beside FSDP or tensor
 parallelism) and generates the same tokens from a one-row prompt (rows that do not split over
 the batch axes); the dispatch alone gives the one-device gradients with rows split or not (beside
-FSDP or data parallelism); and
+FSDP or data parallelism), and with a capacity factor drops exactly the pairs past their
+expert's capacity in each dispatch group (values, gradients and the count against a one-device
+reference that routes those pairs with weight 0) in less compiled memory; and
 `mllm-tune train` with `mesh.expert=2` reproduces the one-device loss curve of LoRA on the
-experts with EWC (its per-sample Fisher vmaps through the sharded dispatch) and refuses an
-expert axis that does not divide the experts."""
+experts with EWC (its per-sample Fisher vmaps through the sharded dispatch), logs the dropped
+share, and refuses an expert axis that does not divide the experts."""
 from __future__ import annotations
 
 import json
@@ -23,7 +25,7 @@ from tests.helpers.data import sized_records, write_llava_dataset
 from tests.helpers.train import ROOT, lora_train_args, losses, run_cli
 
 SCRIPT = """
-import json, pathlib, sys
+import json, math, pathlib, sys
 import jax, jax.numpy as jnp, numpy as np
 sys.path.insert(0, sys.argv[2])
 import mllm_tune as mt
@@ -99,21 +101,59 @@ r = np.random.default_rng(0)
 arr = lambda *s: (r.normal(size=s) * 0.3).astype(np.float32)  # numpy: no eager jax ops below
 x, logit, gu, dn = arr(16, 8), arr(16, 4), arr(4, 8, 12), arr(4, 6, 8)
 la = moe.ExpertLora(arr(4, 8, 3), arr(4, 3, 12), jnp.asarray(0.5))
-def f(x, logit, gu, dn, la, sharded):
+def f(x, logit, gu, dn, la, sharded, keep=None, factor=0.0):
   w, i = moe.route(logit, 2)
-  y = (moe.routed_experts_sharded(moe.expert_mesh(), x, w, i, gu, dn, "silu", la)
-       if sharded else moe.routed_experts(x, w, i, gu, dn, "silu", la))
-  return jnp.sum(jnp.sin(y))
-g = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3, 4)), static_argnums=5)
-out["dispatch"] = {}
+  if sharded:
+    y, dropped = moe.routed_experts_sharded(moe.expert_mesh(), x, w, i, gu, dn, "silu", la,
+                                            capacity_factor=factor)
+  else:  # the reference drops a pair by giving it routing weight 0
+    y, dropped = moe.routed_experts(x, w if keep is None else w * keep, i, gu, dn, "silu",
+                                    la), 0
+  return jnp.sum(jnp.sin(y)), dropped
+g = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3, 4), has_aux=True), static_argnums=(5, 7))
+def kept(logit, group, cap):
+  # (N, 2) float: pair (n, j) is kept when fewer than `cap` earlier pairs of its dispatch
+  # group (`group` consecutive rows) chose its expert (GShard's expert capacity), in NumPy
+  idx = np.argsort(-logit, axis=1, kind="stable")[:, :2]
+  keep = np.zeros(idx.shape, np.float32)
+  for start in range(0, len(idx), group):
+    seen = {}
+    for n in range(start, min(start + group, len(idx))):
+      for j in range(2):
+        e = int(idx[n, j])
+        keep[n, j] = seen.get(e, 0) < cap
+        seen[e] = seen.get(e, 0) + 1
+  return keep
+rel = lambda ref, got: max(float(np.abs(np.asarray(a) - np.asarray(b)).max()
+                                 / max(np.abs(np.asarray(a)).max(), 1e-30))
+                           for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)))
+out["dispatch"], out["capacity"] = {}, {}
 for n in (16, 3):
-  ref = [np.asarray(a) for a in jax.tree.leaves(g(x[:n], logit[:n], gu, dn, la, False))]
+  ref = g(x[:n], logit[:n], gu, dn, la, False)
   for shape in ((1, 2, 1, 2), (2, 1, 1, 2), (1, 1, 1, 4)):
     mesh = sharding.make_mesh(*shape[:3], expert=shape[3])
     with sharding.mesh_context(mesh):
-      got = jax.tree.leaves(g(x[:n], logit[:n], gu, dn, la, True))
-    out["dispatch"][f"{n} {shape}"] = max(float(np.abs(a - np.asarray(b)).max() / np.abs(a).max())
-                                          for a, b in zip(ref, got))
+      got = g(x[:n], logit[:n], gu, dn, la, True)
+      out["dispatch"][f"{n} {shape}"] = rel(ref, got)
+      # capacity factor 0.5: each expert keeps ceil(0.5 * G * 2 / 4) pairs of a group of G
+      # rows (the expert group's rows when they split, else all rows)
+      group = n // math.prod(shape[:2]) if n == 16 else n
+      cap = math.ceil(0.5 * group * 2 / 4)
+      keep = kept(logit[:n], group, cap)
+      (val, dropped), grads = g(x[:n], logit[:n], gu, dn, la, True, None, 0.5)
+      (rval, _), rgrads = g(x[:n], logit[:n], gu, dn, la, False, jnp.asarray(keep))
+    out["capacity"][f"{n} {shape}"] = dict(
+        err=rel((rval, rgrads), (val, grads)), dropped=int(dropped),
+        want=int((keep == 0).sum()), group=group, cap=cap)
+# the capacity bounds each device's pair buffer: compiled temporary memory of the sharded
+# forward + backward, 64 rows of width 8 through experts of width 64 (the pair rows dominate)
+xm, lm = arr(64, 8), arr(64, 4)
+gm, dm = arr(4, 8, 128), arr(4, 64, 8)
+mesh = sharding.make_mesh(1, 1, 1, expert=4)
+with sharding.mesh_context(mesh):
+  out["temp_bytes"] = {
+      str(c): g.lower(xm, lm, gm, dm, None, True, None, c).compile().memory_analysis()
+      .temp_size_in_bytes for c in (0.0, 1.0)}
 print("RESULT" + json.dumps(out))
 """
 
@@ -141,6 +181,16 @@ def test_expert_parallel_logits_gradients_and_decoding_equal_one_device(tmp_path
   assert out["fsdp2_expert2"]["shards"]["params/llm/layers/mlp/experts_gate_up"][1][2] == 16
   assert out["generate_ep"] == out["generate_one"]
   assert len(out["dispatch"]) == 6 and max(out["dispatch"].values()) < 1e-5, out["dispatch"]
+  # a capacity factor drops exactly the pairs past their expert's capacity in each dispatch
+  # group (the reference routes them with weight 0): same values and gradients, and the count
+  for name, c in out["capacity"].items():
+    assert c["err"] < 1e-5 and c["dropped"] == c["want"], (name, c)
+  assert min(c["want"] for c in out["capacity"].values()) > 0  # every case dropped some
+  assert {c["group"] for c in out["capacity"].values()} == {8, 16, 3}
+  # 4 experts on 4 devices, 64 rows: the dropless buffer holds all 128 pairs per device, a
+  # factor of 1 holds 32
+  t = out["temp_bytes"]
+  assert t["1.0"] < 0.6 * t["0.0"], t
   assert out["dropout_leaves"] == 2
   a, b = out["dropout_means"]
   assert np.isfinite(a) and np.isfinite(b) and a != b  # the dropout key reaches the experts
@@ -171,13 +221,18 @@ def test_train_with_expert_parallelism_gives_the_one_device_loss_curve(tmp_path)
            "--config.penalty.weight=10.0", "--config.penalty.fisher_samples=8",
            "--config.penalty.fisher_chunk=2")
   curves = {}
-  for name, devices, mesh in [("one", 1, ()),
-                              ("ep", 4, ("--config.mesh.fsdp=2", "--config.mesh.expert=2"))]:
+  # capacity factor 3 with 6 experts and top-2: each expert may keep all of its group's rows,
+  # so nothing can drop and the curve stays the one-device one; the dropped share is logged
+  ep = ("--config.mesh.fsdp=2", "--config.mesh.expert=2", "--config.model.moe_capacity_factor=3")
+  for name, devices, mesh in [("one", 1, ()), ("ep", 4, ep)]:
     run = str(tmp_path / name)
     res = run_cli(lora_train_args(d, str(tmp_path / "data"), run, 3, 4, *extra, *mesh),
                   devices=devices)
     assert res.returncode == 0, res.stderr[-3000:]
     curves[name] = [losses(run)[s] for s in (1, 2, 3)]
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+      dropped = [json.loads(line).get("moe_dropped") for line in f]
+    assert dropped == ([0.0] * 3 if name == "ep" else [None] * 3), dropped
     # the sharded dispatch ran (and said so once per row count), only with mesh.expert=2
     said = "mixture of experts: 6 experts over the 2 devices of mesh axis 'expert'"
     assert (said in res.stderr) == (name == "ep"), res.stderr[-2000:]
@@ -188,6 +243,28 @@ def test_train_with_expert_parallelism_gives_the_one_device_loss_curve(tmp_path)
                                 "--config.mesh.fsdp=1", "--config.mesh.expert=4"), devices=4)
   assert res.returncode != 0
   assert "mesh.expert' = 4: the model's 6 experts do not split into 4 equal groups" in res.stderr
+
+
+def test_capacity_factor_needs_expert_parallelism():
+  """A capacity factor bounds the expert-parallel dispatch: without mesh.expert > 1 it would do
+  nothing, so it is refused naming the key; a negative one is refused by the config check."""
+  from mllm_tune.models.llm_config import ConfigError, LLMConfig
+  from mllm_tune.train.config_io import validate
+  from mllm_tune.train.setup import ConfigValueError, check_expert_mesh
+  from mllm_tune.configs.base import get_config
+  moe = types.SimpleNamespace(llm=types.SimpleNamespace(num_experts=8))
+  one = types.SimpleNamespace(shape={"data": 2, "fsdp": 1, "expert": 1, "tensor": 1})
+  with pytest.raises(ConfigValueError, match="'model.moe_capacity_factor' = 1.25: it bounds "
+                     "the buffer of expert parallelism's dispatch"):
+    check_expert_mesh(moe, one, 1.25)
+  check_expert_mesh(moe, types.SimpleNamespace(shape={"expert": 2}), 1.25)
+  cfg = get_config()
+  cfg.model.moe_capacity_factor = -1.0
+  with pytest.raises(ValueError, match="model.moe_capacity_factor"):
+    validate(cfg)
+  with pytest.raises(ConfigError, match="moe_capacity_factor must be a number >= 0"):
+    LLMConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=1,
+              num_kv_heads=1, head_dim=8, moe_capacity_factor=float("nan"))
 
 
 def test_foreign_pairs_never_read_rows_past_the_groups(monkeypatch):
