@@ -6,7 +6,7 @@
 XLA:CPU lowers `ragged_dot` densely (every row against every expert); on GPU it becomes
 `chlo.ragged_dot`, which the CPU suite never reaches. This script:
 
-1. checks `models/moe.grouped_matmul` (forward, input gradient, per-expert weight gradient) in
+1. checks `models/grouped_matmul.grouped_matmul` (forward, input gradient, per-expert weight gradient) in
    float32 against a float64 NumPy loop over the expert groups, with empty groups included;
 2. times one Qwen3-VL-30B-A3B-shaped MoE layer (8192 tokens, 128 experts, top 8, D 2048,
    F 768), forward + backward of `routed_experts` in bfloat16 with every expert weight trained,
@@ -34,7 +34,7 @@ def check_grouped_matmul(p) -> float:
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from mllm_tune.models.moe import grouped_matmul
+  from mllm_tune.models.grouped_matmul import grouped_matmul
   rng = np.random.RandomState(0)
   e, m, d, f = p["experts"], p["rows"], p["hidden"], p["inter"]
   sizes = rng.multinomial(m, rng.dirichlet(np.ones(e) * 0.5)).astype(np.int32)

@@ -14,10 +14,11 @@ Params (one layer; stacked with a leading L in the scanned LLM):
 Per-expert LoRA (`expert_lora`) reads adapter leaves under each stack's name.
 
 Dispatch is dropless: the N*k (token, expert) pairs are sorted by expert and run through
-`jax.lax.ragged_dot` (grouped matmuls over contiguous row groups, wrapped in `grouped_matmul` so
-that per-sample gradients can vmap it), then scattered back and summed. Reverse-mode only (a custom
-VJP, like the default attention). No token is dropped and no capacity factor is involved, so the
-result equals transformers' per-expert loop. How fast `ragged_dot` runs is the backend's business:
+`jax.lax.ragged_dot` (grouped matmuls over contiguous row groups, wrapped in
+`models/grouped_matmul.py` so that per-sample gradients can vmap it), then scattered back and
+summed. Reverse-mode only (a custom VJP, like the default attention). No token is dropped and no
+capacity factor is involved (except under expert parallelism, below, when asked), so the result
+equals transformers' per-expert loop. How fast `ragged_dot` runs is the backend's business:
 XLA:CPU (jax 0.10) lowers it densely, every row against every expert (E times the expert FLOPs and
 an (E, N*k, D) masked input, which the tiny test models afford); on GPU it lowers to
 `chlo.ragged_dot`, not yet measured (`perf/moe_check.py` is the device check). Top-k ties go to the
@@ -44,133 +45,17 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
-from jax.custom_batching import custom_vmap
 from jax.sharding import PartitionSpec as P
 
 from mllm_tune.models import adapters
 from mllm_tune.models.adapters import parallel_adapter
+from mllm_tune.models.grouped_matmul import cast_varying, grouped_rows
 from mllm_tune.models.layers import Linear, activation, default_kernel_init, dtype_of
 from mllm_tune.losses.router import MOE_DROPPED, ROUTER_STATS
 from mllm_tune.models.llm_config import LLMConfig
 from mllm_tune.models.mesh_axes import BATCH_AXES, EXPERT, FSDP
 
 _log = logging.getLogger(__name__)
-
-
-# ----------------------------------------------------------------------------- grouped matmuls
-# `jax.lax.ragged_dot` has no batching rule for an unbatched operand (jax 0.10), and per-sample
-# gradients (Fisher, grad_topk) vmap the model over samples with the weights unbatched. So the
-# grouped matmul is a custom VJP whose forward and backward products are `custom_vmap`
-# functions: under vmap, the samples' rows are merged into one ragged product (the shared
-# weights are never copied per sample).
-def _expert_of_rows(sizes_BE: jax.Array, rows: int) -> jax.Array:
-  """(B, rows) expert index of each row of row-grouped samples (E for rows past the groups)."""
-  ends_BE = jnp.cumsum(sizes_BE, axis=-1)
-  return jax.vmap(lambda e: jnp.searchsorted(e, jnp.arange(rows), side="right"))(ends_BE)
-
-
-def _batched(x: jax.Array, is_batched: bool, n: int) -> jax.Array:
-  return x if is_batched else jnp.broadcast_to(x, (n,) + x.shape)
-
-
-@custom_vmap
-def _rows_times_experts(x_MD: jax.Array, w_EDF: jax.Array, sizes_E: jax.Array) -> jax.Array:
-  """(M, F): row m (in expert-sorted groups of `sizes_E` rows) times its expert's (D, F)."""
-  return jax.lax.ragged_dot(x_MD, w_EDF, sizes_E)
-
-
-@_rows_times_experts.def_vmap
-def _rows_times_experts_vmap(n, batched, x_BMD, w_EDF, sizes_BE):
-  x_BMD, sizes_BE = _batched(x_BMD, batched[0], n), _batched(sizes_BE, batched[2], n)
-  if batched[1]:  # per-sample weights: one product per sample
-    return jax.lax.map(lambda a: jax.lax.ragged_dot(*a), (x_BMD, w_EDF, sizes_BE)), True
-  b, m, d = x_BMD.shape
-  # every sample's rows, re-sorted by expert across samples: one product with shared weights
-  order = jnp.argsort(_expert_of_rows(sizes_BE, m).reshape(-1), stable=True)
-  y = jax.lax.ragged_dot(x_BMD.reshape(b * m, d)[order], w_EDF, jnp.sum(sizes_BE, axis=0))
-  return jnp.zeros_like(y).at[order].set(y).reshape(b, m, -1), True
-
-
-_WGRAD_DIMS = jax.lax.RaggedDotDimensionNumbers(
-    dot_dimension_numbers=(((0,), (0,)), ((), ())), lhs_ragged_dimensions=[0],
-    rhs_group_dimensions=[])
-
-
-@custom_vmap
-def _expert_weight_grads(x_MD: jax.Array, dy_MF: jax.Array, sizes_E: jax.Array) -> jax.Array:
-  """(E, D, F): sum over expert e's rows of x^T dy (the gradient of `_rows_times_experts`)."""
-  return jax.lax.ragged_dot_general(x_MD, dy_MF, sizes_E, _WGRAD_DIMS)
-
-
-@_expert_weight_grads.def_vmap
-def _expert_weight_grads_vmap(n, batched, x_BMD, dy_BMF, sizes_BE):
-  x_BMD, dy_BMF = _batched(x_BMD, batched[0], n), _batched(dy_BMF, batched[1], n)
-  sizes_BE = _batched(sizes_BE, batched[2], n)
-  b, m, d = x_BMD.shape
-  e = sizes_BE.shape[-1]
-  # groups (sample, expert) are already contiguous in the flattened rows when every sample's
-  # groups cover its rows; rows past a sample's groups are given to a zero-weight padding group
-  pad_B = m - jnp.sum(sizes_BE, axis=-1)
-  sizes = jnp.concatenate([sizes_BE, pad_B[:, None]], axis=-1).reshape(-1)
-  g = jax.lax.ragged_dot_general(x_BMD.reshape(b * m, d), dy_BMF.reshape(b * m, -1), sizes,
-                                 _WGRAD_DIMS)
-  return g.reshape(b, e + 1, d, -1)[:, :e], True
-
-
-@jax.custom_vjp
-def grouped_matmul(x_MD: jax.Array, w_EDF: jax.Array, sizes_E: jax.Array) -> jax.Array:
-  """`jax.lax.ragged_dot(x, w, sizes)` (rows grouped by expert), differentiable under vmap."""
-  return _rows_times_experts(x_MD, w_EDF, sizes_E)
-
-
-def grouped_rows(x_MD: jax.Array, w_EDF: jax.Array, sizes_E: jax.Array,
-                 partial: bool = False) -> jax.Array:
-  """`grouped_matmul`; `partial=True` when the groups may end before the last row (expert
-  parallelism's foreign pairs): the rows past them are zeroed in the input and the output, so
-  neither the result nor any gradient (rows, weights, routing weights, LoRA scales) reads what
-  a backend leaves there."""
-  if not partial:
-    return grouped_matmul(x_MD, w_EDF, sizes_E)
-  in_M1 = (jnp.arange(x_MD.shape[0]) < jnp.sum(sizes_E))[:, None]
-  zero = lambda t: jnp.where(in_M1, t, jnp.zeros_like(t))
-  return zero(grouped_matmul(zero(x_MD), w_EDF, sizes_E))
-
-
-def _grouped_fwd(x_MD, w_EDF, sizes_E):
-  return _rows_times_experts(x_MD, w_EDF, sizes_E), (x_MD, w_EDF, sizes_E)
-
-
-def _weight_grad(dw: jax.Array, w: jax.Array) -> jax.Array:
-  """Inside `shard_map`, the expert weights' gradient summed over the manual mesh axes it
-  varies along and the weights do not (the same weights on every token shard)."""
-  extra = tuple(sorted(_varying(dw) - _varying(w)))
-  return jax.lax.psum(dw, extra) if extra else dw
-
-
-def _vary(x: jax.Array, axes) -> jax.Array:
-  """`x` typed as varying along the manual mesh `axes` too (`jax.lax.pcast`)."""
-  missing = tuple(a for a in axes if a not in _varying(x))
-  return jax.lax.pcast(x, missing, to="varying") if missing else x
-
-
-def _varying(x: jax.Array) -> frozenset:
-  """The manual mesh axes `x` varies along (jax 0.10: `manual_axis_type.varying`; `vma` before)."""
-  t = jax.typeof(x)
-  mat = getattr(t, "manual_axis_type", None)
-  return frozenset(mat.varying) if mat is not None else frozenset(getattr(t, "vma", ()))
-
-
-def _grouped_bwd(res, dy_MF):
-  x_MD, w_EDF, sizes_E = res
-  dx = _rows_times_experts(dy_MF, w_EDF.swapaxes(1, 2), sizes_E)
-  dw = _expert_weight_grads(x_MD, dy_MF, sizes_E).astype(w_EDF.dtype)
-  if _varying(dx) - _varying(x_MD):  # a sum in pair space would mix rows sorted differently
-    raise ValueError("grouped_matmul: the rows must vary along every manual mesh axis the "
-                     "weights vary along (cast the token rows before sorting them into pairs)")
-  return dx, _weight_grad(dw, w_EDF), None
-
-
-grouped_matmul.defvjp(_grouped_fwd, _grouped_bwd)
 
 
 # ----------------------------------------------------------------------------- routing
@@ -360,7 +245,7 @@ def routed_experts_sharded(mesh, x_ND, weights_NK, idx_NK, gate_up_EDF2, down_EF
     gu_lora, dn_lora = fold(gu_lora), fold(dn_lora)  # a dropout mask of its own per device
     # the rows meet expert-varying weights: typed varying in token space, so that their
     # gradient is summed over `expert` there, not in each device's own pair order
-    x_nD, w_nK = _vary(x_nD, (EXPERT,)), _vary(w_nK, (EXPERT,))
+    x_nD, w_nK = cast_varying(x_nD, (EXPERT,)), cast_varying(w_nK, (EXPERT,))
     local_e = down.shape[0]
     local_idx = idx_nK - jax.lax.axis_index(EXPERT) * local_e
     cap = expert_capacity(x_nD.shape[0], idx_nK.shape[1], num_experts, capacity_factor)

@@ -25,7 +25,7 @@ def test_dry_run_checks_the_grouped_matmul_and_times_the_layer():
 def test_the_check_catches_a_wrong_grouping(monkeypatch):
   sys.path.insert(0, os.path.join(ROOT, "perf"))
   import moe_check
-  from mllm_tune.models import moe
+  from mllm_tune.models import grouped_matmul
   # every row against expert 0: right shapes, wrong groups
-  monkeypatch.setattr(moe, "grouped_matmul", lambda x, w, sizes: x @ w[0])
+  monkeypatch.setattr(grouped_matmul, "grouped_matmul", lambda x, w, sizes: x @ w[0])
   assert moe_check.check_grouped_matmul(moe_check.TINY) > 0.1

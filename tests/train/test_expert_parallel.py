@@ -273,7 +273,7 @@ def test_foreign_pairs_never_read_rows_past_the_groups(monkeypatch):
   gradient (rows, routing logits, both stacks, the LoRA factors and scale)."""
   import jax
   import jax.numpy as jnp
-  from mllm_tune.models import moe
+  from mllm_tune.models import grouped_matmul, moe
   r = np.random.default_rng(1)
   arr = lambda *s: jnp.asarray(r.normal(size=s) * 0.3, jnp.float32)
   x, logit, gu, dn = arr(12, 8), arr(12, 4), arr(2, 8, 12), arr(2, 6, 8)
@@ -285,13 +285,13 @@ def test_foreign_pairs_never_read_rows_past_the_groups(monkeypatch):
 
   grads = jax.value_and_grad(f, argnums=(0, 1, 2, 3, 4))
   clean = jax.tree.leaves(grads(x, logit, gu, dn, lora))
-  real = moe._rows_times_experts.__call__
+  real = grouped_matmul._rows_times_experts.__call__
 
   def poisoned(x_MD, w_EDF, sizes_E):
     y = real(x_MD, w_EDF, sizes_E)
     return jnp.where((jnp.arange(y.shape[0]) < jnp.sum(sizes_E))[:, None], y, jnp.nan)
 
-  monkeypatch.setattr(moe, "_rows_times_experts", poisoned)
+  monkeypatch.setattr(grouped_matmul, "_rows_times_experts", poisoned)
   dirty = jax.tree.leaves(grads(x, logit, gu, dn, lora))
   assert len(clean) == len(dirty) == 8  # the value, 4 inputs, 3 LoRA leaves
   for a, b in zip(clean, dirty):

@@ -71,7 +71,7 @@ def test_full_fine_tuning_moves_every_kind_of_leaf_and_its_loss_is_the_token_ce(
 
 def test_ewc_with_the_per_sample_fisher_of_a_moe_model(moe):
   """The empirical Fisher vmaps per-sample gradients through the expert dispatch (shared
-  weights, `moe.grouped_matmul`'s vmap rules); EWC with it: 0 at theta0, then the
+  weights, `grouped_matmul`'s vmap rules); EWC with it: 0 at theta0, then the
   Fisher-weighted float64 distance of step 1's merged weights (`check_penalty`)."""
   imp = importance(moe, ("empirical",))
   check_penalty(moe, imp, "ewc")
