@@ -107,7 +107,8 @@ def _train(args) -> int:
                     progress=not args.no_progress, fisher_data=build_fisher_data(cfg))
   trainer.eval_fn = build_eval_fn(cfg, trainer.model)
   summary = trainer.run()
-  print(json.dumps({k: summary[k] for k in ("status", "run_dir", "best_step", "step_programs")}))
+  print(json.dumps({k: summary[k] for k in ("status", "run_dir", "best_step", "step_programs",
+                                            "skipped")}))
   if summary.get("posthoc"):
     ph = summary["posthoc"]
     print(json.dumps({"posthoc": ph["name"], ph["param"]: ph["chosen"],

@@ -4,7 +4,7 @@ Each step directory holds three items: `state` (the trainable partition, optimiz
 rng: never the frozen base), `data` (the data iterator's JSON state, for exact resume) and `meta`
 (the base model's path and content hash, checked on restore, plus the step's metrics). Saves are
 asynchronous; `max_to_keep` keeps the newest N, and with `best_metric` the best N by that metric
-(e.g. the survey's combined score) instead.
+(e.g. the survey's combined score) plus the newest one, which a resumed run continues from.
 """
 from __future__ import annotations
 
@@ -67,10 +67,16 @@ class TrainCheckpointer:
                async_save: bool = True):
     self.directory = os.path.abspath(directory)
     self.best_metric = best_metric
+    best_fn = (lambda m: float(m[best_metric])) if best_metric else None
+    keep: dict = {"max_to_keep": max_to_keep}
+    if best_metric:  # the best N, and always the newest: resume continues from it
+      keep = {"preservation_policy": ocp.checkpoint_managers.AnyPreservationPolicy([
+          ocp.checkpoint_managers.LatestN(n=1),
+          ocp.checkpoint_managers.BestN(get_metric_fn=best_fn, reverse=best_mode == "min",
+                                        n=max_to_keep, keep_checkpoints_without_metrics=False)])}
     opts = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save,
-        best_fn=(lambda m: float(m[best_metric])) if best_metric else None,
-        best_mode=best_mode, keep_checkpoints_without_metrics=best_metric is None)
+        create=True, enable_async_checkpointing=async_save, best_fn=best_fn,
+        best_mode=best_mode, keep_checkpoints_without_metrics=best_metric is None, **keep)
     self.manager = ocp.CheckpointManager(self.directory, options=opts,
                                          item_names=("state", "data", "meta"))
 

@@ -45,6 +45,9 @@ def get_config():
       # mixture-of-experts LLMs: weight of the router load-balancing loss (transformers'
       # router_aux_loss_coef, e.g. 0.001; 0 = off, as transformers without output_router_logits)
       router_aux_loss=0.0,
+      # a resumed run (run_dir with checkpoints) may change keys that shape the training
+      # (model, method, optimizer, data, penalty, seed); off: such changes are refused
+      allow_config_change=False,
       prepare_batches=4))  # batches data-derived masks (grad_topk) are computed from
 
   # forgetting penalty, composable with any method (configs/penalties/*.py, docs/methods.md §5):

@@ -107,6 +107,23 @@ class TensorBoardWriter:
     self._f.close()
 
 
+def drop_records_after(path: str, step: int) -> int:
+  """Rewrite the JSONL log `path` without its records past `step` (all of them at step 0):
+  a resumed run redoes the steps after its checkpoint and logs them again. Returns how many
+  records were dropped; a missing file drops none."""
+  if not os.path.isfile(path):
+    return 0
+  with open(path) as f:
+    lines = [line for line in f if line.strip()]
+  keep = [line for line in lines if step and json.loads(line).get("step", 0) <= step]
+  if len(keep) < len(lines):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      f.writelines(keep)
+    os.replace(tmp, path)
+  return len(lines) - len(keep)
+
+
 class JsonlWriter:
   def __init__(self, path: str):
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

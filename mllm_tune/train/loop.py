@@ -38,9 +38,10 @@ from tqdm.auto import tqdm
 
 from mllm_tune import pytree, tuning
 from mllm_tune.checkpoints.orbax_io import TrainCheckpointer, debug_kill, params_fingerprint
-from mllm_tune.train import build, penalty_refresh, penalty_setup, setup
+from mllm_tune.train import build, penalty_refresh, penalty_setup, resume_check, setup
 from mllm_tune.train import sharding as shard_lib
-from mllm_tune.train.logs import JsonlWriter, TensorBoardWriter, bar_scores
+from mllm_tune.train.logs import (JsonlWriter, TensorBoardWriter, bar_scores,
+                                  drop_records_after)
 from mllm_tune.train.step import TrainState, eval_step, find_nonfinite, train_step
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class Trainer:
     importance is computed from when no file holds it (default: the training batches)."""
     self.cfg, self.data, self.eval_fn, self.progress = cfg, data, eval_fn, progress
     self.fisher_data = fisher_data  # read again by online EWC's in-run refresh
+    self.resume_changes = resume_check.check(cfg)  # a resume's config changes, before loading
     devices = jax.devices()[:cfg.mesh.devices] if cfg.mesh.get("devices") else None
     self.mesh = shard_lib.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices,
                                     expert=cfg.mesh.get("expert", 1))
@@ -275,9 +277,9 @@ class Trainer:
     """The run's selected step, the one its report names (`run_report.selected`): with eval
     sets, the best eval step by train.best_metric (empty: the tracker's default, the trade-off
     score O) among the checkpointed ones, ties to the earliest; without eval sets, orbax's best
-    checkpoint by train.best_metric, else the latest."""
+    checkpoint by train.best_metric, else None (no selection: what `export --best` says)."""
     if self.tracker is None:
-      return self.ckpt.best_step()
+      return self.ckpt.best_step() if self.cfg.train.get("best_metric") else None
     from mllm_tune.eval import run_report
     sel = run_report.selected(run_report.load_run(self.run_dir))
     return sel.step if sel.step is not None else self.ckpt.best_step()
@@ -304,9 +306,15 @@ class Trainer:
     cfg, t = self.cfg, self.cfg.train
     os.makedirs(self.run_dir, exist_ok=True)
     start = self.maybe_restore()  # a refused resume raises before the run's config is touched
+    resume_check.keep_previous(self.run_dir, start, self.resume_changes)
     with open(os.path.join(self.run_dir, "config.json"), "w") as f:
       f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
-    jsonl = JsonlWriter(os.path.join(self.run_dir, "metrics.jsonl"))
+    metrics_path = os.path.join(self.run_dir, "metrics.jsonl")
+    redone = drop_records_after(metrics_path, start)  # logged again when redone
+    if redone:
+      log.info("%s: dropped %d record(s) past step %d, which this run redoes", metrics_path,
+               redone, start)
+    jsonl = JsonlWriter(metrics_path)
     tb = TensorBoardWriter(os.path.join(self.run_dir, "tb"))
     shown = {}  # the progress bar's latest target / retention scores
     if self.tracker is not None:
@@ -377,9 +385,11 @@ class Trainer:
       posthoc = self.tracker.finish(t.steps)
     log.info("%d compiled train-step program(s) in this run (one per distinct batch shape)",
              len(self.step_shapes))
+    report = getattr(self.data, "report", None)  # records the data pipeline skipped
     return {"status": status, "last": last, "run_dir": self.run_dir,
             "best_step": self._best_step(), "posthoc": posthoc,
-            "step_programs": len(self.step_shapes)}
+            "step_programs": len(self.step_shapes),
+            "skipped": report.as_dict() if report is not None else {}}
 
   def _note_shapes(self, host_batch: dict, step: int) -> None:
     """Count distinct batch shapes: each compiles its own step program (bucketed row lengths

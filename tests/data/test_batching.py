@@ -200,6 +200,20 @@ def test_epoch_summary_includes_records_dropped_when_the_source_was_read(chat, t
          "1 record(s) skipped or truncated (malformed_json: 1)" in caplog.text
 
 
+def test_an_image_folder_that_is_not_a_directory_is_refused_once(tmp_path):
+  """Not one skip per image record (a run that trains on the text-only records): with skipping
+  on too, the source refuses the folder up front; text-only records need no folder."""
+  with_image = json.dumps({"id": "a", "image": "a.jpg",
+                           "conversations": turns("<image>\nwhat?", "red")})
+  path = tmp_path / "d.json"
+  path.write_text("[" + with_image + "]")
+  with pytest.raises(DataError, match=r"d.json: its records name images, but the image folder "
+                     r"'.*no_such_dir' is not a directory \(data.image_folder"):
+    LlavaJsonSource(str(path), str(tmp_path / "no_such_dir"), on_error="skip")
+  path.write_text("[" + json.dumps({"id": "t", "conversations": turns("hi", "hello")}) + "]")
+  assert len(LlavaJsonSource(str(path), str(tmp_path / "no_such_dir"))) == 1
+
+
 @pytest.mark.parametrize("index, message", [
     (1, r"image file not found: images/m.jpg"),
     (2, r"d.json record 2: image #0: cannot decode image"),

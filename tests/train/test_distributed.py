@@ -99,6 +99,10 @@ def test_kill_9_and_resume_gives_identical_losses_and_params(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     want, got = losses(f"{tmp_path}/ref"), losses(run)
     assert got[10] == want[10] and got[6] == want[6], (phase, got, want)
+    # the steps redone after the checkpoint are logged once: the killed run's records past
+    # it were dropped on resume (steps 6 and 7 after_save, all of them during the first save)
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+      assert [json.loads(line)["step"] for line in f] == list(range(1, 11)), phase
     a, b = _params(f"{tmp_path}/ref", 10), _params(run, 10)
     import jax
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
@@ -133,14 +137,15 @@ def test_sigterm_on_a_save_step_still_exits_cleanly(tmp_path):
 
 
 def test_a_refused_resume_leaves_the_runs_config_untouched(tmp_path):
-  """A resume refused by the base fingerprint (another tiny base seed) fails before it writes
-  anything: the run's config.json stays byte-identical."""
+  """A resume refused by the base fingerprint (another tiny base seed, the config change
+  allowed) fails before it writes anything: the run's config.json stays byte-identical."""
   base = ["train", "--config=configs/experiments/tiny_lora.py", "--no-progress",
           "--config.train.steps=2", "--config.train.log_every=1", "--config.data.seq_len=16",
           f"--config.run_dir={tmp_path}/run"]
   assert run_cli(base).returncode == 0
   before = (tmp_path / "run" / "config.json").read_bytes()
-  refused = run_cli(base + ["--config.train.steps=4", "--config.model.tiny.seed=7"])
+  refused = run_cli(base + ["--config.train.steps=4", "--config.model.tiny.seed=7",
+                            "--config.train.allow_config_change=true"])
   assert refused.returncode != 0 and "fingerprint" in refused.stderr, refused.stderr[-2000:]
   assert (tmp_path / "run" / "config.json").read_bytes() == before
 

@@ -25,7 +25,13 @@ def test_train_lora_on_llava_json_with_packing(tmp_path, capsys):
                "--config.optimizer.learning_rate=1e-2", "--config.train.eval_every=4",
                "--config.eval.kind=llava_json", f"--config.eval.json_path={data}",
                "--config.eval.num_batches=2"])
-  assert code == 0, capsys.readouterr().err[-3000:]
+  out = capsys.readouterr()
+  assert code == 0, out.err[-3000:]
+  import json
+  summary = json.loads(out.out.splitlines()[0])
+  # what the data pipeline skipped or cut, by reason: seq_len 96 truncates 23 of the 30
+  # records each epoch (logged per epoch too)
+  assert set(summary["skipped"]) == {"truncated"} and summary["skipped"]["truncated"] >= 23
   curve = losses(run)
   assert len(curve) == 8 and all(np.isfinite(v) for v in curve.values())
   assert min(curve[7], curve[8]) < curve[1]

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from mllm_tune.train import logs
+from mllm_tune.train import logs, runs
 from mllm_tune.train.config_io import ConfigError, apply_overrides, load_config, validate
 from mllm_tune.train.loop import Trainer, TrainingError
 from mllm_tune.train.step import micro_loss
@@ -28,6 +28,10 @@ def test_lora_training_reduces_loss_and_writes_logs(tmp_path):
   curve = losses(cfg.run_dir)
   assert out["status"] == "done" and len(curve) == 30
   assert np.mean([curve[s] for s in range(26, 31)]) < curve[1] - 0.15
+  # no eval sets and no train.best_metric: no selection, as `export --best` says (runs.py)
+  assert out["best_step"] is None
+  with pytest.raises(runs.RunError, match="the run has no selection"):
+    runs.resolve_step(cfg.run_dir, cfg, runs.checkpointer(cfg.run_dir, cfg), "best")
   tb_dir = os.path.join(cfg.run_dir, "tb")
   (event_file,) = os.listdir(tb_dir)
   records = logs.read_records(os.path.join(tb_dir, event_file))
@@ -138,6 +142,9 @@ def test_resume_refuses_a_different_base(tmp_path):
   _trainer(cfg).run()
   cfg.model.tiny.seed = 1  # another base model
   cfg.train.steps = 4
+  with pytest.raises(Exception, match=r"model.tiny.seed: 0 -> 1"):  # the config says so
+    _trainer(cfg)
+  cfg.train.allow_config_change = True  # and so does the base's fingerprint
   with pytest.raises(Exception, match="refusing to mix them"):
     _trainer(cfg).run()
 
@@ -146,15 +153,23 @@ def test_event_file_framing_uses_crc32c():
   assert logs.crc32c(b"123456789") == 0xE3069283  # the standard CRC-32C check value
 
 
-def test_best_by_metric_keeps_the_best_checkpoints(tmp_path):
+@pytest.mark.parametrize("mode", ["max", "min"])
+def test_best_by_metric_keeps_the_best_checkpoints_and_the_newest(tmp_path, mode):
+  """The best `max_to_keep` by the metric, plus the newest step whatever its score (a resumed
+  run continues from it; before, a run pre-empted after a poor eval went back to the best)."""
   from mllm_tune.checkpoints.orbax_io import TrainCheckpointer
   ck = TrainCheckpointer(str(tmp_path / "ck"), max_to_keep=2, best_metric="score",
-                         best_mode="max", async_save=False)
-  for step, score in [(1, 0.5), (2, 0.9), (3, 0.1), (4, 0.7)]:
+                         best_mode=mode, async_save=False)
+  sign = 1.0 if mode == "max" else -1.0
+  saves = [(1, 0.5), (2, 0.9), (3, 0.1), (4, 0.7), (5, 0.05), (6, None)]
+  for step, score in saves:  # step 6: a save between evals, not ranked
     ck.save(step, {"w": np.full(3, step, np.float32)}, {"index": step}, {"base_path": "x"},
-            {"score": score})
-  ck.wait()
-  assert sorted(ck.all_steps()) == [2, 4] and ck.best_step() == 2
+            None if score is None else {"score": sign * score})
+    ck.wait()
+    if step == 5:
+      assert sorted(ck.all_steps()) == [2, 4, 5] and ck.best_step() == 2
+  assert sorted(ck.all_steps()) == [2, 4, 6] and ck.best_step() == 2
+  assert ck.latest_step() == 6
   state, data, meta = ck.restore(2, {"w": jax.ShapeDtypeStruct((3,), np.float32)})
   assert np.asarray(state["w"]).tolist() == [2, 2, 2] and data == {"index": 2}
   ck.close()
@@ -180,3 +195,34 @@ def test_grad_topk_gets_its_mask_from_training_batches_and_trains_only_it(tmp_pa
   n_params = sum(x.size for x in jax.tree.leaves(tr.frozen)) + sum(x.size for x in
                                                                     before.values())
   assert 0 < moved <= selected <= 0.011 * n_params
+
+
+def test_a_resume_that_changes_how_the_run_trains_is_refused_naming_the_keys(tmp_path):
+  """Re-running a run directory with checkpoints under another optimizer or method config is
+  refused before anything loads, naming each key (old -> new); steps, logging and locations
+  may change; `train.allow_config_change` continues with the new values and keeps the previous
+  config as config.step<N>.json."""
+  import json
+  from mllm_tune.train.resume_check import ResumeConfigError
+  run = str(tmp_path / "run")
+  cfg = tiny_cfg(run, method="lora", steps=2, save_every=2)
+  assert _trainer(cfg).run()["status"] == "done"
+  changed = tiny_cfg(run, method="lora", steps=4, save_every=2, log_every=2)
+  changed.optimizer.learning_rate = 0.5
+  changed.method.rank = 8
+  with pytest.raises(ResumeConfigError, match=r"method.rank: 4 -> 8; optimizer.learning_rate: "
+                     r"0.003 -> 0.5\. Resume with the run's values"):
+    _trainer(changed)
+  with open(os.path.join(run, "config.json")) as f:
+    assert json.load(f)["optimizer"]["learning_rate"] == 0.003  # untouched
+  # steps and logging only: resumes from step 2
+  longer = tiny_cfg(run, method="lora", steps=3, save_every=3, log_every=2)
+  assert _trainer(longer).run()["status"] == "done"
+  assert sorted(losses(run)) == [1, 2, 3]
+  faster = tiny_cfg(run, method="lora", steps=4, save_every=4, allow_config_change=True)
+  faster.optimizer.learning_rate = 0.5
+  assert _trainer(faster).run()["status"] == "done" and sorted(losses(run)) == [1, 2, 3, 4]
+  with open(os.path.join(run, "config.step3.json")) as f:
+    assert json.load(f)["optimizer"]["learning_rate"] == 0.003
+  with open(os.path.join(run, "config.json")) as f:
+    assert json.load(f)["optimizer"]["learning_rate"] == 0.5

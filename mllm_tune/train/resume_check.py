@@ -1,0 +1,92 @@
+"""What a resumed run may change in its config.
+
+Re-running `mllm-tune train` on a run directory that holds checkpoints resumes it with the
+config given now. Keys that only say how long to train, where things are, how to log, save,
+evaluate, select or shard (`BENIGN`, and any key naming a path, folder or directory) may change;
+every other key shapes the training itself (model, method, optimizer, data, penalty, seed), and
+a resumed run that changes one would mix two trainings under one config.json. Those changes
+are refused before anything loads, naming each key with its old and new value, unless
+`train.allow_config_change` is set: then the run continues with the new values, logs them, and
+keeps the config it had as `config.step<N>.json` beside the new `config.json`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+
+log = logging.getLogger(__name__)
+
+# keys (or prefixes ending in ".") a resumed run may change
+BENIGN = ("run_dir", "mesh.", "eval.", "posthoc.", "train.steps", "train.log_every",
+          "train.eval_every", "train.save_every", "train.keep", "train.async_save",
+          "train.nan_guard", "train.best_metric", "train.best_mode", "train.loss_chunk",
+          "train.allow_config_change", "model.attention_impl", "model.remat_policy",
+          "data.num_workers", "data.prefetch")
+_LOCATION = re.compile(r"(path|folder|dir)s?$")
+
+
+class ResumeConfigError(ValueError):
+  """A resumed run's config changes keys that shape the training."""
+
+
+def flat(tree, prefix: str = "") -> dict:
+  """{dotted key: JSON value} of a config as `config.json` stores it."""
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def benign(key: str) -> bool:
+  return (any(key == b or (b.endswith(".") and key.startswith(b)) for b in BENIGN)
+          or bool(_LOCATION.search(key.rsplit(".", 1)[-1])))
+
+
+def changes(old: dict, new: dict) -> list[tuple[str, object, object]]:
+  """(key, old value, new value) of every key whose value differs (missing: None), sorted."""
+  a, b = flat(old), flat(new)
+  return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def _has_checkpoints(run_dir: str) -> bool:
+  d = os.path.join(run_dir, "checkpoints")
+  return os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d))
+
+
+def check(cfg) -> list[tuple[str, object, object]]:
+  """Before a run directory with checkpoints resumes: the config's changes against its
+  `config.json` ([] for a new run). Changes of keys that shape training raise
+  `ResumeConfigError` unless `train.allow_config_change`; the changes are returned either way
+  (`keep_previous` records them)."""
+  path = os.path.join(cfg.run_dir, "config.json")
+  if not (os.path.isfile(path) and _has_checkpoints(cfg.run_dir)):
+    return []
+  with open(path) as f:
+    old = json.load(f)
+  diff = changes(old, json.loads(cfg.to_json_best_effort()))
+  shaping = [c for c in diff if not benign(c[0])]
+  if shaping and not cfg.train.get("allow_config_change", False):
+    listed = "; ".join(f"{k}: {json.dumps(a)} -> {json.dumps(b)}" for k, a, b in shaping)
+    raise ResumeConfigError(
+        f"{cfg.run_dir} holds checkpoints of a run trained with {path}, and this config "
+        f"changes keys that shape the training: {listed}. Resume with the run's values, train "
+        "into a new run_dir, or set --config.train.allow_config_change=true to continue with "
+        "the new values (the previous config is kept as config.step<N>.json)")
+  for k, a, b in diff:
+    log.log(logging.WARNING if not benign(k) else logging.INFO,
+            "resuming %s with %s: %s -> %s", cfg.run_dir, k, json.dumps(a), json.dumps(b))
+  return diff
+
+
+def keep_previous(run_dir: str, step: int, diff: list) -> None:
+  """Before a resumed run writes its config.json: when keys that shape training changed
+  (allowed by `train.allow_config_change`), keep the config the run had until `step` as
+  `config.step<step>.json`."""
+  path = os.path.join(run_dir, "config.json")
+  if step and any(not benign(k) for k, _, _ in diff) and os.path.isfile(path):
+    os.replace(path, os.path.join(run_dir, f"config.step{step}.json"))
