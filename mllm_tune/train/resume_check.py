@@ -48,9 +48,11 @@ def benign(key: str) -> bool:
 
 
 def changes(old: dict, new: dict) -> list[tuple[str, object, object]]:
-  """(key, old value, new value) of every key whose value differs (missing: None), sorted."""
+  """(key, old value, new value) of every key both configs have whose value differs, sorted.
+  A key only one of them has is left out: config keys are added with defaults that keep what
+  earlier versions did, so a run saved before a key existed resumes under a newer version."""
   a, b = flat(old), flat(new)
-  return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+  return [(k, a[k], b[k]) for k in sorted(set(a) & set(b)) if a[k] != b[k]]
 
 
 def _has_checkpoints(run_dir: str) -> bool:

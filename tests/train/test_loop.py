@@ -226,3 +226,19 @@ def test_a_resume_that_changes_how_the_run_trains_is_refused_naming_the_keys(tmp
     assert json.load(f)["optimizer"]["learning_rate"] == 0.003
   with open(os.path.join(run, "config.json")) as f:
     assert json.load(f)["optimizer"]["learning_rate"] == 0.5
+
+
+def test_resume_check_compares_the_keys_both_configs_have():
+  """A key the run's config.json lacks (saved before the key existed) is no change; the rest
+  are compared value by value, locations and logging being benign."""
+  from mllm_tune.train import resume_check as rc
+  old = {"train": {"steps": 4}, "optimizer": {"learning_rate": 0.1}, "data": {"json_path": "a"}}
+  new = {"train": {"steps": 8, "allow_config_change": False},
+         "optimizer": {"learning_rate": 0.2}, "data": {"json_path": "b"},
+         "model": {"moe_capacity_factor": 0.0}}
+  diff = rc.changes(old, new)
+  assert diff == [("data.json_path", "a", "b"), ("optimizer.learning_rate", 0.1, 0.2),
+                  ("train.steps", 4, 8)]
+  assert [k for k, _, _ in diff if not rc.benign(k)] == ["optimizer.learning_rate"]
+  assert rc.benign("eval.target.val.image_folder") and rc.benign("data.tfds_dir")
+  assert not rc.benign("data.seq_len") and not rc.benign("seed")
