@@ -84,7 +84,7 @@ class TrainCheckpointer:
            metrics: dict | None = None, force: bool = False) -> bool:
     metrics = {k: float(v) for k, v in (metrics or {}).items()}
     if self.best_metric and self.best_metric not in metrics:
-      metrics = None  # not ranked; kept only until ranked checkpoints exist
+      metrics = None  # not ranked: kept while it is the newest
     try:
       return self.manager.save(
           step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),

@@ -170,7 +170,7 @@ class LlavaJsonSource:
         if on_error == "raise":
           raise
         self.report.add(e.reason, str(e))
-    if not os.path.isdir(self.image_folder) and any(
+    if not os.path.isdir(self.image_folder or ".") and any(
         r["image_names"] or r.get("video_names") for r in self.records):
       # every image would be "missing" and skipped one by one: a wrong folder, said once
       raise DataError(f"{path}: its records name images, but the image folder "

@@ -210,7 +210,8 @@ def routed_experts_sharded(mesh, x_ND, weights_NK, idx_NK, gate_up_EDF2, down_EF
   as its group), so a device holds (E / n) * capacity pair rows, about factor / n of the
   dropless buffer, and the rest are dropped (they add nothing, as if routed with weight 0).
   Which pairs drop depends on the group, i.e. on the mesh; 0 (the default) is dropless and
-  gives the one-device result. Returns (y, dropped pairs over the whole batch, int32)."""
+  gives the one-device result. The layer has no token mask: padding tokens take capacity (and
+  count as dropped pairs) like real ones, so packed batches suit a capacity best. Returns (y, dropped pairs over the whole batch, int32)."""
   ep, num_experts = mesh.shape[EXPERT], down_EFD.shape[0]
   if num_experts % ep:
     raise ValueError(f"{num_experts} experts do not split over the mesh's expert axis of {ep} "

@@ -178,6 +178,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   checks = [("train.steps", t.steps >= 1, "must be >= 1"),
             ("train.grad_accum", t.grad_accum >= 1, "must be >= 1"),
             ("train.log_every", t.log_every >= 1, "must be >= 1"),
+            ("train.keep", t.get("keep") is None or t.keep >= 1, "must be >= 1 (checkpoints kept)"),
             ("train.loss_chunk", t.get("loss_chunk", 256) >= 0, "must be >= 0 (0: full logits)"),
             ("train.router_aux_loss", t.get("router_aux_loss", 0.0) >= 0, "must be >= 0"),
             ("model.moe_capacity_factor", cfg.model.get("moe_capacity_factor", 0.0) >= 0,

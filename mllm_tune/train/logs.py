@@ -11,6 +11,8 @@ import socket
 import struct
 import time
 
+import jax
+
 _CRC_TABLE = []
 for _i in range(256):
   _c = _i
@@ -108,16 +110,23 @@ class TensorBoardWriter:
 
 
 def drop_records_after(path: str, step: int) -> int:
-  """Rewrite the JSONL log `path` without its records past `step` (all of them at step 0):
-  a resumed run redoes the steps after its checkpoint and logs them again. Returns how many
-  records were dropped; a missing file drops none."""
-  if not os.path.isfile(path):
+  """Rewrite the JSONL log `path` without its records past `step` (all of them at step 0)
+  and without a line a kill cut short: a resumed run redoes the steps after its checkpoint and
+  logs them again. Returns how many records were dropped; a missing file drops none. Only
+  process 0 rewrites (every process of a multi-host run resumes the same directory)."""
+  if not os.path.isfile(path) or jax.process_index() != 0:
     return 0
   with open(path) as f:
-    lines = [line for line in f if line.strip()]
-  keep = [line for line in lines if step and json.loads(line).get("step", 0) <= step]
+    lines = [line if line.endswith("\n") else line + "\n" for line in f if line.strip()]
+
+  def kept(line: str) -> bool:
+    try:
+      return bool(step) and json.loads(line).get("step", 0) <= step
+    except json.JSONDecodeError:  # the last line of a killed run, cut short
+      return False
+  keep = [line for line in lines if kept(line)]
   if len(keep) < len(lines):
-    tmp = path + ".tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
       f.writelines(keep)
     os.replace(tmp, path)

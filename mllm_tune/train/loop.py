@@ -277,12 +277,13 @@ class Trainer:
     """The run's selected step, the one its report names (`run_report.selected`): with eval
     sets, the best eval step by train.best_metric (empty: the tracker's default, the trade-off
     score O) among the checkpointed ones, ties to the earliest; without eval sets, orbax's best
-    checkpoint by train.best_metric, else None (no selection: what `export --best` says)."""
+    checkpoint by train.best_metric; None where there is no selection or it was not
+    checkpointed (what `export --best` says, `runs.best_step`)."""
     if self.tracker is None:
       return self.ckpt.best_step() if self.cfg.train.get("best_metric") else None
     from mllm_tune.eval import run_report
     sel = run_report.selected(run_report.load_run(self.run_dir))
-    return sel.step if sel.step is not None else self.ckpt.best_step()
+    return sel.step if sel.step is not None and sel.among_checkpoints else None
 
   def _check_finite(self, step: int, metrics: dict, batch: dict) -> None:
     if np.isfinite(float(metrics["loss"])):
@@ -385,11 +386,20 @@ class Trainer:
       posthoc = self.tracker.finish(t.steps)
     log.info("%d compiled train-step program(s) in this run (one per distinct batch shape)",
              len(self.step_shapes))
-    report = getattr(self.data, "report", None)  # records the data pipeline skipped
     return {"status": status, "last": last, "run_dir": self.run_dir,
             "best_step": self._best_step(), "posthoc": posthoc,
-            "step_programs": len(self.step_shapes),
-            "skipped": report.as_dict() if report is not None else {}}
+            "step_programs": len(self.step_shapes), "skipped": self._skipped()}
+
+  def _skipped(self) -> dict[str, int]:
+    """Records the data pipeline skipped or truncated, by reason: while batching (every
+    epoch) and when the source file was read (malformed JSON lines, bad records)."""
+    counts: dict[str, int] = {}
+    source = getattr(self.data, "source", None) or getattr(
+        getattr(self.data, "iterator", None), "source", None)  # a BatchIterator / Prefetcher
+    for report in (getattr(self.data, "report", None), getattr(source, "report", None)):
+      for k, v in (report.as_dict() if report is not None else {}).items():
+        counts[k] = counts.get(k, 0) + v
+    return dict(sorted(counts.items()))
 
   def _note_shapes(self, host_batch: dict, step: int) -> None:
     """Count distinct batch shapes: each compiles its own step program (bucketed row lengths

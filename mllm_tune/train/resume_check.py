@@ -1,10 +1,12 @@
 """What a resumed run may change in its config.
 
 Re-running `mllm-tune train` on a run directory that holds checkpoints resumes it with the
-config given now. Keys that only say how long to train, where things are, how to log, save,
-evaluate, select or shard (`BENIGN`, and any key naming a path, folder or directory) may change;
-every other key shapes the training itself (model, method, optimizer, data, penalty, seed), and
-a resumed run that changes one would mix two trainings under one config.json. Those changes
+config given now. Keys that say how long to train (`train.steps`: a cosine or linear schedule
+is then spread over the new total), where things are (any key naming a path, folder or
+directory: logged as a warning, since it may name other data), how to log, save, select or
+shard may change (`BENIGN`); every other key shapes the training or its evaluation (model,
+method, optimizer, data, penalty, seed, eval sets, whose step-0 reference the run keeps), and a
+resumed run that changes one would mix two trainings under one config.json. Those changes
 are refused before anything loads, naming each key with its old and new value, unless
 `train.allow_config_change` is set: then the run continues with the new values, logs them, and
 keeps the config it had as `config.step<N>.json` beside the new `config.json`.
@@ -19,7 +21,7 @@ import re
 log = logging.getLogger(__name__)
 
 # keys (or prefixes ending in ".") a resumed run may change
-BENIGN = ("run_dir", "mesh.", "eval.", "posthoc.", "train.steps", "train.log_every",
+BENIGN = ("run_dir", "mesh.", "eval.batch_size", "posthoc.", "train.steps", "train.log_every",
           "train.eval_every", "train.save_every", "train.keep", "train.async_save",
           "train.nan_guard", "train.best_metric", "train.best_mode", "train.loss_chunk",
           "train.allow_config_change", "model.attention_impl", "model.remat_policy",
@@ -79,9 +81,10 @@ def check(cfg) -> list[tuple[str, object, object]]:
         f"changes keys that shape the training: {listed}. Resume with the run's values, train "
         "into a new run_dir, or set --config.train.allow_config_change=true to continue with "
         "the new values (the previous config is kept as config.step<N>.json)")
-  for k, a, b in diff:
-    log.log(logging.WARNING if not benign(k) else logging.INFO,
-            "resuming %s with %s: %s -> %s", cfg.run_dir, k, json.dumps(a), json.dumps(b))
+  for k, a, b in diff:  # a location may name other data: said as loudly as a forced change
+    quiet = benign(k) and not _LOCATION.search(k.rsplit(".", 1)[-1])
+    log.log(logging.INFO if quiet else logging.WARNING, "resuming %s with %s: %s -> %s",
+            cfg.run_dir, k, json.dumps(a), json.dumps(b))
   return diff
 
 
@@ -89,6 +92,9 @@ def keep_previous(run_dir: str, step: int, diff: list) -> None:
   """Before a resumed run writes its config.json: when keys that shape training changed
   (allowed by `train.allow_config_change`), keep the config the run had until `step` as
   `config.step<step>.json`."""
+  import jax
   path = os.path.join(run_dir, "config.json")
+  if jax.process_index() != 0:  # every process resumes the same directory
+    return
   if step and any(not benign(k) for k, _, _ in diff) and os.path.isfile(path):
     os.replace(path, os.path.join(run_dir, f"config.step{step}.json"))

@@ -29,10 +29,9 @@ class ConfigValueError(ValueError):
 
 def _runtime(c) -> dict:
   """Runtime fields of the `model` section (configs saved before a field existed lack it)."""
-  out = {"attention_impl": c.get("attention_impl", "auto")}
-  if c.get("moe_capacity_factor"):
-    out["moe_capacity_factor"] = float(c.moe_capacity_factor)
-  return out
+  return {"attention_impl": c.get("attention_impl", "auto"),
+          # always: a native base saved by a run with a factor carries it in its config
+          "moe_capacity_factor": float(c.get("moe_capacity_factor", 0.0))}
 
 
 def tiny_model_config(c) -> LlavaConfig | CausalLMConfig:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -212,6 +213,15 @@ def test_an_image_folder_that_is_not_a_directory_is_refused_once(tmp_path):
     LlavaJsonSource(str(path), str(tmp_path / "no_such_dir"), on_error="skip")
   path.write_text("[" + json.dumps({"id": "t", "conversations": turns("hi", "hello")}) + "]")
   assert len(LlavaJsonSource(str(path), str(tmp_path / "no_such_dir"))) == 1
+  # a JSON file named without a folder: its images are found in the working directory
+  (tmp_path / "d.json").write_text("[" + with_image + "]")
+  (tmp_path / "a.jpg").write_bytes(b"")
+  cwd = os.getcwd()
+  try:
+    os.chdir(tmp_path)
+    assert LlavaJsonSource("d.json").image_folder == ""
+  finally:
+    os.chdir(cwd)
 
 
 @pytest.mark.parametrize("index, message", [

@@ -242,3 +242,14 @@ def test_resume_check_compares_the_keys_both_configs_have():
   assert [k for k, _, _ in diff if not rc.benign(k)] == ["optimizer.learning_rate"]
   assert rc.benign("eval.target.val.image_folder") and rc.benign("data.tfds_dir")
   assert not rc.benign("data.seq_len") and not rc.benign("seed")
+
+
+def test_drop_records_after_keeps_earlier_steps_and_drops_a_cut_line(tmp_path):
+  """What a resumed run does to metrics.jsonl: records past the restored step go, as does the
+  last line a kill cut short; at step 0 nothing is kept."""
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"step": 0, "a": 1}\n{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "lo')
+  assert logs.drop_records_after(str(path), 2) == 2  # step 3 and the cut line
+  assert path.read_text() == '{"step": 0, "a": 1}\n{"step": 1}\n{"step": 2}\n'
+  assert logs.drop_records_after(str(path), 0) == 3 and path.read_text() == ""
+  assert logs.drop_records_after(str(tmp_path / "missing.jsonl"), 2) == 0
