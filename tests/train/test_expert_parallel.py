@@ -262,9 +262,18 @@ def test_capacity_factor_needs_expert_parallelism():
   cfg.model.moe_capacity_factor = -1.0
   with pytest.raises(ValueError, match="model.moe_capacity_factor"):
     validate(cfg)
+  small = dict(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=1,
+               num_kv_heads=1, head_dim=8)
   with pytest.raises(ConfigError, match="moe_capacity_factor must be a number >= 0"):
-    LLMConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=1,
-              num_kv_heads=1, head_dim=8, moe_capacity_factor=float("nan"))
+    LLMConfig(**small, moe_capacity_factor=float("nan"))
+  # a base saved by a run with a factor carries it in its config: the run's own model section
+  # (no factor: 0) sets it back
+  import ml_collections
+  from mllm_tune.models.config import CausalLMConfig, with_runtime
+  from mllm_tune.train.setup import _runtime
+  saved = CausalLMConfig(llm=LLMConfig(**small, moe_capacity_factor=1.25))
+  section = ml_collections.ConfigDict(dict(attention_impl="auto"))
+  assert with_runtime(saved, **_runtime(section)).llm.moe_capacity_factor == 0.0
 
 
 def test_foreign_pairs_never_read_rows_past_the_groups(monkeypatch):
