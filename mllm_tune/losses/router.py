@@ -15,7 +15,9 @@ import jax.numpy as jnp
 # mutable: (router probabilities (N, E) float32, top-k counts (N, E))
 ROUTER_STATS = "router_stats"
 # what an expert-parallel MoE layer with a capacity factor sows: (dropped pairs, all pairs),
-# float32 scalars (models/moe.py: routed_experts_sharded)
+# float32 scalars (models/moe.py: routed_experts_sharded), into a collection of its own, so
+# that asking for them does not also keep every layer's (N, E) router statistics
+MOE_STATS = "moe_stats"
 MOE_DROPPED = "moe_dropped"
 
 

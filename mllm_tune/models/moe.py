@@ -31,7 +31,7 @@ Expert parallelism: inside `expert_parallel(mesh)` (or `jax.set_mesh`) with a me
 and `routed_experts_sharded` dispatches the rows across that axis (its docstring); anywhere else
 every device holds every expert. There, `LLMConfig.moe_capacity_factor` > 0 bounds each
 device's pair buffer by GShard's expert capacity (pairs past it are dropped, and the layer sows
-their count under `MOE_DROPPED`); without expert parallelism the factor does nothing, as the
+their count under `MOE_DROPPED` in the `MOE_STATS` collection); without expert parallelism the factor does nothing, as the
 dispatch then holds exactly the N * k pairs.
 """
 from __future__ import annotations
@@ -51,7 +51,7 @@ from mllm_tune.models import adapters
 from mllm_tune.models.adapters import parallel_adapter
 from mllm_tune.models.grouped_matmul import cast_varying, grouped_rows
 from mllm_tune.models.layers import Linear, activation, default_kernel_init, dtype_of
-from mllm_tune.losses.router import MOE_DROPPED, ROUTER_STATS
+from mllm_tune.losses.router import MOE_DROPPED, MOE_STATS, ROUTER_STATS
 from mllm_tune.models.llm_config import LLMConfig
 from mllm_tune.models.mesh_axes import BATCH_AXES, EXPERT, FSDP
 
@@ -312,7 +312,7 @@ class MoEMLP(nn.Module):
       y_ND, dropped = routed_experts_sharded(mesh, x_ND.astype(dt), weights_NK, idx_NK, gate_up,
                                              down, c.hidden_act, *loras,
                                              capacity_factor=c.moe_capacity_factor)
-      if c.moe_capacity_factor and self.is_mutable_collection("intermediates"):
-        self.sow("intermediates", MOE_DROPPED,
+      if c.moe_capacity_factor and self.is_mutable_collection(MOE_STATS):
+        self.sow(MOE_STATS, MOE_DROPPED,
                  (dropped.astype(jnp.float32), jnp.asarray(idx_NK.size, jnp.float32)))
     return parallel_adapter(self, x_BTD, y_ND.reshape(x_BTD.shape))

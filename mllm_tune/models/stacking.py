@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 from flax import linen as nn
 
+from mllm_tune.losses.router import MOE_STATS
 from mllm_tune.models.adapters import ADAPTERS
 
 
@@ -32,7 +33,7 @@ def scanned(block_cls, num_layers: int, remat_policy: str, n_broadcast: int, unr
   `unroll` layers run per loop iteration (`lax.scan`'s unroll). The parameter layout is the
   same for every `unroll`."""
   return nn.scan(rematted(block_cls, remat_policy),
-                 variable_axes={"params": 0, ADAPTERS: 0, "intermediates": 0},
+                 variable_axes={"params": 0, ADAPTERS: 0, "intermediates": 0, MOE_STATS: 0},
                  split_rngs={"params": True, "dropout": True},
                  in_axes=(nn.broadcast,) * n_broadcast + (0,) + (nn.broadcast,) * n_trailing,
                  length=num_layers,

@@ -18,6 +18,8 @@ import logging
 import os
 import re
 
+import jax
+
 log = logging.getLogger(__name__)
 
 # keys (or prefixes ending in ".") a resumed run may change
@@ -92,7 +94,6 @@ def keep_previous(run_dir: str, step: int, diff: list) -> None:
   """Before a resumed run writes its config.json: when keys that shape training changed
   (allowed by `train.allow_config_change`), keep the config the run had until `step` as
   `config.step<step>.json`."""
-  import jax
   path = os.path.join(run_dir, "config.json")
   if jax.process_index() != 0:  # every process resumes the same directory
     return

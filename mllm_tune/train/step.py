@@ -35,7 +35,7 @@ from mllm_tune import models
 from mllm_tune.models import model_kwargs
 from mllm_tune.models.adapters import ADAPTERS
 from mllm_tune.losses.chunked import chunked_token_ce
-from mllm_tune.losses.router import dropped_pairs, router_balance_loss, sample_count
+from mllm_tune.losses.router import MOE_STATS, dropped_pairs, router_balance_loss, sample_count
 from mllm_tune.losses.token import token_ce
 from mllm_tune.tuning import api as tuning_api
 from mllm_tune import pytree
@@ -82,13 +82,22 @@ def chunked_loss(fns: StepFns, variables: dict) -> bool:
   return not any(p.endswith("dropout") for p in pytree.flatten(head_adapters))
 
 
+def sown_collections(fns: StepFns) -> list[str]:
+  """What the step collects from the forward pass: the MoE router statistics
+  (`intermediates`) for the router loss, the dropped-pair counts (`MOE_STATS`) under a
+  capacity factor."""
+  llm = getattr(fns.model.config, "llm", None)
+  return (["intermediates"] * bool(fns.router_aux_loss)
+          + [MOE_STATS] * bool(getattr(llm, "moe_capacity_factor", 0.0)))
+
+
 def _apply(fns: StepFns, variables: dict, ids, rngs, sink: dict | None, **kw):
-  """`model.apply`; with a `sink` dict, also collects what the model sows (`intermediates`,
-  e.g. the MoE router statistics) into it."""
+  """`model.apply`; with a `sink` dict, also collects what the model sows into
+  `sown_collections(fns)` (by collection name) into it."""
   if sink is None:
     return fns.model.apply(variables, ids, rngs=rngs, **kw)
-  out, state = fns.model.apply(variables, ids, rngs=rngs, mutable=["intermediates"], **kw)
-  sink.update(state.get("intermediates", {}))
+  out, state = fns.model.apply(variables, ids, rngs=rngs, mutable=sown_collections(fns), **kw)
+  sink.update(state)
   return out
 
 
@@ -98,7 +107,7 @@ def model_ce(fns: StepFns, variables: dict, batch: dict, rngs: dict | None = Non
   `trained_head`: the LM head (or tied embedding) gets gradients. On several devices its
   gradient would then be reduced across the batch shards once per chunk (the chunk loop's carry),
   so it is computed in one chunk there (still without keeping the logits). `sink`: a dict that
-  receives the forward pass's `intermediates`."""
+  receives what the forward pass sows (`_apply`)."""
   ids, kw = batch["input_ids"], model_kwargs(batch)
   if chunked_loss(fns, variables):
     h = _apply(fns, variables, ids, rngs, sink, return_hidden=True, **kw)
@@ -114,8 +123,7 @@ def model_ce(fns: StepFns, variables: dict, batch: dict, rngs: dict | None = Non
 def micro_loss(fns: StepFns, trainable, frozen, batch, rng, total_tokens, n_micro,
                penalty_consts=None, norms=None):
   variables = tuning_api.combine(trainable, frozen)
-  llm = getattr(fns.model.config, "llm", None)
-  sink = {} if fns.router_aux_loss or getattr(llm, "moe_capacity_factor", 0.0) else None
+  sink = {} if sown_collections(fns) else None
   logits, nll, n, correct = model_ce(fns, variables, batch, {"dropout": rng},
                                      bool(models.head_variables(fns.model, trainable)), sink)
   terms = fns.method.loss_terms(variables, batch, logits)
