@@ -1,12 +1,12 @@
 """Sharded load onto 8 forced CPU devices (FSDP x tensor mesh) gives the same logits."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
 
 from tests.helpers import ROOT, hf_tiny
+from tests.helpers.env import cpu_env
 
 SCRIPT = textwrap.dedent("""
     import os, sys
@@ -42,8 +42,7 @@ SCRIPT = textwrap.dedent("""
 def test_fsdp_tensor_sharded_load_gives_same_logits(tmp_path):
   d = str(tmp_path / "hf")
   hf_tiny.clip_llama().save_pretrained(d, max_shard_size="40KB")
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
+  env = cpu_env(8)
   res = subprocess.run([sys.executable, "-c", SCRIPT, d], env=env, cwd=ROOT,
                        capture_output=True, text=True, timeout=600)
   assert res.returncode == 0, res.stdout + res.stderr

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 from tests.helpers import ROOT  # noqa: F401  (re-exported: trainer tests import it from here)
+from tests.helpers.env import cpu_env
 
 
 def tiny_cfg(run_dir: str, method: str = "full", steps: int = 5, **train):
@@ -47,8 +48,7 @@ def lora_train_args(model_dir: str, data_dir: str, run_dir: str, steps: int, bat
 
 
 def run_cli(args: list[str], env_extra: dict | None = None, devices: int = 1, timeout=600):
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **(env_extra or {}))
+  env = cpu_env(devices, **(env_extra or {}))
   return subprocess.run([sys.executable, "-m", "mllm_tune.cli", *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=timeout)
 

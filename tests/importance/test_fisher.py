@@ -4,7 +4,6 @@ samples (packed rows, shared image slots), 8-device sharding, files and their er
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -17,6 +16,7 @@ import pytest
 from mllm_tune.importance import fisher, store as importance_store
 from mllm_tune import pytree as select
 from mllm_tune.tuning.selective import spider
+from tests.helpers.env import cpu_env
 from tests.helpers.tiny_models import IMAGE_TOKEN, leaves_matching, tiny_llava, tiny_lm
 from tests.helpers.train import ROOT
 
@@ -184,8 +184,7 @@ SHARD_SCRIPT = textwrap.dedent("""
 def test_sharded_over_8_devices_gives_the_same_fisher():
   res = subprocess.run([sys.executable, "-c", SHARD_SCRIPT.format(root=ROOT)], cwd=ROOT,
                        capture_output=True, text=True, timeout=600,
-                       env=dict(os.environ, JAX_PLATFORMS="cpu",
-                                XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+                       env=cpu_env(8))
   assert res.returncode == 0, res.stderr[-3000:]
   out = json.loads(res.stdout.split("RESULT")[1])
   for name, r in out.items():
@@ -343,7 +342,7 @@ def test_importance_over_two_processes_with_uneven_counts_equals_the_weighted_me
     port = s.getsockname()[1]
   with open(tmp_path / "examples.json", "w") as f:
     json.dump(ex, f)
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = cpu_env(2)
   out = str(tmp_path / "out%d.json")
   saved = str(tmp_path / "importance")
   importance_store.save_importance(saved, {"params/w": np.ones((2, 3), np.float32)},

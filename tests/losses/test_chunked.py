@@ -20,6 +20,7 @@ from mllm_tune.train import step as step_lib
 from mllm_tune.losses.chunked import chunked_token_ce
 from mllm_tune.tuning import api as tuning_api
 from mllm_tune import penalties, pytree as select
+from tests.helpers.env import cpu_env
 
 B, T, D, V = 3, 7, 5, 13
 
@@ -293,7 +294,6 @@ def test_trained_head_on_several_devices_uses_one_chunk():
   loop carry): the step then runs the head in one chunk. A frozen head, or one device, keeps
   `loss_chunk`. Targets are gathered per row on a mesh (chunks stay spread over the batch
   shards), over the whole batch on one device."""
-  import os
   import subprocess
   import sys
   code = """
@@ -322,8 +322,7 @@ print("CHUNKS", seen)
   got = {}
   for n in (1, 2):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "JAX_PLATFORMS": "cpu",
-                            "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"})
+                       env=cpu_env(n))
     assert r.returncode == 0, r.stderr[-2000:]
     got[n] = r.stdout.strip().splitlines()[-1]
   # (full FT, LoRA); on a mesh each row's targets are gathered within the row
@@ -334,7 +333,6 @@ def test_per_row_on_a_sharded_batch_equals_one_device():
   """Scattered targets, rows split over 2 devices (`per_row`, as the step runs on a mesh): the
   loss and gradients equal the unsharded computation, and the compiled step moves no hidden
   states between the devices (the whole-batch gathering would: the check sees it there)."""
-  import os
   import subprocess
   import sys
   code = """
@@ -365,7 +363,6 @@ for per_row in (True, False):  # the grouped gather of one device would move hid
   print("MOVED", per_row, len(moved) > 0)
 """
   r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                     env={**os.environ, "JAX_PLATFORMS": "cpu",
-                          "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+                     env=cpu_env(2))
   assert r.returncode == 0, r.stderr[-2000:]
   assert r.stdout.strip().splitlines()[-2:] == ["MOVED True False", "MOVED False True"]

@@ -11,6 +11,7 @@ import textwrap
 import numpy as np
 import pytest
 
+from tests.helpers.env import cpu_env
 from tests.helpers.train import ROOT, losses, run_cli, run_processes
 
 MESH_SCRIPT = textwrap.dedent("""
@@ -47,8 +48,7 @@ MESH_SCRIPT = textwrap.dedent("""
 def test_data_fsdp_and_tensor_meshes_give_the_one_device_loss_curve(tmp_path):
   res = subprocess.run([sys.executable, "-c", MESH_SCRIPT.format(root=ROOT), str(tmp_path)],
                        cwd=ROOT, capture_output=True, text=True, timeout=900,
-                       env=dict(os.environ, JAX_PLATFORMS="cpu",
-                                XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+                       env=cpu_env(8))
   assert res.returncode == 0, res.stderr[-3000:]
   out = json.loads(res.stdout.split("RESULT")[1])
   for name in ("data", "fsdp", "fsdp_tensor"):

@@ -23,6 +23,7 @@ import pytest
 from tests.helpers import qwen_vl_tiny as qt
 from tests.helpers.data import sized_records, write_llava_dataset
 from tests.helpers.train import ROOT, lora_train_args, losses, run_cli
+from tests.helpers.env import cpu_env
 
 SCRIPT = """
 import json, math, pathlib, sys
@@ -161,8 +162,7 @@ print("RESULT" + json.dumps(out))
 def test_expert_parallel_logits_gradients_and_decoding_equal_one_device(tmp_path):
   res = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path), ROOT], cwd=ROOT,
                        capture_output=True, text=True, timeout=600,
-                       env=dict(os.environ, JAX_PLATFORMS="cpu",
-                                XLA_FLAGS="--xla_force_host_platform_device_count=4"))
+                       env=cpu_env(4))
   assert res.returncode == 0, res.stderr[-3000:]
   out = json.loads(res.stdout.split("RESULT")[1])
   # every base weight and both experts' LoRA factors have gradients

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import ROOT
+from tests.helpers.env import cpu_env
 
 SCRIPT = """
 import json, sys
@@ -67,8 +68,7 @@ print("RESULT" + json.dumps(dict(
 def test_image_buffers_are_split_over_data_parallel_devices(family, tmp_path):
   res = subprocess.run([sys.executable, "-c", SCRIPT, family, str(tmp_path), ROOT], cwd=ROOT,
                        capture_output=True, text=True, timeout=600,
-                       env=dict(os.environ, JAX_PLATFORMS="cpu",
-                                XLA_FLAGS="--xla_force_host_platform_device_count=2"))
+                       env=cpu_env(2))
   assert res.returncode == 0, res.stderr[-3000:]
   out = json.loads(res.stdout.split("RESULT")[1])
   assert out["spec"][0] == "('data', 'fsdp', 'expert')" and out["shards"] == 2, out

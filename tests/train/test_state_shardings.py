@@ -6,7 +6,6 @@ device."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -18,6 +17,7 @@ from mllm_tune import pytree
 from mllm_tune.train import sharding
 from tests.helpers.tiny_models import tiny_llava
 from tests.helpers.train import ROOT
+from tests.helpers.env import cpu_env
 
 Q = "llm/layers/attn/q_proj"
 DOWN = "llm/layers/mlp/down_proj"
@@ -111,8 +111,7 @@ def test_sharded_adapters_give_the_one_device_loss_and_gradients(tmp_path):
   over `tensor` as its base kernel's output."""
   res = subprocess.run([sys.executable, "-c", SCRIPT, ROOT, str(tmp_path / "run")], cwd=ROOT,
                        capture_output=True, text=True, timeout=600,
-                       env=dict(os.environ, JAX_PLATFORMS="cpu",
-                                XLA_FLAGS="--xla_force_host_platform_device_count=4"))
+                       env=cpu_env(4))
   assert res.returncode == 0, res.stderr[-3000:]
   out = json.loads(res.stdout.split("RESULT")[1])
   for name in ("lora", "dora"):
