@@ -25,7 +25,7 @@ from mllm_tune.data import images as img_lib
 from mllm_tune.data import qwen_videos as qv
 from mllm_tune.data.errors import DataError, log
 from mllm_tune.data.messages import VIDEO_PLACEHOLDER
-from mllm_tune.data.samples import Sample, fit_length
+from mllm_tune.data.samples import Sample, fit_length, image_labels
 from mllm_tune.models import anyres
 
 
@@ -89,8 +89,7 @@ def decode_videos(p, record: dict, where: str) -> list[tuple[np.ndarray, anyres.
 def prepare(p, record: dict, where: str) -> Sample:
   """One anyres record -> `Sample` (see the module docstring)."""
   spec, raw = p.anyres_spec, record.get("images", [])
-  names = record.get("image_names") or [f"#{i}" for i in range(len(raw))]
-  wheres = [f"{where}: image {name}" for name in names]
+  wheres = image_labels(record, where)
   imgs = [img_lib.decode_image(data, w) for data, w in zip(raw, wheres)]
   flags = ai.anyres_flags(spec.family, [len(imgs)])
   tables = []

@@ -72,3 +72,16 @@ class SkipReport:
   def load(self, counts: dict[str, int], epoch_counts: dict[str, int] | None = None) -> None:
     self.counts = collections.Counter({k: int(v) for k, v in counts.items()})
     self.epoch_counts = collections.Counter({k: int(v) for k, v in (epoch_counts or {}).items()})
+
+
+def skipped_by_reason(batches) -> dict[str, int]:
+  """What a batch iterator (a `BatchIterator`, or a `Prefetcher` around one) skipped or
+  truncated, by reason: while batching (every epoch) and when its source file was read
+  (malformed JSON lines, bad records). Objects without reports count nothing."""
+  counts: collections.Counter[str] = collections.Counter()
+  source = getattr(batches, "source", None) or getattr(
+      getattr(batches, "iterator", None), "source", None)
+  for report in (getattr(batches, "report", None), getattr(source, "report", None)):
+    if report is not None:
+      counts.update(report.as_dict())
+  return dict(sorted(counts.items()))

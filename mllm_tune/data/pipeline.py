@@ -21,7 +21,8 @@ from mllm_tune.data import anyres_samples, qwen_samples
 from mllm_tune.models.qwen_vl_config import QwenVLConfig
 from mllm_tune.data.conversation import ChatTokenizer, load_tokenizer
 from mllm_tune.data.errors import DataError
-from mllm_tune.data.samples import OVERFLOW, Sample, SampleDropped, fit_length  # noqa: F401
+from mllm_tune.data.samples import (OVERFLOW, Sample, SampleDropped, fit_length,  # noqa: F401
+                                    image_labels)
 
 
 class SamplePreparer:
@@ -106,13 +107,12 @@ class SamplePreparer:
     original = len(tokens)
     tokens, kept = fit_length(tokens, self.max_len, self.chat.image_seq_len, self.overflow,
                               where)
-    names = record.get("image_names") or [f"#{i}" for i in range(len(raw_images))]
+    wheres = image_labels(record, where)
     if kept and self.image_spec is None:
       raise DataError(f"{where}: has images but the pipeline has no image processor",
                       "image_count")
-    crops = [img_lib.resize_and_crop(img_lib.decode_image(data, f"{where}: image {name}"),
-                                     self.image_spec)
-             for data, name in zip(raw_images[:kept], names)]
+    crops = [img_lib.resize_and_crop(img_lib.decode_image(data, w), self.image_spec)
+             for data, w in zip(raw_images[:kept], wheres)]
     h, w = self.image_hw
     pixels = np.stack(crops) if crops else np.zeros((0, h, w, 3), np.uint8)
     return Sample(tokens, pixels, str(record.get("id", "")), where,

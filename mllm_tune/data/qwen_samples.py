@@ -19,7 +19,7 @@ from mllm_tune.data import images as img_lib
 from mllm_tune.data import qwen_images as qi
 from mllm_tune.data import qwen_videos as qv
 from mllm_tune.data.errors import DataError
-from mllm_tune.data.samples import Sample, fit_length
+from mllm_tune.data.samples import Sample, fit_length, image_labels
 from mllm_tune.models import qwen_vl_host
 
 
@@ -66,8 +66,7 @@ def video_token_args(grids, texts, merge_unit: int, qwen3: bool):
 def prepare(p, record: dict, where: str) -> Sample:
   """One Qwen record -> `Sample` (see the module docstring)."""
   spec, raw = p.qwen_spec, record.get("images", [])
-  names = record.get("image_names") or [f"#{i}" for i in range(len(raw))]
-  wheres = [f"{where}: image {name}" for name in names]
+  wheres = image_labels(record, where)
   imgs = [img_lib.decode_image(data, w) for data, w in zip(raw, wheres)]
   counts = [spec.image_tokens((img.height, img.width), w) for img, w in zip(imgs, wheres)]
   videos = decode_videos(p, record, where)

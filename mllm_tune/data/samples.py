@@ -22,6 +22,15 @@ from mllm_tune.models import anyres
 OVERFLOW = ("truncate", "drop", "fail")
 
 
+def image_labels(record: dict, where: str) -> list[str]:
+  """How errors name each of a record's images: "<where>: image <name> (<path>)", with its name
+  in the record and the path a JSON source read it from (`image_paths`), or `#i` unnamed."""
+  names = record.get("image_names") or [f"#{i}" for i in range(len(record.get("images", [])))]
+  paths = record.get("image_paths") or names
+  return [f"{where}: image {name}" + (f" ({path})" if path != name else "")
+          for name, path in zip(names, paths)]
+
+
 @dataclasses.dataclass(frozen=True)
 class Sample:
   """One prepared sample: tokens, resized images uint8 (N, H, W, 3) (normalized per batch).

@@ -182,9 +182,9 @@ class LlavaJsonSource:
 
   def __getitem__(self, index: int) -> dict:
     rec = self.records[index]
-    images = [_read(os.path.join(self.image_folder, name), rec["where"], "image")
-              for name in rec["image_names"]]
-    out = {**rec, "images": images}
+    paths = [os.path.join(self.image_folder, name) for name in rec["image_names"]]
+    out = {**rec, "images": [_read(p, rec["where"], "image") for p in paths],
+           "image_paths": paths}
     if rec.get("video_names"):
       out["videos"] = [read_frames(self.image_folder, n, rec["where"])
                        for n in rec["video_names"]]

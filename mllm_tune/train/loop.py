@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from mllm_tune import pytree, tuning
 from mllm_tune.checkpoints.orbax_io import TrainCheckpointer, debug_kill, params_fingerprint
+from mllm_tune.data.errors import skipped_by_reason
 from mllm_tune.train import build, penalty_refresh, penalty_setup, resume_check, setup
 from mllm_tune.train import sharding as shard_lib
 from mllm_tune.train.logs import (JsonlWriter, TensorBoardWriter, bar_scores,
@@ -388,18 +389,7 @@ class Trainer:
              len(self.step_shapes))
     return {"status": status, "last": last, "run_dir": self.run_dir,
             "best_step": self._best_step(), "posthoc": posthoc,
-            "step_programs": len(self.step_shapes), "skipped": self._skipped()}
-
-  def _skipped(self) -> dict[str, int]:
-    """Records the data pipeline skipped or truncated, by reason: while batching (every
-    epoch) and when the source file was read (malformed JSON lines, bad records)."""
-    counts: dict[str, int] = {}
-    source = getattr(self.data, "source", None) or getattr(
-        getattr(self.data, "iterator", None), "source", None)  # a BatchIterator / Prefetcher
-    for report in (getattr(self.data, "report", None), getattr(source, "report", None)):
-      for k, v in (report.as_dict() if report is not None else {}).items():
-        counts[k] = counts.get(k, 0) + v
-    return dict(sorted(counts.items()))
+            "step_programs": len(self.step_shapes), "skipped": skipped_by_reason(self.data)}
 
   def _note_shapes(self, host_batch: dict, step: int) -> None:
     """Count distinct batch shapes: each compiles its own step program (bucketed row lengths

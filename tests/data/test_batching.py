@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 
 import numpy as np
 import pytest
@@ -222,6 +223,20 @@ def test_an_image_folder_that_is_not_a_directory_is_refused_once(tmp_path):
     assert LlavaJsonSource("d.json").image_folder == ""
   finally:
     os.chdir(cwd)
+
+
+def test_a_corrupt_image_is_named_by_the_path_it_was_read_from(chat, tmp_path):
+  """Not only by its name in the JSON: the folder it was looked up in is part of the message."""
+  (tmp_path / "imgs").mkdir()
+  (tmp_path / "imgs" / "a.jpg").write_bytes(b"not a jpeg")
+  path = tmp_path / "d.json"
+  path.write_text(json.dumps([{"id": "r0", "image": "a.jpg",
+                               "conversations": turns("<image>\nwhat?", "red")}]))
+  it = _iterator(LlavaJsonSource(str(path), str(tmp_path / "imgs")), chat, num_epochs=1)
+  full = os.path.join(str(tmp_path / "imgs"), "a.jpg")
+  with pytest.raises(DataError, match=r"d.json record 0 \(id=r0\): image a.jpg \("
+                     + re.escape(full) + r"\): cannot decode image"):
+    next(iter(it))
 
 
 @pytest.mark.parametrize("index, message", [
