@@ -51,6 +51,14 @@ def causal_mask(query_slots_BT: jax.Array, key_valid_BS: jax.Array,
   return mask
 
 
+def token_valid(mask_BTS: jax.Array, cache_index) -> jax.Array:
+  """Which of the T query tokens are real, (B, T) bool, read off the attention mask: a token
+  sees its own key slot (cache_index + t) iff it is real (`causal_mask`)."""
+  b, t, _ = mask_BTS.shape
+  slots = jnp.broadcast_to(cache_index + jnp.arange(t)[None, :, None], (b, t, 1))
+  return jnp.take_along_axis(mask_BTS, slots, axis=2)[..., 0]
+
+
 class Attention(nn.Module):
   """GQA self-attention with RoPE. Hooks: `prefix_kv` (per-layer virtual key/values from the LLM's
   prompt/prefix hooks), and the LLaMA-Adapter leaves `adaption_prompt (P, D)` with a gate
@@ -150,8 +158,12 @@ class DecoderBlock(nn.Module):
                                                       mask_BTS, layer_cache, cache_index,
                                                       layer_prefix)
     h_BTD = h_BTD + attn_out
-    mlp = MoEMLP(c, name="mlp") if c.num_experts else MLP(c, name="mlp")
-    h_BTD = h_BTD + mlp(norm("post_attn_norm")(h_BTD))
+    x_BTD = norm("post_attn_norm")(h_BTD)
+    if c.num_experts:  # with a capacity factor, padding tokens take no expert capacity
+      valid_BT = token_valid(mask_BTS, cache_index) if c.moe_capacity_factor else None
+      h_BTD = h_BTD + MoEMLP(c, name="mlp")(x_BTD, valid_BT)
+    else:
+      h_BTD = h_BTD + MLP(c, name="mlp")(x_BTD)
     if deepstack is not None:
       h_BTD = add_deepstack(h_BTD, deepstack, layer_xs[2])
     return h_BTD, layer_cache

@@ -31,8 +31,9 @@ Expert parallelism: inside `expert_parallel(mesh)` (or `jax.set_mesh`) with a me
 and `routed_experts_sharded` dispatches the rows across that axis (its docstring); anywhere else
 every device holds every expert. There, `LLMConfig.moe_capacity_factor` > 0 bounds each
 device's pair buffer by GShard's expert capacity (pairs past it are dropped, and the layer sows
-their count under `MOE_DROPPED` in the `MOE_STATS` collection); without expert parallelism the factor does nothing, as the
-dispatch then holds exactly the N * k pairs.
+their count under `MOE_DROPPED` in the `MOE_STATS` collection; padding tokens are not routed
+then); without expert parallelism the factor does nothing, as the dispatch then holds exactly
+the N * k pairs.
 """
 from __future__ import annotations
 
@@ -188,7 +189,8 @@ def expert_capacity(rows: int, k: int, num_experts: int, capacity_factor: float)
 def routed_experts_sharded(mesh, x_ND, weights_NK, idx_NK, gate_up_EDF2, down_EFD, act,
                            gate_up_lora: ExpertLora | None = None,
                            down_lora: ExpertLora | None = None,
-                           capacity_factor: float = 0.0) -> tuple[jax.Array, jax.Array]:
+                           capacity_factor: float = 0.0,
+                           valid_N: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """`routed_experts` with the expert stacks (and their LoRA factors) split over the mesh's
   `expert` axis: each device holds E / n experts (an all-gather dispatcher, Megatron-Core's
   `allgather` token dispatcher in shard_map form).
@@ -210,8 +212,9 @@ def routed_experts_sharded(mesh, x_ND, weights_NK, idx_NK, gate_up_EDF2, down_EF
   as its group), so a device holds (E / n) * capacity pair rows, about factor / n of the
   dropless buffer, and the rest are dropped (they add nothing, as if routed with weight 0).
   Which pairs drop depends on the group, i.e. on the mesh; 0 (the default) is dropless and
-  gives the one-device result. The layer has no token mask: padding tokens take capacity (and
-  count as dropped pairs) like real ones, so packed batches suit a capacity best. Returns (y, dropped pairs over the whole batch, int32)."""
+  gives the one-device result. `valid_N` (bool, with a capacity factor): rows that are real
+  tokens; the others (padding) are not routed, so they take no capacity, count as no pair and
+  get a zero output. Returns (y, dropped pairs over the whole batch, int32)."""
   ep, num_experts = mesh.shape[EXPERT], down_EFD.shape[0]
   if num_experts % ep:
     raise ValueError(f"{num_experts} experts do not split over the mesh's expert axis of {ep} "
@@ -234,10 +237,14 @@ def routed_experts_sharded(mesh, x_ND, weights_NK, idx_NK, gate_up_EDF2, down_EF
               "device); %d rows %s", num_experts, ep, num_experts // ep, x_ND.shape[0],
               f"split over {axes}" if axes else "on every device")
 
-  def body(x_nD, w_nK, idx_nK, gate_up, down, gu_lora, dn_lora):
+  cap_on = bool(capacity_factor)
+  if valid_N is None or not cap_on:
+    valid_N = jnp.ones(x_ND.shape[:1], bool)
+
+  def body(x_nD, w_nK, idx_nK, valid_n, gate_up, down, gu_lora, dn_lora):
     if gathered:
-      x_nD, w_nK, idx_nK = (jax.lax.all_gather(t, EXPERT, axis=0, tiled=True)
-                            for t in (x_nD, w_nK, idx_nK))
+      x_nD, w_nK, idx_nK, valid_n = (jax.lax.all_gather(t, EXPERT, axis=0, tiled=True)
+                                     for t in (x_nD, w_nK, idx_nK, valid_n))
     if split_d:
       gate_up = jax.lax.all_gather(gate_up, FSDP, axis=1, tiled=True)
       down = jax.lax.all_gather(down, FSDP, axis=2, tiled=True)
@@ -249,6 +256,8 @@ def routed_experts_sharded(mesh, x_ND, weights_NK, idx_NK, gate_up_EDF2, down_EF
     x_nD, w_nK = cast_varying(x_nD, (EXPERT,)), cast_varying(w_nK, (EXPERT,))
     local_e = down.shape[0]
     local_idx = idx_nK - jax.lax.axis_index(EXPERT) * local_e
+    if cap_on:  # padding rows are not routed: a foreign id for each of their pairs
+      local_idx = jnp.where(valid_n[:, None], local_idx, local_e)
     cap = expert_capacity(x_nD.shape[0], idx_nK.shape[1], num_experts, capacity_factor)
     y_nD = routed_experts(x_nD, w_nK, local_idx, gate_up, down, act, gu_lora, dn_lora,
                           foreign=True, capacity=cap)
@@ -263,11 +272,11 @@ def routed_experts_sharded(mesh, x_ND, weights_NK, idx_NK, gate_up_EDF2, down_EF
     return jax.lax.psum(y_nD, EXPERT), dropped
 
   fn = jax.shard_map(body, mesh=mesh, out_specs=(rows, P()), check_vma=True,
-                     in_specs=(rows, rows, rows, gate_up_spec, down_spec,
+                     in_specs=(rows, rows, rows, rows, gate_up_spec, down_spec,
                                lora_spec(gate_up_lora), lora_spec(down_lora)))
   dt = x_ND.dtype
-  return fn(x_ND, weights_NK, idx_NK, gate_up_EDF2.astype(dt), down_EFD.astype(dt),
-            gate_up_lora, down_lora)
+  return fn(x_ND, weights_NK, idx_NK, valid_N.astype(bool), gate_up_EDF2.astype(dt),
+            down_EFD.astype(dt), gate_up_lora, down_lora)
 
 
 def expert_lora(module, name: str, dt) -> ExpertLora | None:
@@ -289,7 +298,8 @@ class MoEMLP(nn.Module):
   cfg: LLMConfig
 
   @nn.compact
-  def __call__(self, x_BTD: jax.Array) -> jax.Array:
+  def __call__(self, x_BTD: jax.Array, valid_BT: jax.Array | None = None) -> jax.Array:
+    """`valid_BT`: which tokens are real (not padding); used with a capacity factor only."""
     c = self.cfg
     d, e, f = c.hidden_size, c.num_experts, c.moe_intermediate_size
     x_ND = x_BTD.reshape(-1, d)
@@ -309,10 +319,13 @@ class MoEMLP(nn.Module):
       y_ND = routed_experts(x_ND.astype(dt), weights_NK, idx_NK, gate_up, down, c.hidden_act,
                             *loras)
     else:  # expert parallelism: the stacks are split over the mesh's expert axis
+      valid_N = None if valid_BT is None else valid_BT.reshape(-1)
       y_ND, dropped = routed_experts_sharded(mesh, x_ND.astype(dt), weights_NK, idx_NK, gate_up,
                                              down, c.hidden_act, *loras,
-                                             capacity_factor=c.moe_capacity_factor)
+                                             capacity_factor=c.moe_capacity_factor,
+                                             valid_N=valid_N)
       if c.moe_capacity_factor and self.is_mutable_collection(MOE_STATS):
-        self.sow(MOE_STATS, MOE_DROPPED,
-                 (dropped.astype(jnp.float32), jnp.asarray(idx_NK.size, jnp.float32)))
+        rows = x_ND.shape[0] if valid_N is None else jnp.sum(valid_N)
+        self.sow(MOE_STATS, MOE_DROPPED, (dropped.astype(jnp.float32),
+                                          jnp.asarray(rows * idx_NK.shape[1], jnp.float32)))
     return parallel_adapter(self, x_BTD, y_ND.reshape(x_BTD.shape))

@@ -125,6 +125,22 @@ def test_remat_changes_nothing_numerically(policy):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("window", [None, 1])
+def test_token_valid_reads_the_real_query_tokens_off_the_attention_mask(window):
+  """What a capacity-limited MoE layer routes: the query tokens whose own slot is a real token,
+  with left and right padding, packed segments (0 = padding) and queries written at a cache
+  offset (decoding)."""
+  from mllm_tune.models.llm import causal_mask, token_valid
+  keys_BS = np.array([[0, 0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0, 0, 0]], np.int32)
+  seg_BT = np.array([[0, 0, 1, 1, 2, 2, 2, 2], [1, 1, 2, 2, 2, 0, 0, 0]], np.int32)
+  for offset, t in ((0, 8), (3, 4), (7, 1)):
+    slots = offset + np.broadcast_to(np.arange(t), (2, t))
+    mask = causal_mask(jnp.asarray(slots), jnp.asarray(keys_BS), window,
+                       None if t != 8 else jnp.asarray(seg_BT))
+    got = np.asarray(jax.jit(token_valid)(mask, offset))
+    np.testing.assert_array_equal(got, keys_BS[:, offset:offset + t] == 1, err_msg=str(offset))
+
+
 def test_merge_image_features_fills_image_slots_in_row_major_order():
   emb = jnp.zeros((2, 4, 1))
   is_img = jnp.asarray([[False, True, True, False], [True, False, False, True]])

@@ -32,6 +32,7 @@ sys.path.insert(0, sys.argv[2])
 import mllm_tune as mt
 from mllm_tune import pytree
 from mllm_tune.data.loader import make_batches
+from mllm_tune.losses.router import dropped_pairs
 from mllm_tune.train import setup, sharding
 from tests.helpers import qwen_vl_tiny as qt
 from tests.helpers.data import packed_cfg, sized_records, write_llava_dataset
@@ -95,6 +96,16 @@ with sharding.mesh_context(mesh):
   f = jax.jit(lambda v, b, k: jnp.mean(model.apply(v, b["input_ids"], rngs={"dropout": k},
                                                    **mt.models.model_kwargs(b))))
   out["dropout_means"] = [float(f(both, b, jax.random.key(s))) for s in (1, 2)]
+  # with a capacity factor the padding tokens are not routed: the sown pair count is the
+  # real tokens' (k = 2 per token and layer)
+  cm = mt.models.build_model(mt.models.config.with_runtime(model.config,
+                                                           moe_capacity_factor=1.0))
+  _, st = jax.jit(lambda v, b: cm.apply(v, b["input_ids"], mutable=["moe_stats"],
+                                        **mt.models.model_kwargs(b)))(v, b)
+  out["moe_pairs"] = float(dropped_pairs(st["moe_stats"])[1])
+  out["real_tokens"] = [int(np.asarray(batch["attention_mask"]).sum()),
+                        int(np.asarray(batch["input_ids"]).size),
+                        model.config.llm.num_layers]
 # the dispatch alone, rows split (16) and on every device (3, which no shard count divides):
 # gradients of the rows, router logits, both stacks and the LoRA factors and scale
 from mllm_tune.models import moe
@@ -102,24 +113,25 @@ r = np.random.default_rng(0)
 arr = lambda *s: (r.normal(size=s) * 0.3).astype(np.float32)  # numpy: no eager jax ops below
 x, logit, gu, dn = arr(16, 8), arr(16, 4), arr(4, 8, 12), arr(4, 6, 8)
 la = moe.ExpertLora(arr(4, 8, 3), arr(4, 3, 12), jnp.asarray(0.5))
-def f(x, logit, gu, dn, la, sharded, keep=None, factor=0.0):
+def f(x, logit, gu, dn, la, sharded, keep=None, factor=0.0, valid=None):
   w, i = moe.route(logit, 2)
   if sharded:
     y, dropped = moe.routed_experts_sharded(moe.expert_mesh(), x, w, i, gu, dn, "silu", la,
-                                            capacity_factor=factor)
+                                            capacity_factor=factor, valid_N=valid)
   else:  # the reference drops a pair by giving it routing weight 0
     y, dropped = moe.routed_experts(x, w if keep is None else w * keep, i, gu, dn, "silu",
                                     la), 0
   return jnp.sum(jnp.sin(y)), dropped
 g = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3, 4), has_aux=True), static_argnums=(5, 7))
-def kept(logit, group, cap):
-  # (N, 2) float: pair (n, j) is kept when fewer than `cap` earlier pairs of its dispatch
-  # group (`group` consecutive rows) chose its expert (GShard's expert capacity), in NumPy
+def kept(logit, group, cap, valid):
+  # (N, 2) float: pair (n, j) of a real row is kept when fewer than `cap` earlier pairs of real
+  # rows of its dispatch group (`group` consecutive rows) chose its expert (GShard's expert
+  # capacity), in NumPy; padding rows keep nothing and take no capacity
   idx = np.argsort(-logit, axis=1, kind="stable")[:, :2]
   keep = np.zeros(idx.shape, np.float32)
   for start in range(0, len(idx), group):
     seen = {}
-    for n in range(start, min(start + group, len(idx))):
+    for n in [n for n in range(start, min(start + group, len(idx))) if valid[n]]:
       for j in range(2):
         e = int(idx[n, j])
         keep[n, j] = seen.get(e, 0) < cap
@@ -138,14 +150,16 @@ for n in (16, 3):
       out["dispatch"][f"{n} {shape}"] = rel(ref, got)
       # capacity factor 0.5: each expert keeps ceil(0.5 * G * 2 / 4) pairs of a group of G
       # rows (the expert group's rows when they split, else all rows)
+      # rows, padding included (the capacity is computed from the group's row count)
       group = n // math.prod(shape[:2]) if n == 16 else n
       cap = math.ceil(0.5 * group * 2 / 4)
-      keep = kept(logit[:n], group, cap)
-      (val, dropped), grads = g(x[:n], logit[:n], gu, dn, la, True, None, 0.5)
+      valid = np.arange(n) % 5 != 2  # rows 2, 7, 12 are padding: not routed
+      keep = kept(logit[:n], group, cap, valid)
+      (val, dropped), grads = g(x[:n], logit[:n], gu, dn, la, True, None, 0.5, valid)
       (rval, _), rgrads = g(x[:n], logit[:n], gu, dn, la, False, jnp.asarray(keep))
     out["capacity"][f"{n} {shape}"] = dict(
         err=rel((rval, rgrads), (val, grads)), dropped=int(dropped),
-        want=int((keep == 0).sum()), group=group, cap=cap)
+        want=int((keep[valid] == 0).sum()), group=group, cap=cap)
 # the capacity bounds each device's pair buffer: compiled temporary memory of the sharded
 # forward + backward, 64 rows of width 8 through experts of width 64 (the pair rows dominate)
 xm, lm = arr(64, 8), arr(64, 4)
@@ -182,7 +196,8 @@ def test_expert_parallel_logits_gradients_and_decoding_equal_one_device(tmp_path
   assert out["generate_ep"] == out["generate_one"]
   assert len(out["dispatch"]) == 6 and max(out["dispatch"].values()) < 1e-5, out["dispatch"]
   # a capacity factor drops exactly the pairs past their expert's capacity in each dispatch
-  # group (the reference routes them with weight 0): same values and gradients, and the count
+  # group (the reference routes them with weight 0), padding rows route nothing and take no
+  # capacity: same values and gradients, and the count
   for name, c in out["capacity"].items():
     assert c["err"] < 1e-5 and c["dropped"] == c["want"], (name, c)
   assert min(c["want"] for c in out["capacity"].values()) > 0  # every case dropped some
@@ -192,6 +207,8 @@ def test_expert_parallel_logits_gradients_and_decoding_equal_one_device(tmp_path
   t = out["temp_bytes"]
   assert t["1.0"] < 0.6 * t["0.0"], t
   assert out["dropout_leaves"] == 2
+  real, slots, layers = out["real_tokens"]
+  assert real < slots and out["moe_pairs"] == real * 2 * layers, out  # padding: no pairs
   a, b = out["dropout_means"]
   assert np.isfinite(a) and np.isfinite(b) and a != b  # the dropout key reaches the experts
 
