@@ -17,7 +17,9 @@
   element-wise loops with the older loop emitters instead of the MLIR fusion emitters, which
   compile about a third faster for these programs (a method sweep over a tiny OneVision: 27 ->
   17 s). A code-generation choice, with the same HLO and the same operations; subprocesses
-  inherit it (`tests/helpers/env.py` keeps it when it adds host devices).
+  inherit it (`tests/helpers/env.py` keeps it when it adds host devices). XLA aborts on a flag
+  it does not know, so a jaxlib that no longer has this one is asked first (a short subprocess)
+  and then runs without it.
 - `MLLM_TUNE_CACHE` (the offline benchmark's pre-trained bases) points at a per-session temporary
   directory too: tests never read or write ~/.cache, and the tests that need the tiny bench base
   (`mllm_tune/benchmark/config.py:tiny`) build it once per session and share it.
@@ -25,6 +27,8 @@
 import atexit
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 
 import torch
@@ -36,8 +40,19 @@ atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
 os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
-os.environ["XLA_FLAGS"] = " ".join(
-    f for f in (os.environ.get("XLA_FLAGS"), "--xla_cpu_use_fusion_emitters=false") if f)
+_LOOP_EMITTERS = "--xla_cpu_use_fusion_emitters=false"
+
+
+def _xla_accepts(flag: str) -> bool:
+  probe = subprocess.run([sys.executable, "-c", "import jax; jax.devices('cpu')"],
+                         env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flag},
+                         capture_output=True, timeout=300)
+  return probe.returncode == 0
+
+
+# xdist workers inherit the first process's environment: only that one asks
+if _LOOP_EMITTERS not in os.environ.get("XLA_FLAGS", "") and _xla_accepts(_LOOP_EMITTERS):
+  os.environ["XLA_FLAGS"] = " ".join(f for f in (os.environ.get("XLA_FLAGS"), _LOOP_EMITTERS) if f)
 os.environ["MLLM_TUNE_CACHE"] = os.path.join(_CACHE, "mllm_tune")
 
 import jax  # noqa: E402  (after the environment: jax reads it at import)
