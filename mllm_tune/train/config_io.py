@@ -45,6 +45,10 @@ def eval_set(kind: str = "offline", source: str = "", num: int = 0, metric: str 
   """One target / retention set: `offline` (an `offline_vqa` source: digits, general, a family
   name; `split`, `seed`) or `llava_json` / `tfds` (json_path, image_folder; the reference answer
   is each record's last gpt turn); the first `num` records (0 = all)."""
+  if kind in ("llava_json", "tfds") and source:
+    raise ValueError(f"eval_set(kind={kind!r}, source={source!r}): `source` names an offline "
+                     f"benchmark source (digits, general, a family); a {kind} set reads "
+                     "json_path= (and image_folder=)")
   return ml_collections.ConfigDict(dict(kind=kind, source=source, num=num, metric=metric,
                                         split=split, json_path=json_path,
                                         image_folder=image_folder, seed=seed))
@@ -198,7 +202,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
                     "must be offline | llava_json | tfds"),
                    (f"eval.{role}.{name}.metric", s.metric in ("vqa", "token"),
                     "must be vqa | token"),
-                   (f"eval.{role}.{name}.num", s.num >= 0, "must be >= 0")]
+                   (f"eval.{role}.{name}.num", s.num >= 0, "must be >= 0"),
+                   (f"eval.{role}.{name}.source", s.kind == "offline" or not s.get("source"),
+                    f"is for offline sets; a {s.kind} set reads eval.{role}.{name}.json_path")]
   ph = cfg.get("posthoc")
   if ph is not None:
     checks += [("posthoc.name", ph.name in ("none", "wise_ft", "dare", "ties"),

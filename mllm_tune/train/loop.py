@@ -39,7 +39,8 @@ from tqdm.auto import tqdm
 from mllm_tune import pytree, tuning
 from mllm_tune.checkpoints.orbax_io import TrainCheckpointer, debug_kill, params_fingerprint
 from mllm_tune.data.errors import skipped_by_reason
-from mllm_tune.train import build, penalty_refresh, penalty_setup, resume_check, setup
+from mllm_tune.train import (build, penalty_refresh, penalty_setup, resume_check, setup,
+                             tracking)
 from mllm_tune.train import sharding as shard_lib
 from mllm_tune.train.logs import (JsonlWriter, TensorBoardWriter, bar_scores,
                                   drop_records_after)
@@ -345,6 +346,8 @@ class Trainer:
           self._check_finite(step + 1, metrics, host_batch)
         tokens += metrics["tokens"]
         last = {"step": step + 1, **metrics}
+        if step == start:
+          tracking.check_logged_metric(t.best_metric, last)
         if penalty_refresh.due(self.penalty, step + 1, t.steps):  # before this step's save
           self.penalty_consts = self._place_penalty_consts(
               penalty_refresh.refresh_and_save(self, step + 1))

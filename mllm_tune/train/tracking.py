@@ -49,6 +49,44 @@ class RunView:
   param_sharding: Callable[[str, tuple], Any]
 
 
+# what `Trainer.evaluate` logs for a held-out set (`eval.kind`), under `eval/`
+HELD_OUT_KEYS = ("eval/loss", "eval/accuracy", "eval/perplexity", "eval/tokens")
+
+
+def check_plain_metric(cfg) -> None:
+  """`train.best_metric` of a run without target / retention sets, checked before training:
+  a trade-off score needs sets; an `eval/...` name must be one the held-out evaluation
+  (`eval.kind`, every `train.eval_every` steps) logs. Other names are training metrics, checked
+  against the step's record at the first save (`Trainer`)."""
+  metric = cfg.train.best_metric
+  if metric.startswith("tradeoff/"):
+    raise ret.EvalSetError(f"config key 'train.best_metric': {metric!r} needs eval.target and "
+                           "eval.retention sets")
+  if not metric.startswith("eval/"):
+    return
+  e = cfg.get("eval")
+  if e is None or not e.get("kind"):
+    raise ret.EvalSetError(f"config key 'train.best_metric': {metric!r} is an eval metric, but "
+                           "the run has no evaluation (set eval.kind for a held-out set, or "
+                           "eval.target / eval.retention sets)")
+  if metric not in HELD_OUT_KEYS:
+    raise ret.EvalSetError(f"config key 'train.best_metric': unknown eval metric {metric!r}; "
+                           f"the held-out evaluation logs {list(HELD_OUT_KEYS)}")
+  if not cfg.train.eval_every:
+    raise ret.EvalSetError(f"config key 'train.eval_every': 0, so the held-out metric "
+                           f"train.best_metric={metric!r} is never computed")
+
+
+def check_logged_metric(metric: str, record: dict) -> None:
+  """After the first step: a `train.best_metric` that names a training metric must be one
+  the step logs (`record`); eval and trade-off names were checked before training."""
+  if metric and not metric.startswith(("eval/", "tradeoff/")) and metric not in record:
+    raise ret.EvalSetError(
+        f"config key 'train.best_metric': {metric!r} is not a metric this run logs; the "
+        f"training step logs {sorted(k for k in record if k != 'step')}, a held-out "
+        f"evaluation {list(HELD_OUT_KEYS)}")
+
+
 class Tracker:
   def __init__(self, cfg, run: RunView, evaluator: ret.Evaluator, anchor: dict):
     self.cfg, self.run, self.evaluator, self.anchor = cfg, run, evaluator, anchor
@@ -70,9 +108,7 @@ class Tracker:
     e = cfg.get("eval")
     has_sets = e is not None and (len(e.get("target") or {}) or len(e.get("retention") or {}))
     if not has_sets:
-      if cfg.train.best_metric.startswith("tradeoff/"):
-        raise ret.EvalSetError(f"config key 'train.best_metric': {cfg.train.best_metric!r} "
-                               "needs eval.target and eval.retention sets")
+      check_plain_metric(cfg)
       return None
     for role in ret.ROLES:
       if not len(e.get(role) or {}):

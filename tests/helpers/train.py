@@ -71,10 +71,11 @@ def run_processes(n: int, args: list[str], cwd: str, devices_per_proc: int = 1,
   return res, logs
 
 
-def losses(run_dir: str) -> dict[int, float]:
+def losses(run_dir: str, key: str = "loss") -> dict[int, float]:
+  """step -> metrics.jsonl's `key` (the loss by default)."""
   out = {}
   with open(os.path.join(run_dir, "metrics.jsonl")) as f:
     for line in f:
       r = json.loads(line)
-      out[r["step"]] = r["loss"]
+      out[r["step"]] = r[key]
   return out

@@ -28,6 +28,15 @@ def test_eval_sets_are_added_field_by_field_on_the_command_line():
     apply_overrides(cfg, ["config.eval.target.val.nmu=3"])
   with pytest.raises(ConfigError, match=r"'eval.target.other.num': cannot set 'many'"):
     apply_overrides(cfg, ["config.eval.target.other.num=many"])
+  # `source` names an offline source: a JSON set given its file there is refused up front
+  with pytest.raises(ValueError, match=r"eval_set\(kind='llava_json', source='data/val.json'\): "
+                     r"`source` names an offline benchmark source .* reads json_path="):
+    eval_set("llava_json", "data/val.json")
+  apply_overrides(cfg, ["config.eval.target.val.source=data/val.json"])
+  with pytest.raises(ConfigError, match=r"'eval.target.val.source'.*is for offline sets; a "
+                     r"llava_json set reads eval.target.val.json_path"):
+    validate(cfg)
+  apply_overrides(cfg, ["config.eval.target.val.source="])
   apply_overrides(cfg, ["config.eval.target.bad.kind=csv"])
   with pytest.raises(ConfigError, match=r"'eval.target.bad.kind' must be offline"):
     validate(cfg)

@@ -175,6 +175,36 @@ def test_best_by_metric_keeps_the_best_checkpoints_and_the_newest(tmp_path, mode
   ck.close()
 
 
+@pytest.mark.parametrize("metric, kind, eval_every, message", [
+    ("eval/target/vall", "", 2, r"'eval/target/vall' is an eval metric, but the run has no "
+     r"evaluation \(set eval.kind"),
+    ("eval/target/vall", "synthetic", 2, r"unknown eval metric 'eval/target/vall'; the held-out "
+     r"evaluation logs \['eval/loss', 'eval/accuracy'"),
+    ("eval/loss", "synthetic", 0, r"'train.eval_every': 0, so the held-out metric"),
+    ("tradeoff/O", "", 2, r"'tradeoff/O' needs eval.target and eval.retention sets"),
+    ("los", "", 2, r"'los' is not a metric this run logs; the training step logs \[.*'loss'"),
+])
+def test_a_best_metric_the_run_does_not_log_is_refused(tmp_path, metric, kind, eval_every,
+                                                       message):
+  """Without eval sets too (a misspelt name used to train to the end, rank no checkpoint and
+  fail only at `export --best`): eval and trade-off names before training, the names of
+  training metrics at the first step, before anything is logged or saved."""
+  cfg = tiny_cfg(str(tmp_path / "run"), steps=3, best_metric=metric, eval_every=eval_every)
+  cfg.eval.kind = kind
+  with pytest.raises(ValueError, match=message):
+    _trainer(cfg).run()
+  jsonl = os.path.join(cfg.run_dir, "metrics.jsonl")
+  assert not os.path.exists(jsonl) or os.path.getsize(jsonl) == 0
+
+
+def test_a_training_metric_ranks_the_checkpoints(tmp_path):
+  cfg = tiny_cfg(str(tmp_path / "run"), steps=4, best_metric="ce", best_mode="min",
+                 eval_every=2)
+  out = _trainer(cfg).run()
+  curve = {r: v for r, v in losses(cfg.run_dir, "ce").items() if r in (2, 4)}
+  assert out["best_step"] == min(curve, key=curve.get)
+
+
 def test_grad_topk_gets_its_mask_from_training_batches_and_trains_only_it(tmp_path):
   cfg = tiny_cfg(str(tmp_path / "run"), steps=3)
   cfg.method = {"name": "grad_topk", "density": 0.01}

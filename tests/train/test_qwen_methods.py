@@ -72,6 +72,21 @@ def test_every_method_prepares_and_steps_on_qwen_batches(qw, case):
                        ("params/llm/", "params/projector/"))
 
 
+@pytest.mark.parametrize("name", ["prompt_tuning", "prefix_tuning"])
+def test_peft_export_of_virtual_tokens_is_refused_on_an_m_rope_model(qw, tmp_path, name):
+  """peft hands prompt tuning's virtual tokens to transformers as `inputs_embeds` without
+  `input_ids`, and prefix tuning's as a cache that its rope index does not offset: transformers'
+  Qwen2.5-VL cannot build the image tokens' M-RoPE positions then, so the adapter would give
+  other logits than ours on image inputs. The export says so and names the native format."""
+  from mllm_tune.tuning.peft import export_peft
+  method = mt.tuning.get(name, num_virtual_tokens=2)
+  variables = method.init_variables(jax.random.key(0), qw.params)
+  with pytest.raises(mt.tuning.MethodError, match=r"cannot be exported for peft on this model "
+                     r"\(M-RoPE.*image inputs.*--native"):
+    export_peft(str(tmp_path / "peft"), qw.model, method, variables)
+  assert not (tmp_path / "peft").exists()
+
+
 # ----------------------------------------------------------------------------- sample split
 def test_samples_cut_from_the_packed_batch_give_its_logits(qw):
   """Each sample keeps its own patch rows with their vision ids, its pack-table rows re-based to

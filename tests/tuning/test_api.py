@@ -130,8 +130,15 @@ def test_peft_adapter_with_other_base_shapes_and_unknown_type_are_rejected(tmp_p
 
 def test_methods_without_peft_counterpart_refuse_export(tmp_path):
   model, params = _llava()
-  with pytest.raises(MethodError, match="no PEFT counterpart"):
+  with pytest.raises(MethodError, match=r"no PEFT counterpart .* use the merged model "
+                     r"\(mllm-tune export --merged\) or the native checkpoint"):
     export_peft(str(tmp_path / "x"), model, TrainRegex(), {"params": params, "adapters": {}})
+  # a bottleneck adapter cannot be merged either: only the native format is offered
+  adapter = mt.tuning.get("adapter")
+  variables = adapter.init_variables(jax.random.key(0), params)
+  with pytest.raises(MethodError, match=r"no PEFT counterpart .* use the native checkpoint "
+                     r"\(mllm-tune export --native\): its modules cannot be folded"):
+    export_peft(str(tmp_path / "x"), model, adapter, variables)
 
 
 def test_bad_method_options_are_rejected():

@@ -51,9 +51,11 @@ def peft_adapter(model, method: Method, variables: dict,
   if isinstance(method, Compose):
     config, tensors = lora.export_lora(method, model, variables)
   elif method.name not in EXPORTERS:
+    instead = ("the merged model (mllm-tune export --merged) or the native checkpoint"
+               if method.mergeable else "the native checkpoint (mllm-tune export --native): "
+               "its modules cannot be folded into the base weights either")
     raise MethodError(f"method '{method.name or type(method).__name__}' has no PEFT "
-                      f"counterpart (PEFT export exists for {sorted(EXPORTERS)}); use "
-                      "merge + save_pretrained, or the native adapter checkpoint")
+                      f"counterpart (PEFT export exists for {sorted(EXPORTERS)}); use {instead}")
   else:
     config, tensors = EXPORTERS[method.name](method, model, variables)
   config = {"task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,

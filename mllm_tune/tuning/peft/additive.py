@@ -113,8 +113,24 @@ def import_ia3(config, tensors, model, params, where):
   return method, {"params": params, "adapters": pytree.unflatten(adapters)}
 
 
+def _check_positions(model, what: str) -> None:
+  """peft runs virtual tokens through transformers in ways that leave an M-RoPE model
+  (Qwen2/2.5/3-VL) unable to build its (t, h, w) positions: prompt tuning passes
+  `inputs_embeds` without `input_ids`, prefix tuning a key/value cache that transformers' rope
+  index does not offset. Image tokens then get other positions than in training, so such an
+  export would not reproduce the tuned model; it is refused."""
+  if _llm_cfg(model).rope.mrope_section:
+    raise MethodError(f"{what} cannot be exported for peft on this model (M-RoPE, "
+                      f"{type(model.config).__name__}): peft passes its virtual tokens to "
+                      "transformers in a form from which the model cannot compute the image "
+                      "tokens' M-RoPE positions, so the adapter would give other logits than "
+                      "ours on image inputs. Use the native checkpoint (mllm-tune export "
+                      "--native, or mt.load_run).")
+
+
 # ----------------------------------------------------------------------------- prompt tuning
 def export_prompt_tuning(method: PromptTuning, model, variables):
+  _check_positions(model, "prompt tuning")
   prompts = np.asarray(variables["adapters"]["llm"][PROMPT_EMBEDDINGS], np.float32)
   c = _llm_cfg(model)
   config = {**_prompt_config(model, "PROMPT_TUNING", prompts.shape[0], c.hidden_size,
@@ -139,6 +155,7 @@ def import_prompt_tuning(config, tensors, model, params, where):
 
 # ----------------------------------------------------------------------------- prefix tuning
 def export_prefix_tuning(method: PrefixTuning, model, variables):
+  _check_positions(model, "prefix tuning")
   c = _llm_cfg(model)
   prefix = np.asarray(prefix_tensor(variables["adapters"]), np.float32)
   config = {**_prompt_config(model, "PREFIX_TUNING", prefix.shape[0],
