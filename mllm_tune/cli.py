@@ -39,9 +39,17 @@ def _convert(args) -> int:
 
 
 def _export(args) -> int:
-  from mllm_tune.train.export import export_run
-  from mllm_tune.train.runs import load_run
+  from mllm_tune.train.export import export_posthoc, export_run
+  from mllm_tune.train.runs import RunError, load_run
   t0 = time.time()
+  if args.posthoc:
+    if args.peft or args.native or not args.merged or args.step is not None or args.best:
+      raise RunError("--posthoc writes the run's post-hoc model, already merged into the base "
+                     "weights: give --merged DIR only (no --peft / --native / --step / --best)")
+    out = export_posthoc(args.run_dir, args.merged, dtype=args.dtype, base=args.base)
+    print(json.dumps({"run_dir": os.path.abspath(args.run_dir), "posthoc": True, **out,
+                      "seconds": round(time.time() - t0, 1)}))
+    return 0
   run = load_run(args.run_dir, step="best" if args.best else args.step, base=args.base)
   out = export_run(run, peft_dir=args.peft, merged_dir=args.merged, native_dir=args.native,
                    dtype=args.dtype)
@@ -224,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
   which.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   which.add_argument("--best", action="store_true",
                      help="the run's selected step (its report's, or train.best_metric's)")
+  which.add_argument("--posthoc", action="store_true",
+                     help="the run's post-hoc model (posthoc.name; applied to the last step), "
+                     "with --merged")
   e.add_argument("--peft", metavar="DIR", default=None, help="write a PEFT adapter directory")
   e.add_argument("--merged", metavar="DIR", default=None,
                  help="write the merged model as an HF directory")

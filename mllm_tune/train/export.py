@@ -9,6 +9,9 @@
   native  our adapter directory (mllm_adapter.json + adapters.safetensors, `tuning/files.py`):
           every method, loadable with `mllm_tune.tuning.files.load_adapters(dir, base_params)`
 
+`export_posthoc` writes a run's post-hoc model (`RUN_DIR/posthoc/model`: WiSE-FT / DARE / TIES
+of the run's last step, already merged into base weights) as such a merged HF directory.
+
 Everything that can be refused (no PEFT counterpart, a method that cannot merge) is computed
 before anything is written, so a refused export leaves no partial output.
 """
@@ -19,7 +22,7 @@ import os
 from mllm_tune import pytree
 from mllm_tune.checkpoints.hf import save_pretrained
 from mllm_tune.tuning import files, peft
-from mllm_tune.train.runs import RunError, TrainedRun
+from mllm_tune.train.runs import RunError, TrainedRun, read_config
 
 
 def _hf_base(run: TrainedRun) -> str | None:
@@ -54,3 +57,19 @@ def export_run(run: TrainedRun, peft_dir: str | None = None, merged_dir: str | N
                         base_model=run.base_path)
     out["native"] = native_dir
   return out
+
+
+def export_posthoc(run_dir: str, merged_dir: str, dtype: str | None = None,
+                   base: str | None = None) -> dict[str, str]:
+  """The run's post-hoc model as an HF directory with the base's tokenizer / processor files
+  (`base`, default the run's model.path, when that is an HF directory) -> {"merged": dir}."""
+  from mllm_tune.checkpoints.native import load_native
+  model_dir = os.path.join(run_dir, "posthoc", "model")
+  if not os.path.isdir(model_dir):
+    raise RunError(f"{run_dir}: no post-hoc model ({model_dir}): the run had no post-hoc step "
+                   "(posthoc.name) or did not finish")
+  base = os.path.abspath(base) if base else read_config(run_dir).model.path
+  model, params = load_native(model_dir)
+  source = base if os.path.isfile(os.path.join(base, "config.json")) else None
+  save_pretrained(merged_dir, model, params, dtype=dtype, source_dir=source)
+  return {"merged": merged_dir}

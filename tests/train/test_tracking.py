@@ -15,6 +15,8 @@ import pytest
 
 from configs import base as base_cfg
 from configs.experiments import offline_recipe
+import mllm_tune as mt
+from mllm_tune import pytree
 from mllm_tune.benchmark.pretrain import resolve_model_source
 from mllm_tune.cli import build_data
 from mllm_tune.eval import retention as ret
@@ -231,6 +233,19 @@ def test_recipe_runs_end_to_end_with_its_posthoc_step(cache, tmp_path):
     assert again[k] == pytest.approx(ph["after"][k], rel=1e-6, abs=1e-9)
   report = open(os.path.join(c.run_dir, "report.md")).read()
   assert "Post-hoc step: wise_ft" in report and "| before |" in report and "| after |" in report
+  # `export --posthoc --merged`: that model as an HF directory with the base's tokenizer and
+  # processor files; the other outputs are refused (it is merged already)
+  from mllm_tune.checkpoints.hf import AUX_FILES
+  from mllm_tune.cli import main
+  out = str(tmp_path / "posthoc_hf")
+  assert main(["export", c.run_dir, "--posthoc", "--merged", out]) == 0
+  _, hf_params = mt.load_pretrained(out)
+  for (p, a), (q, b) in zip(sorted(pytree.flatten(hf_params).items()),
+                            sorted(pytree.flatten(params).items())):
+    assert p == q and np.array_equal(np.asarray(a), np.asarray(b)), p
+  aux = {f for f in os.listdir(c.model.path) if AUX_FILES.fullmatch(f)}
+  assert aux and aux <= set(os.listdir(out)), (aux, os.listdir(out))
+  assert main(["export", c.run_dir, "--posthoc", "--peft", str(tmp_path / "p")]) == 2
 
 
 def test_report_command_regenerates_and_overlays(full_run, tmp_path):
