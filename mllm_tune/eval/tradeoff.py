@@ -9,7 +9,7 @@ accuracies of the base model θ0 (zero-shot) and the tuned model θ, all in one 
   forget/u = A_u(θ0) − A_u(θ)                       per-set forgetting (positive = forgot)
   H = 2·A_down·Ā_up / (A_down + Ā_up)               harmonic mean (our addition; 0 if both are 0)
 Scores are computed per run (one method, one seed), then reported as mean ± sample std (ddof=1;
-std 0 for a single seed). `runs.json` keeps the raw accuracies so any convention can be recomputed.
+std 0 for a single seed, whose table cells show the value alone). `runs.json` keeps the raw accuracies so any convention can be recomputed.
 Pure functions, except `scatter_plot` / `save_report` / `load_runs` (files) at the edge.
 """
 from __future__ import annotations
@@ -300,14 +300,16 @@ def markdown_table(agg: Aggregated, *, digits: int = 2, forgetting: bool = False
                             else _cell(k, agg.zero_shot, None, digits) for k, _ in cols]
   lines.append("| " + " | ".join(zero) + " |")
   for s in agg.methods.values():
-    row = [esc(s.method), str(len(s.seeds))] + [_cell(k, s.mean, s.std, digits) for k, _ in cols]
+    std = s.std if len(s.seeds) > 1 else None  # one seed: its values, no spread
+    row = [esc(s.method), str(len(s.seeds))] + [_cell(k, s.mean, std, digits) for k, _ in cols]
     lines.append("| " + " | ".join(row) + " |")
   lines += ["", f"Base `{agg.base}`; downstream sets: {', '.join(agg.downstream)}; general "
             f"(upstream) sets: {', '.join(agg.general)}. A_down = mean downstream accuracy of θ; "
             "Ā_up = mean of the A_u; E = A_down(θ) − A_down(θ0) (specialization); "
             "F = mean_u [A_u(θ) − A_u(θ0)] (stabilization, negative = forgetting); O = E + F; "
             "forget u = A_u(θ0) − A_u(θ) (positive = forgot); H = 2·A_down·Ā_up/(A_down + Ā_up). "
-            "Cells: mean ± sample std (ddof=1) over seeds; θ0 = zero-shot base model."]
+            "Cells: mean ± sample std (ddof=1) over seeds (a method run with one seed: its "
+            "value); θ0 = zero-shot base model."]
   return "\n".join(lines) + "\n"
 
 

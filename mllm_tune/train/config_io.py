@@ -122,6 +122,8 @@ def _parse(raw: str, current):
     value = raw
   if isinstance(current, tuple) and isinstance(value, (str, list)):
     value = tuple(value) if isinstance(value, list) else tuple(raw.split(","))
+  elif isinstance(current, tuple) and isinstance(value, (int, float)):
+    value = (value,)  # a one-value sequence (posthoc.sweep=0.5)
   if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
     value = float(value)
   return value

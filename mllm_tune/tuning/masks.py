@@ -29,7 +29,8 @@ def last_k_layers_regex(params: dict, k: int) -> str:
   """`llm/layers_(i|..|L-1)/.*`: the last k LLM blocks (docs/methods.md §2.1 `llm_last_k`)."""
   n = num_llm_layers(params)
   if not 1 <= k <= n:
-    raise MethodError(f"llm_last_k: k={k} must be in [1, {n}] (the model has {n} LLM blocks)")
+    raise MethodError(f"preset llm_last_k: k={k} (config key 'method.k') must be in [1, {n}]: "
+                      f"the model has {n} LLM blocks")
   return r"llm/layers_(" + "|".join(str(i) for i in range(n - k, n)) + r")/.*"
 
 

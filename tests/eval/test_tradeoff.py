@@ -143,12 +143,16 @@ def test_markdown_table_rows_and_numbers():
     cells = dict(zip(header, _row(table, m)))
     for key, col in [("A_down", "A_down"), ("A_up", "Ā_up"), ("E", "E"), ("F", "F"),
                      ("O", "O"), ("H", "H"), ("A_u/gqa", "A_u gqa")]:
-      assert cells[col] == f"{summ.mean[key]:.2f} ± {summ.std[key]:.2f}", (m, col)
+      spread = f" ± {summ.std[key]:.2f}" if len(summ.seeds) > 1 else ""  # one seed: none
+      assert cells[col] == f"{summ.mean[key]:.2f}{spread}", (m, col)
   zero = dict(zip(header, _row(table, "zero-shot")))
   assert zero["A_down"] == "30.00" and zero["E"] == "0.00" and zero["Ā_up"] == "46.67"
   assert zero["trainable"] == "0" and zero["step (s)"] == "—"
   tiny_negative = dataclasses.replace(agg, zero_shot=agg.zero_shot | {"E": -1e-17})
   assert "-0.00" not in T.markdown_table(tiny_negative)  # no negative zero
+  one = T.aggregate([r for r in runs if r.method != "full" or r.seed == 0])
+  cells = dict(zip(header, _row(T.markdown_table(one), "full")))  # one seed: no "± 0.00"
+  assert cells["seeds"] == "1" and cells["A_down"] == "70.00" and "±" not in "".join(cells.values())
   assert "negative = forgetting" in table and "ddof=1" in table and "O = E + F" in table
   lines = table.splitlines()
   assert [l.split("|")[1].strip() for l in lines[2:6]] == ["zero-shot", "full", "lora", "frozen"]

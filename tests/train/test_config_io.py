@@ -40,6 +40,10 @@ def test_eval_sets_are_added_field_by_field_on_the_command_line():
   apply_overrides(cfg, ["config.eval.target.bad.kind=csv"])
   with pytest.raises(ConfigError, match=r"'eval.target.bad.kind' must be offline"):
     validate(cfg)
+  # a sequence field takes one value, or several comma-separated, bracketed or not
+  for raw, want in (("0.5", (0.5,)), ("0.25,0.5", (0.25, 0.5)), ("[0.25, 1]", (0.25, 1))):
+    apply_overrides(cfg, [f"config.posthoc.sweep={raw}"])
+    assert cfg.posthoc.sweep == want, raw
   # only sets are made up: other unknown keys stay errors
   with pytest.raises(ConfigError, match=r"unknown config key 'eval.targets.x.kind'"):
     apply_overrides(cfg, ["config.eval.targets.x.kind=offline"])

@@ -101,7 +101,8 @@ def test_regex_matching_nothing_names_it_and_nearby_paths():
   with pytest.raises(select.SelectorError, match=r"qproj/kernel' matches no .*"
                                                  r"nearby paths.*q_proj/kernel"):
     mt.tuning.get("freeze", targets=r"llm/layers_\d+/attn/qproj/kernel").trainable(variables)
-  with pytest.raises(mt.tuning.MethodError, match="k=5 must be in \\[1, 3\\]"):
+  with pytest.raises(mt.tuning.MethodError, match=r"k=5 \(config key 'method.k'\) must be "
+                     r"in \[1, 3\]"):
     mt.tuning.get("freeze", preset="llm_last_k", k=5).trainable(variables)
   with pytest.raises(mt.tuning.MethodError, match="either preset"):
     mt.tuning.get("freeze", preset="llm", targets="projector/.*")
