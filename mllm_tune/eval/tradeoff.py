@@ -9,7 +9,8 @@ accuracies of the base model θ0 (zero-shot) and the tuned model θ, all in one 
   forget/u = A_u(θ0) − A_u(θ)                       per-set forgetting (positive = forgot)
   H = 2·A_down·Ā_up / (A_down + Ā_up)               harmonic mean (our addition; 0 if both are 0)
 Scores are computed per run (one method, one seed), then reported as mean ± sample std (ddof=1;
-std 0 for a single seed, whose table cells show the value alone). `runs.json` keeps the raw accuracies so any convention can be recomputed.
+std 0 for a single seed, whose table cells show the value alone). `runs.json` keeps the raw
+accuracies so any convention can be recomputed.
 Pure functions, except `scatter_plot` / `save_report` / `load_runs` (files) at the edge.
 """
 from __future__ import annotations
