@@ -44,14 +44,19 @@ _LOOP_EMITTERS = "--xla_cpu_use_fusion_emitters=false"
 
 
 def _xla_accepts(flag: str) -> bool:
-  probe = subprocess.run([sys.executable, "-c", "import jax; jax.devices('cpu')"],
-                         env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flag},
-                         capture_output=True, timeout=300)
+  try:
+    probe = subprocess.run([sys.executable, "-c", "import jax; jax.devices('cpu')"],
+                           env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flag},
+                           capture_output=True, timeout=300)
+  except (OSError, subprocess.SubprocessError):
+    return False
   return probe.returncode == 0
 
 
-# xdist workers inherit the first process's environment: only that one asks
-if _LOOP_EMITTERS not in os.environ.get("XLA_FLAGS", "") and _xla_accepts(_LOOP_EMITTERS):
+# xdist workers inherit the first process's environment: only that one asks (and a flag the
+# user set either way is left as it is)
+if (_LOOP_EMITTERS.split("=")[0] not in os.environ.get("XLA_FLAGS", "")
+    and _xla_accepts(_LOOP_EMITTERS)):
   os.environ["XLA_FLAGS"] = " ".join(f for f in (os.environ.get("XLA_FLAGS"), _LOOP_EMITTERS) if f)
 os.environ["MLLM_TUNE_CACHE"] = os.path.join(_CACHE, "mllm_tune")
 

@@ -6,6 +6,7 @@ shuffling and resume exact). A record is a plain dict:
   {"id": str, "conversations": [{"from": "human" | "gpt" | "system", "value": str}, ...],
    "images": [bytes, ...],          # encoded files (JPEG / PNG ...), decoded later with PIL
    "image_names": [str, ...],       # for error messages
+   "image_paths": [str, ...],       # JSON sources: the files read (error messages too)
    "videos": [[bytes, ...]],        # with a "video" field: its frames, encoded (see below)
    "video_names": [str], "video_fps": [float | None],
    "where": str}                    # "file:line (id=...)" or "file record i (id=...)"

@@ -123,7 +123,8 @@ def _parse(raw: str, current):
   if isinstance(current, tuple) and isinstance(value, (str, list)):
     value = tuple(value) if isinstance(value, list) else tuple(raw.split(","))
   elif isinstance(current, tuple) and isinstance(value, (int, float)):
-    value = (value,)  # a one-value sequence (posthoc.sweep=0.5)
+    # a one-value sequence (posthoc.sweep=0.5), as text where the sequence holds text
+    value = (raw,) if current and isinstance(current[0], str) else (value,)
   if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
     value = float(value)
   return value
@@ -206,7 +207,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
                     "must be vqa | token"),
                    (f"eval.{role}.{name}.num", s.num >= 0, "must be >= 0"),
                    (f"eval.{role}.{name}.source", s.kind == "offline" or not s.get("source"),
-                    f"is for offline sets; a {s.kind} set reads eval.{role}.{name}.json_path")]
+                    f"is for offline sets; a {s.kind} set reads eval.{role}.{name}.json_path "
+                    f"(clear it: --config.eval.{role}.{name}.source=)")]
   ph = cfg.get("posthoc")
   if ph is not None:
     checks += [("posthoc.name", ph.name in ("none", "wise_ft", "dare", "ties"),

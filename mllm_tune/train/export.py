@@ -60,16 +60,32 @@ def export_run(run: TrainedRun, peft_dir: str | None = None, merged_dir: str | N
 
 
 def export_posthoc(run_dir: str, merged_dir: str, dtype: str | None = None,
-                   base: str | None = None) -> dict[str, str]:
+                   base: str | None = None) -> dict:
   """The run's post-hoc model as an HF directory with the base's tokenizer / processor files
-  (`base`, default the run's model.path, when that is an HF directory) -> {"merged": dir}."""
+  (`base`, default the run's model.path) -> {"merged": dir, "from_step": N, <param>: value}.
+  Refused when the run has no post-hoc record, or when its newest checkpoint is not the step
+  the post-hoc step was applied to (a run resumed for more steps since)."""
+  import json
   from mllm_tune.checkpoints.native import load_native
+  from mllm_tune.train.runs import checkpointer
+  record_path = os.path.join(run_dir, "posthoc.json")
   model_dir = os.path.join(run_dir, "posthoc", "model")
-  if not os.path.isdir(model_dir):
-    raise RunError(f"{run_dir}: no post-hoc model ({model_dir}): the run had no post-hoc step "
-                   "(posthoc.name) or did not finish")
-  base = os.path.abspath(base) if base else read_config(run_dir).model.path
+  if not (os.path.isfile(record_path) and os.path.isdir(model_dir)):
+    raise RunError(f"{run_dir}: no post-hoc model (posthoc.json, posthoc/model): the run had no "
+                   "post-hoc step (posthoc.name) or did not finish")
+  with open(record_path) as f:
+    record = json.load(f)
+  cfg = read_config(run_dir)
+  latest = checkpointer(run_dir, cfg).latest_step()
+  if latest is not None and latest != record.get("from_step"):
+    raise RunError(f"{run_dir}: the post-hoc model is of step {record.get('from_step')}, but the "
+                   f"run's newest checkpoint is step {latest} (resumed since?): it is stale")
+  base = os.path.abspath(base) if base else cfg.model.path
+  if not os.path.isdir(base):
+    raise RunError(f"{run_dir}: the run's base model.path={base!r} is not a directory "
+                   "(relative to where training ran?); give the base explicitly (--base)")
   model, params = load_native(model_dir)
   source = base if os.path.isfile(os.path.join(base, "config.json")) else None
   save_pretrained(merged_dir, model, params, dtype=dtype, source_dir=source)
-  return {"merged": merged_dir}
+  return {"merged": merged_dir, "from_step": record.get("from_step"),
+          record.get("param", "value"): record.get("chosen")}

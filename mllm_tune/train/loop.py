@@ -308,6 +308,8 @@ class Trainer:
   def _run(self) -> dict:
     cfg, t = self.cfg, self.cfg.train
     os.makedirs(self.run_dir, exist_ok=True)
+    if self.tracker is None:
+      tracking.check_plain_metric(cfg, has_eval_fn=self.eval_fn is not None)
     start = self.maybe_restore()  # a refused resume raises before the run's config is touched
     resume_check.keep_previous(self.run_dir, start, self.resume_changes)
     with open(os.path.join(self.run_dir, "config.json"), "w") as f:
@@ -347,7 +349,7 @@ class Trainer:
         tokens += metrics["tokens"]
         last = {"step": step + 1, **metrics}
         if step == start:
-          tracking.check_logged_metric(t.best_metric, last)
+          tracking.check_logged_metric(t.best_metric, last, evaluated=False)
         if penalty_refresh.due(self.penalty, step + 1, t.steps):  # before this step's save
           self.penalty_consts = self._place_penalty_consts(
               penalty_refresh.refresh_and_save(self, step + 1))
@@ -358,6 +360,8 @@ class Trainer:
         if is_eval and self.tracker is not None:
           last.update(self.tracker.evaluate(step + 1))
           shown = bar_scores(last)
+        if is_eval and self.tracker is None:
+          tracking.check_logged_metric(t.best_metric, last, evaluated=True)
         if (step + 1) % t.log_every == 0 or step + 1 == t.steps or is_eval:
           elapsed = time.time() - t0
           last["tokens_per_s"] = tokens / max(elapsed, 1e-9)

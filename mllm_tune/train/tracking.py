@@ -51,13 +51,17 @@ class RunView:
 
 # what `Trainer.evaluate` logs for a held-out set (`eval.kind`), under `eval/`
 HELD_OUT_KEYS = ("eval/loss", "eval/accuracy", "eval/perplexity", "eval/tokens")
+# what the loop adds to a step's record after the step (at logging steps)
+LOOP_KEYS = ("tokens_per_s",)
 
 
-def check_plain_metric(cfg) -> None:
+def check_plain_metric(cfg, has_eval_fn: bool = False) -> None:
   """`train.best_metric` of a run without target / retention sets, checked before training:
   a trade-off score needs sets; an `eval/...` name must be one the held-out evaluation
-  (`eval.kind`, every `train.eval_every` steps) logs. Other names are training metrics, checked
-  against the step's record at the first save (`Trainer`)."""
+  (`eval.kind`, every `train.eval_every` steps) logs. `has_eval_fn` without `eval.kind`: the
+  trainer was given its own `eval_fn` (Python API), whose names are checked at its first
+  evaluation. Other names are training metrics, checked at the first step
+  (`check_logged_metric`)."""
   metric = cfg.train.best_metric
   if metric.startswith("tradeoff/"):
     raise ret.EvalSetError(f"config key 'train.best_metric': {metric!r} needs eval.target and "
@@ -65,26 +69,31 @@ def check_plain_metric(cfg) -> None:
   if not metric.startswith("eval/"):
     return
   e = cfg.get("eval")
-  if e is None or not e.get("kind"):
+  kind = e is not None and e.get("kind")
+  if not kind and not has_eval_fn:
     raise ret.EvalSetError(f"config key 'train.best_metric': {metric!r} is an eval metric, but "
                            "the run has no evaluation (set eval.kind for a held-out set, or "
                            "eval.target / eval.retention sets)")
-  if metric not in HELD_OUT_KEYS:
+  if kind and metric not in HELD_OUT_KEYS:
     raise ret.EvalSetError(f"config key 'train.best_metric': unknown eval metric {metric!r}; "
                            f"the held-out evaluation logs {list(HELD_OUT_KEYS)}")
   if not cfg.train.eval_every:
-    raise ret.EvalSetError(f"config key 'train.eval_every': 0, so the held-out metric "
+    raise ret.EvalSetError(f"config key 'train.eval_every': 0, so the eval metric "
                            f"train.best_metric={metric!r} is never computed")
 
 
-def check_logged_metric(metric: str, record: dict) -> None:
-  """After the first step: a `train.best_metric` that names a training metric must be one
-  the step logs (`record`); eval and trade-off names were checked before training."""
-  if metric and not metric.startswith(("eval/", "tradeoff/")) and metric not in record:
-    raise ret.EvalSetError(
-        f"config key 'train.best_metric': {metric!r} is not a metric this run logs; the "
-        f"training step logs {sorted(k for k in record if k != 'step')}, a held-out "
-        f"evaluation {list(HELD_OUT_KEYS)}")
+def check_logged_metric(metric: str, record: dict, evaluated: bool) -> None:
+  """A `train.best_metric` must be in the records the run logs: a training metric at the first
+  step, an `eval/...` name at the first evaluation (`evaluated`; for a trainer's own `eval_fn`,
+  whose names are not known before). Trade-off names were checked before training."""
+  if not metric or metric.startswith("tradeoff/") or metric in record or metric in LOOP_KEYS:
+    return
+  if metric.startswith("eval/") and not evaluated:
+    return
+  raise ret.EvalSetError(
+      f"config key 'train.best_metric': {metric!r} is not a metric this run logs; the "
+      f"{'evaluation and ' if evaluated else ''}training step log "
+      f"{sorted(k for k in record if k != 'step')}")
 
 
 class Tracker:
@@ -107,8 +116,10 @@ class Tracker:
     that train.best_metric, if it is a trade-off score, has sets to come from)."""
     e = cfg.get("eval")
     has_sets = e is not None and (len(e.get("target") or {}) or len(e.get("retention") or {}))
-    if not has_sets:
-      check_plain_metric(cfg)
+    if not has_sets:  # `Trainer.run` checks train.best_metric (it knows its eval_fn)
+      if cfg.train.best_metric.startswith("tradeoff/"):
+        raise ret.EvalSetError(f"config key 'train.best_metric': {cfg.train.best_metric!r} "
+                               "needs eval.target and eval.retention sets")
       return None
     for role in ret.ROLES:
       if not len(e.get(role) or {}):
@@ -133,7 +144,8 @@ class Tracker:
     other = [f"{s.key}/{k}" for s in sets for k in ("loss", "token_acc", "kl", "agree")]
     selection.check_metric(cfg.train.best_metric or "tradeoff/O",
                            cfg.train.best_mode,
-                           [s.key for s in sets] + other + ["eval/loss", "eval/accuracy"])
+                           [s.key for s in sets] + other
+                           + (list(HELD_OUT_KEYS) if e.get("kind") else []))
     sfn = run.param_sharding
     anchor = {p: jax.device_put(x, sfn(p.split("/", 1)[1], tuple(x.shape)))
               for p, x in ret.base_anchor(run.method, variables, mask, base_params).items()}

@@ -149,8 +149,8 @@ for n in (16, 3):
       got = g(x[:n], logit[:n], gu, dn, la, True)
       out["dispatch"][f"{n} {shape}"] = rel(ref, got)
       # capacity factor 0.5: each expert keeps ceil(0.5 * G * 2 / 4) pairs of a group of G
-      # rows (the expert group's rows when they split, else all rows)
-      # rows, padding included (the capacity is computed from the group's row count)
+      # rows (the expert group's rows when they split, else all rows), padding rows included
+      # in G (the capacity is computed from the group's row count)
       group = n // math.prod(shape[:2]) if n == 16 else n
       cap = math.ceil(0.5 * group * 2 / 4)
       valid = np.arange(n) % 5 != 2  # rows 2, 7, 12 are padding: not routed

@@ -180,9 +180,9 @@ def test_best_by_metric_keeps_the_best_checkpoints_and_the_newest(tmp_path, mode
      r"evaluation \(set eval.kind"),
     ("eval/target/vall", "synthetic", 2, r"unknown eval metric 'eval/target/vall'; the held-out "
      r"evaluation logs \['eval/loss', 'eval/accuracy'"),
-    ("eval/loss", "synthetic", 0, r"'train.eval_every': 0, so the held-out metric"),
+    ("eval/loss", "synthetic", 0, r"'train.eval_every': 0, so the eval metric"),
     ("tradeoff/O", "", 2, r"'tradeoff/O' needs eval.target and eval.retention sets"),
-    ("los", "", 2, r"'los' is not a metric this run logs; the training step logs \[.*'loss'"),
+    ("los", "", 2, r"'los' is not a metric this run logs; the training step log \[.*'loss'"),
 ])
 def test_a_best_metric_the_run_does_not_log_is_refused(tmp_path, metric, kind, eval_every,
                                                        message):
@@ -195,6 +195,24 @@ def test_a_best_metric_the_run_does_not_log_is_refused(tmp_path, metric, kind, e
     _trainer(cfg).run()
   jsonl = os.path.join(cfg.run_dir, "metrics.jsonl")
   assert not os.path.exists(jsonl) or os.path.getsize(jsonl) == 0
+
+
+def test_an_eval_fn_of_ones_own_logs_the_names_best_metric_may_use(tmp_path):
+  """Python API: a trainer given its own `eval_fn` (no eval.kind) selects by its names; one it
+  does not log is refused at the first evaluation."""
+  def score(trainer, step):
+    return {"score": float(step % 3)}  # steps 2, 4: 2.0, 1.0
+  cfg = tiny_cfg(str(tmp_path / "run"), steps=4, best_metric="eval/score", eval_every=2)
+  tr = _trainer(cfg)
+  tr.eval_fn = score
+  assert tr.run()["best_step"] == 2
+  cfg = tiny_cfg(str(tmp_path / "run2"), steps=4, best_metric="eval/scor", eval_every=2)
+  tr = _trainer(cfg)
+  tr.eval_fn = score
+  with pytest.raises(ValueError, match=r"'eval/scor' is not a metric this run logs; the "
+                     r"evaluation and training step log \[.*'eval/score'"):
+    tr.run()
+  assert max(losses(cfg.run_dir)) == 1  # stopped at the first evaluation, step 2, unsaved
 
 
 def test_a_training_metric_ranks_the_checkpoints(tmp_path):

@@ -207,7 +207,7 @@ def test_kl_to_base_equals_float64_numpy(cache):
     assert got["loss"] == pytest.approx((nll * lm).sum() / lm.sum(), rel=1e-5)
 
 
-def test_recipe_runs_end_to_end_with_its_posthoc_step(cache, tmp_path):
+def test_recipe_runs_end_to_end_with_its_posthoc_step(cache, tmp_path, capsys):
   """LoRASculpt + EWC + WiSE-FT: trained, the alpha chosen on the eval sets, the merged model
   saved; its scores re-measured from the saved model equal the record's `after`."""
   from mllm_tune.checkpoints.native import load_native
@@ -246,6 +246,18 @@ def test_recipe_runs_end_to_end_with_its_posthoc_step(cache, tmp_path):
   aux = {f for f in os.listdir(c.model.path) if AUX_FILES.fullmatch(f)}
   assert aux and aux <= set(os.listdir(out)), (aux, os.listdir(out))
   assert main(["export", c.run_dir, "--posthoc", "--peft", str(tmp_path / "p")]) == 2
+  # a record of another step than the newest checkpoint (resumed since): stale, refused
+  record_path = os.path.join(c.run_dir, "posthoc.json")
+  record = json.load(open(record_path))
+  assert record["from_step"] == 2
+  json.dump({**record, "from_step": 1}, open(record_path, "w"))
+  assert main(["export", c.run_dir, "--posthoc", "--merged", str(tmp_path / "m2")]) == 2
+  assert "post-hoc model is of step 1, but the run's newest checkpoint is step 2" in \
+      capsys.readouterr().err
+  os.remove(record_path)
+  assert main(["export", c.run_dir, "--posthoc", "--merged", str(tmp_path / "m3")]) == 2
+  assert "no post-hoc model" in capsys.readouterr().err
+  assert not os.path.exists(tmp_path / "m2") and not os.path.exists(tmp_path / "m3")
 
 
 def test_report_command_regenerates_and_overlays(full_run, tmp_path):
@@ -294,6 +306,10 @@ def test_unknown_selection_metric(cache, tmp_path):
   c.train.best_metric = "tradeoff/happiness"
   msg = _construct(c)
   assert "unknown selection metric 'tradeoff/happiness'" in msg and "tradeoff/O" in msg
+  # held-out names only when the run has a held-out set (eval.kind): none here
+  c.train.best_metric = "eval/loss"
+  msg = _construct(c)
+  assert "unknown selection metric 'eval/loss'" in msg and "eval/retention/general" in msg
 
 
 def test_posthoc_step_that_does_not_apply(cache, tmp_path):
