@@ -116,9 +116,9 @@ def import_ia3(config, tensors, model, params, where):
 def _check_positions(model, what: str) -> None:
   """peft runs virtual tokens through transformers in ways that leave an M-RoPE model
   (Qwen2/2.5/3-VL) unable to build its (t, h, w) positions: prompt tuning passes
-  `inputs_embeds` without `input_ids`, prefix tuning a key/value cache that transformers' rope
-  index does not offset. Image tokens then get other positions than in training, so such an
-  export would not reproduce the tuned model; it is refused."""
+  `inputs_embeds` without `input_ids` (measured: image tokens get text positions, logits differ);
+  prefix tuning passes a key/value prefix through the same position code, which has not been
+  checked against ours, so it is refused as well until it is."""
   if _llm_cfg(model).rope.mrope_section:
     raise MethodError(f"{what} cannot be exported for peft on this model (M-RoPE, "
                       f"{type(model.config).__name__}): peft passes its virtual tokens to "
