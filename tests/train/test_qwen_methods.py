@@ -76,8 +76,8 @@ def test_every_method_prepares_and_steps_on_qwen_batches(qw, case):
 def test_peft_export_of_virtual_tokens_is_refused_on_an_m_rope_model(qw, tmp_path, name):
   """peft hands prompt tuning's virtual tokens to transformers as `inputs_embeds` without
   `input_ids`: transformers' Qwen2.5-VL cannot build the image tokens' M-RoPE positions then,
-  so the adapter would give other logits than ours on image inputs (prefix tuning's prefix goes
-  through the same position code, unchecked). The export says so and names the native format."""
+  so the adapter would give other logits than ours on image inputs (with prefix tuning's prefix
+  mask its rope index fails outright). The export says so and names the native format."""
   from mllm_tune.tuning.peft import export_peft
   method = mt.tuning.get(name, num_virtual_tokens=2)
   variables = method.init_variables(jax.random.key(0), qw.params)

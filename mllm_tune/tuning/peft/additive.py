@@ -117,8 +117,8 @@ def _check_positions(model, what: str) -> None:
   """peft runs virtual tokens through transformers in ways that leave an M-RoPE model
   (Qwen2/2.5/3-VL) unable to build its (t, h, w) positions: prompt tuning passes
   `inputs_embeds` without `input_ids` (measured: image tokens get text positions, logits differ);
-  prefix tuning passes a key/value prefix through the same position code, which has not been
-  checked against ours, so it is refused as well until it is."""
+  with prefix tuning's prefix attention mask transformers' rope index fails on an image prompt
+  (an IndexError, 2026-12-06, transformers 5.25 / peft 0.21). Text-only prompts match ours."""
   if _llm_cfg(model).rope.mrope_section:
     raise MethodError(f"{what} cannot be exported for peft on this model (M-RoPE, "
                       f"{type(model.config).__name__}): peft passes its virtual tokens to "
