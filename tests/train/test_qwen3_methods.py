@@ -3,7 +3,8 @@ features added after the LLM's first blocks, 16-pixel patches): a tiny checkpoin
 transformers + LLaVA JSON -> one packed batch -> one jitted train step per method family (exactly
 the intended leaves move, frozen entries stay bit-identical, the loss is finite), EWC with the
 Fisher of the batch, WiSE-FT of a tuned model, and Model Tailor, whose per-block pass carries the
-deepstack input (the chained blocks give the model's logits)."""
+deepstack input (the chained blocks give the model's logits); and, at the end, every registered
+method one step on the packed batch the other families' sweeps use."""
 from __future__ import annotations
 
 import functools
@@ -25,6 +26,7 @@ from mllm_tune.posthoc import merging
 from mllm_tune.train import build, penalty_setup
 from mllm_tune.train.step import TrainState, train_step
 from mllm_tune.tuning.selective import model_tailor as mtl
+from tests.helpers import method_steps as ms
 from tests.helpers import qwen_vl_tiny as qt
 from tests.helpers.data import image_bytes, write_llava_dataset
 from tests.helpers.tiny_models import assert_masked_entries_fixed
@@ -212,3 +214,33 @@ def test_model_tailor_threads_deepstack_through_its_block_pass(q3, tuned):
     if p.startswith("projector/"):  # the mergers, deepstack ones too, reset to theta0
       np.testing.assert_array_equal(flat[p], flat0[p])
   assert np.isfinite(np.asarray(q3.logits(out, batch))).all()
+
+
+# ----------------------------------------------------------------------------- every method
+@pytest.fixture(scope="module")
+def q3_env(tmp_path_factory):
+  """The tiny Qwen3-VL on `sized_records()`'s packed batch (six image sizes, a two-image
+  sample), as the other families' method sweeps use it."""
+  root = tmp_path_factory.mktemp("qwen3_sweep")
+  d, hf, proc = qt.model_dir(str(root), "qwen3_vl")
+  return ms.packed_env(root, d, hf=hf, proc=proc)
+
+
+ALL_METHODS = ms.method_cases(ms.PROJECTOR, "params/vision/patch_embed/kernel", "", ())
+
+
+def test_the_sweep_covers_every_registered_method():
+  ms.assert_cases_cover_every_method(ALL_METHODS)
+
+
+@pytest.mark.parametrize("case", sorted(ALL_METHODS))
+def test_every_method_prepares_and_steps_on_qwen3_batches(q3_env, case):
+  if case == "model_tailor":  # trains nothing; tailoring a tuned model is tested above
+    ms.refuses_model_tailor_training(q3_env)
+    return
+  if case == "vpt":  # prompt tokens need a CLIP / SigLIP tower's token sequence
+    with pytest.raises(mt.tuning.MethodError, match="needs a vision tower.*LLaVA models only"):
+      ALL_METHODS[case][0]().init_variables(jax.random.key(1), q3_env.params)
+    return
+  ms.check_method_step(q3_env, ALL_METHODS, case, ("params/projector/",),
+                       ("params/llm/", "params/projector/"))
