@@ -197,6 +197,21 @@ def refuses_model_tailor_training(env):
                          log=False)
 
 
+def check_qwen_method_step(env, cases: dict, case: str):
+  """One case of a Qwen-VL family's sweep: Model Tailor trains nothing, VPT is refused (its
+  prompt tokens need a CLIP / SigLIP tower's token sequence), every other method steps with
+  the patch merger (`projector/`) as the connector (`check_method_step`)."""
+  if case == "model_tailor":  # tailoring a tuned model is tested in each family's file
+    refuses_model_tailor_training(env)
+    return
+  if case == "vpt":
+    with pytest.raises(mt.tuning.MethodError, match="needs a vision tower.*LLaVA models only"):
+      cases[case][0]().init_variables(jax.random.key(1), env.params)
+    return
+  check_method_step(env, cases, case, ("params/projector/",),
+                    ("params/llm/", "params/projector/"))
+
+
 # ----------------------------------------------------------------------------- sample split
 def check_sample_split(env, crop_features: int, min_samples: int = 6):
   """Fisher / MAS (`lm_logits_fn` on one sample) and grad_topk (`sample_batches` -> `nll_loss`,

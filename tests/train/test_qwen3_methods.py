@@ -235,12 +235,4 @@ def test_the_sweep_covers_every_registered_method():
 
 @pytest.mark.parametrize("case", sorted(ALL_METHODS))
 def test_every_method_prepares_and_steps_on_qwen3_batches(q3_env, case):
-  if case == "model_tailor":  # trains nothing; tailoring a tuned model is tested above
-    ms.refuses_model_tailor_training(q3_env)
-    return
-  if case == "vpt":  # prompt tokens need a CLIP / SigLIP tower's token sequence
-    with pytest.raises(mt.tuning.MethodError, match="needs a vision tower.*LLaVA models only"):
-      ALL_METHODS[case][0]().init_variables(jax.random.key(1), q3_env.params)
-    return
-  ms.check_method_step(q3_env, ALL_METHODS, case, ("params/projector/",),
-                       ("params/llm/", "params/projector/"))
+  ms.check_qwen_method_step(q3_env, ALL_METHODS, case)

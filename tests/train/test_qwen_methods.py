@@ -61,15 +61,7 @@ def test_the_cases_cover_every_registered_method():
 
 @pytest.mark.parametrize("case", sorted(METHODS))
 def test_every_method_prepares_and_steps_on_qwen_batches(qw, case):
-  if case == "model_tailor":  # trains nothing; tailoring a tuned model is tested below
-    ms.refuses_model_tailor_training(qw)
-    return
-  if case == "vpt":  # prompt tokens need a CLIP / SigLIP tower's token sequence
-    with pytest.raises(mt.tuning.MethodError, match="needs a vision tower.*LLaVA models only"):
-      METHODS[case][0]().init_variables(jax.random.key(1), qw.params)
-    return
-  ms.check_method_step(qw, METHODS, case, ("params/projector/",),
-                       ("params/llm/", "params/projector/"))
+  ms.check_qwen_method_step(qw, METHODS, case)
 
 
 @pytest.mark.parametrize("name", ["prompt_tuning", "prefix_tuning"])
