@@ -242,9 +242,11 @@ def routed_experts_sharded(mesh, x_ND, weights_NK, idx_NK, gate_up_EDF2, down_EF
     valid_N = jnp.ones(x_ND.shape[:1], bool)
 
   def body(x_nD, w_nK, idx_nK, valid_n, gate_up, down, gu_lora, dn_lora):
-    if gathered:
-      x_nD, w_nK, idx_nK, valid_n = (jax.lax.all_gather(t, EXPERT, axis=0, tiled=True)
-                                     for t in (x_nD, w_nK, idx_nK, valid_n))
+    if gathered:  # the validity mask travels only where a capacity reads it
+      x_nD, w_nK, idx_nK = (jax.lax.all_gather(t, EXPERT, axis=0, tiled=True)
+                            for t in (x_nD, w_nK, idx_nK))
+      if cap_on:
+        valid_n = jax.lax.all_gather(valid_n, EXPERT, axis=0, tiled=True)
     if split_d:
       gate_up = jax.lax.all_gather(gate_up, FSDP, axis=1, tiled=True)
       down = jax.lax.all_gather(down, FSDP, axis=2, tiled=True)
