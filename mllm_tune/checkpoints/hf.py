@@ -43,9 +43,11 @@ log = logging.getLogger(__name__)
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+# what a hub checkpoint ships beside its weights: copied by `save_pretrained(source_dir=)`
 AUX_FILES = re.compile(r"(tokenizer.*|special_tokens_map\.json|vocab\.json|merges\.txt|"
-                       r"added_tokens\.json|chat_template\.(json|jinja)|preprocessor_config\.json|"
-                       r"processor_config\.json|generation_config\.json|.*\.model)")
+                       r"added_tokens\.json|chat_template\.(json|jinja)|"
+                       r"(video_)?preprocessor_config\.json|processor_config\.json|"
+                       r"generation_config\.json|.*\.model)")
 
 
 

@@ -110,13 +110,24 @@ def test_fresh_model_saves_to_a_loadable_hf_dir(tmp_path):
   np.testing.assert_allclose(ours, hf_tiny.hf_logits(back.eval(), ids, mask, px), atol=1e-4)
 
 
-def test_tokenizer_files_are_copied_with_source_dir(tmp_path):
+def test_tokenizer_and_processor_files_are_copied_with_source_dir(tmp_path):
+  """The files a hub checkpoint ships beside its weights (tokenizer, chat template, image and
+  video processor configs) travel with `source_dir`; other files (a README, stale weights) do
+  not."""
   hf_model = hf_tiny.llama()
   src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
   hf_model.save_pretrained(src)
-  with open(os.path.join(src, "tokenizer.json"), "w") as f:
-    f.write('{"fake": true}')
+  aux = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+         "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+         "preprocessor_config.json", "video_preprocessor_config.json",
+         "processor_config.json", "tokenizer.model"]
+  for fn in aux + ["README.md", "model-00009-of-00009.safetensors"]:
+    with open(os.path.join(src, fn), "w") as f:
+      f.write(json.dumps({"file": fn}))
   model, params = mt.load_pretrained(src)
   mt.save_pretrained(dst, model, params, source_dir=src)
-  with open(os.path.join(dst, "tokenizer.json")) as f:
-    assert json.load(f) == {"fake": True}
+  for fn in aux:
+    with open(os.path.join(dst, fn)) as f:
+      assert json.load(f) == {"file": fn}, fn
+  assert not os.path.exists(os.path.join(dst, "README.md"))
+  assert not os.path.exists(os.path.join(dst, "model-00009-of-00009.safetensors"))
