@@ -38,21 +38,61 @@ def _convert(args) -> int:
   return 0
 
 
+def _export_tailored(run, merged_dir: str, pairs: list[str], dtype) -> dict:
+  """`export --tailor [KEY=VALUE ...]`: Model Tailor's options (configs/methods/model_tailor.py
+  keys; `num_samples` calibration rows, default 128) on the run's training data, first batches
+  of its first epoch, one image group, no prefetch."""
+  import ml_collections
+  from mllm_tune.train import setup
+  from mllm_tune.train.export import export_tailored
+  from mllm_tune.train.runs import RunError
+  options = {}
+  for kv in pairs:
+    key, sep, value = kv.partition("=")
+    if not sep or not key:
+      raise RunError(f"--tailor takes KEY=VALUE options (e.g. sparsity=0.8), got {kv!r}")
+    try:
+      options[key] = json.loads(value)
+    except json.JSONDecodeError:
+      options[key] = value
+    if isinstance(options[key], list):
+      options[key] = tuple(options[key])
+  cfg = ml_collections.ConfigDict(run.config.to_dict())
+  cfg.train.grad_accum = 1
+  cfg.data.image_groups = cfg.data.get("image_groups") or 1  # one host, no mesh: one group
+  cfg.data.prefetch, cfg.data.num_workers = 0, 0
+  rows = int(options.get("num_samples", 128))
+  if rows < 1:
+    raise RunError(f"--tailor num_samples={rows}: needs at least one calibration row")
+  it = build_data(cfg, run.model)
+  batches = [next(it) for _ in range(-(-rows // cfg.data.batch_size))]
+  _, theta0, _ = setup.load_model(run.config.model)
+  return export_tailored(run, merged_dir, theta0, batches, options, dtype)
+
+
 def _export(args) -> int:
   from mllm_tune.train.export import export_posthoc, export_run
   from mllm_tune.train.runs import RunError, load_run
   t0 = time.time()
   if args.posthoc:
-    if args.peft or args.native or not args.merged or args.step is not None or args.best:
+    if (args.peft or args.native or not args.merged or args.step is not None or args.best
+        or args.tailor is not None):
       raise RunError("--posthoc writes the run's post-hoc model, already merged into the base "
-                     "weights: give --merged DIR only (no --peft / --native / --step / --best)")
+                     "weights: give --merged DIR only (no --peft / --native / --step / --best "
+                     "/ --tailor)")
     out = export_posthoc(args.run_dir, args.merged, dtype=args.dtype, base=args.base)
     print(json.dumps({"run_dir": os.path.abspath(args.run_dir), "posthoc": True, **out,
                       "seconds": round(time.time() - t0, 1)}))
     return 0
   run = load_run(args.run_dir, step="best" if args.best else args.step, base=args.base)
-  out = export_run(run, peft_dir=args.peft, merged_dir=args.merged, native_dir=args.native,
-                   dtype=args.dtype)
+  if args.tailor is not None:
+    if args.peft or args.native or not args.merged:
+      raise RunError("--tailor writes the tailored model, merged into the base weights: give "
+                     "--merged DIR only (no --peft / --native)")
+    out = _export_tailored(run, args.merged, args.tailor, args.dtype)
+  else:
+    out = export_run(run, peft_dir=args.peft, merged_dir=args.merged, native_dir=args.native,
+                     dtype=args.dtype)
   print(json.dumps({"run_dir": os.path.abspath(args.run_dir), "step": run.step,
                     "method": run.method.name or "compose", **out,
                     "seconds": round(time.time() - t0, 1)}))
@@ -85,6 +125,11 @@ def build_data(cfg, model):
     per_host["batch_size"] //= jax.process_count()
     if not per_host.get("image_groups"):  # one patch block per data-parallel shard of the rows
       per_host["image_groups"] = _row_shards_per_host(cfg, per_host["batch_size"])
+      if per_host["image_groups"] > 1:
+        log.info("data.image_groups=%d (the mesh's data-parallel shards of a host's rows): each "
+                 "group of rows packs under its share of the image budget, so the batches "
+                 "depend on it; set data.image_groups to keep them across meshes",
+                 per_host["image_groups"])
     return make_batches(per_host, cfg.model.path, model.config)
   raise ConfigError(f"config key 'data.kind': unknown data kind {d.kind!r} "
                     "(synthetic | llava_json | tfds | offline)")
@@ -240,6 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
                  help="write the merged model as an HF directory")
   e.add_argument("--native", metavar="DIR", default=None,
                  help="write our adapter directory (mllm_adapter.json + adapters.safetensors)")
+  e.add_argument("--tailor", nargs="*", metavar="KEY=VALUE", default=None,
+                 help="with --merged: Model Tailor on the run's weights, calibrated on its "
+                 "training data's first batches; options as configs/methods/model_tailor.py "
+                 "(e.g. sparsity=0.8 num_samples=64)")
   e.add_argument("--base", metavar="DIR", default=None,
                  help="the base model directory (default: the run's model.path)")
   e.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
@@ -285,6 +334,10 @@ def main(argv: list[str] | None = None) -> int:
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except KeyboardInterrupt:  # Ctrl-C: no traceback (SIGTERM saves first: train.loop)
+    print(f"interrupted: mllm-tune {args.command} stopped (Ctrl-C). A training run resumes from "
+          "its newest checkpoint when the same command runs again.", file=sys.stderr)
+    return 130
 
 
 if __name__ == "__main__":

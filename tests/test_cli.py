@@ -1,4 +1,5 @@
-"""`mllm-tune convert` in both directions and the README's demo command."""
+"""`mllm-tune convert` in both directions, `export` (PEFT, merged, native, Model Tailor) and
+the README's demo command."""
 from __future__ import annotations
 
 import os
@@ -31,6 +32,16 @@ def test_convert_reports_bad_input_and_exits_2(tmp_path, capsys):
   os.makedirs(tmp_path / "empty")
   assert main(["convert", str(tmp_path / "empty"), str(tmp_path / "out")]) == 2
   assert "no config.json" in capsys.readouterr().err
+
+
+def test_ctrl_c_ends_with_a_message_and_status_130_not_a_traceback(monkeypatch, capsys):
+  from mllm_tune import cli
+
+  def interrupted(args):
+    raise KeyboardInterrupt
+  monkeypatch.setattr(cli, "_convert", interrupted)
+  assert main(["convert", "a", "b"]) == 130
+  assert "interrupted: mllm-tune convert stopped (Ctrl-C)" in capsys.readouterr().err
 
 
 def test_demo_runs_offline_and_round_trips(tmp_path, capsys):
@@ -135,4 +146,36 @@ def test_export_a_trained_run_as_peft_merged_and_native(tmp_path, capsys):
   method, native = load_adapters(out["native"], base_params)
   np.testing.assert_allclose(np.asarray(model.apply(native, ids, mask, pixel_values=px)), ours,
                              atol=1e-6)
+
+  # Model Tailor on the run's newest weights, calibrated on the run's first training batches
+  tailored = str(tmp_path / "tailored")
+  assert main(["export", run, "--merged", tailored, "--tailor", "sparsity=0.5",
+               "num_samples=8"]) == 0
+  printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert printed["step"] == 4 and printed["sparsity"] == 0.5
+  assert printed["calibration_batches"] == 2 and printed["tailored_layers"] == [0, 1]
+  from mllm_tune import pytree
+  from mllm_tune.data.loader import make_batches
+  from mllm_tune.train.runs import read_config
+  latest = mt.load_run(run)
+  d = {**read_config(run).data.to_dict(), "image_groups": 1, "prefetch": 0, "num_workers": 0}
+  it = make_batches(d, base, model.config)
+  calib = [next(it) for _ in range(2)]
+  want = mt.tuning.get("model_tailor", sparsity=0.5).tailor(
+      model, base_params, latest.method.merge(latest.variables), calib)
+  _, got = mt.load_pretrained(tailored)
+  flat_got, flat_want, flat0 = (pytree.flatten(t) for t in (got, want, base_params))
+  for p in flat_want:
+    np.testing.assert_array_equal(flat_got[p], flat_want[p], err_msg=p)
+  q = "llm/layers/attn/q_proj/kernel"  # patched: neither the base nor the fine-tuned kernel
+  assert not np.array_equal(flat_got[q], flat0[q])
+  assert not np.array_equal(flat_got[q], pytree.flatten(latest.method.merge(
+      latest.variables))[q])
+  for p in flat0:  # the projector goes back to the base (Model Tailor's released code)
+    if p.startswith("projector/"):
+      np.testing.assert_array_equal(flat_got[p], flat0[p])
+  assert os.path.isfile(os.path.join(tailored, "tokenizer.json"))
+  assert main(["export", run, "--merged", str(tmp_path / "t2"), "--peft", str(tmp_path / "p2"),
+               "--tailor"]) == 2
+  assert "give --merged DIR only" in capsys.readouterr().err
   shutil.rmtree(run)

@@ -12,7 +12,10 @@ batches per epoch: run a fixed number of steps with `num_epochs=None` (endless).
 
 State: {"epoch", "index" (next position in the epoch's order), "pending" (source indices read
 but not yet emitted, re-prepared on restore: preparation is deterministic), "report" (skip
-counts, total and this epoch)}.
+counts, total and this epoch), "layout" (the spec's packing budget: image groups, image
+budget)}. A state restored into an iterator with another layout (`data.image_groups` left to
+the mesh, and the mesh changed) continues with the same records in the same order, but they
+are grouped into batches under the new budget: logged as a warning.
 
 `num_workers > 0` prepares the next records (image decoding and resizing) in a thread pool;
 results are consumed in order, so batches and states are the same as with `num_workers=0`.
@@ -85,12 +88,23 @@ class BatchIterator:
         self._samples[key] = sample
         self._planner.pending.append(Item(key, sample.length, sample.num_images))
 
+  def _layout(self) -> dict:
+    return {"image_groups": int(self.spec.image_groups), "max_images": int(self.spec.max_images)}
+
   def get_state(self) -> dict:
     return {"epoch": int(self.epoch), "index": int(self.index),
             "pending": [int(i.key) for i in self._planner.buffered()],
-            "report": self.report.state()}
+            "report": self.report.state(), "layout": self._layout()}
 
   def set_state(self, state: dict) -> None:
+    saved, now = state.get("layout"), self._layout()
+    if saved is not None and saved != now:
+      changed = ", ".join(f"{k} {saved.get(k)} -> {v}" for k, v in now.items()
+                          if saved.get(k) != v)
+      log.warning("data state saved with another packing budget (%s; data.image_groups defaults "
+                  "to the data-parallel shards of a host's rows): the same records follow in the "
+                  "same order, but they are grouped into batches differently than the saved run "
+                  "would have (set data.image_groups to keep the batches across meshes)", changed)
     report = state.get("report", {})
     self.report.load(report.get("total", {}), report.get("epoch", {}))
     self._set(int(state["epoch"]), int(state["index"]), [int(k) for k in state["pending"]])

@@ -74,7 +74,7 @@ def trainable_mask(method, variables: dict, log: bool = True) -> tuple[dict, int
     return mask, tuning.log_trainable(method, variables, mask)
   _, n_train, _ = tuning.api.trainable_table(variables, mask)
   if n_train == 0:
-    raise tuning.MethodError(f"method '{tuning.api.label(method)}' trains nothing")
+    raise tuning.api.trains_nothing(method)
   return mask, n_train
 
 

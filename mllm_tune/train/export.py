@@ -9,7 +9,10 @@
   native  our adapter directory (mllm_adapter.json + adapters.safetensors, `tuning/files.py`):
           every method, loadable with `mllm_tune.tuning.files.load_adapters(dir, base_params)`
 
-`export_posthoc` writes a run's post-hoc model (`RUN_DIR/posthoc/model`: WiSE-FT / DARE / TIES
+`export_tailored` writes Model Tailor's patch of a run's fine-tuned weights (docs/methods.md
+§2.6: a sparse part of the weight change kept, the rest reset to the base and compensated) as
+such a merged HF directory, calibrated on batches the caller gives (the CLI: the run's training
+data). `export_posthoc` writes a run's post-hoc model (`RUN_DIR/posthoc/model`: WiSE-FT / DARE / TIES
 of the run's last step, already merged into base weights) as such a merged HF directory.
 
 Everything that can be refused (no PEFT counterpart, a method that cannot merge) is computed
@@ -89,3 +92,34 @@ def export_posthoc(run_dir: str, merged_dir: str, dtype: str | None = None,
   save_pretrained(merged_dir, model, params, dtype=dtype, source_dir=source)
   return {"merged": merged_dir, "from_step": record.get("from_step"),
           record.get("param", "value"): record.get("chosen")}
+
+
+def export_tailored(run: TrainedRun, merged_dir: str, theta0: dict, batches, options=None,
+                    dtype: str | None = None) -> dict:
+  """Model Tailor (`tuning.get("model_tailor", **options)`) on the run's weights:
+  theta_ft = `run.method.merge(run.variables)`, `theta0` the base params, calibration `batches`
+  (model inputs, e.g. training batches); the tailored params are written as an HF directory
+  with the base's tokenizer / processor files -> {"merged": dir, "tailored_layers": [...],
+  "calibration_batches": n, <options>}. Refused (before writing) when the method does not
+  merge into base weights or the run changed no LLM block."""
+  from mllm_tune import tuning
+  from mllm_tune.tuning.selective.model_tailor import changed_layers
+  tailor = tuning.get("model_tailor", **dict(options or {}))
+  try:
+    theta_ft = run.method.merge(run.variables)
+  except tuning.MethodError as e:
+    raise RunError(f"--tailor works on fine-tuned base weights, and method "
+                   f"'{tuning.api.label(run.method)}' does not merge into them: {e}") from e
+  layers = sorted(tailor.layers if tailor.layers is not None
+                  else changed_layers(theta0, theta_ft))
+  if not layers:
+    raise RunError(f"--tailor: step {run.step} of the run changes no LLM block, so Model Tailor "
+                   "has nothing to tailor (it patches the LLM blocks' Linear kernels)")
+  batches = list(batches)
+  params = tailor.tailor(run.model, theta0, theta_ft, batches)
+  save_pretrained(merged_dir, run.model, params, dtype=dtype, source_dir=_hf_base(run))
+  fields = ("sparsity", "block_size", "damp", "salience_weight", "sensitivity_weight",
+            "compensation_sign", "compensate", "reset_projector")
+  return {"merged": merged_dir, "tailored_layers": [int(i) for i in layers],
+          "calibration_batches": len(batches), **{k: getattr(tailor, k) for k in fields}}
+

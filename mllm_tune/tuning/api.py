@@ -88,6 +88,8 @@ class Method:
   name: ClassVar[str] = ""
   family: ClassVar[str] = ""
   mergeable: ClassVar[bool] = True
+  # how to use a method that never trains (a post-hoc one): said when training it is refused
+  untrained_hint: ClassVar[str] = "check its targets/selectors"
 
   def init(self, rng: jax.Array, params: dict) -> dict:
     """Adapters this method adds (may be empty)."""
@@ -279,6 +281,12 @@ def log_trainable(method: Method, variables: Variables, mask: dict) -> int:
   log.info("method %s trains %s of %s base parameters:\n%s", label(method),
            f"{n:,}", f"{total:,}", table)
   if n == 0:
-    raise MethodError(f"method '{label(method)}' trains nothing: check its targets/selectors")
+    raise trains_nothing(method)
   return n
+
+
+def trains_nothing(method: Method) -> MethodError:
+  """The refusal of a method whose mask selects nothing, with its `untrained_hint`."""
+  hint = getattr(method, "untrained_hint", Method.untrained_hint)  # duck-typed methods too
+  return MethodError(f"method '{label(method)}' trains nothing: {hint}")
 

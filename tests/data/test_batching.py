@@ -109,6 +109,25 @@ def test_restoring_the_state_after_step_k_yields_the_identical_next_batches(sour
     resumed.close()
 
 
+def test_a_state_restored_under_another_packing_budget_is_said_with_the_change(source, chat,
+                                                                              caplog):
+  """The records continue in the same order under another image budget (the mesh changed
+  what `data.image_groups` / the probed budget give), but the batches group them otherwise:
+  warned, naming the budget; the same budget restores silently."""
+  it = _iterator(source, chat, seed=4)
+  _take(it, 2)
+  state = json.loads(json.dumps(it.get_state()))
+  assert state["layout"] == {"image_groups": 1, "max_images": 6}
+  with caplog.at_level(logging.WARNING, logger="mllm_tune"):
+    _iterator(source, chat, seed=4).set_state(state)
+    assert "packing budget" not in caplog.text
+    wider = _iterator(source, chat, seed=4, spec=_spec(max_images=8))
+    wider.set_state(state)
+  assert re.search(r"another packing budget \(max_images 6 -> 8;.*same records follow in the "
+                   r"same order", caplog.text)
+  assert wider.index == state["index"]
+
+
 def test_prefetch_and_parallel_preparation_yield_what_the_iterator_yields(source, chat):
   plain = list(_iterator(source, chat, seed=0, num_epochs=2))
   fetched = list(Prefetcher(_iterator(source, chat, seed=0, num_epochs=2, num_workers=2),

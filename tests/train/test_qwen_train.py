@@ -127,7 +127,10 @@ def test_patch_budget_errors_and_pixel_overrides(tmp_path):
 
 
 def test_mllm_tune_train_lora_on_tiny_qwen2_5_vl_on_two_devices(tmp_path):
-  """Images of six sizes and (every eighth record) videos given as frames."""
+  """Images of six sizes and (every eighth record) videos given as frames. The batches depend
+  on `data.image_groups` (each group of rows packs under its share of the patch budget), not
+  on the mesh: one device with `image_groups=2` trains on the two-device run's batches and
+  gives its loss curve."""
   d, _, _ = qt.model_dir(str(tmp_path), "qwen2_5_vl")
   records, images = sized_records(32, seed=1)
   clips, frames = qvid.video_records()
@@ -149,6 +152,16 @@ def test_mllm_tune_train_lora_on_tiny_qwen2_5_vl_on_two_devices(tmp_path):
   assert summary["step_programs"] == programs[-1] and 1 <= programs[-1] <= 4
   # data.image_groups defaults to the 2 row shards: each device encodes its rows' images only
   assert "replicated over the 2 data-parallel shards" not in res.stderr
+  assert "data.image_groups=2 (the mesh's data-parallel shards" in res.stderr
+  one = str(tmp_path / "one")
+  res = run_cli(lora_train_args(d, str(tmp_path / "data"), one, 8, 4,
+                                "--config.data.max_pixels=9408", "--config.data.image_groups=2",
+                                "--config.data.on_error=raise"), devices=1)
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert "data.image_groups=2" not in res.stderr  # set, not derived from the mesh
+  one_curve = losses(one)
+  np.testing.assert_allclose([one_curve[s] for s in range(1, 9)],
+                             [curve[s] for s in range(1, 9)], rtol=1e-5)
   res = run_cli(lora_train_args(d, str(tmp_path / "data"), str(tmp_path / "flat"), 1, 4,
                                 "--config.data.max_pixels=9408", "--config.mesh.data=2",
                                 "--config.data.image_groups=1"), devices=2)

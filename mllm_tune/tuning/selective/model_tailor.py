@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Iterable
+from typing import ClassVar, Iterable
 
 import flax.linen as nn
 import jax
@@ -222,6 +222,11 @@ class ModelTailor(Method):
 
   Defaults (code): sparsity 0.9, block 128, damp 0.01, weights 0.8/0.2, 128 calibration
   samples (`num_samples` is informational: `tailor` uses every batch it is given)."""
+  untrained_hint: ClassVar[str] = (
+      "it is a post-hoc step on fine-tuned weights. Fine-tune first (e.g. configs/methods/"
+      "full.py, or a freeze preset), then `mllm-tune export RUN --merged DIR --tailor` tailors "
+      "the run's weights on its training data (Python: ModelTailor().tailor(model, theta0, "
+      "theta_ft, batches))")
   sparsity: float = 0.9
   block_size: int = 128
   damp: float = 0.01
