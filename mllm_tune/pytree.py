@@ -10,11 +10,14 @@ leaf becomes a boolean vector over axis 0. Patterns are anchored (`fullmatch`) o
 `llm/.*` never reaches `vision/...` and `q_proj` alone matches nothing (peft's suffix matching
 put LoRA on LLaVA's frozen CLIP tower; here that needs an explicit `.*q_proj`).
 
-A pattern that matches nothing raises `SelectorError` naming it and the closest real paths.
+A pattern that matches nothing raises `SelectorError` naming it and the closest real paths; a
+pattern whose alternative `(a|b)` matches nothing while the rest does (`mlp/(fc1|fc2)` on a
+tower that names them otherwise) is logged as a warning (`dead_alternatives`).
 """
 from __future__ import annotations
 
 import difflib
+import logging
 import re
 from typing import Any, Iterator, NamedTuple, Sequence
 
@@ -22,6 +25,10 @@ import numpy as np
 
 STACKED_ROOTS = ("llm", "vision", "text")  # `<root>/layers/...` leaves: leading layer axis
 # ("text": the CLIP text tower of models/clip.py; LLaVA has no such root)
+
+
+log = logging.getLogger(__name__)
+_WARNED: set = set()  # (what, pattern, dead alternatives) already logged
 
 
 class SelectorError(ValueError):
@@ -162,7 +169,82 @@ def match_layers(tree: dict, rules: Sequence[tuple[str, Any]], default: Any = No
             f"{what} selector {p!r} matches no {'module' if module_level else what} path "
             f"(patterns are re.fullmatch'ed on logical paths like 'llm/layers_0/attn/q_proj"
             f"{'' if module_level else '/kernel'}'); nearby paths: {_nearby(p, uniq)}")
+      dead = dead_alternatives(p, sorted(set(candidates)))
+      if dead and (what, p, tuple(dead)) not in _WARNED:  # once per process, not per call
+        _WARNED.add((what, p, tuple(dead)))
+        log.warning("%s selector %r: its alternative(s) %s match no %s path (the rest of the "
+                    "pattern does); a misspelt name? nearby paths: %s", what, p,
+                    ", ".join(map(repr, dead)), "module" if module_level else what,
+                    _nearby(dead[0], sorted(set(candidates))))
   return out
+
+
+def _alternations(pattern: str) -> list[tuple[int, int, list[tuple[int, int]]]]:
+  """Every group of `pattern` with alternatives, and the pattern itself when it has top-level
+  ones: (content start, content end, [(start, end) of each alternative]). Lookaround groups
+  are left out; escapes and character classes are skipped."""
+  out, stack = [], [[0, [], False]]  # per open group: content start, its '|' positions, skip
+  i, n = 0, len(pattern)
+  while i < n:
+    c = pattern[i]
+    if c == "\\":
+      i += 2
+      continue
+    if c == "[":  # a class: up to its closing ']' (a ']' right after '[' or '[^' is literal)
+      j = i + 1 + (pattern[i + 1:i + 2] == "^")
+      j += pattern[j:j + 1] == "]"
+      while j < n and pattern[j] != "]":
+        j += 2 if pattern[j] == "\\" else 1
+      i = j + 1
+      continue
+    if c == "(":
+      start, skip = i + 1, False
+      if pattern.startswith("?", start):
+        m = re.match(r"\?(:|P<\w+>|[=!]|<[=!]|[aiLmsux-]+:)", pattern[start:])
+        skip = m is None or m.group(1) in ("=", "!", "<=", "<!")
+        start += len(m.group(0)) if m else 1
+      stack.append([start, [], skip])
+    elif c == ")" and len(stack) > 1:
+      start, bars, skip = stack.pop()
+      if bars and not skip:
+        out.append((start, i, _spans(start, i, bars)))
+    elif c == "|":
+      stack[-1][1].append(i)
+    i += 1
+  if stack[0][1]:
+    out.append((0, n, _spans(0, n, stack[0][1])))
+  return out
+
+
+def _spans(start: int, end: int, bars: list[int]) -> list[tuple[int, int]]:
+  edges = [start - 1] + bars + [end]
+  return [(a + 1, b) for a, b in zip(edges, edges[1:])]
+
+
+def dead_alternatives(pattern: str, names: Sequence[str]) -> list[str]:
+  """The alternatives of `pattern`'s `(a|b|..)` groups that no name fullmatches when the group
+  is reduced to them (outermost only: a dead alternative's own inner ones are not listed),
+  given that the whole pattern matches some name. E.g. `vision/(attn/qkv|mlp/(fc1|fc2))` on
+  a tower without fc1 / fc2 -> ['mlp/(fc1|fc2)']."""
+  groups = sorted(_alternations(pattern))  # outer groups first
+  dead: list[tuple[int, int]] = []
+  for _, _, spans in groups:
+    for a, b in spans:
+      if any(x <= a and b <= y for x, y in dead):
+        continue
+      # every group around this alternative (its own included) reduced to the alternative
+      # holding it: the other alternatives and their bars are cut out
+      cut = [r for start, end, alts in groups if start <= a and b <= end
+             for x, y in alts if x <= a and b <= y for r in ((start, x), (y, end))]
+      keep = "".join(ch for i, ch in enumerate(pattern)
+                     if not any(lo <= i < hi for lo, hi in cut))
+      try:
+        rx = re.compile(keep)
+      except re.error:  # e.g. a backreference to a group of another alternative
+        continue
+      if not any(rx.fullmatch(name) for name in names):
+        dead.append((a, b))
+  return [pattern[a:b] for a, b in sorted(dead)]
 
 
 def bool_mask(tree: dict, patterns: Sequence[str] | str, what: str = "trainable",

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
+import re
 
 import jax
 import numpy as np
@@ -52,6 +54,39 @@ def test_regex_matching_nothing_names_it_and_lists_nearby_paths():
   method = mt.tuning.get("lora", targets=r"llm/layers_\d+/attn/qproj")
   with pytest.raises(SelectorError, match=r"qproj.*nearby paths: \['llm/layers_\d/attn/q_proj"):
     method.init_variables(jax.random.key(0), params)
+
+
+def test_an_alternative_matching_nothing_is_warned_while_the_rest_trains(caplog):
+  """`(qkv|proj)`-style alternatives: the pattern as a whole matches, so it is no error, but a
+  misspelt alternative would silently leave modules untrained: warned by name."""
+  model, params = _llava()
+  pattern = r"vision/layers_\d+/(attn/(q|k|v|o)_proj|mlp/(fc_in|fc2))"
+  with caplog.at_level(logging.WARNING, logger="mllm_tune"):
+    v = mt.tuning.get("lora", targets=pattern).init_variables(jax.random.key(0), params)
+  assert re.search(r"LoRA target selector .*: its alternative\(s\) 'o', 'fc_in' match no module "
+                   r"path \(the rest of the pattern does\)", caplog.text)
+  assert sorted(v["adapters"]["vision"]["layers"]["mlp"]) == ["fc2"]
+  assert sorted(v["adapters"]["vision"]["layers"]["attn"]) == ["k_proj", "q_proj", "v_proj"]
+  caplog.clear()
+  with caplog.at_level(logging.WARNING, logger="mllm_tune"):
+    mt.tuning.get("lora", targets=r"vision/layers_\d+/(attn/(q|k|v|out)_proj|mlp/fc(1|2))"
+                  ).init_variables(jax.random.key(0), params)
+  assert "match no" not in caplog.text
+
+
+@pytest.mark.parametrize("pattern,dead", [
+    (r"a/(b|c)/d", ["c"]),
+    (r"a/(b|x/(c|d))/d", ["x/(c|d)"]),            # the outermost dead alternative only
+    (r"a/(b|(?:c|e))/d", ["c"]),
+    (r"a/(b|e/(d|q))", ["b", "q"]),               # each reduced with its enclosing alternative
+    (r"a/[(|]?(b|c)/d", ["c"]),                   # '(' and '|' in a class are no group
+    (r"a\(?/?(b|c)/d", ["c"]),                    # nor escaped ones
+    (r"(?=a)(a|z)/.*", ["z"]),                    # a lookahead's own group is not split
+    (r"a/b/d|z/.*", ["z/.*"]),                    # top-level alternatives
+    (r"a/(b|c)?/?d", []),                         # an optional group: 'a/d' matches either way
+])
+def test_dead_alternatives_of_a_pattern(pattern, dead):
+  assert select.dead_alternatives(pattern, ["a/b/d", "a/e/d", "a/d"]) == dead
 
 
 def test_suffix_style_target_does_not_reach_the_vision_tower():
