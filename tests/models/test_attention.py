@@ -326,3 +326,52 @@ def test_lse_causal_gradient_program_has_no_full_or_transposed_score_blocks():
   assert produced and max(produced) <= block < full, sorted(set(produced))[-3:]
   moved = _f32_outputs(hlo, "copy") + _f32_outputs(hlo, "transpose")
   assert not moved or max(moved) < block // 4, sorted(set(moved))[-3:]
+
+
+def test_lse_groups_rule():
+  """Per-(batch, KV head) groups on one CPU device above the score-size threshold only."""
+  from mllm_tune.models.attention import GROUP_BYTES, lse_groups
+  assert GROUP_BYTES == 64 * 2**20
+  assert lse_groups("cpu", 1, 4, 8, 1024, 1024)       # 128 MiB of float32 scores
+  assert not lse_groups("cpu", 1, 4, 8, 512, 512)     # 32 MiB: the batched call is faster
+  assert not lse_groups("cpu", 2, 4, 8, 1024, 1024)   # a mesh: no loop over a sharded axis
+  assert not lse_groups("cuda", 1, 4, 8, 1024, 1024)
+  assert not lse_groups("cpu", 1, 1, 1, 8192, 8192)   # one group: nothing to loop over
+  assert lse_groups("cpu", 1, 2, 2, 8, 8, group_bytes=0)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_lse_attention_per_group_equals_float64_numpy(monkeypatch, causal):
+  """The grouped "lse" path (forced by a zero threshold): one `lax.map` step per (batch, KV
+  head) group, each reading its row's mask; values and q/k/v gradients equal the float64
+  reference, with a padding row, left padding and GQA (2 query heads per KV head)."""
+  from mllm_tune.models import attention as att
+  monkeypatch.setattr(att, "GROUP_BYTES", 0)
+  groups = []
+  real = att._per_group
+  monkeypatch.setattr(att, "_per_group", lambda fn, q, *a: groups.append(q.shape[:2]) or
+                      real(fn, q, *a))
+  if causal:
+    rng = np.random.default_rng(7)
+    b, t, n, kh, h = 2, 7, 4, 2, 8
+    q = rng.normal(size=(b, t, n, h)).astype(np.float32)
+    k, v = (rng.normal(size=(b, t, kh, h)).astype(np.float32) for _ in range(2))
+    mask = np.tril(np.ones((t, t), bool))[None].repeat(b, 0)
+    mask[1, :, :2] = False  # row 1: left padding (two keys, and their queries see nothing)
+    mask[1, :2] = False
+  else:
+    q, k, v, mask = _inputs()
+  rows = mask.any(-1)
+  do = np.random.default_rng(2).normal(size=q.shape).astype(np.float32) * rows[..., None, None]
+  f = lambda q_, k_, v_: attention(q_, k_, v_, mask, "lse", causal=causal)
+  got = np.asarray(f(q, k, v))
+  assert groups == [(q.shape[0], k.shape[2])]  # (B, K) groups, looped
+  f64 = lambda x: x.astype(np.float64)
+  with np.errstate(invalid="ignore"):
+    want = _numpy_attention(f64(q), f64(k), f64(v), np.where(rows[..., None], mask, True))
+  np.testing.assert_allclose(got[rows], want[rows], rtol=1e-5, atol=1e-6)
+  assert np.isfinite(got).all()
+  grads = jax.grad(lambda *a: (f(*a) * do).sum(), argnums=(0, 1, 2))(q, k, v)
+  for name, g, w in zip("qkv", grads, _numpy_attention_grads(f64(q), f64(k), f64(v), mask,
+                                                               f64(do))):
+    np.testing.assert_allclose(np.asarray(g), w, rtol=1e-4, atol=1e-5, err_msg=f"d{name}")
