@@ -43,6 +43,7 @@ def _export_tailored(run, merged_dir: str, pairs: list[str], dtype) -> dict:
   keys; `num_samples` calibration rows, default 128) on the run's training data, first batches
   of its first epoch, one image group, no prefetch."""
   import ml_collections
+  from mllm_tune import tuning
   from mllm_tune.train import setup
   from mllm_tune.train.export import export_tailored
   from mllm_tune.train.runs import RunError
@@ -57,6 +58,7 @@ def _export_tailored(run, merged_dir: str, pairs: list[str], dtype) -> dict:
       options[key] = value
     if isinstance(options[key], list):
       options[key] = tuple(options[key])
+  tuning.get("model_tailor", **options)  # unknown or bad options: refused before any loading
   cfg = ml_collections.ConfigDict(run.config.to_dict())
   cfg.train.grad_accum = 1
   cfg.data.image_groups = cfg.data.get("image_groups") or 1  # one host, no mesh: one group

@@ -12,8 +12,8 @@
 `export_tailored` writes Model Tailor's patch of a run's fine-tuned weights (docs/methods.md
 §2.6: a sparse part of the weight change kept, the rest reset to the base and compensated) as
 such a merged HF directory, calibrated on batches the caller gives (the CLI: the run's training
-data). `export_posthoc` writes a run's post-hoc model (`RUN_DIR/posthoc/model`: WiSE-FT / DARE / TIES
-of the run's last step, already merged into base weights) as such a merged HF directory.
+data). `export_posthoc` writes a run's post-hoc model (`RUN_DIR/posthoc/model`: WiSE-FT / DARE /
+TIES of the run's last step, already merged into base weights) as such a merged HF directory.
 
 Everything that can be refused (no PEFT counterpart, a method that cannot merge) is computed
 before anything is written, so a refused export leaves no partial output.
