@@ -125,8 +125,13 @@ def build_data(cfg, model):
       raise ConfigError(f"data.batch_size={d.batch_size} is not divisible by the "
                         f"{jax.process_count()} processes")
     per_host["batch_size"] //= jax.process_count()
+    micro = int(cfg.train.get("grad_accum", 1) or 1)
+    if per_host["batch_size"] % micro:
+      raise ConfigError(f"data.batch_size={d.batch_size} ({per_host['batch_size']} rows per "
+                        f"process) is not divisible by train.grad_accum={micro}")
+    per_host["micro_batches"] = micro  # (A, B / A) batches, each micro-batch packed alone
     if not per_host.get("image_groups"):  # one patch block per data-parallel shard of the rows
-      per_host["image_groups"] = _row_shards_per_host(cfg, per_host["batch_size"])
+      per_host["image_groups"] = _row_shards_per_host(cfg, per_host["batch_size"] // micro)
       if per_host["image_groups"] > 1:
         log.info("data.image_groups=%d (the mesh's data-parallel shards of a host's rows): each "
                  "group of rows packs under its share of the image budget, so the batches "

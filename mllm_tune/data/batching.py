@@ -192,6 +192,43 @@ class BatchIterator:
     raise StopIteration
 
 
+class MicroBatches:
+  """`micro` consecutive batches of `iterator`, stacked on a new leading axis: the (A, ...)
+  batches of `train.grad_accum` = A. Each micro-batch is a whole batch (its own packing and
+  image buffer, pack tables indexing it), so the stack needs batches of one shape (the loader
+  builds them so); keys or shapes that differ raise. The state is the inner iterator's after
+  the last micro-batch, so resume stays exact."""
+
+  def __init__(self, iterator, micro: int):
+    self.iterator, self.micro = iterator, micro
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    parts = [next(self.iterator) for _ in range(self.micro)]
+    for k in set(parts[0]) | set(parts[-1]):
+      shapes = [np.shape(p[k]) if k in p else None for p in parts]
+      if len(set(shapes)) > 1:
+        raise ValueError(f"micro-batches of one step differ in field {k!r}: shapes {shapes} "
+                         "(they need one row length and one image bucket)")
+    return {k: np.stack([p[k] for p in parts]) for k in parts[0]}
+
+  def get_state(self) -> dict:
+    return self.iterator.get_state()
+
+  def set_state(self, state: dict) -> None:
+    self.iterator.set_state(state)
+
+  @property
+  def report(self) -> SkipReport:
+    return self.iterator.report
+
+  @property
+  def spec(self) -> BatchSpec:
+    return self.iterator.spec
+
+
 _DONE = object()
 
 

@@ -38,7 +38,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from mllm_tune.data.batching import BatchIterator, Prefetcher
+from mllm_tune.data.batching import BatchIterator, MicroBatches, Prefetcher
 from mllm_tune.data.conversation import ChatTokenizer, load_tokenizer
 from mllm_tune.data.errors import DataError
 from mllm_tune.data.anyres_batch import quarter_buckets
@@ -56,7 +56,8 @@ DEFAULTS = dict(kind="llava_json", json_path="", image_folder=None, tfds_dir="",
                 num_epochs=None, num_workers=0, prefetch=2, source="", split="train",
                 num_records=0, image_size=32, source_seed=0, crop_buckets=(),
                 max_image_tokens=0, min_pixels=0, max_pixels=0, out_of_budget="resize",
-                image_groups=0, video_min_pixels=0, video_max_pixels=0, video_fps=2.0)
+                image_groups=0, video_min_pixels=0, video_max_pixels=0, video_fps=2.0,
+                micro_batches=1)
 
 
 def _options(cfg) -> dict:
@@ -149,9 +150,32 @@ def make_source(o: dict):
 def make_batches(cfg, model_dir: str, model_config):
   """Source + preparer (tokenizer and image processor of `model_dir`) + batch spec -> iterator.
 
-  `model_config` is the model's `LlavaConfig` (a `CausalLMConfig` means text-only data)."""
+  `model_config` is the model's `LlavaConfig` (a `CausalLMConfig` means text-only data).
+
+  `micro_batches` A > 1 (`train.grad_accum`): each batch is A micro-batches of batch_size / A
+  rows stacked on a leading axis (`MicroBatches`), every one packed on its own with its own
+  image buffer, the image budget sized for batch_size / A rows; they share one shape (the
+  longest row length `seq_len`, the budget as the only image bucket), so they can stack."""
   o = _options(cfg)
-  source = make_source(o)
+  micro = int(o["micro_batches"] or 1)
+  if micro > 1:
+    if o["batch_size"] % micro:
+      raise ValueError(f"data config: batch_size={o['batch_size']} (rows per host) is not "
+                       f"divisible by micro_batches={micro} (train.grad_accum)")
+    o = {**o, "batch_size": o["batch_size"] // micro, "bucket_lengths": ()}
+  it = _batches({**o, "prefetch": 0}, make_source(o), model_dir, model_config)
+  if micro > 1:
+    it = MicroBatches(it, micro)
+  return Prefetcher(it, o["prefetch"]) if o["prefetch"] else it
+
+
+def _one_shape(o: dict) -> bool:
+  """Whether every batch must have one image-buffer shape: several hosts (parts of one global
+  buffer) or micro-batches (stacked)."""
+  return jax.process_count() > 1 or int(o["micro_batches"] or 1) > 1
+
+
+def _batches(o: dict, source, model_dir: str, model_config):
   multimodal = hasattr(model_config, "image_token_id")
   if isinstance(model_config, QwenVLConfig):
     return _qwen_batches(o, source, model_dir, model_config)
@@ -192,8 +216,8 @@ def _anyres_batches(o: dict, source, model_dir: str, model_config):
   g = max(1, int(o["image_groups"] or 1))  # crop counts split evenly over the row shards
   budget = o["max_images"] or -(-_probe_crops(source, prepare, o)[0] // g) * g
   buckets = tuple(o["crop_buckets"]) or quarter_buckets(budget, g)
-  if jax.process_count() > 1:  # hosts' crops are parts of one global buffer: one shape
-    buckets = (budget,)
+  if _one_shape(o):  # hosts' crops are parts of one global buffer / micro-batches stack
+    buckets = (max(buckets),)
   pad_id = getattr(prepare.chat.tokenizer, "pad_token_id", None) or 0
   spec = BatchSpec(batch_size=o["batch_size"], max_len=o["seq_len"], packing=o["packing"],
                    bucket_lengths=tuple(o["bucket_lengths"]), max_images=budget,
@@ -252,8 +276,8 @@ def _qwen_batches(o: dict, source, model_dir: str, model_config):
     want, most = _probe_patches(source, prepare, o)
     budget = round_budget(max(want, groups * most), mu * groups)
   buckets = given or patch_buckets(budget, mu * groups)
-  if jax.process_count() > 1:  # hosts' patches are parts of one global buffer: one shape
-    buckets = (budget,)
+  if _one_shape(o):  # hosts' patches are parts of one global buffer / micro-batches stack
+    buckets = (max(buckets),)
   pad_id = getattr(prepare.chat.tokenizer, "pad_token_id", None) or 0
   spec = BatchSpec(batch_size=o["batch_size"], max_len=o["seq_len"], packing=o["packing"],
                    bucket_lengths=tuple(o["bucket_lengths"]), max_images=budget,

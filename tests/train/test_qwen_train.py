@@ -245,3 +245,41 @@ def test_two_hosts_batches_joined_as_put_batch_does_give_each_hosts_logits(famil
            for k in hosts[0]}
   assert np.abs(apply(wrong)[2:][hosts[1]["attention_mask"].astype(bool)]
                 - z[2:][hosts[1]["attention_mask"].astype(bool)]).max() > 1e-3
+
+
+def test_grad_accum_steps_on_micro_batches_each_packed_with_its_own_images(tmp_path):
+  """`train.grad_accum=2` on LLaVA JSON: each step takes 2 micro-batches of batch_size / 2 rows,
+  each packed alone with its own patch buffer (one shape: the row length and the patch budget
+  as the only bucket), stacked on a leading axis. The step-1 loss equals the token-weighted
+  NLL of the base model (LoRA starts as the identity) over both micro-batches, computed here
+  with the model on the loader's batch."""
+  from mllm_tune.losses.token import token_ce
+  from mllm_tune.models import model_kwargs
+  from mllm_tune.train.runs import read_config
+  d, _, _ = qt.model_dir(str(tmp_path), "qwen2_5_vl")
+  records, images = sized_records(16, seed=3)
+  write_llava_dataset(str(tmp_path / "data"), records, images)
+  run = str(tmp_path / "run")
+  res = run_cli(lora_train_args(d, str(tmp_path / "data"), run, 2, 4,
+                                "--config.data.max_pixels=9408", "--config.train.grad_accum=2",
+                                "--config.data.on_error=raise"))
+  assert res.returncode == 0, res.stderr[-3000:]
+  curve = losses(run)
+  assert sorted(curve) == [1, 2] and np.isfinite(curve[2])
+  o = {**read_config(run).data.to_dict(), "micro_batches": 2, "image_groups": 1,
+       "prefetch": 0, "num_workers": 0}
+  it = make_batches(o, d, mt.load_pretrained(d)[0].config)
+  batch = next(it)
+  assert batch["input_ids"].shape == (2, 2, 160)  # (micro-batches, rows each, seq_len)
+  assert it.spec.batch_size == 2 and len(it.spec.crop_buckets) == 1
+  model, params = mt.load_pretrained(d)
+  nll, n = 0.0, 0.0
+  for i in range(2):
+    mb = {k: v[i] for k, v in batch.items()}
+    logits = model.apply({"params": params}, mb["input_ids"], **model_kwargs(mb))
+    a, b, _ = token_ce(logits, mb["input_ids"], mb["loss_mask"])
+    nll, n = nll + float(a), n + float(b)
+  np.testing.assert_allclose(curve[1], nll / n, rtol=1e-5)
+  with pytest.raises(ValueError, match=r"batch_size=3 \(rows per host\) is not divisible by "
+                                       r"micro_batches=2"):
+    make_batches({**o, "batch_size": 3}, d, model.config)
