@@ -6,7 +6,8 @@
   llama_adapter  ADAPTION_PROMPT  `<attn>.adaption_prompt` [1, K, D], `<attn>.adaption_gate` [1]
 
 `P = base_model.model.<HF module>`; `<attn>` is the HF `self_attn` module of a top layer. peft's
-ADAPTION_PROMPT runs on llama/mistral models only (a LLaVA's LLM must be loaded standalone there).
+ADAPTION_PROMPT runs on llama/mistral models only: the export refuses every other model type
+(multimodal ones included), whose directory peft would refuse to load.
 A `tanh` gate is exported as its value `tanh(g)` (peft applies the raw gate). A prefix trained
 through the MLP is exported as the MLP output; peft loads that for inference (peft cannot invert
 the MLP to train on), and it imports here as plain `prefix_k/v` (`prefix_projection=False`).
@@ -188,7 +189,17 @@ def attn_module_name(model, layer: int) -> str:
   return peft_io.hf_module_name(model.config, f"{ATTN}/q_proj/kernel", layer).rsplit(".", 1)[0]
 
 
+PEFT_ADAPTION_TYPES = ("llama", "mistral")  # peft's ADAPTION_PROMPT model types (LLMs here)
+
+
 def export_llama_adapter(method: LlamaAdapter, model, variables):
+  from mllm_tune.models.config import config_to_hf
+  kind = config_to_hf(model.config, "float32").get("model_type")
+  if kind not in PEFT_ADAPTION_TYPES:  # PeftModel.from_pretrained would refuse the directory
+    raise MethodError(f"llama_adapter cannot be exported for peft on model_type {kind!r}: "
+                      f"peft's ADAPTION_PROMPT runs on {', '.join(PEFT_ADAPTION_TYPES)} models "
+                      "only (PeftModel.from_pretrained refuses other types). Use the native "
+                      "checkpoint (mllm-tune export --native, or mt.load_run).")
   attn = variables["adapters"]["llm"]["layers"]["attn"]
   prompt = np.asarray(attn[ADAPTION_PROMPT], np.float32)
   gate = np.asarray(attn[method.gate_leaf], np.float32)

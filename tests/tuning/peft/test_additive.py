@@ -312,6 +312,22 @@ def test_prefix_tuning_sgd_step_through_the_reparameterization_matches_peft(llam
 
 
 # ----------------------------------------------------------------------------- LLaMA-Adapter
+def test_llama_adapter_peft_export_is_refused_where_peft_cannot_load_it(llava, tmp_path):
+  """peft's ADAPTION_PROMPT takes llama / mistral models only: on a LLaVA (model_type 'llava')
+  `PeftModel.from_pretrained` refuses the directory, so the export refuses first and writes
+  nothing."""
+  hf_model, model, params = llava[:3]
+  method = mt.tuning.get("llama_adapter", adapter_len=2, adapter_layers=1)
+  v = method.init_variables(jax.random.key(5), params)
+  out = tmp_path / "la"
+  with pytest.raises(mt.tuning.MethodError, match=r"llama_adapter cannot be exported for peft "
+                                                  r"on model_type 'llava'.*--native"):
+    export_peft(str(out), model, method, v)
+  assert not out.exists()
+  with pytest.raises(ValueError, match="Unsupported model type for adaption prompt"):
+    PeftModel(copy.deepcopy(hf_model), AdaptionPromptConfig(adapter_len=2, adapter_layers=1))
+
+
 def test_llama_adapter_export_loads_in_peft_and_sgd_step_matches(llama, tmp_path):
   hf_model, model, params, batch, apply = llama
   method = mt.tuning.get("llama_adapter", adapter_len=3, adapter_layers=1)
