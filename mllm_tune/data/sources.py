@@ -71,18 +71,24 @@ def read_llava_json(path: str, report: SkipReport | None = None,
   """
   report = report if report is not None else SkipReport()
   if path.endswith(".jsonl"):
-    return _parse_lines(path, report, check_on_error(on_error))
-  with open(path, encoding="utf-8") as f:
-    text = f.read()
-  try:
-    data = json.loads(text)
-  except json.JSONDecodeError as e:
-    raise DataError(f"{path}:{e.lineno}:{e.colno}: malformed JSON: {e.msg}",
-                    "malformed_json") from None
-  if not isinstance(data, list):
-    raise DataError(f"{path}: expected a JSON list of records, got {type(data).__name__}",
-                    "malformed_json")
-  return [(f"{path} record {i}", r) for i, r in enumerate(data)]
+    out = _parse_lines(path, report, check_on_error(on_error))
+  else:
+    with open(path, encoding="utf-8") as f:
+      text = f.read()
+    try:
+      data = json.loads(text)
+    except json.JSONDecodeError as e:
+      raise DataError(f"{path}:{e.lineno}:{e.colno}: malformed JSON: {e.msg}",
+                      "malformed_json") from None
+    if not isinstance(data, list):
+      raise DataError(f"{path}: expected a JSON list of records, got {type(data).__name__}",
+                      "malformed_json")
+    out = [(f"{path} record {i}", r) for i, r in enumerate(data)]
+  if not out:
+    what = "no line could be read" if path.endswith(".jsonl") else "an empty JSON list"
+    raise DataError(f"{path}: no records ({what}); a data set needs at least one",
+                    "malformed_json", fatal=True)
+  return out
 
 
 def validate_record(raw: object, where: str, index: int) -> dict:

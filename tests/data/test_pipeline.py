@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
 import pytest
@@ -99,3 +100,10 @@ def test_unknown_config_field_is_an_error(model_dir, dataset):
     with open(bad, "w") as f:
       f.write("[{")
     make_batches(_config((bad, dataset[1])), model_dir, LLAVA)
+  for name, text, what in (("empty.json", "[]", "an empty JSON list"),
+                           ("empty.jsonl", "\n", "no line could be read")):
+    path = os.path.join(os.path.dirname(dataset[0]), name)
+    with open(path, "w") as f:
+      f.write(text)
+    with pytest.raises(DataError, match=rf"{name}: no records \({what}\)"):
+      make_batches(_config((path, dataset[1])), model_dir, LLAVA)
