@@ -17,6 +17,15 @@ LLM_LINEARS = r"llm/layers_\d+/(attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)"
 ALL_LINEARS = (r"llm/layers_\d+/(attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)"
                r"|vision/layers_\d+/(attn/(q|k|v|out)_proj|mlp/fc(1|2)"
                r"|attn/(qkv|proj)|mlp/(gate|up|down)_proj)|projector/linear_(1|2)")
+VISION_LINEARS = {"clip": r"attn/(q|k|v|out)_proj|mlp/fc(1|2)",
+                  "qwen": r"attn/(qkv|proj)|mlp/(gate|up|down)_proj"}
+
+
+def all_linears(family: str) -> str:
+  """`ALL_LINEARS` with the vision names of `family`'s tower only (CLIP / SigLIP or Qwen2.5-VL):
+  what a bench run uses, so the selector matches every alternative it spells."""
+  tower = VISION_LINEARS["qwen" if family.startswith("qwen") else "clip"]
+  return rf"{LLM_LINEARS}|vision/layers_\d+/({tower})|projector/linear_(1|2)"
 
 
 def methods() -> dict:

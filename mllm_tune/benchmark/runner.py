@@ -19,7 +19,8 @@ import numpy as np
 
 from mllm_tune.eval import vqa_sets as arrays_lib
 from mllm_tune.eval import vqa_eval as evaluate
-from mllm_tune.benchmark import pretrain
+from mllm_tune.benchmark import assets, pretrain
+from mllm_tune.benchmark import config as bench_config
 from mllm_tune.benchmark.fit import fit
 from mllm_tune.data import offline_vqa as ov
 from mllm_tune.eval import tradeoff
@@ -104,6 +105,8 @@ def method_of(cfg, name: str):
     raise ValueError(f"config key 'methods.{name}.lr' is missing")
   lr = float(d.pop("lr"))
   penalty = d.pop("penalty", None)
+  if d.get("targets") == bench_config.ALL_LINEARS:  # the family's own tower names
+    d["targets"] = bench_config.all_linears(assets.family_of(cfg.model))
   return tuning.from_config(d), lr, penalty
 
 

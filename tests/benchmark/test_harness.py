@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -272,3 +273,30 @@ def test_qwen2_5_vl_base_runs_the_benchmark_and_matches_transformers(tmp_path, m
   replies = predict(tuned, sets.down_eval, 4)
   assert set(replies) <= digits
   assert evaluate.score(replies, sets.down_eval)["all"] == runs[0].tuned_acc[cfg.downstream]
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_onevision", "qwen2_5_vl"])
+def test_all_linears_targets_the_familys_own_tower_names(family, tmp_path):
+  """The bench's LoRA-family methods wrap every linear layer: `method_of` swaps the
+  cross-family `ALL_LINEARS` for the family's own tower names, which select the same modules
+  on that family's model with no alternative that matches nothing (no selector warning)."""
+  import mllm_tune as mt
+  from mllm_tune import pytree
+  from tests.helpers import anyres_tiny, qwen_vl_tiny, tiny_models
+  if family == "llava":
+    params = tiny_models.tiny_llava()[1]
+  else:
+    hf = (anyres_tiny.llava_onevision() if family == "llava_onevision"
+          else qwen_vl_tiny.qwen2_5_vl())
+    hf.save_pretrained(str(tmp_path))
+    params = mt.load_pretrained(str(tmp_path))[1]
+  names = sorted({lp.rsplit("/", 1)[0] for leaf in pytree.leaves(params)
+                  if pytree.is_kernel(leaf) for lp, _ in pytree.logical_paths(leaf)})
+  own = offline.all_linears(family)
+  assert pytree.dead_alternatives(own, names) == []
+  pick = lambda pattern: [n for n in names if re.fullmatch(pattern, n)]  # noqa: E731
+  assert pick(own) == pick(offline.ALL_LINEARS) and any(n.startswith("vision/") for n in pick(own))
+  cfg = offline.get_config()
+  cfg.model.family = family
+  method, _, _ = runner.method_of(cfg, "lora")
+  assert method.targets == own
