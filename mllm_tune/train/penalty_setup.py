@@ -174,7 +174,7 @@ def importance_on(pcfg, kind: str, model, variables: dict, leaves: dict, rng,
       made.append(data)
     if data is None:
       rewind.append(train_data.get_state())
-      data = train_data
+      data = _unstacked(train_data)  # with train.grad_accum > 1: each micro-batch in turn
     return iter(data)
 
   try:
@@ -186,3 +186,14 @@ def importance_on(pcfg, kind: str, model, variables: dict, leaves: dict, rng,
     for data in made:
       if hasattr(data, "close"):
         data.close()
+
+
+def _unstacked(batches):
+  """Batches with a micro-batch axis ((A, B, T) ids, `train.grad_accum` > 1) as their A
+  micro-batches one after another; other batches as they are."""
+  for b in batches:
+    if np.ndim(b["input_ids"]) == 3:
+      yield from ({k: v[i] for k, v in b.items()} for i in range(np.shape(b["input_ids"])[0]))
+    else:
+      yield b
+

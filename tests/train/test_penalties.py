@@ -153,3 +153,17 @@ def test_cli_lora_ewc_plus_lwf_logs_both_terms_and_a_wrong_fisher_file_is_refuse
                                                    r"layers/attn/k_proj/kernel' is neither "
                                                    r"trained by method 'lora' nor changed by"):
     _run(cfg, steps_done=False)
+
+
+def test_importance_reads_micro_batches_one_at_a_time():
+  """With `train.grad_accum` > 1 the training batches carry a micro-batch axis ((A, B, T) ids;
+  Qwen positions (A, 3, B, T)); the Fisher / MAS pass reads them as A ordinary batches."""
+  from mllm_tune.train.penalty_setup import _unstacked
+  ids = np.arange(2 * 3 * 4).reshape(2, 3, 4)
+  pos = np.arange(2 * 3 * 3 * 4).reshape(2, 3, 3, 4)
+  plain = {"input_ids": np.ones((3, 4)), "positions": np.ones((3, 3, 4))}
+  out = list(_unstacked([{"input_ids": ids, "positions": pos}, plain]))
+  assert len(out) == 3 and out[2] is plain
+  for i in range(2):
+    np.testing.assert_array_equal(out[i]["input_ids"], ids[i])
+    np.testing.assert_array_equal(out[i]["positions"], pos[i])
