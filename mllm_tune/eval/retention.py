@@ -68,10 +68,14 @@ def _source(spec, key: str, image_size: int):
     from mllm_tune.data.sources import LlavaJsonSource, TfdsSource, build_tfds
     if not spec.json_path or not os.path.isfile(spec.json_path):
       raise EvalSetError(f"config key '{key}.json_path': no such file {spec.json_path!r}")
-    if spec.kind == "tfds":
-      data_dir, _ = build_tfds(spec.json_path, spec.json_path + ".tfds", spec.image_folder or None)
-      return TfdsSource(data_dir)
-    return LlavaJsonSource(spec.json_path, spec.image_folder or None, "raise")
+    try:  # malformed or empty files: named with the set's config key
+      if spec.kind == "tfds":
+        data_dir, _ = build_tfds(spec.json_path, spec.json_path + ".tfds",
+                                 spec.image_folder or None)
+        return TfdsSource(data_dir)
+      return LlavaJsonSource(spec.json_path, spec.image_folder or None, "raise")
+    except ValueError as e:
+      raise EvalSetError(f"config key '{key}': {e}") from e
   raise EvalSetError(f"config key '{key}.kind': {spec.kind!r} is not one of {KINDS}")
 
 
