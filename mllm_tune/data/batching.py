@@ -192,7 +192,19 @@ class BatchIterator:
     raise StopIteration
 
 
-class MicroBatches:
+class _Wrapper:
+  """An iterator around another (`self.iterator`) that shows its skip report and batch spec."""
+
+  @property
+  def report(self) -> SkipReport:
+    return self.iterator.report
+
+  @property
+  def spec(self) -> BatchSpec:
+    return self.iterator.spec
+
+
+class MicroBatches(_Wrapper):
   """`micro` consecutive batches of `iterator`, stacked on a new leading axis: the (A, ...)
   batches of `train.grad_accum` = A. Each micro-batch is a whole batch (its own packing and
   image buffer, pack tables indexing it), so the stack needs batches of one shape (the loader
@@ -207,7 +219,7 @@ class MicroBatches:
 
   def __next__(self) -> dict[str, np.ndarray]:
     parts = [next(self.iterator) for _ in range(self.micro)]
-    for k in set(parts[0]) | set(parts[-1]):
+    for k in set().union(*parts):
       shapes = [np.shape(p[k]) if k in p else None for p in parts]
       if len(set(shapes)) > 1:
         raise ValueError(f"micro-batches of one step differ in field {k!r}: shapes {shapes} "
@@ -220,19 +232,11 @@ class MicroBatches:
   def set_state(self, state: dict) -> None:
     self.iterator.set_state(state)
 
-  @property
-  def report(self) -> SkipReport:
-    return self.iterator.report
-
-  @property
-  def spec(self) -> BatchSpec:
-    return self.iterator.spec
-
 
 _DONE = object()
 
 
-class Prefetcher:
+class Prefetcher(_Wrapper):
   """Runs an iterator with `get_state`/`set_state` in a background thread, `depth` batches
   ahead. `get_state()` is the state after the last batch *returned*, so resume stays exact."""
 
@@ -278,14 +282,6 @@ class Prefetcher:
       raise item
     batch, self._state = item
     return batch
-
-  @property
-  def report(self) -> SkipReport:
-    return self.iterator.report
-
-  @property
-  def spec(self) -> BatchSpec:
-    return self.iterator.spec
 
   def get_state(self) -> dict:
     return self._state
